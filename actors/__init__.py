@@ -1,0 +1,1 @@
+"""The six actors of jobwarden, one module each."""

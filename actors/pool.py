@@ -1,0 +1,296 @@
+"""Pool: runs handlers and turns their outcomes into store transitions.
+
+Consumes `RunJob` (scheduler), `CancelJob` (admin), `Drain`/`Reconfigure` (supervisor).
+Produces `JobFinished` for the scheduler when a slot frees.
+
+Each job runs in its own cancel scope with its kind's timeout. Outcomes: a return value is
+done; `Retry`, an unexpected exception or a timeout retries with backoff while attempts remain,
+else fails; `Fail` fails at once; a cancel request cancels; a shutdown (drain past its grace,
+or the process being stopped) puts the job back in the queue without spending its attempt.
+"""
+
+from __future__ import annotations
+
+import random
+import traceback
+from functools import partial
+from typing import Any
+
+import msgspec
+import structlog
+import structlog.contextvars
+import trio
+
+from actors.scheduler import JobFinished, RunJob
+from daemon import jobs
+from daemon.clock import WallClock
+from daemon.config import Config, RetryPolicy
+from daemon.errors import RequestError, error_body
+from daemon.handlers import Fail, JobContext, Retry, run_command, run_python
+from daemon.mailbox import ReplySlot
+from daemon.protocol import ErrorBody, JobView
+from daemon.store import Store
+
+log = structlog.get_logger("pool")
+
+# Bounds the final write of a job whose task is being torn down, so shutdown cannot hang on it.
+FINAL_WRITE_TIMEOUT = 10.0
+
+
+class CancelJob(msgspec.Struct):
+    job_id: int
+    reply: ReplySlot[JobView]
+
+
+class Drain(msgspec.Struct):
+    """Let running jobs finish within `grace` seconds, then interrupt the rest."""
+
+    grace: float
+    reply: ReplySlot[int]
+
+
+class Reconfigure(msgspec.Struct):
+    config: Config
+
+
+PoolMessage = RunJob | CancelJob | Drain | Reconfigure
+
+
+def retry_delay(policy: RetryPolicy, attempt: int, rng: random.Random) -> float | None:
+    """Seconds to wait before the next attempt after `attempt` failed; None when used up."""
+    if attempt >= policy.max_attempts:
+        return None
+    if not policy.backoff:
+        return 0.0
+    base = policy.backoff[min(attempt - 1, len(policy.backoff) - 1)]
+    return max(0.0, base * (1 + rng.uniform(-policy.jitter, policy.jitter)))
+
+
+class _Running:
+    __slots__ = ("job", "scope", "stop_reason")
+
+    def __init__(self, job: JobView) -> None:
+        self.job = job
+        self.scope = trio.CancelScope()
+        # Why the scope was canceled: "canceled" by a request, "interrupted" by shutdown.
+        self.stop_reason: str | None = None
+
+
+class Pool:
+    def __init__(
+        self,
+        *,
+        config: Config,
+        store: Store,
+        clock: WallClock,
+        inbox: trio.MemoryReceiveChannel[PoolMessage],
+        scheduler: trio.MemorySendChannel[Any],
+        rng: random.Random | None = None,
+    ) -> None:
+        self._config = config
+        self._store = store
+        self._clock = clock
+        self._inbox = inbox
+        self._scheduler = scheduler
+        self._rng = rng or random.Random()
+        self._running: dict[int, _Running] = {}
+        # Cancels for jobs the scheduler claimed that have not reached the pool yet.
+        self._cancel_on_arrival: dict[int, list[ReplySlot[JobView]]] = {}
+        self._idle = trio.Event()
+        self._idle.set()
+        self.outcomes: dict[str, int] = {}
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with self._inbox, self._scheduler, trio.open_nursery() as nursery:
+            task_status.started()
+            async for msg in self._inbox:
+                match msg:
+                    case RunJob(job=job):
+                        self._start(job, nursery)
+                    case CancelJob():
+                        nursery.start_soon(self._cancel, msg)
+                    case Drain(grace=grace, reply=reply):
+                        nursery.start_soon(self._drain, grace, reply)
+                    case Reconfigure(config=config):
+                        self._config = config
+
+    def statistics(self) -> dict[str, Any]:
+        return {"running": sorted(self._running), "outcomes": dict(self.outcomes)}
+
+    def _start(self, job: JobView, nursery: trio.Nursery) -> None:
+        entry = _Running(job)
+        self._running[job.id] = entry
+        self._idle = trio.Event()
+        waiting = self._cancel_on_arrival.pop(job.id, None)
+        if waiting is not None:
+            entry.stop_reason = "canceled"
+            entry.scope.cancel()
+        nursery.start_soon(self._run_job, entry, waiting or [])
+
+    async def _cancel(self, msg: CancelJob) -> None:
+        entry = self._running.get(msg.job_id)
+        if entry is not None:
+            entry.stop_reason = "canceled"
+            entry.scope.cancel()
+            self._cancel_on_arrival.setdefault(msg.job_id, []).append(msg.reply)
+            return
+        job = await self._store.write(
+            partial(jobs.cancel, job_id=msg.job_id, now=self._clock.now(), expect=("queued",))
+        )
+        if job is not None:
+            msg.reply.set(job)
+            return
+        current = await self._store.read(partial(jobs.get_job, job_id=msg.job_id))
+        if current is None:
+            msg.reply.fail(RequestError("NOT_FOUND", f"no job {msg.job_id}"))
+        elif current.status == "running" and msg.job_id not in self._running:
+            # Claimed by the scheduler, on its way here: cancel it as it arrives.
+            self._cancel_on_arrival.setdefault(msg.job_id, []).append(msg.reply)
+        elif current.status == "running":
+            await self._cancel(msg)
+        else:
+            msg.reply.fail(
+                RequestError(
+                    "INVALID_REQUEST",
+                    f"job {msg.job_id} is already {current.status}; nothing to cancel",
+                )
+            )
+
+    async def _drain(self, grace: float, reply: ReplySlot[int]) -> None:
+        with trio.move_on_after(grace):
+            await self._idle.wait()
+        interrupted = 0
+        for entry in list(self._running.values()):
+            entry.stop_reason = "interrupted"
+            entry.scope.cancel()
+            interrupted += 1
+        await self._idle.wait()
+        reply.set(interrupted)
+
+    async def _run_job(self, entry: _Running, cancel_replies: list[ReplySlot[JobView]]) -> None:
+        job = entry.job
+        started = trio.current_time()
+        structlog.contextvars.bind_contextvars(job=job.id, kind=job.kind)
+        try:
+            outcome = await self._execute(entry)
+        except trio.Cancelled:
+            # The process is stopping under us: the job goes back to the queue, unspent.
+            with trio.CancelScope(shield=True), trio.move_on_after(FINAL_WRITE_TIMEOUT):
+                await self._store.write(
+                    partial(jobs.requeue_interrupted, job_id=job.id, now=self._clock.now())
+                )
+            raise
+        finally:
+            del self._running[job.id]
+            if not self._running:
+                self._idle.set()
+        with trio.CancelScope(shield=True), trio.move_on_after(FINAL_WRITE_TIMEOUT):
+            final = await self._record(job, outcome)
+        for reply in cancel_replies + self._cancel_on_arrival.pop(job.id, []):
+            if final is not None and final.status == "canceled":
+                reply.set(final)
+            else:
+                reply.fail(RequestError("INVALID_REQUEST", f"job {job.id} finished first"))
+        name = outcome[0]
+        self.outcomes[name] = self.outcomes.get(name, 0) + 1
+        log.info(
+            "job finished",
+            user=job.user,
+            attempt=job.attempt,
+            max_attempts=job.max_attempts,
+            duration=round(trio.current_time() - started, 3),
+            outcome=name,
+            code=outcome[1].code if isinstance(outcome[1], ErrorBody) else None,
+        )
+        await self._scheduler.send(JobFinished(kind=job.kind))
+
+    async def _execute(self, entry: _Running) -> tuple[str, Any]:
+        job = entry.job
+        kind = self._config.kinds.get(job.kind)
+        if kind is None:
+            return "failed", error_body(
+                "HANDLER_ERROR", f"kind '{job.kind}' is not configured", retryable=False
+            )
+        runner = run_python if kind.handler is not None else run_command
+        ctx = JobContext(
+            job_id=job.id,
+            kind=job.kind,
+            user=job.user,
+            attempt=job.attempt,
+            max_attempts=job.max_attempts,
+            checkpoint=job.checkpoint,
+            options=kind.options,
+            report_progress=partial(self._progress, job.id),
+            store_checkpoint=partial(self._checkpoint, job.id),
+        )
+        try:
+            with entry.scope:
+                with trio.move_on_after(kind.timeout) as timeout:
+                    return "done", await runner(kind, ctx, job.payload)
+                if timeout.cancelled_caught:
+                    return "retry", error_body(
+                        "TIMEOUT", f"the job ran longer than its timeout of {kind.timeout:g}s"
+                    )
+        except Fail as exc:
+            return "failed", error_body(exc.code, str(exc), retryable=False)
+        except Retry as exc:
+            return "retry", error_body(exc.code, str(exc), retryable=True)
+        except Exception as exc:
+            return "retry", error_body(
+                "HANDLER_ERROR",
+                f"{type(exc).__name__}: {exc}",
+                retryable=True,
+                technical_message="".join(traceback.format_exception(exc)[-3:]),
+            )
+        return entry.stop_reason or "canceled", None
+
+    async def _record(self, job: JobView, outcome: tuple[str, Any]) -> JobView | None:
+        name, detail = outcome
+        now = self._clock.now()
+        match name:
+            case "done":
+                write = partial(jobs.finish, job_id=job.id, result=detail, now=now)
+            case "failed":
+                write = partial(jobs.fail, job_id=job.id, error=detail, now=now)
+            case "canceled":
+                write = partial(jobs.cancel, job_id=job.id, now=now, expect=("running",))
+            case "interrupted":
+                write = partial(jobs.requeue_interrupted, job_id=job.id, now=now)
+            case _:
+                policy = self._config.retry_policy(job.kind)
+                delay = retry_delay(
+                    msgspec.structs.replace(policy, max_attempts=job.max_attempts),
+                    job.attempt,
+                    self._rng,
+                )
+                if delay is None:
+                    write = partial(jobs.fail, job_id=job.id, error=detail, now=now)
+                else:
+                    write = partial(
+                        jobs.retry_later,
+                        job_id=job.id,
+                        error=detail,
+                        available_at=now + delay,
+                        now=now,
+                    )
+        try:
+            return await self._store.write(write)
+        except (TypeError, msgspec.EncodeError) as exc:
+            error = error_body("HANDLER_ERROR", f"the result is not JSON: {exc}", retryable=False)
+            return await self._store.write(partial(jobs.fail, job_id=job.id, error=error, now=now))
+
+    async def _progress(self, job_id: int, fraction: float, message: str | None) -> None:
+        await self._store.write(
+            partial(
+                jobs.report_progress,
+                job_id=job_id,
+                fraction=fraction,
+                message=message,
+                now=self._clock.now(),
+            )
+        )
+
+    async def _checkpoint(self, job_id: int, state: Any) -> None:
+        await self._store.write(
+            partial(jobs.save_checkpoint, job_id=job_id, checkpoint=state, now=self._clock.now())
+        )

@@ -1,0 +1,416 @@
+"""The admin socket: a local Unix socket speaking newline-delimited JSON.
+
+Access is the socket file's mode (0600, or 0660 with a configured group) and, because a mode
+can be loosened by accident, the peer's credentials (SO_PEERCRED): root, the daemon's own
+user, or a member of the configured group. Requests on one connection run concurrently and
+answer by id, so a client that pipelines many submissions gets them group-committed. Bad input
+(not JSON, unknown command, wrong arguments, an oversized line) gets an error reply in the
+common shape; only an oversized or undecodable stream closes the connection.
+"""
+
+from __future__ import annotations
+
+import errno
+import grp
+import os
+import pwd
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import structlog
+import trio
+
+from actors.admission import Requeue, Submit
+from actors.pool import CancelJob
+from actors.scheduler import Pause, Resume, Snapshot
+from daemon import __version__, jobs
+from daemon.clock import WallClock
+from daemon.config import Config, ConfigError, name_path
+from daemon.errors import RequestError, error_body
+from daemon.hub import EventHub
+from daemon.mailbox import ReplySlot
+from daemon.protocol import (
+    COMMAND_ARGS,
+    EventLine,
+    JobArgs,
+    JobsArgs,
+    KindArgs,
+    Reply,
+    SubmitArgs,
+    WatchArgs,
+    encode_line,
+    request_decoder,
+)
+from daemon.store import Store
+
+log = structlog.get_logger("admin")
+
+MAX_IN_FLIGHT_PER_CONNECTION = 256
+SHOW_EVENTS = 20
+
+
+class Stop(msgspec.Struct):
+    """Ask the supervisor to drain (grace None: the configured grace) and exit."""
+
+    grace: float | None = None
+
+
+def peer_allowed(uid: int, gid: int, *, daemon_uid: int, group_gid: int | None) -> bool:
+    if uid in (0, daemon_uid):
+        return True
+    if group_gid is None:
+        return False
+    if gid == group_gid:
+        return True
+    try:
+        name = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return False
+    return group_gid in os.getgrouplist(name, gid)
+
+
+def peer_credentials(sock: trio.socket.SocketType) -> tuple[int, int, int]:
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    return pid, uid, gid
+
+
+async def bind_admin_socket(path: Path, group: str) -> tuple[trio.socket.SocketType, int | None]:
+    """Bind with the final mode from the start: the socket is never briefly world-reachable."""
+    group_gid = None
+    if group:
+        try:
+            group_gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise ConfigError(f"admin.group: no group named '{group}'") from None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() or path.is_symlink():
+        await _remove_stale_socket(path)
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o117 if group_gid is not None else 0o177)
+    try:
+        await sock.bind(str(path))
+    finally:
+        os.umask(old_umask)
+    if group_gid is not None:
+        os.chown(path, -1, group_gid)
+    sock.listen(128)
+    return sock, group_gid
+
+
+async def _remove_stale_socket(path: Path) -> None:
+    probe = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        await probe.connect(str(path))
+    except OSError as exc:
+        if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT, errno.ENOTSOCK):
+            raise
+    else:
+        raise RuntimeError(f"another jobwarden is serving {path}")
+    finally:
+        probe.close()
+    path.unlink(missing_ok=True)
+
+
+class _Connection:
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self._send_lock = trio.Lock()
+
+    async def send(self, message: Any) -> None:
+        async with self._send_lock:
+            await self.stream.send_all(encode_line(message))
+
+
+class AdminServer:
+    def __init__(
+        self,
+        *,
+        config: Config,
+        store: Store,
+        hub: EventHub,
+        clock: WallClock,
+        admission: trio.MemorySendChannel[Any],
+        scheduler: trio.MemorySendChannel[Any],
+        pool: trio.MemorySendChannel[Any],
+        supervisor: trio.MemorySendChannel[Any],
+        daemon_status: Callable[[], dict[str, Any]],
+    ) -> None:
+        self._config = config
+        self._store = store
+        self._hub = hub
+        self._clock = clock
+        self._admission = admission
+        self._scheduler = scheduler
+        self._pool = pool
+        self._supervisor = supervisor
+        self._daemon_status = daemon_status
+        self._group_gid: int | None = None
+        self._connections = 0
+        self._commands: dict[str, Callable[[Any], Awaitable[Any]]] = {
+            "ping": self._ping,
+            "submit": self._submit,
+            "jobs": self._jobs,
+            "show": self._show,
+            "cancel": self._cancel,
+            "retry": self._retry,
+            "pause": partial(self._pause_or_resume, Pause),
+            "resume": partial(self._pause_or_resume, Resume),
+            "drain": self._drain,
+            "shutdown": self._shutdown,
+            "status": self._status,
+        }
+
+    def reconfigure(self, config: Config) -> None:
+        """Kinds may come and go on reload; the socket itself stays as it was bound."""
+        self._config = config
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        path = self._config.path(self._config.admin.socket)
+        sock, self._group_gid = await bind_admin_socket(path, self._config.admin.group)
+        listener = trio.SocketListener(sock)
+        try:
+            async with listener:
+                log.info("admin socket listening", path=str(path))
+                await trio.serve_listeners(self._serve, [listener], task_status=task_status)
+        finally:
+            path.unlink(missing_ok=True)
+
+    async def _serve(self, stream: trio.SocketStream) -> None:
+        connection = _Connection(stream)
+        try:
+            _, uid, gid = peer_credentials(stream.socket)
+            if not peer_allowed(uid, gid, daemon_uid=os.getuid(), group_gid=self._group_gid):
+                log.warning("admin connection refused", uid=uid, gid=gid)
+                await connection.send(
+                    Reply(
+                        id=None,
+                        ok=False,
+                        error=error_body("FORBIDDEN", f"uid {uid} may not use this socket"),
+                    )
+                )
+                return
+            if self._connections >= self._config.admin.max_connections:
+                await connection.send(
+                    Reply(
+                        id=None, ok=False, error=error_body("QUEUE_FULL", "too many admin clients")
+                    )
+                )
+                return
+            self._connections += 1
+            try:
+                await self._converse(connection)
+            finally:
+                self._connections -= 1
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            await stream.aclose()
+
+    async def _converse(self, connection: _Connection) -> None:
+        limit = self._config.admin.max_line_bytes
+        in_flight = trio.Semaphore(MAX_IN_FLIGHT_PER_CONNECTION)
+        async with trio.open_nursery() as nursery:
+            buffer = bytearray()
+            async for chunk in connection.stream:
+                buffer += chunk
+                while (end := buffer.find(b"\n")) >= 0:
+                    line = bytes(buffer[:end])
+                    del buffer[: end + 1]
+                    if line.strip():
+                        await in_flight.acquire()
+                        nursery.start_soon(self._handle_line, connection, line, in_flight)
+                if len(buffer) > limit:
+                    await connection.send(
+                        Reply(
+                            id=None,
+                            ok=False,
+                            error=error_body(
+                                "PAYLOAD_TOO_LARGE",
+                                f"a request line is limited to {limit} bytes; closing",
+                            ),
+                        )
+                    )
+                    nursery.cancel_scope.cancel()
+                    return
+            # The client closed its side: nobody is left to read watches or replies.
+            nursery.cancel_scope.cancel()
+
+    async def _handle_line(
+        self, connection: _Connection, line: bytes, in_flight: trio.Semaphore
+    ) -> None:
+        try:
+            request_id = None
+            try:
+                request = request_decoder.decode(line)
+                request_id = request.id
+                args_type = COMMAND_ARGS.get(request.cmd)
+                if args_type is None:
+                    known = ", ".join(sorted(COMMAND_ARGS))
+                    raise RequestError(
+                        "INVALID_REQUEST", f"unknown command '{request.cmd}' (known: {known})"
+                    )
+                try:
+                    args = msgspec.convert(request.args, args_type)
+                except msgspec.ValidationError as exc:
+                    raise RequestError(
+                        "INVALID_REQUEST", f"{request.cmd}: {_arg_message(exc)}"
+                    ) from None
+                if request.cmd == "watch":
+                    await self._watch(connection, request_id, args)
+                    return
+                data = await self._commands[request.cmd](args)
+                reply = Reply(id=request_id, ok=True, data=data)
+            except msgspec.DecodeError as exc:
+                reply = Reply(
+                    id=None,
+                    ok=False,
+                    error=error_body(
+                        "INVALID_REQUEST", f"not a valid request: {_arg_message(exc)}"
+                    ),
+                )
+            except RequestError as exc:
+                reply = Reply(id=request_id, ok=False, error=exc.body)
+            except Exception as exc:
+                body = error_body(
+                    "INTERNAL",
+                    "the daemon could not process this request",
+                    technical_message=str(exc),
+                )
+                log.exception("admin request failed", error_id=body.error_id)
+                reply = Reply(id=request_id, ok=False, error=body)
+            await connection.send(reply)
+        finally:
+            in_flight.release()
+
+    # -- commands ---------------------------------------------------------------------------
+
+    async def _ping(self, args: Any) -> dict[str, Any]:
+        return {"version": __version__, "pid": os.getpid()}
+
+    async def _submit(self, args: SubmitArgs) -> dict[str, Any]:
+        reply: ReplySlot[Any] = ReplySlot()
+        await self._admission.send(
+            Submit(
+                kind=args.kind,
+                payload=args.payload,
+                user=args.user,
+                priority=args.priority,
+                idempotency_key=args.idempotency_key,
+                reply=reply,
+            )
+        )
+        job, existing = await reply.wait()
+        return {"job": job, "existing": existing}
+
+    async def _jobs(self, args: JobsArgs) -> dict[str, Any]:
+        if not 0 < args.limit <= 10_000:
+            raise RequestError("INVALID_REQUEST", "jobs: limit must be within 1..10000")
+        found = await self._store.read(
+            partial(
+                jobs.list_jobs,
+                statuses=list(args.status) if args.status else None,
+                kind=args.kind,
+                user=args.user,
+                limit=args.limit,
+            )
+        )
+        return {"jobs": found}
+
+    async def _show(self, args: JobArgs) -> dict[str, Any]:
+        job = await self._store.read(partial(jobs.get_job, job_id=args.job))
+        if job is None:
+            raise RequestError("NOT_FOUND", f"no job {args.job}")
+        events = await self._store.read(
+            partial(jobs.recent_events, job_id=args.job, limit=SHOW_EVENTS)
+        )
+        return {"job": job, "events": events}
+
+    async def _cancel(self, args: JobArgs) -> dict[str, Any]:
+        reply: ReplySlot[Any] = ReplySlot()
+        await self._pool.send(CancelJob(job_id=args.job, reply=reply))
+        return {"job": await reply.wait()}
+
+    async def _retry(self, args: JobArgs) -> dict[str, Any]:
+        reply: ReplySlot[Any] = ReplySlot()
+        await self._admission.send(Requeue(job_id=args.job, reply=reply))
+        return {"job": await reply.wait()}
+
+    async def _pause_or_resume(self, message: type[Pause | Resume], args: KindArgs) -> Any:
+        if args.kind is not None and args.kind not in self._config.kinds:
+            known = ", ".join(sorted(self._config.kinds))
+            raise RequestError("INVALID_REQUEST", f"unknown kind '{args.kind}' (known: {known})")
+        reply: ReplySlot[Any] = ReplySlot()
+        await self._scheduler.send(message(kind=args.kind, reply=reply))
+        return await reply.wait()
+
+    async def _drain(self, args: Any) -> dict[str, Any]:
+        status = await self._scheduler_snapshot()
+        await self._supervisor.send(Stop())
+        return {"draining": True, "running": status["running"]}
+
+    async def _shutdown(self, args: Any) -> dict[str, Any]:
+        await self._supervisor.send(Stop(grace=0.0))
+        return {"stopping": True}
+
+    async def _status(self, args: Any) -> dict[str, Any]:
+        counts = await self._store.read(jobs.counts_by_status)
+        queued = await self._store.read(jobs.queued_by_kind)
+        snapshot = await self._scheduler_snapshot()
+        return {
+            **self._daemon_status(),
+            "jobs": {status: counts.get(status, 0) for status in jobs.STATUSES},
+            "queued_by_kind": queued,
+            **snapshot,
+        }
+
+    async def _scheduler_snapshot(self) -> dict[str, Any]:
+        reply: ReplySlot[dict[str, Any]] = ReplySlot()
+        await self._scheduler.send(Snapshot(reply=reply))
+        return await reply.wait()
+
+    async def _watch(self, connection: _Connection, request_id: Any, args: WatchArgs) -> None:
+        """Replay from the store after `since`, then follow live; a watcher that falls behind
+        the hub's buffer is caught up from the store again, so it never misses an event."""
+        if args.job is not None:
+            job = await self._store.read(partial(jobs.get_job, job_id=args.job))
+            if job is None:
+                raise RequestError("NOT_FOUND", f"no job {args.job}")
+        since = args.since
+        if since is None:
+            since = 0 if args.job is not None else await self._store.read(jobs.last_seq)
+        await connection.send(
+            Reply(
+                id=request_id,
+                ok=True,
+                data={"watching": args.job if args.job is not None else "all", "since": since},
+            )
+        )
+        last = since
+        while True:
+            with self._hub.subscribe(job=args.job, user=args.user) as sub:
+                while True:
+                    backlog = await self._store.read(
+                        partial(jobs.events_since, since=last, job=args.job, user=args.user)
+                    )
+                    for event in backlog:
+                        await connection.send(EventLine(id=request_id, event=event))
+                        last = event.seq
+                    if len(backlog) < 1000:
+                        break
+                async for event in sub.events:
+                    if event.seq <= last:
+                        continue
+                    await connection.send(EventLine(id=request_id, event=event))
+                    last = event.seq
+                if not sub.overflowed:
+                    return
+
+
+def _arg_message(exc: Exception) -> str:
+    return name_path(str(exc), "")

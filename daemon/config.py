@@ -1,0 +1,252 @@
+"""Configuration: config.toml decoded into frozen msgspec Structs.
+
+Unknown keys are errors, and every error names its key path
+(`kinds.storybook.timeout: expected a duration like "15m", got "fast"`), because a daemon
+that silently ignores a misspelt threshold runs with a limit nobody chose.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+ENV_CONFIG = "JOBWARDEN_CONFIG"
+
+
+class ConfigError(Exception):
+    """A config file that cannot be used; the message names the key path."""
+
+
+class Duration(float):
+    """Seconds, written in config as "500ms", "30s", "15m", "2h", "7d" or "1h30m"."""
+
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(text: object) -> Duration:
+    if isinstance(text, str) and text and _DURATION_PART.sub("", text.strip()) == "":
+        parts = _DURATION_PART.findall(text.strip())
+        return Duration(sum(float(n) * _UNIT_SECONDS[u] for n, u in parts))
+    raise ValueError(f'expected a duration like "15m", got {_show(text)}')
+
+
+def format_duration(seconds: float) -> str:
+    for unit in ("d", "h", "m", "s"):
+        size = _UNIT_SECONDS[unit]
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{int(seconds * 1000)}ms"
+
+
+def _show(value: object) -> str:
+    return f'"{value}"' if isinstance(value, str) else repr(value)
+
+
+def decode_hook(tp: type, obj: Any) -> Any:
+    if tp is Duration:
+        return parse_duration(obj)
+    raise NotImplementedError(f"no decoder for {tp}")
+
+
+PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
+Fraction = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
+
+
+class Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class DaemonSection(Section):
+    max_concurrent_jobs: PositiveInt = 2
+    shutdown_grace: Duration = Duration(30)
+    # A job that was running at this many crashes of the daemon is failed CRASH_LOOP.
+    crash_loop_after: PositiveInt = 3
+
+
+class StoreSection(Section):
+    path: str = "var/jobwarden.db"
+    synchronous: Literal["OFF", "NORMAL", "FULL", "EXTRA"] = "NORMAL"
+    # Upper bound on writes folded into one transaction by group commit.
+    max_batch: PositiveInt = 1000
+
+
+class AdminSection(Section):
+    socket: str = "var/admin.sock"
+    # Empty: mode 0600, only root and the daemon's user. A group name: mode 0660 and
+    # members of that group may connect too.
+    group: str = ""
+    max_line_bytes: PositiveInt = 1024 * 1024
+    max_connections: PositiveInt = 64
+
+
+class AdmissionSection(Section):
+    max_payload_bytes: PositiveInt = 64 * 1024
+
+
+class LogSection(Section):
+    format: Literal["auto", "json", "console"] = "auto"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class RetrySection(Section):
+    max_attempts: PositiveInt = 4
+    backoff: list[Duration] = msgspec.field(
+        default_factory=lambda: [Duration(0), Duration(30), Duration(120)]
+    )
+    # Each delay is spread by +/- this fraction so retries of many jobs do not arrive together.
+    jitter: Fraction = 0.1
+
+
+class KindSection(Section):
+    handler: str | None = None
+    command: list[str] | None = None
+    timeout: Duration = Duration(900)
+    priority: Annotated[int, msgspec.Meta(ge=-100, le=100)] = 0
+    max_concurrent: PositiveInt | None = None
+    max_attempts: PositiveInt | None = None
+    backoff: list[Duration] | None = None
+    jitter: Fraction | None = None
+    # Lines of stderr kept as a failed command's message.
+    stderr_tail_lines: PositiveInt = 20
+    options: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class RetryPolicy(msgspec.Struct, frozen=True):
+    max_attempts: int
+    backoff: list[float]
+    jitter: float
+
+
+class Config(Section):
+    daemon: DaemonSection = msgspec.field(default_factory=DaemonSection)
+    store: StoreSection = msgspec.field(default_factory=StoreSection)
+    admin: AdminSection = msgspec.field(default_factory=AdminSection)
+    admission: AdmissionSection = msgspec.field(default_factory=AdmissionSection)
+    log: LogSection = msgspec.field(default_factory=LogSection)
+    retry: RetrySection = msgspec.field(default_factory=RetrySection)
+    kinds: dict[str, KindSection] = msgspec.field(default_factory=dict)
+    # Where relative paths resolve: the config file's directory.
+    base_dir: str = "."
+
+    def path(self, relative: str) -> Path:
+        return Path(self.base_dir, relative).resolve()
+
+    def retry_policy(self, kind: str) -> RetryPolicy:
+        spec = self.kinds[kind]
+        return RetryPolicy(
+            max_attempts=spec.max_attempts or self.retry.max_attempts,
+            backoff=list(spec.backoff if spec.backoff is not None else self.retry.backoff),
+            jitter=spec.jitter if spec.jitter is not None else self.retry.jitter,
+        )
+
+
+_VALIDATION_PATH = re.compile(r"^(?P<msg>.*) - at `\$(?P<path>[^`]*)`$", re.S)
+
+
+def _convert(obj: Any, tp: type, prefix: str) -> Any:
+    try:
+        return msgspec.convert(obj, tp, dec_hook=decode_hook)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(name_path(str(exc), prefix)) from None
+
+
+def name_path(message: str, prefix: str) -> str:
+    """Turn msgspec's "msg - at `$.a[0].b`" into "prefix.a.0.b: msg"."""
+    match = _VALIDATION_PATH.match(message)
+    msg, path = (match["msg"], match["path"]) if match else (message, "")
+    path = prefix + path.replace("[", ".").replace("]", "")
+    unknown = re.match(r"Object contains unknown field `(.+)`", msg)
+    if unknown:
+        path, msg = f"{path}.{unknown[1]}", "unknown key"
+    return f"{path.strip('.')}: {msg}" if path.strip(".") else msg
+
+
+def _check_kind(name: str, kind: KindSection) -> None:
+    where = f"kinds.{name}"
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
+        raise ConfigError(f"{where}: a kind name uses letters, digits, '_', '.', '-' only")
+    if (kind.handler is None) == (kind.command is None):
+        raise ConfigError(f"{where}: set exactly one of handler or command")
+    if kind.handler is not None and not re.fullmatch(r"[\w.]+:[\w.]+", kind.handler):
+        raise ConfigError(
+            f'{where}.handler: expected "package.module:function", got "{kind.handler}"'
+        )
+    if kind.command is not None and not kind.command:
+        raise ConfigError(f"{where}.command: needs at least the program to run")
+
+
+def load_config_text(text: str, *, base_dir: str | os.PathLike[str] = ".") -> Config:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"not valid TOML: {exc}") from None
+    kinds_raw = raw.pop("kinds", {})
+    if not isinstance(kinds_raw, dict):
+        raise ConfigError("kinds: expected a table of kinds")
+    kinds = {}
+    for name, table in kinds_raw.items():
+        kinds[name] = _convert(table, KindSection, f"kinds.{name}")
+        _check_kind(name, kinds[name])
+    if "base_dir" in raw:
+        raise ConfigError("base_dir: unknown key")
+    config = _convert(raw, Config, "")
+    return msgspec.structs.replace(config, kinds=kinds, base_dir=str(base_dir))
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        return load_config_text(text, base_dir=path.resolve().parent)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def find_config(explicit: str | None) -> Path:
+    """--config, then $JOBWARDEN_CONFIG, then ./config.toml."""
+    if explicit:
+        return Path(explicit)
+    if os.environ.get(ENV_CONFIG):
+        return Path(os.environ[ENV_CONFIG])
+    candidate = Path("config.toml")
+    if candidate.exists():
+        return candidate
+    raise ConfigError(
+        f"no config file: pass --config PATH, set ${ENV_CONFIG}, or run where config.toml is"
+    )
+
+
+def import_handler(spec: str) -> Any:
+    module_name, _, attr = spec.partition(":")
+    try:
+        target: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f'cannot import "{module_name}": {exc}') from None
+    for part in attr.split("."):
+        if not hasattr(target, part):
+            raise ConfigError(f'"{module_name}" has no attribute "{attr}"')
+        target = getattr(target, part)
+    if not callable(target):
+        raise ConfigError(f'"{spec}" is not callable')
+    return target
+
+
+def check_handlers(config: Config) -> None:
+    """Import every python handler now, so a typo fails at start-up, not at the first job."""
+    for name, kind in config.kinds.items():
+        if kind.handler is not None:
+            try:
+                import_handler(kind.handler)
+            except ConfigError as exc:
+                raise ConfigError(f"kinds.{name}.handler: {exc}") from None

@@ -1,0 +1,264 @@
+"""What a handler sees (`JobContext`), how it signals outcomes, and the two ways to run one.
+
+python kinds: `async def handler(ctx, payload) -> result`; `payload` may be annotated with a
+msgspec Struct, and admission validates it before the job is accepted.
+
+command kinds: argv filled from the payload (`"{payload.input}"`, `"{job_id}"`, `"{attempt}"`);
+the child writes JSON lines on stdout (`{"progress": 0.4, "message": "..."}`,
+`{"checkpoint": {...}}`, `{"result": {...}}`); exit 0 is done, 75 (EX_TEMPFAIL) asks for a
+retry, anything else fails with the tail of stderr. It runs in its own session, so cancel and
+timeout kill its whole process group.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import re
+import signal
+import subprocess
+import typing
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+import structlog
+import trio
+
+from daemon.config import KindSection, import_handler, name_path
+
+log = structlog.get_logger("handler")
+
+EXIT_RETRY = 75
+# How long a command gets between SIGTERM and SIGKILL when it is canceled.
+KILL_GRACE = 5.0
+
+
+class Retry(Exception):
+    """Raise to ask for another attempt (with backoff) when the error is transient."""
+
+    def __init__(self, message: str, *, code: str = "HANDLER_ERROR") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Fail(Exception):
+    """Raise to fail the job now, without retrying: retrying would not help."""
+
+    def __init__(self, message: str, *, code: str = "HANDLER_ERROR") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class JobContext:
+    """Given to each handler run. Every report also heartbeats the job."""
+
+    def __init__(
+        self,
+        *,
+        job_id: int,
+        kind: str,
+        user: str,
+        attempt: int,
+        max_attempts: int,
+        checkpoint: Any,
+        options: dict[str, Any],
+        report_progress: Callable[[float, str | None], Awaitable[None]],
+        store_checkpoint: Callable[[Any], Awaitable[None]],
+    ) -> None:
+        self.job_id = job_id
+        self.kind = kind
+        self.user = user
+        self.attempt = attempt
+        self.max_attempts = max_attempts
+        self.checkpoint = checkpoint
+        self.options = options
+        self._report_progress = report_progress
+        self._store_checkpoint = store_checkpoint
+
+    async def progress(self, fraction: float, message: str | None = None) -> None:
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"progress fraction must be within 0..1, got {fraction}")
+        await self._report_progress(float(fraction), message)
+
+    async def save_checkpoint(self, state: Any) -> None:
+        """Durable before it returns: a retry after a crash resumes from here."""
+        await self._store_checkpoint(state)
+        self.checkpoint = state
+
+
+def payload_type(handler: Callable[..., Any]) -> type | None:
+    """The Struct a python handler's payload parameter is annotated with, if any."""
+    params = list(inspect.signature(handler).parameters.values())
+    if len(params) < 2:
+        return None
+    hints = typing.get_type_hints(handler)
+    annotation = hints.get(params[1].name)
+    if isinstance(annotation, type) and issubclass(annotation, msgspec.Struct):
+        return annotation
+    return None
+
+
+_PLACEHOLDER = re.compile(r"\{(payload(?:\.\w+)+|job_id|attempt)\}")
+
+
+def template_fields(command: list[str]) -> set[tuple[str, ...]]:
+    """The payload paths a command template needs, e.g. {("input",)}."""
+    fields = set()
+    for arg in command:
+        for match in _PLACEHOLDER.finditer(arg):
+            if match[1].startswith("payload."):
+                fields.add(tuple(match[1].split(".")[1:]))
+    return fields
+
+
+def _lookup(payload: Any, path: tuple[str, ...]) -> Any:
+    value = payload
+    for key in path:
+        if not isinstance(value, dict) or key not in value:
+            raise KeyError(".".join(("payload", *path)))
+        value = value[key]
+    if isinstance(value, dict | list) or value is None:
+        raise TypeError(f"{'.'.join(('payload', *path))} must be a string or number")
+    return value
+
+
+def render_command(command: list[str], payload: Any, *, job_id: int, attempt: int) -> list[str]:
+    def fill(match: re.Match[str]) -> str:
+        name = match[1]
+        if name == "job_id":
+            return str(job_id)
+        if name == "attempt":
+            return str(attempt)
+        value = _lookup(payload, tuple(name.split(".")[1:]))
+        return json.dumps(value) if isinstance(value, bool) else str(value)
+
+    return [_PLACEHOLDER.sub(fill, arg) for arg in command]
+
+
+def validate_payload(kind: KindSection, payload: Any) -> Any:
+    """Check a payload against its kind; raises ValueError naming the field."""
+    if kind.handler is not None:
+        struct = payload_type(import_handler(kind.handler))
+        if struct is not None:
+            try:
+                return msgspec.convert(payload, struct)
+            except msgspec.ValidationError as exc:
+                raise ValueError(name_path(str(exc), "payload")) from None
+        return payload
+    assert kind.command is not None
+    if template_fields(kind.command) and not isinstance(payload, dict):
+        raise ValueError("payload must be a JSON object")
+    for path in template_fields(kind.command):
+        try:
+            _lookup(payload, path)
+        except KeyError as exc:
+            raise ValueError(f"{exc.args[0]} is required by this kind's command") from None
+        except TypeError as exc:
+            raise ValueError(str(exc)) from None
+    return payload
+
+
+async def run_python(kind: KindSection, ctx: JobContext, payload: Any) -> Any:
+    assert kind.handler is not None
+    handler = import_handler(kind.handler)
+    struct = payload_type(handler)
+    argument = msgspec.convert(payload, struct) if struct is not None else payload
+    return await handler(ctx, argument)
+
+
+async def run_command(kind: KindSection, ctx: JobContext, payload: Any) -> Any:
+    assert kind.command is not None
+    argv = render_command(kind.command, payload, job_id=ctx.job_id, attempt=ctx.attempt)
+    env = dict(os.environ)
+    env.update(
+        JOBWARDEN_JOB_ID=str(ctx.job_id),
+        JOBWARDEN_ATTEMPT=str(ctx.attempt),
+        JOBWARDEN_CHECKPOINT=json.dumps(ctx.checkpoint),
+    )
+    stderr_tail: deque[str] = deque(maxlen=kind.stderr_tail_lines)
+    result: list[Any] = [None]
+    try:
+        process = await trio.lowlevel.open_process(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+            env=env,
+        )
+    except OSError as exc:
+        raise Fail(f"cannot start {argv[0]!r}: {exc.strerror}") from None
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_read_stderr, process.stderr, stderr_tail)
+            await _read_protocol(process.stdout, ctx, result)
+            await process.wait()
+    finally:
+        if process.returncode is None:
+            with trio.CancelScope(shield=True):
+                await _kill_group(process)
+    tail = "\n".join(stderr_tail)
+    if process.returncode == 0:
+        return result[0]
+    if process.returncode == EXIT_RETRY:
+        raise Retry(f"exit status 75 (retry): {tail}".strip())
+    how = (
+        f"killed by signal {-process.returncode}"
+        if process.returncode < 0
+        else f"exit status {process.returncode}"
+    )
+    raise Fail(f"{how}: {tail}".strip(": "))
+
+
+async def _kill_group(process: trio.Process) -> None:
+    """Ask the whole process group to stop, wait a bounded time, then force it."""
+    for sig, wait in ((signal.SIGTERM, KILL_GRACE), (signal.SIGKILL, None)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        if wait is None:
+            await process.wait()
+            return
+        with trio.move_on_after(wait):
+            await process.wait()
+            return
+
+
+async def _lines(stream: trio.abc.ReceiveStream) -> typing.AsyncIterator[str]:
+    buffer = b""
+    async for chunk in stream:
+        buffer += chunk
+        *lines, buffer = buffer.split(b"\n")
+        for line in lines:
+            yield line.decode("utf-8", "replace")
+    if buffer:
+        yield buffer.decode("utf-8", "replace")
+
+
+async def _read_stderr(stream: trio.abc.ReceiveStream, tail: deque[str]) -> None:
+    async for line in _lines(stream):
+        tail.append(line)
+
+
+async def _read_protocol(stream: trio.abc.ReceiveStream, ctx: JobContext, result: list[Any]):
+    async for line in _lines(stream):
+        try:
+            message = json.loads(line)
+        except ValueError:
+            log.debug("command output is not a protocol line", job=ctx.job_id, line=line[:200])
+            continue
+        if not isinstance(message, dict):
+            continue
+        if "progress" in message:
+            try:
+                await ctx.progress(float(message["progress"]), message.get("message"))
+            except (TypeError, ValueError):
+                log.warning("bad progress line from command", job=ctx.job_id, line=line[:200])
+        if "checkpoint" in message:
+            await ctx.save_checkpoint(message["checkpoint"])
+        if "result" in message:
+            result[0] = message["result"]

@@ -1,0 +1,478 @@
+"""Job transitions and queries, as functions of a SQLite connection.
+
+Each transition changes a job row and adds one event row; it runs inside the store's writer
+transaction via `store.write(partial(fn, ...))`. Transitions check the status they expect in
+their WHERE clause, so a late or duplicate request (cancel after done, a second finish) changes
+nothing and says so, instead of corrupting a job's history.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any
+
+import msgspec
+
+from daemon.protocol import ErrorBody, Event, JobView
+from daemon.store import (
+    JOB_COLUMNS,
+    LIST_COLUMNS,
+    add_event,
+    dump_json,
+    fetch_job,
+    job_from_row,
+    placeholders,
+)
+
+Events = list[Event]
+STATUSES = ("queued", "running", "done", "failed", "canceled")
+
+
+class SQL(str):
+    """A column expression, written into an UPDATE as is (never user input)."""
+
+
+class ClaimResult(msgspec.Struct):
+    jobs: list[JobView]
+    # The earliest time a queued job (in an allowed kind) becomes available, if any waits.
+    next_available_at: float | None
+
+
+def insert(
+    conn: sqlite3.Connection,
+    events: Events,
+    *,
+    kind: str,
+    user: str,
+    payload_json: str,
+    priority: int,
+    idempotency_key: str | None,
+    max_attempts: int,
+    now: float,
+) -> tuple[JobView, bool]:
+    """Insert a queued job; with an idempotency key already used by this user, return that job."""
+    if idempotency_key is not None:
+        row = conn.execute(
+            f"SELECT {JOB_COLUMNS} FROM jobs WHERE user = ? AND idempotency_key = ?",
+            (user, idempotency_key),
+        ).fetchone()
+        if row is not None:
+            return job_from_row(row), True
+    cursor = conn.execute(
+        "INSERT INTO jobs (kind, user, status, priority, payload, idempotency_key, max_attempts,"
+        " created_at, updated_at, available_at) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
+        (kind, user, priority, payload_json, idempotency_key, max_attempts, now, now, now),
+    )
+    job_id = cursor.lastrowid
+    add_event(conn, events, (job_id, user, kind), "status", now, {"status": "queued", "attempt": 0})
+    job = fetch_job(conn, job_id)
+    assert job is not None
+    return job, False
+
+
+def claim(
+    conn: sqlite3.Connection,
+    events: Events,
+    *,
+    capacity: dict[str, int],
+    total: int,
+    now: float,
+) -> ClaimResult:
+    """Mark up to `total` due jobs running: priority first, then oldest, within each kind's
+    free capacity. Kinds missing from `capacity` (paused, unknown, full) are not touched."""
+    allowed = {kind for kind, free in capacity.items() if free > 0}
+    free = dict(capacity)
+    claimed: list[JobView] = []
+    while total > 0 and allowed:
+        kinds = sorted(allowed)
+        rows = conn.execute(
+            f"SELECT {JOB_COLUMNS} FROM jobs WHERE status = 'queued' AND available_at <= ? "
+            f"AND kind IN ({placeholders(kinds)}) ORDER BY priority DESC, id LIMIT ?",
+            (now, *kinds, total),
+        ).fetchall()
+        skipped = False
+        for row in rows:
+            job = job_from_row(row)
+            if free[job.kind] <= 0:
+                # Its kind filled up earlier in this pass; the next query leaves it out.
+                skipped = True
+                continue
+            attempt = job.attempt + 1
+            conn.execute(
+                "UPDATE jobs SET status = 'running', attempt = ?, started_at = ?, updated_at = ?,"
+                " heartbeat_at = ?, reason = NULL WHERE id = ?",
+                (attempt, now, now, now, job.id),
+            )
+            add_event(conn, events, job, "status", now, {"status": "running", "attempt": attempt})
+            claimed.append(
+                msgspec.structs.replace(
+                    job, status="running", attempt=attempt, started_at=now, updated_at=now
+                )
+            )
+            free[job.kind] -= 1
+            total -= 1
+            if free[job.kind] <= 0:
+                allowed.discard(job.kind)
+        if not skipped:
+            break
+    waiting = sorted(k for k, n in capacity.items() if n > 0)
+    next_at = None
+    if waiting:
+        next_at = conn.execute(
+            f"SELECT MIN(available_at) FROM jobs WHERE status = 'queued' AND available_at > ? "
+            f"AND kind IN ({placeholders(waiting)})",
+            (now, *waiting),
+        ).fetchone()[0]
+    return ClaimResult(jobs=claimed, next_available_at=next_at)
+
+
+def _transition(
+    conn: sqlite3.Connection,
+    events: Events,
+    job_id: int,
+    *,
+    expect: tuple[str, ...],
+    sets: dict[str, Any],
+    event: dict[str, Any],
+    now: float,
+) -> JobView | None:
+    """Apply `sets` if the job is in one of the `expect` statuses; None if it is not."""
+    assignments = ", ".join(
+        f"{column} = {value}" if isinstance(value, SQL) else f"{column} = ?"
+        for column, value in sets.items()
+    )
+    values = [value for value in sets.values() if not isinstance(value, SQL)]
+    cursor = conn.execute(
+        f"UPDATE jobs SET {assignments}, updated_at = ? "
+        f"WHERE id = ? AND status IN ({placeholders(expect)})",
+        (*values, now, job_id, *expect),
+    )
+    if cursor.rowcount == 0:
+        return None
+    job = fetch_job(conn, job_id)
+    assert job is not None
+    add_event(conn, events, job, "status", now, {**event, "attempt": job.attempt})
+    return job
+
+
+def finish(
+    conn: sqlite3.Connection, events: Events, job_id: int, *, result: Any, now: float
+) -> JobView | None:
+    return _transition(
+        conn,
+        events,
+        job_id,
+        expect=("running",),
+        sets={"status": "done", "finished_at": now, "result": dump_json(result), "error": None},
+        event={"status": "done", "result": result},
+        now=now,
+    )
+
+
+def fail(
+    conn: sqlite3.Connection,
+    events: Events,
+    job_id: int,
+    *,
+    error: ErrorBody,
+    now: float,
+    expect: tuple[str, ...] = ("running",),
+) -> JobView | None:
+    return _transition(
+        conn,
+        events,
+        job_id,
+        expect=expect,
+        sets={
+            "status": "failed",
+            "finished_at": now,
+            "error": dump_json(error),
+            "reason": error.code,
+        },
+        event={"status": "failed", "error": msgspec.to_builtins(error), "reason": error.code},
+        now=now,
+    )
+
+
+def retry_later(
+    conn: sqlite3.Connection,
+    events: Events,
+    job_id: int,
+    *,
+    error: ErrorBody,
+    available_at: float,
+    now: float,
+) -> JobView | None:
+    return _transition(
+        conn,
+        events,
+        job_id,
+        expect=("running",),
+        sets={
+            "status": "queued",
+            "available_at": available_at,
+            "error": dump_json(error),
+            "reason": "RETRY",
+        },
+        event={
+            "status": "queued",
+            "reason": "RETRY",
+            "available_at": available_at,
+            "error": msgspec.to_builtins(error),
+        },
+        now=now,
+    )
+
+
+def cancel(
+    conn: sqlite3.Connection,
+    events: Events,
+    job_id: int,
+    *,
+    now: float,
+    expect: tuple[str, ...] = ("queued", "running"),
+) -> JobView | None:
+    return _transition(
+        conn,
+        events,
+        job_id,
+        expect=expect,
+        sets={"status": "canceled", "finished_at": now, "reason": "CANCELED"},
+        event={"status": "canceled", "reason": "CANCELED"},
+        now=now,
+    )
+
+
+def requeue_interrupted(
+    conn: sqlite3.Connection, events: Events, job_id: int, *, now: float
+) -> JobView | None:
+    """Back to the queue without spending the attempt the shutdown interrupted."""
+    return _transition(
+        conn,
+        events,
+        job_id,
+        expect=("running",),
+        sets={
+            "status": "queued",
+            "available_at": now,
+            "reason": "INTERRUPTED",
+            "attempt": SQL("attempt - 1"),
+        },
+        event={"status": "queued", "reason": "INTERRUPTED"},
+        now=now,
+    )
+
+
+def requeue_manual(
+    conn: sqlite3.Connection, events: Events, job_id: int, *, max_attempts: int, now: float
+) -> JobView | None:
+    """An operator's retry of a finished job: a fresh set of attempts, checkpoint kept."""
+    return _transition(
+        conn,
+        events,
+        job_id,
+        expect=("failed", "canceled"),
+        sets={
+            "status": "queued",
+            "available_at": now,
+            "reason": "MANUAL_RETRY",
+            "attempt": 0,
+            "recoveries": 0,
+            "max_attempts": max_attempts,
+            "finished_at": None,
+            "error": None,
+        },
+        event={"status": "queued", "reason": "MANUAL_RETRY", "attempt": 0},
+        now=now,
+    )
+
+
+def report_progress(
+    conn: sqlite3.Connection,
+    events: Events,
+    job_id: int,
+    *,
+    fraction: float,
+    message: str | None,
+    now: float,
+) -> bool:
+    cursor = conn.execute(
+        "UPDATE jobs SET progress = ?, message = ?, heartbeat_at = ?, updated_at = ? "
+        "WHERE id = ? AND status = 'running' RETURNING user, kind",
+        (fraction, message, now, now, job_id),
+    )
+    row = cursor.fetchone()
+    if row is None:
+        return False
+    data: dict[str, Any] = {"fraction": fraction}
+    if message is not None:
+        data["message"] = message
+    add_event(conn, events, (job_id, row[0], row[1]), "progress", now, data)
+    return True
+
+
+def save_checkpoint(
+    conn: sqlite3.Connection, events: Events, job_id: int, *, checkpoint: Any, now: float
+) -> bool:
+    cursor = conn.execute(
+        "UPDATE jobs SET checkpoint = ?, heartbeat_at = ?, updated_at = ? "
+        "WHERE id = ? AND status = 'running'",
+        (dump_json(checkpoint), now, now, job_id),
+    )
+    return cursor.rowcount > 0
+
+
+def recover_running(
+    conn: sqlite3.Connection, events: Events, *, now: float, crash_loop_after: int
+) -> dict[str, int]:
+    """At start-up: jobs left `running` by a crash go back to the queue (RECOVERED); one that
+    has now been running at `crash_loop_after` crashes fails CRASH_LOOP."""
+    rows = conn.execute(
+        "SELECT id, user, kind, recoveries, attempt FROM jobs WHERE status = 'running'"
+    ).fetchall()
+    counts = {"recovered": 0, "crash_loop": 0}
+    for job_id, user, kind, recoveries, attempt in rows:
+        recoveries += 1
+        if recoveries >= crash_loop_after:
+            error = ErrorBody(
+                code="CRASH_LOOP",
+                message=f"the daemon stopped {recoveries} times while this job was running",
+                retryable=False,
+            )
+            conn.execute(
+                "UPDATE jobs SET status = 'failed', recoveries = ?, finished_at = ?,"
+                " updated_at = ?, error = ?, reason = 'CRASH_LOOP' WHERE id = ?",
+                (recoveries, now, now, dump_json(error), job_id),
+            )
+            add_event(
+                conn,
+                events,
+                (job_id, user, kind),
+                "status",
+                now,
+                {"status": "failed", "reason": "CRASH_LOOP", "error": msgspec.to_builtins(error)},
+            )
+            counts["crash_loop"] += 1
+            continue
+        conn.execute(
+            "UPDATE jobs SET status = 'queued', recoveries = ?, available_at = ?, updated_at = ?,"
+            " reason = 'RECOVERED' WHERE id = ?",
+            (recoveries, now, now, job_id),
+        )
+        add_event(
+            conn,
+            events,
+            (job_id, user, kind),
+            "status",
+            now,
+            {"status": "queued", "reason": "RECOVERED", "attempt": attempt},
+        )
+        counts["recovered"] += 1
+    return counts
+
+
+def set_setting(conn: sqlite3.Connection, events: Events, key: str, value: Any) -> None:
+    conn.execute(
+        "INSERT INTO settings (key, value) VALUES (?, ?) "
+        "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+        (key, dump_json(value)),
+    )
+
+
+# -- queries (read connection) --------------------------------------------------------------
+
+
+def get_setting(conn: sqlite3.Connection, key: str, default: Any = None) -> Any:
+    row = conn.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
+    return default if row is None else msgspec.json.decode(row[0])
+
+
+def get_job(conn: sqlite3.Connection, job_id: int) -> JobView | None:
+    return fetch_job(conn, job_id)
+
+
+def list_jobs(
+    conn: sqlite3.Connection,
+    *,
+    statuses: list[str] | None,
+    kind: str | None,
+    user: str | None,
+    limit: int,
+) -> list[JobView]:
+    clauses, params = [], []
+    if statuses:
+        clauses.append(f"status IN ({placeholders(statuses)})")
+        params.extend(statuses)
+    if kind is not None:
+        clauses.append("kind = ?")
+        params.append(kind)
+    if user is not None:
+        clauses.append("user = ?")
+        params.append(user)
+    where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+    rows = conn.execute(
+        f"SELECT {LIST_COLUMNS} FROM jobs {where} ORDER BY id DESC LIMIT ?", (*params, limit)
+    ).fetchall()
+    return [job_from_row(row) for row in rows]
+
+
+def events_since(
+    conn: sqlite3.Connection,
+    *,
+    since: int,
+    job: int | None = None,
+    user: str | None = None,
+    limit: int = 1000,
+) -> list[Event]:
+    clauses, params = ["seq > ?"], [since]
+    if job is not None:
+        clauses.append("job_id = ?")
+        params.append(job)
+    if user is not None:
+        clauses.append("user = ?")
+        params.append(user)
+    rows = conn.execute(
+        f"SELECT seq, job_id, user, kind, type, at, data FROM events "
+        f"WHERE {' AND '.join(clauses)} ORDER BY seq LIMIT ?",
+        (*params, limit),
+    ).fetchall()
+    return [
+        Event(seq=r[0], job=r[1], user=r[2], kind=r[3], type=r[4], at=r[5], data=_loads(r[6]))
+        for r in rows
+    ]
+
+
+def last_seq(conn: sqlite3.Connection) -> int:
+    return conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
+
+
+def recent_events(conn: sqlite3.Connection, job_id: int, limit: int) -> list[Event]:
+    rows = conn.execute(
+        "SELECT seq, job_id, user, kind, type, at, data FROM events WHERE job_id = ? "
+        "ORDER BY seq DESC LIMIT ?",
+        (job_id, limit),
+    ).fetchall()
+    return [
+        Event(seq=r[0], job=r[1], user=r[2], kind=r[3], type=r[4], at=r[5], data=_loads(r[6]))
+        for r in reversed(rows)
+    ]
+
+
+def _loads(text: str) -> dict[str, Any]:
+    return msgspec.json.decode(text)
+
+
+def counts_by_status(conn: sqlite3.Connection) -> dict[str, int]:
+    rows = conn.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall()
+    return {status: n for status, n in rows}
+
+
+def queued_by_kind(conn: sqlite3.Connection) -> dict[str, int]:
+    rows = conn.execute(
+        "SELECT kind, COUNT(*) FROM jobs WHERE status = 'queued' GROUP BY kind"
+    ).fetchall()
+    return {kind: n for kind, n in rows}
+
+
+def running_jobs(conn: sqlite3.Connection) -> list[tuple[int, str]]:
+    return conn.execute("SELECT id, kind FROM jobs WHERE status = 'running'").fetchall()

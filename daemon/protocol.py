@@ -1,0 +1,151 @@
+"""The wire: what flows over the admin socket, in one place.
+
+Admin socket: newline-delimited JSON. A request is `{"id", "cmd", "args"}`; the reply carries
+the same id: `{"id", "ok": true, "data": ...}` or `{"id", "ok": false, "error": {...}}`.
+`watch` answers with `{"id", "ok": true, "data": {"watching": ...}}` and then streams
+`{"id", "event": {...}}` lines until the client closes the connection.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+JobStatus = Literal["queued", "running", "done", "failed", "canceled"]
+TERMINAL_STATUSES = frozenset({"done", "failed", "canceled"})
+
+
+class ErrorBody(msgspec.Struct, omit_defaults=True):
+    """The one error shape: message for a person, technical_message for the log."""
+
+    code: str
+    message: str
+    retryable: bool = False
+    error_id: str = ""
+    retry_after: float | None = None
+    technical_message: str | None = None
+    request_id: str | None = None
+
+
+class Request(msgspec.Struct, forbid_unknown_fields=True):
+    cmd: str
+    id: str | int | None = None
+    args: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class Reply(msgspec.Struct, omit_defaults=True):
+    id: str | int | None
+    ok: bool
+    data: Any = None
+    error: ErrorBody | None = None
+
+
+class EventLine(msgspec.Struct):
+    id: str | int | None
+    event: Any
+
+
+class JobView(msgspec.Struct, omit_defaults=True):
+    """A job as clients see it; times are Unix epoch seconds on the daemon's clock."""
+
+    id: int
+    kind: str
+    user: str
+    status: JobStatus
+    priority: int
+    attempt: int
+    max_attempts: int
+    created_at: float
+    updated_at: float
+    available_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    progress: float | None = None
+    message: str | None = None
+    reason: str | None = None
+    idempotency_key: str | None = None
+    result: Any = None
+    error: ErrorBody | None = None
+    payload: Any = None
+    checkpoint: Any = None
+
+
+class Event(msgspec.Struct, omit_defaults=True):
+    """One row of the events table. type "status" carries a transition, "progress" a report.
+
+    status data: {"status", "reason"?, "attempt", "available_at"?, "result"?, "error"?}
+    progress data: {"fraction", "message"?}
+    """
+
+    seq: int
+    job: int
+    user: str
+    kind: str
+    type: Literal["status", "progress"]
+    at: float
+    data: dict[str, Any]
+
+
+# Arguments per command, decoded with forbid_unknown_fields so a typo is an error.
+
+
+class Args(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class NoArgs(Args):
+    pass
+
+
+class SubmitArgs(Args):
+    kind: str
+    payload: Any = msgspec.field(default_factory=dict)
+    priority: int | None = None
+    idempotency_key: str | None = None
+    user: str = "local"
+
+
+class JobsArgs(Args):
+    status: list[JobStatus] | None = None
+    kind: str | None = None
+    user: str | None = None
+    limit: int = 50
+
+
+class JobArgs(Args):
+    job: int
+
+
+class KindArgs(Args):
+    kind: str | None = None
+
+
+class WatchArgs(Args):
+    job: int | None = None
+    user: str | None = None
+    # Events after this seq. Omitted: a job's whole history, or, watching all jobs, from now.
+    since: int | None = None
+
+
+COMMAND_ARGS: dict[str, type[Args]] = {
+    "ping": NoArgs,
+    "submit": SubmitArgs,
+    "jobs": JobsArgs,
+    "show": JobArgs,
+    "cancel": JobArgs,
+    "retry": JobArgs,
+    "pause": KindArgs,
+    "resume": KindArgs,
+    "drain": NoArgs,
+    "shutdown": NoArgs,
+    "status": NoArgs,
+    "watch": WatchArgs,
+}
+
+request_decoder = msgspec.json.Decoder(Request)
+encoder = msgspec.json.Encoder()
+
+
+def encode_line(message: Any) -> bytes:
+    return encoder.encode(message) + b"\n"

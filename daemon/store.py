@@ -1,0 +1,338 @@
+"""The store: every job and event in SQLite, written by one thread with group commit.
+
+One thread owns the write connection. Callers hand it a write and wait; the thread takes every
+write that is waiting, runs them in one transaction (each in its own savepoint, so one bad
+write does not spoil its batch), commits once, and only then wakes each caller and publishes
+the batch's events. Under load many writes share one fsync; idle, a write commits alone.
+Reads go through a second connection in WAL mode and never wait for the writer.
+
+Each transition is one write: the job row changes and one event row is added, in the same
+savepoint, so the event log and the jobs table can never disagree, even after `kill -9`.
+"""
+
+from __future__ import annotations
+
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import msgspec
+import structlog
+import trio
+
+from daemon.hub import EventHub
+from daemon.protocol import ErrorBody, Event, JobView
+
+T = TypeVar("T")
+log = structlog.get_logger("store")
+
+_json = msgspec.json.Encoder()
+_decode_error = msgspec.json.Decoder(ErrorBody)
+
+
+def dump_json(value: Any) -> str | None:
+    return None if value is None else _json.encode(value).decode()
+
+
+def _load(text: str | None) -> Any:
+    return None if text is None else msgspec.json.decode(text)
+
+
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE jobs (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        kind TEXT NOT NULL,
+        user TEXT NOT NULL,
+        status TEXT NOT NULL,
+        priority INTEGER NOT NULL,
+        payload TEXT NOT NULL,
+        idempotency_key TEXT,
+        attempt INTEGER NOT NULL DEFAULT 0,
+        max_attempts INTEGER NOT NULL,
+        recoveries INTEGER NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        available_at REAL NOT NULL,
+        started_at REAL,
+        finished_at REAL,
+        heartbeat_at REAL,
+        progress REAL,
+        message TEXT,
+        reason TEXT,
+        checkpoint TEXT,
+        result TEXT,
+        error TEXT
+    );
+    -- The next backoff deadline: MIN(available_at) among queued jobs.
+    CREATE INDEX jobs_dispatch ON jobs(status, available_at, priority, id);
+    -- Dispatch order: highest priority first, then oldest.
+    CREATE INDEX jobs_order ON jobs(status, priority DESC, id);
+    CREATE INDEX jobs_kind_status ON jobs(kind, status);
+    CREATE INDEX jobs_user ON jobs(user, id);
+    CREATE UNIQUE INDEX jobs_idempotency ON jobs(user, idempotency_key)
+        WHERE idempotency_key IS NOT NULL;
+    CREATE TABLE events (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        job_id INTEGER NOT NULL,
+        user TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        type TEXT NOT NULL,
+        at REAL NOT NULL,
+        data TEXT NOT NULL
+    );
+    CREATE INDEX events_job ON events(job_id, seq);
+    CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    """,
+]
+
+JOB_COLUMNS = (
+    "id, kind, user, status, priority, attempt, max_attempts, created_at, updated_at, "
+    "available_at, started_at, finished_at, progress, message, reason, idempotency_key, "
+    "result, error, payload, checkpoint"
+)
+LIST_COLUMNS = JOB_COLUMNS.replace(", payload, checkpoint", "")
+
+
+def job_from_row(row: Sequence[Any]) -> JobView:
+    full = len(row) > 18
+    return JobView(
+        id=row[0],
+        kind=row[1],
+        user=row[2],
+        status=row[3],
+        priority=row[4],
+        attempt=row[5],
+        max_attempts=row[6],
+        created_at=row[7],
+        updated_at=row[8],
+        available_at=row[9],
+        started_at=row[10],
+        finished_at=row[11],
+        progress=row[12],
+        message=row[13],
+        reason=row[14],
+        idempotency_key=row[15],
+        result=_load(row[16]),
+        error=None if row[17] is None else _decode_error.decode(row[17]),
+        payload=_load(row[18]) if full else None,
+        checkpoint=_load(row[19]) if full else None,
+    )
+
+
+class StoreError(Exception):
+    """The database refused a write (disk full, I/O error, corruption)."""
+
+
+@dataclass(slots=True)
+class _Write:
+    apply: Callable[[sqlite3.Connection, list[Event]], Any]
+    done: trio.Event = field(default_factory=trio.Event)
+    result: Any = None
+    error: BaseException | None = None
+    events: list[Event] = field(default_factory=list)
+
+
+_STOP = object()
+
+
+def _connect(path: str, synchronous: str) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute(f"PRAGMA synchronous={synchronous}")
+    conn.execute("PRAGMA busy_timeout=5000")
+    conn.execute("PRAGMA foreign_keys=ON")
+    return conn
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > len(MIGRATIONS):
+        raise StoreError(
+            f"database schema version {version} is newer than this jobwarden knows "
+            f"({len(MIGRATIONS)}); upgrade jobwarden"
+        )
+    for number in range(version, len(MIGRATIONS)):
+        # One transaction per step: a crash mid-migration leaves the previous version intact.
+        try:
+            conn.executescript(
+                f"BEGIN IMMEDIATE; {MIGRATIONS[number]}; PRAGMA user_version={number + 1}; COMMIT;"
+            )
+        except sqlite3.Error:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+    return len(MIGRATIONS)
+
+
+class Store:
+    """Open with `async with Store.open(...)`; all methods are called from trio."""
+
+    def __init__(
+        self, path: str, *, synchronous: str, max_batch: int, hub: EventHub, threaded: bool
+    ) -> None:
+        self.path = path
+        self._synchronous = synchronous
+        self._max_batch = max_batch
+        self._hub = hub
+        self._threaded = threaded
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._read_limiter = trio.CapacityLimiter(1)
+        self._writer: sqlite3.Connection | None = None
+        self._reader: sqlite3.Connection | None = None
+        self.batches = 0
+        self.writes = 0
+
+    @classmethod
+    @asynccontextmanager
+    async def open(
+        cls,
+        path: str | Path,
+        *,
+        hub: EventHub,
+        synchronous: str = "NORMAL",
+        max_batch: int = 1000,
+        threaded: bool = True,
+    ):
+        """Threaded is the daemon's mode. Unthreaded runs each write inline on the trio
+        thread: for tests on MockClock, where a write in flight on another thread would let
+        autojump move time under it."""
+        path = str(path)
+        if path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        store = cls(path, synchronous=synchronous, max_batch=max_batch, hub=hub, threaded=threaded)
+        store._writer = _connect(path, synchronous)
+        migrate(store._writer)
+        store._reader = store._writer if path == ":memory:" else _connect(path, synchronous)
+        thread = None
+        if threaded:
+            token = trio.lowlevel.current_trio_token()
+            thread = threading.Thread(
+                target=store._write_loop, args=(token,), name="jobwarden-store", daemon=True
+            )
+            thread.start()
+        try:
+            yield store
+        finally:
+            if thread is not None:
+                store._queue.put(_STOP)
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(thread.join)
+            store._writer.close()
+            if store._reader is not store._writer:
+                store._reader.close()
+
+    # -- the write path -------------------------------------------------------------------
+
+    def _write_loop(self, token: trio.lowlevel.TrioToken) -> None:
+        while True:
+            first = self._queue.get()
+            if first is _STOP:
+                return
+            batch = [first]
+            stop = False
+            while len(batch) < self._max_batch:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is _STOP:
+                    stop = True
+                    break
+                batch.append(more)
+            self._commit(batch)
+            try:
+                token.run_sync_soon(self._deliver, batch)
+            except trio.RunFinishedError:
+                return
+            if stop:
+                return
+
+    def _commit(self, batch: list[_Write]) -> None:
+        conn = self._writer
+        assert conn is not None
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for write in batch:
+                conn.execute("SAVEPOINT w")
+                try:
+                    write.result = write.apply(conn, write.events)
+                except Exception as exc:
+                    conn.execute("ROLLBACK TO w")
+                    write.error, write.events = exc, []
+                conn.execute("RELEASE w")
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            for write in batch:
+                write.error = StoreError(f"database write failed: {exc}")
+                write.events = []
+        self.batches += 1
+        self.writes += len(batch)
+
+    def _deliver(self, batch: list[_Write]) -> None:
+        for write in batch:
+            write.done.set()
+        self._hub.publish([event for write in batch for event in write.events])
+
+    async def write(self, apply: Callable[[sqlite3.Connection, list[Event]], T]) -> T:
+        """Run `apply(conn, events)` in a transaction; returns once it is committed.
+
+        `apply` appends the Event rows it inserted to `events`; they are published after
+        the commit. A write that was handed over is committed even if the caller is
+        cancelled while waiting.
+        """
+        write = _Write(apply)
+        if self._threaded:
+            self._queue.put(write)
+            await write.done.wait()
+        else:
+            self._commit([write])
+            self._deliver([write])
+            await trio.lowlevel.checkpoint()
+        if write.error is not None:
+            raise write.error
+        return write.result
+
+    # -- the read path --------------------------------------------------------------------
+
+    async def read(self, query: Callable[[sqlite3.Connection], T]) -> T:
+        conn = self._reader
+        assert conn is not None
+        if not self._threaded:
+            await trio.lowlevel.checkpoint()
+            return query(conn)
+        return await trio.to_thread.run_sync(query, conn, limiter=self._read_limiter)
+
+
+def add_event(
+    conn: sqlite3.Connection,
+    events: list[Event],
+    job: JobView | tuple[int, str, str],
+    type_: str,
+    at: float,
+    data: dict[str, Any],
+) -> None:
+    job_id, user, kind = (job.id, job.user, job.kind) if isinstance(job, JobView) else job
+    cursor = conn.execute(
+        "INSERT INTO events (job_id, user, kind, type, at, data) VALUES (?, ?, ?, ?, ?, ?)",
+        (job_id, user, kind, type_, at, dump_json(data)),
+    )
+    events.append(
+        Event(seq=cursor.lastrowid, job=job_id, user=user, kind=kind, type=type_, at=at, data=data)
+    )
+
+
+def fetch_job(conn: sqlite3.Connection, job_id: int) -> JobView | None:
+    row = conn.execute(f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    return None if row is None else job_from_row(row)
+
+
+def placeholders(values: Iterable[Any]) -> str:
+    return ", ".join("?" for _ in values)

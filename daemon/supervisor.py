@@ -1,0 +1,324 @@
+"""The supervisor: builds the channels, owns start-up order, signals and shutdown.
+
+Start-up: lock the database, open the store, put jobs a crash left `running` back in the
+queue, then start the actors (scheduler, pool, admission) and the listeners last, each with
+`nursery.start` so the next starts only once the previous really serves; then READY=1.
+
+Shutdown (SIGTERM, SIGINT, admin `drain`): stop admitting, stop dispatching, let running jobs
+finish within `shutdown_grace`, interrupt the rest (back to the queue, attempt not spent),
+exit 0. A second signal, or admin `shutdown`, interrupts at once. SIGHUP reloads thresholds.
+The store wraps the actors' nursery, so the final writes of jobs being torn down still land.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import math
+import os
+import signal
+import sys
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import structlog
+import trio
+
+from actors import admission as admission_actor
+from actors import pool as pool_actor
+from actors import scheduler as scheduler_actor
+from actors.admission import Admission, StopAdmitting
+from actors.pool import Drain, Pool
+from actors.scheduler import Scheduler, Snapshot, StopDispatch
+from daemon import __version__, jobs
+from daemon.admin import AdminServer, Stop
+from daemon.clock import WallClock
+from daemon.config import Config, ConfigError, check_handlers, load_config
+from daemon.hub import EventHub
+from daemon.logs import configure_logging, use_clock
+from daemon.mailbox import ReplySlot
+from daemon.store import Store
+from daemon.systemd import SystemdNotifier
+
+log = structlog.get_logger("supervisor")
+
+STATUS_INTERVAL = 10.0
+
+
+class Reload(msgspec.Struct):
+    pass
+
+
+class DaemonHandle(msgspec.Struct):
+    """What a caller of `run_daemon` (tests, the load test) can reach once it is ready."""
+
+    store: Store
+    hub: EventHub
+    clock: WallClock
+    control: trio.MemorySendChannel[Any]
+    admission: trio.MemorySendChannel[Any]
+    scheduler: trio.MemorySendChannel[Any]
+    pool: trio.MemorySendChannel[Any]
+
+
+class StartupError(Exception):
+    pass
+
+
+def lock_database(db_path: Path) -> int:
+    """One daemon per database: a second would dispatch the same jobs twice."""
+    db_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(f"{db_path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StartupError(f"another jobwarden is already using {db_path}") from None
+    return fd
+
+
+# Keys that the running daemon cannot change; a reload warns that they need a restart.
+RESTART_KEYS = ("store", "admin", "log")
+
+
+class Supervisor:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        config_path: Path | None = None,
+        notifier: SystemdNotifier | None = None,
+        threaded_store: bool = True,
+        clock_epoch: float | None = None,
+    ) -> None:
+        self._config = config
+        self._config_path = config_path
+        self._notifier = notifier or SystemdNotifier.from_environ({})
+        self._threaded_store = threaded_store
+        self._clock_epoch = clock_epoch
+        self._draining = False
+        self._ready = False
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[DaemonHandle] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        config = self._config
+        clock = WallClock(self._clock_epoch)
+        self._clock = clock
+        use_clock(clock)
+        db_path = config.path(config.store.path)
+        lock_fd = lock_database(db_path)
+        hub = EventHub()
+        try:
+            async with Store.open(
+                db_path,
+                hub=hub,
+                synchronous=config.store.synchronous,
+                max_batch=config.store.max_batch,
+                threaded=self._threaded_store,
+            ) as store:
+                recovered = await store.write(
+                    partial(
+                        jobs.recover_running,
+                        now=clock.now(),
+                        crash_loop_after=config.daemon.crash_loop_after,
+                    )
+                )
+                log.info("start-up recovery done", database=str(db_path), **recovered)
+                await self._run_actors(store, hub, clock, task_status)
+        finally:
+            os.close(lock_fd)
+            use_clock(None)
+
+    async def _run_actors(
+        self,
+        store: Store,
+        hub: EventHub,
+        clock: WallClock,
+        task_status: trio.TaskStatus[DaemonHandle],
+    ) -> None:
+        config = self._config
+        self._store = store
+        # Scheduler and pool feed each other; unbounded buffers keep that cycle from ever
+        # deadlocking. Their depth is bounded anyway: RunJob by free slots, JobQueued by
+        # admissions, each consumed in the next dispatch round.
+        scheduler_tx, scheduler_rx = trio.open_memory_channel[Any](math.inf)
+        pool_tx, pool_rx = trio.open_memory_channel[Any](math.inf)
+        admission_tx, admission_rx = trio.open_memory_channel[Any](1024)
+        control_tx, control_rx = trio.open_memory_channel[Any](16)
+        self._channels = (admission_tx, scheduler_tx, pool_tx)
+        async with trio.open_nursery() as nursery:
+            scheduler = Scheduler(
+                config=config, store=store, clock=clock, inbox=scheduler_rx, pool=pool_tx.clone()
+            )
+            pool = Pool(
+                config=config,
+                store=store,
+                clock=clock,
+                inbox=pool_rx,
+                scheduler=scheduler_tx.clone(),
+            )
+            admission = Admission(
+                config=config,
+                store=store,
+                clock=clock,
+                inbox=admission_rx,
+                scheduler=scheduler_tx.clone(),
+            )
+            self._admin = AdminServer(
+                config=config,
+                store=store,
+                hub=hub,
+                clock=clock,
+                admission=admission_tx.clone(),
+                scheduler=scheduler_tx.clone(),
+                pool=pool_tx.clone(),
+                supervisor=control_tx.clone(),
+                daemon_status=self._status,
+            )
+            await nursery.start(scheduler.run)
+            await nursery.start(pool.run)
+            await nursery.start(admission.run)
+            await nursery.start(self._admin.run)
+            nursery.start_soon(self._watch_signals, control_tx.clone())
+            await nursery.start(self._notifier.run_watchdog)
+            nursery.start_soon(self._report_status, scheduler_tx)
+            self._ready = True
+            self._notifier.ready("ready")
+            log.info(
+                "jobwarden ready",
+                version=__version__,
+                pid=os.getpid(),
+                kinds=sorted(config.kinds),
+                max_concurrent_jobs=config.daemon.max_concurrent_jobs,
+            )
+            task_status.started(
+                DaemonHandle(
+                    store=store,
+                    hub=hub,
+                    clock=clock,
+                    control=control_tx,
+                    admission=admission_tx,
+                    scheduler=scheduler_tx,
+                    pool=pool_tx,
+                )
+            )
+            await self._control(control_rx)
+            nursery.cancel_scope.cancel()
+        log.info("jobwarden stopped")
+
+    def _status(self) -> dict[str, Any]:
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "uptime": round(self._clock.uptime(), 3),
+            "ready": self._ready,
+            "draining": self._draining,
+        }
+
+    async def _control(self, inbox: trio.MemoryReceiveChannel[Any]) -> None:
+        """Serve stop and reload requests until a drain has finished."""
+        finished = trio.Event()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._follow_requests, inbox, finished, nursery)
+            await finished.wait()
+            nursery.cancel_scope.cancel()
+
+    async def _follow_requests(
+        self, inbox: trio.MemoryReceiveChannel[Any], finished: trio.Event, nursery: trio.Nursery
+    ) -> None:
+        async with inbox:
+            async for msg in inbox:
+                match msg:
+                    case Stop(grace=grace) if not self._draining:
+                        self._draining = True
+                        nursery.start_soon(self._drain, grace, finished)
+                    case Stop():
+                        log.warning("second stop request: interrupting running jobs now")
+                        await self._channels[2].send(Drain(grace=0.0, reply=ReplySlot()))
+                    case Reload():
+                        await self._reload()
+
+    async def _drain(self, grace: float | None, finished: trio.Event) -> None:
+        admission_tx, scheduler_tx, pool_tx = self._channels
+        grace = self._config.daemon.shutdown_grace if grace is None else grace
+        self._notifier.stopping(f"draining, grace {grace:g}s")
+        log.info("draining", grace=grace)
+        await admission_tx.send(StopAdmitting())
+        await scheduler_tx.send(StopDispatch())
+        # The snapshot answers only after StopDispatch was handled: no dispatch after this.
+        snapshot: ReplySlot[dict[str, Any]] = ReplySlot()
+        await scheduler_tx.send(Snapshot(reply=snapshot))
+        await snapshot.wait()
+        reply: ReplySlot[int] = ReplySlot()
+        await pool_tx.send(Drain(grace=grace, reply=reply))
+        interrupted = await reply.wait()
+        log.info("drained", interrupted=interrupted)
+        finished.set()
+
+    async def _reload(self) -> None:
+        if self._config_path is None:
+            log.warning("reload requested, but the daemon was not started from a file")
+            return
+        self._notifier.reloading()
+        try:
+            new = load_config(self._config_path)
+            check_handlers(new)
+        except ConfigError as exc:
+            log.error("reload rejected; keeping the running config", error=str(exc))
+            self._notifier.ready("ready (reload rejected)")
+            return
+        for key in RESTART_KEYS:
+            if getattr(new, key) != getattr(self._config, key):
+                log.warning("config change needs a restart to take effect", section=key)
+        self._config = new
+        admission_tx, scheduler_tx, pool_tx = self._channels
+        await admission_tx.send(admission_actor.Reconfigure(config=new))
+        await scheduler_tx.send(scheduler_actor.Reconfigure(config=new))
+        await pool_tx.send(pool_actor.Reconfigure(config=new))
+        self._admin.reconfigure(new)
+        log.info("config reloaded", path=str(self._config_path), kinds=sorted(new.kinds))
+        self._notifier.ready("ready")
+
+    async def _watch_signals(self, control: trio.MemorySendChannel[Any]) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async with control:
+                async for signum in signals:
+                    if signum == signal.SIGHUP:
+                        await control.send(Reload())
+                    else:
+                        log.info("signal received", signal=signal.Signals(signum).name)
+                        await control.send(Stop())
+
+    async def _report_status(self, scheduler: trio.MemorySendChannel[Any]) -> None:
+        if not self._notifier.enabled:
+            return
+        while True:
+            reply: ReplySlot[dict[str, Any]] = ReplySlot()
+            await scheduler.send(Snapshot(reply=reply))
+            snapshot = await reply.wait()
+            queued = sum((await self._store.read(jobs.queued_by_kind)).values())
+            state = "draining, " if self._draining else ""
+            self._notifier.status(f"{state}{snapshot['running']} running, {queued} queued")
+            await trio.sleep(STATUS_INTERVAL)
+
+
+def serve_main(config_path: Path) -> int:
+    """`jobwarden serve`: run until drained. Exit 0 after a clean stop, 2 on a bad config."""
+    try:
+        config = load_config(config_path)
+        check_handlers(config)
+    except ConfigError as exc:
+        print(f"jobwarden: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(config.log.format, config.log.level)
+    supervisor = Supervisor(
+        config, config_path=config_path, notifier=SystemdNotifier.from_environ()
+    )
+    try:
+        trio.run(supervisor.run)
+    except (StartupError, ConfigError, RuntimeError) as exc:
+        log.error("jobwarden could not start", error=str(exc))
+        return 1
+    return 0
