@@ -88,8 +88,9 @@ def free_capacity(
     for name, kind in config.kinds.items():
         if name in paused.kinds:
             continue
-        limit = kind.max_concurrent if kind.max_concurrent is not None else total
-        free = min(total, limit - running.get(name, 0))
+        free = total
+        if kind.max_concurrent is not None:
+            free = min(total, kind.max_concurrent - running.get(name, 0))
         if free > 0:
             capacity[name] = free
     return total, capacity

@@ -1,0 +1,118 @@
+"""Fixtures: an in-process daemon on MockClock, and ways to drive it like a client would."""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from functools import partial
+from pathlib import Path
+
+import pytest
+import trio
+
+from actors.admission import Submit
+from daemon import jobs
+from daemon.admin import Stop
+from daemon.config import Config, load_config_text
+from daemon.mailbox import ReplySlot
+from daemon.protocol import TERMINAL_STATUSES, Event, JobView
+from daemon.supervisor import DaemonHandle, Supervisor
+
+EPOCH = 1_800_000_000.0
+
+BASE_CONFIG = """
+[daemon]
+max_concurrent_jobs = {max_concurrent_jobs}
+shutdown_grace = "30s"
+
+[store]
+path = "var/jw.db"
+
+[admin]
+socket = "var/admin.sock"
+
+[retry]
+max_attempts = 4
+backoff = ["0s", "30s", "120s"]
+jitter = 0.0
+"""
+
+
+def make_config(tmp_path: Path, extra: str, *, max_concurrent_jobs: int = 2) -> Config:
+    base = BASE_CONFIG.format(max_concurrent_jobs=max_concurrent_jobs)
+    return load_config_text(base + extra, base_dir=tmp_path)
+
+
+class Daemon:
+    """An in-process daemon with an inline store (no threads), so virtual time is exact."""
+
+    def __init__(self, handle: DaemonHandle, done: trio.Event) -> None:
+        self.handle = handle
+        self.stopped = done
+
+    @property
+    def now(self) -> float:
+        return self.handle.clock.now()
+
+    async def submit(self, kind: str, payload: object = None, **options: object) -> JobView:
+        reply: ReplySlot[tuple[JobView, bool]] = ReplySlot()
+        await self.handle.admission.send(
+            Submit(
+                kind=kind,
+                payload={} if payload is None else payload,
+                user=str(options.pop("user", "alice")),
+                reply=reply,
+                **options,  # type: ignore[arg-type]
+            )
+        )
+        job, _ = await reply.wait()
+        return job
+
+    async def job(self, job_id: int) -> JobView:
+        if self.stopped.is_set():
+            # The daemon closed its store: read the file as the next start would.
+            with contextlib.closing(sqlite3.connect(self.handle.store.path)) as conn:
+                job = jobs.get_job(conn, job_id)
+        else:
+            job = await self.handle.store.read(partial(jobs.get_job, job_id=job_id))
+        assert job is not None
+        return job
+
+    async def events(self, job_id: int) -> list[Event]:
+        return await self.handle.store.read(partial(jobs.events_since, since=0, job=job_id))
+
+    async def wait_status(self, job_id: int, statuses: set[str] | frozenset[str]) -> JobView:
+        with self.handle.hub.subscribe(job=job_id, buffer=10_000) as sub:
+            job = await self.job(job_id)
+            while job.status not in statuses:
+                await sub.events.receive()
+                job = await self.job(job_id)
+        return job
+
+    async def wait_done(self, job_id: int) -> JobView:
+        return await self.wait_status(job_id, TERMINAL_STATUSES)
+
+    async def stop(self, grace: float | None = None) -> None:
+        await self.handle.control.send(Stop(grace=grace))
+        await self.stopped.wait()
+
+
+@pytest.fixture
+def start_daemon(nursery: trio.Nursery, tmp_path: Path):
+    """Start an in-process daemon for a config snippet; returns a `Daemon`."""
+
+    async def start(extra: str = "", *, max_concurrent_jobs: int = 2) -> Daemon:
+        config = make_config(tmp_path, extra, max_concurrent_jobs=max_concurrent_jobs)
+        supervisor = Supervisor(config, threaded_store=False, clock_epoch=EPOCH)
+        done = trio.Event()
+
+        async def run(task_status: trio.TaskStatus[DaemonHandle]) -> None:
+            try:
+                await supervisor.run(task_status=task_status)
+            finally:
+                done.set()
+
+        handle = await nursery.start(run)
+        return Daemon(handle, done)
+
+    return start

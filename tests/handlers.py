@@ -1,0 +1,68 @@
+"""Fake handlers for tests: each behaves one way (quick, slow, flaky, hanging, failing)."""
+
+from __future__ import annotations
+
+import random
+
+import msgspec
+import trio
+
+from daemon.handlers import Fail, JobContext, Retry
+
+
+class Sized(msgspec.Struct, forbid_unknown_fields=True):
+    n: int
+    label: str = ""
+
+
+async def noop(ctx: JobContext, payload: dict) -> dict:
+    return {"echo": payload}
+
+
+async def typed(ctx: JobContext, payload: Sized) -> dict:
+    return {"n": payload.n}
+
+
+async def sleepy(ctx: JobContext, payload: dict) -> dict:
+    """Sleeps `seconds` (default: a random 0-20 ms); fails for good when `fail` is set."""
+    seconds = payload.get("seconds")
+    await trio.sleep(random.uniform(0, 0.02) if seconds is None else seconds)
+    if payload.get("fail"):
+        raise Fail("asked to fail", code="TEST_FAILURE")
+    return {"slept": seconds}
+
+
+async def flaky(ctx: JobContext, payload: dict) -> dict:
+    """Asks for a retry until attempt `succeed_on`."""
+    if ctx.attempt < payload.get("succeed_on", 10**6):
+        raise Retry(f"transient failure on attempt {ctx.attempt}")
+    return {"attempt": ctx.attempt}
+
+
+async def crashing(ctx: JobContext, payload: dict) -> dict:
+    raise ZeroDivisionError("division by zero in the handler")
+
+
+async def hang(ctx: JobContext, payload: dict) -> dict:
+    await trio.sleep_forever()
+    raise AssertionError("unreachable")
+
+
+async def stepper(ctx: JobContext, payload: dict) -> dict:
+    """Reports progress once a second for `steps` steps, checkpointing each; resumes."""
+    steps = payload.get("steps", 4)
+    done = resumed_from = (ctx.checkpoint or {}).get("done", 0)
+    while done < steps:
+        await trio.sleep(payload.get("step_seconds", 1.0))
+        done += 1
+        await ctx.save_checkpoint({"done": done})
+        await ctx.progress(done / steps, f"step {done}/{steps}")
+    return {"steps": steps, "resumed_from": resumed_from}
+
+
+async def slow_once(ctx: JobContext, payload: dict) -> dict:
+    """The first run checkpoints and then blocks for a long time; a rerun finishes at once."""
+    if ctx.checkpoint is None:
+        await ctx.save_checkpoint({"started": True})
+        await trio.sleep(payload.get("seconds", 3600))
+    return {"attempt": ctx.attempt}

@@ -1,0 +1,290 @@
+"""A job's way through the daemon, on MockClock: virtual time asserted exactly."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import trio
+
+from actors.pool import retry_delay
+from daemon.config import RetryPolicy
+from daemon.errors import RequestError
+from tests.conftest import EPOCH
+
+KINDS = """
+[kinds.noop]
+handler = "tests.handlers:noop"
+
+[kinds.typed]
+handler = "tests.handlers:typed"
+
+[kinds.flaky]
+handler = "tests.handlers:flaky"
+
+[kinds.crashing]
+handler = "tests.handlers:crashing"
+
+[kinds.hang]
+handler = "tests.handlers:hang"
+timeout = "10m"
+
+[kinds.sleepy]
+handler = "tests.handlers:sleepy"
+timeout = "1h"
+
+[kinds.stepper]
+handler = "tests.handlers:stepper"
+"""
+
+
+def status_trail(events) -> list[tuple[float, str, str | None]]:
+    return [
+        (e.at - EPOCH, e.data["status"], e.data.get("reason")) for e in events if e.type == "status"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("attempt", "expected"),
+    [(1, 0.0), (2, 30.0), (3, 120.0), (4, None)],
+    ids=["after-1st", "after-2nd", "after-3rd", "used-up"],
+)
+def test_backoff_schedule_follows_the_seed(attempt, expected):
+    policy = RetryPolicy(max_attempts=4, backoff=[0.0, 30.0, 120.0], jitter=0.0)
+    assert retry_delay(policy, attempt, random.Random(1)) == expected
+
+
+def test_jitter_spreads_delays_within_bounds():
+    policy = RetryPolicy(max_attempts=4, backoff=[0.0, 30.0, 120.0], jitter=0.1)
+    delays = {retry_delay(policy, 2, random.Random(seed)) for seed in range(50)}
+    assert all(27.0 <= d <= 33.0 for d in delays)
+    assert len(delays) > 40
+
+
+async def test_job_runs_to_done_with_its_result(autojump_clock, start_daemon):
+    daemon = await start_daemon(KINDS)
+    job = await daemon.submit("noop", {"x": 1})
+    assert job.status == "queued"
+    done = await daemon.wait_done(job.id)
+    assert done.status == "done"
+    assert done.result == {"echo": {"x": 1}}
+    assert done.attempt == 1
+
+
+async def test_retries_wait_0s_30s_120s_then_fail(autojump_clock, start_daemon):
+    daemon = await start_daemon(KINDS)
+    job = await daemon.submit("flaky", {})
+    final = await daemon.wait_done(job.id)
+    assert final.status == "failed"
+    assert final.attempt == 4
+    assert final.error.code == "HANDLER_ERROR"
+    starts = [
+        at for at, status, _ in status_trail(await daemon.events(job.id)) if status == "running"
+    ]
+    assert starts == [0.0, 0.0, 30.0, 150.0]
+
+
+async def test_flaky_job_succeeds_on_a_later_attempt(autojump_clock, start_daemon):
+    daemon = await start_daemon(KINDS)
+    job = await daemon.submit("flaky", {"succeed_on": 3})
+    final = await daemon.wait_done(job.id)
+    assert (final.status, final.attempt, final.result) == ("done", 3, {"attempt": 3})
+
+
+async def test_unexpected_exception_is_retried_and_named(autojump_clock, start_daemon):
+    daemon = await start_daemon(KINDS)
+    final = await daemon.wait_done((await daemon.submit("crashing")).id)
+    assert final.status == "failed"
+    assert "ZeroDivisionError" in final.error.message
+    assert final.attempt == 4
+
+
+async def test_hung_handler_times_out_at_exactly_its_timeout(autojump_clock, start_daemon):
+    daemon = await start_daemon(
+        KINDS.replace('timeout = "10m"', 'timeout = "10m"\nmax_attempts = 2')
+    )
+    job = await daemon.submit("hang")
+    final = await daemon.wait_done(job.id)
+    assert final.status == "failed"
+    assert final.error.code == "TIMEOUT"
+    trail = status_trail(await daemon.events(job.id))
+    # Attempt 1 times out at 600 s, retries after 0 s, attempt 2 times out at 1200 s.
+    assert [(at, status) for at, status, _ in trail] == [
+        (0.0, "queued"),
+        (0.0, "running"),
+        (600.0, "queued"),
+        (600.0, "running"),
+        (1200.0, "failed"),
+    ]
+
+
+async def test_typed_payload_is_validated_at_admission(autojump_clock, start_daemon):
+    daemon = await start_daemon(KINDS)
+    with pytest.raises(RequestError) as refused:
+        await daemon.submit("typed", {"n": "three"})
+    assert refused.value.body.code == "INVALID_REQUEST"
+    assert "payload.n" in refused.value.body.message
+    with pytest.raises(RequestError) as refused:
+        await daemon.submit("typed", {"n": 1, "extra": True})
+    assert "extra" in refused.value.body.message
+    done = await daemon.wait_done((await daemon.submit("typed", {"n": 3})).id)
+    assert done.result == {"n": 3}
+
+
+async def test_unknown_kind_and_oversized_payload_are_refused(autojump_clock, start_daemon):
+    daemon = await start_daemon(KINDS + "\n[admission]\nmax_payload_bytes = 100\n")
+    with pytest.raises(RequestError) as refused:
+        await daemon.submit("nope")
+    assert refused.value.body.code == "INVALID_REQUEST"
+    assert "unknown kind 'nope'" in refused.value.body.message
+    with pytest.raises(RequestError) as refused:
+        await daemon.submit("noop", {"blob": "x" * 200})
+    assert refused.value.body.code == "PAYLOAD_TOO_LARGE"
+
+
+async def test_idempotency_key_returns_the_same_job(autojump_clock, start_daemon):
+    daemon = await start_daemon(KINDS)
+    first = await daemon.submit("noop", {"a": 1}, idempotency_key="book-42")
+    again = await daemon.submit("noop", {"a": 2}, idempotency_key="book-42")
+    other_user = await daemon.submit("noop", {}, idempotency_key="book-42", user="bob")
+    assert again.id == first.id
+    assert other_user.id != first.id
+
+
+async def test_priority_first_then_fifo(autojump_clock, start_daemon):
+    daemon = await start_daemon(KINDS, max_concurrent_jobs=1)
+    blocker = await daemon.submit("sleepy", {"seconds": 10})
+    low = await daemon.submit("sleepy", {"seconds": 1}, priority=-5)
+    normal_a = await daemon.submit("sleepy", {"seconds": 1})
+    high = await daemon.submit("sleepy", {"seconds": 1}, priority=10)
+    normal_b = await daemon.submit("sleepy", {"seconds": 1})
+    for job in (blocker, low, normal_a, high, normal_b):
+        await daemon.wait_done(job.id)
+    started = {}
+    for job in (high, normal_a, normal_b, low):
+        trail = status_trail(await daemon.events(job.id))
+        started[job.id] = next(at for at, status, _ in trail if status == "running")
+    assert sorted(started, key=started.get) == [high.id, normal_a.id, normal_b.id, low.id]
+
+
+async def test_global_and_per_kind_concurrency_limits(autojump_clock, start_daemon):
+    daemon = await start_daemon(
+        KINDS.replace('timeout = "1h"', 'timeout = "1h"\nmax_concurrent = 1'),
+        max_concurrent_jobs=3,
+    )
+    sleepers = [await daemon.submit("sleepy", {"seconds": 10}) for _ in range(3)]
+    steppers = [await daemon.submit("stepper", {"steps": 1, "step_seconds": 10}) for _ in range(3)]
+    for job in sleepers + steppers:
+        await daemon.wait_done(job.id)
+    intervals = []
+    for job in sleepers + steppers:
+        final = await daemon.job(job.id)
+        intervals.append((final.started_at - EPOCH, final.finished_at - EPOCH, job.kind))
+
+    def running_at(t, kind=None):
+        return sum(1 for s, f, k in intervals if s <= t < f and (kind is None or k == kind))
+
+    moments = [s for s, _, _ in intervals]
+    assert max(running_at(t) for t in moments) == 3
+    assert max(running_at(t, "sleepy") for t in moments) == 1
+    # Sleepers run one after another: 10 s each.
+    assert sorted(s for s, _, k in intervals if k == "sleepy") == [0.0, 10.0, 20.0]
+
+
+async def test_cancel_queued_and_running_jobs(autojump_clock, start_daemon):
+    from actors.pool import CancelJob
+    from daemon.mailbox import ReplySlot
+
+    daemon = await start_daemon(KINDS, max_concurrent_jobs=1)
+    running = await daemon.submit("hang")
+    queued = await daemon.submit("noop")
+    await daemon.wait_status(running.id, {"running"})
+    for job in (queued, running):
+        reply = ReplySlot()
+        await daemon.handle.pool.send(CancelJob(job_id=job.id, reply=reply))
+        canceled = await reply.wait()
+        assert canceled.status == "canceled"
+    reply = ReplySlot()
+    await daemon.handle.pool.send(CancelJob(job_id=queued.id, reply=reply))
+    with pytest.raises(RequestError) as refused:
+        await reply.wait()
+    assert "already canceled" in refused.value.body.message
+    assert (await daemon.job(running.id)).status == "canceled"
+
+
+async def test_pause_holds_a_kind_until_resume(autojump_clock, start_daemon):
+    from actors.scheduler import Pause, Resume
+    from daemon.mailbox import ReplySlot
+
+    daemon = await start_daemon(KINDS)
+    reply = ReplySlot()
+    await daemon.handle.scheduler.send(Pause(kind="noop", reply=reply))
+    assert await reply.wait() == {"paused": ["noop"], "all": False}
+    job = await daemon.submit("noop")
+    other = await daemon.submit("typed", {"n": 1})
+    await daemon.wait_done(other.id)
+    await trio.sleep(3600)
+    assert (await daemon.job(job.id)).status == "queued"
+    reply = ReplySlot()
+    await daemon.handle.scheduler.send(Resume(kind="noop", reply=reply))
+    await reply.wait()
+    assert (await daemon.wait_done(job.id)).status == "done"
+
+
+async def test_progress_and_checkpoint_reach_the_store(autojump_clock, start_daemon):
+    daemon = await start_daemon(KINDS)
+    job = await daemon.submit("stepper", {"steps": 4})
+    final = await daemon.wait_done(job.id)
+    assert final.progress == 1.0
+    assert final.message == "step 4/4"
+    assert final.checkpoint == {"done": 4}
+    progress = [e for e in await daemon.events(job.id) if e.type == "progress"]
+    assert [(e.at - EPOCH, e.data["fraction"]) for e in progress] == [
+        (1.0, 0.25),
+        (2.0, 0.5),
+        (3.0, 0.75),
+        (4.0, 1.0),
+    ]
+
+
+async def test_drain_lets_short_jobs_finish_and_interrupts_the_rest(autojump_clock, start_daemon):
+    daemon = await start_daemon(KINDS)
+    short = await daemon.submit("sleepy", {"seconds": 5})
+    long = await daemon.submit("hang")
+    await daemon.wait_status(long.id, {"running"})
+    started = trio.current_time()
+    await daemon.stop(grace=20)
+    # The daemon waited out the full grace for the hanging job, not a second more.
+    assert trio.current_time() - started == pytest.approx(20, abs=1e-6)
+    assert (await daemon.job(short.id)).status == "done"
+    interrupted = await daemon.job(long.id)
+    assert interrupted.status == "queued"
+    assert interrupted.reason == "INTERRUPTED"
+    assert interrupted.attempt == 0
+
+
+async def test_drain_returns_as_soon_as_jobs_finish(autojump_clock, start_daemon):
+    daemon = await start_daemon(KINDS)
+    job = await daemon.submit("sleepy", {"seconds": 5})
+    await daemon.wait_status(job.id, {"running"})
+    started = trio.current_time()
+    await daemon.stop(grace=30)
+    assert trio.current_time() - started == pytest.approx(5, abs=1e-6)
+    assert (await daemon.job(job.id)).status == "done"
+
+
+async def test_restart_recovers_running_jobs_and_resumes_checkpoint(
+    autojump_clock, start_daemon, tmp_path
+):
+    daemon = await start_daemon(KINDS)
+    job = await daemon.submit("stepper", {"steps": 4, "step_seconds": 10})
+    await trio.sleep(25)
+    # Simulate a crash: mark nothing finished, just reopen the same database.
+    await daemon.stop(grace=0)
+    interrupted = await daemon.job(job.id)
+    assert interrupted.status == "queued"
+    assert interrupted.checkpoint == {"done": 2}
+    again = await start_daemon(KINDS)
+    final = await again.wait_done(job.id)
+    assert final.result == {"steps": 4, "resumed_from": 2}
+    assert final.attempt == 1
