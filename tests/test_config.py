@@ -1,0 +1,80 @@
+"""Config decoding: every error names its key path."""
+
+from __future__ import annotations
+
+import pytest
+
+from daemon.config import ConfigError, check_handlers, load_config, load_config_text, parse_duration
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("500ms", 0.5), ("30s", 30), ("15m", 900), ("2h", 7200), ("7d", 604800), ("1h30m", 5400)],
+)
+def test_durations(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        (
+            '[kinds.storybook]\nhandler = "a:b"\ntimeout = "fast"',
+            'kinds.storybook.timeout: expected a duration like "15m", got "fast"',
+        ),
+        ('[kinds.s]\nhandler = "a:b"\nbogus = 1', "kinds.s.bogus: unknown key"),
+        ("[daemon]\nmax_concurrent_jobs = 0", "daemon.max_concurrent_jobs: Expected `int` >= 1"),
+        (
+            "[daemon]\nshutdown_grace = 30",
+            'daemon.shutdown_grace: expected a duration like "15m", got 30',
+        ),
+        ('[retry]\nbackoff = ["1s", "soon"]', "retry.backoff.1: expected a duration"),
+        ('[store]\nsynchronous = "SOMETIMES"', "store.synchronous: Invalid enum value 'SOMETIMES'"),
+        ("surprise = 1", "surprise: unknown key"),
+        ('[kinds.s]\ntimeout = "1m"', "kinds.s: set exactly one of handler or command"),
+        ('[kinds.s]\nhandler = "no-colon"', 'kinds.s.handler: expected "package.module:function"'),
+        ("[kinds.s]\ncommand = []", "kinds.s.command: needs at least the program"),
+        ("[kinds.s\n", "not valid TOML"),
+    ],
+    ids=[
+        "bad-duration",
+        "unknown-kind-key",
+        "zero-slots",
+        "number-as-duration",
+        "bad-backoff-entry",
+        "bad-synchronous",
+        "unknown-top-key",
+        "no-handler",
+        "handler-format",
+        "empty-command",
+        "broken-toml",
+    ],
+)
+def test_errors_name_the_key(toml, message):
+    with pytest.raises(ConfigError) as error:
+        load_config_text(toml)
+    assert message in str(error.value)
+
+
+def test_the_shipped_config_loads_and_its_handlers_import():
+    config = load_config("config.toml")
+    check_handlers(config)
+    assert config.daemon.max_concurrent_jobs == 2
+    assert config.retry.backoff == [0, 30, 120]
+    assert {"storybook", "shell"} <= set(config.kinds)
+
+
+def test_unimportable_handler_is_named():
+    config = load_config_text('[kinds.x]\nhandler = "no.such.module:run"')
+    with pytest.raises(ConfigError, match="kinds.x.handler: cannot import"):
+        check_handlers(config)
+
+
+def test_kind_retry_policy_overrides_defaults():
+    config = load_config_text(
+        '[kinds.a]\nhandler = "a:b"\nmax_attempts = 2\n[kinds.b]\nhandler = "a:b"\nbackoff = ["1s"]'
+    )
+    assert config.retry_policy("a").max_attempts == 2
+    assert config.retry_policy("a").backoff == [0, 30, 120]
+    assert config.retry_policy("b").backoff == [1]
+    assert config.retry_policy("b").max_attempts == 4

@@ -1,0 +1,160 @@
+"""The store: group commit, crash recovery, guarded transitions, schema versions."""
+
+from __future__ import annotations
+
+import sqlite3
+from functools import partial
+
+import msgspec
+import pytest
+import trio
+
+from daemon import jobs
+from daemon.hub import EventHub
+from daemon.protocol import ErrorBody
+from daemon.store import Store, StoreError
+
+
+async def insert(store: Store, n: int = 0, key: str | None = None):
+    job, _ = await store.write(
+        partial(
+            jobs.insert,
+            kind="k",
+            user="alice",
+            payload_json=f'{{"n": {n}}}',
+            priority=0,
+            idempotency_key=key,
+            max_attempts=4,
+            now=100.0,
+        )
+    )
+    return job
+
+
+async def test_concurrent_writes_share_commits_and_all_land(tmp_path):
+    async with Store.open(tmp_path / "jw.db", hub=EventHub()) as store:
+        async with trio.open_nursery() as nursery:
+            for n in range(500):
+                nursery.start_soon(insert, store, n)
+        assert store.writes == 500
+        # Writes that waited together committed together.
+        assert store.batches < 250
+    with sqlite3.connect(tmp_path / "jw.db") as conn:
+        assert conn.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 500
+        assert conn.execute("SELECT COUNT(*) FROM events").fetchone()[0] == 500
+
+
+async def test_a_failing_write_does_not_spoil_its_batch(tmp_path):
+    def broken(conn, events):
+        conn.execute("INSERT INTO no_such_table VALUES (1)")
+
+    async with Store.open(tmp_path / "jw.db", hub=EventHub()) as store:
+        results = {}
+
+        async def attempt(name, fn):
+            try:
+                results[name] = await store.write(fn)
+            except Exception as exc:
+                results[name] = exc
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(attempt, "good-1", partial(jobs.set_setting, key="a", value=1))
+            nursery.start_soon(attempt, "bad", broken)
+            nursery.start_soon(attempt, "good-2", partial(jobs.set_setting, key="b", value=2))
+        assert isinstance(results["bad"], sqlite3.OperationalError)
+        assert await store.read(partial(jobs.get_setting, key="a")) == 1
+        assert await store.read(partial(jobs.get_setting, key="b")) == 2
+
+
+async def test_events_are_published_only_after_commit_in_seq_order(tmp_path):
+    hub = EventHub()
+    async with Store.open(tmp_path / "jw.db", hub=hub) as store:
+        with hub.subscribe(buffer=100) as sub:
+            for n in range(5):
+                await insert(store, n)
+            seqs = [sub.events.receive_nowait().seq for _ in range(5)]
+    assert seqs == sorted(seqs)
+    assert len(set(seqs)) == 5
+
+
+async def test_idempotency_key_is_per_user(tmp_path):
+    async with Store.open(tmp_path / "jw.db", hub=EventHub()) as store:
+        first = await insert(store, 1, key="x")
+        again, existing = await store.write(
+            partial(
+                jobs.insert,
+                kind="k",
+                user="alice",
+                payload_json="{}",
+                priority=0,
+                idempotency_key="x",
+                max_attempts=4,
+                now=101.0,
+            )
+        )
+        assert existing and again.id == first.id
+
+
+async def test_guarded_transitions_refuse_the_wrong_status(tmp_path):
+    async with Store.open(tmp_path / "jw.db", hub=EventHub()) as store:
+        job = await insert(store)
+        # Not running yet: finishing it is refused, not applied.
+        assert await store.write(partial(jobs.finish, job_id=job.id, result=1, now=1.0)) is None
+        claimed = await store.write(partial(jobs.claim, capacity={"k": 1}, total=1, now=200.0))
+        assert [j.id for j in claimed.jobs] == [job.id]
+        done = await store.write(partial(jobs.finish, job_id=job.id, result=1, now=201.0))
+        assert done.status == "done"
+        assert await store.write(partial(jobs.finish, job_id=job.id, result=2, now=202.0)) is None
+        assert await store.write(partial(jobs.cancel, job_id=job.id, now=203.0)) is None
+        assert (await store.read(partial(jobs.get_job, job_id=job.id))).result == 1
+
+
+async def test_claim_honours_backoff_and_reports_the_next_deadline(tmp_path):
+    async with Store.open(tmp_path / "jw.db", hub=EventHub()) as store:
+        job = await insert(store)
+        await store.write(partial(jobs.claim, capacity={"k": 1}, total=1, now=100.0))
+        error = ErrorBody(code="X", message="x", retryable=True)
+        await store.write(
+            partial(jobs.retry_later, job_id=job.id, error=error, available_at=130.0, now=100.0)
+        )
+        early = await store.write(partial(jobs.claim, capacity={"k": 1}, total=1, now=129.0))
+        assert early.jobs == [] and early.next_available_at == 130.0
+        due = await store.write(partial(jobs.claim, capacity={"k": 1}, total=1, now=130.0))
+        assert [(j.id, j.attempt) for j in due.jobs] == [(job.id, 2)]
+
+
+@pytest.mark.parametrize("crashes", [1, 2, 3], ids=lambda n: f"{n}-crashes")
+async def test_recovery_requeues_until_the_crash_loop_limit(tmp_path, crashes):
+    async with Store.open(tmp_path / "jw.db", hub=EventHub()) as store:
+        job = await insert(store)
+        for crash in range(crashes):
+            started = 1000.0 * (crash + 1)
+            await store.write(partial(jobs.claim, capacity={"k": 1}, total=1, now=started))
+            counts = await store.write(
+                partial(jobs.recover_running, now=started + 1, crash_loop_after=3)
+            )
+        final = await store.read(partial(jobs.get_job, job_id=job.id))
+    if crashes < 3:
+        assert counts == {"recovered": 1, "crash_loop": 0}
+        assert (final.status, final.reason, final.attempt) == ("queued", "RECOVERED", crashes)
+    else:
+        assert counts == {"recovered": 0, "crash_loop": 1}
+        assert (final.status, final.error.code) == ("failed", "CRASH_LOOP")
+
+
+async def test_a_newer_schema_is_refused_with_a_clear_error(tmp_path):
+    path = tmp_path / "jw.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute("PRAGMA user_version = 99")
+    with pytest.raises(StoreError, match="newer than this jobwarden"):
+        async with Store.open(path, hub=EventHub()):
+            pass
+
+
+async def test_reopening_keeps_rows_and_schema(tmp_path):
+    path = tmp_path / "jw.db"
+    async with Store.open(path, hub=EventHub()) as store:
+        job = await insert(store)
+    async with Store.open(path, hub=EventHub(), synchronous="FULL") as store:
+        again = await store.read(partial(jobs.get_job, job_id=job.id))
+    assert msgspec.structs.asdict(again) == msgspec.structs.asdict(job)
