@@ -13,10 +13,11 @@ import trio
 from actors.admission import Submit
 from daemon import jobs
 from daemon.admin import Stop
-from daemon.config import Config, load_config_text
+from daemon.config import Config, load_config, load_config_text
 from daemon.mailbox import ReplySlot
 from daemon.protocol import TERMINAL_STATUSES, Event, JobView
 from daemon.supervisor import DaemonHandle, Supervisor
+from daemon.systemd import SystemdNotifier
 
 EPOCH = 1_800_000_000.0
 
@@ -101,9 +102,24 @@ class Daemon:
 def start_daemon(nursery: trio.Nursery, tmp_path: Path):
     """Start an in-process daemon for a config snippet; returns a `Daemon`."""
 
-    async def start(extra: str = "", *, max_concurrent_jobs: int = 2) -> Daemon:
-        config = make_config(tmp_path, extra, max_concurrent_jobs=max_concurrent_jobs)
-        supervisor = Supervisor(config, threaded_store=False, clock_epoch=EPOCH)
+    async def start(
+        extra: str = "",
+        *,
+        max_concurrent_jobs: int = 2,
+        config_path: Path | None = None,
+        notifier: SystemdNotifier | None = None,
+    ) -> Daemon:
+        if config_path is not None:
+            config = load_config(config_path)
+        else:
+            config = make_config(tmp_path, extra, max_concurrent_jobs=max_concurrent_jobs)
+        supervisor = Supervisor(
+            config,
+            config_path=config_path,
+            notifier=notifier,
+            threaded_store=False,
+            clock_epoch=EPOCH,
+        )
         done = trio.Event()
 
         async def run(task_status: trio.TaskStatus[DaemonHandle]) -> None:

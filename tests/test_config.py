@@ -66,7 +66,7 @@ def test_the_shipped_config_loads_and_its_handlers_import():
 
 def test_unimportable_handler_is_named():
     config = load_config_text('[kinds.x]\nhandler = "no.such.module:run"')
-    with pytest.raises(ConfigError, match="kinds.x.handler: cannot import"):
+    with pytest.raises(ConfigError, match=r"kinds\.x\.handler: cannot import"):
         check_handlers(config)
 
 
