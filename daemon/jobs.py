@@ -132,16 +132,22 @@ def _transition(
     job_id: int,
     *,
     expect: tuple[str, ...],
-    sets: dict[str, Any],
-    event: dict[str, Any],
+    status: str,
+    reason: str | None,
     now: float,
+    sets: dict[str, Any] | None = None,
+    detail: dict[str, Any] | None = None,
 ) -> JobView | None:
-    """Apply `sets` if the job is in one of the `expect` statuses; None if it is not."""
+    """Move a job to `status` if it is in one of the `expect` statuses; None if it is not.
+
+    The event carries the new status, the reason, the attempt and any `detail`.
+    """
+    columns = {"status": status, "reason": reason, **(sets or {})}
     assignments = ", ".join(
         f"{column} = {value}" if isinstance(value, SQL) else f"{column} = ?"
-        for column, value in sets.items()
+        for column, value in columns.items()
     )
-    values = [value for value in sets.values() if not isinstance(value, SQL)]
+    values = [value for value in columns.values() if not isinstance(value, SQL)]
     cursor = conn.execute(
         f"UPDATE jobs SET {assignments}, updated_at = ? "
         f"WHERE id = ? AND status IN ({placeholders(expect)})",
@@ -151,7 +157,10 @@ def _transition(
         return None
     job = fetch_job(conn, job_id)
     assert job is not None
-    add_event(conn, events, job, "status", now, {**event, "attempt": job.attempt})
+    data = {"status": status, "attempt": job.attempt, **(detail or {})}
+    if reason is not None:
+        data["reason"] = reason
+    add_event(conn, events, job, "status", now, data)
     return job
 
 
@@ -163,9 +172,11 @@ def finish(
         events,
         job_id,
         expect=("running",),
-        sets={"status": "done", "finished_at": now, "result": dump_json(result), "error": None},
-        event={"status": "done", "result": result},
+        status="done",
+        reason=None,
         now=now,
+        sets={"finished_at": now, "result": dump_json(result), "error": None},
+        detail={"result": result},
     )
 
 
@@ -183,14 +194,11 @@ def fail(
         events,
         job_id,
         expect=expect,
-        sets={
-            "status": "failed",
-            "finished_at": now,
-            "error": dump_json(error),
-            "reason": error.code,
-        },
-        event={"status": "failed", "error": msgspec.to_builtins(error), "reason": error.code},
+        status="failed",
+        reason=error.code,
         now=now,
+        sets={"finished_at": now, "error": dump_json(error)},
+        detail={"error": msgspec.to_builtins(error)},
     )
 
 
@@ -208,19 +216,11 @@ def retry_later(
         events,
         job_id,
         expect=("running",),
-        sets={
-            "status": "queued",
-            "available_at": available_at,
-            "error": dump_json(error),
-            "reason": "RETRY",
-        },
-        event={
-            "status": "queued",
-            "reason": "RETRY",
-            "available_at": available_at,
-            "error": msgspec.to_builtins(error),
-        },
+        status="queued",
+        reason="RETRY",
         now=now,
+        sets={"available_at": available_at, "error": dump_json(error)},
+        detail={"available_at": available_at, "error": msgspec.to_builtins(error)},
     )
 
 
@@ -237,9 +237,10 @@ def cancel(
         events,
         job_id,
         expect=expect,
-        sets={"status": "canceled", "finished_at": now, "reason": "CANCELED"},
-        event={"status": "canceled", "reason": "CANCELED"},
+        status="canceled",
+        reason="CANCELED",
         now=now,
+        sets={"finished_at": now},
     )
 
 
@@ -252,14 +253,10 @@ def requeue_interrupted(
         events,
         job_id,
         expect=("running",),
-        sets={
-            "status": "queued",
-            "available_at": now,
-            "reason": "INTERRUPTED",
-            "attempt": SQL("attempt - 1"),
-        },
-        event={"status": "queued", "reason": "INTERRUPTED"},
+        status="queued",
+        reason="INTERRUPTED",
         now=now,
+        sets={"available_at": now, "attempt": SQL("attempt - 1")},
     )
 
 
@@ -272,18 +269,17 @@ def requeue_manual(
         events,
         job_id,
         expect=("failed", "canceled"),
+        status="queued",
+        reason="MANUAL_RETRY",
+        now=now,
         sets={
-            "status": "queued",
             "available_at": now,
-            "reason": "MANUAL_RETRY",
             "attempt": 0,
             "recoveries": 0,
             "max_attempts": max_attempts,
             "finished_at": None,
             "error": None,
         },
-        event={"status": "queued", "reason": "MANUAL_RETRY", "attempt": 0},
-        now=now,
     )
 
 
