@@ -120,7 +120,10 @@ class Pool:
     def _start(self, job: JobView, nursery: trio.Nursery) -> None:
         entry = _Running(job)
         self._running[job.id] = entry
-        self._idle = trio.Event()
+        if self._idle.is_set():
+            # A fresh event only when the pool was idle: a drain waiting on the current one
+            # must still be woken when the last running job ends.
+            self._idle = trio.Event()
         waiting = self._cancel_on_arrival.pop(job.id, None)
         if waiting is not None:
             entry.stop_reason = "canceled"
