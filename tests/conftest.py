@@ -80,7 +80,9 @@ class Daemon:
         return job
 
     async def events(self, job_id: int) -> list[Event]:
-        return await self.handle.store.read(partial(jobs.events_since, since=0, job=job_id))
+        return await self.handle.store.read(
+            partial(jobs.events_since, since=0, job=job_id, limit=1_000_000)
+        )
 
     async def wait_status(self, job_id: int, statuses: set[str] | frozenset[str]) -> JobView:
         with self.handle.hub.subscribe(job=job_id, buffer=10_000) as sub:
