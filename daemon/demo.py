@@ -36,6 +36,8 @@ class StorybookOptions(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     llm: ServiceSim = ServiceSim(latency=Duration(2))
     image: ServiceSim = ServiceSim(latency=Duration(6))
     storage: ServiceSim = ServiceSim(latency=Duration(0.5))
+    # Fixes the simulated latencies and failures per job and attempt, for repeatable runs.
+    seed: int | None = None
 
 
 LLM_STEPS = ("moderation", "story", "character", "prompts")
@@ -53,7 +55,9 @@ async def simulated_call(name: str, sim: ServiceSim, rng: random.Random) -> None
 
 async def storybook(ctx: JobContext, request: StoryRequest) -> dict:
     options = msgspec.convert(ctx.options, StorybookOptions, dec_hook=decode_hook)
-    rng = random.Random()
+    rng = random.Random(
+        None if options.seed is None else f"{options.seed}:{ctx.job_id}:{ctx.attempt}"
+    )
     state = dict(ctx.checkpoint or {"llm_done": 0, "images_done": 0})
     images_total = request.pages + 1
     steps_total = len(LLM_STEPS) + images_total + 1
