@@ -121,10 +121,16 @@ class _Connection:
     def __init__(self, stream: trio.SocketStream) -> None:
         self.stream = stream
         self._send_lock = trio.Lock()
+        # Everything this connection runs; canceled when the peer goes away.
+        self.scope = trio.CancelScope()
 
     async def send(self, message: Any) -> None:
-        async with self._send_lock:
-            await self.stream.send_all(encode_line(message))
+        try:
+            async with self._send_lock:
+                await self.stream.send_all(encode_line(message))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            # The client hung up: whatever else it had in flight has no one to answer to.
+            self.scope.cancel()
 
 
 class AdminServer:
@@ -204,11 +210,15 @@ class AdminServer:
                 return
             self._connections += 1
             try:
-                await self._converse(connection)
+                with connection.scope:
+                    await self._converse(connection)
             finally:
                 self._connections -= 1
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+        except* (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
+        except* Exception:
+            # One connection's trouble must never take the daemon down.
+            log.exception("admin connection failed")
         finally:
             await stream.aclose()
 

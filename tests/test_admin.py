@@ -95,3 +95,22 @@ async def test_requests_on_one_connection_answer_by_id(start_daemon):
 )
 def test_peer_rules(uid, gid, group_gid, allowed):
     assert peer_allowed(uid, gid, daemon_uid=os.getuid(), group_gid=group_gid) is allowed
+
+
+async def test_a_client_that_hangs_up_mid_replies_does_not_hurt_the_daemon(start_daemon):
+    daemon = await start_daemon(KINDS)
+    socket_path = daemon.handle.store.path.replace("jw.db", "admin.sock")
+    with trio.fail_after(20):
+        for _ in range(3):
+            stream = await trio.open_unix_socket(socket_path)
+            submit = {"cmd": "submit", "args": {"kind": "stepper", "payload": {"steps": 0}}}
+            # Far more replies than the socket buffers, never read: the daemon's sends fail.
+            with trio.move_on_after(0.5):
+                await request_lines(stream, *[{"id": n, **submit} for n in range(3000)])
+            await stream.aclose()
+        stream = await trio.open_unix_socket(socket_path)
+        async with stream:
+            await request_lines(stream, {"id": "still-there", "cmd": "ping"})
+            async for message in read_lines(stream):
+                assert message["id"] == "still-there" and message["ok"] is True
+                break
