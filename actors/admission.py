@@ -79,6 +79,8 @@ def check_submit(config: Config, msg: Submit, *, draining: bool) -> str:
         validate_payload(kind, msg.payload)
     except ValueError as exc:
         raise RequestError("INVALID_REQUEST", str(exc)) from None
+    if not 0 < len(msg.user) <= 64 or not msg.user.isprintable():
+        raise RequestError("INVALID_REQUEST", "user must be 1 to 64 printable characters")
     if msg.idempotency_key is not None and not 0 < len(msg.idempotency_key) <= 200:
         raise RequestError("INVALID_REQUEST", "idempotency_key must be 1 to 200 characters")
     if msg.priority is not None and not -100 <= msg.priority <= 100:

@@ -27,6 +27,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 READY_EVENT = "jobwarden ready"
 READY_TIMEOUT = 20.0
 STOP_TIMEOUT = 10.0
+LOG_TAIL_LINES = 60
 
 DEFAULT_CONFIG: dict[str, Any] = {
     "daemon": {"max_concurrent_jobs": 4, "shutdown_grace": "5s"},
@@ -132,7 +133,7 @@ class DaemonProcess:
             threading.Thread(target=self._collect_stderr, args=(self.process,), daemon=True)
         ]
         self._threads[0].start()
-        leftover = self._read_until_ready(self.process, time.monotonic() + timeout)
+        leftover = self._read_until_ready(self.process, timeout)
         collector = threading.Thread(
             target=self._collect_stdout, args=(self.process, leftover), daemon=True
         )
@@ -227,9 +228,10 @@ class DaemonProcess:
             self._log_changed.notify_all()
         return line
 
-    def _read_until_ready(self, process: subprocess.Popen[bytes], deadline: float) -> bytes:
+    def _read_until_ready(self, process: subprocess.Popen[bytes], timeout: float) -> bytes:
         """Read stdout lines with select until the ready line; returns bytes read past it."""
         assert process.stdout is not None
+        deadline = time.monotonic() + timeout
         fd = process.stdout.fileno()
         buffer = b""
         while True:
@@ -237,7 +239,7 @@ class DaemonProcess:
             if remaining <= 0:
                 process.kill()
                 process.wait()
-                raise DaemonStartError(f"not ready within {READY_TIMEOUT:g}s:\n{self.output()}")
+                raise DaemonStartError(f"not ready within {timeout:g}s:\n{self.output()}")
             readable, _, _ = select.select([fd], [], [], remaining)
             if not readable:
                 continue
@@ -296,6 +298,12 @@ class DaemonFactory:
     def close(self) -> None:
         for daemon in self._daemons:
             daemon.close()
+            # pytest shows a test's captured output only when it fails: then this log tail
+            # tells what the daemon was doing.
+            tail = daemon.output().splitlines()[-LOG_TAIL_LINES:]
+            print(
+                f"--- {daemon.directory} (started {daemon.starts}x), log tail ---", *tail, sep="\n"
+            )
 
     def __enter__(self) -> DaemonFactory:
         return self

@@ -142,6 +142,24 @@ async def test_unknown_kind_and_oversized_payload_are_refused(autojump_clock, st
     assert refused.value.body.code == "PAYLOAD_TOO_LARGE"
 
 
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        ({"user": ""}, "user"),
+        ({"user": "x" * 65}, "user"),
+        ({"idempotency_key": ""}, "idempotency_key"),
+        ({"priority": 1000}, "priority"),
+    ],
+    ids=["empty-user", "long-user", "empty-key", "priority-out-of-range"],
+)
+async def test_bad_submit_options_are_named(autojump_clock, start_daemon, options, named):
+    daemon = await start_daemon(KINDS)
+    with pytest.raises(RequestError) as refused:
+        await daemon.submit("noop", {}, **options)
+    assert refused.value.body.code == "INVALID_REQUEST"
+    assert named in refused.value.body.message
+
+
 async def test_idempotency_key_returns_the_same_job(autojump_clock, start_daemon):
     daemon = await start_daemon(KINDS)
     first = await daemon.submit("noop", {"a": 1}, idempotency_key="book-42")
