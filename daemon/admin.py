@@ -229,13 +229,17 @@ class AdminServer:
             buffer = bytearray()
             async for chunk in connection.stream:
                 buffer += chunk
+                oversized = False
                 while (end := buffer.find(b"\n")) >= 0:
+                    if end > limit:
+                        oversized = True
+                        break
                     line = bytes(buffer[:end])
                     del buffer[: end + 1]
                     if line.strip():
                         await in_flight.acquire()
                         nursery.start_soon(self._handle_line, connection, line, in_flight)
-                if len(buffer) > limit:
+                if oversized or len(buffer) > limit:
                     await connection.send(
                         Reply(
                             id=None,

@@ -140,6 +140,8 @@ def _data_of(message: dict[str, Any]) -> Any:
     if not reply.ok:
         raise AdminError(
             reply.error
-            or ErrorBody(code="INTERNAL", message="the daemon refused without saying why")
+            or ErrorBody(
+                code="INTERNAL", message="the daemon refused without saying why", retryable=False
+            )
         )
     return reply.data

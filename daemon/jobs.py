@@ -13,6 +13,7 @@ from typing import Any
 
 import msgspec
 
+from daemon.errors import new_error_id
 from daemon.protocol import ErrorBody, Event, JobView
 from daemon.store import (
     JOB_COLUMNS,
@@ -334,6 +335,7 @@ def recover_running(
                 code="CRASH_LOOP",
                 message=f"the daemon stopped {recoveries} times while this job was running",
                 retryable=False,
+                error_id=new_error_id(),
             )
             conn.execute(
                 "UPDATE jobs SET status = 'failed', recoveries = ?, finished_at = ?,"

@@ -21,7 +21,8 @@ class ErrorBody(msgspec.Struct, omit_defaults=True):
 
     code: str
     message: str
-    retryable: bool = False
+    # No default, so it is never omitted: a client must always be told whether to retry.
+    retryable: bool
     error_id: str = ""
     retry_after: float | None = None
     technical_message: str | None = None

@@ -32,9 +32,6 @@ from daemon.protocol import TERMINAL_STATUSES
 from tests.process import DaemonFactory, DaemonProcess, daemon_factory, run_jobwarden
 
 ERROR_SHAPE = {"code", "message", "retryable", "error_id"}
-# What every error reply carries today; see test_every_error_reply_says_whether_it_is_retryable
-# for `retryable`, which the daemon leaves out when it is false.
-ERROR_SHAPE_SENT = ERROR_SHAPE - {"retryable"}
 # Far longer than any healthy run needs: only a hung or broken daemon ever reaches it.
 GENEROUS_DEADLINE = 60.0
 
@@ -501,7 +498,7 @@ def test_peer_credentials_refuse_other_users_even_on_a_loosened_socket(
     assert isinstance(reply, dict), reply
     assert reply["ok"] is False
     assert reply["error"]["code"] == "FORBIDDEN"
-    assert set(reply["error"]) >= ERROR_SHAPE_SENT
+    assert set(reply["error"]) >= ERROR_SHAPE
     daemon.wait_for_log(
         lambda line: line.get("event") == "admin connection refused" and line["uid"] == NOBODY
     )
@@ -575,12 +572,6 @@ GARBAGE_CASES = [
         [str(MAX_LINE_BYTES)],
         True,
         id="oversized-complete-line",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="daemon bug: admin.py _converse checks max_line_bytes only against the"
-            " unfinished rest of its buffer, so a too-long line that arrives whole in one read"
-            " (up to 64 KiB) is executed instead of refused",
-        ),
     ),
     pytest.param(random_binary_line(1), "INVALID_REQUEST", [], False, id="binary-bytes"),
 ]
@@ -596,8 +587,8 @@ def test_garbage_gets_an_error_reply_and_the_daemon_keeps_serving(
         assert reply is not None, "the daemon hung up without an error reply"
         assert reply["ok"] is False, reply
         error = reply["error"]
-        assert set(error) >= ERROR_SHAPE_SENT, reply
-        assert (error["code"], error.get("retryable", False)) == (code, False)
+        assert set(error) >= ERROR_SHAPE, reply
+        assert (error["code"], error["retryable"]) == (code, False)
         assert error["error_id"]
         for word in words:
             assert word in error["message"]
@@ -610,11 +601,6 @@ def test_garbage_gets_an_error_reply_and_the_daemon_keeps_serving(
     assert ping(garbage_daemon)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="daemon bug: protocol.ErrorBody is omit_defaults=True, so `retryable: false`"
-    " is left out of every non-retryable error reply",
-)
 def test_every_error_reply_says_whether_it_is_retryable(garbage_daemon):
     with Connection(garbage_daemon.socket_path) as connection:
         reply = connection.request("frobnicate")
