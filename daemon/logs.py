@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+from datetime import UTC, datetime
 from typing import Any
 
 import structlog
@@ -25,7 +26,9 @@ def _timestamp(logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any
     if _clock is not None:
         # Outside trio.run there is no clock to read; the line goes out unstamped.
         with contextlib.suppress(RuntimeError):
-            event["ts"] = round(_clock.now(), 3)
+            event["ts"] = datetime.fromtimestamp(_clock.now(), UTC).isoformat(
+                timespec="milliseconds"
+            )
     return event
 
 

@@ -22,6 +22,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -373,7 +374,7 @@ def test_sigterm_finishes_short_jobs_and_requeues_long_ones_unspent(daemons):
     with open_database(daemon) as database:
         short, long = job_row(database, short_job), job_row(database, long_job)
     assert short["status"] == "done"
-    signal_at = daemon.logs("signal received")[-1]["ts"]
+    signal_at = datetime.fromisoformat(daemon.logs("signal received")[-1]["ts"]).timestamp()
     assert short["finished_at"] > signal_at, "the short job ended before the drain began"
     assert daemon.logs("drained")[-1]["interrupted"] == 1
     assert errors_logged(daemon) == []
