@@ -22,6 +22,7 @@ from daemon.config import Config
 from daemon.errors import RequestError
 from daemon.handlers import validate_payload
 from daemon.mailbox import ReplySlot
+from daemon.metrics import Metrics
 from daemon.protocol import JobView
 from daemon.store import Store
 
@@ -97,15 +98,15 @@ class Admission:
         clock: WallClock,
         inbox: trio.MemoryReceiveChannel[AdmissionMessage],
         scheduler: trio.MemorySendChannel[Any],
+        metrics: Metrics,
     ) -> None:
         self._config = config
         self._store = store
         self._clock = clock
         self._inbox = inbox
         self._scheduler = scheduler
+        self._metrics = metrics
         self._draining = False
-        self.accepted = 0
-        self.rejected: dict[str, int] = {}
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with self._inbox, self._scheduler, trio.open_nursery() as nursery:
@@ -126,7 +127,7 @@ class Admission:
         try:
             payload_json = check_submit(self._config, msg, draining=self._draining)
         except RequestError as exc:
-            self.rejected[exc.body.code] = self.rejected.get(exc.body.code, 0) + 1
+            self._metrics.rejected.labels(exc.body.code).inc()
             log.info("submit rejected", code=exc.body.code, kind=msg.kind, user=msg.user)
             msg.reply.fail(exc)
             return
@@ -153,7 +154,6 @@ class Admission:
             return
         msg.reply.set((job, existing))
         if not existing:
-            self.accepted += 1
             await self._scheduler.send(JobQueued(kind=job.kind))
 
     async def _requeue(self, msg: Requeue) -> None:

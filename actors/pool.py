@@ -28,6 +28,7 @@ from daemon.config import Config, RetryPolicy
 from daemon.errors import RequestError, error_body
 from daemon.handlers import Fail, JobContext, Retry, run_command, run_python
 from daemon.mailbox import ReplySlot
+from daemon.metrics import Metrics
 from daemon.protocol import ErrorBody, JobView
 from daemon.store import Store
 
@@ -49,11 +50,28 @@ class Drain(msgspec.Struct):
     reply: ReplySlot[int]
 
 
+class Recover(msgspec.Struct):
+    """The monitor's verdict on a running job: stop it and record `error`.
+
+    retry=True follows the kind's retry policy (requeue with backoff while attempts remain,
+    else fail with `error`); retry=False fails it now. The reply says what became of it.
+    """
+
+    job_id: int
+    error: ErrorBody
+    retry: bool
+    reply: ReplySlot[JobView | None]
+
+
+class Statistics(msgspec.Struct):
+    reply: ReplySlot[dict[str, Any]]
+
+
 class Reconfigure(msgspec.Struct):
     config: Config
 
 
-PoolMessage = RunJob | CancelJob | Drain | Reconfigure
+PoolMessage = RunJob | CancelJob | Recover | Statistics | Drain | Reconfigure
 
 
 def retry_delay(policy: RetryPolicy, attempt: int, rng: random.Random) -> float | None:
@@ -66,14 +84,32 @@ def retry_delay(policy: RetryPolicy, attempt: int, rng: random.Random) -> float 
     return max(0.0, base * (1 + rng.uniform(-policy.jitter, policy.jitter)))
 
 
+Outcome = tuple[str, Any]
+CANCELED: Outcome = ("canceled", None)
+INTERRUPTED: Outcome = ("interrupted", None)
+
+
+def _recorded_outcome(intended: str, final: JobView | None) -> str:
+    if intended == "retry" and final is not None and final.status == "failed":
+        return "failed"
+    return intended
+
+
 class _Running:
-    __slots__ = ("job", "scope", "stop_reason")
+    __slots__ = ("job", "recovery_replies", "scope", "stop_outcome")
 
     def __init__(self, job: JobView) -> None:
         self.job = job
         self.scope = trio.CancelScope()
-        # Why the scope was canceled: "canceled" by a request, "interrupted" by shutdown.
-        self.stop_reason: str | None = None
+        # Why the scope was canceled, as the outcome to record: a cancel request, a shutdown,
+        # or the monitor's verdict.
+        self.stop_outcome: Outcome | None = None
+        self.recovery_replies: list[ReplySlot[JobView | None]] = []
+
+    def stop(self, outcome: Outcome) -> None:
+        if self.stop_outcome is None:
+            self.stop_outcome = outcome
+        self.scope.cancel()
 
 
 class Pool:
@@ -85,6 +121,7 @@ class Pool:
         clock: WallClock,
         inbox: trio.MemoryReceiveChannel[PoolMessage],
         scheduler: trio.MemorySendChannel[Any],
+        metrics: Metrics,
         rng: random.Random | None = None,
     ) -> None:
         self._config = config
@@ -92,6 +129,7 @@ class Pool:
         self._clock = clock
         self._inbox = inbox
         self._scheduler = scheduler
+        self._metrics = metrics
         self._rng = rng or random.Random()
         self._running: dict[int, _Running] = {}
         # Cancels for jobs the scheduler claimed that have not reached the pool yet.
@@ -109,6 +147,10 @@ class Pool:
                         self._start(job, nursery)
                     case CancelJob():
                         nursery.start_soon(self._cancel, msg)
+                    case Recover():
+                        nursery.start_soon(self._recover, msg)
+                    case Statistics(reply=reply):
+                        reply.set(self.statistics())
                     case Drain(grace=grace, reply=reply):
                         nursery.start_soon(self._drain, grace, reply)
                     case Reconfigure(config=config):
@@ -126,15 +168,13 @@ class Pool:
             self._idle = trio.Event()
         waiting = self._cancel_on_arrival.pop(job.id, None)
         if waiting is not None:
-            entry.stop_reason = "canceled"
-            entry.scope.cancel()
+            entry.stop(CANCELED)
         nursery.start_soon(self._run_job, entry, waiting or [])
 
     async def _cancel(self, msg: CancelJob) -> None:
         entry = self._running.get(msg.job_id)
         if entry is not None:
-            entry.stop_reason = "canceled"
-            entry.scope.cancel()
+            entry.stop(CANCELED)
             self._cancel_on_arrival.setdefault(msg.job_id, []).append(msg.reply)
             return
         job = await self._store.write(
@@ -159,13 +199,27 @@ class Pool:
                 )
             )
 
+    async def _recover(self, msg: Recover) -> None:
+        outcome: Outcome = ("retry" if msg.retry else "failed", msg.error)
+        entry = self._running.get(msg.job_id)
+        if entry is not None:
+            entry.recovery_replies.append(msg.reply)
+            entry.stop(outcome)
+            return
+        # Not running here (finished meanwhile, or a row a crash left behind): record the
+        # verdict on the row only if it still says running.
+        current = await self._store.read(partial(jobs.get_job, job_id=msg.job_id))
+        if current is None or current.status != "running":
+            msg.reply.set(current)
+            return
+        msg.reply.set(await self._record(current, outcome))
+
     async def _drain(self, grace: float, reply: ReplySlot[int]) -> None:
         with trio.move_on_after(grace):
             await self._idle.wait()
         interrupted = 0
         for entry in list(self._running.values()):
-            entry.stop_reason = "interrupted"
-            entry.scope.cancel()
+            entry.stop(INTERRUPTED)
             interrupted += 1
         await self._idle.wait()
         reply.set(interrupted)
@@ -194,20 +248,25 @@ class Pool:
                 reply.set(final)
             else:
                 reply.fail(RequestError("INVALID_REQUEST", f"job {job.id} finished first"))
-        name = outcome[0]
+        for recovery in entry.recovery_replies:
+            recovery.set(final)
+        # The outcome the store recorded: a "retry" past the last attempt is a failure.
+        name = _recorded_outcome(outcome[0], final)
+        duration = trio.current_time() - started
         self.outcomes[name] = self.outcomes.get(name, 0) + 1
+        self._metrics.job_finished(job.kind, name, duration)
         log.info(
             "job finished",
             user=job.user,
             attempt=job.attempt,
             max_attempts=job.max_attempts,
-            duration=round(trio.current_time() - started, 3),
+            duration=round(duration, 3),
             outcome=name,
             code=outcome[1].code if isinstance(outcome[1], ErrorBody) else None,
         )
         await self._scheduler.send(JobFinished(kind=job.kind))
 
-    async def _execute(self, entry: _Running) -> tuple[str, Any]:
+    async def _execute(self, entry: _Running) -> Outcome:
         job = entry.job
         kind = self._config.kinds.get(job.kind)
         if kind is None:
@@ -225,6 +284,7 @@ class Pool:
             options=kind.options,
             report_progress=partial(self._progress, job.id),
             store_checkpoint=partial(self._checkpoint, job.id),
+            store_heartbeat=partial(self._heartbeat, job.id),
         )
         try:
             with entry.scope:
@@ -245,9 +305,9 @@ class Pool:
                 retryable=True,
                 technical_message="".join(traceback.format_exception(exc)[-3:]),
             )
-        return entry.stop_reason or "canceled", None
+        return entry.stop_outcome or CANCELED
 
-    async def _record(self, job: JobView, outcome: tuple[str, Any]) -> JobView | None:
+    async def _record(self, job: JobView, outcome: Outcome) -> JobView | None:
         name, detail = outcome
         now = self._clock.now()
         match name:
@@ -292,6 +352,9 @@ class Pool:
                 now=self._clock.now(),
             )
         )
+
+    async def _heartbeat(self, job_id: int) -> None:
+        await self._store.write(partial(jobs.heartbeat, job_id=job_id, now=self._clock.now()))
 
     async def _checkpoint(self, job_id: int, state: Any) -> None:
         await self._store.write(

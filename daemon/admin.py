@@ -26,14 +26,16 @@ import structlog
 import trio
 
 from actors.admission import Requeue, Submit
+from actors.monitor import HealthQuery, RunRules
 from actors.pool import CancelJob
 from actors.scheduler import Pause, Resume, Snapshot
 from daemon import __version__, jobs
 from daemon.clock import WallClock
 from daemon.config import Config, ConfigError, name_path
-from daemon.errors import RequestError, error_body
+from daemon.errors import RequestError, StartupError, error_body
 from daemon.hub import EventHub
 from daemon.mailbox import ReplySlot
+from daemon.metrics import Metrics
 from daemon.protocol import (
     COMMAND_ARGS,
     EventLine,
@@ -41,6 +43,7 @@ from daemon.protocol import (
     JobsArgs,
     KindArgs,
     Reply,
+    StuckArgs,
     SubmitArgs,
     WatchArgs,
     encode_line,
@@ -111,7 +114,7 @@ async def _remove_stale_socket(path: Path) -> None:
         if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT, errno.ENOTSOCK):
             raise
     else:
-        raise RuntimeError(f"another jobwarden is serving {path}")
+        raise StartupError(f"another jobwarden is serving {path}")
     finally:
         probe.close()
     path.unlink(missing_ok=True)
@@ -144,8 +147,9 @@ class AdminServer:
         admission: trio.MemorySendChannel[Any],
         scheduler: trio.MemorySendChannel[Any],
         pool: trio.MemorySendChannel[Any],
+        monitor: trio.MemorySendChannel[Any],
         supervisor: trio.MemorySendChannel[Any],
-        daemon_status: Callable[[], dict[str, Any]],
+        metrics: Metrics,
     ) -> None:
         self._config = config
         self._store = store
@@ -154,8 +158,9 @@ class AdminServer:
         self._admission = admission
         self._scheduler = scheduler
         self._pool = pool
+        self._monitor = monitor
         self._supervisor = supervisor
-        self._daemon_status = daemon_status
+        self._metrics = metrics
         self._group_gid: int | None = None
         self._connections = 0
         self._commands: dict[str, Callable[[Any], Awaitable[Any]]] = {
@@ -170,6 +175,7 @@ class AdminServer:
             "drain": self._drain,
             "shutdown": self._shutdown,
             "status": self._status,
+            "stuck": self._stuck,
         }
 
     def reconfigure(self, config: Config) -> None:
@@ -278,7 +284,9 @@ class AdminServer:
                 if request.cmd == "watch":
                     await self._watch(connection, request_id, args)
                     return
+                started = trio.current_time()
                 data = await self._commands[request.cmd](args)
+                self._observe(request.cmd, trio.current_time() - started)
                 reply = Reply(id=request_id, ok=True, data=data)
             except msgspec.DecodeError as exc:
                 reply = Reply(
@@ -301,6 +309,14 @@ class AdminServer:
             await connection.send(reply)
         finally:
             in_flight.release()
+
+    def _observe(self, cmd: str, seconds: float) -> None:
+        self._metrics.request_duration.labels("admin", cmd).observe(seconds)
+        monitor = self._config.monitor
+        if seconds >= monitor.very_slow_request:
+            log.warning("very slow request", cmd=cmd, duration=round(seconds, 3))
+        elif seconds >= monitor.slow_request:
+            log.info("slow request", cmd=cmd, duration=round(seconds, 3))
 
     # -- commands ---------------------------------------------------------------------------
 
@@ -373,15 +389,14 @@ class AdminServer:
         return {"stopping": True}
 
     async def _status(self, args: Any) -> dict[str, Any]:
-        counts = await self._store.read(jobs.counts_by_status)
-        queued = await self._store.read(jobs.queued_by_kind)
-        snapshot = await self._scheduler_snapshot()
-        return {
-            **self._daemon_status(),
-            "jobs": {status: counts.get(status, 0) for status in jobs.STATUSES},
-            "queued_by_kind": queued,
-            **snapshot,
-        }
+        reply: ReplySlot[dict[str, Any]] = ReplySlot()
+        await self._monitor.send(HealthQuery(reply=reply))
+        return await reply.wait()
+
+    async def _stuck(self, args: StuckArgs) -> dict[str, Any]:
+        reply: ReplySlot[list[dict[str, Any]]] = ReplySlot()
+        await self._monitor.send(RunRules(dry_run=args.dry_run, reply=reply))
+        return {"dry_run": args.dry_run, "findings": await reply.wait()}
 
     async def _scheduler_snapshot(self) -> dict[str, Any]:
         reply: ReplySlot[dict[str, Any]] = ReplySlot()

@@ -8,6 +8,7 @@ that silently ignores a misspelt threshold runs with a limit nobody chose.
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import re
 import tomllib
@@ -24,7 +25,8 @@ class ConfigError(Exception):
 
 
 class Duration(float):
-    """Seconds, written in config as "500ms", "30s", "15m", "2h", "7d" or "1h30m"."""
+    """Seconds, written in config as "500ms", "30s", "15m", "2h", "7d" or "1h30m";
+    "off" means never (infinity), for a rule or timeout that should not apply."""
 
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
@@ -32,6 +34,8 @@ _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
 def parse_duration(text: object) -> Duration:
+    if text == "off":
+        return Duration(math.inf)
     if isinstance(text, str) and text and _DURATION_PART.sub("", text.strip()) == "":
         parts = _DURATION_PART.findall(text.strip())
         return Duration(sum(float(n) * _UNIT_SECONDS[u] for n, u in parts))
@@ -39,6 +43,8 @@ def parse_duration(text: object) -> Duration:
 
 
 def format_duration(seconds: float) -> str:
+    if math.isinf(seconds):
+        return "off"
     for unit in ("d", "h", "m", "s"):
         size = _UNIT_SECONDS[unit]
         if seconds >= size and seconds % size == 0:
@@ -116,7 +122,42 @@ class KindSection(Section):
     jitter: Fraction | None = None
     # Lines of stderr kept as a failed command's message.
     stderr_tail_lines: PositiveInt = 20
+    # Monitor rules for this kind; unset: the [monitor] defaults. sla unset: no SLA.
+    stuck_after: Duration | None = None
+    stall_after: Duration | None = None
+    queued_timeout: Duration | None = None
+    sla: Duration | None = None
     options: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class MonitorSection(Section):
+    interval: Duration = Duration(30)
+    # Rule 1: running with no heartbeat (progress, checkpoint, ctx call) for this long.
+    stuck_after: Duration = Duration(900)
+    # Rule 2: running, has reported progress, and it has not changed for this long.
+    stall_after: Duration = Duration(300)
+    # Rule 4: eligible to run (not in backoff, kind not paused) but not started for this long.
+    queued_timeout: Duration = Duration(1800)
+    retain_finished: Duration = Duration(7 * 86400)
+    prune_batch: PositiveInt = 500
+    # Alerts (seed 001 §7): failure rate over a window, and too many stuck jobs at once.
+    failure_rate_alert: Fraction = 0.05
+    failure_window: Duration = Duration(900)
+    failure_min_jobs: PositiveInt = 20
+    stuck_alert: PositiveInt = 10
+    # Run with each alert as JSON on stdin (wire it to Slack or PagerDuty); [] = log only.
+    alert_command: list[str] = msgspec.field(default_factory=list)
+    alert_timeout: Duration = Duration(10)
+    # The same alert is not sent again within this time.
+    alert_repeat: Duration = Duration(900)
+    # Requests slower than these are logged (seed 004).
+    slow_request: Duration = Duration(1)
+    very_slow_request: Duration = Duration(5)
+
+
+class HttpSection(Section):
+    # "host:port" for /healthz, /readyz, /health and /metrics; "" turns the listener off.
+    listen: str = "127.0.0.1:8766"
 
 
 class RetryPolicy(msgspec.Struct, frozen=True):
@@ -132,12 +173,22 @@ class Config(Section):
     admission: AdmissionSection = msgspec.field(default_factory=AdmissionSection)
     log: LogSection = msgspec.field(default_factory=LogSection)
     retry: RetrySection = msgspec.field(default_factory=RetrySection)
+    monitor: MonitorSection = msgspec.field(default_factory=MonitorSection)
+    http: HttpSection = msgspec.field(default_factory=HttpSection)
     kinds: dict[str, KindSection] = msgspec.field(default_factory=dict)
     # Where relative paths resolve: the config file's directory.
     base_dir: str = "."
 
     def path(self, relative: str) -> Path:
         return Path(self.base_dir, relative).resolve()
+
+    def rule(self, kind: str, name: str) -> float:
+        """A monitor threshold for a kind: its own, else the [monitor] default (sla: off)."""
+        spec = self.kinds.get(kind)
+        own = getattr(spec, name) if spec is not None else None
+        if own is not None:
+            return own
+        return getattr(self.monitor, name) if name != "sla" else math.inf
 
     def retry_policy(self, kind: str) -> RetryPolicy:
         spec = self.kinds[kind]
@@ -183,6 +234,11 @@ def _check_kind(name: str, kind: KindSection) -> None:
         raise ConfigError(f"{where}.command: needs at least the program to run")
 
 
+def _check_http(listen: str) -> None:
+    if listen and not re.fullmatch(r"[\w.\-]+:\d{1,5}|\[[0-9a-fA-F:]+\]:\d{1,5}", listen):
+        raise ConfigError(f'http.listen: expected "host:port" or "", got "{listen}"')
+
+
 def load_config_text(text: str, *, base_dir: str | os.PathLike[str] = ".") -> Config:
     try:
         raw = tomllib.loads(text)
@@ -198,6 +254,7 @@ def load_config_text(text: str, *, base_dir: str | os.PathLike[str] = ".") -> Co
     if "base_dir" in raw:
         raise ConfigError("base_dir: unknown key")
     config = _convert(raw, Config, "")
+    _check_http(config.http.listen)
     return msgspec.structs.replace(config, kinds=kinds, base_dir=str(base_dir))
 
 

@@ -49,6 +49,10 @@ def error_body(
     )
 
 
+class StartupError(Exception):
+    """The daemon cannot start: a resource it needs is taken or unusable."""
+
+
 class RequestError(Exception):
     """A request refused with a code a client can act on."""
 

@@ -5,15 +5,16 @@ msgspec Struct, and admission validates it before the job is accepted.
 
 command kinds: argv filled from the payload (`"{payload.input}"`, `"{job_id}"`, `"{attempt}"`);
 the child writes JSON lines on stdout (`{"progress": 0.4, "message": "..."}`,
-`{"checkpoint": {...}}`, `{"result": {...}}`); exit 0 is done, 75 (EX_TEMPFAIL) asks for a
-retry, anything else fails with the tail of stderr. It runs in its own session, so cancel and
-timeout kill its whole process group.
+`{"checkpoint": {...}}`, `{"heartbeat": true}`, `{"result": {...}}`); exit 0 is done,
+75 (EX_TEMPFAIL) asks for a retry, anything else fails with the tail of stderr. It runs in
+its own session, so cancel and timeout kill its whole process group.
 """
 
 from __future__ import annotations
 
 import inspect
 import json
+import math
 import os
 import re
 import signal
@@ -32,6 +33,7 @@ from daemon.config import KindSection, import_handler, name_path
 log = structlog.get_logger("handler")
 
 EXIT_RETRY = 75
+HEARTBEAT_EVERY = 1.0
 # How long a command gets between SIGTERM and SIGKILL when it is canceled.
 KILL_GRACE = 5.0
 
@@ -67,6 +69,7 @@ class JobContext:
         options: dict[str, Any],
         report_progress: Callable[[float, str | None], Awaitable[None]],
         store_checkpoint: Callable[[Any], Awaitable[None]],
+        store_heartbeat: Callable[[], Awaitable[None]],
     ) -> None:
         self.job_id = job_id
         self.kind = kind
@@ -77,16 +80,31 @@ class JobContext:
         self.options = options
         self._report_progress = report_progress
         self._store_checkpoint = store_checkpoint
+        self._store_heartbeat = store_heartbeat
+        self._last_heartbeat = -math.inf
 
     async def progress(self, fraction: float, message: str | None = None) -> None:
         if not 0.0 <= fraction <= 1.0:
             raise ValueError(f"progress fraction must be within 0..1, got {fraction}")
         await self._report_progress(float(fraction), message)
+        self._last_heartbeat = trio.current_time()
 
     async def save_checkpoint(self, state: Any) -> None:
         """Durable before it returns: a retry after a crash resumes from here."""
         await self._store_checkpoint(state)
         self.checkpoint = state
+        self._last_heartbeat = trio.current_time()
+
+    async def heartbeat(self) -> None:
+        """Say "still alive" without progress, e.g. while waiting on a slow provider.
+
+        At most one write per HEARTBEAT_EVERY seconds reaches the store; calling it in a
+        tight loop costs nothing more.
+        """
+        now = trio.current_time()
+        if now - self._last_heartbeat >= HEARTBEAT_EVERY:
+            self._last_heartbeat = now
+            await self._store_heartbeat()
 
 
 def payload_type(handler: Callable[..., Any]) -> type | None:
@@ -260,5 +278,7 @@ async def _read_protocol(stream: trio.abc.ReceiveStream, ctx: JobContext, result
                 log.warning("bad progress line from command", job=ctx.job_id, line=line[:200])
         if "checkpoint" in message:
             await ctx.save_checkpoint(message["checkpoint"])
+        if message.get("heartbeat"):
+            await ctx.heartbeat()
         if "result" in message:
             result[0] = message["result"]

@@ -99,9 +99,10 @@ def claim(
                 skipped = True
                 continue
             attempt = job.attempt + 1
+            # progress_at restarts with the attempt, so an old report cannot look like a stall.
             conn.execute(
                 "UPDATE jobs SET status = 'running', attempt = ?, started_at = ?, updated_at = ?,"
-                " heartbeat_at = ?, reason = NULL WHERE id = ?",
+                " heartbeat_at = ?, progress_at = NULL, reason = NULL WHERE id = ?",
                 (attempt, now, now, now, job.id),
             )
             add_event(conn, events, job, "status", now, {"status": "running", "attempt": attempt})
@@ -294,18 +295,45 @@ def report_progress(
     now: float,
 ) -> bool:
     cursor = conn.execute(
-        "UPDATE jobs SET progress = ?, message = ?, heartbeat_at = ?, updated_at = ? "
+        "UPDATE jobs SET progress = ?, message = ?, heartbeat_at = ?, updated_at = ?, "
+        "progress_at = CASE WHEN progress IS ? AND progress_at IS NOT NULL "
+        "THEN progress_at ELSE ? END "
         "WHERE id = ? AND status = 'running' RETURNING user, kind",
-        (fraction, message, now, now, job_id),
+        (fraction, message, now, now, fraction, now, job_id),
     )
-    row = cursor.fetchone()
-    if row is None:
+    # Step a RETURNING statement to its end, or it stays open and blocks the next savepoint.
+    rows = cursor.fetchall()
+    if not rows:
         return False
+    row = rows[0]
     data: dict[str, Any] = {"fraction": fraction}
     if message is not None:
         data["message"] = message
     add_event(conn, events, (job_id, row[0], row[1]), "progress", now, data)
     return True
+
+
+def heartbeat(conn: sqlite3.Connection, events: Events, job_id: int, *, now: float) -> bool:
+    cursor = conn.execute(
+        "UPDATE jobs SET heartbeat_at = ? WHERE id = ? AND status = 'running'", (now, job_id)
+    )
+    return cursor.rowcount > 0
+
+
+def prune_finished(conn: sqlite3.Connection, events: Events, *, before: float, batch: int) -> int:
+    """Delete up to `batch` jobs that finished before `before`, with their events."""
+    ids = [
+        row[0]
+        for row in conn.execute(
+            "SELECT id FROM jobs WHERE status IN ('done', 'failed', 'canceled') "
+            "AND finished_at < ? LIMIT ?",
+            (before, batch),
+        )
+    ]
+    if ids:
+        conn.execute(f"DELETE FROM events WHERE job_id IN ({placeholders(ids)})", ids)
+        conn.execute(f"DELETE FROM jobs WHERE id IN ({placeholders(ids)})", ids)
+    return len(ids)
 
 
 def save_checkpoint(
@@ -472,5 +500,10 @@ def queued_by_kind(conn: sqlite3.Connection) -> dict[str, int]:
     return {kind: n for kind, n in rows}
 
 
-def running_jobs(conn: sqlite3.Connection) -> list[tuple[int, str]]:
-    return conn.execute("SELECT id, kind FROM jobs WHERE status = 'running'").fetchall()
+def counts_by_status_and_kind(conn: sqlite3.Connection) -> dict[tuple[str, str], int]:
+    rows = conn.execute("SELECT status, kind, COUNT(*) FROM jobs GROUP BY status, kind")
+    return {(status, kind): n for status, kind, n in rows}
+
+
+def oldest_queued_created_at(conn: sqlite3.Connection) -> float | None:
+    return conn.execute("SELECT MIN(created_at) FROM jobs WHERE status = 'queued'").fetchone()[0]

@@ -129,6 +129,10 @@ class WatchArgs(Args):
     since: int | None = None
 
 
+class StuckArgs(Args):
+    dry_run: bool = False
+
+
 COMMAND_ARGS: dict[str, type[Args]] = {
     "ping": NoArgs,
     "submit": SubmitArgs,
@@ -142,6 +146,7 @@ COMMAND_ARGS: dict[str, type[Args]] = {
     "shutdown": NoArgs,
     "status": NoArgs,
     "watch": WatchArgs,
+    "stuck": StuckArgs,
 }
 
 request_decoder = msgspec.json.Decoder(Request)

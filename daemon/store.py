@@ -89,6 +89,11 @@ MIGRATIONS: list[str] = [
     CREATE INDEX events_job ON events(job_id, seq);
     CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
     """,
+    """
+    -- When the reported progress last changed: the stall rule's clock.
+    ALTER TABLE jobs ADD COLUMN progress_at REAL;
+    CREATE INDEX jobs_finished ON jobs(status, finished_at);
+    """,
 ]
 
 JOB_COLUMNS = (
@@ -132,6 +137,8 @@ class StoreError(Exception):
 @dataclass(slots=True)
 class _Write:
     apply: Callable[[sqlite3.Connection, list[Event]], Any]
+    # Runs after the batch's transaction, on its own (maintenance that cannot run inside one).
+    solo: bool = False
     done: trio.Event = field(default_factory=trio.Event)
     result: Any = None
     error: BaseException | None = None
@@ -256,23 +263,31 @@ class Store:
     def _commit(self, batch: list[_Write]) -> None:
         conn = self._writer
         assert conn is not None
+        grouped = [write for write in batch if not write.solo]
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            for write in batch:
-                conn.execute("SAVEPOINT w")
-                try:
-                    write.result = write.apply(conn, write.events)
-                except Exception as exc:
-                    conn.execute("ROLLBACK TO w")
-                    write.error, write.events = exc, []
-                conn.execute("RELEASE w")
-            conn.execute("COMMIT")
+            if grouped:
+                conn.execute("BEGIN IMMEDIATE")
+                for write in grouped:
+                    conn.execute("SAVEPOINT w")
+                    try:
+                        write.result = write.apply(conn, write.events)
+                    except Exception as exc:
+                        conn.execute("ROLLBACK TO w")
+                        write.error, write.events = exc, []
+                    conn.execute("RELEASE w")
+                conn.execute("COMMIT")
         except sqlite3.Error as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
-            for write in batch:
+            for write in grouped:
                 write.error = StoreError(f"database write failed: {exc}")
                 write.events = []
+        for write in batch:
+            if write.solo:
+                try:
+                    write.result = write.apply(conn, write.events)
+                except sqlite3.Error as exc:
+                    write.error = StoreError(f"database maintenance failed: {exc}")
         self.batches += 1
         self.writes += len(batch)
 
@@ -281,14 +296,16 @@ class Store:
             write.done.set()
         self._hub.publish([event for write in batch for event in write.events])
 
-    async def write(self, apply: Callable[[sqlite3.Connection, list[Event]], T]) -> T:
+    async def write(
+        self, apply: Callable[[sqlite3.Connection, list[Event]], T], *, solo: bool = False
+    ) -> T:
         """Run `apply(conn, events)` in a transaction; returns once it is committed.
 
         `apply` appends the Event rows it inserted to `events`; they are published after
         the commit. A write that was handed over is committed even if the caller is
         cancelled while waiting.
         """
-        write = _Write(apply)
+        write = _Write(apply, solo=solo)
         if self._threaded:
             self._queue.put(write)
             await write.done.wait()
@@ -301,6 +318,15 @@ class Store:
         return write.result
 
     # -- the read path --------------------------------------------------------------------
+
+    async def checkpoint_wal(self) -> None:
+        """Fold the WAL back into the database file; done when idle, outside any transaction."""
+
+        def apply(conn: sqlite3.Connection, events: list[Event]) -> None:
+            # Read the pragma's answer to the end: an open statement blocks the next batch.
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+
+        await self.write(apply, solo=True)
 
     async def read(self, query: Callable[[sqlite3.Connection], T]) -> T:
         conn = self._reader

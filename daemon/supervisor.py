@@ -26,18 +26,23 @@ import structlog
 import trio
 
 from actors import admission as admission_actor
+from actors import monitor as monitor_actor
 from actors import pool as pool_actor
 from actors import scheduler as scheduler_actor
 from actors.admission import Admission, StopAdmitting
+from actors.monitor import Monitor
 from actors.pool import Drain, Pool
 from actors.scheduler import Scheduler, Snapshot, StopDispatch
 from daemon import __version__, jobs
 from daemon.admin import AdminServer, Stop
 from daemon.clock import WallClock
 from daemon.config import Config, ConfigError, check_handlers, load_config
+from daemon.errors import StartupError
+from daemon.http import HttpServer
 from daemon.hub import EventHub
 from daemon.logs import configure_logging, use_clock
 from daemon.mailbox import ReplySlot
+from daemon.metrics import Metrics
 from daemon.store import Store
 from daemon.systemd import SystemdNotifier
 
@@ -60,10 +65,8 @@ class DaemonHandle(msgspec.Struct):
     admission: trio.MemorySendChannel[Any]
     scheduler: trio.MemorySendChannel[Any]
     pool: trio.MemorySendChannel[Any]
-
-
-class StartupError(Exception):
-    pass
+    monitor: trio.MemorySendChannel[Any]
+    http_port: int | None
 
 
 def lock_database(db_path: Path) -> int:
@@ -79,7 +82,7 @@ def lock_database(db_path: Path) -> int:
 
 
 # Keys that the running daemon cannot change; a reload warns that they need a restart.
-RESTART_KEYS = ("store", "admin", "log")
+RESTART_KEYS = ("store", "admin", "log", "http")
 
 
 class Supervisor:
@@ -140,51 +143,60 @@ class Supervisor:
     ) -> None:
         config = self._config
         self._store = store
+        metrics = Metrics()
         # Scheduler and pool feed each other; unbounded buffers keep that cycle from ever
         # deadlocking. Their depth is bounded anyway: RunJob by free slots, JobQueued by
         # admissions, each consumed in the next dispatch round.
         scheduler_tx, scheduler_rx = trio.open_memory_channel[Any](math.inf)
         pool_tx, pool_rx = trio.open_memory_channel[Any](math.inf)
         admission_tx, admission_rx = trio.open_memory_channel[Any](1024)
+        monitor_tx, monitor_rx = trio.open_memory_channel[Any](64)
         control_tx, control_rx = trio.open_memory_channel[Any](16)
-        self._channels = (admission_tx, scheduler_tx, pool_tx)
+        self._channels = (admission_tx, scheduler_tx, pool_tx, monitor_tx)
+        actor = {"config": config, "store": store, "clock": clock}
+        scheduler = Scheduler(**actor, inbox=scheduler_rx, pool=pool_tx.clone())
+        pool = Pool(**actor, inbox=pool_rx, scheduler=scheduler_tx.clone(), metrics=metrics)
+        admission = Admission(
+            **actor, inbox=admission_rx, scheduler=scheduler_tx.clone(), metrics=metrics
+        )
+        monitor = Monitor(
+            **actor,
+            inbox=monitor_rx,
+            pool=pool_tx.clone(),
+            scheduler=scheduler_tx.clone(),
+            metrics=metrics,
+            daemon_status=self._status,
+        )
+        self._admin = AdminServer(
+            **actor,
+            hub=hub,
+            admission=admission_tx.clone(),
+            scheduler=scheduler_tx.clone(),
+            pool=pool_tx.clone(),
+            monitor=monitor_tx.clone(),
+            supervisor=control_tx.clone(),
+            metrics=metrics,
+        )
         async with trio.open_nursery() as nursery:
-            scheduler = Scheduler(
-                config=config, store=store, clock=clock, inbox=scheduler_rx, pool=pool_tx.clone()
-            )
-            pool = Pool(
-                config=config,
-                store=store,
-                clock=clock,
-                inbox=pool_rx,
-                scheduler=scheduler_tx.clone(),
-            )
-            admission = Admission(
-                config=config,
-                store=store,
-                clock=clock,
-                inbox=admission_rx,
-                scheduler=scheduler_tx.clone(),
-            )
-            self._admin = AdminServer(
-                config=config,
-                store=store,
-                hub=hub,
-                clock=clock,
-                admission=admission_tx.clone(),
-                scheduler=scheduler_tx.clone(),
-                pool=pool_tx.clone(),
-                supervisor=control_tx.clone(),
-                daemon_status=self._status,
-            )
             await nursery.start(scheduler.run)
             await nursery.start(pool.run)
             await nursery.start(admission.run)
+            await nursery.start(monitor.run)
+            self._ready = True
             await nursery.start(self._admin.run)
+            http_port = None
+            if config.http.listen:
+                http = HttpServer(
+                    listen=config.http.listen,
+                    store=store,
+                    monitor=monitor_tx.clone(),
+                    metrics=metrics,
+                    daemon_status=self._status,
+                )
+                http_port = await nursery.start(http.run)
             nursery.start_soon(self._watch_signals, control_tx.clone())
             await nursery.start(self._notifier.run_watchdog)
             nursery.start_soon(self._report_status, scheduler_tx)
-            self._ready = True
             self._notifier.ready("ready")
             log.info(
                 "jobwarden ready",
@@ -192,6 +204,7 @@ class Supervisor:
                 pid=os.getpid(),
                 kinds=sorted(config.kinds),
                 max_concurrent_jobs=config.daemon.max_concurrent_jobs,
+                http_port=http_port,
             )
             task_status.started(
                 DaemonHandle(
@@ -202,6 +215,8 @@ class Supervisor:
                     admission=admission_tx,
                     scheduler=scheduler_tx,
                     pool=pool_tx,
+                    monitor=monitor_tx,
+                    http_port=http_port,
                 )
             )
             await self._control(control_rx)
@@ -241,7 +256,7 @@ class Supervisor:
                         await self._reload()
 
     async def _drain(self, grace: float | None, finished: trio.Event) -> None:
-        admission_tx, scheduler_tx, pool_tx = self._channels
+        admission_tx, scheduler_tx, pool_tx, _ = self._channels
         grace = self._config.daemon.shutdown_grace if grace is None else grace
         self._notifier.stopping(f"draining, grace {grace:g}s")
         log.info("draining", grace=grace)
@@ -273,10 +288,11 @@ class Supervisor:
             if getattr(new, key) != getattr(self._config, key):
                 log.warning("config change needs a restart to take effect", section=key)
         self._config = new
-        admission_tx, scheduler_tx, pool_tx = self._channels
+        admission_tx, scheduler_tx, pool_tx, monitor_tx = self._channels
         await admission_tx.send(admission_actor.Reconfigure(config=new))
         await scheduler_tx.send(scheduler_actor.Reconfigure(config=new))
         await pool_tx.send(pool_actor.Reconfigure(config=new))
+        await monitor_tx.send(monitor_actor.Reconfigure(config=new))
         self._admin.reconfigure(new)
         log.info("config reloaded", path=str(self._config_path), kinds=sorted(new.kinds))
         self._notifier.ready("ready")
@@ -316,9 +332,12 @@ def serve_main(config_path: Path) -> int:
     supervisor = Supervisor(
         config, config_path=config_path, notifier=SystemdNotifier.from_environ()
     )
+    refusals: list[BaseException] = []
     try:
         trio.run(supervisor.run)
-    except (StartupError, ConfigError, RuntimeError) as exc:
+    except* (StartupError, ConfigError) as group:
+        refusals.extend(group.exceptions)
+    for exc in refusals:
         log.error("jobwarden could not start", error=str(exc))
-        return 1
-    return 0
+        print(f"jobwarden: {exc}", file=sys.stderr)
+    return 1 if refusals else 0

@@ -32,6 +32,9 @@ path = "var/jw.db"
 [admin]
 socket = "var/admin.sock"
 
+[http]
+listen = "127.0.0.1:0"
+
 [retry]
 max_attempts = 4
 backoff = ["0s", "30s", "120s"]

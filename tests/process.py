@@ -33,6 +33,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "daemon": {"max_concurrent_jobs": 4, "shutdown_grace": "5s"},
     "store": {"path": "var/jw.db"},
     "admin": {"socket": "var/admin.sock"},
+    "http": {"listen": "127.0.0.1:0"},
     "log": {"format": "json", "level": "info"},
     "kinds": {"quick": {"handler": "tests.handlers:sleepy"}},
 }

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from daemon.errors import RequestError
-from daemon.supervisor import Reload, StartupError, lock_database
+from daemon.errors import RequestError, StartupError
+from daemon.supervisor import Reload, lock_database
 from daemon.systemd import SystemdNotifier
 from tests.conftest import BASE_CONFIG
 

@@ -1,0 +1,420 @@
+"""Monitor: finds stuck, stalled and late jobs and recovers them; keeps health and alerts.
+
+Consumes `RunRules` (admin `stuck`), `HealthQuery` (admin `status`, HTTP), `Reconfigure`.
+Produces `Recover` for the pool (running jobs) and failure transitions in the store (queued
+jobs); asks the scheduler for its snapshot (pause state, running count).
+
+Rules, thresholds per kind with [monitor] defaults:
+1. stuck: running with no heartbeat (progress, checkpoint, ctx.heartbeat) for `stuck_after`;
+2. stall: running, has reported progress, and it has not changed for `stall_after`;
+3. sla: queued or running and older than the kind's `sla` -> failed SLA_BREACH;
+4. queued_timeout: eligible to run (backoff over, kind not paused) yet not started for
+   `queued_timeout` -> failed QUEUED_TIMEOUT.
+Rules 1 and 2 stop the handler (a command's whole process group) and then follow the kind's
+retry policy: requeue with backoff while attempts remain, else fail STUCK_TIMEOUT.
+
+The monitor wakes every `interval`, and also exactly at the earliest moment a rule could fire
+for a job it knows, so a hung job is caught at `stuck_after`, not up to an interval later.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import deque
+from collections.abc import Callable
+from functools import partial
+from typing import Any, Literal, NamedTuple
+
+import msgspec
+import psutil
+import structlog
+import trio
+
+from actors.pool import Recover, Statistics
+from actors.scheduler import Snapshot
+from daemon import jobs
+from daemon.clock import WallClock
+from daemon.config import Config, format_duration
+from daemon.errors import error_body
+from daemon.mailbox import ReplySlot
+from daemon.metrics import Metrics
+from daemon.store import Store
+
+log = structlog.get_logger("monitor")
+
+Rule = Literal["stuck", "stall", "sla", "queued_timeout"]
+# After a full prune batch, come back this soon for the next one instead of a whole interval.
+PRUNE_AGAIN_AFTER = 1.0
+GIB = 1024**3
+
+
+class RunRules(msgspec.Struct):
+    dry_run: bool
+    reply: ReplySlot[list[dict[str, Any]]]
+
+
+class HealthQuery(msgspec.Struct):
+    reply: ReplySlot[dict[str, Any]]
+    # Also count jobs by (status, kind) for the metrics scrape.
+    by_kind: bool = False
+
+
+class Reconfigure(msgspec.Struct):
+    config: Config
+
+
+MonitorMessage = RunRules | HealthQuery | Reconfigure
+
+
+class Finding(msgspec.Struct, omit_defaults=True):
+    job: int
+    kind: str
+    status: str
+    rule: Rule
+    action: str
+    detail: str
+
+
+class Row(NamedTuple):
+    id: int
+    kind: str
+    status: str
+    created_at: float
+    started_at: float | None
+    heartbeat_at: float | None
+    progress_at: float | None
+    progress: float | None
+    attempt: int
+    max_attempts: int
+    available_at: float
+
+
+class Candidates(msgspec.Struct):
+    running: list[Row]
+    queued: list[Row]
+    oldest_available_at: float | None
+    oldest_created_at: float | None
+
+
+_ROW_COLUMNS = ", ".join(Row._fields)
+
+
+def find_candidates(conn: Any, *, queued_before: float, created_before: float) -> Candidates:
+    """Running jobs, and queued jobs that may have passed a queued or SLA limit."""
+    running = conn.execute(f"SELECT {_ROW_COLUMNS} FROM jobs WHERE status = 'running'")
+    queued = conn.execute(
+        f"SELECT {_ROW_COLUMNS} FROM jobs WHERE status = 'queued' "
+        "AND (available_at <= ? OR created_at <= ?)",
+        (queued_before, created_before),
+    )
+    running_rows = [Row(*r) for r in running]
+    queued_rows = [Row(*r) for r in queued]
+    oldest_available, oldest_created = conn.execute(
+        "SELECT MIN(available_at), MIN(created_at) FROM jobs WHERE status = 'queued'"
+    ).fetchone()
+    return Candidates(running_rows, queued_rows, oldest_available, oldest_created)
+
+
+def evaluate(
+    config: Config, found: Candidates, *, paused: set[str], all_paused: bool, now: float
+) -> tuple[list[Finding], float]:
+    """The rules as a plain function: what to do now, and when a rule could next fire."""
+    findings: list[Finding] = []
+    deadlines = [math.inf]
+    for job in found.running:
+        sla = config.rule(job.kind, "sla")
+        stuck_after = config.rule(job.kind, "stuck_after")
+        stall_after = config.rule(job.kind, "stall_after")
+        last_beat = job.heartbeat_at if job.heartbeat_at is not None else job.started_at
+        assert last_beat is not None
+        requeue = "requeue" if job.attempt < job.max_attempts else "fail STUCK_TIMEOUT"
+        if now - job.created_at >= sla:
+            findings.append(_sla_breach(job, now, sla))
+        elif now - last_beat >= stuck_after:
+            detail = f"no heartbeat for {format_duration(round(now - last_beat))}"
+            findings.append(Finding(job.id, job.kind, job.status, "stuck", requeue, detail))
+        elif job.progress_at is not None and now - job.progress_at >= stall_after:
+            detail = (
+                f"progress unchanged at {job.progress or 0:.0%} "
+                f"for {format_duration(round(now - job.progress_at))}"
+            )
+            findings.append(Finding(job.id, job.kind, job.status, "stall", requeue, detail))
+        else:
+            deadlines += [job.created_at + sla, last_beat + stuck_after]
+            if job.progress_at is not None:
+                deadlines.append(job.progress_at + stall_after)
+    for job in found.queued:
+        sla = config.rule(job.kind, "sla")
+        queued_timeout = config.rule(job.kind, "queued_timeout")
+        waits_by_choice = all_paused or job.kind in paused or job.kind not in config.kinds
+        if now - job.created_at >= sla:
+            findings.append(_sla_breach(job, now, sla))
+        elif not waits_by_choice and now - job.available_at >= queued_timeout:
+            detail = f"waiting for a slot for {format_duration(round(now - job.available_at))}"
+            findings.append(
+                Finding(
+                    job.id, job.kind, job.status, "queued_timeout", "fail QUEUED_TIMEOUT", detail
+                )
+            )
+    if found.oldest_available_at is not None and not all_paused:
+        deadlines.append(found.oldest_available_at + _smallest(config, "queued_timeout"))
+    if found.oldest_created_at is not None:
+        deadlines.append(found.oldest_created_at + _smallest(config, "sla"))
+    upcoming = [d for d in deadlines if d > now]
+    return findings, min(upcoming, default=math.inf)
+
+
+def _sla_breach(job: Row, now: float, sla: float) -> Finding:
+    age = format_duration(round(now - job.created_at))
+    detail = f"{age} old, over its SLA of {format_duration(sla)}"
+    return Finding(job.id, job.kind, job.status, "sla", "fail SLA_BREACH", detail)
+
+
+def _smallest(config: Config, rule: str) -> float:
+    return min((config.rule(kind, rule) for kind in config.kinds), default=math.inf)
+
+
+def failure_rate(
+    history: deque[tuple[float, int, int]], now: float, window: float
+) -> tuple[float, int]:
+    """Failed share of finished attempts over the window, from (time, done, failed) totals."""
+    while len(history) > 1 and history[1][0] <= now - window:
+        history.popleft()
+    if len(history) < 2:
+        return 0.0, 0
+    _, done_then, failed_then = history[0]
+    _, done_now, failed_now = history[-1]
+    finished = (done_now - done_then) + (failed_now - failed_then)
+    return ((failed_now - failed_then) / finished if finished else 0.0), finished
+
+
+class Monitor:
+    def __init__(
+        self,
+        *,
+        config: Config,
+        store: Store,
+        clock: WallClock,
+        inbox: trio.MemoryReceiveChannel[MonitorMessage],
+        pool: trio.MemorySendChannel[Any],
+        scheduler: trio.MemorySendChannel[Any],
+        metrics: Metrics,
+        daemon_status: Callable[[], dict[str, Any]],
+    ) -> None:
+        self._config = config
+        self._store = store
+        self._clock = clock
+        self._inbox = inbox
+        self._pool = pool
+        self._scheduler = scheduler
+        self._metrics = metrics
+        self._daemon_status = daemon_status
+        self._next_tick = -math.inf
+        self._next_rule = math.inf
+        self._system: dict[str, float] = {}
+        self._recovered: dict[str, int] = {}
+        self._last_findings = 0
+        self._history: deque[tuple[float, int, int]] = deque()
+        self._alerted_at: dict[str, float] = {}
+        self._wal_clean = False
+        self._process = psutil.Process(os.getpid())
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        psutil.cpu_percent(interval=None)  # the first reading only starts the measurement
+        self._sample_system()
+        async with self._inbox, self._pool, self._scheduler, trio.open_nursery() as nursery:
+            self._alerts = nursery
+            task_status.started()
+            while True:
+                wake = min(self._next_tick, self._clock.deadline_for(self._next_rule))
+                with trio.move_on_at(wake) as waiting:
+                    try:
+                        msg = await self._inbox.receive()
+                    except trio.EndOfChannel:
+                        break
+                    await self._handle(msg)
+                if waiting.cancelled_caught:
+                    await self._tick()
+            nursery.cancel_scope.cancel()
+
+    async def _handle(self, msg: MonitorMessage) -> None:
+        match msg:
+            case RunRules(dry_run=dry_run, reply=reply):
+                findings = await self._apply_rules(dry_run=dry_run)
+                reply.set([msgspec.to_builtins(f) for f in findings])
+            case HealthQuery(reply=reply, by_kind=by_kind):
+                reply.set(await self.health(by_kind=by_kind))
+            case Reconfigure(config=config):
+                self._config = config
+                self._next_tick = -math.inf
+
+    async def _tick(self) -> None:
+        now = self._clock.now()
+        self._next_tick = trio.current_time() + self._config.monitor.interval
+        self._sample_system()
+        findings = await self._apply_rules(dry_run=False)
+        self._last_findings = len(findings)
+        stuck = sum(1 for f in findings if f.rule in ("stuck", "stall"))
+        if stuck > self._config.monitor.stuck_alert:
+            self._alert("stuck_jobs", f"{stuck} stuck jobs recovered in one check", count=stuck)
+        await self._check_failure_rate(now)
+        pruned = await self._store.write(
+            partial(
+                jobs.prune_finished,
+                before=now - self._config.monitor.retain_finished,
+                batch=self._config.monitor.prune_batch,
+            )
+        )
+        if pruned:
+            log.info("pruned finished jobs", count=pruned)
+            self._wal_clean = False
+            if pruned == self._config.monitor.prune_batch:
+                self._next_tick = trio.current_time() + PRUNE_AGAIN_AFTER
+        await self._checkpoint_when_idle()
+
+    async def _apply_rules(self, *, dry_run: bool) -> list[Finding]:
+        config = self._config
+        now = self._clock.now()
+        found = await self._store.read(
+            partial(
+                find_candidates,
+                queued_before=now - _smallest(config, "queued_timeout"),
+                created_before=now - _smallest(config, "sla"),
+            )
+        )
+        snapshot = await self._scheduler_snapshot()
+        findings, self._next_rule = evaluate(
+            config,
+            found,
+            paused=set(snapshot["paused"]),
+            all_paused=snapshot["paused_all"] or not snapshot["dispatching"],
+            now=now,
+        )
+        for finding in findings:
+            log.warning(
+                "rule fired" if not dry_run else "rule would fire",
+                job=finding.job,
+                kind=finding.kind,
+                rule=finding.rule,
+                action=finding.action,
+                detail=finding.detail,
+            )
+            if not dry_run:
+                await self._act(finding, now)
+        return findings
+
+    async def _act(self, finding: Finding, now: float) -> None:
+        code = {"stuck": "STUCK_TIMEOUT", "stall": "STUCK_TIMEOUT"}.get(finding.rule)
+        code = code or ("SLA_BREACH" if finding.rule == "sla" else "QUEUED_TIMEOUT")
+        error = error_body(code, f"{finding.rule}: {finding.detail}", retryable=False)
+        if finding.status == "running":
+            reply: ReplySlot[Any] = ReplySlot()
+            retry = finding.rule in ("stuck", "stall")
+            await self._pool.send(
+                Recover(job_id=finding.job, error=error, retry=retry, reply=reply)
+            )
+            await reply.wait()
+        else:
+            await self._store.write(
+                partial(jobs.fail, job_id=finding.job, error=error, now=now, expect=("queued",))
+            )
+        self._recovered[finding.rule] = self._recovered.get(finding.rule, 0) + 1
+        self._metrics.stuck_recovered.labels(finding.rule).inc()
+
+    async def _scheduler_snapshot(self) -> dict[str, Any]:
+        reply: ReplySlot[dict[str, Any]] = ReplySlot()
+        await self._scheduler.send(Snapshot(reply=reply))
+        return await reply.wait()
+
+    async def _check_failure_rate(self, now: float) -> None:
+        reply: ReplySlot[dict[str, Any]] = ReplySlot()
+        await self._pool.send(Statistics(reply=reply))
+        outcomes = (await reply.wait())["outcomes"]
+        self._history.append((now, outcomes.get("done", 0), outcomes.get("failed", 0)))
+        monitor = self._config.monitor
+        rate, finished = failure_rate(self._history, now, monitor.failure_window)
+        if finished >= monitor.failure_min_jobs and rate > monitor.failure_rate_alert:
+            self._alert(
+                "failure_rate",
+                f"{rate:.0%} of {finished} jobs failed in the last "
+                f"{format_duration(monitor.failure_window)}",
+                rate=round(rate, 4),
+                finished=finished,
+            )
+
+    def _alert(self, name: str, message: str, **data: Any) -> None:
+        """Log the alert; run alert_command with it, at most once per alert_repeat per name."""
+        now = self._clock.now()
+        if now - self._alerted_at.get(name, -math.inf) < self._config.monitor.alert_repeat:
+            return
+        self._alerted_at[name] = now
+        log.warning("alert", alert=name, message=message, **data)
+        command = self._config.monitor.alert_command
+        if command:
+            payload = {"alert": name, "message": message, "at": now, **data}
+            self._alerts.start_soon(self._run_alert_command, list(command), payload)
+
+    async def _run_alert_command(self, command: list[str], payload: dict[str, Any]) -> None:
+        with trio.move_on_after(self._config.monitor.alert_timeout) as timed_out:
+            try:
+                result = await trio.run_process(
+                    command,
+                    stdin=msgspec.json.encode(payload),
+                    capture_stdout=True,
+                    capture_stderr=True,
+                    check=False,
+                )
+            except OSError as exc:
+                log.error("alert command could not start", command=command[0], error=str(exc))
+                return
+            if result.returncode != 0:
+                log.error(
+                    "alert command failed",
+                    command=command[0],
+                    exit_status=result.returncode,
+                    stderr=result.stderr.decode(errors="replace")[-500:],
+                )
+        if timed_out.cancelled_caught:
+            log.error("alert command timed out", command=command[0])
+
+    async def _checkpoint_when_idle(self) -> None:
+        if self._wal_clean:
+            return
+        counts = await self._store.read(jobs.counts_by_status)
+        if counts.get("running", 0) == 0 and counts.get("queued", 0) == 0:
+            await self._store.checkpoint_wal()
+            self._wal_clean = True
+
+    def _sample_system(self) -> None:
+        memory = psutil.virtual_memory()
+        self._system = {
+            "memory_available_gb": round(memory.available / GIB, 2),
+            "memory_total_gb": round(memory.total / GIB, 2),
+            "memory_percent": memory.percent,
+            "cpu_percent": psutil.cpu_percent(interval=None),
+            "daemon_rss_mb": round(self._process.memory_info().rss / 1024**2, 1),
+        }
+
+    async def health(self, *, by_kind: bool = False) -> dict[str, Any]:
+        """One snapshot for /health, `jobwarden status` and the metrics scrape."""
+        counts = await self._store.read(jobs.counts_by_status)
+        depth = await self._store.read(jobs.queued_by_kind)
+        oldest = await self._store.read(jobs.oldest_queued_created_at)
+        snapshot = await self._scheduler_snapshot()
+        now = self._clock.now()
+        health = {
+            **self._daemon_status(),
+            "jobs": {status: counts.get(status, 0) for status in jobs.STATUSES},
+            "queue_depth": depth,
+            "oldest_queued_seconds": None if oldest is None else round(now - oldest, 3),
+            "running": snapshot["running"],
+            "max_concurrent_jobs": snapshot["max_concurrent_jobs"],
+            "paused": snapshot["paused"],
+            "paused_all": snapshot["paused_all"],
+            "stuck": {"last_check": self._last_findings, "recovered": dict(self._recovered)},
+            "system": dict(self._system),
+        }
+        if by_kind:
+            health["by_status_kind"] = await self._store.read(jobs.counts_by_status_and_kind)
+        return health

@@ -1,0 +1,158 @@
+"""A small HTTP listener for probes and scrapers, on h11: GET only, one request per connection.
+
+/healthz  200 while the event loop answers (liveness)
+/readyz   200 once recovery is done, the store takes a write, and the daemon is not draining
+/health   the detailed JSON snapshot (the same data as `jobwarden status`)
+/metrics  Prometheus text
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import h11
+import msgspec
+import structlog
+import trio
+
+from actors.monitor import HealthQuery
+from daemon.errors import StartupError
+from daemon.mailbox import ReplySlot
+from daemon.metrics import Metrics
+from daemon.store import Store
+
+log = structlog.get_logger("http")
+
+MAX_REQUEST_BYTES = 16 * 1024
+# A client gets this long to send its request and read the answer.
+CONNECTION_TIMEOUT = 10.0
+PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    host, _, port = listen.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+class HttpServer:
+    def __init__(
+        self,
+        *,
+        listen: str,
+        store: Store,
+        monitor: trio.MemorySendChannel[Any],
+        metrics: Metrics,
+        daemon_status: Callable[[], dict[str, Any]],
+    ) -> None:
+        self._host, self._port = parse_listen(listen)
+        self._store = store
+        self._monitor = monitor
+        self._metrics = metrics
+        self._daemon_status = daemon_status
+        self._routes: dict[str, Callable[[], Awaitable[tuple[int, str, bytes]]]] = {
+            "/healthz": self._healthz,
+            "/readyz": self._readyz,
+            "/health": self._health,
+            "/metrics": self._metrics_text,
+        }
+
+    async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            listeners = await trio.open_tcp_listeners(self._port, host=self._host)
+        except OSError as exc:
+            raise StartupError(
+                f"http.listen: cannot listen on {self._host}:{self._port}: {exc.strerror}"
+            ) from None
+        log.info("http listening", host=self._host, port=listeners[0].socket.getsockname()[1])
+        async with self._monitor:
+            await trio.serve_listeners(self._serve, listeners, task_status=_Started(task_status))
+
+    async def _serve(self, stream: trio.SocketStream) -> None:
+        async with stream:
+            with trio.move_on_after(CONNECTION_TIMEOUT):
+                # A client that hangs up or speaks broken HTTP only loses its own answer.
+                with contextlib.suppress(
+                    trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError
+                ):
+                    await self._exchange(stream)
+
+    async def _exchange(self, stream: trio.SocketStream) -> None:
+        connection = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_BYTES)
+        while True:
+            event = connection.next_event()
+            if event is h11.NEED_DATA:
+                data = await stream.receive_some(MAX_REQUEST_BYTES)
+                if not data:
+                    return
+                connection.receive_data(data)
+                continue
+            if isinstance(event, h11.Request):
+                break
+            return
+        path = event.target.decode("ascii", "replace").split("?", 1)[0]
+        started = trio.current_time()
+        if event.method not in (b"GET", b"HEAD"):
+            status, content_type, body = 405, "text/plain", b"only GET\n"
+        elif path not in self._routes:
+            status, content_type, body = 404, "text/plain", b"not found\n"
+        else:
+            status, content_type, body = await self._routes[path]()
+        headers = [
+            ("content-type", content_type),
+            ("content-length", str(len(body))),
+            ("connection", "close"),
+        ]
+        await stream.send_all(connection.send(h11.Response(status_code=status, headers=headers)))
+        if event.method == b"GET":
+            await stream.send_all(connection.send(h11.Data(data=body)))
+        await stream.send_all(connection.send(h11.EndOfMessage()))
+        self._metrics.request_duration.labels(
+            "http", path if path in self._routes else "other"
+        ).observe(trio.current_time() - started)
+
+    async def _healthz(self) -> tuple[int, str, bytes]:
+        return 200, "application/json", b'{"ok":true}\n'
+
+    async def _readyz(self) -> tuple[int, str, bytes]:
+        status = self._daemon_status()
+        problems = []
+        if not status["ready"]:
+            problems.append("recovering")
+        if status["draining"]:
+            problems.append("draining")
+        if not problems:
+            with trio.move_on_after(2.0) as slow:
+                try:
+                    await self._store.write(lambda conn, events: None)
+                except Exception as exc:
+                    problems.append(f"store not writable: {exc}")
+            if slow.cancelled_caught:
+                problems.append("store not writable within 2s")
+        body = msgspec.json.encode({"ready": not problems, "problems": problems}) + b"\n"
+        return (503 if problems else 200), "application/json", body
+
+    async def _query_health(self, *, by_kind: bool) -> dict[str, Any]:
+        reply: ReplySlot[dict[str, Any]] = ReplySlot()
+        await self._monitor.send(HealthQuery(reply=reply, by_kind=by_kind))
+        return await reply.wait()
+
+    async def _health(self) -> tuple[int, str, bytes]:
+        health = await self._query_health(by_kind=False)
+        return 200, "application/json", msgspec.json.encode(health) + b"\n"
+
+    async def _metrics_text(self) -> tuple[int, str, bytes]:
+        health = await self._query_health(by_kind=True)
+        self._metrics.set_state(health, health.pop("by_status_kind"))
+        return 200, PROMETHEUS_TEXT, self._metrics.render()
+
+
+class _Started:
+    """Hands the caller the bound port (port 0 in tests) instead of the listener list."""
+
+    def __init__(self, task_status: trio.TaskStatus[int]) -> None:
+        self._task_status = task_status
+
+    def started(self, listeners: Any = None) -> None:
+        self._task_status.started(listeners[0].socket.getsockname()[1])

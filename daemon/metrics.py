@@ -1,0 +1,88 @@
+"""Prometheus metrics, made with prometheus-client in a registry of the daemon's own.
+
+The instruments are write-only sinks, shared the way the logger is: actors count and observe
+into them, and only the /metrics listener reads them. Gauges that describe the whole state
+(jobs by status, queue depth, memory) are set from one snapshot just before each scrape.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+DURATION_BUCKETS = (0.1, 0.5, 1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600)
+REQUEST_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.jobs = Gauge(
+            "jobwarden_jobs", "Jobs by status and kind", ["status", "kind"], registry=r
+        )
+        self.queue_depth = Gauge(
+            "jobwarden_queue_depth", "Queued jobs per kind", ["kind"], registry=r
+        )
+        self.running = Gauge("jobwarden_running_jobs", "Jobs running now", registry=r)
+        self.oldest_queued = Gauge(
+            "jobwarden_oldest_queued_seconds", "Age of the oldest queued job", registry=r
+        )
+        self.memory_percent = Gauge(
+            "jobwarden_memory_used_percent", "System memory in use", registry=r
+        )
+        self.cpu_percent = Gauge("jobwarden_cpu_percent", "System CPU in use", registry=r)
+        self.processed = Counter(
+            "jobwarden_jobs_processed",
+            "Finished job attempts by outcome (done, failed, retry, canceled, interrupted)",
+            ["kind", "outcome"],
+            registry=r,
+        )
+        self.retries = Counter(
+            "jobwarden_job_retries", "Attempts that ended in a retry", ["kind"], registry=r
+        )
+        self.duration = Histogram(
+            "jobwarden_job_duration_seconds",
+            "Duration of one attempt",
+            ["kind"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.stuck_recovered = Counter(
+            "jobwarden_stuck_recovered",
+            "Jobs the monitor stopped, by rule (stuck, stall, sla, queued_timeout)",
+            ["rule"],
+            registry=r,
+        )
+        self.rejected = Counter(
+            "jobwarden_admission_rejected", "Submissions refused, by code", ["code"], registry=r
+        )
+        self.request_duration = Histogram(
+            "jobwarden_request_duration_seconds",
+            "Listener request duration",
+            ["listener", "cmd"],
+            buckets=REQUEST_BUCKETS,
+            registry=r,
+        )
+
+    def job_finished(self, kind: str, outcome: str, seconds: float) -> None:
+        self.processed.labels(kind, outcome).inc()
+        self.duration.labels(kind).observe(seconds)
+        if outcome == "retry":
+            self.retries.labels(kind).inc()
+
+    def set_state(self, health: dict[str, Any], by_status_kind: dict[tuple[str, str], int]) -> None:
+        self.jobs.clear()
+        for (status, kind), count in by_status_kind.items():
+            self.jobs.labels(status, kind).set(count)
+        self.queue_depth.clear()
+        for kind, count in health["queue_depth"].items():
+            self.queue_depth.labels(kind).set(count)
+        self.running.set(health["running"])
+        self.oldest_queued.set(health["oldest_queued_seconds"] or 0)
+        self.memory_percent.set(health["system"]["memory_percent"])
+        self.cpu_percent.set(health["system"]["cpu_percent"])
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

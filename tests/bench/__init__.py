@@ -1,0 +1,1 @@
+"""Benchmarks: throughput, latency and scale, side by side with Huey (see README.md)."""
