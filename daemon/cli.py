@@ -136,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     drain = command("drain", _drain, "stop admitting jobs, let running ones finish, then exit")
     drain.add_argument("--wait", action="store_true", help="return once the daemon has exited")
     command("status", _status, "show the daemon's state")
+    stuck = command("stuck", _stuck, "run the stuck, stall, SLA and queue-time rules now")
+    stuck.add_argument(
+        "--dry-run", action="store_true", help="list what the rules would do, change nothing"
+    )
     watch = command("watch", _watch, "follow a job's progress until it finishes")
     target = watch.add_mutually_exclusive_group(required=True)
     target.add_argument("job", nargs="?", type=_positive_int, metavar="JOB")
@@ -352,7 +356,11 @@ def _status(args: argparse.Namespace) -> int:
         _print_json(data)
         return EXIT_OK
     counts = data["jobs"]
-    queued = ", ".join(f"{kind} {count}" for kind, count in data["queued_by_kind"].items())
+    queued = ", ".join(f"{kind} {count}" for kind, count in data["queue_depth"].items())
+    if data.get("oldest_queued_seconds") is not None:
+        queued += f" (oldest waiting {_span(data['oldest_queued_seconds'])})"
+    system = data.get("system", {})
+    recovered = data.get("stuck", {}).get("recovered", {})
     _print_fields(
         [
             (
@@ -362,10 +370,38 @@ def _status(args: argparse.Namespace) -> int:
             ("state", "draining" if data["draining"] else "accepting jobs"),
             ("running", f"{data['running']} of {data['max_concurrent_jobs']} slots"),
             ("jobs", ", ".join(f"{status} {counts.get(status, 0)}" for status in JOB_STATUSES)),
-            ("queued", queued or "none"),
+            ("queued", queued.strip() or "none"),
             ("paused", _paused_text(data["paused"], data["paused_all"])),
+            (
+                "recovered",
+                ", ".join(f"{rule} {n}" for rule, n in recovered.items()) or "none",
+            ),
+            (
+                "system",
+                f"memory {system.get('memory_percent', 0):.0f}% "
+                f"({system.get('memory_available_gb', 0):.1f} GB free), "
+                f"cpu {system.get('cpu_percent', 0):.0f}%",
+            ),
         ]
     )
+    return EXIT_OK
+
+
+def _stuck(args: argparse.Namespace) -> int:
+    data = _call(args, "stuck", dry_run=args.dry_run)
+    if args.json:
+        _print_json(data)
+        return EXIT_OK
+    findings = data["findings"]
+    verb = "would" if data["dry_run"] else "did"
+    if not findings:
+        print("no job breaks a rule")
+        return EXIT_OK
+    for finding in findings:
+        print(
+            f"job {finding['job']} ({finding['kind']}, {finding['status']}): "
+            f"{finding['rule']}, {finding['detail']}; {verb} {finding['action']}"
+        )
     return EXIT_OK
 
 

@@ -43,13 +43,17 @@ def parse_duration(text: object) -> Duration:
 
 
 def format_duration(seconds: float) -> str:
+    """The inverse of parse_duration: 3645 -> "1h45s", 0.25 -> "250ms", inf -> "off"."""
     if math.isinf(seconds):
         return "off"
+    if seconds < 1:
+        return f"{round(seconds * 1000)}ms"
+    parts, rest = [], round(seconds)
     for unit in ("d", "h", "m", "s"):
-        size = _UNIT_SECONDS[unit]
-        if seconds >= size and seconds % size == 0:
-            return f"{int(seconds // size)}{unit}"
-    return f"{int(seconds * 1000)}ms"
+        count, rest = divmod(rest, int(_UNIT_SECONDS[unit]))
+        if count:
+            parts.append(f"{count}{unit}")
+    return "".join(parts)
 
 
 def _show(value: object) -> str:

@@ -66,3 +66,18 @@ async def slow_once(ctx: JobContext, payload: dict) -> dict:
         await ctx.save_checkpoint({"started": True})
         await trio.sleep(payload.get("seconds", 3600))
     return {"attempt": ctx.attempt}
+
+
+async def stalled(ctx: JobContext, payload: dict) -> dict:
+    """Reports 50% once, then keeps heartbeating without its progress moving."""
+    await ctx.progress(0.5, "halfway")
+    while True:
+        await trio.sleep(10)
+        await ctx.heartbeat()
+
+
+async def hang_once(ctx: JobContext, payload: dict) -> dict:
+    """The first attempt hangs without a sign of life; the next one finishes at once."""
+    if ctx.attempt == 1:
+        await trio.sleep_forever()
+    return {"attempt": ctx.attempt}

@@ -356,19 +356,24 @@ def test_status_summarises_the_daemon(daemon, jobwarden, capsys):
         "max_concurrent_jobs": 2,
         "paused": ["pdf"],
         "paused_all": False,
-        "queued_by_kind": {"pdf": 3},
+        "queue_depth": {"pdf": 3},
+        "oldest_queued_seconds": 90,
+        "stuck": {"last_check": 0, "recovered": {"stuck": 2}},
+        "system": {"memory_percent": 41.5, "memory_available_gb": 13.2, "cpu_percent": 7.0},
     }
 
     code = jobwarden("status")
 
     assert code == 0
     assert capsys.readouterr().out.splitlines() == [
-        "daemon   jobwarden 0.1.0, pid 4242, up 2h",
-        "state    accepting jobs",
-        "running  1 of 2 slots",
-        "jobs     queued 3, running 1, done 40, failed 0, canceled 0",
-        "queued   pdf 3",
-        "paused   pdf",
+        "daemon     jobwarden 0.1.0, pid 4242, up 2h",
+        "state      accepting jobs",
+        "running    1 of 2 slots",
+        "jobs       queued 3, running 1, done 40, failed 0, canceled 0",
+        "queued     pdf 3 (oldest waiting 1m)",
+        "paused     pdf",
+        "recovered  stuck 2",
+        "system     memory 42% (13.2 GB free), cpu 7%",
     ]
 
 

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from daemon.config import ConfigError, check_handlers, load_config, load_config_text, parse_duration
+from daemon.config import (
+    ConfigError,
+    check_handlers,
+    format_duration,
+    load_config,
+    load_config_text,
+    parse_duration,
+)
 
 
 @pytest.mark.parametrize(
@@ -13,6 +20,12 @@ from daemon.config import ConfigError, check_handlers, load_config, load_config_
 )
 def test_durations(text, seconds):
     assert parse_duration(text) == seconds
+    assert parse_duration(format_duration(seconds)) == seconds
+
+
+def test_off_means_never():
+    assert parse_duration("off") == float("inf")
+    assert format_duration(float("inf")) == "off"
 
 
 @pytest.mark.parametrize(

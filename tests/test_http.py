@@ -1,0 +1,117 @@
+"""The HTTP listener: probes, the health snapshot, Prometheus text; and the alert hook."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+
+import trio
+from prometheus_client.parser import text_string_to_metric_families
+
+from daemon.admin import Stop
+
+KINDS = """
+[kinds.quick]
+handler = "tests.handlers:sleepy"
+
+[kinds.hang]
+handler = "tests.handlers:hang"
+"""
+
+
+async def get(port: int, path: str) -> tuple[int, bytes]:
+    with trio.fail_after(10):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            await stream.send_all(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            response = b""
+            async for chunk in stream:
+                response += chunk
+    head, _, body = response.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+async def test_probes_health_and_metrics(start_daemon):
+    daemon = await start_daemon(KINDS)
+    for n in range(3):
+        await daemon.wait_done((await daemon.submit("quick", {"fail": n == 0})).id)
+    port = daemon.handle.http_port
+
+    assert await get(port, "/healthz") == (200, b'{"ok":true}\n')
+    status, body = await get(port, "/readyz")
+    assert (status, json.loads(body)) == (200, {"ready": True, "problems": []})
+
+    status, body = await get(port, "/health")
+    health = json.loads(body)
+    assert status == 200
+    assert health["jobs"] == {"queued": 0, "running": 0, "done": 2, "failed": 1, "canceled": 0}
+    assert health["max_concurrent_jobs"] == 2
+    assert health["system"]["memory_total_gb"] > 0
+    assert {"version", "uptime", "queue_depth", "oldest_queued_seconds", "stuck"} <= set(health)
+
+    status, body = await get(port, "/metrics")
+    assert status == 200
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(body.decode())
+        for sample in family.samples
+    }
+    assert samples[("jobwarden_jobs", (("kind", "quick"), ("status", "done")))] == 2
+    outcome_done = (("kind", "quick"), ("outcome", "done"))
+    assert samples[("jobwarden_jobs_processed_total", outcome_done)] == 2
+    assert samples[("jobwarden_job_duration_seconds_count", (("kind", "quick"),))] == 3
+    assert (
+        "jobwarden_request_duration_seconds_count",
+        (("cmd", "/health"), ("listener", "http")),
+    ) in samples
+
+    assert (await get(port, "/nope"))[0] == 404
+
+
+async def test_readyz_is_503_while_draining(start_daemon):
+    daemon = await start_daemon(KINDS)
+    job = await daemon.submit("hang")
+    await daemon.wait_status(job.id, {"running"})
+    await daemon.handle.control.send(Stop(grace=30))
+    with trio.fail_after(10):
+        while True:
+            status, body = await get(daemon.handle.http_port, "/readyz")
+            if status == 503:
+                break
+            await trio.sleep(0)
+    assert json.loads(body)["problems"] == ["draining"]
+    assert (await get(daemon.handle.http_port, "/healthz"))[0] == 200
+
+
+async def test_alert_command_gets_the_alert_as_json(start_daemon, tmp_path):
+    inbox = tmp_path / "alerts.sock"
+    listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await listener.bind(str(inbox))
+    listener.listen(1)
+    forward = (
+        "import socket, sys; s = socket.socket(socket.AF_UNIX); "
+        f"s.connect({str(inbox)!r}); s.sendall(sys.stdin.buffer.read())"
+    )
+    config = (
+        KINDS
+        + f"""
+[monitor]
+interval = "100ms"
+failure_min_jobs = 2
+failure_rate_alert = 0.2
+alert_command = [{json.dumps(sys.executable)}, "-c", {json.dumps(forward)}]
+"""
+    )
+    daemon = await start_daemon(config)
+    for _ in range(3):
+        await daemon.wait_done((await daemon.submit("quick", {"fail": True})).id)
+    with trio.fail_after(10):
+        connection, _ = await listener.accept()
+        received = b""
+        while chunk := await connection.recv(65536):
+            received += chunk
+    alert = json.loads(received)
+    assert alert["alert"] == "failure_rate"
+    assert alert["finished"] == 3 and alert["rate"] == 1.0
+    assert "3 jobs failed" in alert["message"]

@@ -1,0 +1,217 @@
+"""The monitor on MockClock: rules fire exactly at their thresholds, and only then."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import pytest
+import trio
+from structlog.testing import capture_logs
+
+from actors.monitor import RunRules, failure_rate
+from daemon import jobs
+from daemon.mailbox import ReplySlot
+from tests.conftest import EPOCH
+
+KINDS = """
+[monitor]
+interval = "30s"
+stuck_after = "15m"
+stall_after = "5m"
+queued_timeout = "30m"
+
+[kinds.stepper]
+handler = "tests.handlers:stepper"
+timeout = "off"
+
+[kinds.hang]
+handler = "tests.handlers:hang"
+timeout = "off"
+max_attempts = 2
+backoff = ["0s"]
+
+[kinds.hang_once]
+handler = "tests.handlers:hang_once"
+timeout = "off"
+
+[kinds.stalled]
+handler = "tests.handlers:stalled"
+timeout = "off"
+max_attempts = 1
+
+[kinds.sleepy]
+handler = "tests.handlers:sleepy"
+timeout = "off"
+"""
+
+
+def trail(events) -> list[tuple[float, str, str | None]]:
+    return [
+        (round(e.at - EPOCH, 3), e.data["status"], e.data.get("reason"))
+        for e in events
+        if e.type == "status"
+    ]
+
+
+async def run_rules(daemon, *, dry_run: bool) -> list[dict]:
+    reply = ReplySlot()
+    await daemon.handle.monitor.send(RunRules(dry_run=dry_run, reply=reply))
+    return await reply.wait()
+
+
+async def test_a_job_that_reports_for_an_hour_is_never_flagged(autojump_clock, start_daemon):
+    daemon = await start_daemon(KINDS)
+    job = await daemon.submit("stepper", {"steps": 60, "step_seconds": 60})
+    final = await daemon.wait_done(job.id)
+    assert final.status == "done"
+    assert final.finished_at - EPOCH == 3600
+    assert trail(await daemon.events(job.id)) == [
+        (0, "queued", None),
+        (0, "running", None),
+        (3600, "done", None),
+    ]
+
+
+async def test_a_hung_job_is_stopped_at_exactly_stuck_after_then_fails(
+    autojump_clock, start_daemon
+):
+    daemon = await start_daemon(KINDS)
+    job = await daemon.submit("hang")
+    final = await daemon.wait_done(job.id)
+    assert (final.status, final.error.code, final.attempt) == ("failed", "STUCK_TIMEOUT", 2)
+    assert "no heartbeat for 15m" in final.error.message
+    assert trail(await daemon.events(job.id)) == [
+        (0, "queued", None),
+        (0, "running", None),
+        (900, "queued", "RETRY"),
+        (900, "running", None),
+        (1800, "failed", "STUCK_TIMEOUT"),
+    ]
+
+
+async def test_heartbeats_without_progress_are_caught_as_a_stall(autojump_clock, start_daemon):
+    daemon = await start_daemon(KINDS)
+    job = await daemon.submit("stalled")
+    final = await daemon.wait_done(job.id)
+    assert (final.status, final.error.code) == ("failed", "STUCK_TIMEOUT")
+    assert final.error.message.startswith("stall: progress unchanged at 50%")
+    assert final.finished_at - EPOCH == 300
+
+
+async def test_three_injected_stuck_jobs_are_all_recovered(autojump_clock, start_daemon):
+    daemon = await start_daemon(KINDS, max_concurrent_jobs=3)
+    stuck = [await daemon.submit("hang_once") for _ in range(3)]
+    finals = [await daemon.wait_done(job.id) for job in stuck]
+    assert [(f.status, f.attempt) for f in finals] == [("done", 2)] * 3
+    assert all(f.finished_at - EPOCH == 900 for f in finals)
+    status = await daemon_health(daemon)
+    assert status["stuck"]["recovered"] == {"stuck": 3}
+
+
+async def daemon_health(daemon) -> dict:
+    from actors.monitor import HealthQuery
+
+    reply = ReplySlot()
+    await daemon.handle.monitor.send(HealthQuery(reply=reply))
+    return await reply.wait()
+
+
+@pytest.mark.parametrize("where", ["running", "queued"])
+async def test_sla_breach_fails_the_job(autojump_clock, start_daemon, where):
+    daemon = await start_daemon(
+        KINDS + '\n[kinds.late]\nhandler = "tests.handlers:hang"\nsla = "10m"\ntimeout = "off"\n',
+        max_concurrent_jobs=1,
+    )
+    if where == "queued":
+        await daemon.submit("sleepy", {"seconds": 7200})
+    job = await daemon.submit("late")
+    final = await daemon.wait_done(job.id)
+    assert (final.status, final.error.code) == ("failed", "SLA_BREACH")
+    assert final.finished_at - EPOCH == 600
+    assert trail(await daemon.events(job.id))[-2][1] == where
+
+
+async def test_a_job_waiting_too_long_for_a_slot_fails_queued_timeout(autojump_clock, start_daemon):
+    daemon = await start_daemon(KINDS, max_concurrent_jobs=1)
+    blocker = await daemon.submit("stepper", {"steps": 120, "step_seconds": 60})
+    waiting = await daemon.submit("sleepy", {"seconds": 1})
+    final = await daemon.wait_done(waiting.id)
+    assert (final.status, final.error.code) == ("failed", "QUEUED_TIMEOUT")
+    assert final.finished_at - EPOCH == 1800
+    assert (await daemon.job(blocker.id)).status == "running"
+
+
+async def test_a_paused_kind_waits_without_timing_out(autojump_clock, start_daemon):
+    from actors.scheduler import Pause
+
+    daemon = await start_daemon(KINDS)
+    reply = ReplySlot()
+    await daemon.handle.scheduler.send(Pause(kind="sleepy", reply=reply))
+    await reply.wait()
+    job = await daemon.submit("sleepy", {"seconds": 1})
+    await trio.sleep(4 * 3600)
+    assert (await daemon.job(job.id)).status == "queued"
+
+
+async def test_dry_run_reports_and_changes_nothing(autojump_clock, start_daemon):
+    daemon = await start_daemon(KINDS)
+    job = await daemon.submit("hang")
+    await daemon.wait_status(job.id, {"running"})
+    # Between two of the monitor's 30 s checks, so only the dry run looks.
+    await trio.sleep(45)
+    # The handler's last sign of life is made an hour old behind the monitor's back.
+    await daemon.handle.store.write(
+        lambda conn, events: conn.execute(
+            "UPDATE jobs SET heartbeat_at = heartbeat_at - 3600 WHERE id = ?", (job.id,)
+        )
+    )
+    findings = await run_rules(daemon, dry_run=True)
+    assert findings == [
+        {
+            "job": job.id,
+            "kind": "hang",
+            "status": "running",
+            "rule": "stuck",
+            "action": "requeue",
+            "detail": "no heartbeat for 1h45s",
+        }
+    ]
+    assert (await daemon.job(job.id)).status == "running"
+    assert len(await daemon.events(job.id)) == 2
+    findings = await run_rules(daemon, dry_run=False)
+    assert [f["rule"] for f in findings] == ["stuck"]
+    assert (await daemon.job(job.id)).attempt == 2
+
+
+async def test_finished_jobs_are_pruned_after_retain_finished(autojump_clock, start_daemon):
+    daemon = await start_daemon(
+        KINDS.replace('interval = "30s"', 'interval = "30s"\nretain_finished = "1h"')
+    )
+    job = await daemon.submit("sleepy", {"seconds": 1})
+    await daemon.wait_done(job.id)
+    await trio.sleep(3600 + 60)
+    assert await daemon.handle.store.read(partial(jobs.get_job, job_id=job.id)) is None
+    assert await daemon.events(job.id) == []
+
+
+def test_failure_rate_over_a_window():
+    from collections import deque
+
+    history = deque([(0.0, 0, 0), (300.0, 50, 0), (600.0, 100, 5), (1200.0, 200, 20)])
+    rate, finished = failure_rate(history, now=1200.0, window=900.0)
+    # The window starts at 300 s: the sample taken then is the baseline; older ones go.
+    assert (rate, finished) == (20 / 170, 170)
+    assert [sample[0] for sample in history] == [300.0, 600.0, 1200.0]
+
+
+async def test_a_high_failure_rate_raises_an_alert(autojump_clock, start_daemon):
+    daemon = await start_daemon(
+        KINDS.replace('interval = "30s"', 'interval = "30s"\nfailure_min_jobs = 4')
+    )
+    with capture_logs() as logs:
+        for n in range(6):
+            await daemon.wait_done((await daemon.submit("sleepy", {"fail": n % 2 == 0})).id)
+        await trio.sleep(120)
+    alerts = [entry for entry in logs if entry["event"] == "alert"]
+    assert [a["alert"] for a in alerts] == ["failure_rate"]
+    assert alerts[0]["finished"] == 6
