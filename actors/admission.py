@@ -15,6 +15,7 @@ import msgspec
 import structlog
 import trio
 
+from actors.ledger import BudgetState
 from actors.scheduler import JobQueued
 from daemon import jobs
 from daemon.clock import WallClock
@@ -53,15 +54,25 @@ class Reconfigure(msgspec.Struct):
     config: Config
 
 
-AdmissionMessage = Submit | Requeue | StopAdmitting | Reconfigure
+AdmissionMessage = Submit | Requeue | StopAdmitting | Reconfigure | BudgetState
 
 _encoder = msgspec.json.Encoder()
 
 
-def check_submit(config: Config, msg: Submit, *, draining: bool) -> str:
+def check_submit(
+    config: Config, msg: Submit, *, draining: bool, budget: BudgetState, now: float
+) -> str:
     """The request guards, as a plain function. Returns the payload as stored JSON."""
     if draining:
         raise RequestError("DRAINING", "the daemon is shutting down and accepts no new jobs")
+    if budget.stopped:
+        retry_after = None if budget.until is None else max(0.0, round(budget.until - now, 3))
+        raise RequestError(
+            "BUDGET_EXHAUSTED",
+            f"spending is stopped: {budget.reason}",
+            retryable=True,
+            retry_after=retry_after,
+        )
     kind = config.kinds.get(msg.kind)
     if kind is None:
         known = ", ".join(sorted(config.kinds)) or "none"
@@ -107,6 +118,7 @@ class Admission:
         self._scheduler = scheduler
         self._metrics = metrics
         self._draining = False
+        self._budget = BudgetState(stopped=False)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with self._inbox, self._scheduler, trio.open_nursery() as nursery:
@@ -121,11 +133,19 @@ class Admission:
                         self._draining = True
                     case Reconfigure(config=config):
                         self._config = config
+                    case BudgetState():
+                        self._budget = msg
             nursery.cancel_scope.cancel()
 
     def _submit(self, msg: Submit, nursery: trio.Nursery) -> None:
         try:
-            payload_json = check_submit(self._config, msg, draining=self._draining)
+            payload_json = check_submit(
+                self._config,
+                msg,
+                draining=self._draining,
+                budget=self._budget,
+                now=self._clock.now(),
+            )
         except RequestError as exc:
             self._metrics.rejected.labels(exc.body.code).inc()
             log.info("submit rejected", code=exc.body.code, kind=msg.kind, user=msg.user)

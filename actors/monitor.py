@@ -19,6 +19,7 @@ for a job it knows, so a hung job is caught at `stuck_after`, not up to an inter
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections import deque
@@ -31,9 +32,12 @@ import psutil
 import structlog
 import trio
 
+from actors.breaker import Snapshot as BreakerSnapshot
+from actors.ledger import BudgetQuery
 from actors.pool import Recover, Statistics
 from actors.scheduler import Snapshot
 from daemon import jobs
+from daemon.alerts import RaiseAlert
 from daemon.clock import WallClock
 from daemon.config import Config, format_duration
 from daemon.errors import error_body
@@ -64,7 +68,7 @@ class Reconfigure(msgspec.Struct):
     config: Config
 
 
-MonitorMessage = RunRules | HealthQuery | Reconfigure
+MonitorMessage = RunRules | HealthQuery | Reconfigure | RaiseAlert
 
 
 class Finding(msgspec.Struct, omit_defaults=True):
@@ -165,6 +169,12 @@ def evaluate(
     return findings, min(upcoming, default=math.inf)
 
 
+async def _ask(channel: trio.MemorySendChannel[Any], message: type) -> Any:
+    reply: ReplySlot[Any] = ReplySlot()
+    await channel.send(message(reply=reply))
+    return await reply.wait()
+
+
 def _sla_breach(job: Row, now: float, sla: float) -> Finding:
     age = format_duration(round(now - job.created_at))
     detail = f"{age} old, over its SLA of {format_duration(sla)}"
@@ -199,6 +209,8 @@ class Monitor:
         inbox: trio.MemoryReceiveChannel[MonitorMessage],
         pool: trio.MemorySendChannel[Any],
         scheduler: trio.MemorySendChannel[Any],
+        breaker: trio.MemorySendChannel[Any],
+        ledger: trio.MemorySendChannel[Any],
         metrics: Metrics,
         daemon_status: Callable[[], dict[str, Any]],
     ) -> None:
@@ -208,6 +220,8 @@ class Monitor:
         self._inbox = inbox
         self._pool = pool
         self._scheduler = scheduler
+        self._breaker = breaker
+        self._ledger = ledger
         self._metrics = metrics
         self._daemon_status = daemon_status
         self._next_tick = -math.inf
@@ -223,7 +237,11 @@ class Monitor:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         psutil.cpu_percent(interval=None)  # the first reading only starts the measurement
         self._sample_system()
-        async with self._inbox, self._pool, self._scheduler, trio.open_nursery() as nursery:
+        channels = (self._inbox, self._pool, self._scheduler, self._breaker, self._ledger)
+        async with contextlib.AsyncExitStack() as stack:
+            for channel in channels:
+                await stack.enter_async_context(channel)
+            nursery = await stack.enter_async_context(trio.open_nursery())
             self._alerts = nursery
             task_status.started()
             while True:
@@ -248,6 +266,8 @@ class Monitor:
             case Reconfigure(config=config):
                 self._config = config
                 self._next_tick = -math.inf
+            case RaiseAlert(name=name, message=message, data=data):
+                self._alert(name, message, **data)
 
     async def _tick(self) -> None:
         now = self._clock.now()
@@ -323,14 +343,10 @@ class Monitor:
         self._metrics.stuck_recovered.labels(finding.rule).inc()
 
     async def _scheduler_snapshot(self) -> dict[str, Any]:
-        reply: ReplySlot[dict[str, Any]] = ReplySlot()
-        await self._scheduler.send(Snapshot(reply=reply))
-        return await reply.wait()
+        return await _ask(self._scheduler, Snapshot)
 
     async def _check_failure_rate(self, now: float) -> None:
-        reply: ReplySlot[dict[str, Any]] = ReplySlot()
-        await self._pool.send(Statistics(reply=reply))
-        outcomes = (await reply.wait())["outcomes"]
+        outcomes = (await _ask(self._pool, Statistics))["outcomes"]
         self._history.append((now, outcomes.get("done", 0), outcomes.get("failed", 0)))
         monitor = self._config.monitor
         rate, finished = failure_rate(self._history, now, monitor.failure_window)
@@ -414,6 +430,8 @@ class Monitor:
             "paused_all": snapshot["paused_all"],
             "stuck": {"last_check": self._last_findings, "recovered": dict(self._recovered)},
             "system": dict(self._system),
+            "breakers": await _ask(self._breaker, BreakerSnapshot),
+            "budget": await _ask(self._ledger, BudgetQuery),
         }
         if by_kind:
             health["by_status_kind"] = await self._store.read(jobs.counts_by_status_and_kind)

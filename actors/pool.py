@@ -11,6 +11,7 @@ or the process being stopped) puts the job back in the queue without spending it
 
 from __future__ import annotations
 
+import contextlib
 import random
 import traceback
 from functools import partial
@@ -21,6 +22,8 @@ import structlog
 import structlog.contextvars
 import trio
 
+from actors.breaker import ServiceUnavailable
+from actors.ledger import BudgetExhausted
 from actors.scheduler import JobFinished, RunJob
 from daemon import jobs
 from daemon.clock import WallClock
@@ -30,6 +33,7 @@ from daemon.handlers import Fail, JobContext, Retry, run_command, run_python
 from daemon.mailbox import ReplySlot
 from daemon.metrics import Metrics
 from daemon.protocol import ErrorBody, JobView
+from daemon.services import ServiceFailed, ServiceLink
 from daemon.store import Store
 
 log = structlog.get_logger("pool")
@@ -121,6 +125,8 @@ class Pool:
         clock: WallClock,
         inbox: trio.MemoryReceiveChannel[PoolMessage],
         scheduler: trio.MemorySendChannel[Any],
+        ledger: trio.MemorySendChannel[Any],
+        breaker: trio.MemorySendChannel[Any],
         metrics: Metrics,
         rng: random.Random | None = None,
     ) -> None:
@@ -129,6 +135,8 @@ class Pool:
         self._clock = clock
         self._inbox = inbox
         self._scheduler = scheduler
+        self._ledger = ledger
+        self._breaker = breaker
         self._metrics = metrics
         self._rng = rng or random.Random()
         self._running: dict[int, _Running] = {}
@@ -139,7 +147,11 @@ class Pool:
         self.outcomes: dict[str, int] = {}
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with self._inbox, self._scheduler, trio.open_nursery() as nursery:
+        channels = (self._inbox, self._scheduler, self._ledger, self._breaker)
+        async with contextlib.AsyncExitStack() as stack:
+            for channel in channels:
+                await stack.enter_async_context(channel)
+            nursery = await stack.enter_async_context(trio.open_nursery())
             task_status.started()
             async for msg in self._inbox:
                 match msg:
@@ -274,6 +286,14 @@ class Pool:
                 "HANDLER_ERROR", f"kind '{job.kind}' is not configured", retryable=False
             )
         runner = run_python if kind.handler is not None else run_command
+        services = ServiceLink(
+            config=self._config,
+            job=job,
+            ledger=self._ledger,
+            breaker=self._breaker,
+            heartbeat=lambda: ctx.heartbeat(),
+            rng=self._rng,
+        )
         ctx = JobContext(
             job_id=job.id,
             kind=job.kind,
@@ -285,6 +305,7 @@ class Pool:
             report_progress=partial(self._progress, job.id),
             store_checkpoint=partial(self._checkpoint, job.id),
             store_heartbeat=partial(self._heartbeat, job.id),
+            services=services,
         )
         try:
             with entry.scope:
@@ -298,6 +319,12 @@ class Pool:
             return "failed", error_body(exc.code, str(exc), retryable=False)
         except Retry as exc:
             return "retry", error_body(exc.code, str(exc), retryable=True)
+        except BudgetExhausted as exc:
+            return "budget", error_body("BUDGET_EXHAUSTED", str(exc), retryable=True)
+        except ServiceUnavailable as exc:
+            return "retry", error_body("SERVICE_UNAVAILABLE", str(exc), retryable=True)
+        except ServiceFailed as exc:
+            return "retry", error_body("SERVICE_FAILED", str(exc), retryable=True)
         except Exception as exc:
             return "retry", error_body(
                 "HANDLER_ERROR",
@@ -319,6 +346,8 @@ class Pool:
                 write = partial(jobs.cancel, job_id=job.id, now=now, expect=("running",))
             case "interrupted":
                 write = partial(jobs.requeue_interrupted, job_id=job.id, now=now)
+            case "budget":
+                write = partial(jobs.requeue_for_budget, job_id=job.id, now=now)
             case _:
                 policy = self._config.retry_policy(job.kind)
                 delay = retry_delay(

@@ -21,6 +21,8 @@ import msgspec
 import structlog
 import trio
 
+from actors.breaker import ServiceState
+from actors.ledger import BudgetState
 from daemon import jobs
 from daemon.clock import WallClock
 from daemon.config import Config
@@ -69,7 +71,17 @@ class RunJob(msgspec.Struct):
     job: JobView
 
 
-SchedulerMessage = JobQueued | JobFinished | Pause | Resume | StopDispatch | Snapshot | Reconfigure
+SchedulerMessage = (
+    JobQueued
+    | JobFinished
+    | Pause
+    | Resume
+    | StopDispatch
+    | Snapshot
+    | Reconfigure
+    | ServiceState
+    | BudgetState
+)
 
 
 class PauseState(msgspec.Struct):
@@ -78,15 +90,16 @@ class PauseState(msgspec.Struct):
 
 
 def free_capacity(
-    config: Config, running: dict[str, int], paused: PauseState
+    config: Config, running: dict[str, int], paused: PauseState, open_services: set[str]
 ) -> tuple[int, dict[str, int]]:
-    """Free slots overall, and per kind that may start a job now."""
+    """Free slots overall, and per kind that may start a job now: not paused, no service it
+    needs behind an open circuit, under its own limit."""
     total = config.daemon.max_concurrent_jobs - sum(running.values())
     if total <= 0 or paused.all:
         return 0, {}
     capacity = {}
     for name, kind in config.kinds.items():
-        if name in paused.kinds:
+        if name in paused.kinds or open_services.intersection(kind.services):
             continue
         free = total
         if kind.max_concurrent is not None:
@@ -114,6 +127,9 @@ class Scheduler:
         self._running: dict[str, int] = {}
         self._paused = PauseState()
         self._dispatching = True
+        # Services whose circuit is open, and until when; kinds needing them wait.
+        self._open_services: dict[str, float] = {}
+        self._budget = BudgetState(stopped=False)
         # True when something changed that may let a job start; the next round claims.
         self._dirty = True
         self._next_available_at: float | None = None
@@ -145,9 +161,14 @@ class Scheduler:
                     self._dirty = True
 
     def _wake_deadline(self) -> float:
-        if self._next_available_at is None or not self._dispatching:
+        if not self._dispatching:
             return math.inf
-        return self._clock.deadline_for(self._next_available_at)
+        # An open circuit turns half-open at its deadline: a waiting job may then probe it.
+        now = self._clock.now()
+        wakes = [until for until in self._open_services.values() if until > now]
+        if self._next_available_at is not None:
+            wakes.append(self._next_available_at)
+        return self._clock.deadline_for(min(wakes, default=math.inf))
 
     async def _handle(self, msg: SchedulerMessage) -> None:
         match msg:
@@ -182,6 +203,15 @@ class Scheduler:
             case Reconfigure(config=config):
                 self._config = config
                 self._dirty = True
+            case ServiceState(service=service, open_until=open_until):
+                if open_until is None:
+                    self._open_services.pop(service, None)
+                else:
+                    self._open_services[service] = open_until
+                self._dirty = True
+            case BudgetState():
+                self._budget = msg
+                self._dirty = True
 
     async def _save_paused(self) -> None:
         await self._store.write(
@@ -200,19 +230,24 @@ class Scheduler:
             "paused_all": self._paused.all,
             "dispatching": self._dispatching,
             "next_available_at": self._next_available_at,
+            "open_services": dict(self._open_services),
+            "budget_stopped": self._budget.stopped,
         }
 
     async def _dispatch(self) -> None:
         self._dirty = False
-        if not self._dispatching:
+        if not self._dispatching or self._budget.stopped:
             return
-        total, capacity = free_capacity(self._config, self._running, self._paused)
+        now = self._clock.now()
+        # Past its open_until a circuit lets probes through, so its kinds may run again.
+        open_now = {name for name, until in self._open_services.items() if until > now}
+        total, capacity = free_capacity(self._config, self._running, self._paused, open_now)
         if not capacity:
             # Nothing can start until a slot frees or a kind resumes; both message us.
             self._next_available_at = None
             return
         claimed = await self._store.write(
-            partial(jobs.claim, capacity=capacity, total=total, now=self._clock.now())
+            partial(jobs.claim, capacity=capacity, total=total, now=now)
         )
         self._next_available_at = claimed.next_available_at
         for job in claimed.jobs:

@@ -14,6 +14,7 @@ import errno
 import grp
 import os
 import pwd
+import re
 import socket
 import struct
 from collections.abc import Awaitable, Callable
@@ -26,6 +27,11 @@ import structlog
 import trio
 
 from actors.admission import Requeue, Submit
+from actors.breaker import Reset as BreakerReset
+from actors.breaker import Snapshot as BreakerSnapshot
+from actors.breaker import Trip as BreakerTrip
+from actors.ledger import BudgetQuery, ResumeBudget, SetBudget
+from actors.ledger import Report as LedgerReport
 from actors.monitor import HealthQuery, RunRules
 from actors.pool import CancelJob
 from actors.scheduler import Pause, Resume, Snapshot
@@ -38,10 +44,13 @@ from daemon.mailbox import ReplySlot
 from daemon.metrics import Metrics
 from daemon.protocol import (
     COMMAND_ARGS,
+    BreakerArgs,
+    BudgetArgs,
     EventLine,
     JobArgs,
     JobsArgs,
     KindArgs,
+    LedgerArgs,
     Reply,
     StuckArgs,
     SubmitArgs,
@@ -148,6 +157,8 @@ class AdminServer:
         scheduler: trio.MemorySendChannel[Any],
         pool: trio.MemorySendChannel[Any],
         monitor: trio.MemorySendChannel[Any],
+        breaker: trio.MemorySendChannel[Any],
+        ledger: trio.MemorySendChannel[Any],
         supervisor: trio.MemorySendChannel[Any],
         metrics: Metrics,
     ) -> None:
@@ -159,6 +170,8 @@ class AdminServer:
         self._scheduler = scheduler
         self._pool = pool
         self._monitor = monitor
+        self._breaker = breaker
+        self._ledger = ledger
         self._supervisor = supervisor
         self._metrics = metrics
         self._group_gid: int | None = None
@@ -176,6 +189,10 @@ class AdminServer:
             "shutdown": self._shutdown,
             "status": self._status,
             "stuck": self._stuck,
+            "breakers": self._breakers,
+            "breaker": self._breaker_action,
+            "ledger": self._ledger_report,
+            "budget": self._budget,
         }
 
     def reconfigure(self, config: Config) -> None:
@@ -398,6 +415,40 @@ class AdminServer:
         await self._monitor.send(RunRules(dry_run=args.dry_run, reply=reply))
         return {"dry_run": args.dry_run, "findings": await reply.wait()}
 
+    async def _breakers(self, args: Any) -> dict[str, Any]:
+        return await _ask(self._breaker, BreakerSnapshot)
+
+    async def _breaker_action(self, args: BreakerArgs) -> dict[str, Any]:
+        message = BreakerReset if args.action == "reset" else BreakerTrip
+        return {args.service: await _ask(self._breaker, message, service=args.service)}
+
+    async def _ledger_report(self, args: LedgerArgs) -> dict[str, Any]:
+        if args.day is not None and args.month is not None:
+            raise RequestError("INVALID_REQUEST", "ledger: give a day or a month, not both")
+        if args.day is not None and not re.fullmatch(r"\d{4}-\d{2}-\d{2}", args.day):
+            raise RequestError(
+                "INVALID_REQUEST", f"ledger: day must be YYYY-MM-DD, got {args.day!r}"
+            )
+        if args.month is not None and not re.fullmatch(r"\d{4}-\d{2}", args.month):
+            raise RequestError(
+                "INVALID_REQUEST", f"ledger: month must be YYYY-MM, got {args.month!r}"
+            )
+        period = args.day or args.month
+        if period is None:
+            period = (await _ask(self._ledger, BudgetQuery))["day"]
+        return await _ask(self._ledger, LedgerReport, period=period, by=args.by)
+
+    async def _budget(self, args: BudgetArgs) -> dict[str, Any]:
+        if args.action == "set":
+            if args.daily_usd is None and args.monthly_usd is None:
+                raise RequestError("INVALID_REQUEST", "budget set: give daily_usd or monthly_usd")
+            return await _ask(
+                self._ledger, SetBudget, daily_usd=args.daily_usd, monthly_usd=args.monthly_usd
+            )
+        if args.action == "resume":
+            return await _ask(self._ledger, ResumeBudget)
+        return await _ask(self._ledger, BudgetQuery)
+
     async def _scheduler_snapshot(self) -> dict[str, Any]:
         reply: ReplySlot[dict[str, Any]] = ReplySlot()
         await self._scheduler.send(Snapshot(reply=reply))
@@ -439,6 +490,12 @@ class AdminServer:
                     last = event.seq
                 if not sub.overflowed:
                     return
+
+
+async def _ask(channel: trio.MemorySendChannel[Any], message: type, **fields: Any) -> Any:
+    reply: ReplySlot[Any] = ReplySlot()
+    await channel.send(message(**fields, reply=reply))
+    return await reply.wait()
 
 
 def _arg_message(exc: Exception) -> str:

@@ -12,6 +12,7 @@ import math
 import os
 import re
 import tomllib
+import zoneinfo
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -56,6 +57,22 @@ def format_duration(seconds: float) -> str:
     return "".join(parts)
 
 
+class Rate(float):
+    """Events per second, written in config as "100/min", "10/s" or "500/h"."""
+
+
+_RATE = re.compile(r"(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute|h|hour)")
+_RATE_SECONDS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60}
+_RATE_SECONDS |= {"h": 3600, "hour": 3600}
+
+
+def parse_rate(text: object) -> Rate:
+    match = _RATE.fullmatch(text.strip()) if isinstance(text, str) else None
+    if match is None or float(match[1]) <= 0:
+        raise ValueError(f'expected a rate like "100/min", got {_show(text)}')
+    return Rate(float(match[1]) / _RATE_SECONDS[match[2]])
+
+
 def _show(value: object) -> str:
     return f'"{value}"' if isinstance(value, str) else repr(value)
 
@@ -63,6 +80,8 @@ def _show(value: object) -> str:
 def decode_hook(tp: type, obj: Any) -> Any:
     if tp is Duration:
         return parse_duration(obj)
+    if tp is Rate:
+        return parse_rate(obj)
     raise NotImplementedError(f"no decoder for {tp}")
 
 
@@ -126,6 +145,8 @@ class KindSection(Section):
     jitter: Fraction | None = None
     # Lines of stderr kept as a failed command's message.
     stderr_tail_lines: PositiveInt = 20
+    # The services this kind calls: its queued jobs wait while one of them is open.
+    services: list[str] = msgspec.field(default_factory=list)
     # Monitor rules for this kind; unset: the [monitor] defaults. sla unset: no SLA.
     stuck_after: Duration | None = None
     stall_after: Duration | None = None
@@ -164,6 +185,45 @@ class HttpSection(Section):
     listen: str = "127.0.0.1:8766"
 
 
+class BreakerSpec(Section):
+    # Open after this many consecutive failures...
+    failures: PositiveInt = 5
+    # ...or when more than this share of calls failed over `window`, once it saw `min_calls`.
+    error_rate: Fraction = 0.10
+    window: Duration = Duration(60)
+    min_calls: PositiveInt = 20
+    # How long an open circuit refuses calls before letting probes through.
+    recovery: Duration = Duration(60)
+    half_open_calls: PositiveInt = 1
+
+
+class ServiceSection(Section):
+    """An external service every call to which goes through ctx.call."""
+
+    price_usd: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    # What one unit is ("call", "1k_tokens", "minute"); the price is per unit.
+    unit: str = "call"
+    max_concurrent: PositiveInt | None = None
+    rate: Rate | None = None
+    timeout: Duration = Duration(30)
+    # Waits between tries of one call (seed 001: 2s, 5s, 12s for images), spread by jitter.
+    retries: list[Duration] = msgspec.field(default_factory=list)
+    jitter: Fraction = 0.2
+    # Whether a failed call costs money (some providers bill failed generations).
+    failures_billed: bool = False
+    breaker: BreakerSpec = msgspec.field(default_factory=BreakerSpec)
+
+
+class BudgetSection(Section):
+    # Hard limits in USD; spend never crosses them. 0 means no limit.
+    daily_usd: Annotated[float, msgspec.Meta(ge=0)] = 500.0
+    monthly_usd: Annotated[float, msgspec.Meta(ge=0)] = 10000.0
+    # Alert when the day's spend crosses each of these fractions of the daily limit.
+    alert_at: list[Fraction] = msgspec.field(default_factory=lambda: [0.5, 0.8, 1.0])
+    # Budget days begin at midnight in this time zone.
+    timezone: str = "UTC"
+
+
 class RetryPolicy(msgspec.Struct, frozen=True):
     max_attempts: int
     backoff: list[float]
@@ -179,6 +239,8 @@ class Config(Section):
     retry: RetrySection = msgspec.field(default_factory=RetrySection)
     monitor: MonitorSection = msgspec.field(default_factory=MonitorSection)
     http: HttpSection = msgspec.field(default_factory=HttpSection)
+    budget: BudgetSection = msgspec.field(default_factory=BudgetSection)
+    services: dict[str, ServiceSection] = msgspec.field(default_factory=dict)
     kinds: dict[str, KindSection] = msgspec.field(default_factory=dict)
     # Where relative paths resolve: the config file's directory.
     base_dir: str = "."
@@ -248,18 +310,39 @@ def load_config_text(text: str, *, base_dir: str | os.PathLike[str] = ".") -> Co
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"not valid TOML: {exc}") from None
-    kinds_raw = raw.pop("kinds", {})
-    if not isinstance(kinds_raw, dict):
-        raise ConfigError("kinds: expected a table of kinds")
-    kinds = {}
-    for name, table in kinds_raw.items():
-        kinds[name] = _convert(table, KindSection, f"kinds.{name}")
-        _check_kind(name, kinds[name])
+    kinds = {
+        name: _convert(table, KindSection, f"kinds.{name}")
+        for name, table in _tables(raw.pop("kinds", {}), "kinds").items()
+    }
+    services = {
+        name: _convert(table, ServiceSection, f"services.{name}")
+        for name, table in _tables(raw.pop("services", {}), "services").items()
+    }
+    for name, kind in kinds.items():
+        _check_kind(name, kind)
+        for service in kind.services:
+            if service not in services:
+                known = ", ".join(sorted(services)) or "none"
+                raise ConfigError(f"kinds.{name}.services: no service '{service}' (known: {known})")
     if "base_dir" in raw:
         raise ConfigError("base_dir: unknown key")
     config = _convert(raw, Config, "")
     _check_http(config.http.listen)
-    return msgspec.structs.replace(config, kinds=kinds, base_dir=str(base_dir))
+    _check_timezone(config.budget.timezone)
+    return msgspec.structs.replace(config, kinds=kinds, services=services, base_dir=str(base_dir))
+
+
+def _tables(value: Any, key: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: expected a table of named tables")
+    return value
+
+
+def _check_timezone(name: str) -> None:
+    try:
+        zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(f'budget.timezone: unknown time zone "{name}"') from None
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:

@@ -5,7 +5,8 @@ msgspec Struct, and admission validates it before the job is accepted.
 
 command kinds: argv filled from the payload (`"{payload.input}"`, `"{job_id}"`, `"{attempt}"`);
 the child writes JSON lines on stdout (`{"progress": 0.4, "message": "..."}`,
-`{"checkpoint": {...}}`, `{"heartbeat": true}`, `{"result": {...}}`); exit 0 is done,
+`{"checkpoint": {...}}`, `{"heartbeat": true}`, `{"charge": {"service": "image", "units": 1}}`,
+`{"result": {...}}`); exit 0 is done,
 75 (EX_TEMPFAIL) asks for a retry, anything else fails with the tail of stderr. It runs in
 its own session, so cancel and timeout kill its whole process group.
 """
@@ -28,7 +29,22 @@ import msgspec
 import structlog
 import trio
 
+from actors.breaker import ServiceUnavailable
+from actors.ledger import BudgetExhausted
 from daemon.config import KindSection, import_handler, name_path
+from daemon.errors import RequestError
+from daemon.services import Metered, ServiceFailed, ServiceLink
+
+# What a handler module imports: the context, the outcomes it can raise or catch.
+__all__ = [
+    "BudgetExhausted",
+    "Fail",
+    "JobContext",
+    "Metered",
+    "Retry",
+    "ServiceFailed",
+    "ServiceUnavailable",
+]
 
 log = structlog.get_logger("handler")
 
@@ -70,6 +86,7 @@ class JobContext:
         report_progress: Callable[[float, str | None], Awaitable[None]],
         store_checkpoint: Callable[[Any], Awaitable[None]],
         store_heartbeat: Callable[[], Awaitable[None]],
+        services: ServiceLink | None = None,
     ) -> None:
         self.job_id = job_id
         self.kind = kind
@@ -81,6 +98,7 @@ class JobContext:
         self._report_progress = report_progress
         self._store_checkpoint = store_checkpoint
         self._store_heartbeat = store_heartbeat
+        self._services = services
         self._last_heartbeat = -math.inf
 
     async def progress(self, fraction: float, message: str | None = None) -> None:
@@ -94,6 +112,24 @@ class JobContext:
         await self._store_checkpoint(state)
         self.checkpoint = state
         self._last_heartbeat = trio.current_time()
+
+    async def call(
+        self, service: str, fn: Callable[..., Awaitable[Any]], *args: Any, units: float = 1
+    ) -> Any:
+        """Call `fn(*args)` as one use of `service`: budget, breaker, limits, timeout, retries.
+
+        Raises BudgetExhausted (the job goes back to the queue to wait for budget),
+        ServiceUnavailable (the circuit is open; catch it to degrade) or ServiceFailed.
+        """
+        if self._services is None:
+            raise RuntimeError("this context has no services")
+        return await self._services.call(service, fn, args, units)
+
+    async def charge(self, service: str, units: float = 1) -> float:
+        """Book the cost of a call made outside ctx.call; returns its price in USD."""
+        if self._services is None:
+            raise RuntimeError("this context has no services")
+        return await self._services.charge(service, units)
 
     async def heartbeat(self) -> None:
         """Say "still alive" without progress, e.g. while waiting on a slow provider.
@@ -280,5 +316,11 @@ async def _read_protocol(stream: trio.abc.ReceiveStream, ctx: JobContext, result
             await ctx.save_checkpoint(message["checkpoint"])
         if message.get("heartbeat"):
             await ctx.heartbeat()
+        charge = message.get("charge")
+        if isinstance(charge, dict) and isinstance(charge.get("service"), str):
+            try:
+                await ctx.charge(charge["service"], float(charge.get("units", 1)))
+            except (TypeError, ValueError, RequestError) as exc:
+                log.warning("bad charge line from command", job=ctx.job_id, error=str(exc))
         if "result" in message:
             result[0] = message["result"]

@@ -262,6 +262,22 @@ def requeue_interrupted(
     )
 
 
+def requeue_for_budget(
+    conn: sqlite3.Connection, events: Events, job_id: int, *, now: float
+) -> JobView | None:
+    """A call was refused for budget: wait in the queue, attempt not spent, checkpoint kept."""
+    return _transition(
+        conn,
+        events,
+        job_id,
+        expect=("running",),
+        status="queued",
+        reason="BUDGET_WAIT",
+        now=now,
+        sets={"available_at": now, "attempt": SQL("attempt - 1")},
+    )
+
+
 def requeue_manual(
     conn: sqlite3.Connection, events: Events, job_id: int, *, max_attempts: int, now: float
 ) -> JobView | None:

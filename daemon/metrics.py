@@ -12,6 +12,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 DURATION_BUCKETS = (0.1, 0.5, 1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600)
+BREAKER_LEVELS = {"closed": 0, "half_open": 1, "open": 2}
 REQUEST_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5)
 
 
@@ -58,6 +59,18 @@ class Metrics:
         self.rejected = Counter(
             "jobwarden_admission_rejected", "Submissions refused, by code", ["code"], registry=r
         )
+        self.breaker_state = Gauge(
+            "jobwarden_breaker_state",
+            "Circuit state per service: 0 closed, 1 half-open, 2 open",
+            ["service"],
+            registry=r,
+        )
+        self.spend = Counter(
+            "jobwarden_spend_usd", "Money spent on external calls", ["service"], registry=r
+        )
+        self.budget_remaining = Gauge(
+            "jobwarden_budget_remaining_usd", "What today's budget has left", registry=r
+        )
         self.request_duration = Histogram(
             "jobwarden_request_duration_seconds",
             "Listener request duration",
@@ -82,6 +95,10 @@ class Metrics:
         self.running.set(health["running"])
         self.oldest_queued.set(health["oldest_queued_seconds"] or 0)
         self.memory_percent.set(health["system"]["memory_percent"])
+        for service, view in health["breakers"].items():
+            self.breaker_state.labels(service).set(BREAKER_LEVELS[view["state"]])
+        remaining = health["budget"]["remaining_today"]
+        self.budget_remaining.set(remaining if remaining is not None else float("inf"))
         self.cpu_percent.set(health["system"]["cpu_percent"])
 
     def render(self) -> bytes:

@@ -8,7 +8,7 @@ the same id: `{"id", "ok": true, "data": ...}` or `{"id", "ok": false, "error": 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -133,6 +133,24 @@ class StuckArgs(Args):
     dry_run: bool = False
 
 
+class BreakerArgs(Args):
+    service: str
+    action: Literal["reset", "trip"]
+
+
+class LedgerArgs(Args):
+    # A day "2026-11-22" or a month "2026-11"; neither: today.
+    day: str | None = None
+    month: str | None = None
+    by: Literal["service", "user", "kind"] = "service"
+
+
+class BudgetArgs(Args):
+    action: Literal["show", "set", "resume"] = "show"
+    daily_usd: Annotated[float, msgspec.Meta(ge=0)] | None = None
+    monthly_usd: Annotated[float, msgspec.Meta(ge=0)] | None = None
+
+
 COMMAND_ARGS: dict[str, type[Args]] = {
     "ping": NoArgs,
     "submit": SubmitArgs,
@@ -147,6 +165,10 @@ COMMAND_ARGS: dict[str, type[Args]] = {
     "status": NoArgs,
     "watch": WatchArgs,
     "stuck": StuckArgs,
+    "breakers": NoArgs,
+    "breaker": BreakerArgs,
+    "ledger": LedgerArgs,
+    "budget": BudgetArgs,
 }
 
 request_decoder = msgspec.json.Decoder(Request)

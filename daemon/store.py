@@ -94,6 +94,31 @@ MIGRATIONS: list[str] = [
     ALTER TABLE jobs ADD COLUMN progress_at REAL;
     CREATE INDEX jobs_finished ON jobs(status, finished_at);
     """,
+    """
+    -- One row per external call: what it cost, to whom. Kept when finished jobs are pruned.
+    CREATE TABLE ledger (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        job_id INTEGER,
+        user TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        service TEXT NOT NULL,
+        units REAL NOT NULL,
+        usd REAL NOT NULL,
+        ok INTEGER NOT NULL,
+        at REAL NOT NULL,
+        day TEXT NOT NULL,
+        month TEXT NOT NULL
+    );
+    CREATE INDEX ledger_day ON ledger(day);
+    CREATE INDEX ledger_month ON ledger(month);
+    CREATE INDEX ledger_job ON ledger(job_id);
+    CREATE TABLE breakers (
+        service TEXT PRIMARY KEY,
+        state TEXT NOT NULL,
+        open_until REAL,
+        changed_at REAL NOT NULL
+    );
+    """,
 ]
 
 JOB_COLUMNS = (

@@ -26,10 +26,14 @@ import structlog
 import trio
 
 from actors import admission as admission_actor
+from actors import breaker as breaker_actor
+from actors import ledger as ledger_actor
 from actors import monitor as monitor_actor
 from actors import pool as pool_actor
 from actors import scheduler as scheduler_actor
 from actors.admission import Admission, StopAdmitting
+from actors.breaker import Breaker
+from actors.ledger import Ledger
 from actors.monitor import Monitor
 from actors.pool import Drain, Pool
 from actors.scheduler import Scheduler, Snapshot, StopDispatch
@@ -66,6 +70,8 @@ class DaemonHandle(msgspec.Struct):
     scheduler: trio.MemorySendChannel[Any]
     pool: trio.MemorySendChannel[Any]
     monitor: trio.MemorySendChannel[Any]
+    breaker: trio.MemorySendChannel[Any]
+    ledger: trio.MemorySendChannel[Any]
     http_port: int | None
 
 
@@ -150,12 +156,33 @@ class Supervisor:
         scheduler_tx, scheduler_rx = trio.open_memory_channel[Any](math.inf)
         pool_tx, pool_rx = trio.open_memory_channel[Any](math.inf)
         admission_tx, admission_rx = trio.open_memory_channel[Any](1024)
-        monitor_tx, monitor_rx = trio.open_memory_channel[Any](64)
+        # Actors ask the monitor nothing it must answer, but it asks them (breaker, ledger):
+        # an unbounded inbox means an alert can never block an actor the monitor waits on.
+        monitor_tx, monitor_rx = trio.open_memory_channel[Any](math.inf)
+        breaker_tx, breaker_rx = trio.open_memory_channel[Any](math.inf)
+        ledger_tx, ledger_rx = trio.open_memory_channel[Any](math.inf)
         control_tx, control_rx = trio.open_memory_channel[Any](16)
-        self._channels = (admission_tx, scheduler_tx, pool_tx, monitor_tx)
+        self._channels = (admission_tx, scheduler_tx, pool_tx, monitor_tx, breaker_tx, ledger_tx)
         actor = {"config": config, "store": store, "clock": clock}
         scheduler = Scheduler(**actor, inbox=scheduler_rx, pool=pool_tx.clone())
-        pool = Pool(**actor, inbox=pool_rx, scheduler=scheduler_tx.clone(), metrics=metrics)
+        breaker = Breaker(
+            **actor, inbox=breaker_rx, scheduler=scheduler_tx.clone(), alerts=monitor_tx.clone()
+        )
+        ledger = Ledger(
+            **actor,
+            inbox=ledger_rx,
+            listeners=[admission_tx.clone(), scheduler_tx.clone()],
+            alerts=monitor_tx.clone(),
+            metrics=metrics,
+        )
+        pool = Pool(
+            **actor,
+            inbox=pool_rx,
+            scheduler=scheduler_tx.clone(),
+            ledger=ledger_tx.clone(),
+            breaker=breaker_tx.clone(),
+            metrics=metrics,
+        )
         admission = Admission(
             **actor, inbox=admission_rx, scheduler=scheduler_tx.clone(), metrics=metrics
         )
@@ -164,6 +191,8 @@ class Supervisor:
             inbox=monitor_rx,
             pool=pool_tx.clone(),
             scheduler=scheduler_tx.clone(),
+            breaker=breaker_tx.clone(),
+            ledger=ledger_tx.clone(),
             metrics=metrics,
             daemon_status=self._status,
         )
@@ -174,11 +203,15 @@ class Supervisor:
             scheduler=scheduler_tx.clone(),
             pool=pool_tx.clone(),
             monitor=monitor_tx.clone(),
+            breaker=breaker_tx.clone(),
+            ledger=ledger_tx.clone(),
             supervisor=control_tx.clone(),
             metrics=metrics,
         )
         async with trio.open_nursery() as nursery:
             await nursery.start(scheduler.run)
+            await nursery.start(breaker.run)
+            await nursery.start(ledger.run)
             await nursery.start(pool.run)
             await nursery.start(admission.run)
             await nursery.start(monitor.run)
@@ -216,6 +249,8 @@ class Supervisor:
                     scheduler=scheduler_tx,
                     pool=pool_tx,
                     monitor=monitor_tx,
+                    breaker=breaker_tx,
+                    ledger=ledger_tx,
                     http_port=http_port,
                 )
             )
@@ -256,7 +291,7 @@ class Supervisor:
                         await self._reload()
 
     async def _drain(self, grace: float | None, finished: trio.Event) -> None:
-        admission_tx, scheduler_tx, pool_tx, _ = self._channels
+        admission_tx, scheduler_tx, pool_tx, *_ = self._channels
         grace = self._config.daemon.shutdown_grace if grace is None else grace
         self._notifier.stopping(f"draining, grace {grace:g}s")
         log.info("draining", grace=grace)
@@ -288,8 +323,10 @@ class Supervisor:
             if getattr(new, key) != getattr(self._config, key):
                 log.warning("config change needs a restart to take effect", section=key)
         self._config = new
-        admission_tx, scheduler_tx, pool_tx, monitor_tx = self._channels
+        admission_tx, scheduler_tx, pool_tx, monitor_tx, breaker_tx, ledger_tx = self._channels
         await admission_tx.send(admission_actor.Reconfigure(config=new))
+        await breaker_tx.send(breaker_actor.Reconfigure(config=new))
+        await ledger_tx.send(ledger_actor.Reconfigure(config=new))
         await scheduler_tx.send(scheduler_actor.Reconfigure(config=new))
         await pool_tx.send(pool_actor.Reconfigure(config=new))
         await monitor_tx.send(monitor_actor.Reconfigure(config=new))

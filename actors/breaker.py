@@ -1,0 +1,429 @@
+"""Breaker: one circuit per external service, and the service's concurrency and rate limits.
+
+Consumes `Permit` and `Done` from jobs calling through ctx.call, `Reset`/`Trip`/`Snapshot`
+from the admin socket, `Reconfigure` from the supervisor. Produces `ServiceState` for the
+scheduler (which holds jobs whose kind needs an open service) and alerts for the monitor.
+
+CLOSED -> OPEN after `failures` consecutive failures, or an error rate above `error_rate`
+over `window` once `min_calls` were seen. OPEN refuses at once until `recovery` has passed.
+HALF_OPEN lets `half_open_calls` probes through, each with its own deadline (the service's
+timeout): a probe that neither succeeds nor fails by then counts as a failure, so a hung probe
+cannot hold the circuit half-open forever. All probes succeeding closes it; any failing
+reopens it. Open circuits are stored, so a restart does not hammer a provider that was down.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections import deque
+from functools import partial
+from typing import Any, Literal
+
+import msgspec
+import structlog
+import trio
+
+from daemon.alerts import RaiseAlert
+from daemon.clock import WallClock
+from daemon.config import BreakerSpec, Config, ServiceSection, format_duration
+from daemon.errors import RequestError
+from daemon.mailbox import ReplySlot
+from daemon.store import Store
+
+log = structlog.get_logger("breaker")
+
+State = Literal["closed", "open", "half_open"]
+
+
+class ServiceUnavailable(Exception):
+    """The service's circuit is open: the call was not made."""
+
+    def __init__(self, service: str, until: float | None) -> None:
+        super().__init__(f"service '{service}' is unavailable (circuit open)")
+        self.service = service
+        self.until = until
+
+
+class Token(msgspec.Struct, frozen=True):
+    service: str
+    id: int
+    probe: bool
+
+
+class Permit(msgspec.Struct):
+    service: str
+    reply: ReplySlot[Token]
+
+
+class Done(msgspec.Struct):
+    """A permitted call ended: ok, failed, or abandoned (canceled by us: no verdict)."""
+
+    token: Token
+    outcome: Literal["ok", "failed", "abandoned"]
+
+
+class Reset(msgspec.Struct):
+    service: str
+    reply: ReplySlot[dict[str, Any]]
+
+
+class Trip(msgspec.Struct):
+    service: str
+    reply: ReplySlot[dict[str, Any]]
+
+
+class Snapshot(msgspec.Struct):
+    reply: ReplySlot[dict[str, Any]]
+
+
+class Reconfigure(msgspec.Struct):
+    config: Config
+
+
+class ServiceState(msgspec.Struct):
+    """Told to the scheduler whenever a circuit changes: open_until None means usable."""
+
+    service: str
+    open_until: float | None
+
+
+BreakerMessage = Permit | Done | Reset | Trip | Snapshot | Reconfigure
+
+
+class Circuit:
+    """The state machine of one service's circuit, as plain code over explicit times."""
+
+    def __init__(self, spec: BreakerSpec, probe_timeout: float) -> None:
+        self.spec = spec
+        self.probe_timeout = probe_timeout
+        self.state: State = "closed"
+        self.open_until: float | None = None
+        self.consecutive_failures = 0
+        self.window: deque[tuple[float, bool]] = deque()
+        # Probe id -> deadline, while half-open.
+        self.probes: dict[int, float] = {}
+        self.probe_successes = 0
+        self.opened = 0
+
+    def admit(self, now: float, probe_id: int) -> bool | None:
+        """True: go ahead (as a probe if half-open). None: refused. Moves OPEN -> HALF_OPEN."""
+        self.expire_probes(now)
+        if self.state == "open" and self.open_until is not None and now >= self.open_until:
+            self._become("half_open", now)
+        if self.state == "closed":
+            return True
+        if self.state == "half_open" and len(self.probes) < self.spec.half_open_calls:
+            self.probes[probe_id] = now + self.probe_timeout
+            return True
+        return None
+
+    def record(self, now: float, ok: bool, probe_id: int | None) -> None:
+        if probe_id is not None:
+            if self.probes.pop(probe_id, None) is None:
+                return  # a probe that already timed out has had its say
+            if not ok:
+                self._open(now)
+            else:
+                self.probe_successes += 1
+                if self.probe_successes >= self.spec.half_open_calls:
+                    self._become("closed", now)
+            return
+        if self.state != "closed":
+            return
+        self.window.append((now, ok))
+        while self.window and self.window[0][0] <= now - self.spec.window:
+            self.window.popleft()
+        self.consecutive_failures = 0 if ok else self.consecutive_failures + 1
+        failed = sum(1 for _, success in self.window if not success)
+        too_many = self.consecutive_failures >= self.spec.failures
+        rate_over = (
+            len(self.window) >= self.spec.min_calls
+            and failed / len(self.window) > self.spec.error_rate
+        )
+        if too_many or rate_over:
+            self._open(now)
+
+    def abandon(self, probe_id: int) -> None:
+        """A probe canceled by us: free its place without a verdict."""
+        self.probes.pop(probe_id, None)
+
+    def expire_probes(self, now: float) -> None:
+        if any(deadline <= now for deadline in self.probes.values()):
+            self._open(now)
+
+    def next_deadline(self) -> float:
+        deadlines = list(self.probes.values())
+        if self.state == "open" and self.open_until is not None:
+            deadlines.append(self.open_until)
+        return min(deadlines, default=math.inf)
+
+    def trip(self, now: float) -> None:
+        self._open(now)
+
+    def reset(self, now: float) -> None:
+        self._become("closed", now)
+
+    def _open(self, now: float) -> None:
+        self.opened += 1
+        self._become("open", now)
+        self.open_until = now + self.spec.recovery
+
+    def _become(self, state: State, now: float) -> None:
+        self.state = state
+        self.probes.clear()
+        self.probe_successes = 0
+        if state == "closed":
+            self.open_until = None
+            self.consecutive_failures = 0
+            self.window.clear()
+
+
+class Gate:
+    """A service's concurrency limit and token-bucket rate limit, on trio's clock."""
+
+    def __init__(self, spec: ServiceSection, now: float) -> None:
+        self.max_concurrent = spec.max_concurrent or math.inf
+        self.rate = spec.rate
+        # A burst of up to one second's worth of calls (at least one).
+        self.capacity = max(1.0, spec.rate or 1.0)
+        self.tokens = self.capacity
+        self.refilled_at = now
+        self.in_flight = 0
+
+    def try_take(self, now: float) -> float | None:
+        """None: taken. A number: the trio time at which to try again."""
+        if self.in_flight >= self.max_concurrent:
+            return math.inf  # a Done frees a slot and wakes the queue
+        if self.rate is not None:
+            self.tokens = min(self.capacity, self.tokens + (now - self.refilled_at) * self.rate)
+            self.refilled_at = now
+            if self.tokens < 1:
+                return now + (1 - self.tokens) / self.rate
+            self.tokens -= 1
+        self.in_flight += 1
+        return None
+
+    def release(self) -> None:
+        self.in_flight -= 1
+
+
+class _Service:
+    def __init__(self, name: str, spec: ServiceSection, now: float) -> None:
+        self.name = name
+        self.spec = spec
+        self.circuit = Circuit(spec.breaker, spec.timeout)
+        self.gate = Gate(spec, now)
+        self.waiting: deque[tuple[Permit, int]] = deque()
+        self.retry_at = math.inf
+        self.calls = 0
+        self.failures = 0
+
+
+def save_breaker(
+    conn: Any, events: list, *, service: str, state: str, open_until: float | None, now: float
+) -> None:
+    conn.execute(
+        "INSERT INTO breakers (service, state, open_until, changed_at) VALUES (?, ?, ?, ?) "
+        "ON CONFLICT(service) DO UPDATE SET state = excluded.state, "
+        "open_until = excluded.open_until, changed_at = excluded.changed_at",
+        (service, state, open_until, now),
+    )
+
+
+def load_breakers(conn: Any) -> dict[str, tuple[str, float | None]]:
+    rows = conn.execute("SELECT service, state, open_until FROM breakers").fetchall()
+    return {service: (state, open_until) for service, state, open_until in rows}
+
+
+class Breaker:
+    def __init__(
+        self,
+        *,
+        config: Config,
+        store: Store,
+        clock: WallClock,
+        inbox: trio.MemoryReceiveChannel[BreakerMessage],
+        scheduler: trio.MemorySendChannel[Any],
+        alerts: trio.MemorySendChannel[Any],
+    ) -> None:
+        self._config = config
+        self._store = store
+        self._clock = clock
+        self._inbox = inbox
+        self._scheduler = scheduler
+        self._alerts = alerts
+        self._ids = itertools.count(1)
+        self._services: dict[str, _Service] = {}
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        stored = await self._store.read(load_breakers)
+        self._build(self._config)
+        for name, (state, open_until) in stored.items():
+            service = self._services.get(name)
+            if service is not None and state != "closed" and open_until is not None:
+                # Down when we stopped: stay open for the rest of its recovery time.
+                service.circuit.state = "open"
+                service.circuit.open_until = open_until
+                log.info("breaker restored open", service=name, until=open_until)
+        async with self._inbox, self._scheduler, self._alerts:
+            for service in self._services.values():
+                await self._tell_scheduler(service)
+            task_status.started()
+            while True:
+                with trio.move_on_at(self._next_wake()):
+                    try:
+                        msg = await self._inbox.receive()
+                    except trio.EndOfChannel:
+                        return
+                    await self._handle(msg)
+                await self._advance()
+
+    def _build(self, config: Config) -> None:
+        now = trio.current_time()
+        services = {}
+        for name, spec in config.services.items():
+            existing = self._services.get(name)
+            if existing is not None and existing.spec == spec:
+                services[name] = existing
+            else:
+                services[name] = _Service(name, spec, now)
+        self._services = services
+
+    def _next_wake(self) -> float:
+        wake = math.inf
+        for service in self._services.values():
+            wake = min(
+                wake,
+                self._clock.deadline_for(service.circuit.next_deadline()),
+                service.retry_at,
+            )
+        return wake
+
+    async def _handle(self, msg: BreakerMessage) -> None:
+        match msg:
+            case Permit(service=name, reply=reply):
+                service = self._services.get(name)
+                if service is None:
+                    known = ", ".join(sorted(self._services)) or "none"
+                    reply.fail(RequestError("INVALID_REQUEST", f"no service '{name}' ({known})"))
+                    return
+                service.waiting.append((msg, next(self._ids)))
+            case Done(token=token, outcome=outcome):
+                service = self._services.get(token.service)
+                if service is None:
+                    return
+                service.gate.release()
+                before = service.circuit.state
+                probe = token.id if token.probe else None
+                if outcome == "abandoned":
+                    if probe is not None:
+                        service.circuit.abandon(probe)
+                else:
+                    service.calls += 1
+                    service.failures += outcome == "failed"
+                    service.circuit.record(self._clock.now(), outcome == "ok", probe)
+                await self._changed(service, before)
+            case Reset(service=name, reply=reply):
+                service = self._require(name, reply)
+                if service is not None:
+                    before = service.circuit.state
+                    service.circuit.reset(self._clock.now())
+                    log.warning("breaker reset by an operator", service=name)
+                    await self._changed(service, before)
+                    reply.set(self._view(service))
+            case Trip(service=name, reply=reply):
+                service = self._require(name, reply)
+                if service is not None:
+                    before = service.circuit.state
+                    service.circuit.trip(self._clock.now())
+                    log.warning("breaker tripped by an operator", service=name)
+                    await self._changed(service, before)
+                    reply.set(self._view(service))
+            case Snapshot(reply=reply):
+                reply.set({name: self._view(s) for name, s in self._services.items()})
+            case Reconfigure(config=config):
+                self._config = config
+                self._build(config)
+
+    def _require(self, name: str, reply: ReplySlot[Any]) -> _Service | None:
+        service = self._services.get(name)
+        if service is None:
+            known = ", ".join(sorted(self._services)) or "none"
+            reply.fail(RequestError("NOT_FOUND", f"no service '{name}' (known: {known})"))
+        return service
+
+    async def _advance(self) -> None:
+        """Expire probes, move open circuits on, and grant what the gates allow now."""
+        now = self._clock.now()
+        trio_now = trio.current_time()
+        for service in self._services.values():
+            before = service.circuit.state
+            service.circuit.expire_probes(now)
+            if before != service.circuit.state:
+                await self._changed(service, before)
+            service.retry_at = math.inf
+            while service.waiting:
+                permit, permit_id = service.waiting[0]
+                decision = service.circuit.admit(now, permit_id)
+                if decision is None:
+                    service.waiting.popleft()
+                    permit.reply.fail(ServiceUnavailable(service.name, service.circuit.open_until))
+                    continue
+                if service.circuit.state == "half_open" and before != "half_open":
+                    await self._changed(service, before)
+                    before = "half_open"
+                retry_at = service.gate.try_take(trio_now)
+                if retry_at is not None:
+                    if service.circuit.state == "half_open":
+                        service.circuit.abandon(permit_id)
+                    service.retry_at = retry_at
+                    break
+                service.waiting.popleft()
+                permit.reply.set(
+                    Token(service.name, permit_id, probe=service.circuit.state == "half_open")
+                )
+
+    async def _changed(self, service: _Service, before: State) -> None:
+        after = service.circuit.state
+        if after == before:
+            return
+        now = self._clock.now()
+        until = service.circuit.open_until
+        log.warning(
+            "breaker state changed",
+            service=service.name,
+            before=before,
+            after=after,
+            open_until=until,
+        )
+        await self._store.write(
+            partial(save_breaker, service=service.name, state=after, open_until=until, now=now)
+        )
+        await self._tell_scheduler(service)
+        if after == "open":
+            await self._alerts.send(
+                RaiseAlert(
+                    name=f"breaker_{service.name}",
+                    message=f"breaker {service.name} opened for "
+                    f"{format_duration(service.spec.breaker.recovery)}",
+                    data={"service": service.name, "open_until": until},
+                )
+            )
+
+    async def _tell_scheduler(self, service: _Service) -> None:
+        open_until = service.circuit.open_until if service.circuit.state == "open" else None
+        await self._scheduler.send(ServiceState(service=service.name, open_until=open_until))
+
+    def _view(self, service: _Service) -> dict[str, Any]:
+        circuit = service.circuit
+        return {
+            "state": circuit.state,
+            "open_until": circuit.open_until,
+            "consecutive_failures": circuit.consecutive_failures,
+            "calls": service.calls,
+            "failures": service.failures,
+            "opened": circuit.opened,
+            "in_flight": service.gate.in_flight,
+            "waiting": len(service.waiting),
+        }

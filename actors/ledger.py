@@ -1,0 +1,493 @@
+"""Ledger: what every external call costs, and the hard budget that spending never crosses.
+
+Consumes `Reserve`/`Settle`/`Release` from ctx.call, `Charge` from command kinds,
+`BudgetQuery`/`SetBudget`/`ResumeBudget`/`Report` from the admin socket, `Reconfigure`.
+Produces `BudgetState` for admission and the scheduler, and alerts for the monitor.
+
+A call first reserves its price. The reservation is refused when the day's (or month's)
+spend plus every open reservation plus this price would pass the limit: so however many jobs
+call at once, spend never exceeds the limit. A refusal is the emergency stop: admission
+answers BUDGET_EXHAUSTED, the scheduler holds dispatch, and the job whose call was refused
+goes back to the queue to wait, its checkpoint kept. The stop lifts at the next budget day
+(midnight in `budget.timezone`), or when an operator says `budget resume`.
+Settling writes one ledger row per call, with the units actually used; a failed call costs
+nothing unless the service bills failures.
+"""
+
+from __future__ import annotations
+
+import calendar
+import itertools
+import math
+from datetime import datetime, timedelta
+from functools import partial
+from typing import Any, Literal
+from zoneinfo import ZoneInfo
+
+import msgspec
+import structlog
+import trio
+
+from daemon import jobs
+from daemon.alerts import RaiseAlert
+from daemon.clock import WallClock
+from daemon.config import Config
+from daemon.errors import RequestError
+from daemon.mailbox import ReplySlot
+from daemon.metrics import Metrics
+from daemon.store import Store
+
+log = structlog.get_logger("ledger")
+
+LIMITS_SETTING = "budget_limits"
+OVERRIDE_SETTING = "budget_override_day"
+# Money is compared with this slack so float sums like 10 x 0.024 still fit 0.24.
+EPSILON = 1e-9
+
+
+class BudgetExhausted(Exception):
+    """A call was refused: it would cross the budget. The job waits for the next budget day."""
+
+    def __init__(self, message: str, until: float) -> None:
+        super().__init__(message)
+        self.until = until
+
+
+class Reservation(msgspec.Struct, frozen=True):
+    id: int
+    job: int | None
+    user: str
+    kind: str
+    service: str
+    units: float
+    usd: float
+
+
+class Reserve(msgspec.Struct):
+    job: int | None
+    user: str
+    kind: str
+    service: str
+    units: float
+    reply: ReplySlot[Reservation]
+
+
+class Settle(msgspec.Struct):
+    reservation: Reservation
+    units: float
+    ok: bool
+    reply: ReplySlot[float]
+
+
+class Release(msgspec.Struct):
+    """A reserved call that was never made (its circuit was open)."""
+
+    reservation: Reservation
+
+
+class Charge(msgspec.Struct):
+    """A cost reported after the fact (a command kind's `{"charge": ...}` line)."""
+
+    job: int | None
+    user: str
+    kind: str
+    service: str
+    units: float
+    reply: ReplySlot[float]
+
+
+class BudgetQuery(msgspec.Struct):
+    reply: ReplySlot[dict[str, Any]]
+
+
+class SetBudget(msgspec.Struct):
+    daily_usd: float | None
+    monthly_usd: float | None
+    reply: ReplySlot[dict[str, Any]]
+
+
+class ResumeBudget(msgspec.Struct):
+    reply: ReplySlot[dict[str, Any]]
+
+
+class Report(msgspec.Struct):
+    """Totals for a day ("2026-11-22") or a month ("2026-11"), grouped by service/user/kind."""
+
+    period: str
+    by: Literal["service", "user", "kind"]
+    reply: ReplySlot[dict[str, Any]]
+
+
+class Reconfigure(msgspec.Struct):
+    config: Config
+
+
+class BudgetState(msgspec.Struct):
+    """Told to admission and the scheduler: stopped until `until` (None: not stopped)."""
+
+    stopped: bool
+    until: float | None = None
+    reason: str = ""
+
+
+LedgerMessage = (
+    Reserve
+    | Settle
+    | Release
+    | Charge
+    | BudgetQuery
+    | SetBudget
+    | ResumeBudget
+    | Report
+    | Reconfigure
+)
+
+
+class Limits(msgspec.Struct):
+    daily_usd: float
+    monthly_usd: float
+
+
+class BudgetCalendar:
+    """Budget days and months: midnight and the first of the month in one time zone."""
+
+    def __init__(self, timezone: str) -> None:
+        self.zone = ZoneInfo(timezone)
+
+    def day(self, at: float) -> str:
+        return datetime.fromtimestamp(at, self.zone).date().isoformat()
+
+    def month(self, at: float) -> str:
+        return self.day(at)[:7]
+
+    def next_day(self, at: float) -> float:
+        local = datetime.fromtimestamp(at, self.zone)
+        midnight = datetime.combine(local.date() + timedelta(days=1), datetime.min.time())
+        return midnight.replace(tzinfo=self.zone).timestamp()
+
+    def next_month(self, at: float) -> float:
+        local = datetime.fromtimestamp(at, self.zone)
+        year, month = (local.year + 1, 1) if local.month == 12 else (local.year, local.month + 1)
+        return datetime(year, month, 1, tzinfo=self.zone).timestamp()
+
+    def month_progress(self, at: float) -> tuple[float, int]:
+        """Days elapsed in the month (fractional) and the month's length in days."""
+        local = datetime.fromtimestamp(at, self.zone)
+        days = calendar.monthrange(local.year, local.month)[1]
+        start = datetime(local.year, local.month, 1, tzinfo=self.zone).timestamp()
+        return (at - start) / 86400, days
+
+
+def record_entry(conn: Any, events: list, *, entry: tuple) -> None:
+    conn.execute(
+        "INSERT INTO ledger (job_id, user, kind, service, units, usd, ok, at, day, month) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        entry,
+    )
+
+
+def spent(conn: Any, *, day: str, month: str) -> tuple[float, float]:
+    today = conn.execute("SELECT COALESCE(SUM(usd), 0) FROM ledger WHERE day = ?", (day,))
+    this_month = conn.execute("SELECT COALESCE(SUM(usd), 0) FROM ledger WHERE month = ?", (month,))
+    return today.fetchone()[0], this_month.fetchone()[0]
+
+
+def report(conn: Any, *, period: str, by: str) -> dict[str, Any]:
+    column = {"service": "service", "user": "user", "kind": "kind"}[by]
+    where = "day = ?" if len(period) == 10 else "month = ?"
+    groups = conn.execute(
+        f"SELECT {column}, COUNT(*), SUM(1 - ok), SUM(units), SUM(usd) FROM ledger "
+        f"WHERE {where} GROUP BY {column} ORDER BY SUM(usd) DESC",
+        (period,),
+    ).fetchall()
+    calls, failed, usd, job_count = conn.execute(
+        f"SELECT COUNT(*), COALESCE(SUM(1 - ok), 0), COALESCE(SUM(usd), 0), "
+        f"COUNT(DISTINCT job_id) FROM ledger WHERE {where}",
+        (period,),
+    ).fetchone()
+    return {
+        "period": period,
+        "by": by,
+        "groups": [
+            {by: name, "calls": n, "failed": f, "units": u, "usd": round(cost, 6)}
+            for name, n, f, u, cost in groups
+        ],
+        "calls": calls,
+        "failed_calls": failed,
+        "usd": round(usd, 6),
+        "jobs": job_count,
+        "usd_per_job": round(usd / job_count, 6) if job_count else None,
+    }
+
+
+class Ledger:
+    def __init__(
+        self,
+        *,
+        config: Config,
+        store: Store,
+        clock: WallClock,
+        inbox: trio.MemoryReceiveChannel[LedgerMessage],
+        listeners: list[trio.MemorySendChannel[Any]],
+        alerts: trio.MemorySendChannel[Any],
+        metrics: Metrics,
+    ) -> None:
+        self._config = config
+        self._store = store
+        self._clock = clock
+        self._inbox = inbox
+        self._listeners = listeners
+        self._alerts = alerts
+        self._metrics = metrics
+        self._calendar = BudgetCalendar(config.budget.timezone)
+        self._ids = itertools.count(1)
+        self._reserved: dict[int, Reservation] = {}
+        self._limits = Limits(config.budget.daily_usd, config.budget.monthly_usd)
+        self._override_day: str | None = None
+        self._stop: BudgetState = BudgetState(stopped=False)
+        self._alerted: set[float] = set()
+        self._day = ""
+        self._month = ""
+        self._spent_day = 0.0
+        self._spent_month = 0.0
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        stored = await self._store.read(partial(jobs.get_setting, key=LIMITS_SETTING))
+        if stored is not None:
+            self._limits = msgspec.convert(stored, Limits)
+        self._override_day = await self._store.read(partial(jobs.get_setting, key=OVERRIDE_SETTING))
+        await self._roll_over()
+        async with self._inbox, self._alerts:
+            task_status.started()
+            while True:
+                boundary = self._clock.deadline_for(self._calendar.next_day(self._clock.now()))
+                with trio.move_on_at(boundary) as waiting:
+                    try:
+                        msg = await self._inbox.receive()
+                    except trio.EndOfChannel:
+                        break
+                    await self._handle(msg)
+                if waiting.cancelled_caught:
+                    await self._roll_over()
+        for listener in self._listeners:
+            await listener.aclose()
+
+    async def _roll_over(self) -> None:
+        """A new budget day (or month): reload what was spent, lift a stop that has expired."""
+        now = self._clock.now()
+        day, month = self._calendar.day(now), self._calendar.month(now)
+        if day == self._day:
+            return
+        if self._day:
+            log.info("new budget day", day=day, spent_yesterday=round(self._spent_day, 6))
+        self._day, self._month = day, month
+        self._spent_day, self._spent_month = await self._store.read(
+            partial(spent, day=day, month=month)
+        )
+        self._alerted = {f for f in self._config.budget.alert_at if self._fraction() >= f}
+        if self._stop.stopped and self._stop.until is not None and now >= self._stop.until:
+            await self._set_stop(BudgetState(stopped=False))
+
+    def _fraction(self) -> float:
+        daily = self._limits.daily_usd
+        return self._spent_day / daily if daily else 0.0
+
+    async def _handle(self, msg: LedgerMessage) -> None:
+        match msg:
+            case Reserve():
+                await self._reserve(msg)
+            case Settle(reservation=reservation, units=units, ok=ok, reply=reply):
+                self._reserved.pop(reservation.id, None)
+                billed = ok or self._config.services[reservation.service].failures_billed
+                reply.set(await self._record(reservation, units, ok=ok, billed=billed))
+            case Release(reservation=reservation):
+                self._reserved.pop(reservation.id, None)
+            case Charge(reply=reply):
+                try:
+                    reservation = self._price(msg.job, msg.user, msg.kind, msg.service, msg.units)
+                except RequestError as exc:
+                    reply.fail(exc)
+                    return
+                usd = await self._record(reservation, msg.units, ok=True, billed=True)
+                # Reported after the fact, it cannot be refused; it can stop what comes next.
+                over = self._over_limit(0.0)
+                if over is not None:
+                    await self._stop_for(*over)
+                reply.set(usd)
+            case BudgetQuery(reply=reply):
+                reply.set(self._view())
+            case SetBudget(daily_usd=daily, monthly_usd=monthly, reply=reply):
+                self._limits = Limits(
+                    self._limits.daily_usd if daily is None else daily,
+                    self._limits.monthly_usd if monthly is None else monthly,
+                )
+                await self._store.write(
+                    partial(
+                        jobs.set_setting,
+                        key=LIMITS_SETTING,
+                        value=msgspec.to_builtins(self._limits),
+                    )
+                )
+                log.warning("budget limits set by an operator", **msgspec.to_builtins(self._limits))
+                if self._stop.stopped and self._over_limit(0.0) is None:
+                    await self._set_stop(BudgetState(stopped=False))
+                reply.set(self._view())
+            case ResumeBudget(reply=reply):
+                self._override_day = self._day
+                await self._store.write(
+                    partial(jobs.set_setting, key=OVERRIDE_SETTING, value=self._day)
+                )
+                log.warning(
+                    "budget stop overridden by an operator for the rest of the day",
+                    day=self._day,
+                    spent_today=round(self._spent_day, 6),
+                )
+                await self._set_stop(BudgetState(stopped=False))
+                reply.set(self._view())
+            case Report(period=period, by=by, reply=reply):
+                reply.set(await self._report(period, by))
+            case Reconfigure(config=config):
+                self._config = config
+                self._calendar = BudgetCalendar(config.budget.timezone)
+
+    def _price(
+        self, job: int | None, user: str, kind: str, service: str, units: float
+    ) -> Reservation:
+        spec = self._config.services.get(service)
+        if spec is None:
+            known = ", ".join(sorted(self._config.services)) or "none"
+            raise RequestError("INVALID_REQUEST", f"no service '{service}' (known: {known})")
+        return Reservation(next(self._ids), job, user, kind, service, units, spec.price_usd * units)
+
+    async def _reserve(self, msg: Reserve) -> None:
+        try:
+            reservation = self._price(msg.job, msg.user, msg.kind, msg.service, msg.units)
+        except RequestError as exc:
+            msg.reply.fail(exc)
+            return
+        if reservation.usd > 0:
+            if self._stop.stopped:
+                msg.reply.fail(self._refusal())
+                return
+            over = self._over_limit(reservation.usd)
+            if over is not None:
+                await self._stop_for(*over)
+                msg.reply.fail(self._refusal())
+                return
+        self._reserved[reservation.id] = reservation
+        msg.reply.set(reservation)
+
+    def _over_limit(self, extra: float) -> tuple[str, float] | None:
+        """Which limit `extra` more would cross, and when that limit resets; None if none."""
+        if self._override_day == self._day:
+            return None
+        now = self._clock.now()
+        committed = sum(r.usd for r in self._reserved.values()) + extra
+        daily, monthly = self._limits.daily_usd, self._limits.monthly_usd
+        if daily and self._spent_day + committed > daily + EPSILON:
+            return "daily", self._calendar.next_day(now)
+        if monthly and self._spent_month + committed > monthly + EPSILON:
+            return "monthly", self._calendar.next_month(now)
+        return None
+
+    async def _stop_for(self, which: str, until: float) -> None:
+        if self._stop.stopped:
+            return
+        limit = self._limits.daily_usd if which == "daily" else self._limits.monthly_usd
+        reason = f"{which} budget of ${limit:g} reached"
+        await self._set_stop(BudgetState(stopped=True, until=until, reason=reason))
+        await self._alerts.send(
+            RaiseAlert(
+                name="budget_stop",
+                message=f"emergency stop: {reason}",
+                data={"until": until, "spent_today": round(self._spent_day, 6)},
+            )
+        )
+
+    def _refusal(self) -> BudgetExhausted:
+        until = self._stop.until if self._stop.until is not None else math.inf
+        return BudgetExhausted(f"budget exhausted: {self._stop.reason}", until)
+
+    async def _set_stop(self, state: BudgetState) -> None:
+        if state == self._stop:
+            return
+        self._stop = state
+        if state.stopped:
+            log.error("budget emergency stop", reason=state.reason, until=state.until)
+        else:
+            log.warning("budget stop lifted")
+        for listener in self._listeners:
+            await listener.send(state)
+
+    async def _record(
+        self, reservation: Reservation, units: float, *, ok: bool, billed: bool
+    ) -> float:
+        price = self._config.services[reservation.service].price_usd
+        usd = price * units if billed else 0.0
+        now = self._clock.now()
+        entry = (
+            reservation.job,
+            reservation.user,
+            reservation.kind,
+            reservation.service,
+            units,
+            usd,
+            int(ok),
+            now,
+            self._calendar.day(now),
+            self._calendar.month(now),
+        )
+        await self._store.write(partial(record_entry, entry=entry))
+        self._metrics.spend.labels(reservation.service).inc(usd)
+        await self._roll_over()
+        self._spent_day += usd
+        self._spent_month += usd
+        await self._check_alerts()
+        return usd
+
+    async def _check_alerts(self) -> None:
+        fraction = self._fraction()
+        for at in sorted(self._config.budget.alert_at):
+            if fraction >= at and at not in self._alerted:
+                self._alerted.add(at)
+                await self._alerts.send(
+                    RaiseAlert(
+                        name=f"budget_{round(at * 100)}",
+                        message=f"daily spend passed {at:.0%} of ${self._limits.daily_usd:g}",
+                        data={"spent_today": round(self._spent_day, 6), "fraction": at},
+                    )
+                )
+
+    def _view(self) -> dict[str, Any]:
+        now = self._clock.now()
+        elapsed, days = self._calendar.month_progress(now)
+        reserved = sum(r.usd for r in self._reserved.values())
+        daily, monthly = self._limits.daily_usd, self._limits.monthly_usd
+        return {
+            "day": self._day,
+            "month": self._month,
+            "daily_usd": daily,
+            "monthly_usd": monthly,
+            "spent_today": round(self._spent_day, 6),
+            "spent_month": round(self._spent_month, 6),
+            "reserved": round(reserved, 6),
+            "remaining_today": round(daily - self._spent_day, 6) if daily else None,
+            "remaining_month": round(monthly - self._spent_month, 6) if monthly else None,
+            "stopped": self._stop.stopped,
+            "stop_reason": self._stop.reason or None,
+            "stopped_until": self._stop.until,
+            "override_today": self._override_day == self._day,
+            "month_projection_usd": round(self._spent_month / max(elapsed, 1 / 24) * days, 2),
+            "alert_at": list(self._config.budget.alert_at),
+        }
+
+    async def _report(self, period: str, by: str) -> dict[str, Any]:
+        result = await self._store.read(partial(report, period=period, by=by))
+        if len(period) == 7:
+            now = self._clock.now()
+            if period == self._calendar.month(now):
+                elapsed, days = self._calendar.month_progress(now)
+                result["month_projection_usd"] = round(
+                    result["usd"] / max(elapsed, 1 / 24) * days, 2
+                )
+        return result

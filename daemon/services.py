@@ -1,0 +1,145 @@
+"""ctx.call: the one path by which a job calls an external service.
+
+For each try: reserve the price with the ledger (refused: BudgetExhausted, the job waits for
+budget) -> ask the breaker for a permit, which also waits for the service's concurrency and
+rate limits (open circuit: ServiceUnavailable at once) -> the call, under the service's
+timeout -> settle the ledger with the units used -> tell the breaker how it went. A failed
+try is retried after the service's `retries` waits, with jitter; when they are used up the
+call raises ServiceFailed. Every step heartbeats the job.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+import trio
+
+from actors.breaker import Done, Permit, Token
+from actors.ledger import Charge, Release, Reservation, Reserve, Settle
+from daemon.config import Config
+from daemon.mailbox import ReplySlot
+from daemon.protocol import JobView
+
+
+class ServiceFailed(Exception):
+    """A service call failed on every try its retry policy allows."""
+
+    def __init__(self, service: str, tries: int, cause: BaseException) -> None:
+        super().__init__(f"{service} failed {tries} times; last: {type(cause).__name__}: {cause}")
+        self.service = service
+        self.cause = cause
+
+
+class Metered(msgspec.Struct):
+    """Return this from the called function when the units used are known only afterwards
+    (tokens, seconds of audio): the ledger settles those units; the caller gets `value`."""
+
+    value: Any
+    units: float
+
+
+class ServiceLink:
+    """What one job needs to call services: the ledger's and the breaker's inboxes."""
+
+    def __init__(
+        self,
+        *,
+        config: Config,
+        job: JobView,
+        ledger: trio.MemorySendChannel[Any],
+        breaker: trio.MemorySendChannel[Any],
+        heartbeat: Callable[[], Awaitable[None]],
+        rng: random.Random,
+    ) -> None:
+        self._config = config
+        self._job = job
+        self._ledger = ledger
+        self._breaker = breaker
+        self._heartbeat = heartbeat
+        self._rng = rng
+
+    async def call(
+        self, service: str, fn: Callable[..., Awaitable[Any]], args: tuple, units: float
+    ) -> Any:
+        spec = self._config.services.get(service)
+        if spec is None:
+            known = ", ".join(sorted(self._config.services)) or "none"
+            raise ValueError(f"ctx.call: no service '{service}' in the config (known: {known})")
+        waits = list(spec.retries)
+        tries = 0
+        while True:
+            tries += 1
+            await self._heartbeat()
+            reservation = await self._ask(
+                self._ledger,
+                Reserve,
+                job=self._job.id,
+                user=self._job.user,
+                kind=self._job.kind,
+                service=service,
+                units=units,
+            )
+            try:
+                token = await self._ask(self._breaker, Permit, service=service)
+            except BaseException:
+                await self._ledger.send(Release(reservation=reservation))
+                raise
+            try:
+                result, failure = await self._try(fn, args, spec.timeout, token, reservation)
+            finally:
+                await self._heartbeat()
+            if failure is None:
+                return result
+            if not waits:
+                raise ServiceFailed(service, tries, failure)
+            wait = waits.pop(0)
+            await trio.sleep(wait * (1 + self._rng.uniform(-spec.jitter, spec.jitter)))
+
+    async def charge(self, service: str, units: float) -> float:
+        """Record a cost already incurred (a command kind's `{"charge": ...}` line)."""
+        return await self._ask(
+            self._ledger,
+            Charge,
+            job=self._job.id,
+            user=self._job.user,
+            kind=self._job.kind,
+            service=service,
+            units=units,
+        )
+
+    async def _try(
+        self,
+        fn: Callable[..., Awaitable[Any]],
+        args: tuple,
+        timeout: float,
+        token: Token,
+        reservation: Reservation,
+    ) -> tuple[Any, BaseException | None]:
+        outcome, used, result, failure = "abandoned", reservation.units, None, None
+        try:
+            with trio.fail_after(timeout):
+                result = await fn(*args)
+            if isinstance(result, Metered):
+                used, result = result.units, result.value
+            outcome = "ok"
+        except trio.TooSlowError:
+            outcome, failure = "failed", TimeoutError(f"no answer within {timeout:g}s")
+        except Exception as exc:
+            outcome, failure = "failed", exc
+        finally:
+            # Shielded: a job canceled mid-call still releases its slot and books what it used.
+            with trio.CancelScope(shield=True):
+                await self._breaker.send(Done(token=token, outcome=outcome))  # type: ignore[arg-type]
+                await self._ask(
+                    self._ledger, Settle, reservation=reservation, units=used, ok=outcome == "ok"
+                )
+        return result, failure
+
+    @staticmethod
+    async def _ask(channel: trio.MemorySendChannel[Any], message: type, **fields: Any) -> Any:
+        reply: ReplySlot[Any] = ReplySlot()
+        await channel.send(message(**fields, reply=reply))
+        return await reply.wait()
