@@ -153,10 +153,9 @@ class Circuit:
             self._open(now)
 
     def next_deadline(self) -> float:
-        deadlines = list(self.probes.values())
-        if self.state == "open" and self.open_until is not None:
-            deadlines.append(self.open_until)
-        return min(deadlines, default=math.inf)
+        """When a probe in flight runs out. OPEN -> HALF_OPEN needs no timer: it happens
+        when the next call asks, and the scheduler holds jobs until open_until itself."""
+        return min(self.probes.values(), default=math.inf)
 
     def trip(self, now: float) -> None:
         self._open(now)

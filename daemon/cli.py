@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import json
+import math
+import re
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -44,6 +47,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        # Checks across arguments that argparse cannot express; they exit like its own.
+        if hasattr(args, "check"):
+            args.check(args)
     except SystemExit as exc:
         # argparse exits on --help and on usage errors; callers of main() get the code instead.
         return int(exc.code or 0)
@@ -145,6 +151,46 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("job", nargs="?", type=_positive_int, metavar="JOB")
     target.add_argument("--all", action="store_true", help="follow every job, until Ctrl-C")
     command("shutdown", _shutdown, "stop the daemon now; running jobs are interrupted")
+
+    command("breakers", _breakers, "show each external service's circuit breaker")
+    breaker = command("breaker", _breaker, "reset (close) or trip (open) a service's breaker")
+    breaker.add_argument("action", choices=["reset", "trip"], metavar="{reset,trip}")
+    breaker.add_argument("service", metavar="SERVICE")
+
+    ledger = command("ledger", _ledger, "show what external calls cost, today by default")
+    period = ledger.add_mutually_exclusive_group()
+    period.add_argument("--day", type=_day, metavar="YYYY-MM-DD", help="one day")
+    period.add_argument("--month", type=_month, metavar="YYYY-MM", help="one month")
+    ledger.add_argument(
+        "--by", choices=["service", "user", "kind"], default="service", help="group by (service)"
+    )
+
+    budget = command("budget", _budget, "show the spending budget, or set or resume it")
+    actions = budget.add_subparsers(dest="action", metavar="ACTION")
+
+    def budget_action(name: str, summary: str) -> argparse.ArgumentParser:
+        sub = actions.add_parser(
+            name,
+            help=summary,
+            description=summary,
+            parents=[_global_options(in_subcommand=True)],
+        )
+        sub.set_defaults(run=_budget)
+        return sub
+
+    budget_action("show", "show the budget (the default)")
+    budget_set = budget_action(
+        "set", "change the daily or monthly limit; kept across restarts, over the config"
+    )
+    budget_set.add_argument("--daily", type=_usd, metavar="USD", help="daily limit, 0 for none")
+    budget_set.add_argument("--monthly", type=_usd, metavar="USD", help="monthly limit, 0 for none")
+
+    def check_budget_set(args: argparse.Namespace) -> None:
+        if args.daily is None and args.monthly is None:
+            budget_set.error("give --daily USD, --monthly USD or both")
+
+    budget_set.set_defaults(check=check_budget_set)
+    budget_action("resume", "spend again after a budget stop, for the rest of today")
     return parser
 
 
@@ -194,6 +240,37 @@ def _positive_int(text: str) -> int:
     if not text.isdecimal() or int(text) == 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return int(text)
+
+
+def _day(text: str) -> str:
+    return _date(text, "%Y-%m-%d", r"\d{4}-\d{2}-\d{2}", "a day as YYYY-MM-DD")
+
+
+def _month(text: str) -> str:
+    return _date(text, "%Y-%m", r"\d{4}-\d{2}", "a month as YYYY-MM")
+
+
+def _date(text: str, fmt: str, pattern: str, expected: str) -> str:
+    # The pattern insists on zero padding, which strptime would let go.
+    try:
+        if not re.fullmatch(pattern, text):
+            raise ValueError
+        datetime.datetime.strptime(text, fmt)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    return text
+
+
+def _usd(text: str) -> float:
+    try:
+        value = float(text.removeprefix("$").replace(",", ""))
+    except ValueError:
+        value = -1.0
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(
+            f"expected an amount of USD like 500 or 12.50, got {text!r}"
+        )
+    return value
 
 
 def _statuses(text: str) -> list[str]:
@@ -376,6 +453,9 @@ def _status(args: argparse.Namespace) -> int:
                 "recovered",
                 ", ".join(f"{rule} {n}" for rule, n in recovered.items()) or "none",
             ),
+            # Older daemons report neither breakers nor budget; their lines are left out.
+            ("breakers", _breakers_text(data["breakers"]) if "breakers" in data else None),
+            ("budget", _budget_summary(data["budget"]) if data.get("budget") else None),
             (
                 "system",
                 f"memory {system.get('memory_percent', 0):.0f}% "
@@ -418,6 +498,118 @@ def _shutdown(args: argparse.Namespace) -> int:
         _print_json(data)
     else:
         print("daemon stopping")
+    return EXIT_OK
+
+
+def _breakers(args: argparse.Namespace) -> int:
+    data = _call(args, "breakers")
+    if args.json:
+        _print_json(data)
+        return EXIT_OK
+    if not data:
+        print("no services configured")
+        return EXIT_OK
+    rows = [
+        [
+            service,
+            _breaker_state(view["state"]),
+            _clock(view["open_until"]) if _is_open(view) else "-",
+            f"{view['calls']:,}",
+            f"{view['failures']:,}",
+            f"{view['opened']:,}",
+            f"{view['in_flight']:,}",
+        ]
+        for service, view in data.items()
+    ]
+    _print_table(
+        ["SERVICE", "STATE", "OPEN UNTIL", "CALLS", "FAILURES", "OPENED", "IN FLIGHT"], rows
+    )
+    return EXIT_OK
+
+
+def _breaker(args: argparse.Namespace) -> int:
+    data = _call(args, "breaker", service=args.service, action=args.action)
+    if args.json:
+        _print_json(data)
+        return EXIT_OK
+    for service, view in data.items():
+        print(f"breaker {service}: {_breaker_text(view)}")
+    return EXIT_OK
+
+
+def _ledger(args: argparse.Namespace) -> int:
+    data = _call(args, "ledger", day=args.day, month=args.month, by=args.by)
+    if args.json:
+        _print_json(data)
+        return EXIT_OK
+    if not data["groups"]:
+        print(f"no calls in {data['period']}")
+        return EXIT_OK
+    by = data["by"]
+    rows = [
+        [
+            str(group[by]),
+            f"{group['calls']:,}",
+            f"{group['failed']:,}",
+            _units(group["units"]),
+            _money(group["usd"], 4),
+        ]
+        for group in data["groups"]
+    ]
+    _print_table([by.upper(), "CALLS", "FAILED", "UNITS", "USD"], rows)
+    print(
+        f"total {_money(data['usd'], 4)} for {_count(data['calls'], 'call')} "
+        f"({data['failed_calls']:,} failed) over {_count(data['jobs'], 'job')} "
+        f"in {data['period']}"
+    )
+    if data.get("usd_per_job") is not None:
+        print(f"cost per job {_money(data['usd_per_job'], 4)}")
+    if data.get("month_projection_usd") is not None:
+        print(f"month projection {_money(data['month_projection_usd'], 2)}")
+    return EXIT_OK
+
+
+def _budget(args: argparse.Namespace) -> int:
+    if args.action == "set":
+        data = _call(args, "budget", action="set", daily_usd=args.daily, monthly_usd=args.monthly)
+    else:
+        data = _call(args, "budget", action=args.action or "show")
+    if args.json:
+        _print_json(data)
+        return EXIT_OK
+    daily, monthly = data["daily_usd"], data["monthly_usd"]
+    today = _money(data["spent_today"], 4)
+    if daily:
+        today += f" of {_limit(daily)} ({_percent(data['spent_today'] / daily)})"
+        today += f", {_money(data['remaining_today'], 2)} left"
+    else:
+        today += ", no limit"
+    month = _money(data["spent_month"], 2)
+    if monthly:
+        month += f" of {_limit(monthly)} ({_percent(data['spent_month'] / monthly)})"
+        month += f", {_money(data['remaining_month'], 2)} left"
+    else:
+        month += ", no limit"
+    month += f", projection {_money(data['month_projection_usd'], 2)}"
+    if data["stopped"]:
+        state = f"STOPPED: {data['stop_reason']}" if data.get("stop_reason") else "STOPPED"
+        if data.get("stopped_until") is not None:
+            state += f", until {_datetime(data['stopped_until'])}"
+    else:
+        state = "spending"
+    if data.get("override_today"):
+        state += " (override for today)"
+    # Alerts fire on the share of the daily limit spent, so without one they never do.
+    alerts = ", ".join(_percent(at) for at in data.get("alert_at") or []) if daily else ""
+    _print_fields(
+        [
+            ("today", today),
+            ("month", month),
+            ("reserved", f"{_money(data['reserved'], 4)} held for calls in flight"),
+            ("alerts", f"at {alerts} of the daily limit" if alerts else None),
+            ("state", state),
+        ]
+    )
     return EXIT_OK
 
 
@@ -609,6 +801,30 @@ def _paused_text(kinds: list[str], everything: bool) -> str:
     return ", ".join(kinds) or "nothing"
 
 
+def _is_open(view: dict[str, Any]) -> bool:
+    return view["state"] == "open" and view.get("open_until") is not None
+
+
+def _breaker_state(state: str) -> str:
+    return state.replace("_", "-")
+
+
+def _breaker_text(view: dict[str, Any]) -> str:
+    if _is_open(view):
+        return f"open until {_clock(view['open_until'])}"
+    return _breaker_state(view["state"])
+
+
+def _breakers_text(breakers: dict[str, dict[str, Any]]) -> str:
+    return ", ".join(f"{name} {_breaker_text(view)}" for name, view in breakers.items()) or "none"
+
+
+def _budget_summary(budget: dict[str, Any]) -> str:
+    text = _money(budget["spent_today"], 2)
+    text += f" of {_limit(budget['daily_usd'])} today" if budget["daily_usd"] else " today"
+    return text + (" — STOPPED" if budget["stopped"] else "")
+
+
 def _print_fields(fields: list[tuple[str, str | None]]) -> None:
     shown = [(label, value) for label, value in fields if value is not None]
     width = max(len(label) for label, _ in shown)
@@ -659,6 +875,25 @@ def _error_hints(error: ErrorBody) -> str:
     return f" ({'; '.join(hints)})" if hints else ""
 
 
+def _money(usd: float, places: int) -> str:
+    sign = "-" if usd < 0 else ""
+    return f"{sign}${abs(usd):,.{places}f}"
+
+
+def _limit(usd: float) -> str:
+    """A limit as people write it: $500, $10,000, $12.50."""
+    return f"${usd:,.0f}" if usd == int(usd) else f"${usd:,.2f}"
+
+
+def _units(units: float | None) -> str:
+    text = f"{units or 0:,.4f}"
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
 def _percent(fraction: float) -> str:
     return f"{fraction * 100:.0f}%"
 
@@ -675,7 +910,11 @@ def _when(timestamp: float, now: float) -> str:
     relative = (
         f"in {_span(timestamp - now)}" if timestamp > now else f"{_span(now - timestamp)} ago"
     )
-    return f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(timestamp))} ({relative})"
+    return f"{_datetime(timestamp)} ({relative})"
+
+
+def _datetime(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
 
 
 def _clock(timestamp: float) -> str:

@@ -1,10 +1,11 @@
 """The demo storybook kind: the seed's pipeline against simulated providers.
 
 A book is 4 LLM calls (moderation, story, character sheet, image prompts), a cover plus one
-image per page, and one storage upload. The providers are simulated: their latencies and
-failure rates come from `[kinds.storybook.options]`, and they wait only on trio's clock, so
-the same handler runs in real time in the daemon and compressed in tests and the load test.
-A checkpoint after every paid step means a retry resumes where the last attempt stopped.
+image per page, and one storage upload, each through ctx.call against the `[services]` of
+the config. The providers are simulated: their latencies and failure rates come from
+`[kinds.storybook.options]`, and they wait only on trio's clock, so the same handler runs in
+real time in the daemon and compressed in tests and the load test. A checkpoint after every
+paid step means a retry resumes where the last attempt stopped and never pays twice.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import msgspec
 import trio
 
 from daemon.config import Duration, Fraction, decode_hook
-from daemon.handlers import JobContext, Retry
+from daemon.handlers import JobContext, ServiceUnavailable
 
 
 class StoryRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -43,51 +44,57 @@ class StorybookOptions(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 LLM_STEPS = ("moderation", "story", "character", "prompts")
 
 
-class ServiceError(Exception):
-    pass
+class ProviderError(Exception):
+    """What a simulated provider raises when it fails a call."""
 
 
-async def simulated_call(name: str, sim: ServiceSim, rng: random.Random) -> None:
+async def simulated_call(name: str, sim: ServiceSim, rng: random.Random) -> str:
     await trio.sleep(sim.latency * rng.uniform(1 - sim.spread, 1 + sim.spread))
     if rng.random() < sim.failure_rate:
-        raise ServiceError(f"{name} service failed")
+        raise ProviderError(f"{name} provider returned an error")
+    return f"{name}-{rng.getrandbits(32):08x}"
 
 
 async def storybook(ctx: JobContext, request: StoryRequest) -> dict:
+    """Every provider call goes through ctx.call: priced, limited, behind a breaker, retried.
+
+    While the image circuit is open, pages get a placeholder instead of failing the book
+    (seed 000 test 3): the result then says `degraded: true`.
+    """
     options = msgspec.convert(ctx.options, StorybookOptions, dec_hook=decode_hook)
     rng = random.Random(
         None if options.seed is None else f"{options.seed}:{ctx.job_id}:{ctx.attempt}"
     )
-    state = dict(ctx.checkpoint or {"llm_done": 0, "images_done": 0})
+    state = dict(ctx.checkpoint or {"llm_done": 0, "images": []})
     images_total = request.pages + 1
     steps_total = len(LLM_STEPS) + images_total + 1
 
-    async def step(label: str, done_steps: int) -> None:
-        await ctx.progress(done_steps / steps_total, label)
-
-    try:
-        while state["llm_done"] < len(LLM_STEPS):
-            name = LLM_STEPS[state["llm_done"]]
-            await step(f"llm: {name}", state["llm_done"])
-            await simulated_call("llm", options.llm, rng)
-            state["llm_done"] += 1
-            await ctx.save_checkpoint(state)
-        while state["images_done"] < images_total:
-            done = state["images_done"]
-            label = "cover" if done == 0 else f"page {done}/{request.pages}"
-            await step(label, len(LLM_STEPS) + done)
-            await simulated_call("image", options.image, rng)
-            state["images_done"] += 1
-            await ctx.save_checkpoint(state)
-        await step("uploading", steps_total - 1)
-        await simulated_call("storage", options.storage, rng)
-    except ServiceError as exc:
-        raise Retry(str(exc), code="SERVICE_FAILED") from None
+    while state["llm_done"] < len(LLM_STEPS):
+        name = LLM_STEPS[state["llm_done"]]
+        await ctx.progress(state["llm_done"] / steps_total, f"llm: {name}")
+        await ctx.call("llm", simulated_call, "llm", options.llm, rng)
+        state["llm_done"] += 1
+        await ctx.save_checkpoint(state)
+    while len(state["images"]) < images_total:
+        done = len(state["images"])
+        label = "cover" if done == 0 else f"page {done}/{request.pages}"
+        await ctx.progress((len(LLM_STEPS) + done) / steps_total, label)
+        try:
+            image = await ctx.call("image", simulated_call, "image", options.image, rng)
+        except ServiceUnavailable:
+            image = "placeholder"
+        state["images"] = [*state["images"], image]
+        await ctx.save_checkpoint(state)
+    await ctx.progress((steps_total - 1) / steps_total, "uploading")
+    await ctx.call("storage", simulated_call, "storage", options.storage, rng)
     await ctx.progress(1.0, "done")
+    placeholders = state["images"].count("placeholder")
     return {
         "title": request.title,
         "style": request.style,
         "pages": request.pages,
         "images": images_total,
+        "placeholders": placeholders,
+        "degraded": placeholders > 0,
         "url": f"storage://books/{ctx.job_id}.pdf",
     }

@@ -81,3 +81,15 @@ async def hang_once(ctx: JobContext, payload: dict) -> dict:
     if ctx.attempt == 1:
         await trio.sleep_forever()
     return {"attempt": ctx.attempt}
+
+
+async def call_service(ctx: JobContext, payload: dict) -> dict:
+    """Calls `service` once through ctx.call; the call takes `seconds` and fails if `fail`."""
+
+    async def provider() -> str:
+        await trio.sleep(payload.get("seconds", 1))
+        if payload.get("fail"):
+            raise ConnectionError("provider refused")
+        return "ok"
+
+    return {"answer": await ctx.call(payload["service"], provider)}

@@ -127,6 +127,70 @@ def event(seq: int, type: str, **data: Any) -> dict[str, Any]:
     }
 
 
+OPEN_UNTIL = NOW + 95
+
+
+def breaker_view(state: str = "closed", **fields: Any) -> dict[str, Any]:
+    view = {
+        "state": state,
+        "open_until": None,
+        "consecutive_failures": 0,
+        "calls": 1520,
+        "failures": 12,
+        "opened": 0,
+        "in_flight": 0,
+        "waiting": 0,
+    }
+    view.update(fields)
+    return view
+
+
+def budget_view(**fields: Any) -> dict[str, Any]:
+    view = {
+        "day": "2026-11-22",
+        "month": "2026-11",
+        "daily_usd": 500.0,
+        "monthly_usd": 10000.0,
+        "spent_today": 12.34,
+        "spent_month": 120.0,
+        "reserved": 0.0,
+        "remaining_today": 487.66,
+        "remaining_month": 9880.0,
+        "stopped": False,
+        "stop_reason": None,
+        "stopped_until": None,
+        "override_today": False,
+        "month_projection_usd": 3720.0,
+        "alert_at": [0.5, 0.8, 1.0],
+    }
+    view.update(fields)
+    return view
+
+
+def status_reply(**fields: Any) -> dict[str, Any]:
+    reply = {
+        "version": "0.1.0",
+        "pid": 4242,
+        "uptime": 60,
+        "draining": False,
+        "jobs": {},
+        "running": 0,
+        "max_concurrent_jobs": 2,
+        "paused": [],
+        "paused_all": False,
+        "queue_depth": {},
+        "oldest_queued_seconds": None,
+        "stuck": {"last_check": 0, "recovered": {}},
+        "system": {"memory_percent": 41.5, "memory_available_gb": 13.2, "cpu_percent": 7.0},
+    }
+    reply.update(fields)
+    return reply
+
+
+def clock(timestamp: float) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(timestamp))
+
+
 def write_config(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "config.toml"
     path.write_text(text)
@@ -360,6 +424,8 @@ def test_status_summarises_the_daemon(daemon, jobwarden, capsys):
         "oldest_queued_seconds": 90,
         "stuck": {"last_check": 0, "recovered": {"stuck": 2}},
         "system": {"memory_percent": 41.5, "memory_available_gb": 13.2, "cpu_percent": 7.0},
+        "breakers": {"image": breaker_view("open", open_until=OPEN_UNTIL), "llm": breaker_view()},
+        "budget": budget_view(),
     }
 
     code = jobwarden("status")
@@ -373,8 +439,35 @@ def test_status_summarises_the_daemon(daemon, jobwarden, capsys):
         "queued     pdf 3 (oldest waiting 1m)",
         "paused     pdf",
         "recovered  stuck 2",
+        f"breakers   image open until {clock(OPEN_UNTIL)}, llm closed",
+        "budget     $12.34 of $500 today",
         "system     memory 42% (13.2 GB free), cpu 7%",
     ]
+
+
+def test_status_shows_a_budget_stop_and_no_breakers(daemon, jobwarden, capsys):
+    daemon.replies["status"] = status_reply(
+        breakers={}, budget=budget_view(stopped=True, daily_usd=0)
+    )
+
+    code = jobwarden("status")
+
+    lines = capsys.readouterr().out.splitlines()
+    assert code == 0
+    assert "breakers   none" in lines
+    assert "budget     $12.34 today — STOPPED" in lines
+
+
+def test_status_of_an_older_daemon_leaves_out_breakers_and_budget(daemon, jobwarden, capsys):
+    daemon.replies["status"] = status_reply()
+
+    code = jobwarden("status")
+
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "recovered" in out
+    assert "breakers" not in out
+    assert "budget" not in out
 
 
 def test_pause_without_a_kind_pauses_everything(daemon, jobwarden, capsys):
@@ -498,6 +591,281 @@ def test_drain_wait_returns_once_the_daemon_is_gone(daemon, jobwarden, capsys):
         "draining: admitting no jobs; 2 running jobs may finish, then the daemon exits",
         "daemon stopped",
     ]
+
+
+# breakers
+
+
+def test_breakers_prints_a_table_of_services(daemon, jobwarden, capsys):
+    daemon.replies["breakers"] = {
+        "image": breaker_view("open", open_until=OPEN_UNTIL, opened=3, failures=40),
+        "llm": breaker_view("half_open", in_flight=1, calls=9),
+    }
+
+    code = jobwarden("breakers")
+
+    assert code == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "SERVICE  STATE      OPEN UNTIL  CALLS  FAILURES  OPENED  IN FLIGHT",
+        f"image    open       {clock(OPEN_UNTIL)}    1,520  40        3       0",
+        "llm      half-open  -           9      12        0       1",
+    ]
+    assert daemon.requests[0]["args"] == {}
+
+
+def test_breakers_with_no_services_says_so(daemon, jobwarden, capsys):
+    daemon.replies["breakers"] = {}
+
+    assert jobwarden("breakers") == 0
+    assert capsys.readouterr().out == "no services configured\n"
+
+
+def test_breakers_json_prints_the_reply(daemon, jobwarden, capsys):
+    daemon.replies["breakers"] = {"llm": breaker_view()}
+
+    code = jobwarden("breakers", "--json")
+
+    assert code == 0
+    assert json.loads(capsys.readouterr().out) == {"llm": breaker_view()}
+
+
+@pytest.mark.parametrize(
+    ("action", "view", "said"),
+    [
+        ("trip", breaker_view("open", open_until=OPEN_UNTIL), f"open until {clock(OPEN_UNTIL)}"),
+        ("reset", breaker_view(), "closed"),
+    ],
+)
+def test_breaker_trips_or_resets_one_service(daemon, jobwarden, capsys, action, view, said):
+    daemon.replies["breaker"] = {"image": view}
+
+    code = jobwarden("breaker", action, "image")
+
+    assert (code, capsys.readouterr().out) == (0, f"breaker image: {said}\n")
+    assert daemon.requests[0]["args"] == {"service": "image", "action": action}
+
+
+def test_breaker_json_prints_the_reply(daemon, jobwarden, capsys):
+    daemon.replies["breaker"] = {"image": breaker_view()}
+
+    code = jobwarden("breaker", "reset", "image", "--json")
+
+    assert code == 0
+    assert json.loads(capsys.readouterr().out) == {"image": breaker_view()}
+
+
+def test_breaker_rejects_an_unknown_action(daemon, jobwarden, capsys):
+    code = jobwarden("breaker", "open", "image")
+
+    assert code == 2
+    assert "invalid choice: 'open'" in capsys.readouterr().err
+    assert daemon.requests == []
+
+
+def test_breaker_of_an_unknown_service_exits_2(daemon, jobwarden, capsys):
+    daemon.replies["breaker"] = ErrorBody("NOT_FOUND", "no service 'imgae'", False)
+
+    code = jobwarden("breaker", "trip", "imgae")
+
+    assert code == 2
+    assert capsys.readouterr().err == "error NOT_FOUND: no service 'imgae'\n"
+
+
+# ledger
+
+
+def ledger_reply(**fields: Any) -> dict[str, Any]:
+    reply = {
+        "period": "2026-11",
+        "by": "service",
+        "groups": [
+            {"service": "llm", "calls": 2000, "failed": 12, "units": 1250000.0, "usd": 31.25},
+            {"service": "image", "calls": 133, "failed": 0, "units": 44.5, "usd": 2.2},
+        ],
+        "calls": 2133,
+        "failed_calls": 12,
+        "usd": 33.45,
+        "jobs": 150,
+        "usd_per_job": 0.223,
+        "month_projection_usd": 6690.0,
+    }
+    reply.update(fields)
+    return reply
+
+
+def test_ledger_prints_a_table_then_the_totals(daemon, jobwarden, capsys):
+    daemon.replies["ledger"] = ledger_reply()
+
+    code = jobwarden("ledger", "--month", "2026-11")
+
+    assert code == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "SERVICE  CALLS  FAILED  UNITS      USD",
+        "llm      2,000  12      1,250,000  $31.2500",
+        "image    133    0       44.5       $2.2000",
+        "total $33.4500 for 2,133 calls (12 failed) over 150 jobs in 2026-11",
+        "cost per job $0.2230",
+        "month projection $6,690.00",
+    ]
+    assert daemon.requests[0]["args"] == {"month": "2026-11", "by": "service"}
+
+
+def test_ledger_of_a_day_by_user_without_a_projection(daemon, jobwarden, capsys):
+    daemon.replies["ledger"] = ledger_reply(
+        period="2026-11-22",
+        by="user",
+        groups=[{"user": "ana", "calls": 1, "failed": 1, "units": 0.0, "usd": 0.0}],
+        calls=1,
+        failed_calls=1,
+        usd=0.0,
+        jobs=0,
+        usd_per_job=None,
+        month_projection_usd=None,
+    )
+    del daemon.replies["ledger"]["month_projection_usd"]
+
+    code = jobwarden("ledger", "--day", "2026-11-22", "--by", "user")
+
+    assert code == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "USER  CALLS  FAILED  UNITS  USD",
+        "ana   1      1       0      $0.0000",
+        "total $0.0000 for 1 call (1 failed) over 0 jobs in 2026-11-22",
+    ]
+    assert daemon.requests[0]["args"] == {"day": "2026-11-22", "by": "user"}
+
+
+def test_ledger_without_calls_says_so(daemon, jobwarden, capsys):
+    daemon.replies["ledger"] = ledger_reply(
+        period="2026-11-22", groups=[], calls=0, failed_calls=0, usd=0.0, jobs=0, usd_per_job=None
+    )
+
+    code = jobwarden("ledger")
+
+    assert (code, capsys.readouterr().out) == (0, "no calls in 2026-11-22\n")
+    assert daemon.requests[0]["args"] == {"by": "service"}
+
+
+def test_ledger_json_prints_the_reply(daemon, jobwarden, capsys):
+    daemon.replies["ledger"] = ledger_reply()
+
+    code = jobwarden("ledger", "--month", "2026-11", "--by", "kind", "--json")
+
+    assert code == 0
+    assert json.loads(capsys.readouterr().out) == ledger_reply()
+    assert daemon.requests[0]["args"] == {"month": "2026-11", "by": "kind"}
+
+
+@pytest.mark.parametrize(
+    ("argv", "complaint"),
+    [
+        (["--day", "2026-11-31"], "argument --day: expected a day as YYYY-MM-DD, got '2026-11-31'"),
+        (["--day", "2026-1-5"], "argument --day: expected a day as YYYY-MM-DD, got '2026-1-5'"),
+        (["--month", "2026-13"], "argument --month: expected a month as YYYY-MM, got '2026-13'"),
+        (["--month", "11/2026"], "argument --month: expected a month as YYYY-MM, got '11/2026'"),
+        (["--day", "2026-11-22", "--month", "2026-11"], "not allowed with argument --day"),
+        (["--by", "team"], "argument --by: invalid choice: 'team'"),
+    ],
+)
+def test_ledger_rejects_bad_periods_and_groupings(daemon, jobwarden, capsys, argv, complaint):
+    code = jobwarden("ledger", *argv)
+
+    assert code == 2
+    assert complaint in capsys.readouterr().err
+    assert daemon.requests == []
+
+
+# budget
+
+
+def test_budget_shows_spend_against_the_limits(daemon, jobwarden, capsys):
+    daemon.replies["budget"] = budget_view(reserved=0.5)
+
+    code = jobwarden("budget")
+
+    assert code == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "today     $12.3400 of $500 (2%), $487.66 left",
+        "month     $120.00 of $10,000 (1%), $9,880.00 left, projection $3,720.00",
+        "reserved  $0.5000 held for calls in flight",
+        "alerts    at 50%, 80%, 100% of the daily limit",
+        "state     spending",
+    ]
+    assert daemon.requests[0]["args"] == {"action": "show"}
+
+
+def test_budget_shows_a_stop_and_no_limits(daemon, jobwarden, capsys):
+    until = time.mktime((2026, 11, 23, 0, 0, 0, 0, 0, -1))
+    daemon.replies["budget"] = budget_view(
+        daily_usd=0.0,
+        monthly_usd=0.0,
+        remaining_today=None,
+        remaining_month=None,
+        stopped=True,
+        stop_reason="daily budget of $500 reached",
+        stopped_until=until,
+    )
+
+    code = jobwarden("budget", "show")
+
+    assert code == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "today     $12.3400, no limit",
+        "month     $120.00, no limit, projection $3,720.00",
+        "reserved  $0.0000 held for calls in flight",
+        "state     STOPPED: daily budget of $500 reached, until 2026-11-23 00:00:00",
+    ]
+    assert daemon.requests[0]["args"] == {"action": "show"}
+
+
+def test_budget_set_sends_the_new_limits(daemon, jobwarden, capsys):
+    daemon.replies["budget"] = budget_view(daily_usd=750.0, remaining_today=737.66)
+
+    code = jobwarden("budget", "set", "--daily", "750")
+
+    assert code == 0
+    assert capsys.readouterr().out.splitlines()[0] == (
+        "today     $12.3400 of $750 (2%), $737.66 left"
+    )
+    assert daemon.requests[0]["args"] == {"action": "set", "daily_usd": 750.0}
+
+
+def test_budget_set_json_sends_both_limits(daemon, jobwarden, capsys):
+    daemon.replies["budget"] = budget_view(daily_usd=0.0, monthly_usd=12.5)
+
+    code = jobwarden("budget", "set", "--daily", "0", "--monthly", "12.50", "--json")
+
+    assert code == 0
+    assert json.loads(capsys.readouterr().out) == budget_view(daily_usd=0.0, monthly_usd=12.5)
+    assert daemon.requests[0]["args"] == {"action": "set", "daily_usd": 0.0, "monthly_usd": 12.5}
+
+
+def test_budget_resume_overrides_the_stop_for_today(daemon, jobwarden, capsys):
+    daemon.replies["budget"] = budget_view(override_today=True)
+
+    code = jobwarden("budget", "resume")
+
+    assert code == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "state     spending (override for today)"
+    assert daemon.requests[0]["args"] == {"action": "resume"}
+
+
+@pytest.mark.parametrize(
+    ("argv", "complaint"),
+    [
+        (["set"], "give --daily USD, --monthly USD or both"),
+        (["set", "--daily", "-5"], "argument --daily: expected an amount of USD"),
+        (["set", "--monthly", "lots"], "argument --monthly: expected an amount of USD"),
+        (["set", "--daily", "nan"], "argument --daily: expected an amount of USD"),
+        (["raise"], "invalid choice: 'raise'"),
+    ],
+)
+def test_budget_rejects_bad_arguments(daemon, jobwarden, capsys, argv, complaint):
+    code = jobwarden("budget", *argv)
+
+    assert code == 2
+    assert complaint in capsys.readouterr().err
+    assert daemon.requests == []
 
 
 # check-config

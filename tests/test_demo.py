@@ -1,14 +1,33 @@
-"""The demo storybook kind, on MockClock with the shipped config's simulated providers."""
+"""The demo storybook kind against simulated providers, on MockClock, through ctx.call."""
 
 from __future__ import annotations
 
 import pytest
 
+from actors.breaker import Trip
 from daemon.errors import RequestError
+from daemon.mailbox import ReplySlot
+
+SERVICES = """
+[services.llm]
+price_usd = 0.000338
+retries = ["1s"]
+
+[services.image]
+price_usd = 0.024
+max_concurrent = 5
+retries = {image_retries}
+
+[services.storage]
+price_usd = 0.0004
+"""
 
 STORYBOOK = """
 [kinds.storybook]
 handler = "daemon.demo:storybook"
+services = ["llm", "storage"]
+max_attempts = 50
+backoff = ["0s"]
 [kinds.storybook.options]
 seed = 7
 [kinds.storybook.options.llm]
@@ -24,13 +43,26 @@ spread = 0.0
 """
 
 
-async def test_a_book_makes_the_seed_calls_and_reports_pages(autojump_clock, start_daemon):
-    daemon = await start_daemon(STORYBOOK.format(image_failure_rate=0.0))
+def config(image_failure_rate: float = 0.0, image_retries: str = '["2s"]') -> str:
+    return SERVICES.format(image_retries=image_retries) + STORYBOOK.format(
+        image_failure_rate=image_failure_rate
+    )
+
+
+async def ledger_rows(daemon, job_id: int) -> list[tuple[str, int, float]]:
+    return await daemon.handle.store.read(
+        lambda conn: conn.execute(
+            "SELECT service, ok, usd FROM ledger WHERE job_id = ? ORDER BY id", (job_id,)
+        ).fetchall()
+    )
+
+
+async def test_a_book_makes_the_seed_calls_and_pays_the_seed_price(autojump_clock, start_daemon):
+    daemon = await start_daemon(config())
     job = await daemon.submit("storybook", {"title": "The brave otter", "pages": 8})
     final = await daemon.wait_done(job.id)
     assert final.status == "done"
-    assert final.result["images"] == 9
-    assert final.checkpoint == {"llm_done": 4, "images_done": 9}
+    assert (final.result["images"], final.result["degraded"]) == (9, False)
     messages = [e.data.get("message") for e in await daemon.events(job.id) if e.type == "progress"]
     assert messages[:5] == [
         "llm: moderation",
@@ -42,30 +74,41 @@ async def test_a_book_makes_the_seed_calls_and_reports_pages(autojump_clock, sta
     assert "page 3/8" in messages
     # 4 LLM calls at 1.5 s, 9 images at 3 s, one upload at 0.3 s, on the virtual clock.
     assert final.finished_at - final.started_at == pytest.approx(4 * 1.5 + 9 * 3 + 0.3)
+    rows = await ledger_rows(daemon, job.id)
+    assert [service for service, _, _ in rows] == ["llm"] * 4 + ["image"] * 9 + ["storage"]
+    assert sum(usd for _, _, usd in rows) == pytest.approx(4 * 0.000338 + 9 * 0.024 + 0.0004)
 
 
-async def test_image_failures_resume_from_the_checkpoint(autojump_clock, start_daemon):
-    daemon = await start_daemon(
-        STORYBOOK.format(image_failure_rate=0.3).replace(
-            'handler = "daemon.demo:storybook"',
-            'handler = "daemon.demo:storybook"\nmax_attempts = 50\nbackoff = ["0s"]',
-        )
-    )
+async def test_a_retried_book_never_pays_for_a_page_twice(autojump_clock, start_daemon):
+    # No per-call retries: a failed image fails the attempt, and the job is retried.
+    daemon = await start_daemon(config(image_failure_rate=0.3, image_retries="[]"))
     job = await daemon.submit("storybook", {"title": "Flaky pictures", "pages": 8})
     final = await daemon.wait_done(job.id)
     assert final.status == "done"
     assert final.attempt > 1
+    rows = await ledger_rows(daemon, job.id)
+    paid_images = [usd for service, ok, usd in rows if service == "image" and ok]
+    failed_images = [usd for service, ok, usd in rows if service == "image" and not ok]
+    assert len(paid_images) == 9
+    assert failed_images and sum(failed_images) == 0
     # Each retry starts where the last one stopped: LLM steps are never repeated.
-    llm_steps = [
-        e.data["message"]
-        for e in await daemon.events(job.id)
-        if e.type == "progress" and e.data.get("message", "").startswith("llm:")
-    ]
-    assert len(llm_steps) == 4
+    assert [service for service, _, _ in rows].count("llm") == 4
+
+
+async def test_an_open_image_circuit_degrades_to_placeholders(autojump_clock, start_daemon):
+    daemon = await start_daemon(config())
+    reply = ReplySlot()
+    await daemon.handle.breaker.send(Trip(service="image", reply=reply))
+    assert (await reply.wait())["state"] == "open"
+    job = await daemon.submit("storybook", {"title": "No pictures today", "pages": 2})
+    final = await daemon.wait_done(job.id)
+    assert final.status == "done"
+    assert (final.result["degraded"], final.result["placeholders"]) == (True, 3)
+    assert [s for s, _, _ in await ledger_rows(daemon, job.id)] == ["llm"] * 4 + ["storage"]
 
 
 async def test_payload_is_checked_against_the_story_request(autojump_clock, start_daemon):
-    daemon = await start_daemon(STORYBOOK.format(image_failure_rate=0.0))
+    daemon = await start_daemon(config())
     with pytest.raises(RequestError) as refused:
         await daemon.submit("storybook", {"title": "", "pages": 8})
     assert "payload.title" in refused.value.body.message

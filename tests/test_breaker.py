@@ -1,0 +1,167 @@
+"""Circuit breakers: exact transitions and timings, limits, scheduler holds, persistence."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from actors.breaker import Circuit, Gate, Reset, Snapshot, Trip
+from daemon.config import BreakerSpec, Duration, ServiceSection
+from daemon.mailbox import ReplySlot
+from tests.conftest import EPOCH
+
+SPEC = BreakerSpec(
+    failures=5,
+    error_rate=0.10,
+    window=Duration(60),
+    min_calls=20,
+    recovery=Duration(60),
+    half_open_calls=1,
+)
+
+
+def test_five_consecutive_failures_open_the_circuit_for_its_recovery_time():
+    circuit = Circuit(SPEC, probe_timeout=20)
+    for n in range(4):
+        assert circuit.admit(100 + n, probe_id=n)
+        circuit.record(100 + n, ok=False, probe_id=None)
+    assert circuit.state == "closed"
+    circuit.record(104, ok=False, probe_id=None)
+    assert (circuit.state, circuit.open_until) == ("open", 164)
+    assert circuit.admit(163.999, probe_id=9) is None
+    # At the deadline one probe goes through, and only one.
+    assert circuit.admit(164, probe_id=10) is True
+    assert circuit.state == "half_open"
+    assert circuit.admit(164, probe_id=11) is None
+    circuit.record(170, ok=True, probe_id=10)
+    assert (circuit.state, circuit.open_until) == ("closed", None)
+
+
+def test_a_failed_probe_reopens_for_a_fresh_recovery_time():
+    circuit = Circuit(SPEC, probe_timeout=20)
+    circuit.trip(0)
+    assert circuit.admit(60, probe_id=1)
+    circuit.record(65, ok=False, probe_id=1)
+    assert (circuit.state, circuit.open_until) == ("open", 125)
+
+
+def test_a_hung_probe_cannot_hold_the_circuit_half_open():
+    circuit = Circuit(SPEC, probe_timeout=20)
+    circuit.trip(0)
+    assert circuit.next_deadline() == float("inf")
+    assert circuit.admit(60, probe_id=1)
+    assert circuit.next_deadline() == 80
+    assert circuit.admit(79, probe_id=2) is None
+    # The probe never answered: at its deadline it counts as a failure.
+    circuit.expire_probes(80)
+    assert (circuit.state, circuit.open_until) == ("open", 140)
+    circuit.record(90, ok=True, probe_id=1)  # a late answer changes nothing
+    assert circuit.state == "open"
+
+
+def test_an_error_rate_over_the_window_trips_it_once_enough_calls_were_seen():
+    circuit = Circuit(SPEC, probe_timeout=20)
+    outcomes = [True] * 8 + [False] + [True] * 8 + [False] + [True]  # 19 calls, 2 failed
+    for n, ok in enumerate(outcomes):
+        circuit.record(n, ok=ok, probe_id=None)
+    assert circuit.state == "closed"  # 10.5% failed, but fewer than min_calls
+    circuit.record(19, ok=False, probe_id=None)  # 20 calls, 3 failed: 15% > 10%
+    assert (circuit.state, circuit.open_until) == ("open", 79)
+
+
+def test_old_calls_leave_the_window():
+    circuit = Circuit(SPEC, probe_timeout=20)
+    for n in range(19):
+        circuit.record(n, ok=n % 4 != 0, probe_id=None)
+    # 61 s later the early failures have left the window: 20 calls, 1 failed.
+    for n in range(20):
+        circuit.record(80 + n, ok=n != 0, probe_id=None)
+    assert circuit.state == "closed"
+
+
+def test_gate_limits_concurrency_and_rate():
+    gate = Gate(ServiceSection(max_concurrent=2, rate=0.5), now=0)
+    assert gate.try_take(0) is None
+    # One token a second's worth of burst at 0.5/s: the next comes 2 s after the first.
+    assert gate.try_take(0) == pytest.approx(2.0)
+    assert gate.try_take(2.0) is None
+    assert gate.try_take(4.0) == float("inf")  # two in flight: wait for a release
+    gate.release()
+    assert gate.try_take(4.0) is None
+
+
+SERVICE_KINDS = """
+[services.flaky]
+price_usd = 0.01
+timeout = "20s"
+breaker = {{ failures = 3, recovery = "60s" }}
+max_concurrent = {max_concurrent}
+
+[kinds.caller]
+handler = "tests.handlers:call_service"
+timeout = "1h"
+max_attempts = 1
+
+[kinds.needs_flaky]
+handler = "tests.handlers:call_service"
+services = ["flaky"]
+max_attempts = 1
+"""
+
+
+async def breakers(daemon) -> dict:
+    reply = ReplySlot()
+    await daemon.handle.breaker.send(Snapshot(reply=reply))
+    return await reply.wait()
+
+
+async def test_failures_open_the_circuit_and_later_calls_fail_fast(autojump_clock, start_daemon):
+    daemon = await start_daemon(SERVICE_KINDS.format(max_concurrent=10), max_concurrent_jobs=1)
+    failing = [await daemon.submit("caller", {"service": "flaky", "fail": True}) for _ in range(3)]
+    for job in failing:
+        assert (await daemon.wait_done(job.id)).error.code == "SERVICE_FAILED"
+    state = await breakers(daemon)
+    assert (state["flaky"]["state"], state["flaky"]["calls"]) == ("open", 3)
+    fast = await daemon.submit("caller", {"service": "flaky", "seconds": 5})
+    final = await daemon.wait_done(fast.id)
+    assert final.error.code == "SERVICE_UNAVAILABLE"
+    # Refused at once: no 5 s call was made.
+    assert final.finished_at == final.started_at
+    assert (await breakers(daemon))["flaky"]["calls"] == 3
+
+
+async def test_jobs_needing_an_open_service_wait_for_it(autojump_clock, start_daemon):
+    daemon = await start_daemon(SERVICE_KINDS.format(max_concurrent=10))
+    reply = ReplySlot()
+    await daemon.handle.breaker.send(Trip(service="flaky", reply=reply))
+    opened = await reply.wait()
+    job = await daemon.submit("needs_flaky", {"service": "flaky", "seconds": 1})
+    await trio.sleep(59)
+    assert (await daemon.job(job.id)).status == "queued"
+    final = await daemon.wait_done(job.id)
+    # It started as the half-open probe the moment recovery ended, and closed the circuit.
+    assert final.started_at == opened["open_until"]
+    assert final.status == "done"
+    assert (await breakers(daemon))["flaky"]["state"] == "closed"
+
+
+async def test_concurrency_limit_holds_calls_back(autojump_clock, start_daemon):
+    daemon = await start_daemon(SERVICE_KINDS.format(max_concurrent=2), max_concurrent_jobs=5)
+    jobs = [await daemon.submit("caller", {"service": "flaky", "seconds": 10}) for _ in range(5)]
+    finished = sorted([(await daemon.wait_done(job.id)).finished_at - EPOCH for job in jobs])
+    assert finished == [10, 10, 20, 20, 30]
+
+
+async def test_an_open_circuit_survives_a_restart(autojump_clock, start_daemon):
+    daemon = await start_daemon(SERVICE_KINDS.format(max_concurrent=10))
+    reply = ReplySlot()
+    await daemon.handle.breaker.send(Trip(service="flaky", reply=reply))
+    open_until = (await reply.wait())["open_until"]
+    await trio.sleep(10)
+    await daemon.stop(grace=0)
+    again = await start_daemon(SERVICE_KINDS.format(max_concurrent=10))
+    state = (await breakers(again))["flaky"]
+    assert (state["state"], state["open_until"]) == ("open", open_until)
+    reply = ReplySlot()
+    await again.handle.breaker.send(Reset(service="flaky", reply=reply))
+    assert (await reply.wait())["state"] == "closed"
