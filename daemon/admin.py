@@ -103,12 +103,15 @@ async def bind_admin_socket(path: Path, group: str) -> tuple[trio.socket.SocketT
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists() or path.is_symlink():
         await _remove_stale_socket(path)
-    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old_umask = os.umask(0o117 if group_gid is not None else 0o177)
     try:
-        await sock.bind(str(path))
+        # The stdlib bind, not trio's: trio binds Unix sockets on a worker thread, and on
+        # MockClock that lets virtual time run on while the daemon starts.
+        raw.bind(str(path))
     finally:
         os.umask(old_umask)
+    sock = trio.socket.from_stdlib_socket(raw)
     if group_gid is not None:
         os.chown(path, -1, group_gid)
     sock.listen(128)
