@@ -304,11 +304,19 @@ class Monitor:
             )
         )
         snapshot = await self._scheduler_snapshot()
+        # Jobs held on purpose are not late: a paused kind, a kind whose service is open,
+        # or everything while draining or while the budget is stopped.
+        open_services = set(snapshot["open_services"])
+        held = set(snapshot["paused"]) | {
+            name for name, kind in config.kinds.items() if open_services & set(kind.services)
+        }
         findings, self._next_rule = evaluate(
             config,
             found,
-            paused=set(snapshot["paused"]),
-            all_paused=snapshot["paused_all"] or not snapshot["dispatching"],
+            paused=held,
+            all_paused=(
+                snapshot["paused_all"] or not snapshot["dispatching"] or snapshot["budget_stopped"]
+            ),
             now=now,
         )
         for finding in findings:

@@ -161,14 +161,17 @@ class Scheduler:
                     self._dirty = True
 
     def _wake_deadline(self) -> float:
-        if not self._dispatching:
+        """When time alone may let a job start: a backoff ending, a circuit's recovery.
+
+        Only future moments count: a past one was already acted on, and waking for it again
+        would spin. While dispatch is stopped (drain, budget) nothing but a message helps.
+        """
+        if not self._dispatching or self._budget.stopped:
             return math.inf
-        # An open circuit turns half-open at its deadline: a waiting job may then probe it.
         now = self._clock.now()
-        wakes = [until for until in self._open_services.values() if until > now]
-        if self._next_available_at is not None:
-            wakes.append(self._next_available_at)
-        return self._clock.deadline_for(min(wakes, default=math.inf))
+        wakes = [*self._open_services.values(), self._next_available_at]
+        future = [t for t in wakes if t is not None and t > now]
+        return self._clock.deadline_for(min(future, default=math.inf))
 
     async def _handle(self, msg: SchedulerMessage) -> None:
         match msg:

@@ -23,6 +23,9 @@ from daemon.config import Config
 from daemon.mailbox import ReplySlot
 from daemon.protocol import JobView
 
+# How long a finished call waits for its ledger entry to be written.
+SETTLE_TIMEOUT = 10.0
+
 
 class ServiceFailed(Exception):
     """A service call failed on every try its retry policy allows."""
@@ -130,13 +133,25 @@ class ServiceLink:
         except Exception as exc:
             outcome, failure = "failed", exc
         finally:
-            # Shielded: a job canceled mid-call still releases its slot and books what it used.
-            with trio.CancelScope(shield=True):
-                await self._breaker.send(Done(token=token, outcome=outcome))  # type: ignore[arg-type]
-                await self._ask(
-                    self._ledger, Settle, reservation=reservation, units=used, ok=outcome == "ok"
-                )
+            await self._book(token, outcome, reservation, used)
         return result, failure
+
+    async def _book(
+        self, token: Token, outcome: str, reservation: Reservation, units: float
+    ) -> None:
+        """Release the breaker slot and settle the ledger, even for a call canceled midway.
+
+        Both inboxes are unbounded, so handing over never blocks; waiting for the ledger's
+        answer is shielded but bounded, for when the whole daemon is being torn down.
+        """
+        settle = Settle(reservation=reservation, units=units, ok=outcome == "ok", reply=ReplySlot())
+        try:
+            self._breaker.send_nowait(Done(token=token, outcome=outcome))  # type: ignore[arg-type]
+            self._ledger.send_nowait(settle)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            return
+        with trio.CancelScope(shield=True), trio.move_on_after(SETTLE_TIMEOUT):
+            await settle.reply.wait()
 
     @staticmethod
     async def _ask(channel: trio.MemorySendChannel[Any], message: type, **fields: Any) -> Any:

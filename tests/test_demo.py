@@ -115,3 +115,40 @@ async def test_payload_is_checked_against_the_story_request(autojump_clock, star
     with pytest.raises(RequestError) as refused:
         await daemon.submit("storybook", {"title": "x", "pages": "eight"})
     assert "payload.pages" in refused.value.body.message
+
+
+async def test_image_api_at_50_percent_failure_degrades_without_cascading(
+    autojump_clock, start_daemon
+):
+    """Seed 000 test 3: books complete, complete with placeholders, or fail; LLM untouched."""
+    image_breaker = (
+        "\n[services.image.breaker]\nfailures = 5\nerror_rate = 0.10\n"
+        'window = "60s"\nmin_calls = 20\nrecovery = "60s"\n'
+    )
+    config_text = config(image_failure_rate=0.5, image_retries='["2s", "5s", "12s"]')
+    config_text = config_text.replace("max_attempts = 50", "max_attempts = 4")
+    config_text = config_text.replace("[services.storage]", image_breaker + "\n[services.storage]")
+    daemon = await start_daemon(config_text, max_concurrent_jobs=10)
+    books = [
+        await daemon.submit("storybook", {"title": f"Book {n}", "pages": 8}) for n in range(20)
+    ]
+    finals = [await daemon.wait_done(book.id) for book in books]
+    done = [f for f in finals if f.status == "done" and not f.result["degraded"]]
+    degraded = [f for f in finals if f.status == "done" and f.result["degraded"]]
+    failed = [f for f in finals if f.status == "failed"]
+    assert len(done) + len(degraded) + len(failed) == 20
+    assert degraded, "the open image circuit should have produced placeholder books"
+    assert all(f.error.code == "SERVICE_FAILED" for f in failed)
+    calls = await daemon.handle.store.read(
+        lambda conn: conn.execute(
+            "SELECT service, SUM(ok), SUM(1 - ok) FROM ledger GROUP BY service"
+        ).fetchall()
+    )
+    by_service = {service: (ok, bad) for service, ok, bad in calls}
+    # No cascade: the LLM saw only successful calls, and its circuit stayed closed.
+    assert by_service["llm"][1] == 0
+    state = await daemon.handle.store.read(
+        lambda conn: dict(conn.execute("SELECT service, state FROM breakers").fetchall())
+    )
+    assert "llm" not in state
+    print(f"split: {len(done)} done, {len(degraded)} degraded, {len(failed)} failed")
