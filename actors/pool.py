@@ -1,12 +1,15 @@
 """Pool: runs handlers and turns their outcomes into store transitions.
 
-Consumes `RunJob` (scheduler), `CancelJob` (admin), `Drain`/`Reconfigure` (supervisor).
-Produces `JobFinished` for the scheduler when a slot frees.
+Consumes `RunJob` (scheduler), `CancelJob` (admin), `Recover` (monitor), `Statistics`,
+`Drain`/`Reconfigure` (supervisor). Produces `JobFinished` for the scheduler when a slot frees,
+and talks to the ledger and the breaker on behalf of each job's ctx.call.
 
 Each job runs in its own cancel scope with its kind's timeout. Outcomes: a return value is
-done; `Retry`, an unexpected exception or a timeout retries with backoff while attempts remain,
-else fails; `Fail` fails at once; a cancel request cancels; a shutdown (drain past its grace,
-or the process being stopped) puts the job back in the queue without spending its attempt.
+done; `Retry`, an unexpected exception, a timeout, `ServiceUnavailable`/`ServiceFailed` or a
+monitor's stuck verdict retries with backoff while attempts remain, else fails; `Fail` (or an
+SLA breach) fails at once; a cancel request cancels; `BudgetExhausted` puts the job back in the
+queue to wait for budget, and a shutdown (drain past its grace, or the process being stopped)
+puts it back too; neither spends an attempt.
 """
 
 from __future__ import annotations

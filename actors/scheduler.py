@@ -1,14 +1,16 @@
 """Scheduler: decides what runs next.
 
 Consumes `JobQueued` (admission), `JobFinished` (pool), `Pause`/`Resume`/`Snapshot` (admin),
-`StopDispatch`/`Reconfigure` (supervisor). Produces `RunJob` for the pool.
+`ServiceState` (breaker), `BudgetState` (ledger), `StopDispatch`/`Reconfigure` (supervisor).
+Produces `RunJob` for the pool.
 
 Order: highest priority first, then oldest (FIFO by id), among jobs whose `available_at`
-(backoff) has come, whose kind is not paused, and whose kind has a free slot under its own
-limit, within the global `max_concurrent_jobs`. The queue stays in SQLite; each dispatch round
+(backoff) has come, whose kind is not paused, needs no service whose circuit is open, and has
+a free slot under its own limit, within the global `max_concurrent_jobs`; nothing starts while
+the budget is stopped or the daemon drains. The queue stays in SQLite; each dispatch round
 claims just enough rows for the free slots in one store write, so memory does not grow with
-the queue. Between rounds the scheduler sleeps until a message arrives or the next backoff
-ends.
+the queue. Between rounds the scheduler sleeps until a message arrives, a backoff ends, or an
+open circuit's recovery time comes.
 """
 
 from __future__ import annotations

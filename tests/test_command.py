@@ -16,6 +16,7 @@ print(json.dumps({"progress": 0.5, "message": "halfway"}), flush=True)
 print("not a protocol line", flush=True)
 print(json.dumps({"checkpoint": {"at": 1, "attempt": os.environ["JOBWARDEN_ATTEMPT"]}}), flush=True)
 if mode == "ok":
+    print(json.dumps({"charge": {"service": "paid", "units": 2}}), flush=True)
     print(json.dumps({"result": {"word": sys.argv[2]}}), flush=True)
 elif mode == "retry":
     sys.exit(75 if int(os.environ["JOBWARDEN_ATTEMPT"]) < 2 else 0)
@@ -37,6 +38,9 @@ def kinds(tmp_path: Path) -> str:
     script.write_text(SCRIPT)
     python = os.environ.get("PYTHON", __import__("sys").executable)
     return f"""
+[services.paid]
+price_usd = 0.5
+
 [kinds.cmd]
 command = ["{python}", "{script}", "{{payload.mode}}", "{{payload.arg}}"]
 timeout = "2s"
@@ -55,6 +59,10 @@ async def test_command_reports_progress_checkpoint_and_result(start_daemon, kind
     assert final.checkpoint == {"at": 1, "attempt": "1"}
     progress = [e.data for e in await daemon.events(job.id) if e.type == "progress"]
     assert progress == [{"fraction": 0.5, "message": "halfway"}]
+    charged = await daemon.handle.store.read(
+        lambda conn: conn.execute("SELECT service, units, usd FROM ledger").fetchall()
+    )
+    assert charged == [("paid", 2.0, 1.0)]
 
 
 async def test_exit_75_retries_and_succeeds(start_daemon, kinds):

@@ -12,6 +12,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from daemon.admin import Stop
 
 KINDS = """
+[services.paid]
+price_usd = 0.5
+
+[budget]
+daily_usd = 100
+
 [kinds.quick]
 handler = "tests.handlers:sleepy"
 
@@ -65,6 +71,11 @@ async def test_probes_health_and_metrics(start_daemon):
         "jobwarden_request_duration_seconds_count",
         (("cmd", "/health"), ("listener", "http")),
     ) in samples
+
+    assert samples[("jobwarden_breaker_state", (("service", "paid"),))] == 0
+    assert samples[("jobwarden_budget_remaining_usd", ())] == 100
+    assert health["budget"]["daily_usd"] == 100
+    assert health["breakers"]["paid"]["state"] == "closed"
 
     assert (await get(port, "/nope"))[0] == 404
 
