@@ -28,7 +28,7 @@ from daemon.alerts import RaiseAlert
 from daemon.clock import WallClock
 from daemon.config import BreakerSpec, Config, ServiceSection, format_duration
 from daemon.errors import RequestError
-from daemon.mailbox import ReplySlot
+from daemon.mailbox import ReplySlot, receive_by
 from daemon.store import Store
 
 log = structlog.get_logger("breaker")
@@ -270,11 +270,11 @@ class Breaker:
                 await self._tell_scheduler(service)
             task_status.started()
             while True:
-                with trio.move_on_at(self._next_wake()):
-                    try:
-                        msg = await self._inbox.receive()
-                    except trio.EndOfChannel:
-                        return
+                try:
+                    msg = await receive_by(self._inbox, self._next_wake())
+                except trio.EndOfChannel:
+                    return
+                if msg is not None:
                     await self._handle(msg)
                 await self._advance()
 
@@ -323,34 +323,28 @@ class Breaker:
                     service.failures += outcome == "failed"
                     service.circuit.record(self._clock.now(), outcome == "ok", probe)
                 await self._changed(service, before)
-            case Reset(service=name, reply=reply):
-                service = self._require(name, reply)
-                if service is not None:
-                    before = service.circuit.state
-                    service.circuit.reset(self._clock.now())
-                    log.warning("breaker reset by an operator", service=name)
-                    await self._changed(service, before)
-                    reply.set(self._view(service))
-            case Trip(service=name, reply=reply):
-                service = self._require(name, reply)
-                if service is not None:
-                    before = service.circuit.state
-                    service.circuit.trip(self._clock.now())
-                    log.warning("breaker tripped by an operator", service=name)
-                    await self._changed(service, before)
-                    reply.set(self._view(service))
+            case Reset() | Trip():
+                await self._operator(msg)
             case Snapshot(reply=reply):
                 reply.set({name: self._view(s) for name, s in self._services.items()})
             case Reconfigure(config=config):
                 self._config = config
                 self._build(config)
 
-    def _require(self, name: str, reply: ReplySlot[Any]) -> _Service | None:
-        service = self._services.get(name)
+    async def _operator(self, msg: Reset | Trip) -> None:
+        service = self._services.get(msg.service)
         if service is None:
             known = ", ".join(sorted(self._services)) or "none"
-            reply.fail(RequestError("NOT_FOUND", f"no service '{name}' (known: {known})"))
-        return service
+            msg.reply.fail(RequestError("NOT_FOUND", f"no service '{msg.service}' ({known})"))
+            return
+        before = service.circuit.state
+        if isinstance(msg, Reset):
+            service.circuit.reset(self._clock.now())
+        else:
+            service.circuit.trip(self._clock.now())
+        log.warning("breaker set by an operator", service=msg.service, action=type(msg).__name__)
+        await self._changed(service, before)
+        msg.reply.set(self._view(service))
 
     async def _advance(self) -> None:
         """Expire probes, move open circuits on, and grant what the gates allow now."""

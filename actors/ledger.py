@@ -33,7 +33,7 @@ from daemon.alerts import RaiseAlert
 from daemon.clock import WallClock
 from daemon.config import Config
 from daemon.errors import RequestError
-from daemon.mailbox import ReplySlot
+from daemon.mailbox import ReplySlot, receive_by
 from daemon.metrics import Metrics
 from daemon.store import Store
 
@@ -261,14 +261,14 @@ class Ledger:
             task_status.started()
             while True:
                 boundary = self._clock.deadline_for(self._calendar.next_day(self._clock.now()))
-                with trio.move_on_at(boundary) as waiting:
-                    try:
-                        msg = await self._inbox.receive()
-                    except trio.EndOfChannel:
-                        break
-                    await self._handle(msg)
-                if waiting.cancelled_caught:
+                try:
+                    msg = await receive_by(self._inbox, boundary)
+                except trio.EndOfChannel:
+                    break
+                if msg is None:
                     await self._roll_over()
+                else:
+                    await self._handle(msg)
         for listener in self._listeners:
             await listener.aclose()
 

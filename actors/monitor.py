@@ -41,7 +41,7 @@ from daemon.alerts import RaiseAlert
 from daemon.clock import WallClock
 from daemon.config import Config, format_duration
 from daemon.errors import error_body
-from daemon.mailbox import ReplySlot
+from daemon.mailbox import ReplySlot, receive_by
 from daemon.metrics import Metrics
 from daemon.store import Store
 
@@ -246,14 +246,14 @@ class Monitor:
             task_status.started()
             while True:
                 wake = min(self._next_tick, self._clock.deadline_for(self._next_rule))
-                with trio.move_on_at(wake) as waiting:
-                    try:
-                        msg = await self._inbox.receive()
-                    except trio.EndOfChannel:
-                        break
-                    await self._handle(msg)
-                if waiting.cancelled_caught:
+                try:
+                    msg = await receive_by(self._inbox, wake)
+                except trio.EndOfChannel:
+                    break
+                if msg is None:
                     await self._tick()
+                else:
+                    await self._handle(msg)
             nursery.cancel_scope.cancel()
 
     async def _handle(self, msg: MonitorMessage) -> None:

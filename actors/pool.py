@@ -249,7 +249,12 @@ class Pool:
             # The process is stopping under us: the job goes back to the queue, unspent.
             with trio.CancelScope(shield=True), trio.move_on_after(FINAL_WRITE_TIMEOUT):
                 await self._store.write(
-                    partial(jobs.requeue_interrupted, job_id=job.id, now=self._clock.now())
+                    partial(
+                        jobs.requeue_unspent,
+                        job_id=job.id,
+                        reason="INTERRUPTED",
+                        now=self._clock.now(),
+                    )
                 )
             raise
         finally:
@@ -348,9 +353,9 @@ class Pool:
             case "canceled":
                 write = partial(jobs.cancel, job_id=job.id, now=now, expect=("running",))
             case "interrupted":
-                write = partial(jobs.requeue_interrupted, job_id=job.id, now=now)
+                write = partial(jobs.requeue_unspent, job_id=job.id, reason="INTERRUPTED", now=now)
             case "budget":
-                write = partial(jobs.requeue_for_budget, job_id=job.id, now=now)
+                write = partial(jobs.requeue_unspent, job_id=job.id, reason="BUDGET_WAIT", now=now)
             case _:
                 policy = self._config.retry_policy(job.kind)
                 delay = retry_delay(

@@ -246,33 +246,18 @@ def cancel(
     )
 
 
-def requeue_interrupted(
-    conn: sqlite3.Connection, events: Events, job_id: int, *, now: float
+def requeue_unspent(
+    conn: sqlite3.Connection, events: Events, job_id: int, *, reason: str, now: float
 ) -> JobView | None:
-    """Back to the queue without spending the attempt the shutdown interrupted."""
+    """Back to the queue without spending the attempt that was cut short: by a shutdown
+    (INTERRUPTED) or by a call refused for budget (BUDGET_WAIT). The checkpoint stays."""
     return _transition(
         conn,
         events,
         job_id,
         expect=("running",),
         status="queued",
-        reason="INTERRUPTED",
-        now=now,
-        sets={"available_at": now, "attempt": SQL("attempt - 1")},
-    )
-
-
-def requeue_for_budget(
-    conn: sqlite3.Connection, events: Events, job_id: int, *, now: float
-) -> JobView | None:
-    """A call was refused for budget: wait in the queue, attempt not spent, checkpoint kept."""
-    return _transition(
-        conn,
-        events,
-        job_id,
-        expect=("running",),
-        status="queued",
-        reason="BUDGET_WAIT",
+        reason=reason,
         now=now,
         sets={"available_at": now, "attempt": SQL("attempt - 1")},
     )

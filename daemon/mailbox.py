@@ -1,4 +1,4 @@
-"""Reply slots: how a message that needs an answer carries it back to its sender."""
+"""Reply slots, and waiting for a message or a deadline: the plumbing actors share."""
 
 from __future__ import annotations
 
@@ -32,3 +32,13 @@ class ReplySlot(Generic[T]):
         if self._error is not None:
             raise self._error
         return self._value  # type: ignore[return-value]
+
+
+async def receive_by(inbox: trio.MemoryReceiveChannel[T], deadline: float) -> T | None:
+    """The next message, or None once the trio deadline passes first.
+
+    Raises trio.EndOfChannel when every sender has closed: the actor's cue to stop.
+    """
+    with trio.move_on_at(deadline):
+        return await inbox.receive()
+    return None

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import trio
 
 from daemon.errors import RequestError
 
@@ -87,9 +88,20 @@ async def test_timeout_kills_the_whole_process_group(start_daemon, kinds, tmp_pa
     job = await daemon.submit("cmd", {"mode": "hang", "arg": str(pidfile)})
     final = await daemon.wait_done(job.id)
     assert (final.status, final.error.code) == ("failed", "TIMEOUT")
-    grandchild = int(pidfile.read_text())
-    status = Path(f"/proc/{grandchild}/status")
-    assert not status.exists() or "State:\tZ" in status.read_text()
+    await exited(int(pidfile.read_text()))
+
+
+async def exited(pid: int) -> None:
+    """Wait (bounded) until `pid` is gone: a pidfd turns readable when the process exits."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        with trio.fail_after(10):
+            await trio.lowlevel.wait_readable(pidfd)
+    finally:
+        os.close(pidfd)
 
 
 async def test_missing_template_field_is_refused_at_admission(start_daemon, kinds):
