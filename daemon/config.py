@@ -7,6 +7,7 @@ that silently ignores a misspelt threshold runs with a limit nobody chose.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 import os
@@ -371,6 +372,7 @@ def find_config(explicit: str | None) -> Path:
     )
 
 
+@functools.cache
 def import_handler(spec: str) -> Any:
     module_name, _, attr = spec.partition(":")
     try:

@@ -13,6 +13,7 @@ its own session, so cancel and timeout kill its whole process group.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import math
@@ -143,8 +144,11 @@ class JobContext:
             await self._store_heartbeat()
 
 
+@functools.cache
 def payload_type(handler: Callable[..., Any]) -> type | None:
-    """The Struct a python handler's payload parameter is annotated with, if any."""
+    """The Struct a python handler's payload parameter is annotated with, if any.
+
+    Cached: signature and type-hint introspection would otherwise run on every submit."""
     params = list(inspect.signature(handler).parameters.values())
     if len(params) < 2:
         return None

@@ -86,8 +86,11 @@ def claim(
     claimed: list[JobView] = []
     while total > 0 and allowed:
         kinds = sorted(allowed)
+        # Walk the dispatch order and stop at `total` rows. Left to itself, SQLite picks the
+        # (status, available_at) index and sorts every due row: 17 ms a round at 100k queued.
         rows = conn.execute(
-            f"SELECT {JOB_COLUMNS} FROM jobs WHERE status = 'queued' AND available_at <= ? "
+            f"SELECT {JOB_COLUMNS} FROM jobs INDEXED BY jobs_order "
+            f"WHERE status = 'queued' AND available_at <= ? "
             f"AND kind IN ({placeholders(kinds)}) ORDER BY priority DESC, id LIMIT ?",
             (now, *kinds, total),
         ).fetchall()
@@ -150,15 +153,14 @@ def _transition(
         for column, value in columns.items()
     )
     values = [value for value in columns.values() if not isinstance(value, SQL)]
-    cursor = conn.execute(
+    rows = conn.execute(
         f"UPDATE jobs SET {assignments}, updated_at = ? "
-        f"WHERE id = ? AND status IN ({placeholders(expect)})",
+        f"WHERE id = ? AND status IN ({placeholders(expect)}) RETURNING {JOB_COLUMNS}",
         (*values, now, job_id, *expect),
-    )
-    if cursor.rowcount == 0:
+    ).fetchall()
+    if not rows:
         return None
-    job = fetch_job(conn, job_id)
-    assert job is not None
+    job = job_from_row(rows[0])
     data = {"status": status, "attempt": job.attempt, **(detail or {})}
     if reason is not None:
         data["reason"] = reason
