@@ -30,7 +30,7 @@ from actors.ledger import BudgetExhausted
 from actors.scheduler import JobFinished, RunJob
 from daemon import jobs
 from daemon.clock import WallClock
-from daemon.config import Config, RetryPolicy
+from daemon.config import Config, RetryPolicy, format_duration
 from daemon.errors import RequestError, error_body
 from daemon.handlers import Fail, JobContext, Retry, run_command, run_python
 from daemon.mailbox import ReplySlot
@@ -94,6 +94,11 @@ def retry_delay(policy: RetryPolicy, attempt: int, rng: random.Random) -> float 
 Outcome = tuple[str, Any]
 CANCELED: Outcome = ("canceled", None)
 INTERRUPTED: Outcome = ("interrupted", None)
+
+
+def _final_write_scope() -> trio.CancelScope:
+    """Shielded from the job's teardown, yet bounded, so shutdown cannot hang on a write."""
+    return trio.CancelScope(shield=True, deadline=trio.current_time() + FINAL_WRITE_TIMEOUT)
 
 
 def _recorded_outcome(intended: str, final: JobView | None) -> str:
@@ -247,7 +252,7 @@ class Pool:
             outcome = await self._execute(entry)
         except trio.Cancelled:
             # The process is stopping under us: the job goes back to the queue, unspent.
-            with trio.CancelScope(shield=True), trio.move_on_after(FINAL_WRITE_TIMEOUT):
+            with _final_write_scope():
                 await self._store.write(
                     partial(
                         jobs.requeue_unspent,
@@ -261,7 +266,7 @@ class Pool:
             del self._running[job.id]
             if not self._running:
                 self._idle.set()
-        with trio.CancelScope(shield=True), trio.move_on_after(FINAL_WRITE_TIMEOUT):
+        with _final_write_scope():
             final = await self._record(job, outcome)
         for reply in cancel_replies + self._cancel_on_arrival.pop(job.id, []):
             if final is not None and final.status == "canceled":
@@ -316,13 +321,10 @@ class Pool:
             services=services,
         )
         try:
+            # The job's own scope carries its timeout too: one scope per job, not two.
             with entry.scope:
-                with trio.move_on_after(kind.timeout) as timeout:
-                    return "done", await runner(kind, ctx, job.payload)
-                if timeout.cancelled_caught:
-                    return "retry", error_body(
-                        "TIMEOUT", f"the job ran longer than its timeout of {kind.timeout:g}s"
-                    )
+                entry.scope.deadline = trio.current_time() + kind.timeout
+                return "done", await runner(kind, ctx, job.payload)
         except Fail as exc:
             return "failed", error_body(exc.code, str(exc), retryable=False)
         except Retry as exc:
@@ -340,7 +342,12 @@ class Pool:
                 retryable=True,
                 technical_message="".join(traceback.format_exception(exc)[-3:]),
             )
-        return entry.stop_outcome or CANCELED
+        if entry.stop_outcome is None:
+            # Canceled with nobody asking: the deadline passed.
+            return "retry", error_body(
+                "TIMEOUT", f"the job ran longer than its timeout of {format_duration(kind.timeout)}"
+            )
+        return entry.stop_outcome
 
     async def _record(self, job: JobView, outcome: Outcome) -> JobView | None:
         name, detail = outcome
