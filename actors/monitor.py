@@ -41,7 +41,7 @@ from daemon.alerts import RaiseAlert
 from daemon.clock import WallClock
 from daemon.config import Config, format_duration
 from daemon.errors import error_body
-from daemon.mailbox import ReplySlot, receive_by
+from daemon.mailbox import ReplySlot, ask, receive_by
 from daemon.metrics import Metrics
 from daemon.store import Store
 
@@ -167,12 +167,6 @@ def evaluate(
         deadlines.append(found.oldest_created_at + _smallest(config, "sla"))
     upcoming = [d for d in deadlines if d > now]
     return findings, min(upcoming, default=math.inf)
-
-
-async def _ask(channel: trio.MemorySendChannel[Any], message: type) -> Any:
-    reply: ReplySlot[Any] = ReplySlot()
-    await channel.send(message(reply=reply))
-    return await reply.wait()
 
 
 def _sla_breach(job: Row, now: float, sla: float) -> Finding:
@@ -351,10 +345,10 @@ class Monitor:
         self._metrics.stuck_recovered.labels(finding.rule).inc()
 
     async def _scheduler_snapshot(self) -> dict[str, Any]:
-        return await _ask(self._scheduler, Snapshot)
+        return await ask(self._scheduler, Snapshot)
 
     async def _check_failure_rate(self, now: float) -> None:
-        outcomes = (await _ask(self._pool, Statistics))["outcomes"]
+        outcomes = (await ask(self._pool, Statistics))["outcomes"]
         self._history.append((now, outcomes.get("done", 0), outcomes.get("failed", 0)))
         monitor = self._config.monitor
         rate, finished = failure_rate(self._history, now, monitor.failure_window)
@@ -438,8 +432,8 @@ class Monitor:
             "paused_all": snapshot["paused_all"],
             "stuck": {"last_check": self._last_findings, "recovered": dict(self._recovered)},
             "system": dict(self._system),
-            "breakers": await _ask(self._breaker, BreakerSnapshot),
-            "budget": await _ask(self._ledger, BudgetQuery),
+            "breakers": await ask(self._breaker, BreakerSnapshot),
+            "budget": await ask(self._ledger, BudgetQuery),
         }
         if by_kind:
             health["by_status_kind"] = await self._store.read(jobs.counts_by_status_and_kind)

@@ -40,7 +40,7 @@ from daemon.clock import WallClock
 from daemon.config import Config, ConfigError, name_path
 from daemon.errors import RequestError, StartupError, error_body
 from daemon.hub import EventHub
-from daemon.mailbox import ReplySlot
+from daemon.mailbox import ReplySlot, ask
 from daemon.metrics import Metrics
 from daemon.protocol import (
     COMMAND_ARGS,
@@ -419,11 +419,11 @@ class AdminServer:
         return {"dry_run": args.dry_run, "findings": await reply.wait()}
 
     async def _breakers(self, args: Any) -> dict[str, Any]:
-        return await _ask(self._breaker, BreakerSnapshot)
+        return await ask(self._breaker, BreakerSnapshot)
 
     async def _breaker_action(self, args: BreakerArgs) -> dict[str, Any]:
         message = BreakerReset if args.action == "reset" else BreakerTrip
-        return {args.service: await _ask(self._breaker, message, service=args.service)}
+        return {args.service: await ask(self._breaker, message, service=args.service)}
 
     async def _ledger_report(self, args: LedgerArgs) -> dict[str, Any]:
         if args.day is not None and args.month is not None:
@@ -438,19 +438,19 @@ class AdminServer:
             )
         period = args.day or args.month
         if period is None:
-            period = (await _ask(self._ledger, BudgetQuery))["day"]
-        return await _ask(self._ledger, LedgerReport, period=period, by=args.by)
+            period = (await ask(self._ledger, BudgetQuery))["day"]
+        return await ask(self._ledger, LedgerReport, period=period, by=args.by)
 
     async def _budget(self, args: BudgetArgs) -> dict[str, Any]:
         if args.action == "set":
             if args.daily_usd is None and args.monthly_usd is None:
                 raise RequestError("INVALID_REQUEST", "budget set: give daily_usd or monthly_usd")
-            return await _ask(
+            return await ask(
                 self._ledger, SetBudget, daily_usd=args.daily_usd, monthly_usd=args.monthly_usd
             )
         if args.action == "resume":
-            return await _ask(self._ledger, ResumeBudget)
-        return await _ask(self._ledger, BudgetQuery)
+            return await ask(self._ledger, ResumeBudget)
+        return await ask(self._ledger, BudgetQuery)
 
     async def _scheduler_snapshot(self) -> dict[str, Any]:
         reply: ReplySlot[dict[str, Any]] = ReplySlot()
@@ -493,12 +493,6 @@ class AdminServer:
                     last = event.seq
                 if not sub.overflowed:
                     return
-
-
-async def _ask(channel: trio.MemorySendChannel[Any], message: type, **fields: Any) -> Any:
-    reply: ReplySlot[Any] = ReplySlot()
-    await channel.send(message(**fields, reply=reply))
-    return await reply.wait()
 
 
 def _arg_message(exc: Exception) -> str:

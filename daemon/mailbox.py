@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import trio
 
@@ -42,3 +42,10 @@ async def receive_by(inbox: trio.MemoryReceiveChannel[T], deadline: float) -> T 
     with trio.move_on_at(deadline):
         return await inbox.receive()
     return None
+
+
+async def ask(channel: trio.MemorySendChannel[Any], message: type, **fields: Any) -> Any:
+    """Send `message(**fields, reply=...)` to an actor and wait for its answer."""
+    reply: ReplySlot[Any] = ReplySlot()
+    await channel.send(message(**fields, reply=reply))
+    return await reply.wait()

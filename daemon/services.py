@@ -20,7 +20,7 @@ import trio
 from actors.breaker import Done, Permit, Token
 from actors.ledger import Charge, Release, Reservation, Reserve, Settle
 from daemon.config import Config
-from daemon.mailbox import ReplySlot
+from daemon.mailbox import ReplySlot, ask
 from daemon.protocol import JobView
 
 # How long a finished call waits for its ledger entry to be written.
@@ -76,7 +76,7 @@ class ServiceLink:
         while True:
             tries += 1
             await self._heartbeat()
-            reservation = await self._ask(
+            reservation = await ask(
                 self._ledger,
                 Reserve,
                 job=self._job.id,
@@ -86,7 +86,7 @@ class ServiceLink:
                 units=units,
             )
             try:
-                token = await self._ask(self._breaker, Permit, service=service)
+                token = await ask(self._breaker, Permit, service=service)
             except BaseException:
                 await self._ledger.send(Release(reservation=reservation))
                 raise
@@ -103,7 +103,7 @@ class ServiceLink:
 
     async def charge(self, service: str, units: float) -> float:
         """Record a cost already incurred (a command kind's `{"charge": ...}` line)."""
-        return await self._ask(
+        return await ask(
             self._ledger,
             Charge,
             job=self._job.id,
@@ -152,9 +152,3 @@ class ServiceLink:
             return
         with trio.CancelScope(shield=True), trio.move_on_after(SETTLE_TIMEOUT):
             await settle.reply.wait()
-
-    @staticmethod
-    async def _ask(channel: trio.MemorySendChannel[Any], message: type, **fields: Any) -> Any:
-        reply: ReplySlot[Any] = ReplySlot()
-        await channel.send(message(**fields, reply=reply))
-        return await reply.wait()
