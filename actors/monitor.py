@@ -229,8 +229,7 @@ class Monitor:
         self._process = psutil.Process(os.getpid())
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        psutil.cpu_percent(interval=None)  # the first reading only starts the measurement
-        self._sample_system()
+        self._sample_system(cpu=False)
         channels = (self._inbox, self._pool, self._scheduler, self._breaker, self._ledger)
         async with contextlib.AsyncExitStack() as stack:
             for channel in channels:
@@ -404,13 +403,16 @@ class Monitor:
             await self._store.checkpoint_wal()
             self._wal_clean = True
 
-    def _sample_system(self) -> None:
+    def _sample_system(self, *, cpu: bool = True) -> None:
+        """CPU is the average since the previous sample, so the first call only starts it
+        and reports None rather than a meaningless 0 or 100%."""
         memory = psutil.virtual_memory()
+        cpu_percent = psutil.cpu_percent(interval=None)
         self._system = {
             "memory_available_gb": round(memory.available / GIB, 2),
             "memory_total_gb": round(memory.total / GIB, 2),
             "memory_percent": memory.percent,
-            "cpu_percent": psutil.cpu_percent(interval=None),
+            "cpu_percent": cpu_percent if cpu else None,
             "daemon_rss_mb": round(self._process.memory_info().rss / 1024**2, 1),
         }
 

@@ -427,6 +427,10 @@ def _drain(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cpu_text(value: float | None) -> str:
+    return "n/a (first sample pending)" if value is None else f"{value:.0f}%"
+
+
 def _status(args: argparse.Namespace) -> int:
     data = _call(args, "status")
     if args.json:
@@ -460,7 +464,7 @@ def _status(args: argparse.Namespace) -> int:
                 "system",
                 f"memory {system.get('memory_percent', 0):.0f}% "
                 f"({system.get('memory_available_gb', 0):.1f} GB free), "
-                f"cpu {system.get('cpu_percent', 0):.0f}%",
+                f"cpu {_cpu_text(system.get('cpu_percent'))}",
             ),
         ]
     )

@@ -9,7 +9,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 
 DURATION_BUCKETS = (0.1, 0.5, 1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600)
 BREAKER_LEVELS = {"closed": 0, "half_open": 1, "open": 2}
@@ -18,6 +25,8 @@ REQUEST_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5)
 
 class Metrics:
     def __init__(self) -> None:
+        # The `_created` series carry wall-clock stamps; the daemon reads only trio's clock.
+        disable_created_metrics()
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.jobs = Gauge(
@@ -99,7 +108,8 @@ class Metrics:
             self.breaker_state.labels(service).set(BREAKER_LEVELS[view["state"]])
         remaining = health["budget"]["remaining_today"]
         self.budget_remaining.set(remaining if remaining is not None else float("inf"))
-        self.cpu_percent.set(health["system"]["cpu_percent"])
+        if health["system"]["cpu_percent"] is not None:
+            self.cpu_percent.set(health["system"]["cpu_percent"])
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
