@@ -8,6 +8,7 @@ hears "accepted". Produces `JobQueued` for the scheduler.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from functools import partial
 from typing import Any
 
@@ -22,6 +23,7 @@ from daemon.clock import WallClock
 from daemon.config import Config
 from daemon.errors import RequestError
 from daemon.handlers import validate_payload
+from daemon.jobs import NewJob
 from daemon.mailbox import ReplySlot
 from daemon.metrics import Metrics
 from daemon.protocol import JobView
@@ -57,6 +59,8 @@ class Reconfigure(msgspec.Struct):
 AdmissionMessage = Submit | Requeue | StopAdmitting | Reconfigure | BudgetState
 
 _encoder = msgspec.json.Encoder()
+# Most submissions folded into one store write.
+MAX_BATCH = 512
 
 
 def check_submit(
@@ -123,21 +127,37 @@ class Admission:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with self._inbox, self._scheduler, trio.open_nursery() as nursery:
             task_status.started()
-            async for msg in self._inbox:
-                match msg:
-                    case Submit():
-                        self._submit(msg, nursery)
-                    case Requeue():
-                        nursery.start_soon(self._requeue, msg)
-                    case StopAdmitting():
-                        self._draining = True
-                    case Reconfigure(config=config):
-                        self._config = config
-                    case BudgetState():
-                        self._budget = msg
+            async for first in self._inbox:
+                accepted: list[tuple[Submit, NewJob]] = []
+                # Everything already waiting is handled in order; the submissions that pass
+                # the guards go to the store as one write.
+                for msg in self._waiting(first):
+                    match msg:
+                        case Submit():
+                            new = self._check(msg)
+                            if new is not None:
+                                accepted.append((msg, new))
+                        case Requeue():
+                            nursery.start_soon(self._requeue, msg)
+                        case StopAdmitting():
+                            self._draining = True
+                        case Reconfigure(config=config):
+                            self._config = config
+                        case BudgetState():
+                            self._budget = msg
+                if accepted:
+                    nursery.start_soon(self._insert, accepted)
             nursery.cancel_scope.cancel()
 
-    def _submit(self, msg: Submit, nursery: trio.Nursery) -> None:
+    def _waiting(self, first: AdmissionMessage) -> Iterator[AdmissionMessage]:
+        yield first
+        for _ in range(MAX_BATCH - 1):
+            try:
+                yield self._inbox.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel):
+                return
+
+    def _check(self, msg: Submit) -> NewJob | None:
         try:
             payload_json = check_submit(
                 self._config,
@@ -150,31 +170,36 @@ class Admission:
             self._metrics.rejected.labels(exc.body.code).inc()
             log.info("submit rejected", code=exc.body.code, kind=msg.kind, user=msg.user)
             msg.reply.fail(exc)
-            return
-        # Inserting concurrently lets the store fold many submissions into one commit.
-        nursery.start_soon(self._insert, msg, payload_json)
-
-    async def _insert(self, msg: Submit, payload_json: str) -> None:
+            return None
         kind = self._config.kinds[msg.kind]
-        write = partial(
-            jobs.insert,
+        return NewJob(
             kind=msg.kind,
             user=msg.user,
             payload_json=payload_json,
             priority=kind.priority if msg.priority is None else msg.priority,
             idempotency_key=msg.idempotency_key,
             max_attempts=self._config.retry_policy(msg.kind).max_attempts,
-            now=self._clock.now(),
         )
+
+    async def _insert(self, accepted: list[tuple[Submit, NewJob]]) -> None:
+        write = partial(jobs.insert_many, batch=[new for _, new in accepted], now=self._clock.now())
         try:
-            job, existing = await self._store.write(write)
+            results = await self._store.write(write)
         except Exception as exc:
-            log.error("submit failed in the store", error=str(exc))
-            msg.reply.fail(RequestError("INTERNAL", "the job could not be stored"))
-            return
-        msg.reply.set((job, existing))
-        if not existing:
-            await self._scheduler.send(JobQueued(kind=job.kind))
+            log.error("submissions failed in the store", error=str(exc), count=len(accepted))
+            results = [exc] * len(accepted)
+        queued_kinds = set()
+        for (msg, _), result in zip(accepted, results, strict=True):
+            if isinstance(result, Exception):
+                log.error("submit failed in the store", error=str(result), kind=msg.kind)
+                msg.reply.fail(RequestError("INTERNAL", "the job could not be stored"))
+                continue
+            job, existing = result
+            msg.reply.set((job, existing))
+            if not existing:
+                queued_kinds.add(job.kind)
+        for kind in sorted(queued_kinds):
+            await self._scheduler.send(JobQueued(kind=kind))
 
     async def _requeue(self, msg: Requeue) -> None:
         if self._draining:

@@ -39,36 +39,64 @@ class ClaimResult(msgspec.Struct):
     next_available_at: float | None
 
 
+class NewJob(msgspec.Struct, frozen=True):
+    kind: str
+    user: str
+    payload_json: str
+    priority: int
+    idempotency_key: str | None
+    max_attempts: int
+
+
 def insert(
-    conn: sqlite3.Connection,
-    events: Events,
-    *,
-    kind: str,
-    user: str,
-    payload_json: str,
-    priority: int,
-    idempotency_key: str | None,
-    max_attempts: int,
-    now: float,
+    conn: sqlite3.Connection, events: Events, *, new: NewJob, now: float
 ) -> tuple[JobView, bool]:
     """Insert a queued job; with an idempotency key already used by this user, return that job."""
-    if idempotency_key is not None:
+    if new.idempotency_key is not None:
         row = conn.execute(
             f"SELECT {JOB_COLUMNS} FROM jobs WHERE user = ? AND idempotency_key = ?",
-            (user, idempotency_key),
+            (new.user, new.idempotency_key),
         ).fetchone()
         if row is not None:
             return job_from_row(row), True
-    cursor = conn.execute(
+    row = conn.execute(
         "INSERT INTO jobs (kind, user, status, priority, payload, idempotency_key, max_attempts,"
-        " created_at, updated_at, available_at) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
-        (kind, user, priority, payload_json, idempotency_key, max_attempts, now, now, now),
-    )
-    job_id = cursor.lastrowid
-    add_event(conn, events, (job_id, user, kind), "status", now, {"status": "queued", "attempt": 0})
-    job = fetch_job(conn, job_id)
-    assert job is not None
+        " created_at, updated_at, available_at) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?)"
+        f" RETURNING {JOB_COLUMNS}",
+        (
+            new.kind,
+            new.user,
+            new.priority,
+            new.payload_json,
+            new.idempotency_key,
+            new.max_attempts,
+            now,
+            now,
+            now,
+        ),
+    ).fetchall()[0]
+    job = job_from_row(row)
+    add_event(conn, events, job, "status", now, {"status": "queued", "attempt": 0})
     return job, False
+
+
+def insert_many(
+    conn: sqlite3.Connection, events: Events, *, batch: list[NewJob], now: float
+) -> list[tuple[JobView, bool] | Exception]:
+    """Insert a batch of submissions in one write; each in its own savepoint, so one that the
+    database refuses is answered with its error while the others are accepted."""
+    results: list[tuple[JobView, bool] | Exception] = []
+    for new in batch:
+        conn.execute("SAVEPOINT submission")
+        mark = len(events)
+        try:
+            results.append(insert(conn, events, new=new, now=now))
+        except sqlite3.Error as exc:
+            conn.execute("ROLLBACK TO submission")
+            del events[mark:]
+            results.append(exc)
+        conn.execute("RELEASE submission")
+    return results
 
 
 def claim(

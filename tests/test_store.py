@@ -15,19 +15,19 @@ from daemon.protocol import ErrorBody
 from daemon.store import Store, StoreError
 
 
-async def insert(store: Store, n: int = 0, key: str | None = None):
-    job, _ = await store.write(
-        partial(
-            jobs.insert,
-            kind="k",
-            user="alice",
-            payload_json=f'{{"n": {n}}}',
-            priority=0,
-            idempotency_key=key,
-            max_attempts=4,
-            now=100.0,
-        )
+def new_job(n: int = 0, key: str | None = None, kind: str = "k") -> jobs.NewJob:
+    return jobs.NewJob(
+        kind=kind,
+        user="alice",
+        payload_json=f'{{"n": {n}}}',
+        priority=0,
+        idempotency_key=key,
+        max_attempts=4,
     )
+
+
+async def insert(store: Store, n: int = 0, key: str | None = None):
+    job, _ = await store.write(partial(jobs.insert, new=new_job(n, key), now=100.0))
     return job
 
 
@@ -80,19 +80,30 @@ async def test_events_are_published_only_after_commit_in_seq_order(tmp_path):
 async def test_idempotency_key_is_per_user(tmp_path):
     async with Store.open(tmp_path / "jw.db", hub=EventHub()) as store:
         first = await insert(store, 1, key="x")
-        again, existing = await store.write(
-            partial(
-                jobs.insert,
-                kind="k",
-                user="alice",
-                payload_json="{}",
-                priority=0,
-                idempotency_key="x",
-                max_attempts=4,
-                now=101.0,
-            )
-        )
+        again, existing = await store.write(partial(jobs.insert, new=new_job(2, "x"), now=101.0))
         assert existing and again.id == first.id
+
+
+async def test_a_refused_submission_does_not_spoil_its_batch(tmp_path):
+    hub = EventHub()
+    async with Store.open(tmp_path / "jw.db", hub=hub) as store:
+        with hub.subscribe(buffer=100) as sub:
+            batch = [
+                new_job(1),
+                new_job(2, kind=None),
+                new_job(3),
+                new_job(4, "k1"),
+                new_job(5, "k1"),
+            ]
+            results = await store.write(partial(jobs.insert_many, batch=batch, now=100.0))
+            published = [sub.events.receive_nowait().job for _ in range(3)]
+        assert isinstance(results[1], sqlite3.IntegrityError)
+        first, _, third, fourth, fifth = results
+        assert [first[1], third[1], fourth[1], fifth[1]] == [False, False, False, True]
+        # The same key twice in one batch: the second gets the first's job.
+        assert fifth[0].id == fourth[0].id
+        assert published == [first[0].id, third[0].id, fourth[0].id]
+        assert (await store.read(jobs.counts_by_status)) == {"queued": 3}
 
 
 async def test_guarded_transitions_refuse_the_wrong_status(tmp_path):
