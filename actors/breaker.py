@@ -29,7 +29,7 @@ from daemon.clock import WallClock
 from daemon.config import BreakerSpec, Config, ServiceSection, format_duration
 from daemon.errors import RequestError
 from daemon.mailbox import ReplySlot, receive_by
-from daemon.store import Store
+from daemon.store import Store, add_event
 
 log = structlog.get_logger("breaker")
 
@@ -222,6 +222,15 @@ class _Service:
 def save_breaker(
     conn: Any, events: list, *, service: str, state: str, open_until: float | None, now: float
 ) -> None:
+    """Store the circuit's state and add a "breaker" event, so `watch` shows the change."""
+    add_event(
+        conn,
+        events,
+        (0, "", service),
+        "breaker",
+        now,
+        {"service": service, "state": state, "open_until": open_until},
+    )
     conn.execute(
         "INSERT INTO breakers (service, state, open_until, changed_at) VALUES (?, ?, ?, ?) "
         "ON CONFLICT(service) DO UPDATE SET state = excluded.state, "

@@ -761,11 +761,16 @@ def _job(data: Any) -> JobView:
 
 
 def _event_line(event: dict[str, Any]) -> str:
+    if event["type"] == "breaker":
+        return _describe_event(event)
     return f"job {event['job']} {_describe_event(event)}"
 
 
 def _describe_event(event: dict[str, Any]) -> str:
     data = event["data"]
+    if event["type"] == "breaker":
+        until = f" until {_clock(data['open_until'])}" if data.get("open_until") else ""
+        return f"breaker {data['service']} {data['state'].replace('_', '-')}{until}"
     if event["type"] == "progress":
         return " ".join(filter(None, ["progress", _percent(data["fraction"]), data.get("message")]))
     words = ["status", data["status"], f"attempt {data['attempt']}"]

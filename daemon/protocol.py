@@ -73,17 +73,19 @@ class JobView(msgspec.Struct, omit_defaults=True):
 
 
 class Event(msgspec.Struct, omit_defaults=True):
-    """One row of the events table. type "status" carries a transition, "progress" a report.
+    """One row of the events table. type "status" carries a transition, "progress" a report,
+    "breaker" a circuit's change (job 0 and user "": it belongs to no job).
 
     status data: {"status", "reason"?, "attempt", "available_at"?, "result"?, "error"?}
     progress data: {"fraction", "message"?}
+    breaker data: {"service", "state", "open_until"}
     """
 
     seq: int
     job: int
     user: str
     kind: str
-    type: Literal["status", "progress"]
+    type: Literal["status", "progress", "breaker"]
     at: float
     data: dict[str, Any]
 

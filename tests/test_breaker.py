@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import trio
 
 from actors.breaker import Circuit, Gate, Reset, Snapshot, Trip
+from daemon import jobs
 from daemon.config import BreakerSpec, Duration, ServiceSection
 from daemon.mailbox import ReplySlot
 from tests.conftest import EPOCH
@@ -122,6 +125,10 @@ async def test_failures_open_the_circuit_and_later_calls_fail_fast(autojump_cloc
         assert (await daemon.wait_done(job.id)).error.code == "SERVICE_FAILED"
     state = await breakers(daemon)
     assert (state["flaky"]["state"], state["flaky"]["calls"]) == ("open", 3)
+    changes = await daemon.handle.store.read(partial(jobs.events_since, since=0, job=0))
+    assert [(e.type, e.data["service"], e.data["state"]) for e in changes] == [
+        ("breaker", "flaky", "open")
+    ]
     fast = await daemon.submit("caller", {"service": "flaky", "seconds": 5})
     final = await daemon.wait_done(fast.id)
     assert final.error.code == "SERVICE_UNAVAILABLE"

@@ -898,3 +898,23 @@ def test_check_config_rejects_a_bad_config_naming_the_key(tmp_path, capsys, text
     assert code == 2
     assert str(config) in err
     assert complaint in err
+
+
+def test_watch_all_shows_breaker_changes_beside_job_events(daemon, jobwarden, capsys):
+    breaker_change = {
+        "seq": 40,
+        "job": 0,
+        "user": "",
+        "kind": "image",
+        "type": "breaker",
+        "at": NOW,
+        "data": {"service": "image", "state": "open", "open_until": OPEN_UNTIL},
+    }
+    daemon.watch_events = [breaker_change, event(41, "progress", fraction=0.5, message="page 4/8")]
+
+    code = jobwarden("watch", "--all")
+
+    lines = capsys.readouterr().out.splitlines()
+    until = time.strftime("%H:%M:%S", time.localtime(OPEN_UNTIL))
+    assert lines == [f"breaker image open until {until}", "job 12 progress 50% page 4/8"]
+    assert code == 3  # the fake daemon hangs up after its events
