@@ -135,7 +135,6 @@ class Scheduler:
         # True when something changed that may let a job start; the next round claims.
         self._dirty = True
         self._next_available_at: float | None = None
-        self.dispatched = 0
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         stored = await self._store.read(partial(jobs.get_setting, key=PAUSED_SETTING, default=None))
@@ -257,5 +256,4 @@ class Scheduler:
         self._next_available_at = claimed.next_available_at
         for job in claimed.jobs:
             self._running[job.kind] = self._running.get(job.kind, 0) + 1
-            self.dispatched += 1
             await self._pool.send(RunJob(job=job))

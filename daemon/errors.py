@@ -6,22 +6,6 @@ import uuid
 
 from daemon.protocol import ErrorBody
 
-# Request codes and the HTTP status each stands for (WebSocket handshakes and /health use it).
-HTTP_STATUS = {
-    "INVALID_REQUEST": 400,
-    "UNAUTHENTICATED": 401,
-    "INSUFFICIENT_CREDITS": 402,
-    "FORBIDDEN": 403,
-    "NOT_FOUND": 404,
-    "PAYLOAD_TOO_LARGE": 413,
-    "RATE_LIMITED": 429,
-    "DAILY_LIMIT": 429,
-    "QUEUE_FULL": 503,
-    "DRAINING": 503,
-    "BUDGET_EXHAUSTED": 503,
-    "INTERNAL": 500,
-}
-
 RETRYABLE_CODES = frozenset({"RATE_LIMITED", "DAILY_LIMIT", "QUEUE_FULL", "DRAINING"})
 
 

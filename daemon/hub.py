@@ -68,6 +68,3 @@ class EventHub:
             if job is not None and not bucket:
                 self._by_job.pop(job, None)
             sub.close()
-
-    def watcher_count(self) -> int:
-        return len(self._wide) + sum(len(s) for s in self._by_job.values())

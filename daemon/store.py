@@ -205,11 +205,8 @@ def migrate(conn: sqlite3.Connection) -> int:
 class Store:
     """Open with `async with Store.open(...)`; all methods are called from trio."""
 
-    def __init__(
-        self, path: str, *, synchronous: str, max_batch: int, hub: EventHub, threaded: bool
-    ) -> None:
+    def __init__(self, path: str, *, max_batch: int, hub: EventHub, threaded: bool) -> None:
         self.path = path
-        self._synchronous = synchronous
         self._max_batch = max_batch
         self._hub = hub
         self._threaded = threaded
@@ -237,7 +234,7 @@ class Store:
         path = str(path)
         if path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        store = cls(path, synchronous=synchronous, max_batch=max_batch, hub=hub, threaded=threaded)
+        store = cls(path, max_batch=max_batch, hub=hub, threaded=threaded)
         store._writer = _connect(path, synchronous)
         migrate(store._writer)
         store._reader = store._writer if path == ":memory:" else _connect(path, synchronous)
