@@ -218,6 +218,14 @@ class _Service:
         self.calls = 0
         self.failures = 0
 
+    def reconfigure(self, spec: ServiceSection, now: float) -> None:
+        in_flight = self.gate.in_flight
+        self.spec = spec
+        self.circuit.spec = spec.breaker
+        self.circuit.probe_timeout = spec.timeout
+        self.gate = Gate(spec, now)
+        self.gate.in_flight = in_flight
+
 
 def save_breaker(
     conn: Any, events: list, *, service: str, state: str, open_until: float | None, now: float
@@ -288,14 +296,22 @@ class Breaker:
                 await self._advance()
 
     def _build(self, config: Config) -> None:
+        """Services from the config. A reload keeps each kept service's circuit state, calls
+        in flight and calls waiting, under its new limits; a removed service's waiting calls
+        are refused rather than left waiting forever."""
         now = trio.current_time()
         services = {}
         for name, spec in config.services.items():
             existing = self._services.get(name)
-            if existing is not None and existing.spec == spec:
-                services[name] = existing
-            else:
+            if existing is None:
                 services[name] = _Service(name, spec, now)
+            else:
+                existing.reconfigure(spec, now)
+                services[name] = existing
+        for name, removed in self._services.items():
+            if name not in services:
+                for permit, _ in removed.waiting:
+                    permit.reply.fail(ServiceUnavailable(name, None))
         self._services = services
 
     def _next_wake(self) -> float:

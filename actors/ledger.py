@@ -243,6 +243,8 @@ class Ledger:
         self._ids = itertools.count(1)
         self._reserved: dict[int, Reservation] = {}
         self._limits = Limits(config.budget.daily_usd, config.budget.monthly_usd)
+        # `budget set` wins over the config file, across restarts and reloads.
+        self._limits_set_by_operator = False
         self._override_day: str | None = None
         self._stop: BudgetState = BudgetState(stopped=False)
         self._alerted: set[float] = set()
@@ -255,6 +257,7 @@ class Ledger:
         stored = await self._store.read(partial(jobs.get_setting, key=LIMITS_SETTING))
         if stored is not None:
             self._limits = msgspec.convert(stored, Limits)
+            self._limits_set_by_operator = True
         self._override_day = await self._store.read(partial(jobs.get_setting, key=OVERRIDE_SETTING))
         await self._roll_over()
         async with self._inbox, self._alerts:
@@ -328,9 +331,9 @@ class Ledger:
                         value=msgspec.to_builtins(self._limits),
                     )
                 )
+                self._limits_set_by_operator = True
                 log.warning("budget limits set by an operator", **msgspec.to_builtins(self._limits))
-                if self._stop.stopped and self._over_limit(0.0) is None:
-                    await self._set_stop(BudgetState(stopped=False))
+                await self._lift_stop_if_within()
                 reply.set(self._view())
             case ResumeBudget(reply=reply):
                 self._override_day = self._day
@@ -349,6 +352,9 @@ class Ledger:
             case Reconfigure(config=config):
                 self._config = config
                 self._calendar = BudgetCalendar(config.budget.timezone)
+                if not self._limits_set_by_operator:
+                    self._limits = Limits(config.budget.daily_usd, config.budget.monthly_usd)
+                    await self._lift_stop_if_within()
 
     def _price(
         self, job: int | None, user: str, kind: str, service: str, units: float
@@ -376,6 +382,11 @@ class Ledger:
                 return
         self._reserved[reservation.id] = reservation
         msg.reply.set(reservation)
+
+    async def _lift_stop_if_within(self) -> None:
+        """After the limits changed: a stop whose limit is no longer reached ends."""
+        if self._stop.stopped and self._over_limit(0.0) is None:
+            await self._set_stop(BudgetState(stopped=False))
 
     def _over_limit(self, extra: float) -> tuple[str, float] | None:
         """Which limit `extra` more would cross, and when that limit resets; None if none."""

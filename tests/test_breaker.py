@@ -172,3 +172,19 @@ async def test_an_open_circuit_survives_a_restart(autojump_clock, start_daemon):
     reply = ReplySlot()
     await again.handle.breaker.send(Reset(service="flaky", reply=reply))
     assert (await reply.wait())["state"] == "closed"
+
+
+async def test_a_reload_keeps_waiting_calls_and_the_circuit(autojump_clock, start_daemon, tmp_path):
+    from actors.breaker import Reconfigure
+    from tests.conftest import make_config
+
+    daemon = await start_daemon(SERVICE_KINDS.format(max_concurrent=1), max_concurrent_jobs=3)
+    jobs = [await daemon.submit("caller", {"service": "flaky", "seconds": 10}) for _ in range(3)]
+    await trio.sleep(5)
+    # One call runs, two wait for the single slot; at 5 s the reload raises the limit to 3
+    # and the two waiting calls start at once.
+    await daemon.handle.breaker.send(
+        Reconfigure(config=make_config(tmp_path, SERVICE_KINDS.format(max_concurrent=3)))
+    )
+    finished = sorted([(await daemon.wait_done(job.id)).finished_at - EPOCH for job in jobs])
+    assert finished == [10, 15, 15]

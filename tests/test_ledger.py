@@ -157,3 +157,24 @@ async def test_alerts_fire_once_at_each_fraction(autojump_clock, start_daemon):
         await trio.sleep(1)
     alerts = [entry["alert"] for entry in logs if entry["event"] == "alert"]
     assert alerts == ["budget_50", "budget_80", "budget_100"]
+
+
+async def test_a_reloaded_config_changes_the_limits_unless_an_operator_set_them(
+    autojump_clock, start_daemon, tmp_path
+):
+    from actors.ledger import Reconfigure
+    from tests.conftest import make_config
+
+    daemon = await start_daemon(config(daily=1), max_concurrent_jobs=1)
+    first = await daemon.submit("caller", {"service": "paid"})
+    second = await daemon.submit("caller", {"service": "paid"})
+    await trio.sleep(10)
+    assert (await daemon.job(second.id)).reason == "BUDGET_WAIT"
+    await daemon.handle.ledger.send(Reconfigure(config=make_config(tmp_path, config(daily=5))))
+    assert (await daemon.wait_done(second.id)).status == "done"
+    assert (await daemon.job(first.id)).status == "done"
+    assert (await ask(daemon, BudgetQuery))["daily_usd"] == 5
+
+    await ask(daemon, SetBudget, daily_usd=2.0, monthly_usd=None)
+    await daemon.handle.ledger.send(Reconfigure(config=make_config(tmp_path, config(daily=50))))
+    assert (await ask(daemon, BudgetQuery))["daily_usd"] == 2.0
