@@ -304,6 +304,7 @@ class Pool:
             job=job,
             ledger=self._ledger,
             breaker=self._breaker,
+            # Late-bound to the context below, so ctx.call heartbeats share its coalescing.
             heartbeat=lambda: ctx.heartbeat(),
             rng=self._rng,
         )
