@@ -138,6 +138,9 @@ class _Connection:
         self._send_lock = trio.Lock()
         # Everything this connection runs; canceled when the peer goes away.
         self.scope = trio.CancelScope()
+        # The watches it streams: they end when the client stops sending.
+        self.watches: set[trio.CancelScope] = set()
+        self.input_closed = False
 
     async def send(self, message: Any) -> None:
         try:
@@ -278,8 +281,11 @@ class AdminServer:
                     )
                     nursery.cancel_scope.cancel()
                     return
-            # The client closed its side: nobody is left to read watches or replies.
-            nursery.cancel_scope.cancel()
+            # The client is done sending (it may have only half-closed and still be reading):
+            # its watches end, the requests it already sent are still answered.
+            connection.input_closed = True
+            for watch in connection.watches:
+                watch.cancel()
 
     async def _handle_line(
         self, connection: _Connection, line: bytes, in_flight: trio.Semaphore
@@ -302,7 +308,14 @@ class AdminServer:
                         "INVALID_REQUEST", f"{request.cmd}: {_arg_message(exc)}"
                     ) from None
                 if request.cmd == "watch":
-                    await self._watch(connection, request_id, args)
+                    if connection.input_closed:
+                        return  # it would end at once: the client has stopped sending
+                    with trio.CancelScope() as watch:
+                        connection.watches.add(watch)
+                        try:
+                            await self._watch(connection, request_id, args)
+                        finally:
+                            connection.watches.discard(watch)
                     return
                 started = trio.current_time()
                 data = await self._commands[request.cmd](args)
@@ -373,12 +386,11 @@ class AdminServer:
         return {"jobs": found}
 
     async def _show(self, args: JobArgs) -> dict[str, Any]:
-        job = await self._store.read(partial(jobs.get_job, job_id=args.job))
+        job, events = await self._store.read(
+            partial(jobs.job_with_events, job_id=args.job, limit=SHOW_EVENTS)
+        )
         if job is None:
             raise RequestError("NOT_FOUND", f"no job {args.job}")
-        events = await self._store.read(
-            partial(jobs.recent_events, job_id=args.job, limit=SHOW_EVENTS)
-        )
         return {"job": job, "events": events}
 
     async def _cancel(self, args: JobArgs) -> dict[str, Any]:

@@ -663,6 +663,8 @@ def _watch_job(client: AdminClient, job_id: int, *, as_json: bool) -> int:
     with _event_printer(job, as_json=as_json) as show_event:
         for event in history:
             show_event(event)
+            # An older daemon may read the job and its events apart: trust the events too.
+            outcome = outcome or _outcome_of(event)
         if outcome is None:
             last_seq = max((event["seq"] for event in history), default=0)
             for event in _unseen(client.watch(job=job_id, since=last_seq), last_seq):

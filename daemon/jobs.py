@@ -499,6 +499,18 @@ def events_since(
     ]
 
 
+def job_with_events(
+    conn: sqlite3.Connection, job_id: int, limit: int
+) -> tuple[JobView | None, list[Event]]:
+    """A job and its latest events from one snapshot: a job that finishes between two
+    separate reads would otherwise look running beside its own terminal event."""
+    conn.execute("BEGIN")
+    try:
+        return get_job(conn, job_id), recent_events(conn, job_id, limit)
+    finally:
+        conn.execute("COMMIT")
+
+
 def last_seq(conn: sqlite3.Connection) -> int:
     return conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
 

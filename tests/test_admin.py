@@ -114,3 +114,23 @@ async def test_a_client_that_hangs_up_mid_replies_does_not_hurt_the_daemon(start
             async for message in read_lines(stream):
                 assert message["id"] == "still-there" and message["ok"] is True
                 break
+
+
+async def test_requests_sent_before_a_half_close_are_still_answered(start_daemon):
+    daemon = await start_daemon(KINDS)
+    socket_path = daemon.handle.store.path.replace("jw.db", "admin.sock")
+    with trio.fail_after(10):
+        stream = await trio.open_unix_socket(socket_path)
+        async with stream:
+            submit = {"kind": "stepper", "payload": {"steps": 0}}
+            await request_lines(
+                stream,
+                {"id": 1, "cmd": "ping"},
+                {"id": 2, "cmd": "submit", "args": submit},
+                {"id": 3, "cmd": "watch", "args": {}},
+            )
+            # As `printf ... | socat - UNIX-CONNECT:...` does: done writing, still reading.
+            await stream.send_eof()
+            replies = {message["id"]: message async for message in read_lines(stream)}
+    assert replies[1]["ok"] and replies[2]["ok"]
+    assert replies[2]["data"]["job"]["status"] == "queued"

@@ -918,3 +918,18 @@ def test_watch_all_shows_breaker_changes_beside_job_events(daemon, jobwarden, ca
     until = time.strftime("%H:%M:%S", time.localtime(OPEN_UNTIL))
     assert lines == [f"breaker image open until {until}", "job 12 progress 50% page 4/8"]
     assert code == 3  # the fake daemon hangs up after its events
+
+
+def test_watch_takes_the_outcome_from_history_when_the_job_just_finished(daemon, jobwarden, capsys):
+    # The job row was read as running, but its terminal event is already in the history.
+    error = {"code": "TEST_FAILURE", "message": "asked to fail", "retryable": False}
+    daemon.replies["show"] = {
+        "job": job_view(status="running"),
+        "events": [event(5, "status", status="failed", attempt=1, error=error)],
+    }
+
+    code = jobwarden("watch", "12")
+
+    assert code == 1
+    assert "TEST_FAILURE" in capsys.readouterr().err
+    assert daemon.requests[-1]["cmd"] == "show"  # no watch was needed
