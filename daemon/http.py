@@ -45,8 +45,11 @@ class HttpServer:
         monitor: trio.MemorySendChannel[Any],
         metrics: Metrics,
         daemon_status: Callable[[], dict[str, Any]],
+        slow_request: float,
+        very_slow_request: float,
     ) -> None:
         self._host, self._port = parse_listen(listen)
+        self._slow = (slow_request, very_slow_request)
         self._store = store
         self._monitor = monitor
         self._metrics = metrics
@@ -108,9 +111,14 @@ class HttpServer:
         if event.method == b"GET":
             await stream.send_all(connection.send(h11.Data(data=body)))
         await stream.send_all(connection.send(h11.EndOfMessage()))
-        self._metrics.request_duration.labels(
-            "http", path if path in self._routes else "other"
-        ).observe(trio.current_time() - started)
+        route = path if path in self._routes else "other"
+        seconds = trio.current_time() - started
+        self._metrics.request_duration.labels("http", route).observe(seconds)
+        slow, very_slow = self._slow
+        if seconds >= very_slow:
+            log.warning("very slow request", path=route, duration=round(seconds, 3))
+        elif seconds >= slow:
+            log.info("slow request", path=route, duration=round(seconds, 3))
 
     async def _healthz(self) -> tuple[int, str, bytes]:
         return 200, "application/json", b'{"ok":true}\n'

@@ -225,6 +225,8 @@ class Supervisor:
                     monitor=monitor_tx.clone(),
                     metrics=metrics,
                     daemon_status=self._status,
+                    slow_request=config.monitor.slow_request,
+                    very_slow_request=config.monitor.very_slow_request,
                 )
                 http_port = await nursery.start(http.run)
             nursery.start_soon(self._watch_signals, control_tx.clone())
