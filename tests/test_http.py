@@ -8,6 +8,7 @@ import sys
 
 import trio
 from prometheus_client.parser import text_string_to_metric_families
+from structlog.testing import capture_logs
 
 from daemon.admin import Stop
 
@@ -126,3 +127,36 @@ alert_command = [{json.dumps(sys.executable)}, "-c", {json.dumps(forward)}]
     assert alert["alert"] == "failure_rate"
     assert alert["finished"] == 3 and alert["rate"] == 1.0
     assert "3 jobs failed" in alert["message"]
+
+
+async def test_slow_requests_are_logged_with_their_duration(autojump_clock, nursery):
+    from actors.monitor import HealthQuery
+    from daemon.http import HttpServer
+    from daemon.metrics import Metrics
+
+    monitor_tx, monitor_rx = trio.open_memory_channel(10)
+
+    async def slow_monitor() -> None:
+        async for query in monitor_rx:
+            assert isinstance(query, HealthQuery)
+            await trio.sleep(6)  # virtual: the clock jumps while nothing else can run
+            query.reply.set({"slow": True})
+
+    nursery.start_soon(slow_monitor)
+    server = HttpServer(
+        listen="127.0.0.1:0",
+        store=None,  # /health never touches the store
+        monitor=monitor_tx,
+        metrics=Metrics(),
+        daemon_status=dict,
+        slow_request=1.0,
+        very_slow_request=5.0,
+    )
+    port = await nursery.start(server.run)
+    with capture_logs() as logs:
+        status, body = await get(port, "/health")
+    assert (status, json.loads(body)) == (200, {"slow": True})
+    slow = [entry for entry in logs if "slow request" in entry["event"]]
+    assert [(e["event"], e["path"], e["duration"]) for e in slow] == [
+        ("very slow request", "/health", 6.0)
+    ]
