@@ -45,7 +45,7 @@ class Metrics:
         self.cpu_percent = Gauge("jobwarden_cpu_percent", "System CPU in use", registry=r)
         self.processed = Counter(
             "jobwarden_jobs_processed",
-            "Finished job attempts by outcome (done, failed, retry, canceled, interrupted)",
+            "Finished job attempts by outcome (done, failed, retry, canceled, interrupted, budget)",
             ["kind", "outcome"],
             registry=r,
         )
