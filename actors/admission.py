@@ -1,29 +1,43 @@
 """Admission: the only way a job enters the queue.
 
-Consumes `Submit` and `Requeue` from the listeners and `StopAdmitting`/`Reconfigure` from the
-supervisor. Validates the kind and payload, applies the request guards (draining, payload
-size), deduplicates by idempotency key, and has the store commit the job before the caller
-hears "accepted". Produces `JobQueued` for the scheduler.
+Consumes `Submit` and `Requeue` from the listeners, `UserRate` from the admin `users` commands,
+`BudgetState` from the ledger and `StopAdmitting`/`Reconfigure` from the supervisor. Produces
+`JobQueued` for the scheduler.
+
+The guards run in two places. Here, in memory: draining, budget, kind, payload size and
+schema, a kind's memory requirement this machine can never meet, and the per-user rate limit
+(a token bucket on trio's clock; buckets may be lost on restart, as a rate is about the last
+minute). In the store, inside the transaction that inserts the job, so they survive restarts
+and never race a refund: user exists and is enabled, daily job limit, queue depth (global and
+per kind), credits (reserved there, spent or refunded when the job ends). The store commits
+the job before the caller hears "accepted".
+
+Adaptive shedding (seed 002): once the queue is past `limits.shed_at` of its limit, the store
+says for each accepted job whether its user holds more than a fair share of the queue; such a
+user's bucket refills at `shed_rate_factor` of their rate for a minute, so the heaviest writers
+are slowed first and light users keep going.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from functools import partial
 from typing import Any
 
 import msgspec
+import psutil
 import structlog
 import trio
 
-from actors.ledger import BudgetState
+from actors.ledger import BudgetCalendar, BudgetState
 from actors.scheduler import JobQueued
-from daemon import jobs
+from daemon import jobs, users
 from daemon.clock import WallClock
-from daemon.config import Config
+from daemon.config import Config, format_size, parse_rate
 from daemon.errors import RequestError
 from daemon.handlers import validate_payload
-from daemon.jobs import NewJob
+from daemon.jobs import Admitted, NewJob, Quota, Refused
 from daemon.mailbox import ReplySlot
 from daemon.metrics import Metrics
 from daemon.protocol import JobView
@@ -52,19 +66,56 @@ class StopAdmitting(msgspec.Struct):
     pass
 
 
+class UserRate(msgspec.Struct):
+    """A user's own rate limit changed ("30/min", "off"); None: back to the default."""
+
+    user: str
+    rate: str | None
+
+
 class Reconfigure(msgspec.Struct):
     config: Config
 
 
-AdmissionMessage = Submit | Requeue | StopAdmitting | Reconfigure | BudgetState
+AdmissionMessage = Submit | Requeue | StopAdmitting | Reconfigure | BudgetState | UserRate
 
 _encoder = msgspec.json.Encoder()
 # Most submissions folded into one store write.
 MAX_BATCH = 512
+# How long a user found above their fair share of a nearly full queue stays slowed.
+SHED_FOR = 60.0
+# Buckets kept before full ones (which a new bucket equals) are dropped.
+MAX_BUCKETS = 10_000
+
+
+class TokenBucket:
+    """`burst` tokens, refilled at `rate` per second; each submission takes one."""
+
+    def __init__(self, burst: float, now: float) -> None:
+        self.tokens = burst
+        self.updated = now
+
+    def take(self, now: float, rate: float, burst: float) -> float | None:
+        """None when a token was taken; else the seconds until one is back."""
+        self.tokens = min(burst, self.tokens + (now - self.updated) * rate)
+        self.updated = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return None
+        return (1 - self.tokens) / rate
+
+    def full(self, now: float, rate: float, burst: float) -> bool:
+        return self.tokens + (now - self.updated) * rate >= burst
 
 
 def check_submit(
-    config: Config, msg: Submit, *, draining: bool, budget: BudgetState, now: float
+    config: Config,
+    msg: Submit,
+    *,
+    draining: bool,
+    budget: BudgetState,
+    now: float,
+    total_memory: int,
 ) -> str:
     """The request guards, as a plain function. Returns the payload as stored JSON."""
     if draining:
@@ -101,6 +152,12 @@ def check_submit(
         raise RequestError("INVALID_REQUEST", "idempotency_key must be 1 to 200 characters")
     if msg.priority is not None and not -100 <= msg.priority <= 100:
         raise RequestError("INVALID_REQUEST", "priority must be within -100..100")
+    if kind.min_memory is not None and kind.min_memory > total_memory:
+        raise RequestError(
+            "INVALID_REQUEST",
+            f"kind '{msg.kind}' needs {format_size(kind.min_memory)} free, and this machine "
+            f"has {format_size(total_memory)} of memory in total: it could never start",
+        )
     return payload_json.decode()
 
 
@@ -123,8 +180,17 @@ class Admission:
         self._metrics = metrics
         self._draining = False
         self._budget = BudgetState(stopped=False)
+        self._calendar = BudgetCalendar(config.limits.day_zone(config.budget))
+        self._total_memory = psutil.virtual_memory().total
+        self._buckets: dict[str, TokenBucket] = {}
+        # Users' own rates (per second), where they differ from the default.
+        self._rates: dict[str, float] = {}
+        self._slowed_until: dict[str, float] = {}
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        for user in await self._store.read(users.list_all):
+            if user.rate is not None:
+                self._rates[user.name] = parse_rate(user.rate)
         async with self._inbox, self._scheduler, trio.open_nursery() as nursery:
             task_status.started()
             async for first in self._inbox:
@@ -143,8 +209,14 @@ class Admission:
                             self._draining = True
                         case Reconfigure(config=config):
                             self._config = config
+                            self._calendar = BudgetCalendar(config.limits.day_zone(config.budget))
                         case BudgetState():
                             self._budget = msg
+                        case UserRate(user=user, rate=rate):
+                            if rate is None:
+                                self._rates.pop(user, None)
+                            else:
+                                self._rates[user] = parse_rate(rate)
                 if accepted:
                     nursery.start_soon(self._insert, accepted)
             nursery.cancel_scope.cancel()
@@ -157,19 +229,25 @@ class Admission:
             except (trio.WouldBlock, trio.EndOfChannel):
                 return
 
+    def _refuse(self, msg: Submit, exc: RequestError) -> None:
+        self._metrics.rejected.labels(exc.body.code).inc()
+        log.info("submit rejected", code=exc.body.code, kind=msg.kind, user=msg.user)
+        msg.reply.fail(exc)
+
     def _check(self, msg: Submit) -> NewJob | None:
+        now = self._clock.now()
         try:
             payload_json = check_submit(
                 self._config,
                 msg,
                 draining=self._draining,
                 budget=self._budget,
-                now=self._clock.now(),
+                now=now,
+                total_memory=self._total_memory,
             )
+            self._take_token(msg.user, now)
         except RequestError as exc:
-            self._metrics.rejected.labels(exc.body.code).inc()
-            log.info("submit rejected", code=exc.body.code, kind=msg.kind, user=msg.user)
-            msg.reply.fail(exc)
+            self._refuse(msg, exc)
             return None
         kind = self._config.kinds[msg.kind]
         return NewJob(
@@ -181,8 +259,59 @@ class Admission:
             max_attempts=self._config.retry_policy(msg.kind).max_attempts,
         )
 
+    def _take_token(self, user: str, now: float) -> None:
+        limits = self._config.limits
+        rate = self._rates.get(user, limits.rate)
+        if math.isinf(rate):
+            return
+        slowed = self._slowed_until.get(user, -math.inf) > now
+        if slowed:
+            rate *= limits.shed_rate_factor
+        if len(self._buckets) > MAX_BUCKETS:
+            self._buckets = {
+                name: bucket
+                for name, bucket in self._buckets.items()
+                if not bucket.full(now, self._rates.get(name, limits.rate), limits.burst)
+            }
+        bucket = self._buckets.setdefault(user, TokenBucket(limits.burst, now))
+        wait = bucket.take(now, rate, limits.burst)
+        if wait is not None:
+            why = " (slowed: you hold more than a fair share of a nearly full queue)"
+            raise RequestError(
+                "RATE_LIMITED",
+                f"user '{user}' may submit {_per_minute(rate)} jobs a minute"
+                + (why if slowed else ""),
+                retry_after=round(wait, 3),
+            )
+
+    def _quota(self, now: float) -> Quota:
+        limits = self._config.limits
+        kinds = self._config.kinds
+        return Quota(
+            day=self._calendar.day(now),
+            daily_jobs=limits.daily_jobs,
+            default_credits=None if limits.credits == "unlimited" else limits.credits,
+            create_users=limits.create_users,
+            max_queued=limits.max_queued,
+            kind_max_queued={name: kind.max_queued for name, kind in kinds.items()},
+            kind_credits={name: kind.credits for name, kind in kinds.items()},
+            shed_depth=math.ceil(limits.max_queued * limits.shed_at),
+        )
+
+    def _refused(self, refused: Refused, now: float) -> RequestError:
+        retry_after = refused.retry_after
+        if refused.code == "DAILY_LIMIT":
+            retry_after = round(self._calendar.next_day(now) - now, 3)
+        return RequestError(refused.code, refused.message, retry_after=retry_after)
+
     async def _insert(self, accepted: list[tuple[Submit, NewJob]]) -> None:
-        write = partial(jobs.insert_many, batch=[new for _, new in accepted], now=self._clock.now())
+        now = self._clock.now()
+        write = partial(
+            jobs.insert_many,
+            batch=[new for _, new in accepted],
+            now=now,
+            quota=self._quota(now),
+        )
         try:
             results = await self._store.write(write)
         except Exception as exc:
@@ -190,14 +319,20 @@ class Admission:
             results = [exc] * len(accepted)
         queued_kinds = set()
         for (msg, _), result in zip(accepted, results, strict=True):
-            if isinstance(result, Exception):
-                log.error("submit failed in the store", error=str(result), kind=msg.kind)
-                msg.reply.fail(RequestError("INTERNAL", "the job could not be stored"))
-                continue
-            job, existing = result
-            msg.reply.set((job, existing))
-            if not existing:
-                queued_kinds.add(job.kind)
+            match result:
+                case Admitted(job=job, existing=existing, heavy=heavy):
+                    msg.reply.set((job, existing))
+                    if not existing:
+                        queued_kinds.add(job.kind)
+                    if heavy:
+                        self._slowed_until[msg.user] = now + SHED_FOR
+                    else:
+                        self._slowed_until.pop(msg.user, None)
+                case Refused():
+                    self._refuse(msg, self._refused(result, now))
+                case _:
+                    log.error("submit failed in the store", error=str(result), kind=msg.kind)
+                    msg.reply.fail(RequestError("INTERNAL", "the job could not be stored"))
         for kind in sorted(queued_kinds):
             await self._scheduler.send(JobQueued(kind=kind))
 
@@ -209,19 +344,25 @@ class Admission:
         if current is None:
             msg.reply.fail(RequestError("NOT_FOUND", f"no job {msg.job_id}"))
             return
-        if current.kind not in self._config.kinds:
+        kind = self._config.kinds.get(current.kind)
+        if kind is None:
             msg.reply.fail(
                 RequestError("INVALID_REQUEST", f"kind '{current.kind}' is no longer configured")
             )
             return
+        now = self._clock.now()
         job = await self._store.write(
             partial(
                 jobs.requeue_manual,
                 job_id=msg.job_id,
                 max_attempts=self._config.retry_policy(current.kind).max_attempts,
-                now=self._clock.now(),
+                credits=kind.credits,
+                now=now,
             )
         )
+        if isinstance(job, Refused):
+            msg.reply.fail(self._refused(job, now))
+            return
         if job is None:
             msg.reply.fail(
                 RequestError(
@@ -232,3 +373,7 @@ class Admission:
             return
         msg.reply.set(job)
         await self._scheduler.send(JobQueued(kind=job.kind))
+
+
+def _per_minute(rate: float) -> str:
+    return f"{rate * 60:g}"

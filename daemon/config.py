@@ -59,7 +59,8 @@ def format_duration(seconds: float) -> str:
 
 
 class Rate(float):
-    """Events per second, written in config as "100/min", "10/s" or "500/h"."""
+    """Events per second, written in config as "100/min", "10/s" or "500/h"; "off" for
+    no limit."""
 
 
 _RATE = re.compile(r"(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute|h|hour)")
@@ -68,10 +69,33 @@ _RATE_SECONDS |= {"h": 3600, "hour": 3600}
 
 
 def parse_rate(text: object) -> Rate:
+    """ "off" is an unlimited rate (infinity)."""
+    if text == "off":
+        return Rate(math.inf)
     match = _RATE.fullmatch(text.strip()) if isinstance(text, str) else None
     if match is None or float(match[1]) <= 0:
         raise ValueError(f'expected a rate like "100/min", got {_show(text)}')
     return Rate(float(match[1]) / _RATE_SECONDS[match[2]])
+
+
+class Size(int):
+    """Bytes, written in config as "512MB", "4GB" or "1.5GiB" (powers of 1024 either way:
+    memory is counted in binary units)."""
+
+
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*(B|KB|KiB|MB|MiB|GB|GiB|TB|TiB)", re.I)
+_SIZE_POWER = {"b": 0, "k": 1, "m": 2, "g": 3, "t": 4}
+
+
+def parse_size(text: object) -> Size:
+    match = _SIZE.fullmatch(text.strip()) if isinstance(text, str) else None
+    if match is None:
+        raise ValueError(f'expected a size like "4GB", got {_show(text)}')
+    return Size(round(float(match[1]) * 1024 ** _SIZE_POWER[match[2][0].lower()]))
+
+
+def format_size(size: float) -> str:
+    return f"{size / 1024**3:.1f} GB"
 
 
 def _show(value: object) -> str:
@@ -83,10 +107,13 @@ def decode_hook(tp: type, obj: Any) -> Any:
         return parse_duration(obj)
     if tp is Rate:
         return parse_rate(obj)
+    if tp is Size:
+        return parse_size(obj)
     raise NotImplementedError(f"no decoder for {tp}")
 
 
 PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
+NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
 Fraction = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
 
 
@@ -154,6 +181,51 @@ class KindSection(Section):
     queued_timeout: Duration | None = None
     sla: Duration | None = None
     options: dict[str, Any] = msgspec.field(default_factory=dict)
+    # What one job costs its user in credits: reserved at admission, spent when done,
+    # refunded when it fails or is canceled.
+    credits: Annotated[int, msgspec.Meta(ge=0)] = 1
+    # Queued jobs of this kind beyond which submissions get QUEUE_FULL; 0: only the global limit.
+    max_queued: Annotated[int, msgspec.Meta(ge=0)] = 0
+    # Memory that must be free before one of its jobs starts (seed 003: 4GB for a render).
+    min_memory: Size | None = None
+
+
+class LimitsSection(Section):
+    """Per-user request guards and system guards (seed 000 §7). A user's own settings
+    (`jobwarden users`) override the per-user defaults here."""
+
+    # Credits a user gets when created; "unlimited" turns the credit check off.
+    credits: NonNegativeInt | Literal["unlimited"] = 100
+    # Users named on the admin socket who do not exist yet are created with these defaults;
+    # false: they are refused (FORBIDDEN). WebSocket users always need a token.
+    create_users: bool = True
+    # Token bucket per user: `rate` refills it, `burst` is its size. "off": no rate limit.
+    rate: Rate = Rate(10 / 60)
+    burst: PositiveInt = 10
+    # Jobs a user may submit per day (days start at midnight in `timezone`); 0: no limit.
+    daily_jobs: NonNegativeInt = 20
+    # "" means the budget's time zone.
+    timezone: str = ""
+    # Jobs of one user running at once; 0: no limit.
+    max_running_per_user: NonNegativeInt = 0
+    # Queued jobs beyond which submissions get QUEUE_FULL; 0: no limit.
+    max_queued: NonNegativeInt = 100
+    # Adaptive shedding (seed 002): above this share of max_queued, users holding more than
+    # their fair share of the queue are limited to `shed_rate_factor` of their rate.
+    shed_at: Fraction = 0.7
+    shed_rate_factor: Fraction = 0.25
+    # Dispatch pauses while memory or CPU use is above these percentages; 100 never pauses.
+    max_memory_percent: Annotated[float, msgspec.Meta(gt=0, le=100)] = 80.0
+    max_cpu_percent: Annotated[float, msgspec.Meta(gt=0, le=100)] = 90.0
+    # How often memory and CPU are sampled (CPU is the average over this interval).
+    sample_every: Duration = Duration(5)
+    # Queue positions and waiting reasons are emitted as events at most this often.
+    position_every: Duration = Duration(2)
+    # ...for this many jobs at the head of the queue (the rest get one when they reach it).
+    position_head: PositiveInt = 100
+
+    def day_zone(self, budget: BudgetSection) -> str:
+        return self.timezone or budget.timezone
 
 
 class MonitorSection(Section):
@@ -241,6 +313,7 @@ class Config(Section):
     monitor: MonitorSection = msgspec.field(default_factory=MonitorSection)
     http: HttpSection = msgspec.field(default_factory=HttpSection)
     budget: BudgetSection = msgspec.field(default_factory=BudgetSection)
+    limits: LimitsSection = msgspec.field(default_factory=LimitsSection)
     services: dict[str, ServiceSection] = msgspec.field(default_factory=dict)
     kinds: dict[str, KindSection] = msgspec.field(default_factory=dict)
     # Where relative paths resolve: the config file's directory.
@@ -329,7 +402,9 @@ def load_config_text(text: str, *, base_dir: str | os.PathLike[str] = ".") -> Co
         raise ConfigError("base_dir: unknown key")
     config = _convert(raw, Config, "")
     _check_http(config.http.listen)
-    _check_timezone(config.budget.timezone)
+    _check_timezone(config.budget.timezone, "budget.timezone")
+    if config.limits.timezone:
+        _check_timezone(config.limits.timezone, "limits.timezone")
     return msgspec.structs.replace(config, kinds=kinds, services=services, base_dir=str(base_dir))
 
 
@@ -339,11 +414,11 @@ def _tables(value: Any, key: str) -> dict[str, Any]:
     return value
 
 
-def _check_timezone(name: str) -> None:
+def _check_timezone(name: str, key: str) -> None:
     try:
         zoneinfo.ZoneInfo(name)
     except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-        raise ConfigError(f'budget.timezone: unknown time zone "{name}"') from None
+        raise ConfigError(f'{key}: unknown time zone "{name}"') from None
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:

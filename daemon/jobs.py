@@ -13,8 +13,9 @@ from typing import Any
 
 import msgspec
 
+from daemon import users
 from daemon.errors import new_error_id
-from daemon.protocol import ErrorBody, Event, JobView
+from daemon.protocol import TERMINAL_STATUSES, ErrorBody, Event, JobView
 from daemon.store import (
     JOB_COLUMNS,
     LIST_COLUMNS,
@@ -48,20 +49,107 @@ class NewJob(msgspec.Struct, frozen=True):
     max_attempts: int
 
 
+class Quota(msgspec.Struct, frozen=True, kw_only=True):
+    """The guards checked inside the transaction that inserts a job, so they hold across
+    restarts and never race the refunds other actors write. The defaults check nothing."""
+
+    # Today in the limits' time zone: the daily count restarts when it changes.
+    day: str = ""
+    daily_jobs: int = 0
+    # New users' credits; None: unlimited.
+    default_credits: int | None = None
+    create_users: bool = True
+    max_queued: int = 0
+    kind_max_queued: dict[str, int] = {}
+    kind_credits: dict[str, int] = {}
+    # Above this many queued jobs, each admission says whether its user holds more than a
+    # fair share of the queue (adaptive shedding); 0: never.
+    shed_depth: int = 0
+
+
+NO_QUOTA = Quota()
+
+
+class Admitted(msgspec.Struct):
+    job: JobView
+    existing: bool
+    # The user holds more than their fair share of a queue past the shedding depth.
+    heavy: bool = False
+
+
+class Refused(msgspec.Struct):
+    """A guard said no: the code and message go to the client as they are."""
+
+    code: str
+    message: str
+    retry_after: float | None = None
+
+
+FAIR_CLOCK = "fair_clock"
+# Completions counted back this far to estimate when a full queue has room again.
+COMPLETION_WINDOW = 300.0
+
+
 def insert(
-    conn: sqlite3.Connection, events: Events, *, new: NewJob, now: float
-) -> tuple[JobView, bool]:
-    """Insert a queued job; with an idempotency key already used by this user, return that job."""
+    conn: sqlite3.Connection,
+    events: Events,
+    *,
+    new: NewJob,
+    now: float,
+    quota: Quota = NO_QUOTA,
+    fair_clock: int | None = None,
+) -> Admitted | Refused:
+    """Insert a queued job after the user's guards; with an idempotency key this user has
+    used, return that job instead (no guard applies to a repeat)."""
     if new.idempotency_key is not None:
         row = conn.execute(
             f"SELECT {JOB_COLUMNS} FROM jobs WHERE user = ? AND idempotency_key = ?",
             (new.user, new.idempotency_key),
         ).fetchone()
         if row is not None:
-            return job_from_row(row), True
+            return Admitted(job_from_row(row), True)
+    user = conn.execute(
+        "SELECT credits, daily_limit, disabled, day, day_count, fair_tag FROM users WHERE name = ?",
+        (new.user,),
+    ).fetchone()
+    if user is None:
+        if not quota.create_users:
+            return Refused("FORBIDDEN", f"no user '{new.user}'; add it with `jobwarden users add`")
+        user = conn.execute(
+            "INSERT INTO users (name, credits, created_at) VALUES (?, ?, ?) "
+            "RETURNING credits, daily_limit, disabled, day, day_count, fair_tag",
+            (new.user, quota.default_credits, now),
+        ).fetchall()[0]
+    credits, daily_limit, disabled, day, day_count, last_tag = user
+    if disabled:
+        return Refused("FORBIDDEN", f"user '{new.user}' is disabled")
+    today_count = day_count if day == quota.day else 0
+    limit = quota.daily_jobs if daily_limit is None else daily_limit
+    if limit and today_count >= limit:
+        return Refused(
+            "DAILY_LIMIT", f"user '{new.user}' has submitted {today_count} of {limit} jobs today"
+        )
+    refused = _queue_full(conn, new.kind, quota, now)
+    if refused is not None:
+        return refused
+    price = quota.kind_credits.get(new.kind, 0)
+    if credits is not None and credits < price:
+        return Refused(
+            "INSUFFICIENT_CREDITS",
+            f"a {new.kind} job costs {price} credits; user '{new.user}' has {credits}",
+        )
+    if fair_clock is None:
+        fair_clock = get_setting(conn, FAIR_CLOCK, 0)
+    tag = max(last_tag + 1, fair_clock)
+    conn.execute(
+        "UPDATE users SET credits = credits - ?, day = ?, day_count = ?, fair_tag = ? "
+        "WHERE name = ?",
+        (price, quota.day, today_count + 1, tag, new.user),
+    )
     row = conn.execute(
         "INSERT INTO jobs (kind, user, status, priority, payload, idempotency_key, max_attempts,"
-        " created_at, updated_at, available_at) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?)"
+        " created_at, updated_at, available_at, fair_tag, credits)"
+        " VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?)"
         f" RETURNING {JOB_COLUMNS}",
         (
             new.kind,
@@ -73,24 +161,83 @@ def insert(
             now,
             now,
             now,
+            tag,
+            price,
         ),
     ).fetchall()[0]
     job = job_from_row(row)
     add_event(conn, events, job, "status", now, {"status": "queued", "attempt": 0})
-    return job, False
+    return Admitted(job, False, heavy=_holds_more_than_fair_share(conn, new.user, quota))
+
+
+def _queued_up_to(conn: sqlite3.Connection, limit: int, kind: str | None = None) -> int:
+    """Queued jobs (of one kind), counted no further than `limit`: the guard needs to know
+    only whether the queue is full, and a full count would walk the whole queue."""
+    if kind is None:
+        sql = "SELECT 1 FROM jobs WHERE status = 'queued' LIMIT ?"
+        params: tuple[Any, ...] = (limit,)
+    else:
+        sql = "SELECT 1 FROM jobs WHERE kind = ? AND status = 'queued' LIMIT ?"
+        params = (kind, limit)
+    return conn.execute(f"SELECT COUNT(*) FROM ({sql})", params).fetchone()[0]
+
+
+def _queue_full(conn: sqlite3.Connection, kind: str, quota: Quota, now: float) -> Refused | None:
+    for scope, limit in ((None, quota.max_queued), (kind, quota.kind_max_queued.get(kind, 0))):
+        if limit and _queued_up_to(conn, limit, scope) >= limit:
+            where = "the queue" if scope is None else f"the {kind} queue"
+            return Refused(
+                "QUEUE_FULL",
+                f"{where} holds {limit} jobs, its limit",
+                retry_after=_room_expected_in(conn, now),
+            )
+    return None
+
+
+def _room_expected_in(conn: sqlite3.Connection, now: float) -> float:
+    """Seconds until one queued job is expected to have left, from the recent completion
+    rate; a minute when nothing finished lately."""
+    finished = conn.execute(
+        "SELECT COUNT(*) FROM jobs WHERE status IN ('done', 'failed', 'canceled') "
+        "AND finished_at > ?",
+        (now - COMPLETION_WINDOW,),
+    ).fetchone()[0]
+    if not finished:
+        return 60.0
+    return round(max(1.0, COMPLETION_WINDOW / finished), 1)
+
+
+def _holds_more_than_fair_share(conn: sqlite3.Connection, user: str, quota: Quota) -> bool:
+    if not quota.shed_depth or _queued_up_to(conn, quota.shed_depth) < quota.shed_depth:
+        return False
+    queued, users = conn.execute(
+        "SELECT COUNT(*), COUNT(DISTINCT user) FROM jobs WHERE status = 'queued'"
+    ).fetchone()
+    mine = conn.execute(
+        "SELECT COUNT(*) FROM jobs WHERE user = ? AND status = 'queued'", (user,)
+    ).fetchone()[0]
+    return mine * users > queued
 
 
 def insert_many(
-    conn: sqlite3.Connection, events: Events, *, batch: list[NewJob], now: float
-) -> list[tuple[JobView, bool] | Exception]:
+    conn: sqlite3.Connection,
+    events: Events,
+    *,
+    batch: list[NewJob],
+    now: float,
+    quota: Quota = NO_QUOTA,
+) -> list[Admitted | Refused | Exception]:
     """Insert a batch of submissions in one write; each in its own savepoint, so one that the
     database refuses is answered with its error while the others are accepted."""
-    results: list[tuple[JobView, bool] | Exception] = []
+    fair_clock = get_setting(conn, FAIR_CLOCK, 0)
+    results: list[Admitted | Refused | Exception] = []
     for new in batch:
         conn.execute("SAVEPOINT submission")
         mark = len(events)
         try:
-            results.append(insert(conn, events, new=new, now=now))
+            results.append(
+                insert(conn, events, new=new, now=now, quota=quota, fair_clock=fair_clock)
+            )
         except sqlite3.Error as exc:
             conn.execute("ROLLBACK TO submission")
             del events[mark:]
@@ -106,27 +253,44 @@ def claim(
     capacity: dict[str, int],
     total: int,
     now: float,
+    running_by_user: dict[str, int] | None = None,
+    max_running_per_user: int = 0,
 ) -> ClaimResult:
-    """Mark up to `total` due jobs running: priority first, then oldest, within each kind's
-    free capacity. Kinds missing from `capacity` (paused, unknown, full) are not touched."""
+    """Mark up to `total` due jobs running in dispatch order (priority, then fair tag, then
+    age) within each kind's free capacity and each user's running limit. Kinds missing from
+    `capacity` (paused, unknown, full) are not touched."""
     allowed = {kind for kind, free in capacity.items() if free > 0}
     free = dict(capacity)
+    running = dict(running_by_user or {})
+    limits: dict[str, int | None] = {}
+    full_users: set[str] = set()
     claimed: list[JobView] = []
     while total > 0 and allowed:
         kinds = sorted(allowed)
         # Walk the dispatch order and stop at `total` rows. Left to itself, SQLite picks the
         # (status, available_at) index and sorts every due row: 17 ms a round at 100k queued.
         rows = conn.execute(
-            f"SELECT {JOB_COLUMNS} FROM jobs INDEXED BY jobs_order "
+            f"SELECT {JOB_COLUMNS}, fair_tag FROM jobs INDEXED BY jobs_order "
             f"WHERE status = 'queued' AND available_at <= ? "
-            f"AND kind IN ({placeholders(kinds)}) ORDER BY priority DESC, id LIMIT ?",
-            (now, *kinds, total),
+            f"AND kind IN ({placeholders(kinds)}) AND user NOT IN ({placeholders(full_users)}) "
+            f"ORDER BY priority DESC, fair_tag, id LIMIT ?",
+            (now, *kinds, *full_users, total),
         ).fetchall()
+        if not rows:
+            break
         skipped = False
         for row in rows:
             job = job_from_row(row)
-            if free[job.kind] <= 0:
-                # Its kind filled up earlier in this pass; the next query leaves it out.
+            if free[job.kind] <= 0 or job.user in full_users:
+                # Filled up earlier in this pass; the next query leaves it out.
+                skipped = True
+                continue
+            if job.user not in limits:
+                limits.update(users.running_limits(conn, [job.user]))
+            own = limits.get(job.user)
+            limit = max_running_per_user if own is None else own
+            if limit and running.get(job.user, 0) >= limit:
+                full_users.add(job.user)
                 skipped = True
                 continue
             attempt = job.attempt + 1
@@ -142,12 +306,18 @@ def claim(
                     job, status="running", attempt=attempt, started_at=now, updated_at=now
                 )
             )
+            fair_clock = row[-1]
+            running[job.user] = running.get(job.user, 0) + 1
             free[job.kind] -= 1
             total -= 1
             if free[job.kind] <= 0:
                 allowed.discard(job.kind)
         if not skipped:
             break
+    if claimed:
+        # New users' first jobs start at the tag being dispatched, so they queue one round
+        # behind nobody's backlog.
+        set_setting(conn, events, FAIR_CLOCK, fair_clock)
     waiting = sorted(k for k, n in capacity.items() if n > 0)
     next_at = None
     if waiting:
@@ -189,11 +359,31 @@ def _transition(
     if not rows:
         return None
     job = job_from_row(rows[0])
+    if status in TERMINAL_STATUSES:
+        _settle_credits(conn, job.id, job.user, refund=status != "done")
     data = {"status": status, "attempt": job.attempt, **(detail or {})}
     if reason is not None:
         data["reason"] = reason
     add_event(conn, events, job, "status", now, data)
     return job
+
+
+def _settle_credits(conn: sqlite3.Connection, job_id: int, user: str, *, refund: bool) -> None:
+    """A finished job's reserved credits: spent when it is done, back to the user when it
+    failed or was canceled. The job keeps what it was charged, which a refund zeroes."""
+    if refund:
+        conn.execute(
+            "UPDATE users SET credits = credits + (SELECT credits FROM jobs WHERE id = ?) "
+            "WHERE name = ? AND credits IS NOT NULL",
+            (job_id, user),
+        )
+        conn.execute("UPDATE jobs SET credits = 0 WHERE id = ? AND credits != 0", (job_id,))
+    else:
+        conn.execute(
+            "UPDATE users SET spent = spent + (SELECT credits FROM jobs WHERE id = ?) "
+            "WHERE name = ?",
+            (job_id, user),
+        )
 
 
 def finish(
@@ -294,9 +484,28 @@ def requeue_unspent(
 
 
 def requeue_manual(
-    conn: sqlite3.Connection, events: Events, job_id: int, *, max_attempts: int, now: float
-) -> JobView | None:
-    """An operator's retry of a finished job: a fresh set of attempts, checkpoint kept."""
+    conn: sqlite3.Connection,
+    events: Events,
+    job_id: int,
+    *,
+    max_attempts: int,
+    credits: int,
+    now: float,
+) -> JobView | Refused | None:
+    """An operator's retry of a failed or canceled job: a fresh set of attempts, checkpoint
+    kept, and its credits reserved again. None when the job is in no state to retry."""
+    row = conn.execute(
+        "SELECT users.credits, users.name FROM jobs JOIN users ON users.name = jobs.user "
+        "WHERE jobs.id = ? AND jobs.status IN ('failed', 'canceled')",
+        (job_id,),
+    ).fetchone()
+    if row is not None and row[0] is not None:
+        if row[0] < credits:
+            return Refused(
+                "INSUFFICIENT_CREDITS",
+                f"a retry costs {credits} credits; user '{row[1]}' has {row[0]}",
+            )
+        conn.execute("UPDATE users SET credits = credits - ? WHERE name = ?", (credits, row[1]))
     return _transition(
         conn,
         events,
@@ -312,6 +521,7 @@ def requeue_manual(
             "max_attempts": max_attempts,
             "finished_at": None,
             "error": None,
+            "credits": credits,
         },
     )
 
@@ -401,6 +611,7 @@ def recover_running(
                 " updated_at = ?, error = ?, reason = 'CRASH_LOOP' WHERE id = ?",
                 (recoveries, now, now, dump_json(error), job_id),
             )
+            _settle_credits(conn, job_id, user, refund=True)
             add_event(
                 conn,
                 events,

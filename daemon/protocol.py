@@ -74,18 +74,20 @@ class JobView(msgspec.Struct, omit_defaults=True):
 
 class Event(msgspec.Struct, omit_defaults=True):
     """One row of the events table. type "status" carries a transition, "progress" a report,
-    "breaker" a circuit's change (job 0 and user "": it belongs to no job).
+    "breaker" a circuit's change (job 0 and user "": it belongs to no job), "position" a
+    queued job's place in the queue and why it waits (coalesced; see actors/scheduler.py).
 
     status data: {"status", "reason"?, "attempt", "available_at"?, "result"?, "error"?}
     progress data: {"fraction", "message"?}
     breaker data: {"service", "state", "open_until"}
+    position data: {"position", "queued", "kind_position", "kind_queued", "reason"}
     """
 
     seq: int
     job: int
     user: str
     kind: str
-    type: Literal["status", "progress", "breaker"]
+    type: Literal["status", "progress", "breaker", "position"]
     at: float
     data: dict[str, Any]
 

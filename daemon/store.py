@@ -119,6 +119,34 @@ MIGRATIONS: list[str] = [
         changed_at REAL NOT NULL
     );
     """,
+    """
+    -- Users: limits, credits, and only a hash of the token.
+    CREATE TABLE users (
+        name TEXT PRIMARY KEY,
+        token_hash TEXT UNIQUE,
+        credits INTEGER,
+        spent INTEGER NOT NULL DEFAULT 0,
+        daily_limit INTEGER,
+        rate TEXT,
+        max_running INTEGER,
+        disabled INTEGER NOT NULL DEFAULT 0,
+        -- Jobs created on `day` (in the limits' time zone): the daily limit's count.
+        day TEXT,
+        day_count INTEGER NOT NULL DEFAULT 0,
+        -- The fair-queueing tag of the user's latest job.
+        fair_tag INTEGER NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL
+    ) WITHOUT ROWID;
+    -- Round-robin across users within a priority level: the n-th job a user has waiting
+    -- gets a tag one past their previous job's and never below the tag being dispatched.
+    ALTER TABLE jobs ADD COLUMN fair_tag INTEGER NOT NULL DEFAULT 0;
+    -- Credits reserved at admission: spent when done, refunded on failure or cancel.
+    ALTER TABLE jobs ADD COLUMN credits INTEGER NOT NULL DEFAULT 0;
+    DROP INDEX jobs_order;
+    CREATE INDEX jobs_order ON jobs(status, priority DESC, fair_tag, id);
+    DROP INDEX jobs_kind_status;
+    CREATE INDEX jobs_kind_order ON jobs(kind, status, priority DESC, fair_tag, id);
+    """,
 ]
 
 JOB_COLUMNS = (

@@ -39,6 +39,14 @@ listen = "127.0.0.1:0"
 max_attempts = 4
 backoff = ["0s", "30s", "120s"]
 jitter = 0.0
+
+[limits]
+credits = "unlimited"
+rate = "off"
+daily_jobs = 0
+max_queued = 0
+max_memory_percent = 100
+max_cpu_percent = 100
 """
 
 

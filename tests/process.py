@@ -29,12 +29,23 @@ READY_TIMEOUT = 20.0
 STOP_TIMEOUT = 10.0
 LOG_TAIL_LINES = 60
 
+# Tests of other things must not meet the per-user guards or pause for a busy test machine.
+NO_LIMITS: dict[str, Any] = {
+    "credits": "unlimited",
+    "rate": "off",
+    "daily_jobs": 0,
+    "max_queued": 0,
+    "max_memory_percent": 100,
+    "max_cpu_percent": 100,
+}
+
 DEFAULT_CONFIG: dict[str, Any] = {
     "daemon": {"max_concurrent_jobs": 4, "shutdown_grace": "5s"},
     "store": {"path": "var/jw.db"},
     "admin": {"socket": "var/admin.sock"},
     "http": {"listen": "127.0.0.1:0"},
     "log": {"format": "json", "level": "info"},
+    "limits": NO_LIMITS,
     "kinds": {"quick": {"handler": "tests.handlers:sleepy"}},
 }
 

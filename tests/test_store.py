@@ -27,8 +27,8 @@ def new_job(n: int = 0, key: str | None = None, kind: str = "k") -> jobs.NewJob:
 
 
 async def insert(store: Store, n: int = 0, key: str | None = None):
-    job, _ = await store.write(partial(jobs.insert, new=new_job(n, key), now=100.0))
-    return job
+    admitted = await store.write(partial(jobs.insert, new=new_job(n, key), now=100.0))
+    return admitted.job
 
 
 async def test_concurrent_writes_share_commits_and_all_land(tmp_path):
@@ -80,8 +80,8 @@ async def test_events_are_published_only_after_commit_in_seq_order(tmp_path):
 async def test_idempotency_key_is_per_user(tmp_path):
     async with Store.open(tmp_path / "jw.db", hub=EventHub()) as store:
         first = await insert(store, 1, key="x")
-        again, existing = await store.write(partial(jobs.insert, new=new_job(2, "x"), now=101.0))
-        assert existing and again.id == first.id
+        again = await store.write(partial(jobs.insert, new=new_job(2, "x"), now=101.0))
+        assert again.existing and again.job.id == first.id
 
 
 async def test_a_refused_submission_does_not_spoil_its_batch(tmp_path):
@@ -99,10 +99,10 @@ async def test_a_refused_submission_does_not_spoil_its_batch(tmp_path):
             published = [sub.events.receive_nowait().job for _ in range(3)]
         assert isinstance(results[1], sqlite3.IntegrityError)
         first, _, third, fourth, fifth = results
-        assert [first[1], third[1], fourth[1], fifth[1]] == [False, False, False, True]
+        assert [r.existing for r in (first, third, fourth, fifth)] == [False, False, False, True]
         # The same key twice in one batch: the second gets the first's job.
-        assert fifth[0].id == fourth[0].id
-        assert published == [first[0].id, third[0].id, fourth[0].id]
+        assert fifth.job.id == fourth.job.id
+        assert published == [first.job.id, third.job.id, fourth.job.id]
         assert (await store.read(jobs.counts_by_status)) == {"queued": 3}
 
 

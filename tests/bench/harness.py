@@ -23,7 +23,7 @@ import psutil
 
 from daemon.client import AdminClient, DaemonUnreachable
 from daemon.store import migrate
-from tests.process import daemon_env, jobwarden_command, toml_text
+from tests.process import NO_LIMITS, daemon_env, jobwarden_command, toml_text
 
 NOOP_KIND = "noop"
 MAX_CONCURRENT_JOBS = 64
@@ -42,6 +42,7 @@ def daemon_config(*, synchronous: str = "NORMAL", log_level: str = "warning") ->
         "admin": {"socket": "admin.sock"},
         "log": {"format": "json", "level": log_level},
         "http": {"listen": ""},
+        "limits": NO_LIMITS,
         "kinds": {NOOP_KIND: {"handler": "tests.bench.kinds:noop"}},
     }
 
