@@ -289,7 +289,7 @@ class Pool:
             outcome=name,
             code=outcome[1].code if isinstance(outcome[1], ErrorBody) else None,
         )
-        await self._scheduler.send(JobFinished(kind=job.kind))
+        await self._scheduler.send(JobFinished(kind=job.kind, user=job.user))
 
     async def _execute(self, entry: _Running) -> Outcome:
         job = entry.job

@@ -1,33 +1,48 @@
-"""Scheduler: decides what runs next.
+"""Scheduler: decides what runs next, and says why everything else waits.
 
-Consumes `JobQueued` (admission), `JobFinished` (pool), `Pause`/`Resume`/`Snapshot` (admin),
-`ServiceState` (breaker), `BudgetState` (ledger), `StopDispatch`/`Reconfigure` (supervisor).
-Produces `RunJob` for the pool.
+Consumes `JobQueued` (admission), `JobFinished` (pool), `Pause`/`Resume`/`Snapshot`/`Explain`
+(admin), `ServiceState` (breaker), `BudgetState` (ledger), `StopDispatch`/`Reconfigure`
+(supervisor). Produces `RunJob` for the pool, and `position` events through the store.
 
-Order: highest priority first, then oldest (FIFO by id), among jobs whose `available_at`
-(backoff) has come, whose kind is not paused, needs no service whose circuit is open, and has
-a free slot under its own limit, within the global `max_concurrent_jobs`; nothing starts while
-the budget is stopped or the daemon drains. The queue stays in SQLite; each dispatch round
-claims just enough rows for the free slots in one store write, so memory does not grow with
-the queue. Between rounds the scheduler sleeps until a message arrives, a backoff ends, or an
-open circuit's recovery time comes.
+Order: highest priority first; within a priority, round-robin across users by fair tag (a
+user's n-th waiting job gets a tag one past their previous one, and never below the tag being
+dispatched, so a user with 100 queued jobs delays another user's single job by at most one
+slot); then oldest first. Only jobs whose `available_at` (backoff) has come, whose kind is not
+paused, needs no service whose circuit is open, has a free slot under its own limit and, if it
+declares `min_memory`, finds that much free; whose user is under their running limit; within
+the global `max_concurrent_jobs`. Nothing starts while the budget is stopped, the daemon
+drains, or memory or CPU use is above its limit (sampled every `limits.sample_every`).
+
+The queue stays in SQLite; each dispatch round claims just enough rows for the free slots in
+one store write, so memory does not grow with the queue. Between rounds the scheduler sleeps
+until a message arrives, a backoff ends, an open circuit's recovery time comes, or, while load
+holds jobs back, the next sample is due.
+
+Positions: at most every `limits.position_every`, when anything changed, the head of the queue
+(`limits.position_head` jobs in dispatch order) is read and each job whose position or reason
+changed gets one `position` event, so a queue of 10,000 costs at most a hundred events a tick.
+`jobwarden show` computes any job's position and reason on demand (`explain`).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from datetime import datetime
 from functools import partial
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import msgspec
+import psutil
 import structlog
 import trio
 
 from actors.breaker import ServiceState
 from actors.ledger import BudgetState
-from daemon import jobs
+from daemon import jobs, users
 from daemon.clock import WallClock
-from daemon.config import Config
+from daemon.config import Config, format_size
 from daemon.mailbox import ReplySlot
 from daemon.protocol import JobView
 from daemon.store import Store
@@ -43,6 +58,7 @@ class JobQueued(msgspec.Struct):
 
 class JobFinished(msgspec.Struct):
     kind: str
+    user: str
 
 
 class Pause(msgspec.Struct):
@@ -65,6 +81,13 @@ class Snapshot(msgspec.Struct):
     reply: ReplySlot[dict[str, Any]]
 
 
+class Explain(msgspec.Struct):
+    """Where each of these queued jobs is and why it waits."""
+
+    jobs: list[JobView]
+    reply: ReplySlot[dict[int, WaitingInfo]]
+
+
 class Reconfigure(msgspec.Struct):
     config: Config
 
@@ -80,6 +103,7 @@ SchedulerMessage = (
     | Resume
     | StopDispatch
     | Snapshot
+    | Explain
     | Reconfigure
     | ServiceState
     | BudgetState
@@ -91,13 +115,120 @@ class PauseState(msgspec.Struct):
     all: bool = False
 
 
+class SystemLoad(msgspec.Struct, frozen=True):
+    memory_percent: float
+    memory_available: int
+    cpu_percent: float
+
+
+def sample_system() -> SystemLoad:
+    memory = psutil.virtual_memory()
+    # CPU use since the previous call: the average over the sampling interval.
+    return SystemLoad(memory.percent, memory.available, psutil.cpu_percent(interval=None))
+
+
+class WaitingInfo(msgspec.Struct, frozen=True):
+    """A queued job's place: 1-based, overall and in its kind's queue, and one reason."""
+
+    position: int
+    queued: int
+    kind_position: int
+    kind_queued: int
+    reason: str
+
+
+class WaitState(msgspec.Struct, frozen=True):
+    """What the scheduler knows that decides whether a queued job may start now."""
+
+    now: float
+    dispatching: bool
+    paused: PauseState
+    budget: BudgetState
+    open_services: dict[str, float]
+    load: SystemLoad | None
+    running: dict[str, int]
+    running_by_user: dict[str, int]
+
+
+def load_too_high(config: Config, load: SystemLoad | None) -> str | None:
+    """Why dispatch is paused for the machine's sake, or None."""
+    if load is None:
+        return None
+    limits = config.limits
+    if load.memory_percent > limits.max_memory_percent:
+        return f"memory {load.memory_percent:.0f}% > {limits.max_memory_percent:g}%"
+    if load.cpu_percent > limits.max_cpu_percent:
+        return f"cpu {load.cpu_percent:.0f}% > {limits.max_cpu_percent:g}%"
+    return None
+
+
+def explain(
+    config: Config,
+    state: WaitState,
+    job: JobView,
+    *,
+    user_limit: int | None,
+    position: tuple[int, int, int, int],
+    zone: ZoneInfo,
+) -> str:
+    """The one reason a queued job is not running, the most direct first."""
+    kind = config.kinds.get(job.kind)
+    if job.available_at > state.now:
+        until = datetime.fromtimestamp(job.available_at, zone).strftime("%H:%M:%S")
+        if job.attempt:
+            return f"backoff until {until} (attempt {job.attempt + 1} of {job.max_attempts})"
+        return f"not before {until}"
+    if kind is None:
+        return f"kind {job.kind} is not configured"
+    if not state.dispatching:
+        return "the daemon is draining"
+    if state.paused.all:
+        return "all kinds paused"
+    if job.kind in state.paused.kinds:
+        return f"kind {job.kind} paused"
+    if state.budget.stopped:
+        return f"budget stopped: {state.budget.reason}"
+    for service in kind.services:
+        until = state.open_services.get(service)
+        if until is not None and until > state.now:
+            at = datetime.fromtimestamp(until, zone).strftime("%H:%M:%S")
+            return f"service {service} unavailable until {at} (circuit open)"
+    too_high = load_too_high(config, state.load)
+    if too_high is not None:
+        return too_high
+    if (
+        kind.min_memory is not None
+        and state.load is not None
+        and state.load.memory_available < kind.min_memory
+    ):
+        free = format_size(state.load.memory_available)
+        return f"needs {format_size(kind.min_memory)}, {free} free"
+    limit = config.limits.max_running_per_user if user_limit is None else user_limit
+    mine = state.running_by_user.get(job.user, 0)
+    if limit and mine >= limit:
+        return f"user {job.user} at running limit {limit}"
+    running = sum(state.running.values())
+    slots = config.daemon.max_concurrent_jobs
+    if running >= slots:
+        return f"no free slot ({running} of {slots} running)"
+    of_kind = state.running.get(job.kind, 0)
+    if kind.max_concurrent is not None and of_kind >= kind.max_concurrent:
+        return f"no free slot for {job.kind} ({of_kind} of {kind.max_concurrent} running)"
+    place, queued = position[0], position[1]
+    return f"position {place} of {queued}"
+
+
 def free_capacity(
-    config: Config, running: dict[str, int], paused: PauseState, open_services: set[str]
+    config: Config,
+    running: dict[str, int],
+    paused: PauseState,
+    open_services: set[str],
+    load: SystemLoad | None = None,
 ) -> tuple[int, dict[str, int]]:
     """Free slots overall, and per kind that may start a job now: not paused, no service it
-    needs behind an open circuit, under its own limit."""
+    needs behind an open circuit, under its own limit, its memory requirement free."""
     total = config.daemon.max_concurrent_jobs - sum(running.values())
-    if total <= 0 or paused.all:
+    if total <= 0 or paused.all or load_too_high(config, load) is not None:
         return 0, {}
     capacity = {}
     for name, kind in config.kinds.items():
@@ -106,6 +237,9 @@ def free_capacity(
         free = total
         if kind.max_concurrent is not None:
             free = min(total, kind.max_concurrent - running.get(name, 0))
+        if kind.min_memory is not None and load is not None:
+            # Each job started now needs its own share of the free memory.
+            free = min(free, load.memory_available // kind.min_memory)
         if free > 0:
             capacity[name] = free
     return total, capacity
@@ -120,13 +254,16 @@ class Scheduler:
         clock: WallClock,
         inbox: trio.MemoryReceiveChannel[SchedulerMessage],
         pool: trio.MemorySendChannel[RunJob],
+        sample: Callable[[], SystemLoad] = sample_system,
     ) -> None:
         self._config = config
         self._store = store
         self._clock = clock
         self._inbox = inbox
         self._pool = pool
+        self._sample = sample
         self._running: dict[str, int] = {}
+        self._running_by_user: dict[str, int] = {}
         self._paused = PauseState()
         self._dispatching = True
         # Services whose circuit is open, and until when; kinds needing them wait.
@@ -135,20 +272,31 @@ class Scheduler:
         # True when something changed that may let a job start; the next round claims.
         self._dirty = True
         self._next_available_at: float | None = None
+        self._load: SystemLoad | None = None
+        self._sampled_at = -math.inf
+        # Load holds jobs back: wake at the next sample, as nothing else would say it eased.
+        self._held_by_load = False
+        self._positions_stale = trio.Event()
+        self._last_positions: dict[int, WaitingInfo] = {}
+        self._nursery: trio.Nursery | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         stored = await self._store.read(partial(jobs.get_setting, key=PAUSED_SETTING, default=None))
         if stored is not None:
             self._paused = msgspec.convert(stored, PauseState)
-        async with self._inbox, self._pool:
+        async with self._inbox, self._pool, trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._report_positions)
             task_status.started()
             while True:
                 if self._dirty:
                     await self._dispatch()
+                    self._positions_stale.set()
                 with trio.move_on_at(self._wake_deadline()) as waiting:
                     try:
                         msg = await self._inbox.receive()
                     except trio.EndOfChannel:
+                        nursery.cancel_scope.cancel()
                         return
                     await self._handle(msg)
                     # Fold everything already waiting into one dispatch round.
@@ -162,7 +310,8 @@ class Scheduler:
                     self._dirty = True
 
     def _wake_deadline(self) -> float:
-        """When time alone may let a job start: a backoff ending, a circuit's recovery.
+        """When time alone may let a job start: a backoff ending, a circuit's recovery, the
+        next load sample while load holds jobs back.
 
         Only future moments count: a past one was already acted on, and waking for it again
         would spin. While dispatch is stopped (drain, budget) nothing but a message helps.
@@ -171,6 +320,8 @@ class Scheduler:
             return math.inf
         now = self._clock.now()
         wakes = [*self._open_services.values(), self._next_available_at]
+        if self._held_by_load:
+            wakes.append(self._sampled_at + self._config.limits.sample_every)
         future = [t for t in wakes if t is not None and t > now]
         return self._clock.deadline_for(min(future, default=math.inf))
 
@@ -178,8 +329,13 @@ class Scheduler:
         match msg:
             case JobQueued():
                 self._dirty = True
-            case JobFinished(kind=kind):
+            case JobFinished(kind=kind, user=user):
                 self._running[kind] = self._running.get(kind, 1) - 1
+                left = self._running_by_user.get(user, 1) - 1
+                if left > 0:
+                    self._running_by_user[user] = left
+                else:
+                    self._running_by_user.pop(user, None)
                 self._dirty = True
             case Pause(kind=kind, reply=reply):
                 if kind is None:
@@ -189,6 +345,7 @@ class Scheduler:
                         kinds=[*self._paused.kinds, kind], all=self._paused.all
                     )
                 await self._save_paused()
+                self._positions_stale.set()
                 reply.set(self._pause_view())
             case Resume(kind=kind, reply=reply):
                 if kind is None:
@@ -202,8 +359,13 @@ class Scheduler:
                 reply.set(self._pause_view())
             case StopDispatch():
                 self._dispatching = False
+                self._positions_stale.set()
             case Snapshot(reply=reply):
                 reply.set(self.statistics())
+            case Explain(jobs=queued, reply=reply):
+                # Answered from a task of its own: it reads the store, and dispatch must not
+                # wait for a client's question.
+                self._nursery.start_soon(self._explain, queued, self._wait_state(), reply)
             case Reconfigure(config=config):
                 self._config = config
                 self._dirty = True
@@ -226,9 +388,11 @@ class Scheduler:
         return {"paused": list(self._paused.kinds), "all": self._paused.all}
 
     def statistics(self) -> dict[str, Any]:
+        load = self._load
         return {
             "running": sum(self._running.values()),
             "running_by_kind": {k: n for k, n in self._running.items() if n},
+            "running_by_user": dict(self._running_by_user),
             "max_concurrent_jobs": self._config.daemon.max_concurrent_jobs,
             "paused": list(self._paused.kinds),
             "paused_all": self._paused.all,
@@ -236,24 +400,134 @@ class Scheduler:
             "next_available_at": self._next_available_at,
             "open_services": dict(self._open_services),
             "budget_stopped": self._budget.stopped,
+            "load": None if load is None else msgspec.to_builtins(load),
+            "held_by_load": load_too_high(self._config, load),
         }
+
+    def _wait_state(self) -> WaitState:
+        return WaitState(
+            now=self._clock.now(),
+            dispatching=self._dispatching,
+            paused=self._paused,
+            budget=self._budget,
+            open_services=dict(self._open_services),
+            load=self._load,
+            running=dict(self._running),
+            running_by_user=dict(self._running_by_user),
+        )
+
+    def _sample_load(self, now: float) -> None:
+        if now - self._sampled_at >= self._config.limits.sample_every:
+            self._load = self._sample()
+            self._sampled_at = now
 
     async def _dispatch(self) -> None:
         self._dirty = False
+        self._held_by_load = False
         if not self._dispatching or self._budget.stopped:
             return
         now = self._clock.now()
+        self._sample_load(now)
         # Past its open_until a circuit lets probes through, so its kinds may run again.
         open_now = {name for name, until in self._open_services.items() if until > now}
-        total, capacity = free_capacity(self._config, self._running, self._paused, open_now)
+        total, capacity = free_capacity(
+            self._config, self._running, self._paused, open_now, self._load
+        )
+        self._held_by_load = total > 0 and self._load_holds(open_now, capacity)
         if not capacity:
             # Nothing can start until a slot frees or a kind resumes; both message us.
             self._next_available_at = None
             return
         claimed = await self._store.write(
-            partial(jobs.claim, capacity=capacity, total=total, now=now)
+            partial(
+                jobs.claim,
+                capacity=capacity,
+                total=total,
+                now=now,
+                running_by_user=self._running_by_user,
+                max_running_per_user=self._config.limits.max_running_per_user,
+            )
         )
         self._next_available_at = claimed.next_available_at
         for job in claimed.jobs:
             self._running[job.kind] = self._running.get(job.kind, 0) + 1
+            self._running_by_user[job.user] = self._running_by_user.get(job.user, 0) + 1
             await self._pool.send(RunJob(job=job))
+
+    def _load_holds(self, open_now: set[str], capacity: dict[str, int]) -> bool:
+        """Whether a free slot goes unused only because of memory or CPU."""
+        if load_too_high(self._config, self._load) is not None:
+            return True
+        unloaded = free_capacity(self._config, self._running, self._paused, open_now)[1]
+        return unloaded.keys() != capacity.keys()
+
+    def _zone(self) -> ZoneInfo:
+        return ZoneInfo(self._config.limits.day_zone(self._config.budget))
+
+    async def _explain(
+        self, queued: list[JobView], state: WaitState, reply: ReplySlot[dict[int, WaitingInfo]]
+    ) -> None:
+        try:
+            positions = await self._store.read(
+                partial(jobs.queue_positions, job_ids=[job.id for job in queued])
+            )
+            limits = await self._store.read(
+                partial(users.running_limits, names=sorted({job.user for job in queued}))
+            )
+        except Exception as exc:
+            reply.fail(exc)
+            return
+        zone = self._zone()
+        answer = {}
+        for job in queued:
+            place = positions.get(job.id)
+            if place is None:
+                continue
+            reason = explain(
+                self._config,
+                state,
+                job,
+                user_limit=limits.get(job.user),
+                position=place,
+                zone=zone,
+            )
+            answer[job.id] = WaitingInfo(*place, reason=reason)
+        reply.set(answer)
+
+    async def _report_positions(self) -> None:
+        """Position events for the head of the queue, coalesced to one tick at most every
+        `position_every`, and only for the jobs whose position or reason changed."""
+        while True:
+            if math.isinf(self._config.limits.position_every):
+                await trio.sleep_forever()
+            await self._positions_stale.wait()
+            self._positions_stale = trio.Event()
+            state = self._wait_state()
+            head = await self._store.read(
+                partial(jobs.queue_head, limit=self._config.limits.position_head)
+            )
+            limits = await self._store.read(
+                partial(users.running_limits, names=sorted({job.user for job, _ in head}))
+            )
+            zone = self._zone()
+            current: dict[int, WaitingInfo] = {}
+            changed = []
+            for job, place in head:
+                reason = explain(
+                    self._config,
+                    state,
+                    job,
+                    user_limit=limits.get(job.user),
+                    position=place,
+                    zone=zone,
+                )
+                info = WaitingInfo(*place, reason=reason)
+                current[job.id] = info
+                if self._last_positions.get(job.id) != info:
+                    changed.append((job, msgspec.to_builtins(info)))
+            self._last_positions = current
+            if changed:
+                await self._store.write(
+                    partial(jobs.add_position_events, changed=changed, now=state.now)
+                )
+            await trio.sleep(self._config.limits.position_every)

@@ -710,6 +710,111 @@ def events_since(
     ]
 
 
+# Positions are counted no further than this; a job deeper in the queue shows this bound.
+POSITION_HORIZON = 100_000
+QUEUED_COLUMNS = (
+    "id, kind, user, status, priority, attempt, max_attempts, created_at, updated_at, available_at"
+)
+
+
+def _queued_count(conn: sqlite3.Connection, kind: str | None) -> int:
+    if kind is None:
+        return conn.execute("SELECT COUNT(*) FROM jobs WHERE status = 'queued'").fetchone()[0]
+    return conn.execute(
+        "SELECT COUNT(*) FROM jobs WHERE kind = ? AND status = 'queued'", (kind,)
+    ).fetchone()[0]
+
+
+def queue_positions(
+    conn: sqlite3.Connection, job_ids: list[int]
+) -> dict[int, tuple[int, int, int, int]]:
+    """For each queued job among `job_ids`: (position, queued, kind position, kind queued),
+    positions 1-based in dispatch order. Each count walks only the jobs ahead (range scans
+    on the order indexes), up to POSITION_HORIZON."""
+    found: dict[int, tuple[int, int, int, int]] = {}
+    totals: dict[str | None, int] = {}
+    for job_id in job_ids:
+        row = conn.execute(
+            "SELECT kind, priority, fair_tag FROM jobs WHERE id = ? AND status = 'queued'",
+            (job_id,),
+        ).fetchone()
+        if row is None:
+            continue
+        kind, priority, tag = row
+        ahead = (
+            conn.execute(
+                "SELECT COUNT(*) FROM (SELECT 1 FROM jobs WHERE status = 'queued' AND priority > ?"
+                " LIMIT ?)",
+                (priority, POSITION_HORIZON),
+            ).fetchone()[0]
+            + conn.execute(
+                "SELECT COUNT(*) FROM (SELECT 1 FROM jobs WHERE status = 'queued' AND priority = ?"
+                " AND (fair_tag, id) < (?, ?) LIMIT ?)",
+                (priority, tag, job_id, POSITION_HORIZON),
+            ).fetchone()[0]
+        )
+        kind_ahead = (
+            conn.execute(
+                "SELECT COUNT(*) FROM (SELECT 1 FROM jobs WHERE kind = ? AND status = 'queued'"
+                " AND priority > ? LIMIT ?)",
+                (kind, priority, POSITION_HORIZON),
+            ).fetchone()[0]
+            + conn.execute(
+                "SELECT COUNT(*) FROM (SELECT 1 FROM jobs WHERE kind = ? AND status = 'queued'"
+                " AND priority = ? AND (fair_tag, id) < (?, ?) LIMIT ?)",
+                (kind, priority, tag, job_id, POSITION_HORIZON),
+            ).fetchone()[0]
+        )
+        for scope in (None, kind):
+            if scope not in totals:
+                totals[scope] = _queued_count(conn, scope)
+        found[job_id] = (ahead + 1, totals[None], kind_ahead + 1, totals[kind])
+    return found
+
+
+def queue_head(
+    conn: sqlite3.Connection, limit: int
+) -> list[tuple[JobView, tuple[int, int, int, int]]]:
+    """The first `limit` queued jobs in dispatch order, each with its place."""
+    rows = conn.execute(
+        f"SELECT {QUEUED_COLUMNS} FROM jobs INDEXED BY jobs_order WHERE status = 'queued' "
+        "ORDER BY priority DESC, fair_tag, id LIMIT ?",
+        (limit,),
+    ).fetchall()
+    if not rows:
+        return []
+    totals: dict[str | None, int] = {None: _queued_count(conn, None)}
+    in_kind: dict[str, int] = {}
+    head = []
+    for index, row in enumerate(rows):
+        job = JobView(*row)
+        in_kind[job.kind] = in_kind.get(job.kind, 0) + 1
+        if job.kind not in totals:
+            totals[job.kind] = _queued_count(conn, job.kind)
+        head.append((job, (index + 1, totals[None], in_kind[job.kind], totals[job.kind])))
+    return head
+
+
+def add_position_events(
+    conn: sqlite3.Connection,
+    events: Events,
+    *,
+    changed: list[tuple[JobView, dict[str, Any]]],
+    now: float,
+) -> None:
+    """One `position` event per job whose place or reason changed, for those still queued."""
+    still_queued = {
+        row[0]
+        for row in conn.execute(
+            f"SELECT id FROM jobs WHERE status = 'queued' AND id IN ({placeholders(changed)})",
+            [job.id for job, _ in changed],
+        )
+    }
+    for job, data in changed:
+        if job.id in still_queued:
+            add_event(conn, events, job, "position", now, data)
+
+
 def job_with_events(
     conn: sqlite3.Connection, job_id: int, limit: int
 ) -> tuple[JobView | None, list[Event]]:

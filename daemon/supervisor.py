@@ -17,6 +17,7 @@ import math
 import os
 import signal
 import sys
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ from actors.breaker import Breaker
 from actors.ledger import Ledger
 from actors.monitor import Monitor
 from actors.pool import Drain, Pool
-from actors.scheduler import Scheduler, Snapshot, StopDispatch
+from actors.scheduler import Scheduler, Snapshot, StopDispatch, SystemLoad, sample_system
 from daemon import __version__, jobs
 from daemon.admin import AdminServer, Stop
 from daemon.clock import WallClock
@@ -100,8 +101,10 @@ class Supervisor:
         notifier: SystemdNotifier | None = None,
         threaded_store: bool = True,
         clock_epoch: float | None = None,
+        sample_system: Callable[[], SystemLoad] = sample_system,
     ) -> None:
         self._config = config
+        self._sample_system = sample_system
         self._config_path = config_path
         self._notifier = notifier or SystemdNotifier.from_environ({})
         self._threaded_store = threaded_store
@@ -164,7 +167,9 @@ class Supervisor:
         control_tx, control_rx = trio.open_memory_channel[Any](16)
         self._channels = (admission_tx, scheduler_tx, pool_tx, monitor_tx, breaker_tx, ledger_tx)
         actor = {"config": config, "store": store, "clock": clock}
-        scheduler = Scheduler(**actor, inbox=scheduler_rx, pool=pool_tx.clone())
+        scheduler = Scheduler(
+            **actor, inbox=scheduler_rx, pool=pool_tx.clone(), sample=self._sample_system
+        )
         breaker = Breaker(
             **actor, inbox=breaker_rx, scheduler=scheduler_tx.clone(), alerts=monitor_tx.clone()
         )
