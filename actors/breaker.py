@@ -1,8 +1,9 @@
 """Breaker: one circuit per external service, and the service's concurrency and rate limits.
 
-Consumes `Permit` and `Done` from jobs calling through ctx.call, `Reset`/`Trip`/`Snapshot`
-from the admin socket, `Reconfigure` from the supervisor. Produces `ServiceState` for the
-scheduler (which holds jobs whose kind needs an open service) and alerts for the monitor.
+Consumes `Permit`, `Withdraw` and `Done` from jobs calling through ctx.call,
+`Reset`/`Trip`/`Snapshot` from the admin socket, `Reconfigure` from the supervisor. Produces
+`ServiceState` for the scheduler (which holds jobs whose kind needs an open service) and
+alerts for the monitor.
 
 CLOSED -> OPEN after `failures` consecutive failures, or an error rate above `error_rate`
 over `window` once `min_calls` were seen. OPEN refuses at once until `recovery` has passed.
@@ -63,6 +64,14 @@ class Done(msgspec.Struct):
     outcome: Literal["ok", "failed", "abandoned"]
 
 
+class Withdraw(msgspec.Struct):
+    """The caller stopped waiting for its permit (its job was stopped). Nobody will use it:
+    it leaves the queue, or, if it was granted meanwhile, gives its slot back."""
+
+    service: str
+    reply: ReplySlot[Token]
+
+
 class Reset(msgspec.Struct):
     service: str
     reply: ReplySlot[dict[str, Any]]
@@ -88,7 +97,7 @@ class ServiceState(msgspec.Struct):
     open_until: float | None
 
 
-BreakerMessage = Permit | Done | Reset | Trip | Snapshot | Reconfigure
+BreakerMessage = Permit | Withdraw | Done | Reset | Trip | Snapshot | Reconfigure
 
 
 class Circuit:
@@ -178,6 +187,9 @@ class Circuit:
             self.window.clear()
 
 
+TOKEN_SLACK = 1e-9
+
+
 class Gate:
     """A service's concurrency limit and token-bucket rate limit, on trio's clock."""
 
@@ -197,7 +209,9 @@ class Gate:
         if self.rate is not None:
             self.tokens = min(self.capacity, self.tokens + (now - self.refilled_at) * self.rate)
             self.refilled_at = now
-            if self.tokens < 1:
+            # A shortfall below TOKEN_SLACK is rounding left by the refill, and the wait for
+            # it can be too small to move a float clock: waking "then" would spin in place.
+            if self.tokens < 1 - TOKEN_SLACK:
                 return now + (1 - self.tokens) / self.rate
             self.tokens -= 1
         self.in_flight += 1
@@ -214,6 +228,8 @@ class _Service:
         self.circuit = Circuit(spec.breaker, spec.timeout)
         self.gate = Gate(spec, now)
         self.waiting: deque[tuple[Permit, int]] = deque()
+        # Permits granted whose call has not reported Done, by token id.
+        self.granted: dict[int, tuple[ReplySlot[Token], Token]] = {}
         self.retry_at = math.inf
         self.calls = 0
         self.failures = 0
@@ -333,10 +349,15 @@ class Breaker:
                     reply.fail(RequestError("INVALID_REQUEST", f"no service '{name}' ({known})"))
                     return
                 service.waiting.append((msg, next(self._ids)))
+            case Withdraw(service=name, reply=reply):
+                service = self._services.get(name)
+                if service is not None:
+                    self._withdraw(service, reply)
             case Done(token=token, outcome=outcome):
                 service = self._services.get(token.service)
                 if service is None:
                     return
+                service.granted.pop(token.id, None)
                 service.gate.release()
                 before = service.circuit.state
                 probe = token.id if token.probe else None
@@ -355,6 +376,19 @@ class Breaker:
             case Reconfigure(config=config):
                 self._config = config
                 self._build(config)
+
+    def _withdraw(self, service: _Service, reply: ReplySlot[Token]) -> None:
+        for entry in service.waiting:
+            if entry[0].reply is reply:
+                service.waiting.remove(entry)
+                return
+        for token_id, (granted_to, token) in service.granted.items():
+            if granted_to is reply:
+                del service.granted[token_id]
+                service.gate.release()
+                if token.probe:
+                    service.circuit.abandon(token_id)
+                return
 
     async def _operator(self, msg: Reset | Trip) -> None:
         service = self._services.get(msg.service)
@@ -398,9 +432,9 @@ class Breaker:
                     service.retry_at = retry_at
                     break
                 service.waiting.popleft()
-                permit.reply.set(
-                    Token(service.name, permit_id, probe=service.circuit.state == "half_open")
-                )
+                token = Token(service.name, permit_id, probe=service.circuit.state == "half_open")
+                service.granted[permit_id] = (permit.reply, token)
+                permit.reply.set(token)
 
     async def _changed(self, service: _Service, before: State) -> None:
         after = service.circuit.state

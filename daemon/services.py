@@ -17,7 +17,7 @@ from typing import Any
 import msgspec
 import trio
 
-from actors.breaker import Done, Permit, Token
+from actors.breaker import Done, Permit, Token, Withdraw
 from actors.ledger import Charge, Release, Reservation, Reserve, Settle
 from daemon.config import Config
 from daemon.mailbox import ReplySlot, ask
@@ -85,10 +85,12 @@ class ServiceLink:
                 service=service,
                 units=units,
             )
+            permit = Permit(service=service, reply=ReplySlot())
             try:
-                token = await ask(self._breaker, Permit, service=service)
+                await self._breaker.send(permit)
+                token = await permit.reply.wait()
             except BaseException:
-                await self._ledger.send(Release(reservation=reservation))
+                self._give_up(permit, reservation)
                 raise
             try:
                 result, failure = await self._try(fn, args, spec.timeout, token, reservation)
@@ -100,6 +102,16 @@ class ServiceLink:
                 raise ServiceFailed(service, tries, failure)
             wait = waits.pop(0)
             await trio.sleep(wait * (1 + self._rng.uniform(-spec.jitter, spec.jitter)))
+
+    def _give_up(self, permit: Permit, reservation: Reservation) -> None:
+        """Hand back a permit nobody will use (granted meanwhile or not) and its reservation,
+        or the service loses a slot and the budget a reservation for good. A canceled task
+        cannot await a send; both inboxes are unbounded, so these never need to wait."""
+        try:
+            self._breaker.send_nowait(Withdraw(service=permit.service, reply=permit.reply))
+            self._ledger.send_nowait(Release(reservation=reservation))
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            return
 
     async def charge(self, service: str, units: float) -> float:
         """Record a cost already incurred (a command kind's `{"charge": ...}` line)."""

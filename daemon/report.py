@@ -1,0 +1,1007 @@
+"""The load test's report: every figure read from the store and the ledger after the run.
+
+`collect` is a plain function of a SQLite connection (the tables of daemon/store.py), the
+config the run used and the driver's record, which holds only what no table can: the
+submissions admission refused, and which jobs were made to hang. The renderers turn the
+figures into seed 001's report (markdown), a short summary, and PNG charts when matplotlib
+is installed (`pip install 'jobwarden[report]'`).
+"""
+
+from __future__ import annotations
+
+import math
+import sqlite3
+from collections import Counter, defaultdict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from actors import ledger
+from daemon import jobs
+from daemon.config import Config, format_duration
+
+HOUR = 3600.0
+MINUTE = 60.0
+DAY = 86400.0
+# Seed 001 ran at 100x and called that its fast mode: its durations are real ones / 100.
+SEED_FAST_MODE = 100
+# The demo storybook's calls per book of 8 pages: 4 LLM steps, a cover and 8 pages, 1 upload.
+CALLS_PER_BOOK = {"llm": 4, "image": 9, "storage": 1}
+MONTH_DAYS = 30
+CHARTS_EXTRA = "pip install 'jobwarden[report]'"
+
+
+def progress_snapshot(conn: sqlite3.Connection) -> dict[str, Any]:
+    """Jobs by status and the spend so far: what the progress bar and the intermediate file
+    show while the run goes on."""
+    by_status = jobs.counts_by_status(conn)
+    calls, usd = conn.execute("SELECT COUNT(*), COALESCE(SUM(usd), 0) FROM ledger").fetchone()
+    return {
+        "jobs": sum(by_status.values()),
+        **{status: by_status.get(status, 0) for status in jobs.STATUSES},
+        "calls": calls,
+        "usd": round(usd, 6),
+    }
+
+
+def collect(conn: sqlite3.Connection, config: Config, record: dict[str, Any]) -> dict[str, Any]:
+    start, end = record["started_at"], record["ended_at"]
+    rows = _job_rows(conn)
+    cost_by_job = _cost_by_job(conn)
+    services = _services(conn, config)
+    total_usd = sum(service["usd"] for service in services)
+    jobs_with_cost = len(cost_by_job)
+    figures = {
+        "jobs": _job_counts(rows),
+        "hours": _per_hour(rows, cost_by_job, start, record["refused_by_hour"]),
+        "failures": _failure_causes(rows),
+        "durations": _durations(rows),
+        "retries": _retries(conn, rows),
+        "stuck": {
+            **_stuck(conn, rows, record["stuck_injected"], start),
+            "refused": record["stuck_refused"],
+        },
+        "crash": _crash(conn, rows, record) if record["crash_at"] is not None else None,
+        "services": services,
+        "ledger_days": _ledger_days(conn),
+        "cost": {
+            "total_usd": round(total_usd, 6),
+            "jobs_with_cost": jobs_with_cost,
+            "per_job_usd": round(total_usd / jobs_with_cost, 6) if jobs_with_cost else None,
+            "nominal_per_book": _nominal_per_book(config),
+            "measured_per_job": {
+                service["service"]: round(service["usd"] / jobs_with_cost, 6)
+                for service in services
+                if jobs_with_cost
+            },
+        },
+        "breakers": _breakers(conn, end),
+        "series": _series(conn, start, end, config.budget.daily_usd),
+    }
+    figures["projection"] = _projection(
+        figures["cost"]["per_job_usd"], record["plan"]["daily_volume"], config.budget.daily_usd
+    )
+    figures["guardrails"] = _guardrails(conn, record, figures, config)
+    return figures
+
+
+# -- the store's rows ----------------------------------------------------------------------
+
+
+def _job_rows(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+    columns = (
+        "id",
+        "user",
+        "status",
+        "created_at",
+        "started_at",
+        "finished_at",
+        "attempt",
+        "reason",
+        "degraded",
+        "placeholders",
+        "code",
+    )
+    rows = conn.execute(
+        "SELECT id, user, status, created_at, started_at, finished_at, attempt, reason, "
+        "json_extract(result, '$.degraded'), json_extract(result, '$.placeholders'), "
+        "json_extract(error, '$.code') FROM jobs ORDER BY id"
+    ).fetchall()
+    return [dict(zip(columns, row, strict=True)) for row in rows]
+
+
+def _cost_by_job(conn: sqlite3.Connection) -> dict[int, float]:
+    rows = conn.execute(
+        "SELECT job_id, SUM(usd) FROM ledger WHERE job_id IS NOT NULL GROUP BY job_id"
+    ).fetchall()
+    return dict(rows)
+
+
+def _status_events(conn: sqlite3.Connection, where: str) -> list[tuple[Any, ...]]:
+    return conn.execute(
+        "SELECT job_id, at, json_extract(data, '$.status'), json_extract(data, '$.reason'), "
+        "json_extract(data, '$.error.code'), json_extract(data, '$.error.message') "
+        f"FROM events WHERE type = 'status' AND {where} ORDER BY seq"
+    ).fetchall()
+
+
+# -- the sections --------------------------------------------------------------------------
+
+
+def _job_counts(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    statuses = Counter(row["status"] for row in rows)
+    done = statuses["done"]
+    degraded = [row for row in rows if row["status"] == "done" and row["degraded"]]
+    finished = done + statuses["failed"] + statuses["canceled"]
+    unfinished = [row for row in rows if row["status"] in ("queued", "running")]
+    return {
+        "total": len(rows),
+        "done": done,
+        "degraded": len(degraded),
+        "placeholders": sum(row["placeholders"] or 0 for row in degraded),
+        "failed": statuses["failed"],
+        "canceled": statuses["canceled"],
+        "finished": finished,
+        "unfinished": len(unfinished),
+        "unfinished_by_reason": dict(
+            Counter(f"{row['status']} ({row['reason'] or 'not started'})" for row in unfinished)
+        ),
+        "success_rate": done / finished if finished else None,
+    }
+
+
+def _per_hour(
+    rows: list[dict[str, Any]],
+    cost_by_job: dict[int, float],
+    start: float,
+    refused_by_hour: list[int],
+) -> list[dict[str, Any]]:
+    """One row per hour of arrivals, for the jobs submitted in it (one submitted as the last
+    hour ends counts in it)."""
+    last = len(refused_by_hour) - 1
+    table = [
+        {
+            "hour": hour + 1,
+            "refused": refused,
+            "submitted": 0,
+            "done": 0,
+            "failed": 0,
+            "unfinished": 0,
+            "usd": 0.0,
+        }
+        for hour, refused in enumerate(refused_by_hour)
+    ]
+    for row in rows:
+        entry = table[min(int((row["created_at"] - start) // HOUR), last)]
+        entry["submitted"] += 1
+        if row["status"] in ("done", "failed"):
+            entry[row["status"]] += 1
+        elif row["status"] in ("queued", "running"):
+            entry["unfinished"] += 1
+        entry["usd"] += cost_by_job.get(row["id"], 0.0)
+    for entry in table:
+        finished = entry["done"] + entry["failed"]
+        entry["success_rate"] = entry["done"] / finished if finished else None
+        entry["usd"] = round(entry["usd"], 6)
+    return table
+
+
+def _failure_causes(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    causes = Counter(row["code"] or "UNKNOWN" for row in rows if row["status"] == "failed")
+    return [
+        {"code": code, "jobs": count, "share": count / len(rows)}
+        for code, count in causes.most_common()
+    ]
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    """Nearest rank: the smallest value with at least `fraction` of the values at or below."""
+    ordered = sorted(values)
+    return ordered[max(math.ceil(fraction * len(ordered)) - 1, 0)]
+
+
+def _stats(values: list[float]) -> dict[str, float] | None:
+    if not values:
+        return None
+    return {
+        "avg": sum(values) / len(values),
+        "min": min(values),
+        "max": max(values),
+        "p50": percentile(values, 0.50),
+        "p95": percentile(values, 0.95),
+        "p99": percentile(values, 0.99),
+    }
+
+
+def _durations(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    done = [row for row in rows if row["status"] == "done"]
+    return {
+        "jobs": len(done),
+        # Submit to done: waiting in the queue, every attempt and every backoff.
+        "turnaround": _stats([row["finished_at"] - row["created_at"] for row in done]),
+        # The attempt that finished, from its start.
+        "last_attempt": _stats([row["finished_at"] - row["started_at"] for row in done]),
+    }
+
+
+def _retries(conn: sqlite3.Connection, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    retried = _status_events(conn, "json_extract(data, '$.reason') = 'RETRY'")
+    per_job = Counter(job_id for job_id, *_ in retried)
+    causes = Counter(code or "UNKNOWN" for _, _, _, _, code, _ in retried)
+    failed_tries = conn.execute(
+        "SELECT service, COUNT(*) FROM ledger WHERE ok = 0 GROUP BY service ORDER BY service"
+    ).fetchall()
+    return {
+        "job_retries": len(retried),
+        "per_job": len(retried) / len(rows) if rows else 0.0,
+        "max_per_job": max(per_job.values(), default=0),
+        "jobs_retried": len(per_job),
+        "causes": dict(causes.most_common()),
+        "failed_calls": dict(failed_tries),
+        "failed_calls_total": sum(count for _, count in failed_tries),
+    }
+
+
+def _stuck(
+    conn: sqlite3.Connection, rows: list[dict[str, Any]], injected: list[int], start: float
+) -> dict[str, Any]:
+    status = {row["id"]: row["status"] for row in rows}
+    first_detection: dict[int, tuple[float, str]] = {}
+    for job_id, at, _, _, _, message in _status_events(
+        conn, "json_extract(data, '$.error.code') = 'STUCK_TIMEOUT'"
+    ):
+        # The monitor words its verdict "<rule>: <detail>"; the rule is stored nowhere else.
+        rule = (message or "").partition(":")[0] or "unknown"
+        first_detection.setdefault(job_id, (at - start, rule))
+    injected_set = set(injected)
+    detected = [job for job in injected if job in first_detection]
+    # Recovered: the monitor got it out of its hung attempt, and it ended (done after a
+    # resume, or failed STUCK_TIMEOUT once its attempts were spent), not left hanging.
+    recovered = [job for job in detected if status.get(job) in ("done", "failed")]
+    return {
+        "injected": len(injected),
+        "detected": len(detected),
+        "recovered": len(recovered),
+        "recovery_rate": len(recovered) / len(injected) if injected else None,
+        "by_rule": dict(Counter(first_detection[job][1] for job in detected)),
+        "outcomes": dict(Counter(status.get(job, "missing") for job in injected)),
+        "detected_at": sorted(round(first_detection[job][0], 1) for job in detected),
+        "others_detected": dict(
+            Counter(rule for job, (_, rule) in first_detection.items() if job not in injected_set)
+        ),
+    }
+
+
+def _crash(
+    conn: sqlite3.Connection, rows: list[dict[str, Any]], record: dict[str, Any]
+) -> dict[str, Any]:
+    status = {row["id"]: row["status"] for row in rows}
+    recovered = sorted(
+        {
+            job_id
+            for job_id, *_ in _status_events(conn, "json_extract(data, '$.reason') = 'RECOVERED'")
+        }
+    )
+    accepted = record["submitted"] - sum(record["rejections"].values())
+    return {
+        "at": record["crash_at"] - record["started_at"],
+        # The jobs the restarted supervisor found `running` in the store and put back.
+        "running_at_crash": len(recovered),
+        "outcomes": dict(Counter(status[job] for job in recovered)),
+        "crash_loop": sum(1 for row in rows if row["code"] == "CRASH_LOOP"),
+        "accepted": accepted,
+        "in_store": len(rows),
+    }
+
+
+def _services(conn: sqlite3.Connection, config: Config) -> list[dict[str, Any]]:
+    rows = conn.execute(
+        "SELECT service, COUNT(*), SUM(1 - ok), SUM(units), SUM(usd) FROM ledger "
+        "GROUP BY service ORDER BY service"
+    ).fetchall()
+    services = []
+    for service, calls, failed, units, usd in rows:
+        spec = config.services.get(service)
+        services.append(
+            {
+                "service": service,
+                "calls": calls,
+                "failed": failed,
+                "units": units,
+                "unit": spec.unit if spec else "call",
+                "unit_price_usd": spec.price_usd if spec else None,
+                "usd": round(usd, 6),
+            }
+        )
+    return services
+
+
+def _ledger_days(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+    """Each budget day's totals by the same query `jobwarden ledger --day` answers with."""
+    days = [day for (day,) in conn.execute("SELECT DISTINCT day FROM ledger ORDER BY day")]
+    reports = [ledger.report(conn, period=day, by="service") for day in days]
+    return [
+        {key: report[key] for key in ("period", "calls", "failed_calls", "usd", "jobs")}
+        for report in reports
+    ]
+
+
+def _nominal_per_book(config: Config) -> dict[str, float]:
+    prices = {
+        service: CALLS_PER_BOOK[service] * config.services[service].price_usd
+        for service in CALLS_PER_BOOK
+        if service in config.services
+    }
+    return {**prices, "total": sum(prices.values())}
+
+
+def _projection(per_job: float | None, volume: int, daily_budget: float) -> dict[str, Any]:
+    if per_job is None:
+        return {"books_per_day": volume, "daily_usd": None, "monthly_usd": None}
+    daily = volume * per_job
+    return {
+        "books_per_day": volume,
+        "books_per_month": volume * MONTH_DAYS,
+        "daily_usd": round(daily, 2),
+        "monthly_usd": round(daily * MONTH_DAYS, 2),
+        "daily_budget_usd": daily_budget,
+        "books_within_budget": math.floor(daily_budget / per_job) if daily_budget else None,
+    }
+
+
+def _breakers(conn: sqlite3.Connection, end: float) -> dict[str, Any]:
+    rows = conn.execute(
+        "SELECT at, json_extract(data, '$.service'), json_extract(data, '$.state') "
+        "FROM events WHERE type = 'breaker' ORDER BY seq"
+    ).fetchall()
+    services: dict[str, dict[str, Any]] = defaultdict(
+        lambda: {"opened": 0, "half_open": 0, "closed": 0, "open_seconds": 0.0}
+    )
+    opened_at: dict[str, float] = {}
+    for at, service, state in rows:
+        entry = services[service]
+        if state == "open":
+            entry["opened"] += 1
+            opened_at.setdefault(service, at)
+        else:
+            entry[state] += 1
+            if service in opened_at:
+                entry["open_seconds"] += at - opened_at.pop(service)
+    for service, since in opened_at.items():
+        services[service]["open_seconds"] += end - since
+    return {
+        service: {**entry, "open_seconds": round(entry["open_seconds"], 1)}
+        for service, entry in sorted(services.items())
+    }
+
+
+def _series(
+    conn: sqlite3.Connection, start: float, end: float, daily_budget: float
+) -> dict[str, Any]:
+    """Per simulated minute: jobs finished, queue depth and running jobs at its end, and
+    the budget day's spend so far (the run starts at a budget day's midnight)."""
+    minutes = max(math.ceil((end - start) / MINUTE), 1)
+    done, failed = [0] * minutes, [0] * minutes
+    queued, running = [0] * minutes, [0] * minutes
+    current: dict[int, str] = {}
+    counts: Counter[str] = Counter()
+    minute = 0
+
+    def close_minutes_before(at: float) -> None:
+        nonlocal minute
+        while minute < minutes and at >= start + (minute + 1) * MINUTE:
+            queued[minute], running[minute] = counts["queued"], counts["running"]
+            minute += 1
+
+    for job_id, at, status, *_ in _status_events(conn, "1"):
+        close_minutes_before(at)
+        if job_id in current:
+            counts[current[job_id]] -= 1
+        current[job_id] = status
+        counts[status] += 1
+        index = min(int((at - start) // MINUTE), minutes - 1)
+        if status == "done":
+            done[index] += 1
+        elif status == "failed":
+            failed[index] += 1
+    close_minutes_before(math.inf)
+    spend = [0.0] * minutes
+    for at, usd in conn.execute("SELECT at, usd FROM ledger ORDER BY id"):
+        spend[min(int((at - start) // MINUTE), minutes - 1)] += usd
+    spend_today, total = [], 0.0
+    for index, usd in enumerate(spend):
+        if index and index % int(DAY // MINUTE) == 0:
+            total = 0.0
+        total += usd
+        spend_today.append(round(total, 6))
+    return {
+        "minutes": minutes,
+        "done": done,
+        "failed": failed,
+        "queued": queued,
+        "running": running,
+        "spend_today_usd": spend_today,
+        "daily_budget_usd": daily_budget,
+    }
+
+
+def _guardrails(
+    conn: sqlite3.Connection, record: dict[str, Any], figures: dict[str, Any], config: Config
+) -> dict[str, Any]:
+    budget_waits = len(_status_events(conn, "json_extract(data, '$.reason') = 'BUDGET_WAIT'"))
+    peak_day = max(figures["ledger_days"], key=lambda day: day["usd"], default=None)
+    daily = config.budget.daily_usd
+    return {
+        "submitted": record["submitted"],
+        "rejections": dict(sorted(record["rejections"].items(), key=lambda item: -item[1])),
+        "budget": {
+            "daily_usd": daily,
+            "peak_day": peak_day["period"] if peak_day else None,
+            "peak_day_usd": peak_day["usd"] if peak_day else 0.0,
+            "peak_day_share": peak_day["usd"] / daily if peak_day and daily else None,
+            "stopped_at_end": record["budget"].get("stopped"),
+            "stop_reason": record["budget"].get("stop_reason"),
+            "jobs_held_for_budget": budget_waits,
+        },
+        "max_queue_depth": max(figures["series"]["queued"], default=0),
+        "max_running": max(figures["series"]["running"], default=0),
+    }
+
+
+# -- rendering -----------------------------------------------------------------------------
+
+
+def money(usd: float | None, places: int = 2) -> str:
+    return "-" if usd is None else f"${usd:,.{places}f}"
+
+
+def percent(fraction: float | None) -> str:
+    return "-" if fraction is None else f"{fraction * 100:.1f}%"
+
+
+def share(part: int, whole: int) -> str:
+    return f"{percent(part / whole if whole else None)} ({part:,}/{whole:,})"
+
+
+def seconds(value: float) -> str:
+    return f"{value:,.1f}s" if value < 600 else f"{value:,.0f}s ({format_duration(value)})"
+
+
+def into_run(offset: float) -> str:
+    hours, rest = divmod(int(offset), 3600)
+    return f"{hours}h{rest // 60:02d}m"
+
+
+def counts(items: dict[str, int]) -> str:
+    return ", ".join(f"{name} {n:,}" for name, n in items.items()) or "none"
+
+
+def table(headers: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def traffic(plan: dict[str, Any]) -> str:
+    scenario = plan["scenario"]
+    shape = (
+        f"in sittings of {scenario['burst']:g} books on average"
+        if scenario["burst"] > 1
+        else "steady"
+    )
+    if scenario["rush"]:
+        shape += f", {percent(scenario['rush'])} of them in a rush mid-hour"
+    return (
+        f"{scenario['name']}: {plan['users']:,} users, {plan['jobs_per_hour']:,} books an hour "
+        f"{shape}; {scenario['max_concurrent_jobs']} jobs at once"
+    )
+
+
+def render_markdown(
+    record: dict[str, Any], figures: dict[str, Any], charts: list[str], charts_note: str | None
+) -> str:
+    plan, job = record["plan"], figures["jobs"]
+    started = datetime.fromtimestamp(record["started_at"], UTC)
+    finishing = record["ended_at"] - record["started_at"] - plan["hours"] * HOUR
+    clock = "fast mode: virtual time" if plan["speed"] is None else f"{plan['speed']:g}x"
+    faults = [
+        f"image failure rate {percent(plan['image_failure_rate'])}",
+        f"terminal failures {percent(plan['terminal_failure_rate'])}",
+        f"{plan['inject_stuck']} stuck jobs injected",
+    ]
+    if figures["crash"]:
+        faults.append(f"crash at {into_run(figures['crash']['at'])}")
+    lines = [
+        "# Load Test Report",
+        "",
+        f"**Test ID**: `{record['test_id']}`  ",
+        f"**Date**: {started:%Y-%m-%d} (simulated time from {started:%H:%M} UTC)  ",
+        f"**Scenario**: {traffic(plan)}  ",
+        f"**Simulated Duration**: {plan['hours']:g} hours of arrivals "
+        f"({record['submitted']:,} submitted, {job['total']:,} accepted), then "
+        f"{format_duration(max(finishing, 0))} for the jobs still running  ",
+        f"**Actual Runtime**: {record['runtime_seconds']:.1f} s ({clock})  ",
+        f"**Faults**: {', '.join(faults)}",
+        "",
+        "Every figure comes from the daemon's store and ledger after the run; refused "
+        "submissions, which never reach the store, from the replies the users got.",
+    ]
+    if record["interrupted"]:
+        lines += ["", "**The run was stopped before its end; the figures cover what ran.**"]
+    lines += ["", "## Executive Summary", "", *_summary_table(figures)]
+    sections = [
+        ("Job Statistics", _job_section(figures)),
+        ("Duration Statistics", _duration_section(figures["durations"])),
+        ("Retry Statistics", _retry_section(figures["retries"])),
+        ("Stuck Job Recovery", _stuck_section(figures["stuck"])),
+    ]
+    if figures["crash"]:
+        sections.append(("Crash Recovery", _crash_section(figures["crash"])))
+    sections += [
+        ("API Call Statistics", _api_section(figures)),
+        ("Cost Analysis", _cost_section(figures)),
+        ("Guardrails", _guardrail_section(figures)),
+        ("Charts", [f"![{Path(c).stem}]({Path(c).name})" for c in charts] or [charts_note or ""]),
+        ("Test Artifacts", _artifact_section(record, figures)),
+    ]
+    for number, (title, body) in enumerate(sections, 1):
+        lines += ["", f"## {number}. {title}", "", *body]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _summary_table(figures: dict[str, Any]) -> list[str]:
+    job, cost, stuck = figures["jobs"], figures["cost"], figures["stuck"]
+    recovery = (
+        share(stuck["recovered"], stuck["injected"]) if stuck["injected"] else "none injected"
+    )
+    return table(
+        ["Metric", "Value"],
+        [
+            ["**Success rate**", share(job["done"], job["finished"])],
+            ["**Average cost per job**", money(cost["per_job_usd"], 4)],
+            ["**Total cost**", money(cost["total_usd"])],
+            ["**Stuck job recovery rate**", recovery],
+        ],
+    )
+
+
+def _job_section(figures: dict[str, Any]) -> list[str]:
+    job = figures["jobs"]
+    lines = [
+        f"- **Total jobs**: {job['total']:,}",
+        f"- **Done**: {job['done']:,}: {job['done'] - job['degraded']:,} in full, "
+        f"{job['degraded']:,} degraded (placeholder images)",
+        f"- **Failed**: {job['failed']:,}",
+    ]
+    if job["canceled"]:
+        lines.append(f"- **Canceled**: {job['canceled']:,}")
+    if job["unfinished"]:
+        lines.append(
+            f"- **Not finished at the end**: {job['unfinished']:,} "
+            f"({counts(job['unfinished_by_reason'])})"
+        )
+    lines += ["", "### Per hour (jobs by the hour they were submitted)", ""]
+    lines += table(
+        ["Hour", "Refused", "Accepted", "Done", "Failed", "Unfinished", "Success rate", "Cost"],
+        [
+            [
+                str(hour["hour"]),
+                f"{hour['refused']:,}",
+                f"{hour['submitted']:,}",
+                f"{hour['done']:,}",
+                f"{hour['failed']:,}",
+                f"{hour['unfinished']:,}",
+                percent(hour["success_rate"]),
+                money(hour["usd"]),
+            ]
+            for hour in figures["hours"]
+        ],
+    )
+    lines += ["", "### Failure causes", ""]
+    if not figures["failures"]:
+        return [*lines, "No job failed."]
+    return lines + table(
+        ["Code", "Jobs", "Share of jobs"],
+        [
+            [f"`{cause['code']}`", f"{cause['jobs']:,}", percent(cause["share"])]
+            for cause in figures["failures"]
+        ],
+    )
+
+
+DURATION_ROWS = {
+    "avg": "Average",
+    "min": "Minimum",
+    "max": "Maximum",
+    "p50": "P50",
+    "p95": "P95",
+    "p99": "P99",
+}
+
+
+def _duration_section(durations: dict[str, Any]) -> list[str]:
+    turnaround, last = durations["turnaround"], durations["last_attempt"]
+    if turnaround is None:
+        return ["No job finished."]
+    lines = table(
+        [
+            "Metric",
+            "Submit to done (real-time equivalent)",
+            f"At seed 001's {SEED_FAST_MODE}x fast mode",
+            "Last attempt alone",
+        ],
+        [
+            [
+                label,
+                seconds(turnaround[key]),
+                f"{turnaround[key] / SEED_FAST_MODE:.2f}s",
+                seconds(last[key]),
+            ]
+            for key, label in DURATION_ROWS.items()
+        ],
+    )
+    return [
+        *lines,
+        "",
+        f"> Over the {durations['jobs']:,} done jobs. The daemon times jobs on trio's clock, "
+        "whose seconds are the simulated providers' real seconds, so these are the real-time "
+        f"figures; seed 001 timed its {SEED_FAST_MODE}x run and multiplied by "
+        f"{SEED_FAST_MODE}.",
+    ]
+
+
+def _retry_section(retries: dict[str, Any]) -> list[str]:
+    return [
+        *table(
+            ["Metric", "Value"],
+            [
+                ["Job retries (attempts after the first)", f"{retries['job_retries']:,}"],
+                ["Avg job retries per job", f"{retries['per_job']:.2f}"],
+                ["Max job retries of one job", f"{retries['max_per_job']:,}"],
+                [
+                    "Failed provider calls (retried after a backoff, or given up)",
+                    f"{retries['failed_calls_total']:,}",
+                ],
+            ],
+        ),
+        "",
+        f"Job retries by cause: {counts(retries['causes'])}. "
+        f"Failed calls by service: {counts(retries['failed_calls'])}.",
+    ]
+
+
+def _stuck_section(stuck: dict[str, Any]) -> list[str]:
+    lines = []
+    if not stuck["injected"]:
+        lines.append("No stuck jobs were injected (`--inject-stuck N`).")
+    else:
+        when = ", ".join(into_run(at) for at in stuck["detected_at"]) or "-"
+        lines += table(
+            ["Metric", "Value"],
+            [
+                [
+                    "Stuck jobs injected",
+                    f"{stuck['injected']}"
+                    + (f" ({stuck['refused']} more refused)" if stuck["refused"] else ""),
+                ],
+                [
+                    "Detected by the monitor",
+                    f"{stuck['detected']} (by rule: {counts(stuck['by_rule'])})",
+                ],
+                ["Recovered", f"{stuck['recovered']}"],
+                ["Recovery rate", f"**{percent(stuck['recovery_rate'])}**"],
+            ],
+        )
+        lines += [
+            "",
+            "Each injected job wedged its first attempt once its story was written: no "
+            f"progress, no heartbeat. Detected at {when} into the run. Where they ended: "
+            f"{counts(stuck['outcomes'])}; a recovered book resumes from its checkpoint, "
+            "so its LLM steps are not paid for twice.",
+        ]
+    if stuck["others_detected"]:
+        lines += ["", f"Other jobs the monitor found stuck: {counts(stuck['others_detected'])}."]
+    return lines
+
+
+def _crash_section(crash: dict[str, Any]) -> list[str]:
+    return [
+        f"At {into_run(crash['at'])} the supervisor was stopped without a drain, leaving only "
+        "what was committed (as `kill -9` would), and a new one started on the same database.",
+        "",
+        *table(
+            ["Metric", "Value"],
+            [
+                [
+                    "Jobs running at the crash, put back from the store",
+                    f"{crash['running_at_crash']}",
+                ],
+                ["Where they ended", counts(crash["outcomes"])],
+                ["Failed CRASH_LOOP", f"{crash['crash_loop']}"],
+                ["Accepted jobs in the store", f"{crash['in_store']:,} of {crash['accepted']:,}"],
+            ],
+        ),
+    ]
+
+
+def _api_section(figures: dict[str, Any]) -> list[str]:
+    services = figures["services"]
+    rows = [
+        [
+            service["service"],
+            f"{service['calls']:,}",
+            f"{service['failed']:,}",
+            "-"
+            if service["unit_price_usd"] is None
+            else f"${service['unit_price_usd']:g}/{service['unit']}",
+            money(service["usd"]),
+        ]
+        for service in services
+    ]
+    rows.append(
+        [
+            "**Total**",
+            f"{sum(service['calls'] for service in services):,}",
+            f"{sum(service['failed'] for service in services):,}",
+            "-",
+            f"**{money(figures['cost']['total_usd'])}**",
+        ]
+    )
+    return [
+        *table(["Service", "Calls", "Failed", "Unit price", "Cost"], rows),
+        "",
+        "A failed call is not billed. A book of 8 pages calls the LLM 4 times (moderation, "
+        "story, character, prompts), the image provider 9 times (cover and pages) and "
+        "storage once; retries add calls, placeholders save them.",
+    ]
+
+
+def _cost_section(figures: dict[str, Any]) -> list[str]:
+    cost, projection = figures["cost"], figures["projection"]
+    nominal, measured = cost["nominal_per_book"], cost["measured_per_job"]
+    labels = {"llm": "LLM (4 calls)", "image": "Images (9)", "storage": "Storage (1)"}
+    rows = [
+        [labels[service], money(nominal.get(service), 5), money(measured.get(service), 5)]
+        for service in CALLS_PER_BOOK
+    ]
+    rows.append(
+        [
+            "**Total/Book**",
+            f"**{money(nominal['total'], 4)}**",
+            f"**{money(cost['per_job_usd'], 4)}**",
+        ]
+    )
+    lines = [
+        "### Per-book cost breakdown",
+        "",
+        *table(["Item", "At list prices", "Measured per job"], rows),
+        "",
+        f"Measured over the {cost['jobs_with_cost']:,} jobs that made a paid call, as "
+        "`jobwarden ledger` counts cost per job.",
+        "",
+        f"### Monthly projection ({projection['books_per_day']:,} books/day)",
+        "",
+    ]
+    if projection["daily_usd"] is None:
+        return [*lines, "No job was charged, so there is nothing to project."]
+    lines += table(
+        ["Item", "Daily", "Monthly"],
+        [
+            ["Books", f"{projection['books_per_day']:,}", f"{projection['books_per_month']:,}"],
+            ["Cost", money(projection["daily_usd"]), money(projection["monthly_usd"])],
+        ],
+    )
+    if projection["books_within_budget"] is not None:
+        lines += [
+            "",
+            f"The daily budget of {money(projection['daily_budget_usd'])} pays for "
+            f"{projection['books_within_budget']:,} books a day at this cost.",
+        ]
+    return lines
+
+
+def _guardrail_section(figures: dict[str, Any]) -> list[str]:
+    guard, job = figures["guardrails"], figures["jobs"]
+    budget, submitted = guard["budget"], guard["submitted"]
+    lines = ["### Submissions refused, by code", ""]
+    if guard["rejections"]:
+        lines += table(
+            ["Code", "Refused", "Share of submissions"],
+            [
+                [f"`{code}`", f"{n:,}", percent(n / submitted if submitted else None)]
+                for code, n in guard["rejections"].items()
+            ],
+        )
+    else:
+        lines.append(f"None: all {submitted:,} submissions were accepted.")
+    stopped = budget["stopped_at_end"]
+    if stopped is None:
+        state = "not asked (the run was stopped early)"
+    else:
+        state = f"stopped: {budget['stop_reason']}" if stopped else "spending"
+    lines += [
+        "",
+        "### Budget",
+        "",
+        f"- Daily limit {money(budget['daily_usd'])}. The busiest day "
+        f"({budget['peak_day'] or '-'}) spent {money(budget['peak_day_usd'])} "
+        f"({percent(budget['peak_day_share'])}).",
+        f"- The ledger at the end of the run: {state}.",
+        f"- Jobs sent back to wait for budget (BUDGET_WAIT): {budget['jobs_held_for_budget']:,}.",
+        "",
+        "### Circuit breakers",
+        "",
+    ]
+    if figures["breakers"]:
+        lines += table(
+            ["Service", "Opened", "Half-open", "Closed again", "Time open"],
+            [
+                [
+                    service,
+                    f"{entry['opened']:,}",
+                    f"{entry['half_open']:,}",
+                    f"{entry['closed']:,}",
+                    seconds(entry["open_seconds"]),
+                ]
+                for service, entry in figures["breakers"].items()
+            ],
+        )
+    else:
+        lines.append("No circuit opened.")
+    return [
+        *lines,
+        "",
+        "### Degraded jobs and the queue",
+        "",
+        f"- Books finished with placeholder images while the image circuit was open: "
+        f"{job['degraded']:,} ({job['placeholders']:,} placeholders).",
+        f"- Deepest queue: {guard['max_queue_depth']:,} jobs waiting; most running at once: "
+        f"{guard['max_running']:,}.",
+    ]
+
+
+def _artifact_section(record: dict[str, Any], figures: dict[str, Any]) -> list[str]:
+    test_id = record["test_id"]
+    config_name = Path(record["config_path"]).name
+    files = {
+        f"{test_id}_full.json": "every figure, and the run's parameters",
+        f"{test_id}_summary.txt": "the summary",
+        f"{test_id}_intermediate.json": "rewritten every simulated minute during the run",
+        f"{test_id}_report.md": "this report",
+        f"{test_id}.db": "the daemon's database",
+        config_name: "the config the daemon ran with",
+        f"{test_id}.log": "the daemon's log, JSON lines",
+    }
+    width = max(len(name) for name in files)
+    lines = ["```", *(f"{name.ljust(width)}  # {what}" for name, what in files.items()), "```"]
+    days = figures["ledger_days"]
+    lines += [
+        "",
+        "The daemon gives the same totals (the loadtest left every kind paused, so nothing "
+        "left in the queue runs):",
+        "",
+        "```bash",
+        f"jobwarden serve --config {config_name} &",
+        *(f"jobwarden ledger --config {config_name} --day {day['period']}" for day in days),
+        "```",
+        "",
+        *(
+            f"- {day['period']}: {money(day['usd'], 4)} for {day['calls']:,} calls "
+            f"({day['failed_calls']:,} failed) over {day['jobs']:,} jobs"
+            for day in days
+        ),
+    ]
+    return [*lines, "", "Run again with:", "", "```bash", reproduce_command(record["plan"]), "```"]
+
+
+def reproduce_command(plan: dict[str, Any]) -> str:
+    options = []
+    if plan["scenario"]["option"]:
+        options.append(f"--scenario {plan['scenario']['option']}")
+    options += [
+        f"--hours {plan['hours']:g}",
+        f"--jobs-per-hour {plan['jobs_per_hour']}",
+        f"--users {plan['users']}",
+        "--fast" if plan["speed"] is None else f"--speed {plan['speed']:g}",
+        f"--image-failure-rate {plan['image_failure_rate']:g}",
+    ]
+    if plan["inject_stuck"]:
+        options.append(f"--inject-stuck {plan['inject_stuck']}")
+    if plan["inject_crash"]:
+        options.append("--inject-crash")
+    options.append(f"--seed {plan['seed']}")
+    return f"jobwarden loadtest {' '.join(options)}"
+
+
+def render_summary(record: dict[str, Any], figures: dict[str, Any]) -> str:
+    job, cost, stuck = figures["jobs"], figures["cost"], figures["stuck"]
+    durations = figures["durations"]["turnaround"]
+    lines = [
+        f"{record['test_id']}: {record['plan']['hours']:g} simulated hours of "
+        f"{record['plan']['scenario']['name']} in {record['runtime_seconds']:.1f} s",
+        f"jobs          {job['total']:,} accepted of {record['submitted']:,} submitted; "
+        f"{job['done'] - job['degraded']:,} done in full, {job['degraded']:,} degraded, "
+        f"{job['failed']:,} failed, "
+        f"{job['unfinished']:,} unfinished",
+        f"success rate  {share(job['done'], job['finished'])}",
+        f"cost          {money(cost['total_usd'])} total, {money(cost['per_job_usd'], 4)} per job",
+        "duration      "
+        + (
+            f"p50 {seconds(durations['p50'])}, p95 {seconds(durations['p95'])}, "
+            f"p99 {seconds(durations['p99'])} from submit to done"
+            if durations
+            else "-"
+        ),
+        f"failures      {counts({f['code']: f['jobs'] for f in figures['failures']})}",
+        "stuck         "
+        + (
+            f"{stuck['recovered']}/{stuck['injected']} recovered"
+            if stuck["injected"]
+            else "none injected"
+        ),
+        f"refused       {counts(figures['guardrails']['rejections'])}",
+        "breakers      opened: "
+        + counts({service: entry["opened"] for service, entry in figures["breakers"].items()}),
+    ]
+    if record["interrupted"]:
+        lines.insert(1, "stopped early from outside: the figures cover what ran")
+    if figures["crash"]:
+        crash = figures["crash"]
+        lines.append(
+            f"crash         {crash['running_at_crash']} running jobs put back from the store; "
+            f"{crash['in_store']:,} of {crash['accepted']:,} accepted jobs in it"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def draw_charts(figures: dict[str, Any], prefix: Path) -> list[Path]:
+    """Two PNGs; raises ModuleNotFoundError when matplotlib (the `report` extra) is absent."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = figures["series"]
+    hours = [(minute + 1) / 60 for minute in range(series["minutes"])]
+    throughput = Path(f"{prefix}_throughput.png")
+    figure, finished = plt.subplots(figsize=(10, 4.5))
+    finished.bar(hours, series["done"], width=1 / 60, color="tab:green", label="done")
+    finished.bar(
+        hours,
+        series["failed"],
+        width=1 / 60,
+        bottom=series["done"],
+        color="tab:red",
+        label="failed",
+    )
+    finished.set_xlabel("simulated hours")
+    finished.set_ylabel("jobs finished per minute")
+    depth = finished.twinx()
+    depth.plot(hours, series["queued"], color="tab:blue", label="queue depth")
+    depth.plot(hours, series["running"], color="tab:gray", linestyle=":", label="running")
+    depth.set_ylabel("jobs queued or running")
+    bars, lines = finished.get_legend_handles_labels(), depth.get_legend_handles_labels()
+    finished.legend(bars[0] + lines[0], bars[1] + lines[1], loc="upper right")
+    finished.set_title("Jobs completed and queue depth per simulated minute")
+    figure.tight_layout()
+    figure.savefig(throughput, dpi=100)
+    plt.close(figure)
+
+    spend = Path(f"{prefix}_spend.png")
+    figure, axes = plt.subplots(figsize=(10, 4.5))
+    axes.plot(hours, series["spend_today_usd"], color="tab:purple", label="spent today")
+    if series["daily_budget_usd"]:
+        axes.axhline(
+            series["daily_budget_usd"], color="tab:red", linestyle="--", label="daily budget"
+        )
+    axes.set_xlabel("simulated hours")
+    axes.set_ylabel("USD")
+    axes.set_title("Spend over the budget day")
+    axes.legend(loc="lower right")
+    figure.tight_layout()
+    figure.savefig(spend, dpi=100)
+    plt.close(figure)
+    return [throughput, spend]
+
+
+def charts_missing_note() -> str:
+    return f"Charts skipped: matplotlib is not installed (`{CHARTS_EXTRA}`)."
