@@ -34,14 +34,15 @@ POLL_INTERVAL = 0.002
 
 
 def daemon_config(*, synchronous: str = "NORMAL", log_level: str = "warning") -> dict[str, Any]:
-    """The config every benchmark daemon runs: one no-op python kind, 64 slots, no HTTP
-    listener (so that no port is taken)."""
+    """The config every benchmark daemon runs: one no-op python kind, 64 slots, no HTTP or
+    WebSocket listener (so that no port is taken)."""
     return {
         "daemon": {"max_concurrent_jobs": MAX_CONCURRENT_JOBS, "shutdown_grace": "30s"},
         "store": {"path": "jw.db", "synchronous": synchronous},
         "admin": {"socket": "admin.sock"},
         "log": {"format": "json", "level": log_level},
         "http": {"listen": ""},
+        "websocket": {"listen": ""},
         "limits": NO_LIMITS,
         "kinds": {NOOP_KIND: {"handler": "tests.bench.kinds:noop"}},
     }

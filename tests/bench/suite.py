@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tests.bench import admin_load, inprocess, scale
+from tests.bench import admin_load, fanout, inprocess, scale
 from tests.bench.harness import MAX_CONCURRENT_JOBS
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -24,7 +24,7 @@ RESULTS_DIR = BENCH_DIR / "results"
 PEERS_VENV = BENCH_DIR / ".venv-peers"
 HUEY_PEER = BENCH_DIR / "huey_peer.py"
 
-SECTIONS = ("throughput", "huey", "latency", "scale")
+SECTIONS = ("throughput", "huey", "latency", "scale", "fanout")
 LEVELS = ("NORMAL", "FULL")
 FULL_JOBS = 100_000
 QUICK_JOBS = 10_000
@@ -33,7 +33,8 @@ QUICK_SIZES = (1_000, 100_000)
 LATENCY_RATE = 2_000
 FULL_LATENCY_SUBMISSIONS = 20_000
 QUICK_LATENCY_SUBMISSIONS = 4_000
-FAN_OUT = "n/a (WebSocket issue not landed)"
+FULL_FAN_OUT_EVENTS = 3_000
+QUICK_FAN_OUT_EVENTS = 1_000
 
 
 def progress(message: str) -> None:
@@ -84,6 +85,14 @@ def run_huey(jobs: int) -> dict[str, Any]:
 def run_latency(submissions: int) -> dict[str, Any]:
     progress(f"latency: {submissions:,} submissions at {LATENCY_RATE:,}/s over the admin socket")
     return admin_load.measure_latency(LATENCY_RATE, submissions)
+
+
+def run_fan_out(events: int) -> dict[str, Any]:
+    progress(
+        f"fan-out: {events:,} progress events at {fanout.RATE}/s to {fanout.WATCHERS} watchers"
+        " over the WebSocket"
+    )
+    return fanout.measure_fan_out(events)
 
 
 def run_scale(sizes: tuple[int, ...]) -> dict[str, Any]:
@@ -177,7 +186,9 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     scaled = results.get("scale")
     if scaled:
         rows.extend(scale_rows(scaled))
-    rows.append(("Fan-out", FAN_OUT, "", ""))
+    fanned = results.get("fanout")
+    if fanned:
+        rows.extend(fan_out_rows(fanned))
     return rows
 
 
@@ -218,6 +229,28 @@ def scale_rows(figures: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         )
     )
     return rows
+
+
+def fan_out_rows(figures: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    return [
+        (
+            f"Fan-out: {figures['events']:,} progress events at {figures['offered_per_s']}/s,"
+            f" each to {figures['watchers']} WebSocket watchers",
+            "",
+            "",
+            "",
+        ),
+        ("  events delivered/s, all watchers", count(figures["delivered_per_s"]), "", ""),
+        ("  commit → watcher p50, ms", f"{figures['latency_p50_ms']:.1f}", "", ""),
+        ("  commit → watcher p99, ms", f"{figures['latency_p99_ms']:.1f}", "", ""),
+        (
+            "  daemon CPU per delivery, µs",
+            f"{figures['daemon_cpu_us_per_delivery']:.1f}",
+            "",
+            "",
+        ),
+        ("  watchers told to resync", count(figures["resyncs"]), "", ""),
+    ]
 
 
 def goal_row(
@@ -277,7 +310,7 @@ def write_results(results: dict[str, Any]) -> Path:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="tests/bench/run.py",
-        description="jobwarden benchmarks: throughput, latency and scale, side by side with Huey",
+        description="jobwarden benchmarks: throughput, latency, scale and fan-out, beside Huey",
     )
     parser.add_argument(
         "--quick",
@@ -313,7 +346,9 @@ def main(argv: list[str]) -> int:
         results["latency"] = run_latency(submissions)
     if "scale" in args.only:
         results["scale"] = run_scale(QUICK_SIZES if args.quick else FULL_SIZES)
-    results["fan_out"] = FAN_OUT
+    if "fanout" in args.only:
+        events = QUICK_FAN_OUT_EVENTS if args.quick else FULL_FAN_OUT_EVENTS
+        results["fanout"] = run_fan_out(events)
     rows = table_rows(results)
     results["goals"] = [
         {"figure": figure.strip(), "value": value, "goal": goal, "verdict": outcome}

@@ -1,0 +1,479 @@
+"""The WebSocket listener (trio-websocket): users submit, watch, cancel and list their own
+jobs over JSON text frames, and follow progress live.
+
+The handshake carries a user token, in `Authorization: Bearer <token>` or, for browsers that
+cannot set headers, `?token=<token>`. A missing or wrong token is refused with HTTP 401, a page
+from an Origin not allowed with 403, a full listener with 503; the body is the common error
+shape. Frames are the ops in daemon/protocol.py ("WebSocket"), each answered with the same id.
+A user sees only their own jobs: anyone else's is NOT_FOUND, and the breaker's events (job 0,
+no user) never reach a user.
+
+Backpressure: a connection has one bounded outbox, drained into the socket by one writer. A
+watch whose events stop fitting, because the client reads too slowly, falls behind the hub's
+bounded buffer; it is then sent `resync` with the seq it got to and ends, and the client
+watches again from there. A client never grows the daemon's memory.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import msgspec
+import structlog
+import trio
+import trio_websocket
+from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
+
+from actors.admission import Submit
+from actors.pool import CancelJob
+from daemon import jobs, users
+from daemon.config import WebSocketSection, name_path
+from daemon.errors import RequestError, StartupError, error_body
+from daemon.http import parse_listen
+from daemon.hub import EventHub
+from daemon.mailbox import ReplySlot
+from daemon.metrics import Metrics
+from daemon.protocol import (
+    WS_OPS,
+    ErrorBody,
+    Event,
+    JobView,
+    WatchKey,
+    WsAccepted,
+    WsCancel,
+    WsCanceled,
+    WsError,
+    WsEvent,
+    WsJobList,
+    WsJobs,
+    WsOp,
+    WsReply,
+    WsResync,
+    WsSubmit,
+    WsUnwatch,
+    WsUnwatched,
+    WsWatch,
+    WsWatching,
+    encoder,
+    ws_op_decoder,
+)
+from daemon.store import Store
+from daemon.watch import follow, start_seq
+
+log = structlog.get_logger("websocket")
+
+# A client gets this long to finish the opening handshake, and to answer the closing one.
+HANDSHAKE_TIMEOUT = 10.0
+CLOSE_TIMEOUT = 2.0
+# Ops of one connection being answered at once; its reading waits beyond that.
+MAX_IN_FLIGHT = 64
+MAX_JOBS_LISTED = 1000
+
+
+class WebSocketServer:
+    def __init__(
+        self,
+        *,
+        settings: WebSocketSection,
+        store: Store,
+        hub: EventHub,
+        admission: trio.MemorySendChannel[Any],
+        pool: trio.MemorySendChannel[Any],
+        metrics: Metrics,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.hub = hub
+        self.admission = admission
+        self.pool = pool
+        self._metrics = metrics
+        # Handshakes being authenticated count too: they hold a slot until refused.
+        self._connections = 0
+        self._sessions: set[_Session] = set()
+
+    def statistics(self) -> dict[str, int]:
+        return {
+            "connections": len(self._sessions),
+            "watches": sum(len(session.watches) for session in self._sessions),
+            "buffered_frames": sum(session.buffered() for session in self._sessions),
+        }
+
+    async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        host, port = parse_listen(self.settings.listen)
+        try:
+            listeners = await trio.open_tcp_listeners(port, host=host)
+        except OSError as exc:
+            raise StartupError(
+                f"websocket.listen: cannot listen on {host}:{port}: {exc.strerror}"
+            ) from None
+        server = trio_websocket.WebSocketServer(
+            self._handshake,
+            listeners,
+            max_message_size=self.settings.max_frame_bytes,
+            connect_timeout=HANDSHAKE_TIMEOUT,
+            disconnect_timeout=CLOSE_TIMEOUT,
+        )
+        bound = listeners[0].socket.getsockname()[1]
+        log.info("websocket listening", host=host, port=bound)
+        async with self.admission, self.pool, trio.open_nursery() as nursery:
+            await nursery.start(server.run)
+            task_status.started(bound)
+
+    async def close_all(self, reason: str) -> None:
+        """Tell every client the daemon is going away (1001), waiting a bounded time."""
+        with trio.move_on_after(CLOSE_TIMEOUT):
+            async with trio.open_nursery() as nursery:
+                for session in self._sessions:
+                    nursery.start_soon(session.ws.aclose, 1001, reason)
+
+    async def _handshake(self, request: WebSocketRequest) -> None:
+        settings = self.settings
+        if self._connections >= settings.max_connections:
+            await _refuse(
+                request,
+                503,
+                error_body(
+                    "QUEUE_FULL",
+                    f"the daemon serves at most {settings.max_connections} WebSocket clients",
+                ),
+            )
+            return
+        self._connections += 1
+        try:
+            user = await self._authorize(request)
+            if user is not None:
+                session = _Session(self, await request.accept(), user)
+                self._sessions.add(session)
+                try:
+                    await session.run()
+                finally:
+                    self._sessions.discard(session)
+        except* ConnectionClosed:
+            pass
+        except* Exception:
+            # One connection's trouble must never take the daemon down.
+            log.exception("websocket connection failed")
+        finally:
+            self._connections -= 1
+
+    async def _authorize(self, request: WebSocketRequest) -> str | None:
+        """The user the request's token names; None once the request has been refused."""
+        headers = dict(request.headers)
+        origin = headers.get(b"origin", b"").decode("latin-1")
+        if origin and self.settings.origins and origin not in self.settings.origins:
+            log.info("websocket refused", reason="origin", origin=origin)
+            await _refuse(
+                request, 403, error_body("FORBIDDEN", f"pages from {origin} may not connect")
+            )
+            return None
+        token = _token(headers.get(b"authorization", b"").decode("latin-1"), request.path)
+        user = None
+        if token:
+            user = await self.store.read(partial(users.authenticate, token=token))
+        if user is None:
+            log.info("websocket refused", reason="token" if token else "no token")
+            message = (
+                "the token is not valid: unknown, replaced, or its user is disabled"
+                if token
+                else "no token: send `Authorization: Bearer <token>`, or ?token=<token>"
+            )
+            await _refuse(request, 401, error_body("UNAUTHENTICATED", message))
+            return None
+        return user.name
+
+    def observe(self, op: str, seconds: float) -> None:
+        self._metrics.request_duration.labels("websocket", op).observe(seconds)
+
+
+def _token(authorization: str, path: str) -> str | None:
+    scheme, _, credentials = authorization.partition(" ")
+    if scheme.lower() == "bearer" and credentials.strip():
+        return credentials.strip()
+    values = parse_qs(urlsplit(path).query).get("token")
+    return values[0] if values else None
+
+
+async def _refuse(request: WebSocketRequest, status: int, body: ErrorBody) -> None:
+    headers = [(b"content-type", b"application/json")]
+    if status == 401:
+        headers.append((b"www-authenticate", b"Bearer"))
+    await request.reject(status, extra_headers=headers, body=encoder.encode(body))
+
+
+class _Session:
+    """One accepted connection: a reader that starts ops, a writer, a keep-alive, the watches."""
+
+    def __init__(self, server: WebSocketServer, ws: WebSocketConnection, user: str) -> None:
+        self.server = server
+        self.ws = ws
+        self.user = user
+        self.settings = server.settings
+        self.outbox, self._outgoing = trio.open_memory_channel[str](self.settings.queue)
+        # Each watch's scope, to end it on `unwatch`.
+        self.watches: dict[WatchKey, trio.CancelScope] = {}
+        self._bucket = _Bucket(self.settings.max_messages_per_second)
+        self._ops: dict[type[WsOp], Callable[[Any], Awaitable[WsReply | None]]] = {
+            WsSubmit: self._submit,
+            WsWatch: self._watch,
+            WsUnwatch: self._unwatch,
+            WsCancel: self._cancel,
+            WsJobs: self._jobs,
+        }
+
+    def buffered(self) -> int:
+        return self._outgoing.statistics().current_buffer_used
+
+    async def run(self) -> None:
+        log.debug("websocket connected", user=self.user)
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._write)
+            nursery.start_soon(self._keep_alive)
+            await self._read()
+            nursery.cancel_scope.cancel()
+        log.debug("websocket closed", user=self.user, reason=str(self.ws.closed))
+
+    async def send(self, message: Any) -> None:
+        await self.outbox.send(encoder.encode(message).decode())
+
+    async def _write(self) -> None:
+        try:
+            async for frame in self._outgoing:
+                await self.ws.send_message(frame)
+        except ConnectionClosed:
+            self._nursery.cancel_scope.cancel()
+
+    async def _keep_alive(self) -> None:
+        while True:
+            await trio.sleep(self.settings.ping_interval)
+            with trio.move_on_after(self.settings.ping_timeout) as waiting:
+                await self.ws.ping()
+            if waiting.cancelled_caught:
+                log.info("websocket client stopped answering pings", user=self.user)
+                with trio.move_on_after(CLOSE_TIMEOUT):
+                    await self.ws.aclose(1011, "no answer to ping")
+                self._nursery.cancel_scope.cancel()
+                return
+
+    async def _read(self) -> None:
+        in_flight = trio.Semaphore(MAX_IN_FLIGHT)
+        while True:
+            try:
+                frame = await self.ws.get_message()
+            except ConnectionClosed:
+                return
+            wait = self._bucket.take(trio.current_time())
+            await in_flight.acquire()
+            self._nursery.start_soon(self._answer, frame, wait, in_flight)
+
+    async def _answer(self, frame: str | bytes, wait: float, in_flight: trio.Semaphore) -> None:
+        request_id = None
+        try:
+            try:
+                op = _decode(frame)
+                request_id = op.id
+                if wait:
+                    raise RequestError(
+                        "RATE_LIMITED",
+                        f"at most {self.settings.max_messages_per_second} ops a second",
+                        retry_after=round(wait, 3),
+                    )
+                started = trio.current_time()
+                reply = await self._ops[type(op)](op)
+                self.server.observe(op.__struct_config__.tag, trio.current_time() - started)
+            except _BadFrame as exc:
+                request_id = exc.request_id
+                reply = WsError(id=request_id, error=exc.body)
+            except RequestError as exc:
+                reply = WsError(id=request_id, error=exc.body)
+            except Exception as exc:
+                body = error_body(
+                    "INTERNAL",
+                    "the daemon could not process this request",
+                    technical_message=str(exc),
+                )
+                log.exception("websocket request failed", error_id=body.error_id)
+                reply = WsError(id=request_id, error=body)
+            if reply is not None:
+                await self.send(reply)
+        finally:
+            in_flight.release()
+
+    # -- ops --------------------------------------------------------------------------------
+
+    async def _submit(self, op: WsSubmit) -> WsReply:
+        reply: ReplySlot[tuple[JobView, bool]] = ReplySlot()
+        await self.server.admission.send(
+            Submit(
+                kind=op.kind,
+                payload=op.payload,
+                user=self.user,
+                reply=reply,
+                priority=op.priority,
+                idempotency_key=op.idempotency_key,
+            )
+        )
+        job, existing = await reply.wait()
+        return WsAccepted(id=op.id, job=job, existing=existing)
+
+    async def _watch(self, op: WsWatch) -> None:
+        """Start a watch; its task sends the `watching` reply before any of its events."""
+        key = _watch_key(op.job, op.all)
+        if op.since is not None and op.since < 0:
+            raise RequestError("INVALID_REQUEST", "watch: since must be 0 or more")
+        if key in self.watches:
+            raise RequestError("INVALID_REQUEST", f"watch: already watching {_name(key)}")
+        if len(self.watches) >= self.settings.max_watches:
+            raise RequestError(
+                "INVALID_REQUEST",
+                f"watch: at most {self.settings.max_watches} watches per connection",
+            )
+        scope = trio.CancelScope()
+        # Taken before the checks below wait, so that a second watch of the same key is refused.
+        self.watches[key] = scope
+        try:
+            job = await self._own_job(op.job) if op.job is not None else None
+            since = await start_seq(self.server.store, job=op.job, since=op.since)
+        except BaseException:
+            self._forget(key, scope)
+            raise
+        if self.watches.get(key) is not scope:
+            raise RequestError("INVALID_REQUEST", f"watch: {_name(key)} was unwatched meanwhile")
+        self._nursery.start_soon(self._stream, key, scope, op.id, since, job)
+        return None
+
+    async def _stream(
+        self,
+        key: WatchKey,
+        scope: trio.CancelScope,
+        request_id: str | int | None,
+        since: int,
+        job: JobView | None,
+    ) -> None:
+        with scope:
+            try:
+                await self.send(WsWatching(id=request_id, watch=key, since=since, job=job))
+
+                async def send_event(event: Event) -> None:
+                    await self.send(WsEvent(watch=key, **msgspec.structs.asdict(event)))
+
+                server = self.server
+                resume = await follow(
+                    server.store,
+                    server.hub,
+                    send_event,
+                    since=since,
+                    job=job.id if job is not None else None,
+                    # Always the user: the breaker's events and other users' never match.
+                    user=self.user,
+                    buffer=self.settings.queue,
+                )
+                # Forgotten before the client hears of it, so it may watch again at once.
+                self._forget(key, scope)
+                if resume is not None:
+                    log.info("websocket watcher fell behind", user=self.user, since=resume)
+                    await self.send(WsResync(watch=key, since=resume))
+            finally:
+                self._forget(key, scope)
+
+    async def _unwatch(self, op: WsUnwatch) -> WsReply:
+        key = _watch_key(op.job, op.all)
+        scope = self.watches.pop(key, None)
+        if scope is not None:
+            scope.cancel()
+        # After this reply no event of the watch follows: its task cannot send once canceled.
+        return WsUnwatched(id=op.id, watch=key)
+
+    async def _cancel(self, op: WsCancel) -> WsReply:
+        await self._own_job(op.job)
+        reply: ReplySlot[JobView] = ReplySlot()
+        await self.server.pool.send(CancelJob(job_id=op.job, reply=reply))
+        return WsCanceled(id=op.id, job=await reply.wait())
+
+    async def _jobs(self, op: WsJobs) -> WsReply:
+        if not 0 < op.limit <= MAX_JOBS_LISTED:
+            raise RequestError(
+                "INVALID_REQUEST", f"jobs: limit must be within 1..{MAX_JOBS_LISTED}"
+            )
+        found = await self.server.store.read(
+            partial(
+                jobs.list_jobs,
+                statuses=list(op.status) if op.status else None,
+                kind=op.kind,
+                user=self.user,
+                limit=op.limit,
+            )
+        )
+        return WsJobList(id=op.id, jobs=found)
+
+    async def _own_job(self, job_id: int) -> JobView:
+        job = await self.server.store.read(partial(jobs.get_job, job_id=job_id))
+        # Someone else's job is as absent as one that never was: its id tells nothing.
+        if job is None or job.user != self.user:
+            raise RequestError("NOT_FOUND", f"no job {job_id}")
+        return job
+
+    def _forget(self, key: WatchKey, scope: trio.CancelScope) -> None:
+        if self.watches.get(key) is scope:
+            del self.watches[key]
+
+
+class _BadFrame(Exception):
+    def __init__(self, request_id: str | int | None, message: str) -> None:
+        super().__init__(message)
+        self.request_id = request_id
+        self.body = error_body("INVALID_REQUEST", message)
+
+
+def _decode(frame: str | bytes) -> WsOp:
+    if isinstance(frame, bytes):
+        raise _BadFrame(None, "binary frames are not accepted: send JSON text frames")
+    try:
+        return ws_op_decoder.decode(frame)
+    except msgspec.ValidationError as exc:
+        raw = msgspec.json.decode(frame)
+        if not isinstance(raw, dict):
+            raise _BadFrame(None, 'a frame is a JSON object, like {"op": "jobs"}') from None
+        request_id = raw.get("id")
+        if not isinstance(request_id, str | int) or isinstance(request_id, bool):
+            request_id = None
+        op = raw.get("op")
+        if op not in WS_OPS:
+            known = ", ".join(WS_OPS)
+            what = f"unknown op {op!r}" if "op" in raw else "no op"
+            raise _BadFrame(request_id, f"{what} (known: {known})") from None
+        raise _BadFrame(request_id, f"{op}: {name_path(str(exc), '')}") from None
+    except msgspec.DecodeError as exc:
+        raise _BadFrame(None, f"not valid JSON: {exc}") from None
+
+
+def _watch_key(job: int | None, everything: bool) -> WatchKey:
+    if (job is None) == (not everything):
+        raise RequestError("INVALID_REQUEST", 'give either "job": ID or "all": true')
+    return "all" if everything else job  # type: ignore[return-value]
+
+
+def _name(key: WatchKey) -> str:
+    return "all jobs" if key == "all" else f"job {key}"
+
+
+class _Bucket:
+    """A token bucket: `rate` ops a second, in bursts of as many."""
+
+    def __init__(self, rate: float) -> None:
+        self._rate = rate
+        self._tokens = rate
+        self._at = -math.inf
+
+    def take(self, now: float) -> float:
+        """0 if an op may go now, else the seconds until one may."""
+        self._tokens = min(self._rate, self._tokens + (now - self._at) * self._rate)
+        self._at = now
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return 0.0
+        return (1 - self._tokens) / self._rate
