@@ -297,18 +297,24 @@ class Monitor:
             )
         )
         snapshot = await self._scheduler_snapshot()
-        # Jobs held on purpose are not late: a paused kind, a kind whose service is open,
-        # or everything while draining or while the budget is stopped.
+        # Jobs held on purpose are not late: a paused kind, a kind whose service is open or
+        # whose memory requirement is not free, or everything while draining, while the
+        # budget is stopped or while the machine is loaded.
         open_services = set(snapshot["open_services"])
-        held = set(snapshot["paused"]) | {
-            name for name, kind in config.kinds.items() if open_services & set(kind.services)
-        }
+        held = (
+            set(snapshot["paused"])
+            | set(snapshot["short_of_memory"])
+            | {name for name, kind in config.kinds.items() if open_services & set(kind.services)}
+        )
         findings, self._next_rule = evaluate(
             config,
             found,
             paused=held,
             all_paused=(
-                snapshot["paused_all"] or not snapshot["dispatching"] or snapshot["budget_stopped"]
+                snapshot["paused_all"]
+                or not snapshot["dispatching"]
+                or snapshot["budget_stopped"]
+                or snapshot["held_by_load"] is not None
             ),
             now=now,
         )

@@ -402,6 +402,13 @@ class Scheduler:
             "budget_stopped": self._budget.stopped,
             "load": None if load is None else msgspec.to_builtins(load),
             "held_by_load": load_too_high(self._config, load),
+            "short_of_memory": [
+                name
+                for name, kind in self._config.kinds.items()
+                if kind.min_memory is not None
+                and load is not None
+                and load.memory_available < kind.min_memory
+            ],
         }
 
     def _wait_state(self) -> WaitState:
@@ -433,7 +440,9 @@ class Scheduler:
         total, capacity = free_capacity(
             self._config, self._running, self._paused, open_now, self._load
         )
-        self._held_by_load = total > 0 and self._load_holds(open_now, capacity)
+        # Slots that go unused only for memory or CPU: nothing but the next sample frees them.
+        unloaded = free_capacity(self._config, self._running, self._paused, open_now)[1]
+        self._held_by_load = unloaded != capacity
         if not capacity:
             # Nothing can start until a slot frees or a kind resumes; both message us.
             self._next_available_at = None
@@ -454,13 +463,6 @@ class Scheduler:
             self._running_by_user[job.user] = self._running_by_user.get(job.user, 0) + 1
             await self._pool.send(RunJob(job=job))
 
-    def _load_holds(self, open_now: set[str], capacity: dict[str, int]) -> bool:
-        """Whether a free slot goes unused only because of memory or CPU."""
-        if load_too_high(self._config, self._load) is not None:
-            return True
-        unloaded = free_capacity(self._config, self._running, self._paused, open_now)[1]
-        return unloaded.keys() != capacity.keys()
-
     def _zone(self) -> ZoneInfo:
         return ZoneInfo(self._config.limits.day_zone(self._config.budget))
 
@@ -471,28 +473,32 @@ class Scheduler:
             positions = await self._store.read(
                 partial(jobs.queue_positions, job_ids=[job.id for job in queued])
             )
-            limits = await self._store.read(
-                partial(users.running_limits, names=sorted({job.user for job in queued}))
-            )
+            placed = [(job, positions[job.id]) for job in queued if job.id in positions]
+            reply.set(await self._waiting_infos(placed, state))
         except Exception as exc:
             reply.fail(exc)
-            return
+
+    async def _waiting_infos(
+        self, placed: list[tuple[JobView, tuple[int, int, int, int]]], state: WaitState
+    ) -> dict[int, WaitingInfo]:
+        limits = await self._store.read(
+            partial(users.running_limits, names=sorted({job.user for job, _ in placed}))
+        )
         zone = self._zone()
-        answer = {}
-        for job in queued:
-            place = positions.get(job.id)
-            if place is None:
-                continue
-            reason = explain(
-                self._config,
-                state,
-                job,
-                user_limit=limits.get(job.user),
-                position=place,
-                zone=zone,
+        return {
+            job.id: WaitingInfo(
+                *place,
+                reason=explain(
+                    self._config,
+                    state,
+                    job,
+                    user_limit=limits.get(job.user),
+                    position=place,
+                    zone=zone,
+                ),
             )
-            answer[job.id] = WaitingInfo(*place, reason=reason)
-        reply.set(answer)
+            for job, place in placed
+        }
 
     async def _report_positions(self) -> None:
         """Position events for the head of the queue, coalesced to one tick at most every
@@ -506,25 +512,12 @@ class Scheduler:
             head = await self._store.read(
                 partial(jobs.queue_head, limit=self._config.limits.position_head)
             )
-            limits = await self._store.read(
-                partial(users.running_limits, names=sorted({job.user for job, _ in head}))
-            )
-            zone = self._zone()
-            current: dict[int, WaitingInfo] = {}
-            changed = []
-            for job, place in head:
-                reason = explain(
-                    self._config,
-                    state,
-                    job,
-                    user_limit=limits.get(job.user),
-                    position=place,
-                    zone=zone,
-                )
-                info = WaitingInfo(*place, reason=reason)
-                current[job.id] = info
-                if self._last_positions.get(job.id) != info:
-                    changed.append((job, msgspec.to_builtins(info)))
+            current = await self._waiting_infos(head, state)
+            changed = [
+                (job, msgspec.to_builtins(current[job.id]))
+                for job, _ in head
+                if self._last_positions.get(job.id) != current[job.id]
+            ]
             self._last_positions = current
             if changed:
                 await self._store.write(

@@ -26,18 +26,18 @@ import msgspec
 import structlog
 import trio
 
-from actors.admission import Requeue, Submit
+from actors.admission import Requeue, Submit, UserRate
 from actors.breaker import Reset as BreakerReset
 from actors.breaker import Snapshot as BreakerSnapshot
 from actors.breaker import Trip as BreakerTrip
-from actors.ledger import BudgetQuery, ResumeBudget, SetBudget
+from actors.ledger import BudgetCalendar, BudgetQuery, ResumeBudget, SetBudget
 from actors.ledger import Report as LedgerReport
 from actors.monitor import HealthQuery, RunRules
 from actors.pool import CancelJob
-from actors.scheduler import Pause, Resume, Snapshot
-from daemon import __version__, jobs
+from actors.scheduler import Explain, Pause, Resume, Snapshot
+from daemon import __version__, jobs, users
 from daemon.clock import WallClock
-from daemon.config import Config, ConfigError, name_path
+from daemon.config import Config, ConfigError, name_path, parse_rate
 from daemon.errors import RequestError, StartupError, error_body
 from daemon.hub import EventHub
 from daemon.mailbox import ReplySlot, ask
@@ -46,6 +46,7 @@ from daemon.protocol import (
     COMMAND_ARGS,
     BreakerArgs,
     BudgetArgs,
+    Event,
     EventLine,
     JobArgs,
     JobsArgs,
@@ -54,11 +55,13 @@ from daemon.protocol import (
     Reply,
     StuckArgs,
     SubmitArgs,
+    UsersArgs,
     WatchArgs,
     encode_line,
     request_decoder,
 )
 from daemon.store import Store
+from daemon.watch import follow, start_seq
 
 log = structlog.get_logger("admin")
 
@@ -199,6 +202,7 @@ class AdminServer:
             "breaker": self._breaker_action,
             "ledger": self._ledger_report,
             "budget": self._budget,
+            "users": self._users,
         }
 
     def reconfigure(self, config: Config) -> None:
@@ -383,7 +387,7 @@ class AdminServer:
                 limit=args.limit,
             )
         )
-        return {"jobs": found}
+        return {"jobs": found, "waiting": await self._waiting(found)}
 
     async def _show(self, args: JobArgs) -> dict[str, Any]:
         job, events = await self._store.read(
@@ -391,7 +395,15 @@ class AdminServer:
         )
         if job is None:
             raise RequestError("NOT_FOUND", f"no job {args.job}")
-        return {"job": job, "events": events}
+        waiting = (await self._waiting([job])).get(job.id)
+        return {"job": job, "events": events, "waiting": waiting}
+
+    async def _waiting(self, listed: list[Any]) -> dict[int, Any]:
+        """Where each queued job in `listed` stands and why it waits, from the scheduler."""
+        queued = [job for job in listed if job.status == "queued"]
+        if not queued:
+            return {}
+        return await ask(self._scheduler, Explain, jobs=queued)
 
     async def _cancel(self, args: JobArgs) -> dict[str, Any]:
         reply: ReplySlot[Any] = ReplySlot()
@@ -464,6 +476,80 @@ class AdminServer:
             return await ask(self._ledger, ResumeBudget)
         return await ask(self._ledger, BudgetQuery)
 
+    async def _users(self, args: UsersArgs) -> dict[str, Any]:
+        if args.action == "list":
+            return {
+                "users": [self._with_today(user) for user in await self._store.read(users.list_all)]
+            }
+        name = args.name
+        if name is None or not 0 < len(name) <= 64 or not name.isprintable():
+            raise RequestError(
+                "INVALID_REQUEST", "users: name must be 1 to 64 printable characters"
+            )
+        if args.rate is not None:
+            try:
+                parse_rate(args.rate)
+            except ValueError as exc:
+                raise RequestError("INVALID_REQUEST", f"users: rate: {exc}") from None
+        limits = users.UserLimits(
+            daily_limit=args.daily_limit, rate=args.rate, max_running=args.max_running
+        )
+        token = None
+        match args.action:
+            case "show":
+                user = await self._store.read(partial(users.get, name=name))
+            case "add":
+                token = users.new_token()
+                credits = self._config.limits.credits if args.credits is None else args.credits
+                user = await self._store.write(
+                    partial(
+                        users.create,
+                        name=name,
+                        credits=None if credits == "unlimited" else credits,
+                        limits=limits,
+                        token_hash=users.hash_token(token),
+                        now=self._clock.now(),
+                    )
+                )
+                if user is None:
+                    raise RequestError("INVALID_REQUEST", f"users: '{name}' exists already")
+            case "token":
+                token = users.new_token()
+                user = await self._update_user(name, token_hash=users.hash_token(token))
+            case "credits":
+                if args.change is None:
+                    raise RequestError(
+                        "INVALID_REQUEST", "users credits: give the change, +N or -N"
+                    )
+                user = await self._update_user(name, credits_delta=args.change)
+            case "set":
+                user = await self._update_user(
+                    name,
+                    credits=args.credits if isinstance(args.credits, int) else None,
+                    unlimited=args.credits == "unlimited",
+                    limits=limits,
+                )
+            case "disable" | "enable":
+                user = await self._update_user(name, disabled=args.action == "disable")
+        if user is None:
+            raise RequestError("NOT_FOUND", f"no user '{name}'")
+        if args.rate is not None:
+            await self._admission.send(UserRate(user=name, rate=args.rate))
+        reply: dict[str, Any] = {"user": self._with_today(user)}
+        if token is not None:
+            reply["token"] = token
+        return reply
+
+    async def _update_user(self, name: str, **changes: Any) -> Any:
+        return await self._store.write(partial(users.update, name=name, **changes))
+
+    def _with_today(self, user: users.UserView) -> users.UserView:
+        """The stored daily count belongs to the day it was counted on."""
+        zone = self._config.limits.day_zone(self._config.budget)
+        if user.day != BudgetCalendar(zone).day(self._clock.now()):
+            return msgspec.structs.replace(user, jobs_today=0)
+        return user
+
     async def _scheduler_snapshot(self) -> dict[str, Any]:
         reply: ReplySlot[dict[str, Any]] = ReplySlot()
         await self._scheduler.send(Snapshot(reply=reply))
@@ -476,9 +562,7 @@ class AdminServer:
             job = await self._store.read(partial(jobs.get_job, job_id=args.job))
             if job is None:
                 raise RequestError("NOT_FOUND", f"no job {args.job}")
-        since = args.since
-        if since is None:
-            since = 0 if args.job is not None else await self._store.read(jobs.last_seq)
+        since = await start_seq(self._store, job=args.job, since=args.since)
         await connection.send(
             Reply(
                 id=request_id,
@@ -486,25 +570,15 @@ class AdminServer:
                 data={"watching": args.job if args.job is not None else "all", "since": since},
             )
         )
-        last = since
-        while True:
-            with self._hub.subscribe(job=args.job, user=args.user) as sub:
-                while True:
-                    backlog = await self._store.read(
-                        partial(jobs.events_since, since=last, job=args.job, user=args.user)
-                    )
-                    for event in backlog:
-                        await connection.send(EventLine(id=request_id, event=event))
-                        last = event.seq
-                    if len(backlog) < 1000:
-                        break
-                async for event in sub.events:
-                    if event.seq <= last:
-                        continue
-                    await connection.send(EventLine(id=request_id, event=event))
-                    last = event.seq
-                if not sub.overflowed:
-                    return
+
+        async def send(event: Event) -> None:
+            await connection.send(EventLine(id=request_id, event=event))
+
+        resume: int | None = since
+        while resume is not None:
+            resume = await follow(
+                self._store, self._hub, send, since=resume, job=args.job, user=args.user
+            )
 
 
 def _arg_message(exc: Exception) -> str:

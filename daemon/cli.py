@@ -12,22 +12,24 @@ import contextlib
 import datetime
 import json
 import math
+import os
 import re
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, NoReturn, get_args
 
 import msgspec
+import trio
 from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
 from rich.table import Table
 from rich.text import Text
 
-from daemon.client import AdminClient, AdminError, DaemonUnreachable
-from daemon.config import ConfigError, check_handlers, find_config, load_config
+from daemon.client import AdminClient, DaemonError, DaemonUnreachable, WebSocketClient, connect
+from daemon.config import ConfigError, check_handlers, find_config, load_config, parse_rate
 from daemon.protocol import TERMINAL_STATUSES, ErrorBody, JobStatus, JobView
 
 EXIT_OK = 0
@@ -39,6 +41,8 @@ EXIT_INTERRUPTED = 130
 USAGE_ERROR_CODES = frozenset({"INVALID_REQUEST", "NOT_FOUND"})
 JOB_STATUSES: tuple[str, ...] = get_args(JobStatus)
 DRAIN_POLL_SECONDS = 0.2
+# Where --url looks for the token when --token is not given (a flag shows in `ps`).
+ENV_TOKEN = "JOBWARDEN_TOKEN"
 
 ShowEvent = Callable[[dict[str, Any]], None]
 
@@ -61,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DaemonUnreachable as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE
-    except AdminError as exc:
+    except DaemonError as exc:
         print(f"error {_error_text(exc.error)}{_error_hints(exc.error)}", file=sys.stderr)
         return EXIT_USAGE if exc.error.code in USAGE_ERROR_CODES else EXIT_FAILED
     except KeyboardInterrupt:
@@ -97,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="the config file (default: --config, then $JOBWARDEN_CONFIG, then ./config.toml)",
     )
+    _add_loadtest_arguments(
+        command("loadtest", _loadtest, "seed 001's load test on a daemon run in this process")
+    )
 
     submit = command("submit", _submit, "submit a job and print its id")
     submit.add_argument("kind", metavar="KIND")
@@ -114,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     submit.add_argument("--user", metavar="U", help="submit on behalf of this user")
     submit.add_argument("--watch", action="store_true", help="then watch it until it finishes")
+    _websocket_options(submit)
 
     jobs = command("jobs", _jobs, "list jobs, newest first")
     jobs.add_argument(
@@ -150,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     target = watch.add_mutually_exclusive_group(required=True)
     target.add_argument("job", nargs="?", type=_positive_int, metavar="JOB")
     target.add_argument("--all", action="store_true", help="follow every job, until Ctrl-C")
+    _websocket_options(watch)
     command("shutdown", _shutdown, "stop the daemon now; running jobs are interrupted")
 
     command("breakers", _breakers, "show each external service's circuit breaker")
@@ -191,7 +200,46 @@ def build_parser() -> argparse.ArgumentParser:
 
     budget_set.set_defaults(check=check_budget_set)
     budget_action("resume", "spend again after a budget stop, for the rest of today")
+    _add_users_command(command("users", _users, "add users, show them, change their limits"))
     return parser
+
+
+def _add_users_command(users: argparse.ArgumentParser) -> None:
+    actions = users.add_subparsers(dest="action", metavar="ACTION")
+
+    def action(name: str, summary: str, *, named: bool = True) -> argparse.ArgumentParser:
+        sub = actions.add_parser(
+            name, help=summary, description=summary, parents=[_global_options(in_subcommand=True)]
+        )
+        sub.set_defaults(run=_users)
+        if named:
+            sub.add_argument("name", metavar="NAME")
+        return sub
+
+    def limit_options(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--credits", type=_credits, metavar="N", help='balance, or "unlimited"')
+        sub.add_argument(
+            "--daily-limit", type=_whole_number, metavar="N", help="jobs per day, 0 for no limit"
+        )
+        sub.add_argument(
+            "--rate", type=_rate, metavar="N/min", help='submissions per minute, or "off"'
+        )
+        sub.add_argument(
+            "--max-running",
+            type=_whole_number,
+            metavar="N",
+            help="jobs running at once, 0 for no limit",
+        )
+
+    action("list", "list users (the default)", named=False)
+    action("show", "show a user's credits, limits and today's count")
+    limit_options(action("add", "add a user and print their token, once"))
+    limit_options(action("set", "change a user's credits or limits"))
+    credits = action("credits", "add or take credits: +N or -N")
+    credits.add_argument("change", type=_change, metavar="+N|-N")
+    action("disable", "refuse the user's submissions and token")
+    action("enable", "accept the user again")
+    action("token", "make a new token for the user; the old one stops working")
 
 
 def _global_options(*, in_subcommand: bool) -> argparse.ArgumentParser:
@@ -242,6 +290,26 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
+def _positive_number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction from 0 to 1, got {text!r}")
+    return value
+
+
 def _day(text: str) -> str:
     return _date(text, "%Y-%m-%d", r"\d{4}-\d{2}-\d{2}", "a day as YYYY-MM-DD")
 
@@ -271,6 +339,36 @@ def _usd(text: str) -> float:
             f"expected an amount of USD like 500 or 12.50, got {text!r}"
         )
     return value
+
+
+def _credits(text: str) -> int | str:
+    if text == "unlimited":
+        return text
+    if not text.isdecimal():
+        raise argparse.ArgumentTypeError(
+            f'expected a number of credits or "unlimited", got {text!r}'
+        )
+    return int(text)
+
+
+def _whole_number(text: str) -> int:
+    if not text.isdecimal():
+        raise argparse.ArgumentTypeError(f"expected a whole number, 0 or more, got {text!r}")
+    return int(text)
+
+
+def _change(text: str) -> int:
+    if not re.fullmatch(r"[+-]?\d+", text):
+        raise argparse.ArgumentTypeError(f"expected a change like +50 or -10, got {text!r}")
+    return int(text)
+
+
+def _rate(text: str) -> str:
+    try:
+        parse_rate(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def _statuses(text: str) -> list[str]:
@@ -305,7 +403,79 @@ def _check_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _add_loadtest_arguments(loadtest: argparse.ArgumentParser) -> None:
+    loadtest.add_argument(
+        "--hours",
+        type=_positive_number,
+        metavar="H",
+        help="simulated hours of arrivals (3, or 8 for scenario C)",
+    )
+    loadtest.add_argument(
+        "--jobs-per-hour",
+        type=_positive_int,
+        metavar="N",
+        help="books an hour (50, or the scenario's)",
+    )
+    loadtest.add_argument(
+        "--users", type=_positive_int, metavar="N", help="simulated users (10, or the scenario's)"
+    )
+    loadtest.add_argument(
+        "--scenario",
+        choices=("A", "B", "C"),
+        help="seed 000's traffic: A 10 users, B 100, C 1,000, each with its rate and bursts",
+    )
+    clock = loadtest.add_mutually_exclusive_group()
+    clock.add_argument(
+        "--fast", action="store_true", help="virtual time, as fast as this machine allows"
+    )
+    clock.add_argument(
+        "--speed",
+        type=_positive_number,
+        metavar="X",
+        help="X simulated seconds per real second, e.g. 100 (default: real time)",
+    )
+    loadtest.add_argument(
+        "--image-failure-rate",
+        type=_fraction,
+        default=0.03,
+        metavar="F",
+        help="share of image calls that fail (0.03; seed 000's test 3 is 0.5)",
+    )
+    loadtest.add_argument(
+        "--inject-stuck",
+        type=_positive_int,
+        default=0,
+        metavar="N",
+        help="N jobs hang at the end of hour 1, for the monitor to find",
+    )
+    loadtest.add_argument(
+        "--inject-crash",
+        action="store_true",
+        help="halfway, stop the daemon without a drain and start it again on the same database",
+    )
+    loadtest.add_argument("--seed", type=int, default=1, metavar="N", help="for repeatable runs")
+    loadtest.add_argument(
+        "--daily-volume",
+        type=_positive_int,
+        default=1000,
+        metavar="N",
+        help="books a day for the monthly projection (1000)",
+    )
+    loadtest.add_argument(
+        "--out", default="var/results", metavar="DIR", help="where the results go (var/results)"
+    )
+
+
+def _loadtest(args: argparse.Namespace) -> int:
+    # Imported here, as for serve: only this command runs a daemon in this process.
+    from daemon.loadtest import loadtest_main
+
+    return loadtest_main(args)
+
+
 def _submit(args: argparse.Namespace) -> int:
+    if args.url:
+        return _over_websocket(args, _submit_over_websocket)
     with _client(args) as client:
         data = client.call(
             "submit",
@@ -315,18 +485,22 @@ def _submit(args: argparse.Namespace) -> int:
             idempotency_key=args.idempotency_key,
             user=args.user,
         )
-        job = _job(data["job"])
-        if args.json and args.watch:
-            _print_json_line(data)
-        elif args.json:
-            _print_json(data)
-        elif data["existing"]:
-            print(f"existing job {job.id} ({job.status})")
-        else:
-            print(f"submitted job {job.id}")
+        _print_submitted(args, data)
         if not args.watch:
             return EXIT_OK
-        return _watch_job(client, job.id, as_json=args.json)
+        return _watch_job(client, data["job"]["id"], as_json=args.json)
+
+
+def _print_submitted(args: argparse.Namespace, data: dict[str, Any]) -> None:
+    job = _job(data["job"])
+    if args.json and args.watch:
+        _print_json_line(data)
+    elif args.json:
+        _print_json(data)
+    elif data["existing"]:
+        print(f"existing job {job.id} ({job.status})")
+    else:
+        print(f"submitted job {job.id}")
 
 
 def _jobs(args: argparse.Namespace) -> int:
@@ -339,6 +513,7 @@ def _jobs(args: argparse.Namespace) -> int:
         print("no jobs")
         return EXIT_OK
     now = time.time()
+    waiting = data.get("waiting") or {}
     rows = [
         [
             str(job.id),
@@ -348,12 +523,22 @@ def _jobs(args: argparse.Namespace) -> int:
             f"{job.attempt}/{job.max_attempts}",
             _percent(job.progress) if job.progress is not None else "-",
             _span(now - job.created_at),
+            _waiting_text(waiting[str(job.id)]) if str(job.id) in waiting else "-",
             _job_detail(job),
         ]
         for job in jobs
     ]
-    _print_table(["ID", "KIND", "USER", "STATUS", "ATTEMPT", "PROGRESS", "AGE", "DETAIL"], rows)
+    headers = ["ID", "KIND", "USER", "STATUS", "ATTEMPT", "PROGRESS", "AGE", "WAITING", "DETAIL"]
+    _print_table(headers, rows)
     return EXIT_OK
+
+
+def _waiting_text(info: dict[str, Any]) -> str:
+    """One reason, and the place in the queue unless the reason already is that place."""
+    place = f"{info['kind_position']} of {info['kind_queued']} in its kind"
+    if info["reason"].startswith("position"):
+        return f"{info['reason']} ({place})"
+    return f"{info['reason']}; position {info['position']} of {info['queued']}"
 
 
 def _show(args: argparse.Namespace) -> int:
@@ -370,7 +555,7 @@ def _show(args: argparse.Namespace) -> int:
             ("kind", job.kind),
             ("user", job.user),
             ("status", f"{job.status} ({job.reason})" if job.reason else job.status),
-            ("waiting", data.get("waiting")),
+            ("waiting", _waiting_text(data["waiting"]) if data.get("waiting") else None),
             ("attempt", f"{job.attempt}/{job.max_attempts}"),
             ("priority", str(job.priority)),
             ("progress", " ".join(filter(None, [progress, job.message])) or None),
@@ -490,6 +675,8 @@ def _stuck(args: argparse.Namespace) -> int:
 
 
 def _watch(args: argparse.Namespace) -> int:
+    if args.url:
+        return _over_websocket(args, _watch_over_websocket)
     with _client(args) as client:
         if args.all:
             _watch_all(client, as_json=args.json)
@@ -617,7 +804,100 @@ def _budget(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _users(args: argparse.Namespace) -> int:
+    action = args.action or "list"
+    options = {
+        key: getattr(args, key, None)
+        for key in ("credits", "daily_limit", "rate", "max_running", "change")
+    }
+    data = _call(
+        args,
+        "users",
+        action=action,
+        name=getattr(args, "name", None),
+        **{key: value for key, value in options.items() if value is not None},
+    )
+    if args.json:
+        _print_json(data)
+        return EXIT_OK
+    if action == "list":
+        rows = [_user_row(user) for user in data["users"]]
+        if not rows:
+            print("no users")
+            return EXIT_OK
+        headers = ["USER", "CREDITS", "SPENT", "TODAY", "DAILY", "RATE", "RUNNING", "STATE"]
+        _print_table(headers, rows)
+        return EXIT_OK
+    user = data["user"]
+    _print_fields(
+        [
+            ("user", user["name"]),
+            ("credits", _credits_text(user)),
+            ("spent", str(user["spent"])),
+            ("jobs today", str(user.get("jobs_today", 0))),
+            ("daily limit", _own_limit(user.get("daily_limit"))),
+            ("rate", user.get("rate") or "default"),
+            ("max running", _own_limit(user.get("max_running"))),
+            ("state", "disabled" if user["disabled"] else "enabled"),
+            ("token", data.get("token") or ("set" if user["has_token"] else "none")),
+        ]
+    )
+    if data.get("token"):
+        print("the token is shown only now; the daemon keeps only its hash")
+    return EXIT_OK
+
+
+def _credits_text(user: dict[str, Any]) -> str:
+    text = "unlimited" if user["credits"] is None else str(user["credits"])
+    if user.get("reserved"):
+        text += f" ({user['reserved']} reserved by queued and running jobs)"
+    return text
+
+
+def _own_limit(value: int | None) -> str:
+    return "default" if value is None else ("none" if value == 0 else str(value))
+
+
+def _user_row(user: dict[str, Any]) -> list[str]:
+    return [
+        user["name"],
+        "unlimited" if user["credits"] is None else str(user["credits"]),
+        str(user["spent"]),
+        str(user.get("jobs_today", 0)),
+        _own_limit(user.get("daily_limit")),
+        user.get("rate") or "default",
+        _own_limit(user.get("max_running")),
+        "disabled" if user["disabled"] else "enabled",
+    ]
+
+
 # Talking to the daemon.
+
+
+def _websocket_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--url",
+        metavar="URL",
+        help="the daemon's WebSocket, e.g. ws://127.0.0.1:8765, instead of the admin socket",
+    )
+    command.add_argument(
+        "--token", metavar="TOKEN", help=f"your user token, for --url (default: ${ENV_TOKEN})"
+    )
+
+    def check(args: argparse.Namespace) -> None:
+        if args.url is None:
+            if args.token is not None:
+                command.error("--token goes with --url")
+            return
+        if not re.match(r"wss?://[^/]", args.url):
+            command.error(f"--url: expected ws://HOST:PORT or wss://HOST, got {args.url!r}")
+        if getattr(args, "user", None) is not None:
+            command.error("--user is for the admin socket; over --url the token says who you are")
+        args.token = args.token or os.environ.get(ENV_TOKEN)
+        if not args.token:
+            command.error(f"--url needs your token: --token TOKEN, or ${ENV_TOKEN}")
+
+    command.set_defaults(check=check)
 
 
 def _client(args: argparse.Namespace) -> AdminClient:
@@ -680,6 +960,52 @@ def _watch_all(client: AdminClient, *, as_json: bool) -> NoReturn:
     with _event_printer(None, as_json=as_json) as show_event:
         while True:
             show_event(next(events))
+
+
+def _over_websocket(
+    args: argparse.Namespace,
+    run: Callable[[WebSocketClient, argparse.Namespace], Awaitable[int]],
+) -> int:
+    async def session() -> int:
+        async with connect(args.url, args.token) as client:
+            return await run(client, args)
+
+    return trio.run(session)
+
+
+async def _submit_over_websocket(client: WebSocketClient, args: argparse.Namespace) -> int:
+    accepted = await client.submit(
+        args.kind, args.payload, priority=args.priority, idempotency_key=args.idempotency_key
+    )
+    job = msgspec.to_builtins(accepted)
+    existing = job.pop("existing", False)
+    _print_submitted(args, {"job": job, "existing": existing})
+    if not args.watch:
+        return EXIT_OK
+    return await _follow_over_websocket(client, accepted.id, as_json=args.json)
+
+
+async def _watch_over_websocket(client: WebSocketClient, args: argparse.Namespace) -> int:
+    if not args.all:
+        return await _follow_over_websocket(client, args.job, as_json=args.json)
+    async with client.watch_all() as watch:
+        with _event_printer(None, as_json=args.json) as show_event:
+            async for event in watch:
+                show_event(msgspec.to_builtins(event))
+    return EXIT_OK
+
+
+async def _follow_over_websocket(client: WebSocketClient, job_id: int, *, as_json: bool) -> int:
+    """Follow one job from its first event; the watch ends with the job's final status."""
+    outcome = None
+    async with client.watch(job_id) as watch:
+        with _event_printer(watch.job, as_json=as_json) as show_event:
+            async for event in watch:
+                shown = msgspec.to_builtins(event)
+                show_event(shown)
+                outcome = _outcome_of(shown)
+    assert outcome is not None, "a watch of one job ends with its final status"
+    return _report_outcome(job_id, outcome, as_json=as_json)
 
 
 def _unseen(events: Iterable[dict[str, Any]], last_seq: int) -> Iterator[dict[str, Any]]:
@@ -746,6 +1072,8 @@ def _progress_bar(job: JobView) -> Iterator[ShowEvent]:
                 progress.update(
                     task, completed=data["fraction"], description=data.get("message") or ""
                 )
+            elif event["type"] == "position":
+                progress.update(task, description=_waiting_text(data))
             else:
                 # A job may finish without reporting 100%; its bar should still end full.
                 finished = data["status"] == "done"
@@ -775,6 +1103,8 @@ def _describe_event(event: dict[str, Any]) -> str:
         return f"breaker {data['service']} {data['state'].replace('_', '-')}{until}"
     if event["type"] == "progress":
         return " ".join(filter(None, ["progress", _percent(data["fraction"]), data.get("message")]))
+    if event["type"] == "position":
+        return f"waiting {_waiting_text(data)}"
     words = ["status", data["status"], f"attempt {data['attempt']}"]
     if data.get("reason"):
         words.append(f"({data['reason']})")

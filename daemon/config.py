@@ -258,6 +258,30 @@ class HttpSection(Section):
     listen: str = "127.0.0.1:8766"
 
 
+class WebSocketSection(Section):
+    # "host:port" for WebSocket clients; "" turns the listener off.
+    listen: Annotated[
+        str, msgspec.Meta(pattern=r"^$|^[\w.\-]+:\d{1,5}$|^\[[0-9a-fA-F:]+\]:\d{1,5}$")
+    ] = "127.0.0.1:8765"
+    # Origins ("https://app.example.com") whose browser pages may connect; [] lets any page.
+    # Clients that send no Origin header (scripts, the CLI) are not affected.
+    origins: list[str] = msgspec.field(default_factory=list)
+    # More are refused in the handshake with 503.
+    max_connections: PositiveInt = 1000
+    # A larger frame closes the connection with code 1009.
+    max_frame_bytes: PositiveInt = 1024 * 1024
+    # Ops one connection may send per second, in bursts of as many; more get RATE_LIMITED.
+    max_messages_per_second: PositiveInt = 100
+    max_watches: PositiveInt = 16
+    # Frames buffered for one connection, and events for one of its watches: a client that
+    # reads slower than its events come is told to resync, and costs at most
+    # (1 + max_watches) * queue frames.
+    queue: PositiveInt = 256
+    # Every ping_interval the daemon pings; no pong within ping_timeout closes with 1011.
+    ping_interval: Duration = Duration(30)
+    ping_timeout: Duration = Duration(20)
+
+
 class BreakerSpec(Section):
     # Open after this many consecutive failures...
     failures: PositiveInt = 5
@@ -312,6 +336,7 @@ class Config(Section):
     retry: RetrySection = msgspec.field(default_factory=RetrySection)
     monitor: MonitorSection = msgspec.field(default_factory=MonitorSection)
     http: HttpSection = msgspec.field(default_factory=HttpSection)
+    websocket: WebSocketSection = msgspec.field(default_factory=WebSocketSection)
     budget: BudgetSection = msgspec.field(default_factory=BudgetSection)
     limits: LimitsSection = msgspec.field(default_factory=LimitsSection)
     services: dict[str, ServiceSection] = msgspec.field(default_factory=dict)

@@ -7,6 +7,21 @@ import uuid
 from daemon.protocol import ErrorBody
 
 RETRYABLE_CODES = frozenset({"RATE_LIMITED", "DAILY_LIMIT", "QUEUE_FULL", "DRAINING"})
+# The HTTP meaning of each request code, for listeners that speak HTTP and for reports.
+HTTP_STATUS = {
+    "INVALID_REQUEST": 400,
+    "UNAUTHENTICATED": 401,
+    "INSUFFICIENT_CREDITS": 402,
+    "FORBIDDEN": 403,
+    "NOT_FOUND": 404,
+    "PAYLOAD_TOO_LARGE": 413,
+    "RATE_LIMITED": 429,
+    "DAILY_LIMIT": 429,
+    "QUEUE_FULL": 503,
+    "DRAINING": 503,
+    "BUDGET_EXHAUSTED": 503,
+    "INTERNAL": 500,
+}
 
 
 def new_error_id() -> str:

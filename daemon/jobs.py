@@ -265,6 +265,7 @@ def claim(
     limits: dict[str, int | None] = {}
     full_users: set[str] = set()
     claimed: list[JobView] = []
+    highest_tag = 0
     while total > 0 and allowed:
         kinds = sorted(allowed)
         # Walk the dispatch order and stop at `total` rows. Left to itself, SQLite picks the
@@ -306,7 +307,7 @@ def claim(
                     job, status="running", attempt=attempt, started_at=now, updated_at=now
                 )
             )
-            fair_clock = row[-1]
+            highest_tag = max(highest_tag, row[-1])
             running[job.user] = running.get(job.user, 0) + 1
             free[job.kind] -= 1
             total -= 1
@@ -314,10 +315,10 @@ def claim(
                 allowed.discard(job.kind)
         if not skipped:
             break
-    if claimed:
+    if claimed and highest_tag > get_setting(conn, FAIR_CLOCK, 0):
         # New users' first jobs start at the tag being dispatched, so they queue one round
-        # behind nobody's backlog.
-        set_setting(conn, events, FAIR_CLOCK, fair_clock)
+        # behind nobody's backlog. It only moves forward: a retried job keeps its old tag.
+        set_setting(conn, events, FAIR_CLOCK, highest_tag)
     waiting = sorted(k for k, n in capacity.items() if n > 0)
     next_at = None
     if waiting:

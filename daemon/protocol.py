@@ -1,9 +1,11 @@
-"""The wire: what flows over the admin socket, in one place.
+"""The wire: what flows over the admin socket and the WebSocket, in one place.
 
 Admin socket: newline-delimited JSON. A request is `{"id", "cmd", "args"}`; the reply carries
 the same id: `{"id", "ok": true, "data": ...}` or `{"id", "ok": false, "error": {...}}`.
 `watch` answers with `{"id", "ok": true, "data": {"watching": ...}}` and then streams
 `{"id", "event": {...}}` lines until the client closes the connection.
+
+WebSocket: JSON text frames, at the end of this module.
 """
 
 from __future__ import annotations
@@ -155,6 +157,25 @@ class BudgetArgs(Args):
     monthly_usd: Annotated[float, msgspec.Meta(ge=0)] | None = None
 
 
+NonNegative = Annotated[int, msgspec.Meta(ge=0)]
+
+
+class UsersArgs(Args):
+    """`list`, `show`, `add`, `set`, `credits` (change by a signed amount), `disable`,
+    `enable`, `token` (a new token; the old one stops working)."""
+
+    action: Literal["list", "show", "add", "set", "credits", "disable", "enable", "token"] = "list"
+    name: str | None = None
+    # add/set: the balance; "unlimited" turns the credit check off for this user.
+    credits: NonNegative | Literal["unlimited"] | None = None
+    # credits: the change, e.g. 50 or -10.
+    change: int | None = None
+    # Own limits over the [limits] defaults; daily_limit/max_running 0 and rate "off": none.
+    daily_limit: NonNegative | None = None
+    rate: str | None = None
+    max_running: NonNegative | None = None
+
+
 COMMAND_ARGS: dict[str, type[Args]] = {
     "ping": NoArgs,
     "submit": SubmitArgs,
@@ -173,6 +194,7 @@ COMMAND_ARGS: dict[str, type[Args]] = {
     "breaker": BreakerArgs,
     "ledger": LedgerArgs,
     "budget": BudgetArgs,
+    "users": UsersArgs,
 }
 
 request_decoder = msgspec.json.Decoder(Request)
@@ -181,3 +203,103 @@ encoder = msgspec.json.Encoder()
 
 def encode_line(message: Any) -> bytes:
     return encoder.encode(message) + b"\n"
+
+
+# -- WebSocket ------------------------------------------------------------------------------
+# JSON text frames. A client sends ops `{"op", "id"?, ...}`; each is answered by one frame with
+# the same id (`accepted`, `watching`, `unwatched`, `canceled`, `jobs` or `error`). A watch
+# pushes its events as frames of their own type (`status`, `progress`, `position`, ...), each
+# with `watch`, `seq` and `job`, and a watch that fell behind ends with `resync`.
+
+WatchKey = int | Literal["all"]
+
+
+class WsOp(msgspec.Struct, tag_field="op", forbid_unknown_fields=True, kw_only=True):
+    id: str | int | None = None
+
+
+class WsSubmit(WsOp, tag="submit"):
+    kind: str
+    payload: Any = msgspec.field(default_factory=dict)
+    priority: int | None = None
+    idempotency_key: str | None = None
+
+
+class WsWatch(WsOp, tag="watch"):
+    """One job, or `all` the user's jobs; events after `since` (omitted: the job's whole
+    history, or, watching all, from now)."""
+
+    job: int | None = None
+    all: bool = False
+    since: int | None = None
+
+
+class WsUnwatch(WsOp, tag="unwatch"):
+    job: int | None = None
+    all: bool = False
+
+
+class WsCancel(WsOp, tag="cancel"):
+    job: int
+
+
+class WsJobs(WsOp, tag="jobs"):
+    status: list[JobStatus] | None = None
+    kind: str | None = None
+    limit: int = 50
+
+
+WS_OPS = ("cancel", "jobs", "submit", "unwatch", "watch")
+ws_op_decoder = msgspec.json.Decoder(WsSubmit | WsWatch | WsUnwatch | WsCancel | WsJobs)
+
+
+class WsReply(msgspec.Struct, tag_field="type", omit_defaults=True, kw_only=True):
+    id: str | int | None = None
+
+
+class WsAccepted(WsReply, tag="accepted"):
+    job: JobView
+    existing: bool
+
+
+class WsWatching(WsReply, tag="watching"):
+    watch: WatchKey
+    # Events after this seq follow; the job as it is now, for a watch of one job.
+    since: int
+    job: JobView | None = None
+
+
+class WsUnwatched(WsReply, tag="unwatched"):
+    watch: WatchKey
+
+
+class WsCanceled(WsReply, tag="canceled"):
+    job: JobView
+
+
+class WsJobList(WsReply, tag="jobs"):
+    jobs: list[JobView]
+
+
+class WsError(WsReply, tag="error"):
+    error: ErrorBody
+
+
+class WsResync(WsReply, tag="resync"):
+    """The client read too slowly: this watch ended; watch again with `since` to go on."""
+
+    watch: WatchKey
+    since: int
+
+
+class WsEvent(msgspec.Struct):
+    """An Event (see above) of one of the connection's watches; `type` is the event's."""
+
+    type: str
+    watch: WatchKey
+    seq: int
+    job: int
+    user: str
+    kind: str
+    at: float
+    data: dict[str, Any]

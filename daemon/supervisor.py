@@ -50,6 +50,7 @@ from daemon.mailbox import ReplySlot
 from daemon.metrics import Metrics
 from daemon.store import Store
 from daemon.systemd import SystemdNotifier
+from daemon.websocket import WebSocketServer
 
 log = structlog.get_logger("supervisor")
 
@@ -74,6 +75,7 @@ class DaemonHandle(msgspec.Struct):
     breaker: trio.MemorySendChannel[Any]
     ledger: trio.MemorySendChannel[Any]
     http_port: int | None
+    websocket_port: int | None
 
 
 def lock_database(db_path: Path) -> int:
@@ -89,7 +91,7 @@ def lock_database(db_path: Path) -> int:
 
 
 # Keys that the running daemon cannot change; a reload warns that they need a restart.
-RESTART_KEYS = ("store", "admin", "log", "http")
+RESTART_KEYS = ("store", "admin", "log", "http", "websocket")
 
 
 class Supervisor:
@@ -111,6 +113,7 @@ class Supervisor:
         self._clock_epoch = clock_epoch
         self._draining = False
         self._ready = False
+        self._websocket: WebSocketServer | None = None
 
     async def run(
         self, *, task_status: trio.TaskStatus[DaemonHandle] = trio.TASK_STATUS_IGNORED
@@ -234,6 +237,17 @@ class Supervisor:
                     very_slow_request=config.monitor.very_slow_request,
                 )
                 http_port = await nursery.start(http.run)
+            websocket_port = None
+            if config.websocket.listen:
+                self._websocket = WebSocketServer(
+                    settings=config.websocket,
+                    store=store,
+                    hub=hub,
+                    admission=admission_tx.clone(),
+                    pool=pool_tx.clone(),
+                    metrics=metrics,
+                )
+                websocket_port = await nursery.start(self._websocket.run)
             nursery.start_soon(self._watch_signals, control_tx.clone())
             await nursery.start(self._notifier.run_watchdog)
             nursery.start_soon(self._report_status, scheduler_tx)
@@ -245,6 +259,7 @@ class Supervisor:
                 kinds=sorted(config.kinds),
                 max_concurrent_jobs=config.daemon.max_concurrent_jobs,
                 http_port=http_port,
+                websocket_port=websocket_port,
             )
             task_status.started(
                 DaemonHandle(
@@ -259,9 +274,12 @@ class Supervisor:
                     breaker=breaker_tx,
                     ledger=ledger_tx,
                     http_port=http_port,
+                    websocket_port=websocket_port,
                 )
             )
             await self._control(control_rx)
+            if self._websocket is not None:
+                await self._websocket.close_all("daemon stopping")
             nursery.cancel_scope.cancel()
         log.info("jobwarden stopped")
 
@@ -272,6 +290,7 @@ class Supervisor:
             "uptime": round(self._clock.uptime(), 3),
             "ready": self._ready,
             "draining": self._draining,
+            **({"websocket": self._websocket.statistics()} if self._websocket else {}),
         }
 
     async def _control(self, inbox: trio.MemoryReceiveChannel[Any]) -> None:

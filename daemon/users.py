@@ -48,12 +48,14 @@ class UserLimits(msgspec.Struct, frozen=True):
 
 
 _COLUMNS = (
-    "name, credits, spent, disabled, created_at, token_hash IS NOT NULL, daily_limit, rate,"
+    "name, credits, spent, disabled, created_at, token_hash, daily_limit, rate,"
     " max_running, day_count, day"
 )
 
 
 def _view(row: tuple[Any, ...]) -> UserView:
+    # The hash itself, not `token_hash IS NOT NULL`: SQLite 3.40 gets that expression wrong
+    # in the RETURNING clause of an UPDATE on a WITHOUT ROWID table.
     return UserView(
         name=row[0],
         credits=row[1],
@@ -134,11 +136,8 @@ def update(
         values.append(token_hash)
     if not sets:
         return get(conn, name)
-    rows = conn.execute(
-        f"UPDATE users SET {', '.join(sets)} WHERE name = ? RETURNING {_COLUMNS}",
-        (*values, name),
-    ).fetchall()
-    return _view(rows[0]) if rows else None
+    changed = conn.execute(f"UPDATE users SET {', '.join(sets)} WHERE name = ?", (*values, name))
+    return get(conn, name) if changed.rowcount else None
 
 
 # -- queries ---------------------------------------------------------------------------------

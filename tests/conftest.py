@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 import trio
 
 from actors.admission import Submit
+from actors.scheduler import SystemLoad
 from daemon import jobs
 from daemon.admin import Stop
 from daemon.config import Config, load_config, load_config_text
@@ -20,8 +22,20 @@ from daemon.supervisor import DaemonHandle, Supervisor
 from daemon.systemd import SystemdNotifier
 
 EPOCH = 1_800_000_000.0
+GB = 1024**3
 
-BASE_CONFIG = """
+
+def idle_machine() -> SystemLoad:
+    return SystemLoad(memory_percent=20.0, memory_available=16 * GB, cpu_percent=5.0)
+
+
+WEBSOCKET = """
+[websocket]
+listen = "127.0.0.1:0"
+"""
+
+BASE_CONFIG = (
+    """
 [daemon]
 max_concurrent_jobs = {max_concurrent_jobs}
 shutdown_grace = "30s"
@@ -34,12 +48,19 @@ socket = "var/admin.sock"
 
 [http]
 listen = "127.0.0.1:0"
-
+"""
+    + WEBSOCKET
+    + """
 [retry]
 max_attempts = 4
 backoff = ["0s", "30s", "120s"]
 jitter = 0.0
+"""
+)
 
+# Tests of other things must not meet the per-user guards; a test of the guards brings its
+# own [limits] table, which replaces this one.
+NO_LIMITS = """
 [limits]
 credits = "unlimited"
 rate = "off"
@@ -52,6 +73,11 @@ max_cpu_percent = 100
 
 def make_config(tmp_path: Path, extra: str, *, max_concurrent_jobs: int = 2) -> Config:
     base = BASE_CONFIG.format(max_concurrent_jobs=max_concurrent_jobs)
+    if "[limits]" not in extra:
+        base += NO_LIMITS
+    if "[websocket]" in extra:
+        # A test of the WebSocket's settings brings its own table, listen address included.
+        base = base.replace(WEBSOCKET, "")
     return load_config_text(base + extra, base_dir=tmp_path)
 
 
@@ -121,6 +147,7 @@ def start_daemon(nursery: trio.Nursery, tmp_path: Path):
         max_concurrent_jobs: int = 2,
         config_path: Path | None = None,
         notifier: SystemdNotifier | None = None,
+        sample_system: Callable[[], SystemLoad] | None = None,
     ) -> Daemon:
         if config_path is not None:
             config = load_config(config_path)
@@ -132,6 +159,8 @@ def start_daemon(nursery: trio.Nursery, tmp_path: Path):
             notifier=notifier,
             threaded_store=False,
             clock_epoch=EPOCH,
+            # The machine running the tests is not the one the test imagines.
+            sample_system=sample_system or idle_machine,
         )
         done = trio.Event()
 

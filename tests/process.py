@@ -44,6 +44,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "store": {"path": "var/jw.db"},
     "admin": {"socket": "var/admin.sock"},
     "http": {"listen": "127.0.0.1:0"},
+    "websocket": {"listen": "127.0.0.1:0"},
     "log": {"format": "json", "level": "info"},
     "limits": NO_LIMITS,
     "kinds": {"quick": {"handler": "tests.handlers:sleepy"}},

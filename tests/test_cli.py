@@ -370,24 +370,40 @@ def test_jobs_prints_an_aligned_table(daemon, jobwarden, capsys):
         "jobs": [
             job_view(id=13, status="running", attempt=2, progress=0.38, message="page 3/8"),
             job_view(id=9, kind="thumbnail", status="queued", reason="paused"),
-        ]
+            job_view(id=8, kind="thumbnail", status="queued"),
+        ],
+        "waiting": {
+            "9": waiting("kind thumbnail paused", position=3),
+            "8": waiting("position 1 of 3", position=1),
+        },
     }
 
     code = jobwarden("jobs")
 
     assert code == 0
     assert capsys.readouterr().out.splitlines() == [
-        "ID  KIND       USER   STATUS   ATTEMPT  PROGRESS  AGE  DETAIL",
-        "13  pdf        local  running  2/4      38%       1m   page 3/8",
-        "9   thumbnail  local  queued   0/4      -         1m   paused",
+        "ID  KIND       USER   STATUS   ATTEMPT  PROGRESS  AGE  WAITING                                 DETAIL",  # noqa: E501
+        "13  pdf        local  running  2/4      38%       1m   -                                       page 3/8",  # noqa: E501
+        "9   thumbnail  local  queued   0/4      -         1m   kind thumbnail paused; position 3 of 3  paused",  # noqa: E501
+        "8   thumbnail  local  queued   0/4      -         1m   position 1 of 3 (1 of 2 in its kind)",  # noqa: E501
     ]
+
+
+def waiting(reason: str, *, position: int) -> dict:
+    return {
+        "position": position,
+        "queued": 3,
+        "kind_position": 1,
+        "kind_queued": 2,
+        "reason": reason,
+    }
 
 
 def test_show_prints_the_job_why_it_waits_and_its_events(daemon, jobwarden, capsys):
     daemon.replies["show"] = {
         "job": job_view(reason="paused"),
         "events": [event(1, "status", status="queued", attempt=0)],
-        "waiting": "kind pdf is paused",
+        "waiting": waiting("kind pdf paused", position=2),
     }
 
     code = jobwarden("show", "12")
@@ -399,7 +415,7 @@ def test_show_prints_the_job_why_it_waits_and_its_events(daemon, jobwarden, caps
         "kind      pdf",
         "user      local",
         "status    queued (paused)",
-        "waiting   kind pdf is paused",
+        "waiting   kind pdf paused; position 2 of 3",
         "attempt   0/4",
     ]
     assert 'payload   {"pages": 8}' in lines
@@ -509,6 +525,30 @@ def test_watch_prints_events_once_and_the_result_then_exits_0(daemon, jobwarden,
         "}",
     ]
     assert daemon.requests[-1]["args"] == {"job": 12, "since": 2}
+
+
+def test_watch_of_a_queued_job_shows_its_place_and_why_it_waits(daemon, jobwarden, capsys):
+    daemon.replies["show"] = {
+        "job": job_view(status="queued"),
+        "events": [event(1, "status", status="queued", attempt=0)],
+    }
+    daemon.watch_events = [
+        event(2, "position", **waiting("no free slot (2 of 2 running)", position=2)),
+        event(3, "position", **waiting("position 1 of 3", position=1)),
+        event(4, "status", status="running", attempt=1),
+        event(5, "status", status="done", attempt=1, result={"ok": True}),
+    ]
+
+    code = jobwarden("watch", "12")
+
+    assert code == 0
+    assert capsys.readouterr().out.splitlines()[:5] == [
+        "job 12 status queued attempt 0",
+        "job 12 waiting no free slot (2 of 2 running); position 2 of 3",
+        "job 12 waiting position 1 of 3 (1 of 2 in its kind)",
+        "job 12 status running attempt 1",
+        "job 12 status done attempt 1",
+    ]
 
 
 def test_watch_exits_1_with_the_error_when_the_job_fails(daemon, jobwarden, capsys):
