@@ -21,6 +21,8 @@ holds jobs back, the next sample is due.
 Positions: at most every `limits.position_every`, when anything changed, the head of the queue
 (`limits.position_head` jobs in dispatch order) is read and each job whose position or reason
 changed gets one `position` event, so a queue of 10,000 costs at most a hundred events a tick.
+A job that waits only for its turn (free slots, nothing holding it) gets none: it starts in the
+dispatch round under way.
 `jobwarden show` computes any job's position and reason on demand (`explain`).
 """
 
@@ -50,6 +52,8 @@ from daemon.store import Store
 log = structlog.get_logger("scheduler")
 
 PAUSED_SETTING = "paused"
+# The reason of a job that waits only for its turn in the dispatch order.
+TURN_REASON = "position"
 
 
 class JobQueued(msgspec.Struct):
@@ -215,7 +219,7 @@ def explain(
     if kind.max_concurrent is not None and of_kind >= kind.max_concurrent:
         return f"no free slot for {job.kind} ({of_kind} of {kind.max_concurrent} running)"
     place, queued = position[0], position[1]
-    return f"position {place} of {queued}"
+    return f"{TURN_REASON} {place} of {queued}"
 
 
 def free_capacity(
@@ -513,10 +517,13 @@ class Scheduler:
                 partial(jobs.queue_head, limit=self._config.limits.position_head)
             )
             current = await self._waiting_infos(head, state)
+            # A job held back by nothing but its turn starts in the round under way: an event
+            # for it would be stale on arrival, and under a fast flow there are many.
             changed = [
                 (job, msgspec.to_builtins(current[job.id]))
                 for job, _ in head
                 if self._last_positions.get(job.id) != current[job.id]
+                and not current[job.id].reason.startswith(TURN_REASON)
             ]
             self._last_positions = current
             if changed:

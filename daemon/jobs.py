@@ -13,7 +13,6 @@ from typing import Any
 
 import msgspec
 
-from daemon import users
 from daemon.errors import new_error_id
 from daemon.protocol import TERMINAL_STATUSES, ErrorBody, Event, JobView
 from daemon.store import (
@@ -90,6 +89,56 @@ FAIR_CLOCK = "fair_clock"
 COMPLETION_WINDOW = 300.0
 
 
+class Submitter:
+    """A user's row as one batch of submissions sees it: read once, written back once."""
+
+    def __init__(self, row: tuple[Any, ...], day: str, *, created: bool) -> None:
+        credits, self.daily_limit, disabled, stored_day, day_count, self.last_tag = row
+        self.credits: int | None = credits
+        self.disabled = bool(disabled)
+        self.today: int = day_count if stored_day == day else 0
+        # Created by this batch and not yet holding a job: a failed insert takes it back.
+        self.fresh = created
+        self.changed = False
+
+
+_SUBMITTER_COLUMNS = "credits, daily_limit, disabled, day, day_count, fair_tag"
+
+
+def _submitter(
+    conn: sqlite3.Connection,
+    name: str,
+    quota: Quota,
+    now: float,
+    seen: dict[str, Submitter],
+) -> Submitter | Refused:
+    if name in seen:
+        return seen[name]
+    row = conn.execute(f"SELECT {_SUBMITTER_COLUMNS} FROM users WHERE name = ?", (name,)).fetchone()
+    created = row is None
+    if created:
+        if not quota.create_users:
+            return Refused("FORBIDDEN", f"no user '{name}'; add it with `jobwarden users add`")
+        row = conn.execute(
+            f"INSERT INTO users (name, credits, created_at) VALUES (?, ?, ?) "
+            f"RETURNING {_SUBMITTER_COLUMNS}",
+            (name, quota.default_credits, now),
+        ).fetchall()[0]
+    seen[name] = Submitter(row, quota.day, created=created)
+    return seen[name]
+
+
+def _save_submitters(conn: sqlite3.Connection, seen: dict[str, Submitter], day: str) -> None:
+    conn.executemany(
+        "UPDATE users SET credits = ?, day = ?, day_count = ?, fair_tag = ? WHERE name = ?",
+        [
+            (user.credits, day, user.today, user.last_tag, name)
+            for name, user in seen.items()
+            if user.changed
+        ],
+    )
+
+
 def insert(
     conn: sqlite3.Connection,
     events: Events,
@@ -97,10 +146,25 @@ def insert(
     new: NewJob,
     now: float,
     quota: Quota = NO_QUOTA,
-    fair_clock: int | None = None,
 ) -> Admitted | Refused:
-    """Insert a queued job after the user's guards; with an idempotency key this user has
-    used, return that job instead (no guard applies to a repeat)."""
+    """Insert one queued job; see insert_many."""
+    seen: dict[str, Submitter] = {}
+    result = _insert(conn, events, new, now, quota, get_setting(conn, FAIR_CLOCK, 0), seen)
+    _save_submitters(conn, seen, quota.day)
+    return result
+
+
+def _insert(
+    conn: sqlite3.Connection,
+    events: Events,
+    new: NewJob,
+    now: float,
+    quota: Quota,
+    fair_clock: int,
+    seen: dict[str, Submitter],
+) -> Admitted | Refused:
+    """The user's guards, then the job. With an idempotency key this user has used, the job
+    it made instead (no guard applies to a repeat)."""
     if new.idempotency_key is not None:
         row = conn.execute(
             f"SELECT {JOB_COLUMNS} FROM jobs WHERE user = ? AND idempotency_key = ?",
@@ -108,44 +172,26 @@ def insert(
         ).fetchone()
         if row is not None:
             return Admitted(job_from_row(row), True)
-    user = conn.execute(
-        "SELECT credits, daily_limit, disabled, day, day_count, fair_tag FROM users WHERE name = ?",
-        (new.user,),
-    ).fetchone()
-    if user is None:
-        if not quota.create_users:
-            return Refused("FORBIDDEN", f"no user '{new.user}'; add it with `jobwarden users add`")
-        user = conn.execute(
-            "INSERT INTO users (name, credits, created_at) VALUES (?, ?, ?) "
-            "RETURNING credits, daily_limit, disabled, day, day_count, fair_tag",
-            (new.user, quota.default_credits, now),
-        ).fetchall()[0]
-    credits, daily_limit, disabled, day, day_count, last_tag = user
-    if disabled:
+    user = _submitter(conn, new.user, quota, now, seen)
+    if isinstance(user, Refused):
+        return user
+    if user.disabled:
         return Refused("FORBIDDEN", f"user '{new.user}' is disabled")
-    today_count = day_count if day == quota.day else 0
-    limit = quota.daily_jobs if daily_limit is None else daily_limit
-    if limit and today_count >= limit:
+    limit = quota.daily_jobs if user.daily_limit is None else user.daily_limit
+    if limit and user.today >= limit:
         return Refused(
-            "DAILY_LIMIT", f"user '{new.user}' has submitted {today_count} of {limit} jobs today"
+            "DAILY_LIMIT", f"user '{new.user}' has submitted {user.today} of {limit} jobs today"
         )
     refused = _queue_full(conn, new.kind, quota, now)
     if refused is not None:
         return refused
     price = quota.kind_credits.get(new.kind, 0)
-    if credits is not None and credits < price:
+    if user.credits is not None and user.credits < price:
         return Refused(
             "INSUFFICIENT_CREDITS",
-            f"a {new.kind} job costs {price} credits; user '{new.user}' has {credits}",
+            f"a {new.kind} job costs {price} credits; user '{new.user}' has {user.credits}",
         )
-    if fair_clock is None:
-        fair_clock = get_setting(conn, FAIR_CLOCK, 0)
-    tag = max(last_tag + 1, fair_clock)
-    conn.execute(
-        "UPDATE users SET credits = credits - ?, day = ?, day_count = ?, fair_tag = ? "
-        "WHERE name = ?",
-        (price, quota.day, today_count + 1, tag, new.user),
-    )
+    tag = max(user.last_tag + 1, fair_clock)
     row = conn.execute(
         "INSERT INTO jobs (kind, user, status, priority, payload, idempotency_key, max_attempts,"
         " created_at, updated_at, available_at, fair_tag, credits)"
@@ -167,6 +213,13 @@ def insert(
     ).fetchall()[0]
     job = job_from_row(row)
     add_event(conn, events, job, "status", now, {"status": "queued", "attempt": 0})
+    # Only once the job is in: a failed insert leaves the user as it was.
+    if user.credits is not None:
+        user.credits -= price
+    user.today += 1
+    user.last_tag = tag
+    user.fresh = False
+    user.changed = True
     return Admitted(job, False, heavy=_holds_more_than_fair_share(conn, new.user, quota))
 
 
@@ -230,19 +283,21 @@ def insert_many(
     """Insert a batch of submissions in one write; each in its own savepoint, so one that the
     database refuses is answered with its error while the others are accepted."""
     fair_clock = get_setting(conn, FAIR_CLOCK, 0)
+    seen: dict[str, Submitter] = {}
     results: list[Admitted | Refused | Exception] = []
     for new in batch:
         conn.execute("SAVEPOINT submission")
         mark = len(events)
         try:
-            results.append(
-                insert(conn, events, new=new, now=now, quota=quota, fair_clock=fair_clock)
-            )
+            results.append(_insert(conn, events, new, now, quota, fair_clock, seen))
         except sqlite3.Error as exc:
             conn.execute("ROLLBACK TO submission")
             del events[mark:]
+            if new.user in seen and seen[new.user].fresh:
+                del seen[new.user]
             results.append(exc)
         conn.execute("RELEASE submission")
+    _save_submitters(conn, seen, quota.day)
     return results
 
 
@@ -262,7 +317,6 @@ def claim(
     allowed = {kind for kind, free in capacity.items() if free > 0}
     free = dict(capacity)
     running = dict(running_by_user or {})
-    limits: dict[str, int | None] = {}
     full_users: set[str] = set()
     claimed: list[JobView] = []
     highest_tag = 0
@@ -271,10 +325,12 @@ def claim(
         # Walk the dispatch order and stop at `total` rows. Left to itself, SQLite picks the
         # (status, available_at) index and sorts every due row: 17 ms a round at 100k queued.
         rows = conn.execute(
-            f"SELECT {JOB_COLUMNS}, fair_tag FROM jobs INDEXED BY jobs_order "
-            f"WHERE status = 'queued' AND available_at <= ? "
-            f"AND kind IN ({placeholders(kinds)}) AND user NOT IN ({placeholders(full_users)}) "
-            f"ORDER BY priority DESC, fair_tag, id LIMIT ?",
+            f"SELECT {_qualified(JOB_COLUMNS)}, jobs.fair_tag, users.max_running "
+            f"FROM jobs INDEXED BY jobs_order LEFT JOIN users ON users.name = jobs.user "
+            f"WHERE jobs.status = 'queued' AND jobs.available_at <= ? "
+            f"AND jobs.kind IN ({placeholders(kinds)}) "
+            f"AND jobs.user NOT IN ({placeholders(full_users)}) "
+            f"ORDER BY jobs.priority DESC, jobs.fair_tag, jobs.id LIMIT ?",
             (now, *kinds, *full_users, total),
         ).fetchall()
         if not rows:
@@ -286,9 +342,7 @@ def claim(
                 # Filled up earlier in this pass; the next query leaves it out.
                 skipped = True
                 continue
-            if job.user not in limits:
-                limits.update(users.running_limits(conn, [job.user]))
-            own = limits.get(job.user)
+            own = row[-1]
             limit = max_running_per_user if own is None else own
             if limit and running.get(job.user, 0) >= limit:
                 full_users.add(job.user)
@@ -307,7 +361,7 @@ def claim(
                     job, status="running", attempt=attempt, started_at=now, updated_at=now
                 )
             )
-            highest_tag = max(highest_tag, row[-1])
+            highest_tag = max(highest_tag, row[-2])
             running[job.user] = running.get(job.user, 0) + 1
             free[job.kind] -= 1
             total -= 1
@@ -328,6 +382,11 @@ def claim(
             (now, *waiting),
         ).fetchone()[0]
     return ClaimResult(jobs=claimed, next_available_at=next_at)
+
+
+def _qualified(columns: str) -> str:
+    """Job columns named as the jobs table's, for a query that joins another table."""
+    return ", ".join(f"jobs.{column.strip()}" for column in columns.split(","))
 
 
 def _transition(
