@@ -35,7 +35,7 @@ from daemon.config import Config
 from daemon.errors import RequestError
 from daemon.mailbox import ReplySlot, receive_by
 from daemon.metrics import Metrics
-from daemon.store import Store
+from daemon.store import Store, add_event
 
 log = structlog.get_logger("ledger")
 
@@ -179,11 +179,20 @@ class BudgetCalendar:
 
 
 def record_entry(conn: Any, events: list, *, entry: tuple) -> None:
+    """A ledger row and, for a job's call, a `cost` event with the job's running total, so
+    its watchers see what it spends as it spends it."""
     conn.execute(
         "INSERT INTO ledger (job_id, user, kind, service, units, usd, ok, at, day, month) "
         "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         entry,
     )
+    job_id, user, kind, service, units, usd, ok, at = entry[:8]
+    if job_id:
+        job_usd = conn.execute(
+            "SELECT SUM(usd) FROM ledger WHERE job_id = ?", (job_id,)
+        ).fetchone()[0]
+        data = {"service": service, "units": units, "usd": usd, "ok": bool(ok), "job_usd": job_usd}
+        add_event(conn, events, (job_id, user, kind), "cost", at, data)
 
 
 def spent(conn: Any, *, day: str, month: str) -> tuple[float, float]:

@@ -1074,7 +1074,7 @@ def _progress_bar(job: JobView) -> Iterator[ShowEvent]:
                 )
             elif event["type"] == "position":
                 progress.update(task, description=_waiting_text(data))
-            else:
+            elif event["type"] == "status":
                 # A job may finish without reporting 100%; its bar should still end full.
                 finished = data["status"] == "done"
                 progress.update(task, status=data["status"], completed=1.0 if finished else None)
@@ -1105,6 +1105,14 @@ def _describe_event(event: dict[str, Any]) -> str:
         return " ".join(filter(None, ["progress", _percent(data["fraction"]), data.get("message")]))
     if event["type"] == "position":
         return f"waiting {_waiting_text(data)}"
+    if event["type"] == "cost":
+        outcome = "" if data["ok"] else " (failed)"
+        return (
+            f"cost {data['service']} {_money(data['usd'], 4)}{outcome}, "
+            f"job total {_money(data['job_usd'], 4)}"
+        )
+    if event["type"] != "status":
+        return f"{event['type']} {_json_text(data)}"
     words = ["status", data["status"], f"attempt {data['attempt']}"]
     if data.get("reason"):
         words.append(f"({data['reason']})")

@@ -778,11 +778,9 @@ QUEUED_COLUMNS = (
 
 
 def _queued_count(conn: sqlite3.Connection, kind: str | None) -> int:
-    if kind is None:
-        return conn.execute("SELECT COUNT(*) FROM jobs WHERE status = 'queued'").fetchone()[0]
-    return conn.execute(
-        "SELECT COUNT(*) FROM jobs WHERE kind = ? AND status = 'queued'", (kind,)
-    ).fetchone()[0]
+    """Queued jobs (of a kind), up to POSITION_HORIZON: counting a million rows every tick
+    would take a core from dispatch to say what nobody reads."""
+    return _queued_up_to(conn, POSITION_HORIZON, kind)
 
 
 def queue_positions(

@@ -83,13 +83,15 @@ class Event(msgspec.Struct, omit_defaults=True):
     progress data: {"fraction", "message"?}
     breaker data: {"service", "state", "open_until"}
     position data: {"position", "queued", "kind_position", "kind_queued", "reason"}
+    cost data: {"service", "units", "usd", "ok", "job_usd"} (one per external call; job_usd is
+    the job's total so far)
     """
 
     seq: int
     job: int
     user: str
     kind: str
-    type: Literal["status", "progress", "breaker", "position"]
+    type: Literal["status", "progress", "breaker", "position", "cost"]
     at: float
     data: dict[str, Any]
 

@@ -527,7 +527,7 @@ def test_watch_prints_events_once_and_the_result_then_exits_0(daemon, jobwarden,
     assert daemon.requests[-1]["args"] == {"job": 12, "since": 2}
 
 
-def test_watch_of_a_queued_job_shows_its_place_and_why_it_waits(daemon, jobwarden, capsys):
+def test_watch_shows_a_queued_jobs_place_and_its_costs(daemon, jobwarden, capsys):
     daemon.replies["show"] = {
         "job": job_view(status="queued"),
         "events": [event(1, "status", status="queued", attempt=0)],
@@ -536,17 +536,19 @@ def test_watch_of_a_queued_job_shows_its_place_and_why_it_waits(daemon, jobwarde
         event(2, "position", **waiting("no free slot (2 of 2 running)", position=2)),
         event(3, "position", **waiting("position 1 of 3", position=1)),
         event(4, "status", status="running", attempt=1),
-        event(5, "status", status="done", attempt=1, result={"ok": True}),
+        event(5, "cost", service="image", units=1, usd=0.024, ok=True, job_usd=0.0264),
+        event(6, "status", status="done", attempt=1, result={"ok": True}),
     ]
 
     code = jobwarden("watch", "12")
 
     assert code == 0
-    assert capsys.readouterr().out.splitlines()[:5] == [
+    assert capsys.readouterr().out.splitlines()[:6] == [
         "job 12 status queued attempt 0",
         "job 12 waiting no free slot (2 of 2 running); position 2 of 3",
         "job 12 waiting position 1 of 3 (1 of 2 in its kind)",
         "job 12 status running attempt 1",
+        "job 12 cost image $0.0240, job total $0.0264",
         "job 12 status done attempt 1",
     ]
 

@@ -132,6 +132,20 @@ async def test_a_failed_call_costs_only_when_the_service_bills_failures(
     assert await ledger_total(daemon) == (4, 4 * expected_usd)  # four attempts, one call each
 
 
+async def test_each_call_is_a_cost_event_with_the_jobs_running_total(autojump_clock, start_daemon):
+    daemon = await start_daemon(config(daily=100, billed="true"))
+    job = await daemon.submit("caller", {"service": "paid", "fail": True})
+    await daemon.wait_done(job.id)
+    costs = [event.data for event in await daemon.events(job.id) if event.type == "cost"]
+    assert [(c["usd"], c["ok"], c["job_usd"]) for c in costs] == [
+        (1.0, False, 1.0),
+        (1.0, False, 2.0),
+        (1.0, False, 3.0),
+        (1.0, False, 4.0),
+    ]
+    assert costs[-1]["job_usd"] == (await ledger_total(daemon))[1]
+
+
 async def test_report_totals_equal_the_sum_of_the_entries(autojump_clock, start_daemon):
     daemon = await start_daemon(config(daily=100) + "\n[services.cheap]\nprice_usd = 0.25\n")
     for user, service in [("alice", "paid"), ("bob", "cheap"), ("bob", "paid"), ("bob", "cheap")]:

@@ -657,7 +657,7 @@ async def test_the_client_passes_over_a_type_of_event_newer_than_itself(nursery)
         watch = json.loads(await ws.get_message())
         frames = [
             {"type": "watching", "id": watch["id"], "watch": 7, "since": 0},
-            {**event, "type": "cost", "seq": 1, "data": {"usd": 0.02}},
+            {**event, "type": "forecast", "seq": 1, "data": {"eta": 12.5}},
             {**event, "type": "status", "seq": 2, "data": {"status": "done", "attempt": 1}},
         ]
         for frame in frames:
