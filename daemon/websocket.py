@@ -32,7 +32,7 @@ from actors.admission import Submit
 from actors.pool import CancelJob
 from daemon import jobs, users
 from daemon.config import WebSocketSection, name_path
-from daemon.errors import RequestError, StartupError, error_body
+from daemon.errors import HTTP_STATUS, RequestError, StartupError, error_body
 from daemon.http import parse_listen
 from daemon.hub import EventHub
 from daemon.mailbox import ReplySlot
@@ -135,7 +135,6 @@ class WebSocketServer:
         if self._connections >= settings.max_connections:
             await _refuse(
                 request,
-                503,
                 error_body(
                     "QUEUE_FULL",
                     f"the daemon serves at most {settings.max_connections} WebSocket clients",
@@ -166,9 +165,7 @@ class WebSocketServer:
         origin = headers.get(b"origin", b"").decode("latin-1")
         if origin and self.settings.origins and origin not in self.settings.origins:
             log.info("websocket refused", reason="origin", origin=origin)
-            await _refuse(
-                request, 403, error_body("FORBIDDEN", f"pages from {origin} may not connect")
-            )
+            await _refuse(request, error_body("FORBIDDEN", f"pages from {origin} may not connect"))
             return None
         token = _token(headers.get(b"authorization", b"").decode("latin-1"), request.path)
         user = None
@@ -181,7 +178,7 @@ class WebSocketServer:
                 if token
                 else "no token: send `Authorization: Bearer <token>`, or ?token=<token>"
             )
-            await _refuse(request, 401, error_body("UNAUTHENTICATED", message))
+            await _refuse(request, error_body("UNAUTHENTICATED", message))
             return None
         return user.name
 
@@ -197,7 +194,9 @@ def _token(authorization: str, path: str) -> str | None:
     return values[0] if values else None
 
 
-async def _refuse(request: WebSocketRequest, status: int, body: ErrorBody) -> None:
+async def _refuse(request: WebSocketRequest, body: ErrorBody) -> None:
+    """An HTTP answer in place of the upgrade, with the status the error code means."""
+    status = HTTP_STATUS[body.code]
     headers = [(b"content-type", b"application/json")]
     if status == 401:
         headers.append((b"www-authenticate", b"Bearer"))
