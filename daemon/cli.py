@@ -84,14 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     def command(
         name: str, run: Callable[[argparse.Namespace], int], summary: str
     ) -> argparse.ArgumentParser:
-        sub = commands.add_parser(
-            name,
-            help=summary,
-            description=summary,
-            parents=[_global_options(in_subcommand=True)],
-        )
-        sub.set_defaults(run=run)
-        return sub
+        return _subcommand(commands, name, run, summary)
 
     command("serve", _serve, "run the daemon in the foreground")
     check = command("check-config", _check_config, "validate a config file and import handlers")
@@ -178,14 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     actions = budget.add_subparsers(dest="action", metavar="ACTION")
 
     def budget_action(name: str, summary: str) -> argparse.ArgumentParser:
-        sub = actions.add_parser(
-            name,
-            help=summary,
-            description=summary,
-            parents=[_global_options(in_subcommand=True)],
-        )
-        sub.set_defaults(run=_budget)
-        return sub
+        return _subcommand(actions, name, _budget, summary)
 
     budget_action("show", "show the budget (the default)")
     budget_set = budget_action(
@@ -204,14 +190,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _subcommand(
+    parent: Any, name: str, run: Callable[[argparse.Namespace], int], summary: str
+) -> argparse.ArgumentParser:
+    """A (sub)command that takes the global options after its name too."""
+    sub = parent.add_parser(
+        name, help=summary, description=summary, parents=[_global_options(in_subcommand=True)]
+    )
+    sub.set_defaults(run=run)
+    return sub
+
+
 def _add_users_command(users: argparse.ArgumentParser) -> None:
     actions = users.add_subparsers(dest="action", metavar="ACTION")
 
     def action(name: str, summary: str, *, named: bool = True) -> argparse.ArgumentParser:
-        sub = actions.add_parser(
-            name, help=summary, description=summary, parents=[_global_options(in_subcommand=True)]
-        )
-        sub.set_defaults(run=_users)
+        sub = _subcommand(actions, name, _users, summary)
         if named:
             sub.add_argument("name", metavar="NAME")
         return sub
