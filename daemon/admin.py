@@ -348,12 +348,9 @@ class AdminServer:
             in_flight.release()
 
     def _observe(self, cmd: str, seconds: float) -> None:
-        self._metrics.request_duration.labels("admin", cmd).observe(seconds)
         monitor = self._config.monitor
-        if seconds >= monitor.very_slow_request:
-            log.warning("very slow request", cmd=cmd, duration=round(seconds, 3))
-        elif seconds >= monitor.slow_request:
-            log.info("slow request", cmd=cmd, duration=round(seconds, 3))
+        thresholds = (monitor.slow_request, monitor.very_slow_request)
+        self._metrics.request_done("admin", seconds, thresholds, cmd=cmd)
 
     # -- commands ---------------------------------------------------------------------------
 

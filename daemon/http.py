@@ -113,12 +113,7 @@ class HttpServer:
         await stream.send_all(connection.send(h11.EndOfMessage()))
         route = path if path in self._routes else "other"
         seconds = trio.current_time() - started
-        self._metrics.request_duration.labels("http", route).observe(seconds)
-        slow, very_slow = self._slow
-        if seconds >= very_slow:
-            log.warning("very slow request", path=route, duration=round(seconds, 3))
-        elif seconds >= slow:
-            log.info("slow request", path=route, duration=round(seconds, 3))
+        self._metrics.request_done("http", seconds, self._slow, path=route)
 
     async def _healthz(self) -> tuple[int, str, bytes]:
         return 200, "application/json", b'{"ok":true}\n'

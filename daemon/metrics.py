@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import structlog
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -17,6 +18,8 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
+
+log = structlog.get_logger("requests")
 
 DURATION_BUCKETS = (0.1, 0.5, 1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600)
 BREAKER_LEVELS = {"closed": 0, "half_open": 1, "open": 2}
@@ -87,6 +90,19 @@ class Metrics:
             buckets=REQUEST_BUCKETS,
             registry=r,
         )
+
+    def request_done(
+        self, listener: str, seconds: float, thresholds: tuple[float, float], **what: str
+    ) -> None:
+        """Time one listener request; one past the thresholds (slow, very slow) is logged too
+        (seed 004). `what` is the one field naming the request (cmd=, path=, op=)."""
+        (name,) = what.values()
+        self.request_duration.labels(listener, name).observe(seconds)
+        slow, very_slow = thresholds
+        if seconds >= very_slow:
+            log.warning("very slow request", duration=round(seconds, 3), **what)
+        elif seconds >= slow:
+            log.info("slow request", duration=round(seconds, 3), **what)
 
     def job_finished(self, kind: str, outcome: str, seconds: float) -> None:
         self.processed.labels(kind, outcome).inc()

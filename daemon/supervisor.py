@@ -246,6 +246,8 @@ class Supervisor:
                     admission=admission_tx.clone(),
                     pool=pool_tx.clone(),
                     metrics=metrics,
+                    slow_request=config.monitor.slow_request,
+                    very_slow_request=config.monitor.very_slow_request,
                 )
                 websocket_port = await nursery.start(self._websocket.run)
             nursery.start_soon(self._watch_signals, control_tx.clone())

@@ -84,8 +84,11 @@ class WebSocketServer:
         admission: trio.MemorySendChannel[Any],
         pool: trio.MemorySendChannel[Any],
         metrics: Metrics,
+        slow_request: float = math.inf,
+        very_slow_request: float = math.inf,
     ) -> None:
         self.settings = settings
+        self._slow = (slow_request, very_slow_request)
         self.store = store
         self.hub = hub
         self.admission = admission
@@ -183,7 +186,7 @@ class WebSocketServer:
         return user.name
 
     def observe(self, op: str, seconds: float) -> None:
-        self._metrics.request_duration.labels("websocket", op).observe(seconds)
+        self._metrics.request_done("websocket", seconds, self._slow, op=op)
 
 
 def _token(authorization: str, path: str) -> str | None:

@@ -11,6 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
 from daemon.admin import Stop
+from daemon.metrics import Metrics
 
 KINDS = """
 [services.paid]
@@ -132,7 +133,6 @@ alert_command = [{json.dumps(sys.executable)}, "-c", {json.dumps(forward)}]
 async def test_slow_requests_are_logged_with_their_duration(autojump_clock, nursery):
     from actors.monitor import HealthQuery
     from daemon.http import HttpServer
-    from daemon.metrics import Metrics
 
     monitor_tx, monitor_rx = trio.open_memory_channel(10)
 
@@ -160,3 +160,17 @@ async def test_slow_requests_are_logged_with_their_duration(autojump_clock, nurs
     assert [(e["event"], e["path"], e["duration"]) for e in slow] == [
         ("very slow request", "/health", 6.0)
     ]
+
+
+def test_every_listener_logs_slow_requests_by_the_field_that_names_them():
+    metrics = Metrics()
+    with capture_logs() as logs:
+        metrics.request_done("websocket", 0.5, (1.0, 5.0), op="submit")
+        metrics.request_done("websocket", 2.0, (1.0, 5.0), op="watch")
+        metrics.request_done("admin", 7.0, (1.0, 5.0), cmd="jobs")
+    assert [(e["event"], e.get("op") or e.get("cmd"), e["duration"]) for e in logs] == [
+        ("slow request", "watch", 2.0),
+        ("very slow request", "jobs", 7.0),
+    ]
+    text = metrics.render().decode()
+    assert 'jobwarden_request_duration_seconds_count{cmd="submit",listener="websocket"} 1.0' in text
