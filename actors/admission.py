@@ -188,9 +188,8 @@ class Admission:
         self._slowed_until: dict[str, float] = {}
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        for user in await self._store.read(users.list_all):
-            if user.rate is not None:
-                self._rates[user.name] = parse_rate(user.rate)
+        for name, rate in (await self._store.read(users.own_rates)).items():
+            self._rates[name] = parse_rate(rate)
         async with self._inbox, self._scheduler, trio.open_nursery() as nursery:
             task_status.started()
             async for first in self._inbox:

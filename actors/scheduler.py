@@ -44,7 +44,7 @@ from actors.breaker import ServiceState
 from actors.ledger import BudgetState
 from daemon import jobs, users
 from daemon.clock import WallClock
-from daemon.config import Config, format_size
+from daemon.config import Config, KindSection, format_size
 from daemon.mailbox import ReplySlot
 from daemon.protocol import JobView
 from daemon.store import Store
@@ -166,6 +166,13 @@ def load_too_high(config: Config, load: SystemLoad | None) -> str | None:
     return None
 
 
+def short_of_memory(kind: KindSection, load: SystemLoad | None) -> bool:
+    """The kind needs more free memory than the last sample found."""
+    return (
+        kind.min_memory is not None and load is not None and load.memory_available < kind.min_memory
+    )
+
+
 def explain(
     config: Config,
     state: WaitState,
@@ -200,11 +207,7 @@ def explain(
     too_high = load_too_high(config, state.load)
     if too_high is not None:
         return too_high
-    if (
-        kind.min_memory is not None
-        and state.load is not None
-        and state.load.memory_available < kind.min_memory
-    ):
+    if short_of_memory(kind, state.load):
         free = format_size(state.load.memory_available)
         return f"needs {format_size(kind.min_memory)}, {free} free"
     limit = config.limits.max_running_per_user if user_limit is None else user_limit
@@ -407,11 +410,7 @@ class Scheduler:
             "load": None if load is None else msgspec.to_builtins(load),
             "held_by_load": load_too_high(self._config, load),
             "short_of_memory": [
-                name
-                for name, kind in self._config.kinds.items()
-                if kind.min_memory is not None
-                and load is not None
-                and load.memory_available < kind.min_memory
+                name for name, kind in self._config.kinds.items() if short_of_memory(kind, load)
             ],
         }
 

@@ -139,21 +139,6 @@ def _save_submitters(conn: sqlite3.Connection, seen: dict[str, Submitter], day: 
     )
 
 
-def insert(
-    conn: sqlite3.Connection,
-    events: Events,
-    *,
-    new: NewJob,
-    now: float,
-    quota: Quota = NO_QUOTA,
-) -> Admitted | Refused:
-    """Insert one queued job; see insert_many."""
-    seen: dict[str, Submitter] = {}
-    result = _insert(conn, events, new, now, quota, get_setting(conn, FAIR_CLOCK, 0), seen)
-    _save_submitters(conn, seen, quota.day)
-    return result
-
-
 def _insert(
     conn: sqlite3.Connection,
     events: Events,
@@ -163,8 +148,8 @@ def _insert(
     fair_clock: int,
     seen: dict[str, Submitter],
 ) -> Admitted | Refused:
-    """The user's guards, then the job. With an idempotency key this user has used, the job
-    it made instead (no guard applies to a repeat)."""
+    """One submission of a batch: the user's guards, then the job. With an idempotency key
+    this user has used, the job it made instead (no guard applies to a repeat)."""
     if new.idempotency_key is not None:
         row = conn.execute(
             f"SELECT {JOB_COLUMNS} FROM jobs WHERE user = ? AND idempotency_key = ?",

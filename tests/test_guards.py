@@ -479,3 +479,19 @@ def test_each_waiting_state_has_its_reason(job, wait, user_limit, reason):
 def test_no_limit_reads_as_infinite_rate():
     config = load_config_text('[limits]\nrate = "off"\n')
     assert math.isinf(config.limits.rate)
+
+
+async def test_a_users_own_rate_is_kept_across_a_restart(autojump_clock, start_daemon):
+    config = limits(rate='"10/min"', burst=10) + KINDS
+    daemon = await start_daemon(config)
+    await daemon.submit("noop", user="batch")
+    await daemon.handle.store.write(
+        partial(users.update, name="batch", limits=users.UserLimits(rate="off"))
+    )
+    await daemon.stop()
+    daemon = await start_daemon(config)
+    for _ in range(15):
+        await daemon.submit("noop", user="batch")
+    for _ in range(10):
+        await daemon.submit("noop", user="other")
+    assert (await refused(daemon, user="other")).body.code == "RATE_LIMITED"

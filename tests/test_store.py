@@ -27,8 +27,12 @@ def new_job(n: int = 0, key: str | None = None, kind: str = "k") -> jobs.NewJob:
 
 
 async def insert(store: Store, n: int = 0, key: str | None = None):
-    admitted = await store.write(partial(jobs.insert, new=new_job(n, key), now=100.0))
-    return admitted.job
+    return (await insert_one(store, new_job(n, key), now=100.0)).job
+
+
+async def insert_one(store: Store, new: jobs.NewJob, *, now: float) -> jobs.Admitted:
+    (admitted,) = await store.write(partial(jobs.insert_many, batch=[new], now=now))
+    return admitted
 
 
 async def test_concurrent_writes_share_commits_and_all_land(tmp_path):
@@ -80,7 +84,7 @@ async def test_events_are_published_only_after_commit_in_seq_order(tmp_path):
 async def test_idempotency_key_is_per_user(tmp_path):
     async with Store.open(tmp_path / "jw.db", hub=EventHub()) as store:
         first = await insert(store, 1, key="x")
-        again = await store.write(partial(jobs.insert, new=new_job(2, "x"), now=101.0))
+        again = await insert_one(store, new_job(2, "x"), now=101.0)
         assert again.existing and again.job.id == first.id
 
 
