@@ -1,7 +1,7 @@
 """Pool: runs handlers and turns their outcomes into store transitions.
 
-Consumes `RunJob` (scheduler), `CancelJob` (admin), `Recover` (monitor), `Statistics`,
-`Drain`/`Reconfigure` (supervisor). Produces `JobFinished` for the scheduler when a slot frees,
+Consumes `RunJobs` (scheduler), `CancelJob` (admin), `Recover` (monitor), `Statistics`,
+`Drain`/`Reconfigure` (supervisor). Produces `JobsEnded` for the scheduler when slots free,
 and talks to the ledger and the breaker on behalf of each job's ctx.call.
 
 Each job runs in its own cancel scope with its kind's timeout. Outcomes: a return value is
@@ -10,6 +10,11 @@ monitor's stuck verdict retries with backoff while attempts remain, else fails; 
 SLA breach) fails at once; a cancel request cancels; `BudgetExhausted` puts the job back in the
 queue to wait for budget, and a shutdown (drain past its grace, or the process being stopped)
 puts it back too; neither spends an attempt.
+
+A job's task ends with its outcome. One recorder task writes the outcomes of every job that
+ended meanwhile in one store write (a savepoint each), then answers whoever waits on them and
+frees their slots in one message: per job, no write of its own, no wake-up, no second cancel
+scope. On shutdown the recorder writes what was handed to it before it stops.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import trio
 
 from actors.breaker import ServiceUnavailable
 from actors.ledger import BudgetExhausted
-from actors.scheduler import JobFinished, RunJob
+from actors.scheduler import JobsEnded, RunJobs
 from daemon import jobs
 from daemon.clock import WallClock
 from daemon.config import Config, RetryPolicy, format_duration
@@ -78,7 +83,7 @@ class Reconfigure(msgspec.Struct):
     config: Config
 
 
-PoolMessage = RunJob | CancelJob | Recover | Statistics | Drain | Reconfigure
+PoolMessage = RunJobs | CancelJob | Recover | Statistics | Drain | Reconfigure
 
 
 def retry_delay(policy: RetryPolicy, attempt: int, rng: random.Random) -> float | None:
@@ -108,15 +113,27 @@ def _recorded_outcome(intended: str, final: JobView | None) -> str:
 
 
 class _Running:
-    __slots__ = ("job", "recovery_replies", "scope", "stop_outcome")
+    __slots__ = (
+        "cancel_replies",
+        "duration",
+        "job",
+        "outcome",
+        "recovery_replies",
+        "scope",
+        "stop_outcome",
+    )
 
-    def __init__(self, job: JobView) -> None:
+    def __init__(self, job: JobView, cancel_replies: list[ReplySlot[JobView]]) -> None:
         self.job = job
         self.scope = trio.CancelScope()
         # Why the scope was canceled, as the outcome to record: a cancel request, a shutdown,
         # or the monitor's verdict.
         self.stop_outcome: Outcome | None = None
+        self.cancel_replies = cancel_replies
         self.recovery_replies: list[ReplySlot[JobView | None]] = []
+        # Set when the handler is over; the job stays here until the recorder has written it.
+        self.outcome: Outcome | None = None
+        self.duration = 0.0
 
     def stop(self, outcome: Outcome) -> None:
         if self.stop_outcome is None:
@@ -152,6 +169,10 @@ class Pool:
         self._cancel_on_arrival: dict[int, list[ReplySlot[JobView]]] = {}
         self._idle = trio.Event()
         self._idle.set()
+        # Jobs whose handler is over, for the recorder to write.
+        self._ended: list[_Running] = []
+        self._ended_ready = trio.Event()
+        self._log = log.bind()
         self.outcomes: dict[str, int] = {}
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -160,11 +181,13 @@ class Pool:
             for channel in channels:
                 await stack.enter_async_context(channel)
             nursery = await stack.enter_async_context(trio.open_nursery())
+            nursery.start_soon(self._record_ended)
             task_status.started()
             async for msg in self._inbox:
                 match msg:
-                    case RunJob(job=job):
-                        self._start(job, nursery)
+                    case RunJobs(jobs=claimed):
+                        for job in claimed:
+                            self._start(job, nursery)
                     case CancelJob():
                         nursery.start_soon(self._cancel, msg)
                     case Recover():
@@ -180,16 +203,16 @@ class Pool:
         return {"running": sorted(self._running), "outcomes": dict(self.outcomes)}
 
     def _start(self, job: JobView, nursery: trio.Nursery) -> None:
-        entry = _Running(job)
+        waiting = self._cancel_on_arrival.pop(job.id, None)
+        entry = _Running(job, waiting or [])
         self._running[job.id] = entry
         if self._idle.is_set():
             # A fresh event only when the pool was idle: a drain waiting on the current one
             # must still be woken when the last running job ends.
             self._idle = trio.Event()
-        waiting = self._cancel_on_arrival.pop(job.id, None)
         if waiting is not None:
             entry.stop(CANCELED)
-        nursery.start_soon(self._run_job, entry, waiting or [])
+        nursery.start_soon(self._run_job, entry)
 
     async def _cancel(self, msg: CancelJob) -> None:
         entry = self._running.get(msg.job_id)
@@ -232,19 +255,22 @@ class Pool:
         if current is None or current.status != "running":
             msg.reply.set(current)
             return
-        msg.reply.set(await self._record(current, outcome))
+        msg.reply.set(
+            await self._store.write(self._transition(current, outcome, self._clock.now()))
+        )
 
     async def _drain(self, grace: float, reply: ReplySlot[int]) -> None:
         with trio.move_on_after(grace):
             await self._idle.wait()
         interrupted = 0
         for entry in list(self._running.values()):
-            entry.stop(INTERRUPTED)
-            interrupted += 1
+            if entry.outcome is None:
+                entry.stop(INTERRUPTED)
+                interrupted += 1
         await self._idle.wait()
         reply.set(interrupted)
 
-    async def _run_job(self, entry: _Running, cancel_replies: list[ReplySlot[JobView]]) -> None:
+    async def _run_job(self, entry: _Running) -> None:
         job = entry.job
         started = trio.current_time()
         structlog.contextvars.bind_contextvars(job=job.id, kind=job.kind)
@@ -252,6 +278,7 @@ class Pool:
             outcome = await self._execute(entry)
         except trio.Cancelled:
             # The process is stopping under us: the job goes back to the queue, unspent.
+            self._forget(job.id)
             with _final_write_scope():
                 await self._store.write(
                     partial(
@@ -262,13 +289,77 @@ class Pool:
                     )
                 )
             raise
+        entry.outcome = outcome
+        entry.duration = trio.current_time() - started
+        self._ended.append(entry)
+        self._ended_ready.set()
+
+    def _forget(self, job_id: int) -> None:
+        del self._running[job_id]
+        if not self._running:
+            self._idle.set()
+
+    async def _record_ended(self) -> None:
+        try:
+            while True:
+                await self._ended_ready.wait()
+                with _final_write_scope():
+                    await self._record_batch()
         finally:
-            del self._running[job.id]
-            if not self._running:
-                self._idle.set()
-        with _final_write_scope():
-            final = await self._record(job, outcome)
-        for reply in cancel_replies + self._cancel_on_arrival.pop(job.id, []):
+            # Stopping: what ended before the stop is written, never left `running`.
+            with _final_write_scope():
+                await self._record_batch()
+
+    async def _record_batch(self) -> None:
+        batch, self._ended = self._ended, []
+        self._ended_ready = trio.Event()
+        if not batch:
+            return
+        now = self._clock.now()
+        finals = await self._store.write_each(
+            [self._transition(entry.job, entry.outcome, now) for entry in batch]
+        )
+        unencodable = [
+            index
+            for index, final in enumerate(finals)
+            if isinstance(final, (TypeError, msgspec.EncodeError))
+        ]
+        if unencodable:
+            failures = await self._store.write_each(
+                [
+                    partial(
+                        jobs.fail,
+                        job_id=batch[index].job.id,
+                        error=error_body(
+                            "HANDLER_ERROR",
+                            f"the result is not JSON: {finals[index]}",
+                            retryable=False,
+                        ),
+                        now=now,
+                    )
+                    for index in unencodable
+                ]
+            )
+            for index, final in zip(unencodable, failures, strict=True):
+                finals[index] = final
+        for entry, final in zip(batch, finals, strict=True):
+            self._settle(entry, final)
+        if not self._running:
+            self._idle.set()
+        self._scheduler.send_nowait(JobsEnded(slots=[(e.job.kind, e.job.user) for e in batch]))
+
+    def _settle(self, entry: _Running, final: JobView | Exception | None) -> None:
+        """Answer whoever waits on a recorded job and count its outcome."""
+        job, outcome = entry.job, entry.outcome
+        assert outcome is not None
+        del self._running[job.id]
+        if isinstance(final, Exception):
+            # Left `running` in the store: the monitor's stuck rule recovers it.
+            self._log.error(
+                "could not record a job's outcome", job=job.id, kind=job.kind, error=str(final)
+            )
+            final = None
+        for reply in entry.cancel_replies + self._cancel_on_arrival.pop(job.id, []):
             if final is not None and final.status == "canceled":
                 reply.set(final)
             else:
@@ -277,19 +368,19 @@ class Pool:
             recovery.set(final)
         # The outcome the store recorded: a "retry" past the last attempt is a failure.
         name = _recorded_outcome(outcome[0], final)
-        duration = trio.current_time() - started
         self.outcomes[name] = self.outcomes.get(name, 0) + 1
-        self._metrics.job_finished(job.kind, name, duration)
-        log.info(
+        self._metrics.job_finished(job.kind, name, entry.duration)
+        self._log.info(
             "job finished",
+            job=job.id,
+            kind=job.kind,
             user=job.user,
             attempt=job.attempt,
             max_attempts=job.max_attempts,
-            duration=round(duration, 3),
+            duration=round(entry.duration, 3),
             outcome=name,
             code=outcome[1].code if isinstance(outcome[1], ErrorBody) else None,
         )
-        await self._scheduler.send(JobFinished(kind=job.kind, user=job.user))
 
     async def _execute(self, entry: _Running) -> Outcome:
         job = entry.job
@@ -350,42 +441,30 @@ class Pool:
             )
         return entry.stop_outcome
 
-    async def _record(self, job: JobView, outcome: Outcome) -> JobView | None:
+    def _transition(self, job: JobView, outcome: Outcome | None, now: float) -> Any:
+        """The store write that records `outcome` for `job`."""
+        assert outcome is not None
         name, detail = outcome
-        now = self._clock.now()
         match name:
             case "done":
-                write = partial(jobs.finish, job_id=job.id, result=detail, now=now)
+                return partial(jobs.finish, job_id=job.id, result=detail, now=now)
             case "failed":
-                write = partial(jobs.fail, job_id=job.id, error=detail, now=now)
+                return partial(jobs.fail, job_id=job.id, error=detail, now=now)
             case "canceled":
-                write = partial(jobs.cancel, job_id=job.id, now=now, expect=("running",))
+                return partial(jobs.cancel, job_id=job.id, now=now, expect=("running",))
             case "interrupted":
-                write = partial(jobs.requeue_unspent, job_id=job.id, reason="INTERRUPTED", now=now)
+                return partial(jobs.requeue_unspent, job_id=job.id, reason="INTERRUPTED", now=now)
             case "budget":
-                write = partial(jobs.requeue_unspent, job_id=job.id, reason="BUDGET_WAIT", now=now)
-            case _:
-                policy = self._config.retry_policy(job.kind)
-                delay = retry_delay(
-                    msgspec.structs.replace(policy, max_attempts=job.max_attempts),
-                    job.attempt,
-                    self._rng,
-                )
-                if delay is None:
-                    write = partial(jobs.fail, job_id=job.id, error=detail, now=now)
-                else:
-                    write = partial(
-                        jobs.retry_later,
-                        job_id=job.id,
-                        error=detail,
-                        available_at=now + delay,
-                        now=now,
-                    )
-        try:
-            return await self._store.write(write)
-        except (TypeError, msgspec.EncodeError) as exc:
-            error = error_body("HANDLER_ERROR", f"the result is not JSON: {exc}", retryable=False)
-            return await self._store.write(partial(jobs.fail, job_id=job.id, error=error, now=now))
+                return partial(jobs.requeue_unspent, job_id=job.id, reason="BUDGET_WAIT", now=now)
+        policy = self._config.retry_policy(job.kind)
+        delay = retry_delay(
+            msgspec.structs.replace(policy, max_attempts=job.max_attempts), job.attempt, self._rng
+        )
+        if delay is None:
+            return partial(jobs.fail, job_id=job.id, error=detail, now=now)
+        return partial(
+            jobs.retry_later, job_id=job.id, error=detail, available_at=now + delay, now=now
+        )
 
     async def _progress(self, job_id: int, fraction: float, message: str | None) -> None:
         await self._store.write(

@@ -1,8 +1,8 @@
 """Scheduler: decides what runs next, and says why everything else waits.
 
-Consumes `JobQueued` (admission), `JobFinished` (pool), `Pause`/`Resume`/`Snapshot`/`Explain`
+Consumes `JobQueued` (admission), `JobsEnded` (pool), `Pause`/`Resume`/`Snapshot`/`Explain`
 (admin), `ServiceState` (breaker), `BudgetState` (ledger), `StopDispatch`/`Reconfigure`
-(supervisor). Produces `RunJob` for the pool, and `position` events through the store.
+(supervisor). Produces `RunJobs` for the pool, and `position` events through the store.
 
 Order: highest priority first; within a priority, round-robin across users by fair tag (a
 user's n-th waiting job gets a tag one past their previous one, and never below the tag being
@@ -60,9 +60,10 @@ class JobQueued(msgspec.Struct):
     kind: str
 
 
-class JobFinished(msgspec.Struct):
-    kind: str
-    user: str
+class JobsEnded(msgspec.Struct):
+    """Jobs the pool has recorded as over: the (kind, user) of each slot that is free again."""
+
+    slots: list[tuple[str, str]]
 
 
 class Pause(msgspec.Struct):
@@ -96,13 +97,13 @@ class Reconfigure(msgspec.Struct):
     config: Config
 
 
-class RunJob(msgspec.Struct):
-    job: JobView
+class RunJobs(msgspec.Struct):
+    jobs: list[JobView]
 
 
 SchedulerMessage = (
     JobQueued
-    | JobFinished
+    | JobsEnded
     | Pause
     | Resume
     | StopDispatch
@@ -260,7 +261,7 @@ class Scheduler:
         store: Store,
         clock: WallClock,
         inbox: trio.MemoryReceiveChannel[SchedulerMessage],
-        pool: trio.MemorySendChannel[RunJob],
+        pool: trio.MemorySendChannel[RunJobs],
         sample: Callable[[], SystemLoad] = sample_system,
     ) -> None:
         self._config = config
@@ -336,13 +337,14 @@ class Scheduler:
         match msg:
             case JobQueued():
                 self._dirty = True
-            case JobFinished(kind=kind, user=user):
-                self._running[kind] = self._running.get(kind, 1) - 1
-                left = self._running_by_user.get(user, 1) - 1
-                if left > 0:
-                    self._running_by_user[user] = left
-                else:
-                    self._running_by_user.pop(user, None)
+            case JobsEnded(slots=slots):
+                for kind, user in slots:
+                    self._running[kind] = self._running.get(kind, 1) - 1
+                    left = self._running_by_user.get(user, 1) - 1
+                    if left > 0:
+                        self._running_by_user[user] = left
+                    else:
+                        self._running_by_user.pop(user, None)
                 self._dirty = True
             case Pause(kind=kind, reply=reply):
                 if kind is None:
@@ -464,7 +466,8 @@ class Scheduler:
         for job in claimed.jobs:
             self._running[job.kind] = self._running.get(job.kind, 0) + 1
             self._running_by_user[job.user] = self._running_by_user.get(job.user, 0) + 1
-            await self._pool.send(RunJob(job=job))
+        if claimed.jobs:
+            await self._pool.send(RunJobs(jobs=claimed.jobs))
 
     def _zone(self) -> ZoneInfo:
         return ZoneInfo(self._config.limits.day_zone(self._config.budget))

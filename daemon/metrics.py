@@ -90,6 +90,7 @@ class Metrics:
             buckets=REQUEST_BUCKETS,
             registry=r,
         )
+        self._job_series: dict[tuple[str, str], tuple[Any, Any, Any]] = {}
 
     def request_done(
         self, listener: str, seconds: float, thresholds: tuple[float, float], **what: str
@@ -105,10 +106,19 @@ class Metrics:
             log.info("slow request", duration=round(seconds, 3), **what)
 
     def job_finished(self, kind: str, outcome: str, seconds: float) -> None:
-        self.processed.labels(kind, outcome).inc()
-        self.duration.labels(kind).observe(seconds)
-        if outcome == "retry":
-            self.retries.labels(kind).inc()
+        # Looking a labelled series up costs more than counting into it, once per job.
+        series = self._job_series.get((kind, outcome))
+        if series is None:
+            series = self._job_series[kind, outcome] = (
+                self.processed.labels(kind, outcome),
+                self.duration.labels(kind),
+                self.retries.labels(kind) if outcome == "retry" else None,
+            )
+        processed, duration, retries = series
+        processed.inc()
+        duration.observe(seconds)
+        if retries is not None:
+            retries.inc()
 
     def set_state(self, health: dict[str, Any], by_status_kind: dict[tuple[str, str], int]) -> None:
         self.jobs.clear()

@@ -18,6 +18,7 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -367,6 +368,13 @@ class Store:
             raise write.error
         return write.result
 
+    async def write_each(
+        self, applies: Sequence[Callable[[sqlite3.Connection, list[Event]], T]]
+    ) -> list[T | Exception]:
+        """Several writes in one transaction, each in a savepoint of its own: one that fails
+        comes back as its exception, in its place, and the others land."""
+        return await self.write(partial(_apply_each, applies))
+
     # -- the read path --------------------------------------------------------------------
 
     async def checkpoint_wal(self) -> None:
@@ -385,6 +393,25 @@ class Store:
             await trio.lowlevel.checkpoint()
             return query(conn)
         return await trio.to_thread.run_sync(query, conn, limiter=self._read_limiter)
+
+
+def _apply_each(
+    applies: Sequence[Callable[[sqlite3.Connection, list[Event]], T]],
+    conn: sqlite3.Connection,
+    events: list[Event],
+) -> list[T | Exception]:
+    results: list[T | Exception] = []
+    for apply in applies:
+        conn.execute("SAVEPOINT each")
+        mark = len(events)
+        try:
+            results.append(apply(conn, events))
+        except Exception as exc:
+            conn.execute("ROLLBACK TO each")
+            del events[mark:]
+            results.append(exc)
+        conn.execute("RELEASE each")
+    return results
 
 
 def add_event(

@@ -157,7 +157,7 @@ class Supervisor:
         self._store = store
         metrics = Metrics()
         # Scheduler and pool feed each other; unbounded buffers keep that cycle from ever
-        # deadlocking. Their depth is bounded anyway: RunJob by free slots, JobQueued by
+        # deadlocking. Their depth is bounded anyway: RunJobs by free slots, JobQueued by
         # admissions, each consumed in the next dispatch round.
         scheduler_tx, scheduler_rx = trio.open_memory_channel[Any](math.inf)
         pool_tx, pool_rx = trio.open_memory_channel[Any](math.inf)
