@@ -18,7 +18,6 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -30,6 +29,7 @@ from daemon.hub import EventHub
 from daemon.protocol import ErrorBody, Event, JobView
 
 T = TypeVar("T")
+X = TypeVar("X")
 log = structlog.get_logger("store")
 
 _json = msgspec.json.Encoder()
@@ -148,6 +148,21 @@ MIGRATIONS: list[str] = [
     DROP INDEX jobs_kind_status;
     CREATE INDEX jobs_kind_order ON jobs(kind, status, priority DESC, fair_tag, id);
     """,
+    """
+    -- The queue's indexes hold queued rows only, so that a job's later transitions (running,
+    -- done) leave them alone: each transition changes one index on status instead of four.
+    -- Queries name `status = 'queued'` literally, which is what lets SQLite use them.
+    DROP INDEX jobs_dispatch;
+    DROP INDEX jobs_order;
+    DROP INDEX jobs_kind_order;
+    DROP INDEX jobs_finished;
+    CREATE INDEX jobs_status ON jobs(status, kind);
+    CREATE INDEX jobs_dispatch ON jobs(available_at) WHERE status = 'queued';
+    CREATE INDEX jobs_order ON jobs(priority DESC, fair_tag, id) WHERE status = 'queued';
+    CREATE INDEX jobs_kind_order ON jobs(kind, priority DESC, fair_tag, id)
+        WHERE status = 'queued';
+    CREATE INDEX jobs_finished ON jobs(finished_at) WHERE finished_at IS NOT NULL;
+    """,
 ]
 
 JOB_COLUMNS = (
@@ -208,6 +223,10 @@ def _connect(path: str, synchronous: str) -> sqlite3.Connection:
     conn.execute(f"PRAGMA synchronous={synchronous}")
     conn.execute("PRAGMA busy_timeout=5000")
     conn.execute("PRAGMA foreign_keys=ON")
+    # Savepoints keep the pages they change in a statement journal: in memory, not a file.
+    conn.execute("PRAGMA temp_store=MEMORY")
+    # 32 MB of page cache (the default is 2 MB): the queue's index pages stay in memory.
+    conn.execute("PRAGMA cache_size=-32768")
     return conn
 
 
@@ -373,7 +392,11 @@ class Store:
     ) -> list[T | Exception]:
         """Several writes in one transaction, each in a savepoint of its own: one that fails
         comes back as its exception, in its place, and the others land."""
-        return await self.write(partial(_apply_each, applies))
+
+        def apply(conn: sqlite3.Connection, events: list[Event]) -> list[T | Exception]:
+            return apply_each(conn, events, applies, lambda one: one(conn, events))
+
+        return await self.write(apply)
 
     # -- the read path --------------------------------------------------------------------
 
@@ -395,22 +418,44 @@ class Store:
         return await trio.to_thread.run_sync(query, conn, limiter=self._read_limiter)
 
 
-def _apply_each(
-    applies: Sequence[Callable[[sqlite3.Connection, list[Event]], T]],
+def apply_each(
     conn: sqlite3.Connection,
     events: list[Event],
+    items: Sequence[X],
+    apply_one: Callable[[X], T],
+    *,
+    reset: Callable[[], None] | None = None,
 ) -> list[T | Exception]:
-    results: list[T | Exception] = []
-    for apply in applies:
-        conn.execute("SAVEPOINT each")
+    """`apply_one(item)` for each item, where one that raises fails alone.
+
+    All items go in one savepoint first. If one raises, all are rolled back (and `reset`
+    called, to forget what they left in memory), then applied again in a savepoint each, so
+    that only the failing ones fail. A savepoint per item from the start would cost more than
+    the items: SQLite copies every page a savepoint changes first.
+    """
+    mark = len(events)
+    conn.execute("SAVEPOINT batch")
+    try:
+        results: list[T | Exception] = [apply_one(item) for item in items]
+    except Exception:
+        conn.execute("ROLLBACK TO batch")
+        del events[mark:]
+        results = []
+    conn.execute("RELEASE batch")
+    if len(results) == len(items):
+        return results
+    if reset is not None:
+        reset()
+    for item in items:
+        conn.execute("SAVEPOINT item")
         mark = len(events)
         try:
-            results.append(apply(conn, events))
+            results.append(apply_one(item))
         except Exception as exc:
-            conn.execute("ROLLBACK TO each")
+            conn.execute("ROLLBACK TO item")
             del events[mark:]
             results.append(exc)
-        conn.execute("RELEASE each")
+        conn.execute("RELEASE item")
     return results
 
 

@@ -93,3 +93,13 @@ async def call_service(ctx: JobContext, payload: dict) -> dict:
         return "ok"
 
     return {"answer": await ctx.call(payload["service"], provider)}
+
+
+# The scope a test runs its daemon in, for `ends_the_daemon` to cancel.
+TEARDOWN: list[trio.CancelScope] = []
+
+
+async def ends_the_daemon(ctx: JobContext, payload: dict) -> dict:
+    """Tears the daemon down as it returns: the outcome reaches the pool during the teardown."""
+    TEARDOWN.pop().cancel()
+    return {"ended": True}

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
+import sqlite3
 
 import pytest
 import trio
 
 from actors.pool import retry_delay
+from daemon import jobs
 from daemon.config import RetryPolicy
 from daemon.errors import RequestError
-from tests.conftest import EPOCH
+from daemon.supervisor import Supervisor
+from tests import handlers
+from tests.conftest import EPOCH, Daemon, idle_machine, make_config
 
 KINDS = """
 [kinds.noop]
@@ -306,3 +311,22 @@ async def test_restart_recovers_running_jobs_and_resumes_checkpoint(
     final = await again.wait_done(job.id)
     assert final.result == {"steps": 4, "resumed_from": 2}
     assert final.attempt == 1
+
+
+async def test_a_job_ending_as_the_daemon_is_torn_down_is_still_recorded(autojump_clock, tmp_path):
+    """The pool hands outcomes to one recorder that writes them in batches; one handed over
+    while the whole daemon is being cancelled must still land, not be left `running`."""
+    config = make_config(tmp_path, '[kinds.last]\nhandler = "tests.handlers:ends_the_daemon"\n')
+    supervisor = Supervisor(
+        config, threaded_store=False, clock_epoch=EPOCH, sample_system=idle_machine
+    )
+    with trio.CancelScope() as teardown:
+        handlers.TEARDOWN.append(teardown)
+        async with trio.open_nursery() as nursery:
+            daemon = Daemon(await nursery.start(supervisor.run), trio.Event())
+            job = await daemon.submit("last")
+            await trio.sleep_forever()
+    assert not handlers.TEARDOWN
+    with contextlib.closing(sqlite3.connect(config.path(config.store.path))) as conn:
+        stored = jobs.get_job(conn, job.id)
+    assert (stored.status, stored.result) == ("done", {"ended": True})

@@ -12,7 +12,7 @@ import trio
 from daemon import jobs
 from daemon.hub import EventHub
 from daemon.protocol import ErrorBody
-from daemon.store import Store, StoreError
+from daemon.store import MIGRATIONS, Store, StoreError
 
 
 def new_job(n: int = 0, key: str | None = None, kind: str = "k") -> jobs.NewJob:
@@ -173,3 +173,68 @@ async def test_reopening_keeps_rows_and_schema(tmp_path):
     async with Store.open(path, hub=EventHub(), synchronous="FULL") as store:
         again = await store.read(partial(jobs.get_job, job_id=job.id))
     assert msgspec.structs.asdict(again) == msgspec.structs.asdict(job)
+
+
+async def test_write_each_fails_only_the_write_that_raised(tmp_path):
+    hub = EventHub()
+    async with Store.open(tmp_path / "jw.db", hub=hub) as store:
+        queued = [await insert(store, n) for n in range(3)]
+        await store.write(partial(jobs.claim, capacity={"k": 3}, total=3, now=200.0))
+        with hub.subscribe(buffer=100) as sub:
+            results = await store.write_each(
+                [
+                    partial(jobs.finish, job_id=queued[0].id, result=1, now=201.0),
+                    # Not JSON: raises inside the transaction, after the others began.
+                    partial(jobs.finish, job_id=queued[1].id, result=object(), now=201.0),
+                    partial(jobs.finish, job_id=queued[2].id, result=3, now=201.0),
+                ]
+            )
+            published = [sub.events.receive_nowait() for _ in range(2)]
+            assert sub.events.statistics().current_buffer_used == 0
+        assert isinstance(results[1], TypeError)
+        assert [results[0].status, results[2].status] == ["done", "done"]
+        assert [event.job for event in published] == [queued[0].id, queued[2].id]
+        stored = [await store.read(partial(jobs.get_job, job_id=job.id)) for job in queued]
+        assert [job.status for job in stored] == ["done", "running", "done"]
+
+
+def _plan(conn: sqlite3.Connection, sql: str) -> str:
+    return " | ".join(row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}"))
+
+
+async def test_a_version_4_database_is_migrated_to_partial_queue_indexes(tmp_path):
+    """Migration 5 swaps the queue's indexes for ones that hold only queued rows; a database
+    written by the previous version keeps its jobs, and the hot queries use the new indexes
+    (without ANALYZE statistics, as a daemon's database has none)."""
+    path = tmp_path / "jw.db"
+    with sqlite3.connect(path, isolation_level=None) as conn:
+        for step in MIGRATIONS[:4]:
+            conn.executescript(f"BEGIN; {step}; COMMIT;")
+        conn.execute("PRAGMA user_version = 4")
+        conn.executemany(
+            "INSERT INTO jobs (kind, user, status, priority, payload, max_attempts, created_at,"
+            " updated_at, available_at, finished_at) VALUES ('k', 'alice', ?, 0, '{}', 4, 1, 1,"
+            " 1, ?)",
+            [("queued", None), ("queued", None), ("done", 5.0)],
+        )
+    async with Store.open(path, hub=EventHub()) as store:
+        claimed = await store.write(partial(jobs.claim, capacity={"k": 1}, total=1, now=10.0))
+        assert [job.id for job in claimed.jobs] == [1]
+        counts = await store.read(jobs.counts_by_status)
+    assert counts == {"queued": 1, "running": 1, "done": 1}
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+        due = _plan(
+            conn,
+            "SELECT MIN(available_at) FROM jobs INDEXED BY jobs_dispatch "
+            "WHERE status = 'queued' AND available_at > 0",
+        )
+        finished = _plan(
+            conn,
+            "SELECT COUNT(*) FROM jobs INDEXED BY jobs_finished "
+            "WHERE status IN ('done', 'failed', 'canceled') AND finished_at > 0",
+        )
+        running = _plan(conn, "SELECT id FROM jobs WHERE status = 'running'")
+    assert "jobs_dispatch (available_at>?)" in due
+    assert "jobs_finished (finished_at>?)" in finished
+    assert "jobs_status (status=?)" in running
