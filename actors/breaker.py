@@ -248,7 +248,6 @@ def save_breaker(
 ) -> None:
     """Store the circuit's state and add a "breaker" event, so `watch` shows the change."""
     add_event(
-        conn,
         events,
         (0, "", service),
         "breaker",

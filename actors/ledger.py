@@ -192,7 +192,7 @@ def record_entry(conn: Any, events: list, *, entry: tuple) -> None:
             "SELECT SUM(usd) FROM ledger WHERE job_id = ?", (job_id,)
         ).fetchone()[0]
         data = {"service": service, "units": units, "usd": usd, "ok": bool(ok), "job_usd": job_usd}
-        add_event(conn, events, (job_id, user, kind), "cost", at, data)
+        add_event(events, (job_id, user, kind), "cost", at, data)
 
 
 def spent(conn: Any, *, day: str, month: str) -> tuple[float, float]:

@@ -42,7 +42,7 @@ from daemon.mailbox import ReplySlot
 from daemon.metrics import Metrics
 from daemon.protocol import ErrorBody, JobView
 from daemon.services import ServiceFailed, ServiceLink
-from daemon.store import Store
+from daemon.store import Store, each
 
 log = structlog.get_logger("pool")
 
@@ -316,29 +316,36 @@ class Pool:
         if not batch:
             return
         now = self._clock.now()
-        finals = await self._store.write_each(
-            [self._transition(entry.job, entry.outcome, now) for entry in batch]
+        recorded = self._store.hand_over(
+            each([self._transition(entry.job, entry.outcome, now) for entry in batch])
         )
+        # The slots are free now. The claim that fills them is a write queued behind this one,
+        # so it commits in the same transaction or a later one: the store never shows more
+        # jobs running than there are slots, and the claim does not wait for this commit.
+        self._scheduler.send_nowait(JobsEnded(slots=[(e.job.kind, e.job.user) for e in batch]))
+        finals = await recorded.committed()
         unencodable = [
             index
             for index, final in enumerate(finals)
             if isinstance(final, (TypeError, msgspec.EncodeError))
         ]
         if unencodable:
-            failures = await self._store.write_each(
-                [
-                    partial(
-                        jobs.fail,
-                        job_id=batch[index].job.id,
-                        error=error_body(
-                            "HANDLER_ERROR",
-                            f"the result is not JSON: {finals[index]}",
-                            retryable=False,
-                        ),
-                        now=now,
-                    )
-                    for index in unencodable
-                ]
+            failures = await self._store.write(
+                each(
+                    [
+                        partial(
+                            jobs.fail,
+                            job_id=batch[index].job.id,
+                            error=error_body(
+                                "HANDLER_ERROR",
+                                f"the result is not JSON: {finals[index]}",
+                                retryable=False,
+                            ),
+                            now=now,
+                        )
+                        for index in unencodable
+                    ]
+                )
             )
             for index, final in zip(unencodable, failures, strict=True):
                 finals[index] = final
@@ -346,7 +353,6 @@ class Pool:
             self._settle(entry, final)
         if not self._running:
             self._idle.set()
-        self._scheduler.send_nowait(JobsEnded(slots=[(e.job.kind, e.job.user) for e in batch]))
 
     def _settle(self, entry: _Running, final: JobView | Exception | None) -> None:
         """Answer whoever waits on a recorded job and count its outcome."""

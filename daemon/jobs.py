@@ -211,7 +211,7 @@ def _insert(
         idempotency_key=new.idempotency_key,
         payload=msgspec.json.decode(new.payload_json),
     )
-    add_event(conn, events, job, "status", now, {"status": "queued", "attempt": 0})
+    add_event(events, job, "status", now, {"status": "queued", "attempt": 0})
     # Only once the job is in: a failed insert leaves the user as it was.
     if user.credits is not None:
         user.credits -= price
@@ -352,7 +352,7 @@ def claim(
                 " heartbeat_at = ?, progress_at = NULL, reason = NULL WHERE id = ?",
                 (attempt, now, now, now, job.id),
             )
-            add_event(conn, events, job, "status", now, {"status": "running", "attempt": attempt})
+            add_event(events, job, "status", now, {"status": "running", "attempt": attempt})
             claimed.append(
                 msgspec.structs.replace(
                     job, status="running", attempt=attempt, started_at=now, updated_at=now
@@ -427,7 +427,7 @@ def _transition(
     data = {"status": status, "attempt": job.attempt, **(detail or {})}
     if reason is not None:
         data["reason"] = reason
-    add_event(conn, events, job, "status", now, data)
+    add_event(events, job, "status", now, data)
     return job
 
 
@@ -610,7 +610,7 @@ def report_progress(
     data: dict[str, Any] = {"fraction": fraction}
     if message is not None:
         data["message"] = message
-    add_event(conn, events, (job_id, row[0], row[1]), "progress", now, data)
+    add_event(events, (job_id, row[0], row[1]), "progress", now, data)
     return True
 
 
@@ -674,7 +674,6 @@ def recover_running(
             if credits:
                 _settle_credits(conn, job_id, user, credits, refund=True)
             add_event(
-                conn,
                 events,
                 (job_id, user, kind),
                 "status",
@@ -689,7 +688,6 @@ def recover_running(
             (recoveries, now, now, job_id),
         )
         add_event(
-            conn,
             events,
             (job_id, user, kind),
             "status",
@@ -871,7 +869,7 @@ def add_position_events(
     }
     for job, data in changed:
         if job.id in still_queued:
-            add_event(conn, events, job, "position", now, data)
+            add_event(events, job, "position", now, data)
 
 
 def job_with_events(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import random
 import sqlite3
+from functools import partial
 
 import pytest
 import trio
@@ -13,6 +14,7 @@ from actors.pool import retry_delay
 from daemon import jobs
 from daemon.config import RetryPolicy
 from daemon.errors import RequestError
+from daemon.protocol import JobView
 from daemon.supervisor import Supervisor
 from tests import handlers
 from tests.conftest import EPOCH, Daemon, idle_machine, make_config
@@ -330,3 +332,38 @@ async def test_a_job_ending_as_the_daemon_is_torn_down_is_still_recorded(autojum
     with contextlib.closing(sqlite3.connect(config.path(config.store.path))) as conn:
         stored = jobs.get_job(conn, job.id)
     assert (stored.status, stored.result) == ("done", {"ended": True})
+
+
+async def test_the_store_never_shows_more_jobs_running_than_slots(tmp_path):
+    """The pool frees a batch's slots as soon as its outcomes are handed to the store, so the
+    next claim overlaps that write; the claim is queued behind it, so no committed state (no
+    prefix of the event log) has more jobs running than `max_concurrent_jobs`. Real threaded
+    store, real clock: the ordering under test is the writer thread's."""
+    config = make_config(tmp_path, KINDS, max_concurrent_jobs=3)
+    supervisor = Supervisor(config, clock_epoch=EPOCH, sample_system=idle_machine)
+    async with trio.open_nursery() as nursery:
+        daemon = Daemon(await nursery.start(supervisor.run), trio.Event())
+        submitted: list[JobView] = []
+
+        async def submit(n: int) -> None:
+            submitted.append(await daemon.submit("noop", {"n": n}))
+
+        # All at once, so that a queue builds and every round of claims fills all slots.
+        async with trio.open_nursery() as submitters:
+            for n in range(300):
+                submitters.start_soon(submit, n)
+        for job in submitted:
+            assert (await daemon.wait_done(job.id)).status == "done"
+        log = await daemon.handle.store.read(
+            partial(jobs.events_since, since=0, job=None, limit=1_000_000)
+        )
+        nursery.cancel_scope.cancel()
+    running: set[int] = set()
+    most = 0
+    for event in log:
+        if event.type == "status" and event.data["status"] == "running":
+            running.add(event.job)
+        elif event.type == "status":
+            running.discard(event.job)
+        most = max(most, len(running))
+    assert most == 3

@@ -12,7 +12,7 @@ import trio
 from daemon import jobs
 from daemon.hub import EventHub
 from daemon.protocol import ErrorBody
-from daemon.store import MIGRATIONS, Store, StoreError
+from daemon.store import MIGRATIONS, Store, StoreError, each
 
 
 def new_job(n: int = 0, key: str | None = None, kind: str = "k") -> jobs.NewJob:
@@ -175,19 +175,21 @@ async def test_reopening_keeps_rows_and_schema(tmp_path):
     assert msgspec.structs.asdict(again) == msgspec.structs.asdict(job)
 
 
-async def test_write_each_fails_only_the_write_that_raised(tmp_path):
+async def test_each_fails_only_the_write_that_raised(tmp_path):
     hub = EventHub()
     async with Store.open(tmp_path / "jw.db", hub=hub) as store:
         queued = [await insert(store, n) for n in range(3)]
         await store.write(partial(jobs.claim, capacity={"k": 3}, total=3, now=200.0))
         with hub.subscribe(buffer=100) as sub:
-            results = await store.write_each(
-                [
-                    partial(jobs.finish, job_id=queued[0].id, result=1, now=201.0),
-                    # Not JSON: raises inside the transaction, after the others began.
-                    partial(jobs.finish, job_id=queued[1].id, result=object(), now=201.0),
-                    partial(jobs.finish, job_id=queued[2].id, result=3, now=201.0),
-                ]
+            results = await store.write(
+                each(
+                    [
+                        partial(jobs.finish, job_id=queued[0].id, result=1, now=201.0),
+                        # Not JSON: raises inside the transaction, after the others began.
+                        partial(jobs.finish, job_id=queued[1].id, result=object(), now=201.0),
+                        partial(jobs.finish, job_id=queued[2].id, result=3, now=201.0),
+                    ]
+                )
             )
             published = [sub.events.receive_nowait() for _ in range(2)]
             assert sub.events.statistics().current_buffer_used == 0

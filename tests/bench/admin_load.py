@@ -19,12 +19,12 @@ import trio
 
 from tests.bench.harness import (
     NOOP_KIND,
+    any_unfinished,
     last_finished_at,
     open_database,
     percentile,
     serving,
     shares,
-    unfinished_jobs,
 )
 
 CONNECTIONS = 8
@@ -120,7 +120,7 @@ async def _paced(socket_path: Path, rate: float, count: int) -> tuple[list[float
 def _wait_until_finished(db_path: Path) -> float:
     """Once every job is done, the last `finished_at`."""
     with open_database(db_path) as conn:
-        while unfinished_jobs(conn):
+        while any_unfinished(conn):
             time.sleep(FINISH_POLL_INTERVAL)
         return last_finished_at(conn)
 

@@ -19,7 +19,7 @@ from daemon.config import Config, load_config_text
 from daemon.logs import configure_logging
 from daemon.mailbox import ReplySlot
 from daemon.supervisor import DaemonHandle, Supervisor
-from tests.bench.harness import NOOP_KIND, config_text, last_finished_at, shares, unfinished_jobs
+from tests.bench.harness import NOOP_KIND, any_unfinished, config_text, last_finished_at, shares
 
 SUBMITTERS = 128
 FINISH_POLL_INTERVAL = 0.05
@@ -40,7 +40,7 @@ async def _run(config: Config, jobs: int) -> dict[str, float]:
             for count in shares(jobs, SUBMITTERS):
                 submitters.start_soon(_submit, handle.admission, count)
         all_accepted_at = handle.clock.now()
-        while await handle.store.read(unfinished_jobs):
+        while await handle.store.read(any_unfinished):
             await trio.sleep(FINISH_POLL_INTERVAL)
         all_done_at = await handle.store.read(last_finished_at)
         writes_per_commit = handle.store.writes / handle.store.batches
