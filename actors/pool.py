@@ -20,6 +20,9 @@ scope. On shutdown the recorder writes what was handed to it before it stops.
 from __future__ import annotations
 
 import contextlib
+import heapq
+import itertools
+import math
 import random
 import traceback
 from functools import partial
@@ -115,16 +118,22 @@ def _recorded_outcome(intended: str, final: JobView | None) -> str:
 class _Running:
     __slots__ = (
         "cancel_replies",
+        "deadline",
         "duration",
         "job",
         "outcome",
         "recovery_replies",
         "scope",
         "stop_outcome",
+        "timeout",
     )
 
-    def __init__(self, job: JobView, cancel_replies: list[ReplySlot[JobView]]) -> None:
+    def __init__(
+        self, job: JobView, cancel_replies: list[ReplySlot[JobView]], timeout: float
+    ) -> None:
         self.job = job
+        self.timeout = timeout
+        self.deadline = trio.current_time() + timeout
         self.scope = trio.CancelScope()
         # Why the scope was canceled, as the outcome to record: a cancel request, a shutdown,
         # or the monitor's verdict.
@@ -172,6 +181,13 @@ class Pool:
         # Jobs whose handler is over, for the recorder to write.
         self._ended: list[_Running] = []
         self._ended_ready = trio.Event()
+        # Every running job's timeout, earliest first, and the wait until the earliest. One
+        # task enforces them all: a deadline on each job's cancel scope costs trio more per
+        # job than a no-op job costs the store.
+        self._timeouts: list[tuple[float, int, _Running]] = []
+        # Breaks ties between equal deadlines (a job retried at once is there twice).
+        self._started = itertools.count()
+        self._timeout_wait = trio.CancelScope()
         self._log = log.bind()
         self.outcomes: dict[str, int] = {}
 
@@ -182,6 +198,7 @@ class Pool:
                 await stack.enter_async_context(channel)
             nursery = await stack.enter_async_context(trio.open_nursery())
             nursery.start_soon(self._record_ended)
+            nursery.start_soon(self._enforce_timeouts)
             task_status.started()
             async for msg in self._inbox:
                 match msg:
@@ -204,8 +221,12 @@ class Pool:
 
     def _start(self, job: JobView, nursery: trio.Nursery) -> None:
         waiting = self._cancel_on_arrival.pop(job.id, None)
-        entry = _Running(job, waiting or [])
+        kind = self._config.kinds.get(job.kind)
+        entry = _Running(job, waiting or [], kind.timeout if kind is not None else math.inf)
         self._running[job.id] = entry
+        heapq.heappush(self._timeouts, (entry.deadline, next(self._started), entry))
+        if entry.deadline < self._timeout_wait.deadline:
+            self._timeout_wait.deadline = entry.deadline
         if self._idle.is_set():
             # A fresh event only when the pool was idle: a drain waiting on the current one
             # must still be woken when the last running job ends.
@@ -294,8 +315,33 @@ class Pool:
         self._ended.append(entry)
         self._ended_ready.set()
 
+    async def _enforce_timeouts(self) -> None:
+        while True:
+            earliest = self._timeouts[0][0] if self._timeouts else math.inf
+            self._timeout_wait = trio.CancelScope(deadline=earliest)
+            with self._timeout_wait:
+                await trio.sleep_forever()
+            now = trio.current_time()
+            while self._timeouts and self._timeouts[0][0] <= now:
+                _, _, entry = heapq.heappop(self._timeouts)
+                if entry.outcome is None:
+                    message = (
+                        f"the job ran longer than its timeout of {format_duration(entry.timeout)}"
+                    )
+                    entry.stop(("retry", error_body("TIMEOUT", message)))
+
+    def _drop_finished_timeouts(self) -> None:
+        """Finished jobs' timeouts stay in the heap until they come due; rebuild it when they
+        outnumber the running ones, so it never grows with the jobs that went through."""
+        if len(self._timeouts) > 2 * len(self._running) + 64:
+            self._timeouts = [
+                (entry.deadline, next(self._started), entry) for entry in self._running.values()
+            ]
+            heapq.heapify(self._timeouts)
+
     def _forget(self, job_id: int) -> None:
         del self._running[job_id]
+        self._drop_finished_timeouts()
         if not self._running:
             self._idle.set()
 
@@ -351,6 +397,7 @@ class Pool:
                 finals[index] = final
         for entry, final in zip(batch, finals, strict=True):
             self._settle(entry, final)
+        self._drop_finished_timeouts()
         if not self._running:
             self._idle.set()
 
@@ -419,9 +466,7 @@ class Pool:
             services=services,
         )
         try:
-            # The job's own scope carries its timeout too: one scope per job, not two.
             with entry.scope:
-                entry.scope.deadline = trio.current_time() + kind.timeout
                 return "done", await runner(kind, ctx, job.payload)
         except Fail as exc:
             return "failed", error_body(exc.code, str(exc), retryable=False)
@@ -440,11 +485,8 @@ class Pool:
                 retryable=True,
                 technical_message="".join(traceback.format_exception(exc)[-3:]),
             )
-        if entry.stop_outcome is None:
-            # Canceled with nobody asking: the deadline passed.
-            return "retry", error_body(
-                "TIMEOUT", f"the job ran longer than its timeout of {format_duration(kind.timeout)}"
-            )
+        # Only `stop` cancels the scope, and it says why.
+        assert entry.stop_outcome is not None
         return entry.stop_outcome
 
     def _transition(self, job: JobView, outcome: Outcome | None, now: float) -> Any:

@@ -125,6 +125,20 @@ async def test_hung_handler_times_out_at_exactly_its_timeout(autojump_clock, sta
     ]
 
 
+async def test_a_shorter_timeout_started_later_still_fires_on_time(autojump_clock, start_daemon):
+    """One task enforces all timeouts, waiting for the earliest: a job with a 10-minute
+    timeout that starts after one with an hour must not wait for the hour."""
+    daemon = await start_daemon(
+        KINDS.replace('timeout = "10m"', 'timeout = "10m"\nmax_attempts = 1')
+    )
+    long = await daemon.submit("sleepy", {"seconds": 3000})
+    await trio.sleep(60)
+    short = await daemon.submit("hang")
+    final = await daemon.wait_done(short.id)
+    assert (final.error.code, final.finished_at - EPOCH) == ("TIMEOUT", 660.0)
+    assert (await daemon.job(long.id)).status == "running"
+
+
 async def test_typed_payload_is_validated_at_admission(autojump_clock, start_daemon):
     daemon = await start_daemon(KINDS)
     with pytest.raises(RequestError) as refused:
