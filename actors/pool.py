@@ -12,9 +12,10 @@ queue to wait for budget, and a shutdown (drain past its grace, or the process b
 puts it back too; neither spends an attempt.
 
 A job's task ends with its outcome. One recorder task writes the outcomes of every job that
-ended meanwhile in one store write (a savepoint each), then answers whoever waits on them and
-frees their slots in one message: per job, no write of its own, no wake-up, no second cancel
-scope. On shutdown the recorder writes what was handed to it before it stops.
+ended meanwhile in one store write (each job isolated), frees their slots in one message as soon
+as that write is queued, and answers whoever waits on them once it is committed: per job, no
+write of its own and no wake-up. On shutdown the recorder writes what was handed to it before
+it stops.
 """
 
 from __future__ import annotations

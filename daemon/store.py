@@ -6,8 +6,9 @@ write does not spoil its batch), commits once, and only then wakes each caller a
 the batch's events. Under load many writes share one fsync; idle, a write commits alone.
 Reads go through a second connection in WAL mode and never wait for the writer.
 
-Each transition is one write: the job row changes and one event row is added, in the same
-savepoint, so the event log and the jobs table can never disagree, even after `kill -9`.
+Each transition changes the job row and adds one event row in the same write (the event rows
+a write collects are inserted when it returns, in one statement), so the event log and the jobs
+table can never disagree, even after `kill -9`.
 """
 
 from __future__ import annotations
