@@ -29,55 +29,28 @@ import msgspec
 import psutil
 import structlog
 import trio
-
-from actors.ledger import BudgetCalendar, BudgetState
-from actors.scheduler import JobQueued
-from daemon import jobs, users
-from daemon.clock import WallClock
-from daemon.config import Config, format_size, parse_rate
-from daemon.errors import RequestError
-from daemon.handlers import validate_payload
-from daemon.jobs import Admitted, NewJob, Quota, Refused
-from daemon.mailbox import ReplySlot
-from daemon.metrics import Metrics
-from daemon.protocol import JobView
-from daemon.store import Store
+from jobwarden.actors.handlers import validate_payload
+from jobwarden.actors.ledger import BudgetCalendar
+from jobwarden.actors.messages import (
+    AdmissionMessage,
+    BudgetState,
+    JobQueued,
+    Reconfigure,
+    Requeue,
+    StopAdmitting,
+    Submit,
+    UserRate,
+)
+from jobwarden.clock import WallClock
+from jobwarden.config import Config, format_size, parse_rate
+from jobwarden.errors import RequestError
+from jobwarden.metrics import Metrics
+from jobwarden.store import jobs, users
+from jobwarden.store.engine import Store
+from jobwarden.store.jobs import Admitted, NewJob, Quota, Refused
 
 log = structlog.get_logger("admission")
 
-
-class Submit(msgspec.Struct):
-    kind: str
-    payload: Any
-    user: str
-    reply: ReplySlot[tuple[JobView, bool]]
-    priority: int | None = None
-    idempotency_key: str | None = None
-
-
-class Requeue(msgspec.Struct):
-    """An operator's retry of a failed or canceled job."""
-
-    job_id: int
-    reply: ReplySlot[JobView]
-
-
-class StopAdmitting(msgspec.Struct):
-    pass
-
-
-class UserRate(msgspec.Struct):
-    """A user's own rate limit changed ("30/min", "off"); None: back to the default."""
-
-    user: str
-    rate: str | None
-
-
-class Reconfigure(msgspec.Struct):
-    config: Config
-
-
-AdmissionMessage = Submit | Requeue | StopAdmitting | Reconfigure | BudgetState | UserRate
 
 _encoder = msgspec.json.Encoder()
 # Most submissions folded into one store write.

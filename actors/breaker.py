@@ -1,9 +1,9 @@
 """Breaker: one circuit per external service, and the service's concurrency and rate limits.
 
-Consumes `Permit`, `Withdraw` and `Done` from jobs calling through ctx.call,
-`Reset`/`Trip`/`Snapshot` from the admin socket, `Reconfigure` from the supervisor. Produces
-`ServiceState` for the scheduler (which holds jobs whose kind needs an open service) and
-alerts for the monitor.
+Consumes `Permit`, `Withdraw` and `CallDone` from jobs calling through ctx.call,
+`BreakerReset`/`BreakerTrip`/`BreakerSnapshot` from the admin socket, `Reconfigure` from the
+supervisor. Produces `ServiceState` for the scheduler (which holds jobs whose kind needs an open
+service) and alerts for the monitor.
 
 CLOSED -> OPEN after `failures` consecutive failures, or an error rate above `error_rate`
 over `window` once `min_calls` were seen. OPEN refuses at once until `recovery` has passed.
@@ -21,83 +21,30 @@ from collections import deque
 from functools import partial
 from typing import Any, Literal
 
-import msgspec
 import structlog
 import trio
-
-from daemon.alerts import RaiseAlert
-from daemon.clock import WallClock
-from daemon.config import BreakerSpec, Config, ServiceSection, format_duration
-from daemon.errors import RequestError
-from daemon.mailbox import ReplySlot, receive_by
-from daemon.store import Store, add_event
+from jobwarden.actors.messages import (
+    BreakerMessage,
+    BreakerReset,
+    BreakerSnapshot,
+    BreakerTrip,
+    CallDone,
+    Permit,
+    RaiseAlert,
+    Reconfigure,
+    ServiceState,
+    Token,
+    Withdraw,
+)
+from jobwarden.clock import WallClock
+from jobwarden.config import BreakerSpec, Config, ServiceSection, format_duration
+from jobwarden.errors import RequestError, ServiceUnavailable
+from jobwarden.mailbox import ReplySlot, receive_by
+from jobwarden.store.engine import Store, add_event
 
 log = structlog.get_logger("breaker")
 
 State = Literal["closed", "open", "half_open"]
-
-
-class ServiceUnavailable(Exception):
-    """The service's circuit is open: the call was not made."""
-
-    def __init__(self, service: str, until: float | None) -> None:
-        super().__init__(f"service '{service}' is unavailable (circuit open)")
-        self.service = service
-        self.until = until
-
-
-class Token(msgspec.Struct, frozen=True):
-    service: str
-    id: int
-    probe: bool
-
-
-class Permit(msgspec.Struct):
-    service: str
-    reply: ReplySlot[Token]
-
-
-class Done(msgspec.Struct):
-    """A permitted call ended: ok, failed, or abandoned (canceled by us: no verdict)."""
-
-    token: Token
-    outcome: Literal["ok", "failed", "abandoned"]
-
-
-class Withdraw(msgspec.Struct):
-    """The caller stopped waiting for its permit (its job was stopped). Nobody will use it:
-    it leaves the queue, or, if it was granted meanwhile, gives its slot back."""
-
-    service: str
-    reply: ReplySlot[Token]
-
-
-class Reset(msgspec.Struct):
-    service: str
-    reply: ReplySlot[dict[str, Any]]
-
-
-class Trip(msgspec.Struct):
-    service: str
-    reply: ReplySlot[dict[str, Any]]
-
-
-class Snapshot(msgspec.Struct):
-    reply: ReplySlot[dict[str, Any]]
-
-
-class Reconfigure(msgspec.Struct):
-    config: Config
-
-
-class ServiceState(msgspec.Struct):
-    """Told to the scheduler whenever a circuit changes: open_until None means usable."""
-
-    service: str
-    open_until: float | None
-
-
-BreakerMessage = Permit | Withdraw | Done | Reset | Trip | Snapshot | Reconfigure
 
 
 class Circuit:
@@ -352,7 +299,7 @@ class Breaker:
                 service = self._services.get(name)
                 if service is not None:
                     self._withdraw(service, reply)
-            case Done(token=token, outcome=outcome):
+            case CallDone(token=token, outcome=outcome):
                 service = self._services.get(token.service)
                 if service is None:
                     return
@@ -368,9 +315,9 @@ class Breaker:
                     service.failures += outcome == "failed"
                     service.circuit.record(self._clock.now(), outcome == "ok", probe)
                 await self._changed(service, before)
-            case Reset() | Trip():
+            case BreakerReset() | BreakerTrip():
                 await self._operator(msg)
-            case Snapshot(reply=reply):
+            case BreakerSnapshot(reply=reply):
                 reply.set({name: self._view(s) for name, s in self._services.items()})
             case Reconfigure(config=config):
                 self._config = config
@@ -389,14 +336,14 @@ class Breaker:
                     service.circuit.abandon(token_id)
                 return
 
-    async def _operator(self, msg: Reset | Trip) -> None:
+    async def _operator(self, msg: BreakerReset | BreakerTrip) -> None:
         service = self._services.get(msg.service)
         if service is None:
             known = ", ".join(sorted(self._services)) or "none"
             msg.reply.fail(RequestError("NOT_FOUND", f"no service '{msg.service}' ({known})"))
             return
         before = service.circuit.state
-        if isinstance(msg, Reset):
+        if isinstance(msg, BreakerReset):
             service.circuit.reset(self._clock.now())
         else:
             service.circuit.trip(self._clock.now())

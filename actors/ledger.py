@@ -1,7 +1,7 @@
 """Ledger: what every external call costs, and the hard budget that spending never crosses.
 
 Consumes `Reserve`/`Settle`/`Release` from ctx.call, `Charge` from command kinds,
-`BudgetQuery`/`SetBudget`/`ResumeBudget`/`Report` from the admin socket, `Reconfigure`.
+`BudgetQuery`/`SetBudget`/`ResumeBudget`/`LedgerReport` from the admin socket, `Reconfigure`.
 Produces `BudgetState` for admission and the scheduler, and alerts for the monitor.
 
 A call first reserves its price. The reservation is refused when the day's (or month's)
@@ -21,21 +21,34 @@ import itertools
 import math
 from datetime import datetime, timedelta
 from functools import partial
-from typing import Any, Literal
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import msgspec
 import structlog
 import trio
-
-from daemon import jobs
-from daemon.alerts import RaiseAlert
-from daemon.clock import WallClock
-from daemon.config import Config
-from daemon.errors import RequestError
-from daemon.mailbox import ReplySlot, receive_by
-from daemon.metrics import Metrics
-from daemon.store import Store, add_event
+from jobwarden.actors.messages import (
+    BudgetQuery,
+    BudgetState,
+    Charge,
+    LedgerMessage,
+    LedgerReport,
+    RaiseAlert,
+    Reconfigure,
+    Release,
+    Reservation,
+    Reserve,
+    ResumeBudget,
+    SetBudget,
+    Settle,
+)
+from jobwarden.clock import WallClock
+from jobwarden.config import Config
+from jobwarden.errors import BudgetExhausted, RequestError
+from jobwarden.mailbox import receive_by
+from jobwarden.metrics import Metrics
+from jobwarden.store import jobs
+from jobwarden.store.engine import Store, add_event
 
 log = structlog.get_logger("ledger")
 
@@ -43,104 +56,6 @@ LIMITS_SETTING = "budget_limits"
 OVERRIDE_SETTING = "budget_override_day"
 # Money is compared with this slack so float sums like 10 x 0.024 still fit 0.24.
 EPSILON = 1e-9
-
-
-class BudgetExhausted(Exception):
-    """A call was refused: it would cross the budget. The job waits for the next budget day."""
-
-    def __init__(self, message: str, until: float) -> None:
-        super().__init__(message)
-        self.until = until
-
-
-class Reservation(msgspec.Struct, frozen=True):
-    id: int
-    job: int | None
-    user: str
-    kind: str
-    service: str
-    units: float
-    usd: float
-
-
-class Reserve(msgspec.Struct):
-    job: int | None
-    user: str
-    kind: str
-    service: str
-    units: float
-    reply: ReplySlot[Reservation]
-
-
-class Settle(msgspec.Struct):
-    reservation: Reservation
-    units: float
-    ok: bool
-    reply: ReplySlot[float]
-
-
-class Release(msgspec.Struct):
-    """A reserved call that was never made (its circuit was open)."""
-
-    reservation: Reservation
-
-
-class Charge(msgspec.Struct):
-    """A cost reported after the fact (a command kind's `{"charge": ...}` line)."""
-
-    job: int | None
-    user: str
-    kind: str
-    service: str
-    units: float
-    reply: ReplySlot[float]
-
-
-class BudgetQuery(msgspec.Struct):
-    reply: ReplySlot[dict[str, Any]]
-
-
-class SetBudget(msgspec.Struct):
-    daily_usd: float | None
-    monthly_usd: float | None
-    reply: ReplySlot[dict[str, Any]]
-
-
-class ResumeBudget(msgspec.Struct):
-    reply: ReplySlot[dict[str, Any]]
-
-
-class Report(msgspec.Struct):
-    """Totals for a day ("2026-11-22") or a month ("2026-11"), grouped by service/user/kind."""
-
-    period: str
-    by: Literal["service", "user", "kind"]
-    reply: ReplySlot[dict[str, Any]]
-
-
-class Reconfigure(msgspec.Struct):
-    config: Config
-
-
-class BudgetState(msgspec.Struct):
-    """Told to admission and the scheduler: stopped until `until` (None: not stopped)."""
-
-    stopped: bool
-    until: float | None = None
-    reason: str = ""
-
-
-LedgerMessage = (
-    Reserve
-    | Settle
-    | Release
-    | Charge
-    | BudgetQuery
-    | SetBudget
-    | ResumeBudget
-    | Report
-    | Reconfigure
-)
 
 
 class Limits(msgspec.Struct):
@@ -356,7 +271,7 @@ class Ledger:
                 )
                 await self._set_stop(BudgetState(stopped=False))
                 reply.set(self._view())
-            case Report(period=period, by=by, reply=reply):
+            case LedgerReport(period=period, by=by, reply=reply):
                 reply.set(await self._report(period, by))
             case Reconfigure(config=config):
                 self._config = config

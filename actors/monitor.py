@@ -31,19 +31,25 @@ import msgspec
 import psutil
 import structlog
 import trio
-
-from actors.breaker import Snapshot as BreakerSnapshot
-from actors.ledger import BudgetQuery
-from actors.pool import Recover, Statistics
-from actors.scheduler import Snapshot
-from daemon import jobs
-from daemon.alerts import RaiseAlert
-from daemon.clock import WallClock
-from daemon.config import Config, format_duration
-from daemon.errors import error_body
-from daemon.mailbox import ReplySlot, ask, receive_by
-from daemon.metrics import Metrics
-from daemon.store import Store
+from jobwarden.actors.messages import (
+    BreakerSnapshot,
+    BudgetQuery,
+    HealthQuery,
+    MonitorMessage,
+    PoolStatistics,
+    RaiseAlert,
+    Reconfigure,
+    Recover,
+    RunRules,
+    SchedulerSnapshot,
+)
+from jobwarden.clock import WallClock
+from jobwarden.config import Config, format_duration
+from jobwarden.errors import error_body
+from jobwarden.mailbox import ReplySlot, ask, receive_by
+from jobwarden.metrics import Metrics
+from jobwarden.store import jobs
+from jobwarden.store.engine import Store
 
 log = structlog.get_logger("monitor")
 
@@ -51,24 +57,6 @@ Rule = Literal["stuck", "stall", "sla", "queued_timeout"]
 # After a full prune batch, come back this soon for the next one instead of a whole interval.
 PRUNE_AGAIN_AFTER = 1.0
 GIB = 1024**3
-
-
-class RunRules(msgspec.Struct):
-    dry_run: bool
-    reply: ReplySlot[list[dict[str, Any]]]
-
-
-class HealthQuery(msgspec.Struct):
-    reply: ReplySlot[dict[str, Any]]
-    # Also count jobs by (status, kind) for the metrics scrape.
-    by_kind: bool = False
-
-
-class Reconfigure(msgspec.Struct):
-    config: Config
-
-
-MonitorMessage = RunRules | HealthQuery | Reconfigure | RaiseAlert
 
 
 class Finding(msgspec.Struct, omit_defaults=True):
@@ -350,10 +338,10 @@ class Monitor:
         self._metrics.stuck_recovered.labels(finding.rule).inc()
 
     async def _scheduler_snapshot(self) -> dict[str, Any]:
-        return await ask(self._scheduler, Snapshot)
+        return await ask(self._scheduler, SchedulerSnapshot)
 
     async def _check_failure_rate(self, now: float) -> None:
-        outcomes = (await ask(self._pool, Statistics))["outcomes"]
+        outcomes = (await ask(self._pool, PoolStatistics))["outcomes"]
         self._history.append((now, outcomes.get("done", 0), outcomes.get("failed", 0)))
         monitor = self._config.monitor
         rate, finished = failure_rate(self._history, now, monitor.failure_window)

@@ -1,6 +1,6 @@
 """Pool: runs handlers and turns their outcomes into store transitions.
 
-Consumes `RunJobs` (scheduler), `CancelJob` (admin), `Recover` (monitor), `Statistics`,
+Consumes `RunJobs` (scheduler), `CancelJob` (admin), `Recover` (monitor), `PoolStatistics`,
 `Drain`/`Reconfigure` (supervisor). Produces `JobsEnded` for the scheduler when slots free,
 and talks to the ledger and the breaker on behalf of each job's ctx.call.
 
@@ -33,61 +33,39 @@ import msgspec
 import structlog
 import structlog.contextvars
 import trio
-
-from actors.breaker import ServiceUnavailable
-from actors.ledger import BudgetExhausted
-from actors.scheduler import JobsEnded, RunJobs
-from daemon import jobs
-from daemon.clock import WallClock
-from daemon.config import Config, RetryPolicy, format_duration
-from daemon.errors import RequestError, error_body
-from daemon.handlers import Fail, JobContext, Retry, run_command, run_python
-from daemon.mailbox import ReplySlot
-from daemon.metrics import Metrics
-from daemon.protocol import ErrorBody, JobView
-from daemon.services import ServiceFailed, ServiceLink
-from daemon.store import Store, each
+from jobwarden.actors.handlers import JobContext, run_command, run_python
+from jobwarden.actors.messages import (
+    CancelJob,
+    Drain,
+    JobsEnded,
+    PoolMessage,
+    PoolStatistics,
+    Reconfigure,
+    Recover,
+    RunJobs,
+)
+from jobwarden.actors.services import ServiceLink
+from jobwarden.clock import WallClock
+from jobwarden.config import Config, RetryPolicy, format_duration
+from jobwarden.errors import (
+    BudgetExhausted,
+    Fail,
+    RequestError,
+    Retry,
+    ServiceFailed,
+    ServiceUnavailable,
+    error_body,
+)
+from jobwarden.mailbox import ReplySlot
+from jobwarden.metrics import Metrics
+from jobwarden.store import jobs
+from jobwarden.store.engine import Store, each
+from jobwarden.wire.views import ErrorBody, JobView
 
 log = structlog.get_logger("pool")
 
 # Bounds the final write of a job whose task is being torn down, so shutdown cannot hang on it.
 FINAL_WRITE_TIMEOUT = 10.0
-
-
-class CancelJob(msgspec.Struct):
-    job_id: int
-    reply: ReplySlot[JobView]
-
-
-class Drain(msgspec.Struct):
-    """Let running jobs finish within `grace` seconds, then interrupt the rest."""
-
-    grace: float
-    reply: ReplySlot[int]
-
-
-class Recover(msgspec.Struct):
-    """The monitor's verdict on a running job: stop it and record `error`.
-
-    retry=True follows the kind's retry policy (requeue with backoff while attempts remain,
-    else fail with `error`); retry=False fails it now. The reply says what became of it.
-    """
-
-    job_id: int
-    error: ErrorBody
-    retry: bool
-    reply: ReplySlot[JobView | None]
-
-
-class Statistics(msgspec.Struct):
-    reply: ReplySlot[dict[str, Any]]
-
-
-class Reconfigure(msgspec.Struct):
-    config: Config
-
-
-PoolMessage = RunJobs | CancelJob | Recover | Statistics | Drain | Reconfigure
 
 
 def retry_delay(policy: RetryPolicy, attempt: int, rng: random.Random) -> float | None:
@@ -210,7 +188,7 @@ class Pool:
                         nursery.start_soon(self._cancel, msg)
                     case Recover():
                         nursery.start_soon(self._recover, msg)
-                    case Statistics(reply=reply):
+                    case PoolStatistics(reply=reply):
                         reply.set(self.statistics())
                     case Drain(grace=grace, reply=reply):
                         nursery.start_soon(self._drain, grace, reply)

@@ -1,6 +1,6 @@
 """Scheduler: decides what runs next, and says why everything else waits.
 
-Consumes `JobQueued` (admission), `JobsEnded` (pool), `Pause`/`Resume`/`Snapshot`/`Explain`
+Consumes `JobQueued` (admission), `JobsEnded` (pool), `Pause`/`Resume`/`SchedulerSnapshot`/`Explain`
 (admin), `ServiceState` (breaker), `BudgetState` (ledger), `StopDispatch`/`Reconfigure`
 (supervisor). Produces `RunJobs` for the pool, and `position` events through the store.
 
@@ -39,15 +39,29 @@ import msgspec
 import psutil
 import structlog
 import trio
-
-from actors.breaker import ServiceState
-from actors.ledger import BudgetState
-from daemon import jobs, users
-from daemon.clock import WallClock
-from daemon.config import Config, KindSection, format_size
-from daemon.mailbox import ReplySlot
-from daemon.protocol import JobView
-from daemon.store import Store
+from jobwarden.actors.messages import (
+    BudgetState,
+    Explain,
+    JobQueued,
+    JobsEnded,
+    Pause,
+    PauseState,
+    Reconfigure,
+    Resume,
+    RunJobs,
+    SchedulerMessage,
+    SchedulerSnapshot,
+    ServiceState,
+    StopDispatch,
+    SystemLoad,
+    WaitingInfo,
+)
+from jobwarden.clock import WallClock
+from jobwarden.config import Config, KindSection, format_size
+from jobwarden.mailbox import ReplySlot
+from jobwarden.store import jobs, users
+from jobwarden.store.engine import Store
+from jobwarden.wire.views import JobView
 
 log = structlog.get_logger("scheduler")
 
@@ -56,90 +70,10 @@ PAUSED_SETTING = "paused"
 TURN_REASON = "position"
 
 
-class JobQueued(msgspec.Struct):
-    kind: str
-
-
-class JobsEnded(msgspec.Struct):
-    """Jobs the pool has recorded as over: the (kind, user) of each slot that is free again."""
-
-    slots: list[tuple[str, str]]
-
-
-class Pause(msgspec.Struct):
-    """Pause one kind, or everything when kind is None."""
-
-    kind: str | None
-    reply: ReplySlot[dict[str, Any]]
-
-
-class Resume(msgspec.Struct):
-    kind: str | None
-    reply: ReplySlot[dict[str, Any]]
-
-
-class StopDispatch(msgspec.Struct):
-    pass
-
-
-class Snapshot(msgspec.Struct):
-    reply: ReplySlot[dict[str, Any]]
-
-
-class Explain(msgspec.Struct):
-    """Where each of these queued jobs is and why it waits."""
-
-    jobs: list[JobView]
-    reply: ReplySlot[dict[int, WaitingInfo]]
-
-
-class Reconfigure(msgspec.Struct):
-    config: Config
-
-
-class RunJobs(msgspec.Struct):
-    jobs: list[JobView]
-
-
-SchedulerMessage = (
-    JobQueued
-    | JobsEnded
-    | Pause
-    | Resume
-    | StopDispatch
-    | Snapshot
-    | Explain
-    | Reconfigure
-    | ServiceState
-    | BudgetState
-)
-
-
-class PauseState(msgspec.Struct):
-    kinds: list[str] = []
-    all: bool = False
-
-
-class SystemLoad(msgspec.Struct, frozen=True):
-    memory_percent: float
-    memory_available: int
-    cpu_percent: float
-
-
 def sample_system() -> SystemLoad:
     memory = psutil.virtual_memory()
     # CPU use since the previous call: the average over the sampling interval.
     return SystemLoad(memory.percent, memory.available, psutil.cpu_percent(interval=None))
-
-
-class WaitingInfo(msgspec.Struct, frozen=True):
-    """A queued job's place: 1-based, overall and in its kind's queue, and one reason."""
-
-    position: int
-    queued: int
-    kind_position: int
-    kind_queued: int
-    reason: str
 
 
 class WaitState(msgspec.Struct, frozen=True):
@@ -369,7 +303,7 @@ class Scheduler:
             case StopDispatch():
                 self._dispatching = False
                 self._positions_stale.set()
-            case Snapshot(reply=reply):
+            case SchedulerSnapshot(reply=reply):
                 reply.set(self.statistics())
             case Explain(jobs=queued, reply=reply):
                 # Answered from a task of its own: it reads the store, and dispatch must not

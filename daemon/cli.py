@@ -22,15 +22,15 @@ from typing import Any, NamedTuple, NoReturn, get_args
 
 import msgspec
 import trio
+from jobwarden.client import AdminClient, DaemonError, DaemonUnreachable, WebSocketClient, connect
+from jobwarden.config import check_handlers, find_config, load_config, parse_rate
+from jobwarden.errors import ConfigError
+from jobwarden.wire.views import TERMINAL_STATUSES, ErrorBody, JobStatus, JobView
 from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
 from rich.table import Table
 from rich.text import Text
-
-from daemon.client import AdminClient, DaemonError, DaemonUnreachable, WebSocketClient, connect
-from daemon.config import ConfigError, check_handlers, find_config, load_config, parse_rate
-from daemon.protocol import TERMINAL_STATUSES, ErrorBody, JobStatus, JobView
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -379,7 +379,7 @@ def _statuses(text: str) -> list[str]:
 
 def _serve(args: argparse.Namespace) -> int:
     # Imported here so that talking to a daemon never loads the daemon itself.
-    from daemon.supervisor import serve_main
+    from jobwarden.process.supervisor import serve_main
 
     return serve_main(find_config(args.config))
 
@@ -462,7 +462,7 @@ def _add_loadtest_arguments(loadtest: argparse.ArgumentParser) -> None:
 
 def _loadtest(args: argparse.Namespace) -> int:
     # Imported here, as for serve: only this command runs a daemon in this process.
-    from daemon.loadtest import loadtest_main
+    from jobwarden.tools.loadtest import loadtest_main
 
     return loadtest_main(args)
 

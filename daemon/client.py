@@ -31,24 +31,15 @@ from urllib.parse import urlsplit
 import msgspec
 import trio
 import trio_websocket
+from jobwarden.wire.admin import Reply, Request, encode_line
+from jobwarden.wire.views import TERMINAL_STATUSES, ErrorBody, Event, JobStatus, JobView
+from jobwarden.wire.websocket import WatchKey
 from trio_websocket import (
     ConnectionClosed,
     ConnectionRejected,
     ConnectionTimeout,
     HandshakeError,
     WebSocketConnection,
-)
-
-from daemon.protocol import (
-    TERMINAL_STATUSES,
-    ErrorBody,
-    Event,
-    JobStatus,
-    JobView,
-    Reply,
-    Request,
-    WatchKey,
-    encode_line,
 )
 
 

@@ -18,12 +18,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import msgspec
+from jobwarden.errors import ConfigError
 
 ENV_CONFIG = "JOBWARDEN_CONFIG"
-
-
-class ConfigError(Exception):
-    """A config file that cannot be used; the message names the key path."""
 
 
 class Duration(float):

@@ -1,10 +1,13 @@
-"""The one error shape, and the exception that carries it across actor boundaries."""
+"""Every exception of jobwarden, and the one error shape a refusal travels in.
+
+Request refusals carry an `ErrorBody` (`RequestError`); the rest name what went wrong where it
+happened: the config, the store, a service call, the budget, a handler's verdict."""
 
 from __future__ import annotations
 
 import uuid
 
-from daemon.protocol import ErrorBody
+from jobwarden.wire.views import ErrorBody
 
 RETRYABLE_CODES = frozenset({"RATE_LIMITED", "DAILY_LIMIT", "QUEUE_FULL", "DRAINING"})
 # The HTTP meaning of each request code, for listeners that speak HTTP and for reports.
@@ -58,3 +61,53 @@ class RequestError(Exception):
     def __init__(self, code: str, message: str, **extra: object) -> None:
         super().__init__(message)
         self.body = error_body(code, message, **extra)  # type: ignore[arg-type]
+
+
+class ConfigError(Exception):
+    """A config file that cannot be used; the message names the key path."""
+
+
+class StoreError(Exception):
+    """The database refused a write (disk full, I/O error, corruption)."""
+
+
+class ServiceUnavailable(Exception):
+    """The service's circuit is open: the call was not made."""
+
+    def __init__(self, service: str, until: float | None) -> None:
+        super().__init__(f"service '{service}' is unavailable (circuit open)")
+        self.service = service
+        self.until = until
+
+
+class ServiceFailed(Exception):
+    """A service call failed on every try its retry policy allows."""
+
+    def __init__(self, service: str, tries: int, cause: BaseException) -> None:
+        super().__init__(f"{service} failed {tries} times; last: {type(cause).__name__}: {cause}")
+        self.service = service
+        self.cause = cause
+
+
+class BudgetExhausted(Exception):
+    """A call was refused: it would cross the budget. The job waits for the next budget day."""
+
+    def __init__(self, message: str, until: float) -> None:
+        super().__init__(message)
+        self.until = until
+
+
+class HandlerVerdict(Exception):
+    """A handler's own say in what happens to its job, with the code its failure records."""
+
+    def __init__(self, message: str, *, code: str = "HANDLER_ERROR") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Retry(HandlerVerdict):
+    """Raise to ask for another attempt (with backoff) when the error is transient."""
+
+
+class Fail(HandlerVerdict):
+    """Raise to fail the job now, without retrying: retrying would not help."""

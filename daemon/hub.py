@@ -12,8 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import trio
-
-from daemon.protocol import Event
+from jobwarden.wire.views import Event
 
 
 class Subscription:

@@ -10,16 +10,14 @@ from pathlib import Path
 
 import pytest
 import trio
-
-from actors.admission import Submit
-from actors.scheduler import SystemLoad
-from daemon import jobs
-from daemon.admin import Stop
-from daemon.config import Config, load_config, load_config_text
-from daemon.mailbox import ReplySlot
-from daemon.protocol import TERMINAL_STATUSES, Event, JobView
-from daemon.supervisor import DaemonHandle, Supervisor
-from daemon.systemd import SystemdNotifier
+from jobwarden.actors.messages import Submit, SystemLoad
+from jobwarden.config import Config, load_config, load_config_text
+from jobwarden.mailbox import ReplySlot
+from jobwarden.process.admin import Stop
+from jobwarden.process.supervisor import DaemonHandle, Supervisor
+from jobwarden.process.systemd import SystemdNotifier
+from jobwarden.store import jobs
+from jobwarden.wire.views import TERMINAL_STATUSES, Event, JobView
 
 EPOCH = 1_800_000_000.0
 GB = 1024**3

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from daemon.client import AdminClient
+from jobwarden.client import AdminClient
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 READY_EVENT = "jobwarden ready"
@@ -94,7 +94,7 @@ def daemon_env() -> dict[str, str]:
 
 
 def jobwarden_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "daemon.cli", *args]
+    return [sys.executable, "-m", "jobwarden.cli", *args]
 
 
 def run_jobwarden(*args: str, cwd: Path, timeout: float = 30.0) -> subprocess.CompletedProcess:

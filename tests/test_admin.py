@@ -7,8 +7,7 @@ import os
 
 import pytest
 import trio
-
-from daemon.admin import peer_allowed
+from jobwarden.process.admin import peer_allowed
 
 KINDS = """
 [kinds.stepper]

@@ -6,11 +6,12 @@ from functools import partial
 
 import pytest
 import trio
+from jobwarden.actors.breaker import Circuit, Gate
+from jobwarden.actors.messages import BreakerReset, BreakerSnapshot, BreakerTrip
+from jobwarden.config import BreakerSpec, Duration, ServiceSection
+from jobwarden.mailbox import ReplySlot
+from jobwarden.store import jobs
 
-from actors.breaker import Circuit, Gate, Reset, Snapshot, Trip
-from daemon import jobs
-from daemon.config import BreakerSpec, Duration, ServiceSection
-from daemon.mailbox import ReplySlot
 from tests.conftest import EPOCH
 
 SPEC = BreakerSpec(
@@ -114,7 +115,7 @@ max_attempts = 1
 
 async def breakers(daemon) -> dict:
     reply = ReplySlot()
-    await daemon.handle.breaker.send(Snapshot(reply=reply))
+    await daemon.handle.breaker.send(BreakerSnapshot(reply=reply))
     return await reply.wait()
 
 
@@ -140,7 +141,7 @@ async def test_failures_open_the_circuit_and_later_calls_fail_fast(autojump_cloc
 async def test_jobs_needing_an_open_service_wait_for_it(autojump_clock, start_daemon):
     daemon = await start_daemon(SERVICE_KINDS.format(max_concurrent=10))
     reply = ReplySlot()
-    await daemon.handle.breaker.send(Trip(service="flaky", reply=reply))
+    await daemon.handle.breaker.send(BreakerTrip(service="flaky", reply=reply))
     opened = await reply.wait()
     job = await daemon.submit("needs_flaky", {"service": "flaky", "seconds": 1})
     await trio.sleep(59)
@@ -162,7 +163,7 @@ async def test_concurrency_limit_holds_calls_back(autojump_clock, start_daemon):
 async def test_an_open_circuit_survives_a_restart(autojump_clock, start_daemon):
     daemon = await start_daemon(SERVICE_KINDS.format(max_concurrent=10))
     reply = ReplySlot()
-    await daemon.handle.breaker.send(Trip(service="flaky", reply=reply))
+    await daemon.handle.breaker.send(BreakerTrip(service="flaky", reply=reply))
     open_until = (await reply.wait())["open_until"]
     await trio.sleep(10)
     await daemon.stop(grace=0)
@@ -170,12 +171,13 @@ async def test_an_open_circuit_survives_a_restart(autojump_clock, start_daemon):
     state = (await breakers(again))["flaky"]
     assert (state["state"], state["open_until"]) == ("open", open_until)
     reply = ReplySlot()
-    await again.handle.breaker.send(Reset(service="flaky", reply=reply))
+    await again.handle.breaker.send(BreakerReset(service="flaky", reply=reply))
     assert (await reply.wait())["state"] == "closed"
 
 
 async def test_a_reload_keeps_waiting_calls_and_the_circuit(autojump_clock, start_daemon, tmp_path):
-    from actors.breaker import Reconfigure
+    from jobwarden.actors.messages import Reconfigure
+
     from tests.conftest import make_config
 
     daemon = await start_daemon(SERVICE_KINDS.format(max_concurrent=1), max_concurrent_jobs=3)

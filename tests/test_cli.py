@@ -13,9 +13,9 @@ from typing import Any
 
 import msgspec
 import pytest
-
-from daemon.cli import main
-from daemon.protocol import ErrorBody, encode_line
+from jobwarden.cli import main
+from jobwarden.wire.admin import encode_line
+from jobwarden.wire.views import ErrorBody
 
 NOW = time.time()
 

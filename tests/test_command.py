@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 import trio
-
-from daemon.errors import RequestError
+from jobwarden.errors import RequestError
 
 SCRIPT = """
 import json, os, sys, time

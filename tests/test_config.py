@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import pytest
-
-from daemon.config import (
-    ConfigError,
+from jobwarden.config import (
     check_handlers,
     format_duration,
     load_config,
     load_config_text,
     parse_duration,
 )
+from jobwarden.errors import ConfigError
 
 
 @pytest.mark.parametrize(

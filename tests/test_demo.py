@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import pytest
-
-from actors.breaker import Trip
-from daemon.errors import RequestError
-from daemon.mailbox import ReplySlot
+from jobwarden.actors.messages import BreakerTrip
+from jobwarden.errors import RequestError
+from jobwarden.mailbox import ReplySlot
 
 SERVICES = """
 [services.llm]
@@ -24,7 +23,7 @@ price_usd = 0.0004
 
 STORYBOOK = """
 [kinds.storybook]
-handler = "daemon.demo:storybook"
+handler = "jobwarden.tools.demo:storybook"
 services = ["llm", "storage"]
 max_attempts = 50
 backoff = ["0s"]
@@ -98,7 +97,7 @@ async def test_a_retried_book_never_pays_for_a_page_twice(autojump_clock, start_
 async def test_an_open_image_circuit_degrades_to_placeholders(autojump_clock, start_daemon):
     daemon = await start_daemon(config())
     reply = ReplySlot()
-    await daemon.handle.breaker.send(Trip(service="image", reply=reply))
+    await daemon.handle.breaker.send(BreakerTrip(service="image", reply=reply))
     assert (await reply.wait())["state"] == "open"
     job = await daemon.submit("storybook", {"title": "No pictures today", "pages": 2})
     final = await daemon.wait_done(job.id)

@@ -8,16 +8,23 @@ from zoneinfo import ZoneInfo
 
 import pytest
 import trio
+from jobwarden.actors.admission import TokenBucket
+from jobwarden.actors.messages import (
+    BudgetState,
+    CancelJob,
+    Explain,
+    Pause,
+    PauseState,
+    Resume,
+    SystemLoad,
+)
+from jobwarden.actors.scheduler import WaitState, explain
+from jobwarden.config import load_config_text
+from jobwarden.errors import RequestError
+from jobwarden.mailbox import ask
+from jobwarden.store import users
+from jobwarden.wire.views import JobView
 
-from actors.admission import TokenBucket
-from actors.ledger import BudgetState
-from actors.pool import CancelJob
-from actors.scheduler import Explain, Pause, PauseState, Resume, SystemLoad, WaitState, explain
-from daemon import users
-from daemon.config import load_config_text
-from daemon.errors import RequestError
-from daemon.mailbox import ask
-from daemon.protocol import JobView
 from tests.conftest import EPOCH, GB
 
 KINDS = """

@@ -7,11 +7,10 @@ import socket
 import sys
 
 import trio
+from jobwarden.metrics import Metrics
+from jobwarden.process.admin import Stop
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
-
-from daemon.admin import Stop
-from daemon.metrics import Metrics
 
 KINDS = """
 [services.paid]
@@ -131,8 +130,8 @@ alert_command = [{json.dumps(sys.executable)}, "-c", {json.dumps(forward)}]
 
 
 async def test_slow_requests_are_logged_with_their_duration(autojump_clock, nursery):
-    from actors.monitor import HealthQuery
-    from daemon.http import HttpServer
+    from jobwarden.actors.messages import HealthQuery
+    from jobwarden.process.http import HttpServer
 
     monitor_tx, monitor_rx = trio.open_memory_channel(10)
 

@@ -6,12 +6,19 @@ from datetime import UTC, datetime
 
 import pytest
 import trio
+from jobwarden.actors.ledger import BudgetCalendar
+from jobwarden.actors.messages import (
+    BudgetQuery,
+    LedgerReport,
+    Pause,
+    Resume,
+    ResumeBudget,
+    SetBudget,
+)
+from jobwarden.errors import RequestError
+from jobwarden.mailbox import ReplySlot
 from structlog.testing import capture_logs
 
-from actors.ledger import BudgetCalendar, BudgetQuery, Report, ResumeBudget, SetBudget
-from actors.scheduler import Pause, Resume
-from daemon.errors import RequestError
-from daemon.mailbox import ReplySlot
 from tests.conftest import EPOCH
 
 # EPOCH is 2027-01-15 08:00 UTC: the next budget day starts 16 h in.
@@ -152,9 +159,9 @@ async def test_report_totals_equal_the_sum_of_the_entries(autojump_clock, start_
         job = await daemon.submit("caller", {"service": service}, user=user)
         await daemon.wait_done(job.id)
     for by in ("service", "user", "kind"):
-        report = await ask(daemon, Report, period="2027-01-15", by=by)
+        report = await ask(daemon, LedgerReport, period="2027-01-15", by=by)
         assert sum(group["usd"] for group in report["groups"]) == pytest.approx(report["usd"])
-    report = await ask(daemon, Report, period="2027-01", by="user")
+    report = await ask(daemon, LedgerReport, period="2027-01", by="user")
     assert {g["user"]: g["usd"] for g in report["groups"]} == {"alice": 1.0, "bob": 1.5}
     assert (report["calls"], report["jobs"], report["usd"]) == (4, 4, 2.5)
     assert report["usd_per_job"] == 0.625
@@ -176,7 +183,8 @@ async def test_alerts_fire_once_at_each_fraction(autojump_clock, start_daemon):
 async def test_a_reloaded_config_changes_the_limits_unless_an_operator_set_them(
     autojump_clock, start_daemon, tmp_path
 ):
-    from actors.ledger import Reconfigure
+    from jobwarden.actors.messages import Reconfigure
+
     from tests.conftest import make_config
 
     daemon = await start_daemon(config(daily=1), max_concurrent_jobs=1)

@@ -9,13 +9,13 @@ from functools import partial
 
 import pytest
 import trio
+from jobwarden.actors.pool import retry_delay
+from jobwarden.config import RetryPolicy
+from jobwarden.errors import RequestError
+from jobwarden.process.supervisor import Supervisor
+from jobwarden.store import jobs
+from jobwarden.wire.views import JobView
 
-from actors.pool import retry_delay
-from daemon import jobs
-from daemon.config import RetryPolicy
-from daemon.errors import RequestError
-from daemon.protocol import JobView
-from daemon.supervisor import Supervisor
 from tests import handlers
 from tests.conftest import EPOCH, Daemon, idle_machine, make_config
 
@@ -231,8 +231,8 @@ async def test_global_and_per_kind_concurrency_limits(autojump_clock, start_daem
 
 
 async def test_cancel_queued_and_running_jobs(autojump_clock, start_daemon):
-    from actors.pool import CancelJob
-    from daemon.mailbox import ReplySlot
+    from jobwarden.actors.messages import CancelJob
+    from jobwarden.mailbox import ReplySlot
 
     daemon = await start_daemon(KINDS, max_concurrent_jobs=1)
     running = await daemon.submit("hang")
@@ -252,8 +252,8 @@ async def test_cancel_queued_and_running_jobs(autojump_clock, start_daemon):
 
 
 async def test_pause_holds_a_kind_until_resume(autojump_clock, start_daemon):
-    from actors.scheduler import Pause, Resume
-    from daemon.mailbox import ReplySlot
+    from jobwarden.actors.messages import Pause, Resume
+    from jobwarden.mailbox import ReplySlot
 
     daemon = await start_daemon(KINDS)
     reply = ReplySlot()

@@ -14,15 +14,14 @@ from pathlib import Path
 
 import pytest
 import trio
-
-from actors.breaker import Gate
-from actors.ledger import BudgetQuery
-from actors.ledger import report as ledger_report
-from actors.pool import CancelJob
-from daemon.cli import build_parser, main
-from daemon.config import ServiceSection, parse_rate
-from daemon.demo import TERMINAL_FAILURES
-from daemon.loadtest import (
+from jobwarden.actors.breaker import Gate
+from jobwarden.actors.ledger import report as ledger_report
+from jobwarden.actors.messages import BudgetQuery, CancelJob
+from jobwarden.cli import build_parser, main
+from jobwarden.config import ServiceSection, parse_rate
+from jobwarden.mailbox import ReplySlot, ask
+from jobwarden.tools.demo import TERMINAL_FAILURES
+from jobwarden.tools.loadtest import (
     HOUR,
     RUSH,
     SCENARIOS,
@@ -32,7 +31,7 @@ from daemon.loadtest import (
     plan_from_args,
     run_loadtest,
 )
-from daemon.mailbox import ReplySlot, ask
+
 from tests.conftest import EPOCH
 
 
@@ -208,7 +207,7 @@ retries = ["2s"]
 price_usd = 0.0004
 
 [kinds.storybook]
-handler = "daemon.demo:storybook"
+handler = "jobwarden.tools.demo:storybook"
 services = ["llm", "storage"]
 [kinds.storybook.options]
 seed = 7

@@ -6,11 +6,12 @@ from functools import partial
 
 import pytest
 import trio
+from jobwarden.actors.messages import RunRules
+from jobwarden.actors.monitor import failure_rate
+from jobwarden.mailbox import ReplySlot
+from jobwarden.store import jobs
 from structlog.testing import capture_logs
 
-from actors.monitor import RunRules, failure_rate
-from daemon import jobs
-from daemon.mailbox import ReplySlot
 from tests.conftest import EPOCH
 
 KINDS = """
@@ -109,7 +110,7 @@ async def test_three_injected_stuck_jobs_are_all_recovered(autojump_clock, start
 
 
 async def daemon_health(daemon) -> dict:
-    from actors.monitor import HealthQuery
+    from jobwarden.actors.messages import HealthQuery
 
     reply = ReplySlot()
     await daemon.handle.monitor.send(HealthQuery(reply=reply))
@@ -142,7 +143,7 @@ async def test_a_job_waiting_too_long_for_a_slot_fails_queued_timeout(autojump_c
 
 
 async def test_a_paused_kind_waits_without_timing_out(autojump_clock, start_daemon):
-    from actors.scheduler import Pause
+    from jobwarden.actors.messages import Pause
 
     daemon = await start_daemon(KINDS)
     reply = ReplySlot()

@@ -13,7 +13,7 @@ import pytest
 from tests.process import DaemonFactory, daemon_factory, run_jobwarden
 
 FAST_STORYBOOK = {
-    "handler": "daemon.demo:storybook",
+    "handler": "jobwarden.tools.demo:storybook",
     "services": ["llm", "storage"],
     "max_attempts": 4,
     "backoff": ["0s"],

@@ -8,11 +8,11 @@ from functools import partial
 import msgspec
 import pytest
 import trio
-
-from daemon import jobs
-from daemon.hub import EventHub
-from daemon.protocol import ErrorBody
-from daemon.store import MIGRATIONS, Store, StoreError, each
+from jobwarden.errors import StoreError
+from jobwarden.hub import EventHub
+from jobwarden.store import jobs
+from jobwarden.store.engine import MIGRATIONS, Store, each
+from jobwarden.wire.views import ErrorBody
 
 
 def new_job(n: int = 0, key: str | None = None, kind: str = "k") -> jobs.NewJob:

@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 import structlog.testing
 import trio
-
-from daemon.systemd import SystemdNotifier
+from jobwarden.process.systemd import SystemdNotifier
 
 
 @pytest.fixture

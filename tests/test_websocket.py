@@ -18,16 +18,15 @@ import trio
 import trio_websocket
 import wsproto
 import wsproto.events
+from jobwarden.actors.messages import BreakerTrip, HealthQuery
+from jobwarden.cli import main
+from jobwarden.client import DaemonError, DaemonUnreachable, connect
+from jobwarden.config import load_config_text
+from jobwarden.errors import ConfigError
+from jobwarden.mailbox import ask
+from jobwarden.store import users
+from jobwarden.wire.views import TERMINAL_STATUSES
 from structlog.testing import capture_logs
-
-from actors.breaker import Trip as BreakerTrip
-from actors.monitor import HealthQuery
-from daemon import users
-from daemon.cli import main
-from daemon.client import DaemonError, DaemonUnreachable, connect
-from daemon.config import ConfigError, load_config_text
-from daemon.mailbox import ask
-from daemon.protocol import TERMINAL_STATUSES
 
 KINDS = """
 [kinds.stepper]

@@ -4,8 +4,7 @@ and one that only reports progress, for the fan-out."""
 from __future__ import annotations
 
 import trio
-
-from daemon.handlers import JobContext
+from jobwarden.actors.handlers import JobContext
 
 
 async def noop(ctx: JobContext, payload: dict) -> None:

@@ -12,10 +12,8 @@ import sqlite3
 from typing import Any
 
 import msgspec
-
-from daemon.errors import new_error_id
-from daemon.protocol import TERMINAL_STATUSES, ErrorBody, Event, JobView
-from daemon.store import (
+from jobwarden.errors import new_error_id
+from jobwarden.store.engine import (
     JOB_COLUMNS,
     LIST_COLUMNS,
     add_event,
@@ -25,6 +23,7 @@ from daemon.store import (
     job_from_row,
     placeholders,
 )
+from jobwarden.wire.views import TERMINAL_STATUSES, ErrorBody, Event, JobView
 
 Events = list[Event]
 STATUSES = ("queued", "running", "done", "failed", "canceled")

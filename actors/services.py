@@ -16,24 +16,24 @@ from typing import Any
 
 import msgspec
 import trio
-
-from actors.breaker import Done, Permit, Token, Withdraw
-from actors.ledger import Charge, Release, Reservation, Reserve, Settle
-from daemon.config import Config
-from daemon.mailbox import ReplySlot, ask
-from daemon.protocol import JobView
+from jobwarden.actors.messages import (
+    CallDone,
+    Charge,
+    Permit,
+    Release,
+    Reservation,
+    Reserve,
+    Settle,
+    Token,
+    Withdraw,
+)
+from jobwarden.config import Config
+from jobwarden.errors import ServiceFailed
+from jobwarden.mailbox import ReplySlot, ask
+from jobwarden.wire.views import JobView
 
 # How long a finished call waits for its ledger entry to be written.
 SETTLE_TIMEOUT = 10.0
-
-
-class ServiceFailed(Exception):
-    """A service call failed on every try its retry policy allows."""
-
-    def __init__(self, service: str, tries: int, cause: BaseException) -> None:
-        super().__init__(f"{service} failed {tries} times; last: {type(cause).__name__}: {cause}")
-        self.service = service
-        self.cause = cause
 
 
 class Metered(msgspec.Struct):
@@ -158,7 +158,7 @@ class ServiceLink:
         """
         settle = Settle(reservation=reservation, units=units, ok=outcome == "ok", reply=ReplySlot())
         try:
-            self._breaker.send_nowait(Done(token=token, outcome=outcome))  # type: ignore[arg-type]
+            self._breaker.send_nowait(CallDone(token=token, outcome=outcome))  # type: ignore[arg-type]
             self._ledger.send_nowait(settle)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             return

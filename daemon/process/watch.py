@@ -10,10 +10,10 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from functools import partial
 
-from daemon import jobs
-from daemon.hub import EventHub
-from daemon.protocol import Event
-from daemon.store import Store
+from jobwarden.hub import EventHub
+from jobwarden.store import jobs
+from jobwarden.store.engine import Store
+from jobwarden.wire.views import Event
 
 # Stored events read per query while catching up.
 PAGE = 1000

@@ -25,32 +25,34 @@ from typing import Any
 import msgspec
 import structlog
 import trio
-
-from actors import admission as admission_actor
-from actors import breaker as breaker_actor
-from actors import ledger as ledger_actor
-from actors import monitor as monitor_actor
-from actors import pool as pool_actor
-from actors import scheduler as scheduler_actor
-from actors.admission import Admission, StopAdmitting
-from actors.breaker import Breaker
-from actors.ledger import Ledger
-from actors.monitor import Monitor
-from actors.pool import Drain, Pool
-from actors.scheduler import Scheduler, Snapshot, StopDispatch, SystemLoad, sample_system
-from daemon import __version__, jobs
-from daemon.admin import AdminServer, Stop
-from daemon.clock import WallClock
-from daemon.config import Config, ConfigError, check_handlers, load_config
-from daemon.errors import StartupError
-from daemon.http import HttpServer
-from daemon.hub import EventHub
-from daemon.logs import configure_logging, use_clock
-from daemon.mailbox import ReplySlot
-from daemon.metrics import Metrics
-from daemon.store import Store
-from daemon.systemd import SystemdNotifier
-from daemon.websocket import WebSocketServer
+from jobwarden import __version__
+from jobwarden.actors.admission import Admission
+from jobwarden.actors.breaker import Breaker
+from jobwarden.actors.ledger import Ledger
+from jobwarden.actors.messages import (
+    Drain,
+    Reconfigure,
+    SchedulerSnapshot,
+    StopAdmitting,
+    StopDispatch,
+    SystemLoad,
+)
+from jobwarden.actors.monitor import Monitor
+from jobwarden.actors.pool import Pool
+from jobwarden.actors.scheduler import Scheduler, sample_system
+from jobwarden.clock import WallClock
+from jobwarden.config import Config, check_handlers, load_config
+from jobwarden.errors import ConfigError, StartupError
+from jobwarden.hub import EventHub
+from jobwarden.logs import configure_logging, use_clock
+from jobwarden.mailbox import ReplySlot
+from jobwarden.metrics import Metrics
+from jobwarden.process.admin import AdminServer, Stop
+from jobwarden.process.http import HttpServer
+from jobwarden.process.systemd import SystemdNotifier
+from jobwarden.process.websocket import WebSocketServer
+from jobwarden.store import jobs
+from jobwarden.store.engine import Store
 
 log = structlog.get_logger("supervisor")
 
@@ -327,7 +329,7 @@ class Supervisor:
         await scheduler_tx.send(StopDispatch())
         # The snapshot answers only after StopDispatch was handled: no dispatch after this.
         snapshot: ReplySlot[dict[str, Any]] = ReplySlot()
-        await scheduler_tx.send(Snapshot(reply=snapshot))
+        await scheduler_tx.send(SchedulerSnapshot(reply=snapshot))
         await snapshot.wait()
         reply: ReplySlot[int] = ReplySlot()
         await pool_tx.send(Drain(grace=grace, reply=reply))
@@ -351,13 +353,8 @@ class Supervisor:
             if getattr(new, key) != getattr(self._config, key):
                 log.warning("config change needs a restart to take effect", section=key)
         self._config = new
-        admission_tx, scheduler_tx, pool_tx, monitor_tx, breaker_tx, ledger_tx = self._channels
-        await admission_tx.send(admission_actor.Reconfigure(config=new))
-        await breaker_tx.send(breaker_actor.Reconfigure(config=new))
-        await ledger_tx.send(ledger_actor.Reconfigure(config=new))
-        await scheduler_tx.send(scheduler_actor.Reconfigure(config=new))
-        await pool_tx.send(pool_actor.Reconfigure(config=new))
-        await monitor_tx.send(monitor_actor.Reconfigure(config=new))
+        for actor in self._channels:
+            await actor.send(Reconfigure(config=new))
         self._admin.reconfigure(new)
         log.info("config reloaded", path=str(self._config_path), kinds=sorted(new.kinds))
         self._notifier.ready("ready")
@@ -377,7 +374,7 @@ class Supervisor:
             return
         while True:
             reply: ReplySlot[dict[str, Any]] = ReplySlot()
-            await scheduler.send(Snapshot(reply=reply))
+            await scheduler.send(SchedulerSnapshot(reply=reply))
             snapshot = await reply.wait()
             queued = sum((await self._store.read(jobs.queued_by_kind)).values())
             state = "draining, " if self._draining else ""

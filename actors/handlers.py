@@ -29,12 +29,16 @@ from typing import Any
 import msgspec
 import structlog
 import trio
-
-from actors.breaker import ServiceUnavailable
-from actors.ledger import BudgetExhausted
-from daemon.config import KindSection, import_handler, name_path
-from daemon.errors import RequestError
-from daemon.services import Metered, ServiceFailed, ServiceLink
+from jobwarden.actors.services import Metered, ServiceLink
+from jobwarden.config import KindSection, import_handler, name_path
+from jobwarden.errors import (
+    BudgetExhausted,
+    Fail,
+    RequestError,
+    Retry,
+    ServiceFailed,
+    ServiceUnavailable,
+)
 
 # What a handler module imports: the context, the outcomes it can raise or catch.
 __all__ = [
@@ -53,22 +57,6 @@ EXIT_RETRY = 75
 HEARTBEAT_EVERY = 1.0
 # How long a command gets between SIGTERM and SIGKILL when it is canceled.
 KILL_GRACE = 5.0
-
-
-class Retry(Exception):
-    """Raise to ask for another attempt (with backoff) when the error is transient."""
-
-    def __init__(self, message: str, *, code: str = "HANDLER_ERROR") -> None:
-        super().__init__(message)
-        self.code = code
-
-
-class Fail(Exception):
-    """Raise to fail the job now, without retrying: retrying would not help."""
-
-    def __init__(self, message: str, *, code: str = "HANDLER_ERROR") -> None:
-        super().__init__(message)
-        self.code = code
 
 
 class JobContext:

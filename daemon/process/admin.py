@@ -25,28 +25,40 @@ from typing import Any
 import msgspec
 import structlog
 import trio
-
-from actors.admission import Requeue, Submit, UserRate
-from actors.breaker import Reset as BreakerReset
-from actors.breaker import Snapshot as BreakerSnapshot
-from actors.breaker import Trip as BreakerTrip
-from actors.ledger import BudgetCalendar, BudgetQuery, ResumeBudget, SetBudget
-from actors.ledger import Report as LedgerReport
-from actors.monitor import HealthQuery, RunRules
-from actors.pool import CancelJob
-from actors.scheduler import Explain, Pause, Resume, Snapshot
-from daemon import __version__, jobs, users
-from daemon.clock import WallClock
-from daemon.config import Config, ConfigError, name_path, parse_rate
-from daemon.errors import RequestError, StartupError, error_body
-from daemon.hub import EventHub
-from daemon.mailbox import ReplySlot, ask
-from daemon.metrics import Metrics
-from daemon.protocol import (
+from jobwarden import __version__
+from jobwarden.actors.ledger import BudgetCalendar
+from jobwarden.actors.messages import (
+    BreakerReset,
+    BreakerSnapshot,
+    BreakerTrip,
+    BudgetQuery,
+    CancelJob,
+    Explain,
+    HealthQuery,
+    LedgerReport,
+    Pause,
+    Requeue,
+    Resume,
+    ResumeBudget,
+    RunRules,
+    SchedulerSnapshot,
+    SetBudget,
+    Submit,
+    UserRate,
+)
+from jobwarden.clock import WallClock
+from jobwarden.config import Config, name_path, parse_rate
+from jobwarden.errors import ConfigError, RequestError, StartupError, error_body
+from jobwarden.hub import EventHub
+from jobwarden.mailbox import ReplySlot, ask
+from jobwarden.metrics import Metrics
+from jobwarden.process.watch import follow, start_seq
+from jobwarden.store import jobs, users
+from jobwarden.store.engine import Store
+from jobwarden.wire.admin import (
     COMMAND_ARGS,
     BreakerArgs,
     BudgetArgs,
-    Event,
     EventLine,
     JobArgs,
     JobsArgs,
@@ -60,8 +72,7 @@ from daemon.protocol import (
     encode_line,
     request_decoder,
 )
-from daemon.store import Store
-from daemon.watch import follow, start_seq
+from jobwarden.wire.views import Event
 
 log = structlog.get_logger("admin")
 
@@ -549,7 +560,7 @@ class AdminServer:
 
     async def _scheduler_snapshot(self) -> dict[str, Any]:
         reply: ReplySlot[dict[str, Any]] = ReplySlot()
-        await self._scheduler.send(Snapshot(reply=reply))
+        await self._scheduler.send(SchedulerSnapshot(reply=reply))
         return await reply.wait()
 
     async def _watch(self, connection: _Connection, request_id: Any, args: WatchArgs) -> None:

@@ -25,9 +25,9 @@ from typing import Any, Generic, TypeVar
 import msgspec
 import structlog
 import trio
-
-from daemon.hub import EventHub
-from daemon.protocol import ErrorBody, Event, JobView
+from jobwarden.errors import StoreError
+from jobwarden.hub import EventHub
+from jobwarden.wire.views import ErrorBody, Event, JobView
 
 T = TypeVar("T")
 X = TypeVar("X")
@@ -198,10 +198,6 @@ def job_from_row(row: Sequence[Any]) -> JobView:
         payload=_load(row[18]) if full else None,
         checkpoint=_load(row[19]) if full else None,
     )
-
-
-class StoreError(Exception):
-    """The database refused a write (disk full, I/O error, corruption)."""
 
 
 @dataclass(slots=True)

@@ -26,22 +26,20 @@ import msgspec
 import structlog
 import trio
 import trio_websocket
-from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
-
-from actors.admission import Submit
-from actors.pool import CancelJob
-from daemon import jobs, users
-from daemon.config import WebSocketSection, name_path
-from daemon.errors import HTTP_STATUS, RequestError, StartupError, error_body
-from daemon.http import parse_listen
-from daemon.hub import EventHub
-from daemon.mailbox import ReplySlot
-from daemon.metrics import Metrics
-from daemon.protocol import (
+from jobwarden.actors.messages import CancelJob, Submit
+from jobwarden.config import WebSocketSection, name_path
+from jobwarden.errors import HTTP_STATUS, RequestError, StartupError, error_body
+from jobwarden.hub import EventHub
+from jobwarden.mailbox import ReplySlot
+from jobwarden.metrics import Metrics
+from jobwarden.process.http import parse_listen
+from jobwarden.process.watch import follow, start_seq
+from jobwarden.store import jobs, users
+from jobwarden.store.engine import Store
+from jobwarden.wire.admin import encoder
+from jobwarden.wire.views import ErrorBody, Event, JobView
+from jobwarden.wire.websocket import (
     WS_OPS,
-    ErrorBody,
-    Event,
-    JobView,
     WatchKey,
     WsAccepted,
     WsCancel,
@@ -58,11 +56,9 @@ from daemon.protocol import (
     WsUnwatched,
     WsWatch,
     WsWatching,
-    encoder,
     ws_op_decoder,
 )
-from daemon.store import Store
-from daemon.watch import follow, start_seq
+from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
 
 log = structlog.get_logger("websocket")
 

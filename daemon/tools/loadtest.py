@@ -36,20 +36,17 @@ import msgspec
 import structlog
 import trio
 import trio.testing
+from jobwarden.actors.messages import BudgetQuery, Pause, Submit
+from jobwarden.config import Config, load_config
+from jobwarden.errors import RequestError
+from jobwarden.logs import configure_logging
+from jobwarden.mailbox import ReplySlot, ask
+from jobwarden.process.admin import Stop
+from jobwarden.process.supervisor import DaemonHandle, Supervisor
+from jobwarden.tools import report
+from jobwarden.wire.views import JobView
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn
-
-from actors.admission import Submit
-from actors.ledger import BudgetQuery
-from actors.scheduler import Pause
-from daemon import report
-from daemon.admin import Stop
-from daemon.config import Config, load_config
-from daemon.errors import RequestError
-from daemon.logs import configure_logging
-from daemon.mailbox import ReplySlot, ask
-from daemon.protocol import JobView
-from daemon.supervisor import DaemonHandle, Supervisor
 
 HOUR = 3600.0
 # How often the progress bar and the intermediate file catch up with the store.
@@ -225,7 +222,7 @@ timeout = "10s"
 retries = ["1s", "3s"]
 
 [kinds.storybook]
-handler = "daemon.demo:storybook"
+handler = "jobwarden.tools.demo:storybook"
 timeout = "15m"
 services = ["llm", "storage"]
 

@@ -16,12 +16,11 @@ import h11
 import msgspec
 import structlog
 import trio
-
-from actors.monitor import HealthQuery
-from daemon.errors import StartupError
-from daemon.mailbox import ReplySlot
-from daemon.metrics import Metrics
-from daemon.store import Store
+from jobwarden.actors.messages import HealthQuery
+from jobwarden.errors import StartupError
+from jobwarden.mailbox import ReplySlot
+from jobwarden.metrics import Metrics
+from jobwarden.store.engine import Store
 
 log = structlog.get_logger("http")
 

@@ -16,9 +16,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from actors import ledger
-from daemon import jobs
-from daemon.config import Config, format_duration
+from jobwarden.actors import ledger
+from jobwarden.config import Config, format_duration
+from jobwarden.store import jobs
 
 HOUR = 3600.0
 MINUTE = 60.0

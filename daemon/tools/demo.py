@@ -19,9 +19,9 @@ from typing import Annotated, Literal, NamedTuple
 
 import msgspec
 import trio
-
-from daemon.config import Duration, Fraction, decode_hook
-from daemon.handlers import Fail, JobContext, ServiceFailed, ServiceUnavailable
+from jobwarden.actors.handlers import JobContext
+from jobwarden.config import Duration, Fraction, decode_hook
+from jobwarden.errors import Fail, ServiceFailed, ServiceUnavailable
 
 
 class StoryRequest(msgspec.Struct, forbid_unknown_fields=True):

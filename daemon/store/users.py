@@ -14,8 +14,7 @@ import sqlite3
 from typing import Any
 
 import msgspec
-
-from daemon.protocol import Event
+from jobwarden.wire.views import Event
 
 Events = list[Event]
 TOKEN_PREFIX = "jw_"

@@ -1,0 +1,316 @@
+"""Every message that flows between the actors, the supervisor and the listeners, in one place.
+
+A request that needs an answer carries its `ReplySlot`. `Reconfigure` is the one message every
+actor gets on a config reload. Each actor's inbox type is the union named after it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+from jobwarden.config import Config
+from jobwarden.mailbox import ReplySlot
+from jobwarden.wire.views import ErrorBody, JobView
+
+
+class Reconfigure(msgspec.Struct):
+    """The config was reloaded: every actor takes what concerns it."""
+
+    config: Config
+
+
+class RaiseAlert(msgspec.Struct):
+    name: str
+    message: str
+    data: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class Submit(msgspec.Struct):
+    kind: str
+    payload: Any
+    user: str
+    reply: ReplySlot[tuple[JobView, bool]]
+    priority: int | None = None
+    idempotency_key: str | None = None
+
+
+class Requeue(msgspec.Struct):
+    """An operator's retry of a failed or canceled job."""
+
+    job_id: int
+    reply: ReplySlot[JobView]
+
+
+class StopAdmitting(msgspec.Struct):
+    pass
+
+
+class UserRate(msgspec.Struct):
+    """A user's own rate limit changed ("30/min", "off"); None: back to the default."""
+
+    user: str
+    rate: str | None
+
+
+class JobQueued(msgspec.Struct):
+    kind: str
+
+
+class JobsEnded(msgspec.Struct):
+    """Jobs the pool has recorded as over: the (kind, user) of each slot that is free again."""
+
+    slots: list[tuple[str, str]]
+
+
+class Pause(msgspec.Struct):
+    """Pause one kind, or everything when kind is None."""
+
+    kind: str | None
+    reply: ReplySlot[dict[str, Any]]
+
+
+class Resume(msgspec.Struct):
+    kind: str | None
+    reply: ReplySlot[dict[str, Any]]
+
+
+class StopDispatch(msgspec.Struct):
+    pass
+
+
+class SchedulerSnapshot(msgspec.Struct):
+    reply: ReplySlot[dict[str, Any]]
+
+
+class Explain(msgspec.Struct):
+    """Where each of these queued jobs is and why it waits."""
+
+    jobs: list[JobView]
+    reply: ReplySlot[dict[int, WaitingInfo]]
+
+
+class RunJobs(msgspec.Struct):
+    jobs: list[JobView]
+
+
+class PauseState(msgspec.Struct):
+    kinds: list[str] = []
+    all: bool = False
+
+
+class SystemLoad(msgspec.Struct, frozen=True):
+    memory_percent: float
+    memory_available: int
+    cpu_percent: float
+
+
+class WaitingInfo(msgspec.Struct, frozen=True):
+    """A queued job's place: 1-based, overall and in its kind's queue, and one reason."""
+
+    position: int
+    queued: int
+    kind_position: int
+    kind_queued: int
+    reason: str
+
+
+class Token(msgspec.Struct, frozen=True):
+    service: str
+    id: int
+    probe: bool
+
+
+class Permit(msgspec.Struct):
+    service: str
+    reply: ReplySlot[Token]
+
+
+class CallDone(msgspec.Struct):
+    """A permitted call ended: ok, failed, or abandoned (canceled by us: no verdict)."""
+
+    token: Token
+    outcome: Literal["ok", "failed", "abandoned"]
+
+
+class Withdraw(msgspec.Struct):
+    """The caller stopped waiting for its permit (its job was stopped). Nobody will use it:
+    it leaves the queue, or, if it was granted meanwhile, gives its slot back."""
+
+    service: str
+    reply: ReplySlot[Token]
+
+
+class BreakerReset(msgspec.Struct):
+    service: str
+    reply: ReplySlot[dict[str, Any]]
+
+
+class BreakerTrip(msgspec.Struct):
+    service: str
+    reply: ReplySlot[dict[str, Any]]
+
+
+class BreakerSnapshot(msgspec.Struct):
+    reply: ReplySlot[dict[str, Any]]
+
+
+class ServiceState(msgspec.Struct):
+    """Told to the scheduler whenever a circuit changes: open_until None means usable."""
+
+    service: str
+    open_until: float | None
+
+
+class Reservation(msgspec.Struct, frozen=True):
+    id: int
+    job: int | None
+    user: str
+    kind: str
+    service: str
+    units: float
+    usd: float
+
+
+class Reserve(msgspec.Struct):
+    job: int | None
+    user: str
+    kind: str
+    service: str
+    units: float
+    reply: ReplySlot[Reservation]
+
+
+class Settle(msgspec.Struct):
+    reservation: Reservation
+    units: float
+    ok: bool
+    reply: ReplySlot[float]
+
+
+class Release(msgspec.Struct):
+    """A reserved call that was never made (its circuit was open)."""
+
+    reservation: Reservation
+
+
+class Charge(msgspec.Struct):
+    """A cost reported after the fact (a command kind's `{"charge": ...}` line)."""
+
+    job: int | None
+    user: str
+    kind: str
+    service: str
+    units: float
+    reply: ReplySlot[float]
+
+
+class BudgetQuery(msgspec.Struct):
+    reply: ReplySlot[dict[str, Any]]
+
+
+class SetBudget(msgspec.Struct):
+    daily_usd: float | None
+    monthly_usd: float | None
+    reply: ReplySlot[dict[str, Any]]
+
+
+class ResumeBudget(msgspec.Struct):
+    reply: ReplySlot[dict[str, Any]]
+
+
+class LedgerReport(msgspec.Struct):
+    """Totals for a day ("2026-11-22") or a month ("2026-11"), grouped by service/user/kind."""
+
+    period: str
+    by: Literal["service", "user", "kind"]
+    reply: ReplySlot[dict[str, Any]]
+
+
+class BudgetState(msgspec.Struct):
+    """Told to admission and the scheduler: stopped until `until` (None: not stopped)."""
+
+    stopped: bool
+    until: float | None = None
+    reason: str = ""
+
+
+class RunRules(msgspec.Struct):
+    dry_run: bool
+    reply: ReplySlot[list[dict[str, Any]]]
+
+
+class HealthQuery(msgspec.Struct):
+    reply: ReplySlot[dict[str, Any]]
+    # Also count jobs by (status, kind) for the metrics scrape.
+    by_kind: bool = False
+
+
+class CancelJob(msgspec.Struct):
+    job_id: int
+    reply: ReplySlot[JobView]
+
+
+class Drain(msgspec.Struct):
+    """Let running jobs finish within `grace` seconds, then interrupt the rest."""
+
+    grace: float
+    reply: ReplySlot[int]
+
+
+class Recover(msgspec.Struct):
+    """The monitor's verdict on a running job: stop it and record `error`.
+
+    retry=True follows the kind's retry policy (requeue with backoff while attempts remain,
+    else fail with `error`); retry=False fails it now. The reply says what became of it.
+    """
+
+    job_id: int
+    error: ErrorBody
+    retry: bool
+    reply: ReplySlot[JobView | None]
+
+
+class PoolStatistics(msgspec.Struct):
+    reply: ReplySlot[dict[str, Any]]
+
+
+AdmissionMessage = Submit | Requeue | StopAdmitting | Reconfigure | BudgetState | UserRate
+
+
+SchedulerMessage = (
+    JobQueued
+    | JobsEnded
+    | Pause
+    | Resume
+    | StopDispatch
+    | SchedulerSnapshot
+    | Explain
+    | Reconfigure
+    | ServiceState
+    | BudgetState
+)
+
+
+BreakerMessage = (
+    Permit | Withdraw | CallDone | BreakerReset | BreakerTrip | BreakerSnapshot | Reconfigure
+)
+
+
+LedgerMessage = (
+    Reserve
+    | Settle
+    | Release
+    | Charge
+    | BudgetQuery
+    | SetBudget
+    | ResumeBudget
+    | LedgerReport
+    | Reconfigure
+)
+
+
+MonitorMessage = RunRules | HealthQuery | Reconfigure | RaiseAlert
+
+
+PoolMessage = RunJobs | CancelJob | Recover | PoolStatistics | Drain | Reconfigure

@@ -1,0 +1,2 @@
+"""The process: the supervisor that starts the store, the actors and the listeners in order and
+stops them in reverse; systemd integration; the listeners (admin socket, WebSocket, HTTP)."""

@@ -1,0 +1,75 @@
+"""What a job and its events look like to every client, and the one error shape."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+JobStatus = Literal["queued", "running", "done", "failed", "canceled"]
+# Every status, in lifecycle order: the one list the CLI, reports and metrics use.
+STATUSES: tuple[JobStatus, ...] = ("queued", "running", "done", "failed", "canceled")
+TERMINAL_STATUSES = frozenset({"done", "failed", "canceled"})
+
+
+class ErrorBody(msgspec.Struct, omit_defaults=True):
+    """The one error shape: message for a person, technical_message for the log."""
+
+    code: str
+    message: str
+    # No default, so it is never omitted: a client must always be told whether to retry.
+    retryable: bool
+    error_id: str = ""
+    retry_after: float | None = None
+    technical_message: str | None = None
+    request_id: str | None = None
+
+
+class JobView(msgspec.Struct, omit_defaults=True):
+    """A job as clients see it; times are Unix epoch seconds on the daemon's clock."""
+
+    id: int
+    kind: str
+    user: str
+    status: JobStatus
+    priority: int
+    attempt: int
+    max_attempts: int
+    created_at: float
+    updated_at: float
+    available_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    progress: float | None = None
+    message: str | None = None
+    reason: str | None = None
+    idempotency_key: str | None = None
+    result: Any = None
+    error: ErrorBody | None = None
+    payload: Any = None
+    checkpoint: Any = None
+
+
+class Event(msgspec.Struct, omit_defaults=True):
+    """One row of the events table. type "status" carries a transition, "progress" a report,
+    "breaker" a circuit's change (job 0 and user "": it belongs to no job), "position" a
+    queued job's place in the queue and why it waits (coalesced; see actors/scheduler.py).
+
+    status data: {"status", "reason"?, "attempt", "available_at"?, "result"?, "error"?}
+    progress data: {"fraction", "message"?}
+    breaker data: {"service", "state", "open_until"}
+    position data: {"position", "queued", "kind_position", "kind_queued", "reason"}
+    cost data: {"service", "units", "usd", "ok", "job_usd"} (one per external call; job_usd is
+    the job's total so far)
+    """
+
+    seq: int
+    job: int
+    user: str
+    kind: str
+    type: Literal["status", "progress", "breaker", "position", "cost"]
+    at: float
+    data: dict[str, Any]
+
+
+# Arguments per command, decoded with forbid_unknown_fields so a typo is an error.

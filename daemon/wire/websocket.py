@@ -1,0 +1,107 @@
+"""The WebSocket: JSON text frames.
+
+A client sends ops `{"op", "id"?, ...}`; each is answered by one frame with the same id
+(`accepted`, `watching`, `unwatched`, `canceled`, `jobs` or `error`). A watch pushes its events
+as frames of their own type (`status`, `progress`, `position`, ...), each with `watch`, `seq`
+and `job`, and a watch that fell behind ends with `resync`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+from jobwarden.wire.views import ErrorBody, JobStatus, JobView
+
+WatchKey = int | Literal["all"]
+
+
+class WsOp(msgspec.Struct, tag_field="op", forbid_unknown_fields=True, kw_only=True):
+    id: str | int | None = None
+
+
+class WsSubmit(WsOp, tag="submit"):
+    kind: str
+    payload: Any = msgspec.field(default_factory=dict)
+    priority: int | None = None
+    idempotency_key: str | None = None
+
+
+class WsWatch(WsOp, tag="watch"):
+    """One job, or `all` the user's jobs; events after `since` (omitted: the job's whole
+    history, or, watching all, from now)."""
+
+    job: int | None = None
+    all: bool = False
+    since: int | None = None
+
+
+class WsUnwatch(WsOp, tag="unwatch"):
+    job: int | None = None
+    all: bool = False
+
+
+class WsCancel(WsOp, tag="cancel"):
+    job: int
+
+
+class WsJobs(WsOp, tag="jobs"):
+    status: list[JobStatus] | None = None
+    kind: str | None = None
+    limit: int = 50
+
+
+WS_OPS = ("cancel", "jobs", "submit", "unwatch", "watch")
+ws_op_decoder = msgspec.json.Decoder(WsSubmit | WsWatch | WsUnwatch | WsCancel | WsJobs)
+
+
+class WsReply(msgspec.Struct, tag_field="type", omit_defaults=True, kw_only=True):
+    id: str | int | None = None
+
+
+class WsAccepted(WsReply, tag="accepted"):
+    job: JobView
+    existing: bool
+
+
+class WsWatching(WsReply, tag="watching"):
+    watch: WatchKey
+    # Events after this seq follow; the job as it is now, for a watch of one job.
+    since: int
+    job: JobView | None = None
+
+
+class WsUnwatched(WsReply, tag="unwatched"):
+    watch: WatchKey
+
+
+class WsCanceled(WsReply, tag="canceled"):
+    job: JobView
+
+
+class WsJobList(WsReply, tag="jobs"):
+    jobs: list[JobView]
+
+
+class WsError(WsReply, tag="error"):
+    error: ErrorBody
+
+
+class WsResync(WsReply, tag="resync"):
+    """The client read too slowly: this watch ended; watch again with `since` to go on."""
+
+    watch: WatchKey
+    since: int
+
+
+class WsEvent(msgspec.Struct):
+    """An Event (see above) of one of the connection's watches; `type` is the event's."""
+
+    type: str
+    watch: WatchKey
+    seq: int
+    job: int
+    user: str
+    kind: str
+    at: float
+    data: dict[str, Any]
