@@ -29,6 +29,7 @@ import msgspec
 import psutil
 import structlog
 import trio
+
 from jobwarden.actors.handlers import validate_payload
 from jobwarden.actors.ledger import BudgetCalendar
 from jobwarden.actors.messages import (

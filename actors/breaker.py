@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 import structlog
 import trio
+
 from jobwarden.actors.messages import (
     BreakerMessage,
     BreakerReset,

@@ -29,6 +29,7 @@ from typing import Any
 import msgspec
 import structlog
 import trio
+
 from jobwarden.actors.services import Metered, ServiceLink
 from jobwarden.config import KindSection, import_handler, name_path
 from jobwarden.errors import (

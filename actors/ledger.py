@@ -27,6 +27,7 @@ from zoneinfo import ZoneInfo
 import msgspec
 import structlog
 import trio
+
 from jobwarden.actors.messages import (
     BudgetQuery,
     BudgetState,

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import msgspec
+
 from jobwarden.config import Config
 from jobwarden.mailbox import ReplySlot
 from jobwarden.wire.views import ErrorBody, JobView

@@ -31,6 +31,7 @@ import msgspec
 import psutil
 import structlog
 import trio
+
 from jobwarden.actors.messages import (
     BreakerSnapshot,
     BudgetQuery,

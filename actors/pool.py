@@ -33,6 +33,7 @@ import msgspec
 import structlog
 import structlog.contextvars
 import trio
+
 from jobwarden.actors.handlers import JobContext, run_command, run_python
 from jobwarden.actors.messages import (
     CancelJob,

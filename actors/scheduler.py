@@ -39,6 +39,7 @@ import msgspec
 import psutil
 import structlog
 import trio
+
 from jobwarden.actors.messages import (
     BudgetState,
     Explain,

@@ -16,6 +16,7 @@ from typing import Any
 
 import msgspec
 import trio
+
 from jobwarden.actors.messages import (
     CallDone,
     Charge,

@@ -22,15 +22,16 @@ from typing import Any, NamedTuple, NoReturn, get_args
 
 import msgspec
 import trio
-from jobwarden.client import AdminClient, DaemonError, DaemonUnreachable, WebSocketClient, connect
-from jobwarden.config import check_handlers, find_config, load_config, parse_rate
-from jobwarden.errors import ConfigError
-from jobwarden.wire.views import TERMINAL_STATUSES, ErrorBody, JobStatus, JobView
 from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
 from rich.table import Table
 from rich.text import Text
+
+from jobwarden.client import AdminClient, DaemonError, DaemonUnreachable, WebSocketClient, connect
+from jobwarden.config import check_handlers, find_config, load_config, parse_rate
+from jobwarden.errors import ConfigError
+from jobwarden.wire.views import TERMINAL_STATUSES, ErrorBody, JobStatus, JobView
 
 EXIT_OK = 0
 EXIT_FAILED = 1

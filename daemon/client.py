@@ -31,9 +31,6 @@ from urllib.parse import urlsplit
 import msgspec
 import trio
 import trio_websocket
-from jobwarden.wire.admin import Reply, Request, encode_line
-from jobwarden.wire.views import TERMINAL_STATUSES, ErrorBody, Event, JobStatus, JobView
-from jobwarden.wire.websocket import WatchKey
 from trio_websocket import (
     ConnectionClosed,
     ConnectionRejected,
@@ -41,6 +38,10 @@ from trio_websocket import (
     HandshakeError,
     WebSocketConnection,
 )
+
+from jobwarden.wire.admin import Reply, Request, encode_line
+from jobwarden.wire.views import TERMINAL_STATUSES, ErrorBody, Event, JobStatus, JobView
+from jobwarden.wire.websocket import WatchKey
 
 
 class DaemonUnreachable(Exception):

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import msgspec
+
 from jobwarden.errors import ConfigError
 
 ENV_CONFIG = "JOBWARDEN_CONFIG"

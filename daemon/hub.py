@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import trio
+
 from jobwarden.wire.views import Event
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import trio
+
 from jobwarden.actors.messages import Submit, SystemLoad
 from jobwarden.config import Config, load_config, load_config_text
 from jobwarden.mailbox import ReplySlot

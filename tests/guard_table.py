@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+
 from jobwarden.client import AdminError
 from jobwarden.config import load_config
 from jobwarden.errors import HTTP_STATUS
-
 from tests.process import REPO_ROOT, DaemonProcess
 
 

@@ -6,8 +6,8 @@ import random
 
 import msgspec
 import trio
-from jobwarden.actors.handlers import JobContext
-from jobwarden.errors import Fail, Retry
+
+from jobwarden import Fail, JobContext, Retry
 
 
 class Sized(msgspec.Struct, forbid_unknown_fields=True):

@@ -7,6 +7,7 @@ import os
 
 import pytest
 import trio
+
 from jobwarden.process.admin import peer_allowed
 
 KINDS = """

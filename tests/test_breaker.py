@@ -6,12 +6,12 @@ from functools import partial
 
 import pytest
 import trio
+
 from jobwarden.actors.breaker import Circuit, Gate
 from jobwarden.actors.messages import BreakerReset, BreakerSnapshot, BreakerTrip
 from jobwarden.config import BreakerSpec, Duration, ServiceSection
 from jobwarden.mailbox import ReplySlot
 from jobwarden.store import jobs
-
 from tests.conftest import EPOCH
 
 SPEC = BreakerSpec(
@@ -177,7 +177,6 @@ async def test_an_open_circuit_survives_a_restart(autojump_clock, start_daemon):
 
 async def test_a_reload_keeps_waiting_calls_and_the_circuit(autojump_clock, start_daemon, tmp_path):
     from jobwarden.actors.messages import Reconfigure
-
     from tests.conftest import make_config
 
     daemon = await start_daemon(SERVICE_KINDS.format(max_concurrent=1), max_concurrent_jobs=3)

@@ -13,6 +13,7 @@ from typing import Any
 
 import msgspec
 import pytest
+
 from jobwarden.cli import main
 from jobwarden.wire.admin import encode_line
 from jobwarden.wire.views import ErrorBody

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import trio
+
 from jobwarden.errors import RequestError
 
 SCRIPT = """

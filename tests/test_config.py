@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from jobwarden.config import (
     check_handlers,
     format_duration,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from jobwarden.actors.messages import BreakerTrip
 from jobwarden.errors import RequestError
 from jobwarden.mailbox import ReplySlot

@@ -8,6 +8,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 import trio
+
 from jobwarden.actors.admission import TokenBucket
 from jobwarden.actors.messages import (
     BudgetState,
@@ -24,7 +25,6 @@ from jobwarden.errors import RequestError
 from jobwarden.mailbox import ask
 from jobwarden.store import users
 from jobwarden.wire.views import JobView
-
 from tests.conftest import EPOCH, GB
 
 KINDS = """

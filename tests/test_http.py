@@ -7,10 +7,11 @@ import socket
 import sys
 
 import trio
-from jobwarden.metrics import Metrics
-from jobwarden.process.admin import Stop
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
+
+from jobwarden.metrics import Metrics
+from jobwarden.process.admin import Stop
 
 KINDS = """
 [services.paid]

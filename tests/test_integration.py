@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from jobwarden.client import AdminError
 from jobwarden.wire.views import TERMINAL_STATUSES
-
 from tests.process import DaemonFactory, DaemonProcess, daemon_factory, run_jobwarden
 
 ERROR_SHAPE = {"code", "message", "retryable", "error_id"}

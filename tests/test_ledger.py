@@ -6,6 +6,8 @@ from datetime import UTC, datetime
 
 import pytest
 import trio
+from structlog.testing import capture_logs
+
 from jobwarden.actors.ledger import BudgetCalendar
 from jobwarden.actors.messages import (
     BudgetQuery,
@@ -17,8 +19,6 @@ from jobwarden.actors.messages import (
 )
 from jobwarden.errors import RequestError
 from jobwarden.mailbox import ReplySlot
-from structlog.testing import capture_logs
-
 from tests.conftest import EPOCH
 
 # EPOCH is 2027-01-15 08:00 UTC: the next budget day starts 16 h in.
@@ -184,7 +184,6 @@ async def test_a_reloaded_config_changes_the_limits_unless_an_operator_set_them(
     autojump_clock, start_daemon, tmp_path
 ):
     from jobwarden.actors.messages import Reconfigure
-
     from tests.conftest import make_config
 
     daemon = await start_daemon(config(daily=1), max_concurrent_jobs=1)

@@ -9,13 +9,13 @@ from functools import partial
 
 import pytest
 import trio
+
 from jobwarden.actors.pool import retry_delay
 from jobwarden.config import RetryPolicy
 from jobwarden.errors import RequestError
 from jobwarden.process.supervisor import Supervisor
 from jobwarden.store import jobs
 from jobwarden.wire.views import JobView
-
 from tests import handlers
 from tests.conftest import EPOCH, Daemon, idle_machine, make_config
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import trio
+
 from jobwarden.actors.breaker import Gate
 from jobwarden.actors.ledger import report as ledger_report
 from jobwarden.actors.messages import BudgetQuery, CancelJob
@@ -31,7 +32,6 @@ from jobwarden.tools.loadtest import (
     plan_from_args,
     run_loadtest,
 )
-
 from tests.conftest import EPOCH
 
 

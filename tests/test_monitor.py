@@ -6,12 +6,12 @@ from functools import partial
 
 import pytest
 import trio
+from structlog.testing import capture_logs
+
 from jobwarden.actors.messages import RunRules
 from jobwarden.actors.monitor import failure_rate
 from jobwarden.mailbox import ReplySlot
 from jobwarden.store import jobs
-from structlog.testing import capture_logs
-
 from tests.conftest import EPOCH
 
 KINDS = """

@@ -8,6 +8,7 @@ from functools import partial
 import msgspec
 import pytest
 import trio
+
 from jobwarden.errors import StoreError
 from jobwarden.hub import EventHub
 from jobwarden.store import jobs

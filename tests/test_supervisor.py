@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import trio
+
 from jobwarden.errors import RequestError, StartupError
 from jobwarden.process.supervisor import Reload, lock_database
 from jobwarden.process.systemd import SystemdNotifier
-
 from tests.conftest import BASE_CONFIG
 
 KIND = '\n[kinds.sleepy]\nhandler = "tests.handlers:sleepy"\n'

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import structlog.testing
 import trio
+
 from jobwarden.process.systemd import SystemdNotifier
 
 

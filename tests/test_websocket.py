@@ -18,6 +18,8 @@ import trio
 import trio_websocket
 import wsproto
 import wsproto.events
+from structlog.testing import capture_logs
+
 from jobwarden.actors.messages import BreakerTrip, HealthQuery
 from jobwarden.cli import main
 from jobwarden.client import DaemonError, DaemonUnreachable, connect
@@ -26,7 +28,6 @@ from jobwarden.errors import ConfigError
 from jobwarden.mailbox import ask
 from jobwarden.store import users
 from jobwarden.wire.views import TERMINAL_STATUSES
-from structlog.testing import capture_logs
 
 KINDS = """
 [kinds.stepper]

@@ -25,6 +25,7 @@ from typing import Any
 import msgspec
 import structlog
 import trio
+
 from jobwarden import __version__
 from jobwarden.actors.ledger import BudgetCalendar
 from jobwarden.actors.messages import (

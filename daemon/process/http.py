@@ -16,6 +16,7 @@ import h11
 import msgspec
 import structlog
 import trio
+
 from jobwarden.actors.messages import HealthQuery
 from jobwarden.errors import StartupError
 from jobwarden.mailbox import ReplySlot

@@ -26,6 +26,8 @@ import msgspec
 import structlog
 import trio
 import trio_websocket
+from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
+
 from jobwarden.actors.messages import CancelJob, Submit
 from jobwarden.config import WebSocketSection, name_path
 from jobwarden.errors import HTTP_STATUS, RequestError, StartupError, error_body
@@ -58,7 +60,6 @@ from jobwarden.wire.websocket import (
     WsWatching,
     ws_op_decoder,
 )
-from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
 
 log = structlog.get_logger("websocket")
 

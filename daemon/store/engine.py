@@ -25,6 +25,7 @@ from typing import Any, Generic, TypeVar
 import msgspec
 import structlog
 import trio
+
 from jobwarden.errors import StoreError
 from jobwarden.hub import EventHub
 from jobwarden.wire.views import ErrorBody, Event, JobView

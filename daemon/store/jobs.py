@@ -12,6 +12,7 @@ import sqlite3
 from typing import Any
 
 import msgspec
+
 from jobwarden.errors import new_error_id
 from jobwarden.store.engine import (
     JOB_COLUMNS,

@@ -14,6 +14,7 @@ import sqlite3
 from typing import Any
 
 import msgspec
+
 from jobwarden.wire.views import Event
 
 Events = list[Event]

@@ -19,9 +19,9 @@ from typing import Annotated, Literal, NamedTuple
 
 import msgspec
 import trio
-from jobwarden.actors.handlers import JobContext
+
+from jobwarden import Fail, JobContext, ServiceFailed, ServiceUnavailable
 from jobwarden.config import Duration, Fraction, decode_hook
-from jobwarden.errors import Fail, ServiceFailed, ServiceUnavailable
 
 
 class StoryRequest(msgspec.Struct, forbid_unknown_fields=True):

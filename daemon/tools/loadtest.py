@@ -36,6 +36,9 @@ import msgspec
 import structlog
 import trio
 import trio.testing
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn
+
 from jobwarden.actors.messages import BudgetQuery, Pause, Submit
 from jobwarden.config import Config, load_config
 from jobwarden.errors import RequestError
@@ -45,8 +48,6 @@ from jobwarden.process.admin import Stop
 from jobwarden.process.supervisor import DaemonHandle, Supervisor
 from jobwarden.tools import report
 from jobwarden.wire.views import JobView
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn
 
 HOUR = 3600.0
 # How often the progress bar and the intermediate file catch up with the store.

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import msgspec
+
 from jobwarden.wire.views import ErrorBody, JobStatus, JobView
 
 WatchKey = int | Literal["all"]

@@ -21,8 +21,8 @@ import msgspec
 import psutil
 import trio
 import trio_websocket
-from jobwarden.store import users
 
+from jobwarden.store import users
 from tests.bench.harness import ServeProcess, daemon_config, open_database, percentile
 from tests.process import merge, toml_text
 

@@ -20,9 +20,9 @@ from typing import Any
 
 import msgspec
 import psutil
+
 from jobwarden.client import AdminClient, DaemonUnreachable
 from jobwarden.store.engine import migrate
-
 from tests.process import NO_LIMITS, daemon_env, jobwarden_command, toml_text
 
 NOOP_KIND = "noop"

@@ -12,13 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import trio
+
 from jobwarden.actors.messages import Submit
 from jobwarden.config import Config, load_config_text
 from jobwarden.logs import configure_logging
 from jobwarden.mailbox import ReplySlot
 from jobwarden.process.admin import Stop
 from jobwarden.process.supervisor import DaemonHandle, Supervisor
-
 from tests.bench.harness import NOOP_KIND, any_unfinished, config_text, last_finished_at, shares
 
 SUBMITTERS = 128

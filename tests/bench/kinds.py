@@ -4,6 +4,7 @@ and one that only reports progress, for the fan-out."""
 from __future__ import annotations
 
 import trio
+
 from jobwarden.actors.handlers import JobContext
 
 
