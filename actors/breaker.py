@@ -41,7 +41,8 @@ from jobwarden.clock import WallClock
 from jobwarden.config import BreakerSpec, Config, ServiceSection, format_duration
 from jobwarden.errors import RequestError, ServiceUnavailable
 from jobwarden.mailbox import ReplySlot, receive_by
-from jobwarden.store.engine import Store, add_event
+from jobwarden.store import Engine
+from jobwarden.store.rows import add_event
 
 log = structlog.get_logger("breaker")
 
@@ -220,7 +221,7 @@ class Breaker:
         self,
         *,
         config: Config,
-        store: Store,
+        store: Engine,
         clock: WallClock,
         inbox: trio.MemoryReceiveChannel[BreakerMessage],
         scheduler: trio.MemorySendChannel[Any],

@@ -48,8 +48,8 @@ from jobwarden.config import Config
 from jobwarden.errors import BudgetExhausted, RequestError
 from jobwarden.mailbox import receive_by
 from jobwarden.metrics import Metrics
-from jobwarden.store import jobs
-from jobwarden.store.engine import Store, add_event
+from jobwarden.store import Engine, jobs
+from jobwarden.store.rows import add_event
 
 log = structlog.get_logger("ledger")
 
@@ -150,7 +150,7 @@ class Ledger:
         self,
         *,
         config: Config,
-        store: Store,
+        store: Engine,
         clock: WallClock,
         inbox: trio.MemoryReceiveChannel[LedgerMessage],
         listeners: list[trio.MemorySendChannel[Any]],

@@ -49,8 +49,7 @@ from jobwarden.config import Config, format_duration
 from jobwarden.errors import error_body
 from jobwarden.mailbox import ReplySlot, ask, receive_by
 from jobwarden.metrics import Metrics
-from jobwarden.store import jobs
-from jobwarden.store.engine import Store
+from jobwarden.store import Engine, jobs
 
 log = structlog.get_logger("monitor")
 
@@ -187,7 +186,7 @@ class Monitor:
         self,
         *,
         config: Config,
-        store: Store,
+        store: Engine,
         clock: WallClock,
         inbox: trio.MemoryReceiveChannel[MonitorMessage],
         pool: trio.MemorySendChannel[Any],
