@@ -42,7 +42,7 @@ from jobwarden.config import BreakerSpec, Config, ServiceSection, format_duratio
 from jobwarden.errors import RequestError, ServiceUnavailable
 from jobwarden.mailbox import ReplySlot, receive_by
 from jobwarden.store import Engine
-from jobwarden.store.rows import add_event
+from jobwarden.store.breakers import load_breakers, save_breaker
 
 log = structlog.get_logger("breaker")
 
@@ -190,30 +190,6 @@ class _Service:
         self.circuit.probe_timeout = spec.timeout
         self.gate = Gate(spec, now)
         self.gate.in_flight = in_flight
-
-
-def save_breaker(
-    conn: Any, events: list, *, service: str, state: str, open_until: float | None, now: float
-) -> None:
-    """Store the circuit's state and add a "breaker" event, so `watch` shows the change."""
-    add_event(
-        events,
-        (0, "", service),
-        "breaker",
-        now,
-        {"service": service, "state": state, "open_until": open_until},
-    )
-    conn.execute(
-        "INSERT INTO breakers (service, state, open_until, changed_at) VALUES (?, ?, ?, ?) "
-        "ON CONFLICT(service) DO UPDATE SET state = excluded.state, "
-        "open_until = excluded.open_until, changed_at = excluded.changed_at",
-        (service, state, open_until, now),
-    )
-
-
-def load_breakers(conn: Any) -> dict[str, tuple[str, float | None]]:
-    rows = conn.execute("SELECT service, state, open_until FROM breakers").fetchall()
-    return {service: (state, open_until) for service, state, open_until in rows}
 
 
 class Breaker:

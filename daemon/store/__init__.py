@@ -12,7 +12,8 @@ What it owns, by module:
 - `rows`: what the query modules share (job rows to views, JSON columns, event rows, writes
   that fail one item at a time);
 - the statements, grouped by what they serve: `jobs` (transitions, the queue, events,
-  settings), `users`.
+  settings), `users`, `ledger` (booked calls, totals, reports), `breakers` (circuit states),
+  `monitor` (the rows the monitor's rules look at).
 
 Callers hand the engine functions of these modules, `store.write(partial(jobs.finish, ...))`
 and `store.read(jobs.counts_by_status)`; none above the store holds SQL of its own. A write is
