@@ -51,6 +51,7 @@ from jobwarden.mailbox import ReplySlot, ask, receive_by
 from jobwarden.metrics import Metrics
 from jobwarden.store import Engine, jobs
 from jobwarden.store.monitor import Candidates, Row, find_candidates
+from jobwarden.wire.views import STATUSES
 
 log = structlog.get_logger("monitor")
 
@@ -380,7 +381,7 @@ class Monitor:
         now = self._clock.now()
         health = {
             **self._daemon_status(),
-            "jobs": {status: counts.get(status, 0) for status in jobs.STATUSES},
+            "jobs": {status: counts.get(status, 0) for status in STATUSES},
             "queue_depth": depth,
             "oldest_queued_seconds": None if oldest is None else round(now - oldest, 3),
             "running": snapshot["running"],

@@ -26,8 +26,6 @@ from jobwarden.store.rows import (
 )
 from jobwarden.wire.views import TERMINAL_STATUSES, ErrorBody, Event, JobView
 
-STATUSES = ("queued", "running", "done", "failed", "canceled")
-
 
 class SQL(str):
     """A column expression, written into an UPDATE as is (never user input)."""

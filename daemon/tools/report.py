@@ -18,6 +18,7 @@ from typing import Any
 
 from jobwarden.config import Config, format_duration
 from jobwarden.store import jobs, reports
+from jobwarden.wire.views import STATUSES
 
 HOUR = 3600.0
 MINUTE = 60.0
@@ -37,7 +38,7 @@ def progress_snapshot(conn: sqlite3.Connection) -> dict[str, Any]:
     calls, usd = reports.spend_so_far(conn)
     return {
         "jobs": sum(by_status.values()),
-        **{status: by_status.get(status, 0) for status in jobs.STATUSES},
+        **{status: by_status.get(status, 0) for status in STATUSES},
         "calls": calls,
         "usd": round(usd, 6),
     }
