@@ -20,10 +20,10 @@ and `store.read(jobs.counts_by_status)`; none above the store holds SQL of its o
 a function of a connection and the event rows it adds; a query, a function of a connection.
 
 A second backend (PostgreSQL) plugs in as another `Engine`, chosen where the supervisor opens
-the store. It provides its own `sqlite.py` counterpart and schema, and rewrites the phrases
-that sqlite.py lists in the query modules; the group commit, the event numbering contract (a
-write's events get increasing `seq` and are published after its commit) and the functions'
-signatures stay as they are, so actors and listeners do not change.
+the store: its own counterpart of sqlite.py, its own schema, and the phrases sqlite.py lists
+rewritten in the query modules. What callers rely on stays: a write is committed before
+`write` returns, its events get increasing `seq` and are published after the commit, and the
+query functions keep their signatures, so actors and listeners do not change.
 """
 
 from jobwarden.store.engine import Engine, Store

@@ -1,17 +1,21 @@
 """What the store asks of SQLite in particular, in one place: what a second backend replaces.
 
-The engine (engine.py) and the migrations (schema.py) reach the database through these
-functions, so they name no statement that only SQLite knows. The rest of SQLite's dialect is in
-the query text of the query modules; a PostgreSQL backend rewrites these places:
+The engine (engine.py) and the migration runner (schema.migrate) reach the database through
+these functions, so they name no statement that only SQLite knows. The rest of SQLite's dialect
+is in the text of the schema and the queries; a PostgreSQL backend rewrites these places:
 
 - `?` parameters, in every query module (psycopg takes `%s`);
-- AUTOINCREMENT and WITHOUT ROWID in schema.py, and rows.insert_events, which numbers a write's
-  event rows from `lastrowid` because one SQLite INSERT numbers its rows consecutively
-  (PostgreSQL: `RETURNING seq`; its sequence values are not in commit order either);
+- the column `user` of jobs, events and ledger: a reserved word in PostgreSQL, quoted there;
+- AUTOINCREMENT, WITHOUT ROWID and JSON kept as TEXT, in schema.py;
+- `cursor.lastrowid`: a new job's id in jobs.py, and in rows.insert_events the seq of a write's
+  event rows, because one SQLite INSERT numbers its rows consecutively (PostgreSQL: RETURNING,
+  and sequence values that are not in commit order);
 - `INDEXED BY` hints in jobs.py, which pin the queue's partial indexes (PostgreSQL's planner
   takes no hints);
-- `json_extract` in reports.py (PostgreSQL: the jsonb operators on jsonb columns);
+- `progress IS ?`, a comparison that treats NULLs as equal, in jobs.report_progress
+  (PostgreSQL: IS NOT DISTINCT FROM);
 - `MAX(a, b)` as a scalar in users.py (PostgreSQL: GREATEST);
+- `json_extract` in reports.py (PostgreSQL: the jsonb operators);
 - jobs.job_with_events reads a job and its events between BEGIN and COMMIT for one snapshot:
   every SQLite read transaction is one; PostgreSQL needs REPEATABLE READ for that.
 
