@@ -46,8 +46,7 @@ from jobwarden.clock import WallClock
 from jobwarden.config import Config, format_size, parse_rate
 from jobwarden.errors import RequestError
 from jobwarden.metrics import Metrics
-from jobwarden.store import jobs, users
-from jobwarden.store.engine import Store
+from jobwarden.store import Engine, jobs, users
 from jobwarden.store.jobs import Admitted, NewJob, Quota, Refused
 
 log = structlog.get_logger("admission")
@@ -140,7 +139,7 @@ class Admission:
         self,
         *,
         config: Config,
-        store: Store,
+        store: Engine,
         clock: WallClock,
         inbox: trio.MemoryReceiveChannel[AdmissionMessage],
         scheduler: trio.MemorySendChannel[Any],

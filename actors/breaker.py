@@ -41,7 +41,8 @@ from jobwarden.clock import WallClock
 from jobwarden.config import BreakerSpec, Config, ServiceSection, format_duration
 from jobwarden.errors import RequestError, ServiceUnavailable
 from jobwarden.mailbox import ReplySlot, receive_by
-from jobwarden.store.engine import Store, add_event
+from jobwarden.store import Engine
+from jobwarden.store.breakers import load_breakers, save_breaker
 
 log = structlog.get_logger("breaker")
 
@@ -191,36 +192,12 @@ class _Service:
         self.gate.in_flight = in_flight
 
 
-def save_breaker(
-    conn: Any, events: list, *, service: str, state: str, open_until: float | None, now: float
-) -> None:
-    """Store the circuit's state and add a "breaker" event, so `watch` shows the change."""
-    add_event(
-        events,
-        (0, "", service),
-        "breaker",
-        now,
-        {"service": service, "state": state, "open_until": open_until},
-    )
-    conn.execute(
-        "INSERT INTO breakers (service, state, open_until, changed_at) VALUES (?, ?, ?, ?) "
-        "ON CONFLICT(service) DO UPDATE SET state = excluded.state, "
-        "open_until = excluded.open_until, changed_at = excluded.changed_at",
-        (service, state, open_until, now),
-    )
-
-
-def load_breakers(conn: Any) -> dict[str, tuple[str, float | None]]:
-    rows = conn.execute("SELECT service, state, open_until FROM breakers").fetchall()
-    return {service: (state, open_until) for service, state, open_until in rows}
-
-
 class Breaker:
     def __init__(
         self,
         *,
         config: Config,
-        store: Store,
+        store: Engine,
         clock: WallClock,
         inbox: trio.MemoryReceiveChannel[BreakerMessage],
         scheduler: trio.MemorySendChannel[Any],

@@ -48,8 +48,8 @@ from jobwarden.config import Config
 from jobwarden.errors import BudgetExhausted, RequestError
 from jobwarden.mailbox import receive_by
 from jobwarden.metrics import Metrics
-from jobwarden.store import jobs
-from jobwarden.store.engine import Store, add_event
+from jobwarden.store import Engine, jobs
+from jobwarden.store.ledger import record_entry, report, spent
 
 log = structlog.get_logger("ledger")
 
@@ -94,63 +94,12 @@ class BudgetCalendar:
         return (at - start) / 86400, days
 
 
-def record_entry(conn: Any, events: list, *, entry: tuple) -> None:
-    """A ledger row and, for a job's call, a `cost` event with the job's running total, so
-    its watchers see what it spends as it spends it."""
-    conn.execute(
-        "INSERT INTO ledger (job_id, user, kind, service, units, usd, ok, at, day, month) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        entry,
-    )
-    job_id, user, kind, service, units, usd, ok, at = entry[:8]
-    if job_id:
-        job_usd = conn.execute(
-            "SELECT SUM(usd) FROM ledger WHERE job_id = ?", (job_id,)
-        ).fetchone()[0]
-        data = {"service": service, "units": units, "usd": usd, "ok": bool(ok), "job_usd": job_usd}
-        add_event(events, (job_id, user, kind), "cost", at, data)
-
-
-def spent(conn: Any, *, day: str, month: str) -> tuple[float, float]:
-    today = conn.execute("SELECT COALESCE(SUM(usd), 0) FROM ledger WHERE day = ?", (day,))
-    this_month = conn.execute("SELECT COALESCE(SUM(usd), 0) FROM ledger WHERE month = ?", (month,))
-    return today.fetchone()[0], this_month.fetchone()[0]
-
-
-def report(conn: Any, *, period: str, by: str) -> dict[str, Any]:
-    column = {"service": "service", "user": "user", "kind": "kind"}[by]
-    where = "day = ?" if len(period) == 10 else "month = ?"
-    groups = conn.execute(
-        f"SELECT {column}, COUNT(*), SUM(1 - ok), SUM(units), SUM(usd) FROM ledger "
-        f"WHERE {where} GROUP BY {column} ORDER BY SUM(usd) DESC",
-        (period,),
-    ).fetchall()
-    calls, failed, usd, job_count = conn.execute(
-        f"SELECT COUNT(*), COALESCE(SUM(1 - ok), 0), COALESCE(SUM(usd), 0), "
-        f"COUNT(DISTINCT job_id) FROM ledger WHERE {where}",
-        (period,),
-    ).fetchone()
-    return {
-        "period": period,
-        "by": by,
-        "groups": [
-            {by: name, "calls": n, "failed": f, "units": u, "usd": round(cost, 6)}
-            for name, n, f, u, cost in groups
-        ],
-        "calls": calls,
-        "failed_calls": failed,
-        "usd": round(usd, 6),
-        "jobs": job_count,
-        "usd_per_job": round(usd / job_count, 6) if job_count else None,
-    }
-
-
 class Ledger:
     def __init__(
         self,
         *,
         config: Config,
-        store: Store,
+        store: Engine,
         clock: WallClock,
         inbox: trio.MemoryReceiveChannel[LedgerMessage],
         listeners: list[trio.MemorySendChannel[Any]],

@@ -25,7 +25,7 @@ import os
 from collections import deque
 from collections.abc import Callable
 from functools import partial
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 import msgspec
 import psutil
@@ -49,8 +49,9 @@ from jobwarden.config import Config, format_duration
 from jobwarden.errors import error_body
 from jobwarden.mailbox import ReplySlot, ask, receive_by
 from jobwarden.metrics import Metrics
-from jobwarden.store import jobs
-from jobwarden.store.engine import Store
+from jobwarden.store import Engine, jobs
+from jobwarden.store.monitor import Candidates, Row, find_candidates
+from jobwarden.wire.views import STATUSES
 
 log = structlog.get_logger("monitor")
 
@@ -67,46 +68,6 @@ class Finding(msgspec.Struct, omit_defaults=True):
     rule: Rule
     action: str
     detail: str
-
-
-class Row(NamedTuple):
-    id: int
-    kind: str
-    status: str
-    created_at: float
-    started_at: float | None
-    heartbeat_at: float | None
-    progress_at: float | None
-    progress: float | None
-    attempt: int
-    max_attempts: int
-    available_at: float
-
-
-class Candidates(msgspec.Struct):
-    running: list[Row]
-    queued: list[Row]
-    oldest_available_at: float | None
-    oldest_created_at: float | None
-
-
-_ROW_COLUMNS = ", ".join(Row._fields)
-
-
-def find_candidates(conn: Any, *, queued_before: float, created_before: float) -> Candidates:
-    """Running jobs, and queued jobs that may have passed a queued or SLA limit."""
-    running = conn.execute(f"SELECT {_ROW_COLUMNS} FROM jobs WHERE status = 'running'")
-    queued = conn.execute(
-        f"SELECT {_ROW_COLUMNS} FROM jobs WHERE status = 'queued' "
-        "AND (available_at <= ? OR created_at <= ?)",
-        (queued_before, created_before),
-    )
-    running_rows = [Row(*r) for r in running]
-    queued_rows = [Row(*r) for r in queued]
-    oldest_available, oldest_created = conn.execute(
-        "SELECT MIN(available_at), MIN(created_at) FROM jobs WHERE status = 'queued'"
-    ).fetchone()
-    return Candidates(running_rows, queued_rows, oldest_available, oldest_created)
 
 
 def evaluate(
@@ -187,7 +148,7 @@ class Monitor:
         self,
         *,
         config: Config,
-        store: Store,
+        store: Engine,
         clock: WallClock,
         inbox: trio.MemoryReceiveChannel[MonitorMessage],
         pool: trio.MemorySendChannel[Any],
@@ -420,7 +381,7 @@ class Monitor:
         now = self._clock.now()
         health = {
             **self._daemon_status(),
-            "jobs": {status: counts.get(status, 0) for status in jobs.STATUSES},
+            "jobs": {status: counts.get(status, 0) for status in STATUSES},
             "queue_depth": depth,
             "oldest_queued_seconds": None if oldest is None else round(now - oldest, 3),
             "running": snapshot["running"],

@@ -59,8 +59,7 @@ from jobwarden.errors import (
 )
 from jobwarden.mailbox import ReplySlot
 from jobwarden.metrics import Metrics
-from jobwarden.store import jobs
-from jobwarden.store.engine import Store, each
+from jobwarden.store import Engine, each, jobs
 from jobwarden.wire.views import ErrorBody, JobView
 
 log = structlog.get_logger("pool")
@@ -135,7 +134,7 @@ class Pool:
         self,
         *,
         config: Config,
-        store: Store,
+        store: Engine,
         clock: WallClock,
         inbox: trio.MemoryReceiveChannel[PoolMessage],
         scheduler: trio.MemorySendChannel[Any],

@@ -60,8 +60,7 @@ from jobwarden.actors.messages import (
 from jobwarden.clock import WallClock
 from jobwarden.config import Config, KindSection, format_size
 from jobwarden.mailbox import ReplySlot
-from jobwarden.store import jobs, users
-from jobwarden.store.engine import Store
+from jobwarden.store import Engine, jobs, users
 from jobwarden.wire.views import JobView
 
 log = structlog.get_logger("scheduler")
@@ -193,7 +192,7 @@ class Scheduler:
         self,
         *,
         config: Config,
-        store: Store,
+        store: Engine,
         clock: WallClock,
         inbox: trio.MemoryReceiveChannel[SchedulerMessage],
         pool: trio.MemorySendChannel[RunJobs],

@@ -16,11 +16,11 @@ import pytest
 import trio
 
 from jobwarden.actors.breaker import Gate
-from jobwarden.actors.ledger import report as ledger_report
 from jobwarden.actors.messages import BudgetQuery, CancelJob
 from jobwarden.cli import build_parser, main
 from jobwarden.config import ServiceSection, parse_rate
 from jobwarden.mailbox import ReplySlot, ask
+from jobwarden.store.ledger import report as ledger_report
 from jobwarden.tools.demo import TERMINAL_FAILURES
 from jobwarden.tools.loadtest import (
     HOUR,

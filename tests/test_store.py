@@ -11,8 +11,8 @@ import trio
 
 from jobwarden.errors import StoreError
 from jobwarden.hub import EventHub
-from jobwarden.store import jobs
-from jobwarden.store.engine import MIGRATIONS, Store, each
+from jobwarden.store import Store, each, jobs
+from jobwarden.store.schema import MIGRATIONS
 from jobwarden.wire.views import ErrorBody
 
 

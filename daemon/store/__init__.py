@@ -1,6 +1,32 @@
 """The store: every row jobwarden keeps, and every SQL statement of the project.
 
-`engine` is the Store (one writer thread with group commit, a reader) and the schema; the other
-modules hold the statements, grouped by what they serve: `jobs`, `users`. Everything above the
-store calls these functions through `Store.write` and `Store.read`; none holds SQL of its own.
+What it owns, by module:
+
+- `engine`: the `Engine` interface the rest of jobwarden uses (`open`, `write`, `hand_over`,
+  `read`, `checkpoint_wal`), and `Store`, the SQLite engine: one writer thread with group
+  commit, and a reader that never waits for it;
+- `schema`: the tables and indexes, as numbered migrations;
+- `sqlite`: what the store asks of SQLite in particular (connection settings, the write
+  transaction, the WAL checkpoint, the schema version), and the list of SQLite-only phrases
+  left in the query text;
+- `rows`: what the query modules share (job rows to views, JSON columns, event rows, writes
+  that fail one item at a time);
+- the statements, grouped by what they serve: `jobs` (transitions, the queue, events,
+  settings), `users`, `ledger` (booked calls, totals, reports), `breakers` (circuit states),
+  `monitor` (the rows the monitor's rules look at), `reports` (the load test's report).
+
+Callers hand the engine functions of these modules, `store.write(partial(jobs.finish, ...))`
+and `store.read(jobs.counts_by_status)`; none above the store holds SQL of its own. A write is
+a function of a connection and the event rows it adds; a query, a function of a connection.
+
+A second backend (PostgreSQL) plugs in as another `Engine`, chosen where the supervisor opens
+the store: its own counterpart of sqlite.py, its own schema, and the phrases sqlite.py lists
+rewritten in the query modules. What callers rely on stays: a write is committed before
+`write` returns, its events get increasing `seq` and are published after the commit, and the
+query functions keep their signatures, so actors and listeners do not change.
 """
+
+from jobwarden.store.engine import Engine, Store
+from jobwarden.store.rows import each
+
+__all__ = ["Engine", "Store", "each"]

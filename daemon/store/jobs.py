@@ -14,20 +14,17 @@ from typing import Any
 import msgspec
 
 from jobwarden.errors import new_error_id
-from jobwarden.store.engine import (
+from jobwarden.store.rows import (
     JOB_COLUMNS,
     LIST_COLUMNS,
+    Events,
     add_event,
     apply_each,
     dump_json,
-    fetch_job,
     job_from_row,
     placeholders,
 )
 from jobwarden.wire.views import TERMINAL_STATUSES, ErrorBody, Event, JobView
-
-Events = list[Event]
-STATUSES = ("queued", "running", "done", "failed", "canceled")
 
 
 class SQL(str):
@@ -715,7 +712,8 @@ def get_setting(conn: sqlite3.Connection, key: str, default: Any = None) -> Any:
 
 
 def get_job(conn: sqlite3.Connection, job_id: int) -> JobView | None:
-    return fetch_job(conn, job_id)
+    row = conn.execute(f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    return None if row is None else job_from_row(row)
 
 
 def list_jobs(

@@ -1,6 +1,6 @@
 """Users: who may submit, their limits and credits, and the hash of their token.
 
-Functions of a SQLite connection, like daemon/jobs.py: writes run in the store's writer
+Functions of a SQLite connection, like jobs.py: writes run in the store's writer
 transaction (`store.write(partial(fn, ...))`), queries on the read connection. A token is
 shown once, when it is made; the store keeps its SHA-256, which is enough for a random
 256-bit secret (a slow password hash protects guessable secrets, and these are not).
@@ -15,9 +15,8 @@ from typing import Any
 
 import msgspec
 
-from jobwarden.wire.views import Event
+from jobwarden.store.rows import Events, placeholders
 
-Events = list[Event]
 TOKEN_PREFIX = "jw_"
 
 
@@ -175,7 +174,7 @@ def running_limits(conn: sqlite3.Connection, names: list[str]) -> dict[str, int 
     if not names:
         return {}
     rows = conn.execute(
-        f"SELECT name, max_running FROM users WHERE name IN ({', '.join('?' * len(names))})",
+        f"SELECT name, max_running FROM users WHERE name IN ({placeholders(names)})",
         names,
     ).fetchall()
     return dict(rows)

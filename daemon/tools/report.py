@@ -1,10 +1,10 @@
 """The load test's report: every figure read from the store and the ledger after the run.
 
-`collect` is a plain function of a SQLite connection (the tables of daemon/store.py), the
-config the run used and the driver's record, which holds only what no table can: the
-submissions admission refused, and which jobs were made to hang. The renderers turn the
-figures into seed 001's report (markdown), a short summary, and PNG charts when matplotlib
-is installed (`pip install 'jobwarden[report]'`).
+`collect` is a plain function of a connection to the run's database (it runs the queries of
+jobwarden.store.reports), the config the run used and the driver's record, which holds only
+what no table can: the submissions admission refused, and which jobs were made to hang. The
+renderers turn the figures into seed 001's report (markdown), a short summary, and PNG charts
+when matplotlib is installed (`pip install 'jobwarden[report]'`).
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from jobwarden.actors import ledger
 from jobwarden.config import Config, format_duration
-from jobwarden.store import jobs
+from jobwarden.store import jobs, reports
+from jobwarden.wire.views import STATUSES
 
 HOUR = 3600.0
 MINUTE = 60.0
@@ -35,10 +35,10 @@ def progress_snapshot(conn: sqlite3.Connection) -> dict[str, Any]:
     """Jobs by status and the spend so far: what the progress bar and the intermediate file
     show while the run goes on."""
     by_status = jobs.counts_by_status(conn)
-    calls, usd = conn.execute("SELECT COUNT(*), COALESCE(SUM(usd), 0) FROM ledger").fetchone()
+    calls, usd = reports.spend_so_far(conn)
     return {
         "jobs": sum(by_status.values()),
-        **{status: by_status.get(status, 0) for status in jobs.STATUSES},
+        **{status: by_status.get(status, 0) for status in STATUSES},
         "calls": calls,
         "usd": round(usd, 6),
     }
@@ -46,8 +46,8 @@ def progress_snapshot(conn: sqlite3.Connection) -> dict[str, Any]:
 
 def collect(conn: sqlite3.Connection, config: Config, record: dict[str, Any]) -> dict[str, Any]:
     start, end = record["started_at"], record["ended_at"]
-    rows = _job_rows(conn)
-    cost_by_job = _cost_by_job(conn)
+    rows = reports.job_rows(conn)
+    cost_by_job = reports.cost_by_job(conn)
     services = _services(conn, config)
     total_usd = sum(service["usd"] for service in services)
     jobs_with_cost = len(cost_by_job)
@@ -83,46 +83,6 @@ def collect(conn: sqlite3.Connection, config: Config, record: dict[str, Any]) ->
     )
     figures["guardrails"] = _guardrails(conn, record, figures, config)
     return figures
-
-
-# -- the store's rows ----------------------------------------------------------------------
-
-
-def _job_rows(conn: sqlite3.Connection) -> list[dict[str, Any]]:
-    columns = (
-        "id",
-        "user",
-        "status",
-        "created_at",
-        "started_at",
-        "finished_at",
-        "attempt",
-        "reason",
-        "degraded",
-        "placeholders",
-        "code",
-    )
-    rows = conn.execute(
-        "SELECT id, user, status, created_at, started_at, finished_at, attempt, reason, "
-        "json_extract(result, '$.degraded'), json_extract(result, '$.placeholders'), "
-        "json_extract(error, '$.code') FROM jobs ORDER BY id"
-    ).fetchall()
-    return [dict(zip(columns, row, strict=True)) for row in rows]
-
-
-def _cost_by_job(conn: sqlite3.Connection) -> dict[int, float]:
-    rows = conn.execute(
-        "SELECT job_id, SUM(usd) FROM ledger WHERE job_id IS NOT NULL GROUP BY job_id"
-    ).fetchall()
-    return dict(rows)
-
-
-def _status_events(conn: sqlite3.Connection, where: str) -> list[tuple[Any, ...]]:
-    return conn.execute(
-        "SELECT job_id, at, json_extract(data, '$.status'), json_extract(data, '$.reason'), "
-        "json_extract(data, '$.error.code'), json_extract(data, '$.error.message') "
-        f"FROM events WHERE type = 'status' AND {where} ORDER BY seq"
-    ).fetchall()
 
 
 # -- the sections --------------------------------------------------------------------------
@@ -225,20 +185,18 @@ def _durations(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _retries(conn: sqlite3.Connection, rows: list[dict[str, Any]]) -> dict[str, Any]:
-    retried = _status_events(conn, "json_extract(data, '$.reason') = 'RETRY'")
-    per_job = Counter(job_id for job_id, *_ in retried)
-    causes = Counter(code or "UNKNOWN" for _, _, _, _, code, _ in retried)
-    failed_tries = conn.execute(
-        "SELECT service, COUNT(*) FROM ledger WHERE ok = 0 GROUP BY service ORDER BY service"
-    ).fetchall()
+    retried = reports.status_events(conn, reason="RETRY")
+    per_job = Counter(event.job_id for event in retried)
+    causes = Counter(event.error_code or "UNKNOWN" for event in retried)
+    failed_calls = reports.failed_calls_by_service(conn)
     return {
         "job_retries": len(retried),
         "per_job": len(retried) / len(rows) if rows else 0.0,
         "max_per_job": max(per_job.values(), default=0),
         "jobs_retried": len(per_job),
         "causes": dict(causes.most_common()),
-        "failed_calls": dict(failed_tries),
-        "failed_calls_total": sum(count for _, count in failed_tries),
+        "failed_calls": failed_calls,
+        "failed_calls_total": sum(failed_calls.values()),
     }
 
 
@@ -247,12 +205,10 @@ def _stuck(
 ) -> dict[str, Any]:
     status = {row["id"]: row["status"] for row in rows}
     first_detection: dict[int, tuple[float, str]] = {}
-    for job_id, at, _, _, _, message in _status_events(
-        conn, "json_extract(data, '$.error.code') = 'STUCK_TIMEOUT'"
-    ):
+    for event in reports.status_events(conn, error_code="STUCK_TIMEOUT"):
         # The monitor words its verdict "<rule>: <detail>"; the rule is stored nowhere else.
-        rule = (message or "").partition(":")[0] or "unknown"
-        first_detection.setdefault(job_id, (at - start, rule))
+        rule = (event.error_message or "").partition(":")[0] or "unknown"
+        first_detection.setdefault(event.job_id, (event.at - start, rule))
     injected_set = set(injected)
     detected = [job for job in injected if job in first_detection]
     # Recovered: the monitor got it out of its hung attempt, and it ended (done after a
@@ -276,12 +232,7 @@ def _crash(
     conn: sqlite3.Connection, rows: list[dict[str, Any]], record: dict[str, Any]
 ) -> dict[str, Any]:
     status = {row["id"]: row["status"] for row in rows}
-    recovered = sorted(
-        {
-            job_id
-            for job_id, *_ in _status_events(conn, "json_extract(data, '$.reason') = 'RECOVERED'")
-        }
-    )
+    recovered = sorted({event.job_id for event in reports.status_events(conn, reason="RECOVERED")})
     accepted = record["submitted"] - sum(record["rejections"].values())
     return {
         "at": record["crash_at"] - record["started_at"],
@@ -295,12 +246,8 @@ def _crash(
 
 
 def _services(conn: sqlite3.Connection, config: Config) -> list[dict[str, Any]]:
-    rows = conn.execute(
-        "SELECT service, COUNT(*), SUM(1 - ok), SUM(units), SUM(usd) FROM ledger "
-        "GROUP BY service ORDER BY service"
-    ).fetchall()
     services = []
-    for service, calls, failed, units, usd in rows:
+    for service, calls, failed, units, usd in reports.service_totals(conn):
         spec = config.services.get(service)
         services.append(
             {
@@ -317,12 +264,9 @@ def _services(conn: sqlite3.Connection, config: Config) -> list[dict[str, Any]]:
 
 
 def _ledger_days(conn: sqlite3.Connection) -> list[dict[str, Any]]:
-    """Each budget day's totals by the same query `jobwarden ledger --day` answers with."""
-    days = [day for (day,) in conn.execute("SELECT DISTINCT day FROM ledger ORDER BY day")]
-    reports = [ledger.report(conn, period=day, by="service") for day in days]
     return [
-        {key: report[key] for key in ("period", "calls", "failed_calls", "usd", "jobs")}
-        for report in reports
+        {key: day[key] for key in ("period", "calls", "failed_calls", "usd", "jobs")}
+        for day in reports.ledger_days(conn)
     ]
 
 
@@ -350,15 +294,11 @@ def _projection(per_job: float | None, volume: int, daily_budget: float) -> dict
 
 
 def _breakers(conn: sqlite3.Connection, end: float) -> dict[str, Any]:
-    rows = conn.execute(
-        "SELECT at, json_extract(data, '$.service'), json_extract(data, '$.state') "
-        "FROM events WHERE type = 'breaker' ORDER BY seq"
-    ).fetchall()
     services: dict[str, dict[str, Any]] = defaultdict(
         lambda: {"opened": 0, "half_open": 0, "closed": 0, "open_seconds": 0.0}
     )
     opened_at: dict[str, float] = {}
-    for at, service, state in rows:
+    for at, service, state in reports.breaker_changes(conn):
         entry = services[service]
         if state == "open":
             entry["opened"] += 1
@@ -393,7 +333,7 @@ def _series(
             queued[minute], running[minute] = counts["queued"], counts["running"]
             minute += 1
 
-    for job_id, at, status, *_ in _status_events(conn, "1"):
+    for job_id, at, status, *_ in reports.status_events(conn):
         close_minutes_before(at)
         if job_id in current:
             counts[current[job_id]] -= 1
@@ -406,7 +346,7 @@ def _series(
             failed[index] += 1
     close_minutes_before(math.inf)
     spend = [0.0] * minutes
-    for at, usd in conn.execute("SELECT at, usd FROM ledger ORDER BY id"):
+    for at, usd in reports.spend_by_call(conn):
         spend[min(int((at - start) // MINUTE), minutes - 1)] += usd
     spend_today, total = [], 0.0
     for index, usd in enumerate(spend):
@@ -428,7 +368,7 @@ def _series(
 def _guardrails(
     conn: sqlite3.Connection, record: dict[str, Any], figures: dict[str, Any], config: Config
 ) -> dict[str, Any]:
-    budget_waits = len(_status_events(conn, "json_extract(data, '$.reason') = 'BUDGET_WAIT'"))
+    budget_waits = len(reports.status_events(conn, reason="BUDGET_WAIT"))
     peak_day = max(figures["ledger_days"], key=lambda day: day["usd"], default=None)
     daily = config.budget.daily_usd
     return {

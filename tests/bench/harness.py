@@ -22,7 +22,7 @@ import msgspec
 import psutil
 
 from jobwarden.client import AdminClient, DaemonUnreachable
-from jobwarden.store.engine import migrate
+from jobwarden.store.schema import migrate
 from tests.process import NO_LIMITS, daemon_env, jobwarden_command, toml_text
 
 NOOP_KIND = "noop"

@@ -1,0 +1,50 @@
+"""The rows the monitor's rules look at: running jobs, and queued jobs that may be late."""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import NamedTuple
+
+import msgspec
+
+
+class Row(NamedTuple):
+    id: int
+    kind: str
+    status: str
+    created_at: float
+    started_at: float | None
+    heartbeat_at: float | None
+    progress_at: float | None
+    progress: float | None
+    attempt: int
+    max_attempts: int
+    available_at: float
+
+
+class Candidates(msgspec.Struct):
+    running: list[Row]
+    queued: list[Row]
+    oldest_available_at: float | None
+    oldest_created_at: float | None
+
+
+_ROW_COLUMNS = ", ".join(Row._fields)
+
+
+def find_candidates(
+    conn: sqlite3.Connection, *, queued_before: float, created_before: float
+) -> Candidates:
+    """Running jobs, and queued jobs that may have passed a queued or SLA limit."""
+    running = conn.execute(f"SELECT {_ROW_COLUMNS} FROM jobs WHERE status = 'running'")
+    queued = conn.execute(
+        f"SELECT {_ROW_COLUMNS} FROM jobs WHERE status = 'queued' "
+        "AND (available_at <= ? OR created_at <= ?)",
+        (queued_before, created_before),
+    )
+    running_rows = [Row(*r) for r in running]
+    queued_rows = [Row(*r) for r in queued]
+    oldest_available, oldest_created = conn.execute(
+        "SELECT MIN(available_at), MIN(created_at) FROM jobs WHERE status = 'queued'"
+    ).fetchone()
+    return Candidates(running_rows, queued_rows, oldest_available, oldest_created)

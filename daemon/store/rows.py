@@ -1,0 +1,165 @@
+"""What the query modules share: job rows to views, JSON columns, event rows, and writes that
+fail one item at a time."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar
+
+import msgspec
+
+from jobwarden.store.sqlite import Connection
+from jobwarden.wire.views import ErrorBody, Event, JobView
+
+T = TypeVar("T")
+X = TypeVar("X")
+# The event rows a write adds; the engine inserts them when the write returns.
+Events = list[Event]
+
+_json = msgspec.json.Encoder()
+_decode_error = msgspec.json.Decoder(ErrorBody)
+
+
+def dump_json(value: Any) -> str | None:
+    return None if value is None else _json.encode(value).decode()
+
+
+def load_json(text: str | None) -> Any:
+    return None if text is None else msgspec.json.decode(text)
+
+
+JOB_COLUMNS = (
+    "id, kind, user, status, priority, attempt, max_attempts, created_at, updated_at, "
+    "available_at, started_at, finished_at, progress, message, reason, idempotency_key, "
+    "result, error, payload, checkpoint"
+)
+LIST_COLUMNS = JOB_COLUMNS.replace(", payload, checkpoint", "")
+
+
+def job_from_row(row: Sequence[Any]) -> JobView:
+    full = len(row) > 18
+    return JobView(
+        id=row[0],
+        kind=row[1],
+        user=row[2],
+        status=row[3],
+        priority=row[4],
+        attempt=row[5],
+        max_attempts=row[6],
+        created_at=row[7],
+        updated_at=row[8],
+        available_at=row[9],
+        started_at=row[10],
+        finished_at=row[11],
+        progress=row[12],
+        message=row[13],
+        reason=row[14],
+        idempotency_key=row[15],
+        result=load_json(row[16]),
+        error=None if row[17] is None else _decode_error.decode(row[17]),
+        payload=load_json(row[18]) if full else None,
+        checkpoint=load_json(row[19]) if full else None,
+    )
+
+
+def placeholders(values: Iterable[Any]) -> str:
+    return ", ".join("?" for _ in values)
+
+
+def each(
+    applies: Sequence[Callable[[Connection, Events], T]],
+) -> Callable[[Connection, Events], list[T | Exception]]:
+    """Several writes as one, each isolated: one that fails comes back as its exception, in
+    its place, and the others land."""
+
+    def apply(conn: Connection, events: Events) -> list[T | Exception]:
+        return apply_each(conn, events, applies, lambda one: one(conn, events))
+
+    return apply
+
+
+def apply_each(
+    conn: Connection,
+    events: Events,
+    items: Sequence[X],
+    apply_one: Callable[[X], T],
+    *,
+    reset: Callable[[], None] | None = None,
+) -> list[T | Exception]:
+    """`apply_one(item)` for each item, where one that raises fails alone.
+
+    All items go in one savepoint first. If one raises, all are rolled back (and `reset`
+    called, to forget what they left in memory), then applied again in a savepoint each, so
+    that only the failing ones fail. A savepoint per item from the start would cost more than
+    the items: SQLite copies every page a savepoint changes first.
+    """
+    mark = len(events)
+    conn.execute("SAVEPOINT batch")
+    try:
+        results: list[T | Exception] = [apply_one(item) for item in items]
+    except Exception:
+        conn.execute("ROLLBACK TO batch")
+        del events[mark:]
+        results = []
+    conn.execute("RELEASE batch")
+    if len(results) == len(items):
+        return results
+    if reset is not None:
+        reset()
+    for item in items:
+        conn.execute("SAVEPOINT item")
+        mark = len(events)
+        try:
+            results.append(apply_one(item))
+        except Exception as exc:
+            conn.execute("ROLLBACK TO item")
+            del events[mark:]
+            results.append(exc)
+        conn.execute("RELEASE item")
+    return results
+
+
+def add_event(
+    events: Events,
+    job: JobView | tuple[int, str, str],
+    type_: str,
+    at: float,
+    data: dict[str, Any],
+) -> None:
+    """Collect one event row; the store inserts and numbers a write's rows when it returns."""
+    job_id, user, kind = (job.id, job.user, job.kind) if isinstance(job, JobView) else job
+    events.append(Event(seq=0, job=job_id, user=user, kind=kind, type=type_, at=at, data=data))
+
+
+# Rows per INSERT: 6 parameters each, well under SQLite's 32,766.
+EVENT_ROWS_PER_INSERT = 1000
+
+
+def insert_events(conn: Connection, events: Events) -> None:
+    """Insert a write's event rows in multi-row statements and give each its seq.
+
+    One statement per event would cost a SQLite step each, and each step gives the GIL away
+    and waits to get it back from the trio thread. Rows one INSERT adds to an AUTOINCREMENT
+    table are numbered consecutively, and this thread is the only writer.
+    """
+    for start in range(0, len(events), EVENT_ROWS_PER_INSERT):
+        chunk = events[start : start + EVENT_ROWS_PER_INSERT]
+        cursor = conn.execute(
+            "INSERT INTO events (job_id, user, kind, type, at, data) VALUES "
+            + ", ".join(["(?, ?, ?, ?, ?, ?)"] * len(chunk)),
+            [
+                value
+                for event in chunk
+                for value in (
+                    event.job,
+                    event.user,
+                    event.kind,
+                    event.type,
+                    event.at,
+                    dump_json(event.data),
+                )
+            ],
+        )
+        first = cursor.lastrowid - len(chunk) + 1
+        for offset, event in enumerate(chunk):
+            event.seq = first + offset

@@ -1,0 +1,80 @@
+"""What the store asks of SQLite in particular, in one place: what a second backend replaces.
+
+The engine (engine.py) and the migration runner (schema.migrate) reach the database through
+these functions, so they name no statement that only SQLite knows. The rest of SQLite's dialect
+is in the text of the schema and the queries; a PostgreSQL backend rewrites these places:
+
+- `?` parameters, in every query module (psycopg takes `%s`);
+- the column `user` of jobs, events and ledger: a reserved word in PostgreSQL, quoted there;
+- AUTOINCREMENT, WITHOUT ROWID and JSON kept as TEXT, in schema.py;
+- `cursor.lastrowid`: a new job's id in jobs.py, and in rows.insert_events the seq of a write's
+  event rows, because one SQLite INSERT numbers its rows consecutively (PostgreSQL: RETURNING,
+  and sequence values that are not in commit order);
+- `INDEXED BY` hints in jobs.py, which pin the queue's partial indexes (PostgreSQL's planner
+  takes no hints);
+- `progress IS ?`, a comparison that treats NULLs as equal, in jobs.report_progress
+  (PostgreSQL: IS NOT DISTINCT FROM);
+- `MAX(a, b)` as a scalar in users.py (PostgreSQL: GREATEST);
+- `json_extract` in reports.py (PostgreSQL: the jsonb operators);
+- jobs.job_with_events reads a job and its events between BEGIN and COMMIT for one snapshot:
+  every SQLite read transaction is one; PostgreSQL needs REPEATABLE READ for that.
+
+Savepoints (SAVEPOINT, ROLLBACK TO, RELEASE), ON CONFLICT and RETURNING are spelled the same in
+both, so the engine and the query modules use them as they are.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+Connection = sqlite3.Connection
+# What a statement raises when the database refuses it.
+DatabaseError = sqlite3.Error
+# A database that lives only as long as its one connection (tests).
+IN_MEMORY = ":memory:"
+
+
+def connect(path: str, synchronous: str) -> Connection:
+    """A connection in autocommit mode: the engine says where each transaction begins."""
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute(f"PRAGMA synchronous={synchronous}")
+    conn.execute("PRAGMA busy_timeout=5000")
+    conn.execute("PRAGMA foreign_keys=ON")
+    # Savepoints keep the pages they change in a statement journal: in memory, not a file.
+    conn.execute("PRAGMA temp_store=MEMORY")
+    # 32 MB of page cache (the default is 2 MB): the queue's index pages stay in memory.
+    conn.execute("PRAGMA cache_size=-32768")
+    return conn
+
+
+def begin_write(conn: Connection) -> None:
+    """Begin a transaction that holds the write lock from its first statement, so that no
+    other connection can make it fail half-way with SQLITE_BUSY."""
+    conn.execute("BEGIN IMMEDIATE")
+
+
+def roll_back(conn: Connection) -> None:
+    """Abandon the open transaction, if a failure left one open."""
+    if conn.in_transaction:
+        conn.execute("ROLLBACK")
+
+
+def checkpoint_wal(conn: Connection) -> None:
+    """Fold the write-ahead log back into the database file; outside any transaction."""
+    # Read the pragma's answer to the end: an open statement blocks the next batch.
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+
+
+def schema_version(conn: Connection) -> int:
+    return conn.execute("PRAGMA user_version").fetchone()[0]
+
+
+def migrate_to(conn: Connection, version: int, script: str) -> None:
+    """Run one migration and record its version in one transaction: a crash mid-migration
+    leaves the previous version intact."""
+    try:
+        conn.executescript(f"BEGIN IMMEDIATE; {script}; PRAGMA user_version={version}; COMMIT;")
+    except DatabaseError:
+        roll_back(conn)
+        raise
