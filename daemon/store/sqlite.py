@@ -25,7 +25,10 @@ both, so the engine and the query modules use them as they are.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
 
 Connection = sqlite3.Connection
 # What a statement raises when the database refuses it.
@@ -78,3 +81,20 @@ def migrate_to(conn: Connection, version: int, script: str) -> None:
     except DatabaseError:
         roll_back(conn)
         raise
+
+
+def copy_database(source: str | Path, target: str | Path) -> None:
+    """A consistent copy of the database as it is committed now, by SQLite's online backup:
+    what a `kill -9` at this instant would leave on disk."""
+    with (
+        contextlib.closing(sqlite3.connect(source)) as origin,
+        contextlib.closing(sqlite3.connect(target)) as copy,
+    ):
+        origin.backup(copy)
+
+
+@contextlib.contextmanager
+def opened(path: str | Path) -> Iterator[Connection]:
+    """A connection of its own to the database at `path`, for a tool that reads it once."""
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        yield conn

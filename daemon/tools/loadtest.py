@@ -24,7 +24,6 @@ import json
 import math
 import os
 import random
-import sqlite3
 import sys
 import time
 from collections import Counter
@@ -46,6 +45,7 @@ from jobwarden.logs import configure_logging
 from jobwarden.mailbox import ReplySlot, ask
 from jobwarden.process.admin import Stop
 from jobwarden.process.supervisor import DaemonHandle, Supervisor
+from jobwarden.store import sqlite
 from jobwarden.tools import report
 from jobwarden.wire.views import JobView
 
@@ -356,11 +356,7 @@ class InProcessDaemon:
         """
         db = self.db_path
         at_crash = db.with_name(f"{db.name}.at-crash")
-        with (
-            contextlib.closing(sqlite3.connect(db)) as source,
-            contextlib.closing(sqlite3.connect(at_crash)) as copy,
-        ):
-            source.backup(copy)
+        sqlite.copy_database(db, at_crash)
         self._stop_requested = True
         self._scope.cancel()
         await self._stopped.wait()
@@ -560,7 +556,7 @@ class LoadTest:
     def write_report(self, config: Config, record: RunRecord) -> Outcome:
         self.write_intermediate(finished=True)
         record_data = msgspec.to_builtins(record)
-        with contextlib.closing(sqlite3.connect(record.database)) as conn:
+        with sqlite.opened(record.database) as conn:
             figures = report.collect(conn, config, record_data)
         charts_note = None
         try:

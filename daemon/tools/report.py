@@ -10,7 +10,6 @@ when matplotlib is installed (`pip install 'jobwarden[report]'`).
 from __future__ import annotations
 
 import math
-import sqlite3
 from collections import Counter, defaultdict
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 
 from jobwarden.config import Config, format_duration
 from jobwarden.store import jobs, reports
+from jobwarden.store.sqlite import Connection
 from jobwarden.wire.views import STATUSES
 
 HOUR = 3600.0
@@ -31,7 +31,7 @@ MONTH_DAYS = 30
 CHARTS_EXTRA = "pip install 'jobwarden[report]'"
 
 
-def progress_snapshot(conn: sqlite3.Connection) -> dict[str, Any]:
+def progress_snapshot(conn: Connection) -> dict[str, Any]:
     """Jobs by status and the spend so far: what the progress bar and the intermediate file
     show while the run goes on."""
     by_status = jobs.counts_by_status(conn)
@@ -44,7 +44,7 @@ def progress_snapshot(conn: sqlite3.Connection) -> dict[str, Any]:
     }
 
 
-def collect(conn: sqlite3.Connection, config: Config, record: dict[str, Any]) -> dict[str, Any]:
+def collect(conn: Connection, config: Config, record: dict[str, Any]) -> dict[str, Any]:
     start, end = record["started_at"], record["ended_at"]
     rows = reports.job_rows(conn)
     cost_by_job = reports.cost_by_job(conn)
@@ -184,7 +184,7 @@ def _durations(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _retries(conn: sqlite3.Connection, rows: list[dict[str, Any]]) -> dict[str, Any]:
+def _retries(conn: Connection, rows: list[dict[str, Any]]) -> dict[str, Any]:
     retried = reports.status_events(conn, reason="RETRY")
     per_job = Counter(event.job_id for event in retried)
     causes = Counter(event.error_code or "UNKNOWN" for event in retried)
@@ -201,7 +201,7 @@ def _retries(conn: sqlite3.Connection, rows: list[dict[str, Any]]) -> dict[str, 
 
 
 def _stuck(
-    conn: sqlite3.Connection, rows: list[dict[str, Any]], injected: list[int], start: float
+    conn: Connection, rows: list[dict[str, Any]], injected: list[int], start: float
 ) -> dict[str, Any]:
     status = {row["id"]: row["status"] for row in rows}
     first_detection: dict[int, tuple[float, str]] = {}
@@ -228,9 +228,7 @@ def _stuck(
     }
 
 
-def _crash(
-    conn: sqlite3.Connection, rows: list[dict[str, Any]], record: dict[str, Any]
-) -> dict[str, Any]:
+def _crash(conn: Connection, rows: list[dict[str, Any]], record: dict[str, Any]) -> dict[str, Any]:
     status = {row["id"]: row["status"] for row in rows}
     recovered = sorted({event.job_id for event in reports.status_events(conn, reason="RECOVERED")})
     accepted = record["submitted"] - sum(record["rejections"].values())
@@ -245,7 +243,7 @@ def _crash(
     }
 
 
-def _services(conn: sqlite3.Connection, config: Config) -> list[dict[str, Any]]:
+def _services(conn: Connection, config: Config) -> list[dict[str, Any]]:
     services = []
     for service, calls, failed, units, usd in reports.service_totals(conn):
         spec = config.services.get(service)
@@ -263,7 +261,7 @@ def _services(conn: sqlite3.Connection, config: Config) -> list[dict[str, Any]]:
     return services
 
 
-def _ledger_days(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+def _ledger_days(conn: Connection) -> list[dict[str, Any]]:
     return [
         {key: day[key] for key in ("period", "calls", "failed_calls", "usd", "jobs")}
         for day in reports.ledger_days(conn)
@@ -293,7 +291,7 @@ def _projection(per_job: float | None, volume: int, daily_budget: float) -> dict
     }
 
 
-def _breakers(conn: sqlite3.Connection, end: float) -> dict[str, Any]:
+def _breakers(conn: Connection, end: float) -> dict[str, Any]:
     services: dict[str, dict[str, Any]] = defaultdict(
         lambda: {"opened": 0, "half_open": 0, "closed": 0, "open_seconds": 0.0}
     )
@@ -315,9 +313,7 @@ def _breakers(conn: sqlite3.Connection, end: float) -> dict[str, Any]:
     }
 
 
-def _series(
-    conn: sqlite3.Connection, start: float, end: float, daily_budget: float
-) -> dict[str, Any]:
+def _series(conn: Connection, start: float, end: float, daily_budget: float) -> dict[str, Any]:
     """Per simulated minute: jobs finished, queue depth and running jobs at its end, and
     the budget day's spend so far (the run starts at a budget day's midnight)."""
     minutes = max(math.ceil((end - start) / MINUTE), 1)
@@ -366,7 +362,7 @@ def _series(
 
 
 def _guardrails(
-    conn: sqlite3.Connection, record: dict[str, Any], figures: dict[str, Any], config: Config
+    conn: Connection, record: dict[str, Any], figures: dict[str, Any], config: Config
 ) -> dict[str, Any]:
     budget_waits = len(reports.status_events(conn, reason="BUDGET_WAIT"))
     peak_day = max(figures["ledger_days"], key=lambda day: day["usd"], default=None)
