@@ -14,6 +14,7 @@ from typing import Any
 import msgspec
 import pytest
 
+from jobwarden import config
 from jobwarden.cli import main
 from jobwarden.wire.admin import encode_line
 from jobwarden.wire.views import ErrorBody
@@ -909,6 +910,34 @@ def test_budget_rejects_bad_arguments(daemon, jobwarden, capsys, argv, complaint
     assert code == 2
     assert complaint in capsys.readouterr().err
     assert daemon.requests == []
+
+
+# finding the config
+
+
+def test_the_config_is_looked_up_in_order(tmp_path, monkeypatch, capsys):
+    """--config, then $JOBWARDEN_CONFIG, then ./config.toml, then the system-wide one."""
+    places = {}
+    for place in ("flag", "env", "here", "system"):
+        (tmp_path / place).mkdir()
+        places[place] = write_config(tmp_path / place, f'[kinds.{place}]\ncommand = ["true"]\n')
+    monkeypatch.chdir(tmp_path / "here")
+    monkeypatch.setattr(config, "SYSTEM_CONFIG", places["system"])
+    monkeypatch.setenv("JOBWARDEN_CONFIG", str(places["env"]))
+
+    def chosen(*argv: str) -> str:
+        assert main([*argv, "check-config"]) == 0
+        return capsys.readouterr().out.removeprefix("ok: 1 kind (").removesuffix(")\n")
+
+    assert chosen("--config", str(places["flag"])) == "flag"
+    assert chosen() == "env"
+    monkeypatch.delenv("JOBWARDEN_CONFIG")
+    assert chosen() == "here"
+    places["here"].unlink()
+    assert chosen() == "system"
+    places["system"].unlink()
+    assert main(["check-config"]) == 2
+    assert "jobwarden init" in capsys.readouterr().err
 
 
 # check-config

@@ -15,6 +15,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from jobwarden import __version__
 from jobwarden.cli import breakers, costs, jobs, kinds, loadtest, server, users
 from jobwarden.cli.arguments import global_options
 from jobwarden.cli.output import (
@@ -66,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the jobwarden daemon, or manage its jobs over the admin socket.",
         parents=[global_options(in_subcommand=False)],
     )
+    parser.add_argument("--version", action="version", version=f"jobwarden {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for group in COMMAND_GROUPS:
         group.add_commands(commands)

@@ -29,7 +29,8 @@ def global_options(*, in_subcommand: bool) -> argparse.ArgumentParser:
         "--config",
         metavar="PATH",
         default=default(None),
-        help="config file, to find the admin socket (default: $JOBWARDEN_CONFIG, ./config.toml)",
+        help="config file, to find the admin socket "
+        "(default: $JOBWARDEN_CONFIG, ./config.toml, /etc/jobwarden/config.toml)",
     )
     options.add_argument(
         "--socket", metavar="PATH", default=default(None), help="admin socket, instead of config"

@@ -29,7 +29,8 @@ def add_commands(commands: Subcommands) -> None:
         "path",
         nargs="?",
         metavar="PATH",
-        help="the config file (default: --config, then $JOBWARDEN_CONFIG, then ./config.toml)",
+        help="the config file (default: --config, then $JOBWARDEN_CONFIG, then ./config.toml, "
+        "then /etc/jobwarden/config.toml)",
     )
     subcommand(commands, "serve", _serve, "run the daemon in the foreground")
     subcommand(commands, "status", _status, "show the daemon's state")
