@@ -16,6 +16,7 @@ import pytest
 
 from jobwarden import config
 from jobwarden.cli import main
+from jobwarden.cli.server import default_config_text
 from jobwarden.wire.admin import encode_line
 from jobwarden.wire.views import ErrorBody
 
@@ -912,7 +913,7 @@ def test_budget_rejects_bad_arguments(daemon, jobwarden, capsys, argv, complaint
     assert daemon.requests == []
 
 
-# finding the config
+# finding the config, and writing the default one
 
 
 def test_the_config_is_looked_up_in_order(tmp_path, monkeypatch, capsys):
@@ -938,6 +939,33 @@ def test_the_config_is_looked_up_in_order(tmp_path, monkeypatch, capsys):
     places["system"].unlink()
     assert main(["check-config"]) == 2
     assert "jobwarden init" in capsys.readouterr().err
+
+
+def test_init_makes_the_directory_and_says_what_to_do_there(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+
+    code = main(["init", "site"])
+
+    out = capsys.readouterr().out
+    assert code == 0
+    assert (tmp_path / "site" / "config.toml").read_text() == default_config_text()
+    assert f"next, in {tmp_path.resolve() / 'site'}:" in out
+
+
+def test_init_json_says_where_everything_will_be(tmp_path, capsys):
+    code = main(["--json", "init", str(tmp_path)])
+
+    directory = tmp_path.resolve()
+    assert code == 0
+    assert json.loads(capsys.readouterr().out) == {
+        "config": str(directory / "config.toml"),
+        "directory": str(directory),
+        "kinds": ["storybook", "shell"],
+        "admin_socket": str(directory / "var" / "admin.sock"),
+        "database": str(directory / "var" / "jobwarden.db"),
+        "websocket": "127.0.0.1:8765",
+        "http": "127.0.0.1:8766",
+    }
 
 
 # check-config

@@ -1,8 +1,10 @@
-"""The daemon itself: check-config, serve, status, drain, shutdown."""
+"""The daemon itself: init (write the default config), check-config, serve, status, drain,
+shutdown."""
 
 from __future__ import annotations
 
 import argparse
+import importlib.resources
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,13 @@ DRAIN_POLL_SECONDS = 0.2
 
 
 def add_commands(commands: Subcommands) -> None:
+    init = subcommand(
+        commands, "init", _init, "write the default config.toml, to serve from that directory"
+    )
+    init.add_argument(
+        "directory", nargs="?", default=".", metavar="DIR", help="where (default: here)"
+    )
+    init.add_argument("--force", action="store_true", help="replace a config.toml already there")
     check = subcommand(
         commands, "check-config", _check_config, "validate a config file and import handlers"
     )
@@ -39,6 +48,61 @@ def add_commands(commands: Subcommands) -> None:
     )
     drain.add_argument("--wait", action="store_true", help="return once the daemon has exited")
     subcommand(commands, "shutdown", _shutdown, "stop the daemon now; running jobs are interrupted")
+
+
+def default_config_text() -> str:
+    """The embedded default config: the repository's config.toml, shipped inside the package."""
+    return importlib.resources.files("jobwarden").joinpath("config.toml").read_text("utf-8")
+
+
+def _init(args: argparse.Namespace) -> int:
+    directory = Path(args.directory)
+    path = directory / "config.toml"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        # "x" refuses an existing file in the same step that creates a new one.
+        with path.open("w" if args.force else "x", encoding="utf-8") as file:
+            file.write(default_config_text())
+    except FileExistsError:
+        raise ConfigError(
+            f"{path} exists already and is left as it is; "
+            "pass --force to replace it with the default"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot write {path}: {exc.strerror}") from None
+    config = load_config(path)
+    written = {
+        "config": str(path.resolve()),
+        "directory": str(directory.resolve()),
+        "kinds": list(config.kinds),
+        "admin_socket": str(config.path(config.admin.socket)),
+        "database": str(config.path(config.store.path)),
+        "websocket": config.websocket.listen or None,
+        "http": config.http.listen or None,
+    }
+    return print_reply(args, written, _print_next_steps)
+
+
+def _print_next_steps(written: dict[str, Any]) -> None:
+    print(f"wrote {written['config']}, the default config (kinds: {', '.join(written['kinds'])})")
+    print()
+    elsewhere = Path(written["directory"]) != Path.cwd().resolve()
+    print(f"next, in {written['directory']}:" if elsewhere else "next, in this directory:")
+    for command, why in (
+        ("jobwarden check-config", "validate it and import its handlers"),
+        ("jobwarden serve", "run the daemon in the foreground; Ctrl-C drains and stops it"),
+        ("jobwarden status", "from another terminal, in the same directory"),
+    ):
+        print(f"  {command:<24}{why}")
+    print()
+    print_fields(
+        [
+            ("admin socket", written["admin_socket"]),
+            ("database", written["database"]),
+            ("websocket", written["websocket"] or "off"),
+            ("http", written["http"] or "off"),
+        ]
+    )
 
 
 def _check_config(args: argparse.Namespace) -> int:
