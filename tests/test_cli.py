@@ -556,6 +556,22 @@ def test_watch_shows_a_queued_jobs_place_and_its_costs(daemon, jobwarden, capsys
     ]
 
 
+def test_watch_says_first_why_a_queued_job_waits(daemon, jobwarden, capsys):
+    daemon.replies["show"] = {
+        "job": job_view(status="queued"),
+        "events": [event(1, "status", status="queued", attempt=0)],
+        "waiting": waiting("no free slot (2 of 2 running)", position=2),
+    }
+    daemon.watch_events = [event(2, "status", status="done", attempt=1)]
+
+    code = jobwarden("watch", "12")
+
+    assert code == 0
+    assert capsys.readouterr().out.splitlines()[0] == (
+        "job 12 waiting no free slot (2 of 2 running); position 2 of 3"
+    )
+
+
 def test_watch_exits_1_with_the_error_when_the_job_fails(daemon, jobwarden, capsys):
     daemon.replies["show"] = {"job": job_view(status="running", attempt=4), "events": []}
     error = {"code": "TIMEOUT", "message": "ran longer than 15m", "retryable": True}

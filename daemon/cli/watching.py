@@ -41,7 +41,7 @@ def watch_job(client: AdminClient, job_id: int, *, as_json: bool) -> int:
     job = job_view(shown["job"])
     history = shown.get("events", [])
     if shown.get("waiting") and not as_json:
-        print(f"job {job_id} waiting: {shown['waiting']}")
+        print(f"job {job_id} waiting {waiting_text(shown['waiting'])}")
     outcome = (
         Outcome(job.status, job.result, job.error) if job.status in TERMINAL_STATUSES else None
     )
