@@ -22,6 +22,8 @@ import msgspec
 from jobwarden.errors import ConfigError
 
 ENV_CONFIG = "JOBWARDEN_CONFIG"
+# Looked at last: where a system-wide install keeps it, as systemd/jobwarden.service does.
+SYSTEM_CONFIG = Path("/etc/jobwarden/config.toml")
 
 
 class Duration(float):
@@ -457,16 +459,21 @@ def load_config(path: str | os.PathLike[str]) -> Config:
 
 
 def find_config(explicit: str | None) -> Path:
-    """--config, then $JOBWARDEN_CONFIG, then ./config.toml."""
+    """--config, then $JOBWARDEN_CONFIG, then ./config.toml, then /etc/jobwarden/config.toml."""
     if explicit:
         return Path(explicit)
     if os.environ.get(ENV_CONFIG):
         return Path(os.environ[ENV_CONFIG])
-    candidate = Path("config.toml")
-    if candidate.exists():
-        return candidate
+    for candidate in (Path("config.toml"), SYSTEM_CONFIG):
+        if candidate.exists():
+            return candidate
     raise ConfigError(
-        f"no config file: pass --config PATH, set ${ENV_CONFIG}, or run where config.toml is"
+        "no config file. jobwarden looks, in this order, at:\n"
+        "  1. --config PATH\n"
+        f"  2. ${ENV_CONFIG}\n"
+        f"  3. ./config.toml (in {Path.cwd()})\n"
+        f"  4. {SYSTEM_CONFIG}\n"
+        "`jobwarden init` writes the default config.toml into this directory."
     )
 
 

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -111,15 +112,36 @@ def run_jobwarden(*args: str, cwd: Path, timeout: float = 30.0) -> subprocess.Co
 
 
 class DaemonProcess:
-    """One daemon's directory and config; `start()` may be called again after it stopped."""
+    """One daemon's directory and config; `start()` may be called again after it stopped.
+
+    `DaemonProcess(directory, config)` writes `config`, over DEFAULT_CONFIG, into the
+    directory's config.toml and serves it with --config. `DaemonProcess.in_place(directory)`
+    serves the config.toml already there, as `jobwarden init` wrote it, the way an operator
+    does: `jobwarden serve` run in that directory, with no --config.
+    """
 
     def __init__(self, directory: Path, config: Mapping[str, Any] | None = None) -> None:
+        merged = merge(DEFAULT_CONFIG, config or {})
+        config_path = directory / "config.toml"
+        config_path.write_text(toml_text(merged), encoding="utf-8")
+        self._prepare(directory, merged, serve_options=["--config", str(config_path)])
+
+    @classmethod
+    def in_place(cls, directory: Path) -> DaemonProcess:
+        daemon = cls.__new__(cls)
+        config = tomllib.loads((directory / "config.toml").read_text(encoding="utf-8"))
+        daemon._prepare(directory, config, serve_options=[])
+        return daemon
+
+    def _prepare(
+        self, directory: Path, config: Mapping[str, Any], *, serve_options: list[str]
+    ) -> None:
         self.directory = directory
-        self.config = merge(DEFAULT_CONFIG, config or {})
+        self.config = config
         self.config_path = directory / "config.toml"
         self.socket_path = directory / self.config["admin"]["socket"]
         self.db_path = directory / self.config["store"]["path"]
-        self.config_path.write_text(toml_text(self.config), encoding="utf-8")
+        self.serve_options = serve_options
         self.process: subprocess.Popen[bytes] | None = None
         # Every log line of every run, in order; non-JSON lines are kept under "raw".
         self.log_lines: list[dict[str, Any]] = []
@@ -134,7 +156,7 @@ class DaemonProcess:
         """Start `jobwarden serve` and return once it logged that it is ready."""
         assert not self.running, "the daemon is already running"
         self.process = subprocess.Popen(
-            jobwarden_command("serve", "--config", str(self.config_path)),
+            jobwarden_command("serve", *self.serve_options),
             cwd=self.directory,
             env=daemon_env(),
             stdin=subprocess.DEVNULL,

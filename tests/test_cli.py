@@ -14,7 +14,9 @@ from typing import Any
 import msgspec
 import pytest
 
+from jobwarden import config
 from jobwarden.cli import main
+from jobwarden.cli.server import default_config_text
 from jobwarden.wire.admin import encode_line
 from jobwarden.wire.views import ErrorBody
 
@@ -554,6 +556,22 @@ def test_watch_shows_a_queued_jobs_place_and_its_costs(daemon, jobwarden, capsys
     ]
 
 
+def test_watch_says_first_why_a_queued_job_waits(daemon, jobwarden, capsys):
+    daemon.replies["show"] = {
+        "job": job_view(status="queued"),
+        "events": [event(1, "status", status="queued", attempt=0)],
+        "waiting": waiting("no free slot (2 of 2 running)", position=2),
+    }
+    daemon.watch_events = [event(2, "status", status="done", attempt=1)]
+
+    code = jobwarden("watch", "12")
+
+    assert code == 0
+    assert capsys.readouterr().out.splitlines()[0] == (
+        "job 12 waiting no free slot (2 of 2 running); position 2 of 3"
+    )
+
+
 def test_watch_exits_1_with_the_error_when_the_job_fails(daemon, jobwarden, capsys):
     daemon.replies["show"] = {"job": job_view(status="running", attempt=4), "events": []}
     error = {"code": "TIMEOUT", "message": "ran longer than 15m", "retryable": True}
@@ -909,6 +927,61 @@ def test_budget_rejects_bad_arguments(daemon, jobwarden, capsys, argv, complaint
     assert code == 2
     assert complaint in capsys.readouterr().err
     assert daemon.requests == []
+
+
+# finding the config, and writing the default one
+
+
+def test_the_config_is_looked_up_in_order(tmp_path, monkeypatch, capsys):
+    """--config, then $JOBWARDEN_CONFIG, then ./config.toml, then the system-wide one."""
+    places = {}
+    for place in ("flag", "env", "here", "system"):
+        (tmp_path / place).mkdir()
+        places[place] = write_config(tmp_path / place, f'[kinds.{place}]\ncommand = ["true"]\n')
+    monkeypatch.chdir(tmp_path / "here")
+    monkeypatch.setattr(config, "SYSTEM_CONFIG", places["system"])
+    monkeypatch.setenv("JOBWARDEN_CONFIG", str(places["env"]))
+
+    def chosen(*argv: str) -> str:
+        assert main([*argv, "check-config"]) == 0
+        return capsys.readouterr().out.removeprefix("ok: 1 kind (").removesuffix(")\n")
+
+    assert chosen("--config", str(places["flag"])) == "flag"
+    assert chosen() == "env"
+    monkeypatch.delenv("JOBWARDEN_CONFIG")
+    assert chosen() == "here"
+    places["here"].unlink()
+    assert chosen() == "system"
+    places["system"].unlink()
+    assert main(["check-config"]) == 2
+    assert "jobwarden init" in capsys.readouterr().err
+
+
+def test_init_makes_the_directory_and_says_what_to_do_there(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+
+    code = main(["init", "site"])
+
+    out = capsys.readouterr().out
+    assert code == 0
+    assert (tmp_path / "site" / "config.toml").read_text() == default_config_text()
+    assert f"next, in {tmp_path.resolve() / 'site'}:" in out
+
+
+def test_init_json_says_where_everything_will_be(tmp_path, capsys):
+    code = main(["--json", "init", str(tmp_path)])
+
+    directory = tmp_path.resolve()
+    assert code == 0
+    assert json.loads(capsys.readouterr().out) == {
+        "config": str(directory / "config.toml"),
+        "directory": str(directory),
+        "kinds": ["storybook", "shell"],
+        "admin_socket": str(directory / "var" / "admin.sock"),
+        "database": str(directory / "var" / "jobwarden.db"),
+        "websocket": "127.0.0.1:8765",
+        "http": "127.0.0.1:8766",
+    }
 
 
 # check-config

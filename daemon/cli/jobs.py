@@ -1,0 +1,253 @@
+"""Jobs: submit, jobs, show, watch, cancel, retry, and stuck (the monitor's rules, run now)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+import msgspec
+
+from jobwarden.cli.arguments import Subcommands, json_object, positive_int, statuses, subcommand
+from jobwarden.cli.connection import call, client, over_websocket, websocket_options
+from jobwarden.cli.output import (
+    EXIT_OK,
+    clock,
+    error_text,
+    json_text,
+    percent,
+    print_fields,
+    print_json_line,
+    print_reply,
+    print_table,
+    span,
+    when,
+)
+from jobwarden.cli.watching import (
+    describe_event,
+    follow_over_websocket,
+    job_view,
+    waiting_text,
+    watch_all,
+    watch_all_over_websocket,
+    watch_job,
+)
+from jobwarden.client import WebSocketClient
+from jobwarden.wire.views import STATUSES, JobView
+
+
+def add_commands(commands: Subcommands) -> None:
+    submit = subcommand(commands, "submit", _submit, "submit a job and print its id")
+    submit.add_argument("kind", metavar="KIND")
+    submit.add_argument(
+        "payload",
+        metavar="PAYLOAD_JSON",
+        type=json_object,
+        help="a JSON object, e.g. '{\"n\": 1}'",
+    )
+    submit.add_argument("--priority", type=int, metavar="N", help="overrides the kind's priority")
+    submit.add_argument(
+        "--idempotency-key",
+        metavar="K",
+        help="submitting the same key again returns the existing job instead of a new one",
+    )
+    submit.add_argument("--user", metavar="U", help="submit on behalf of this user")
+    submit.add_argument("--watch", action="store_true", help="then watch it until it finishes")
+    websocket_options(submit)
+
+    jobs = subcommand(commands, "jobs", _jobs, "list jobs, newest first")
+    jobs.add_argument(
+        "--status",
+        action="extend",
+        type=statuses,
+        metavar="S",
+        help=f"only these statuses, repeatable or comma separated ({', '.join(STATUSES)})",
+    )
+    jobs.add_argument("--kind", metavar="K")
+    jobs.add_argument("--user", metavar="U")
+    jobs.add_argument("--limit", type=positive_int, metavar="N", help="at most N jobs (50)")
+
+    for name, run, summary in (
+        ("show", _show, "show a job with its latest events"),
+        ("cancel", _cancel, "cancel a job"),
+        ("retry", _retry, "queue a failed or canceled job again"),
+    ):
+        subcommand(commands, name, run, summary).add_argument(
+            "job", type=positive_int, metavar="JOB"
+        )
+
+    watch = subcommand(commands, "watch", _watch, "follow a job's progress until it finishes")
+    target = watch.add_mutually_exclusive_group(required=True)
+    target.add_argument("job", nargs="?", type=positive_int, metavar="JOB")
+    target.add_argument("--all", action="store_true", help="follow every job, until Ctrl-C")
+    websocket_options(watch)
+
+    stuck = subcommand(
+        commands, "stuck", _stuck, "run the stuck, stall, SLA and queue-time rules now"
+    )
+    stuck.add_argument(
+        "--dry-run", action="store_true", help="list what the rules would do, change nothing"
+    )
+
+
+def _submit(args: argparse.Namespace) -> int:
+    if args.url:
+        return over_websocket(args, _submit_over_websocket)
+    with client(args) as admin:
+        data = admin.call(
+            "submit",
+            kind=args.kind,
+            payload=args.payload,
+            priority=args.priority,
+            idempotency_key=args.idempotency_key,
+            user=args.user,
+        )
+        _print_submitted(args, data)
+        if not args.watch:
+            return EXIT_OK
+        return watch_job(admin, data["job"]["id"], as_json=args.json)
+
+
+async def _submit_over_websocket(websocket: WebSocketClient, args: argparse.Namespace) -> int:
+    accepted = await websocket.submit(
+        args.kind, args.payload, priority=args.priority, idempotency_key=args.idempotency_key
+    )
+    job = msgspec.to_builtins(accepted)
+    existing = job.pop("existing", False)
+    _print_submitted(args, {"job": job, "existing": existing})
+    if not args.watch:
+        return EXIT_OK
+    return await follow_over_websocket(websocket, accepted.id, as_json=args.json)
+
+
+def _print_submitted(args: argparse.Namespace, data: dict[str, Any]) -> None:
+    if args.json and args.watch:
+        # One JSON value a line, as the events that follow it.
+        print_json_line(data)
+    else:
+        print_reply(args, data, _say_submitted)
+
+
+def _say_submitted(data: dict[str, Any]) -> None:
+    job = job_view(data["job"])
+    if data["existing"]:
+        print(f"existing job {job.id} ({job.status})")
+    else:
+        print(f"submitted job {job.id}")
+
+
+def _jobs(args: argparse.Namespace) -> int:
+    data = call(args, "jobs", status=args.status, kind=args.kind, user=args.user, limit=args.limit)
+    waiting = data.get("waiting") or {}
+    return print_reply(args, data["jobs"], lambda jobs: _print_jobs(jobs, waiting))
+
+
+def _print_jobs(listed: list[dict[str, Any]], waiting: dict[str, Any]) -> None:
+    jobs = [job_view(job) for job in listed]
+    if not jobs:
+        print("no jobs")
+        return
+    now = time.time()
+    rows = [
+        [
+            str(job.id),
+            job.kind,
+            job.user,
+            job.status,
+            f"{job.attempt}/{job.max_attempts}",
+            percent(job.progress) if job.progress is not None else "-",
+            span(now - job.created_at),
+            waiting_text(waiting[str(job.id)]) if str(job.id) in waiting else "-",
+            _job_detail(job),
+        ]
+        for job in jobs
+    ]
+    headers = ["ID", "KIND", "USER", "STATUS", "ATTEMPT", "PROGRESS", "AGE", "WAITING", "DETAIL"]
+    print_table(headers, rows)
+
+
+def _show(args: argparse.Namespace) -> int:
+    return print_reply(args, call(args, "show", job=args.job), _print_job_in_full)
+
+
+def _print_job_in_full(data: dict[str, Any]) -> None:
+    job = job_view(data["job"])
+    now = time.time()
+    progress = percent(job.progress) if job.progress is not None else None
+    print_fields(
+        [
+            ("job", f"{job.id}"),
+            ("kind", job.kind),
+            ("user", job.user),
+            ("status", f"{job.status} ({job.reason})" if job.reason else job.status),
+            ("waiting", waiting_text(data["waiting"]) if data.get("waiting") else None),
+            ("attempt", f"{job.attempt}/{job.max_attempts}"),
+            ("priority", str(job.priority)),
+            ("progress", " ".join(filter(None, [progress, job.message])) or None),
+            ("created", when(job.created_at, now)),
+            ("available", when(job.available_at, now) if job.available_at > now else None),
+            ("started", when(job.started_at, now) if job.started_at else None),
+            ("finished", when(job.finished_at, now) if job.finished_at else None),
+            ("idempotency key", job.idempotency_key),
+            ("payload", json_text(job.payload)),
+            ("checkpoint", json_text(job.checkpoint) if job.checkpoint is not None else None),
+            ("result", json_text(job.result) if job.result is not None else None),
+            ("error", error_text(job.error) if job.error else None),
+        ]
+    )
+    events = data.get("events", [])
+    if events:
+        print("events:")
+    for event in events:
+        print(f"  {clock(event['at'])}  {describe_event(event)}")
+
+
+def _watch(args: argparse.Namespace) -> int:
+    if args.url:
+        return over_websocket(args, _watch_over_websocket)
+    with client(args) as admin:
+        if args.all:
+            watch_all(admin, as_json=args.json)
+        return watch_job(admin, args.job, as_json=args.json)
+
+
+async def _watch_over_websocket(websocket: WebSocketClient, args: argparse.Namespace) -> int:
+    if args.all:
+        return await watch_all_over_websocket(websocket, as_json=args.json)
+    return await follow_over_websocket(websocket, args.job, as_json=args.json)
+
+
+def _cancel(args: argparse.Namespace) -> int:
+    return print_reply(args, call(args, "cancel", job=args.job), _print_job_line)
+
+
+def _retry(args: argparse.Namespace) -> int:
+    return print_reply(args, call(args, "retry", job=args.job), _print_job_line)
+
+
+def _print_job_line(data: dict[str, Any]) -> None:
+    job = job_view(data["job"])
+    detail = _job_detail(job)
+    print(f"job {job.id} {job.status}" + (f" ({detail})" if detail else ""))
+
+
+def _job_detail(job: JobView) -> str:
+    message = job.message or (job.error.message if job.error else None)
+    return ": ".join(filter(None, [job.reason, message]))
+
+
+def _stuck(args: argparse.Namespace) -> int:
+    return print_reply(args, call(args, "stuck", dry_run=args.dry_run), _print_findings)
+
+
+def _print_findings(data: dict[str, Any]) -> None:
+    findings = data["findings"]
+    verb = "would" if data["dry_run"] else "did"
+    if not findings:
+        print("no job breaks a rule")
+        return
+    for finding in findings:
+        print(
+            f"job {finding['job']} ({finding['kind']}, {finding['status']}): "
+            f"{finding['rule']}, {finding['detail']}; {verb} {finding['action']}"
+        )
