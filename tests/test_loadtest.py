@@ -23,10 +23,10 @@ from jobwarden.mailbox import ReplySlot, ask
 from jobwarden.store.ledger import report as ledger_report
 from jobwarden.tools.demo import TERMINAL_FAILURES
 from jobwarden.tools.loadtest import (
+    DEFAULT_RUN,
     HOUR,
     RUSH,
     SCENARIOS,
-    SEED_001,
     Plan,
     plan_arrivals,
     plan_from_args,
@@ -37,7 +37,7 @@ from tests.conftest import EPOCH
 
 def short_plan(tmp_path: Path, **changes) -> Plan:
     fields = {
-        "scenario": SEED_001,
+        "scenario": DEFAULT_RUN,
         "hours": 1.0,
         "jobs_per_hour": 20,
         "users": 10,

@@ -15,7 +15,7 @@ from jobwarden.cli.arguments import (
 
 def add_commands(commands: Subcommands) -> None:
     loadtest = subcommand(
-        commands, "loadtest", _loadtest, "seed 001's load test on a daemon run in this process"
+        commands, "loadtest", _loadtest, "the storybook load test on a daemon run in this process"
     )
     loadtest.add_argument(
         "--hours",
@@ -35,7 +35,7 @@ def add_commands(commands: Subcommands) -> None:
     loadtest.add_argument(
         "--scenario",
         choices=("A", "B", "C"),
-        help="seed 000's traffic: A 10 users, B 100, C 1,000, each with its rate and bursts",
+        help="a traffic shape: A 10 users, B 100, C 1,000, each with its rate and bursts",
     )
     clock = loadtest.add_mutually_exclusive_group()
     clock.add_argument(
@@ -52,7 +52,7 @@ def add_commands(commands: Subcommands) -> None:
         type=fraction,
         default=0.03,
         metavar="F",
-        help="share of image calls that fail (0.03; seed 000's test 3 is 0.5)",
+        help="share of image calls that fail (0.03; 0.5 tests a provider mostly down)",
     )
     loadtest.add_argument(
         "--inject-stuck",

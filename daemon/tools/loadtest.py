@@ -1,4 +1,4 @@
-"""`jobwarden loadtest`: seed 001's load test, run on the real daemon in this process.
+"""`jobwarden loadtest`: the storybook load test, run on the real daemon in this process.
 
 The supervisor and its six actors run as in production, on a fresh database under `--out`;
 only the providers are simulated (the demo storybook's options). Simulated users submit
@@ -72,7 +72,7 @@ class Scenario(msgspec.Struct, frozen=True, kw_only=True):
 
     name: str
     users: int
-    # What `--scenario` selects it by; None for seed 001's run, the default.
+    # What `--scenario` selects it by; None for the default run.
     option: str | None = None
     jobs_per_hour: int
     # Books a user submits in one sitting, on average; 1 is steady traffic.
@@ -89,8 +89,8 @@ class Scenario(msgspec.Struct, frozen=True, kw_only=True):
     image_calls_per_minute: int = 100
 
 
-# Without --scenario: seed 001's run, 50 books an hour from 10 users for 3 hours.
-SEED_001 = Scenario(name="seed 001's run", users=10, jobs_per_hour=50)
+# Without --scenario: 50 books an hour from 10 users for 3 hours.
+DEFAULT_RUN = Scenario(name="the default run", users=10, jobs_per_hour=50)
 SCENARIOS = {
     "A": Scenario(name="scenario A", option="A", users=10, jobs_per_hour=30),
     "B": Scenario(
@@ -173,12 +173,12 @@ listen = ""
 format = "json"
 level = "info"
 
-[retry]                        # seed 000 §4.2
+[retry]                        # 4 attempts, 0s / 30s / 120s between them
 max_attempts = 4
 backoff = ["0s", "30s", "120s"]
 jitter = 0.1
 
-[limits]                       # seed 000 §7: the request guards, per user
+[limits]                       # the request guards, per user
 credits = 100
 rate = "10/min"
 burst = 10
@@ -189,7 +189,7 @@ max_queued = 100
 max_memory_percent = 100
 max_cpu_percent = 100
 
-[budget]                       # seed 001 §7
+[budget]                       # hard limits; spend never crosses them
 daily_usd = 500
 monthly_usd = 10000
 alert_at = [0.5, 0.8, 1.0]
@@ -651,7 +651,7 @@ async def run_loadtest(plan: Plan, *, test_id: str) -> Outcome:
 
 
 def plan_from_args(args: argparse.Namespace) -> Plan:
-    scenario = SCENARIOS[args.scenario] if args.scenario else SEED_001
+    scenario = SCENARIOS[args.scenario] if args.scenario else DEFAULT_RUN
     return Plan(
         scenario=scenario,
         hours=args.hours or scenario.hours,

@@ -3,7 +3,7 @@
 `collect` is a plain function of a connection to the run's database (it runs the queries of
 jobwarden.store.reports), the config the run used and the driver's record, which holds only
 what no table can: the submissions admission refused, and which jobs were made to hang. The
-renderers turn the figures into seed 001's report (markdown), a short summary, and PNG charts
+renderers turn the figures into the load test's report (markdown), a short summary, and PNG charts
 when matplotlib is installed (`pip install 'jobwarden[report]'`).
 """
 
@@ -23,8 +23,8 @@ from jobwarden.wire.views import STATUSES
 HOUR = 3600.0
 MINUTE = 60.0
 DAY = 86400.0
-# Seed 001 ran at 100x and called that its fast mode: its durations are real ones / 100.
-SEED_FAST_MODE = 100
+# A load test run at 100x is the usual fast mode: its durations are the real ones / 100.
+FAST_MODE = 100
 # The demo storybook's calls per book of 8 pages: 4 LLM steps, a cover and 8 pages, 1 upload.
 CALLS_PER_BOOK = {"llm": 4, "image": 9, "storage": 1}
 MONTH_DAYS = 30
@@ -562,14 +562,14 @@ def _duration_section(durations: dict[str, Any]) -> list[str]:
         [
             "Metric",
             "Submit to done (real-time equivalent)",
-            f"At seed 001's {SEED_FAST_MODE}x fast mode",
+            f"At a {FAST_MODE}x fast mode",
             "Last attempt alone",
         ],
         [
             [
                 label,
                 seconds(turnaround[key]),
-                f"{turnaround[key] / SEED_FAST_MODE:.2f}s",
+                f"{turnaround[key] / FAST_MODE:.2f}s",
                 seconds(last[key]),
             ]
             for key, label in DURATION_ROWS.items()
@@ -580,8 +580,7 @@ def _duration_section(durations: dict[str, Any]) -> list[str]:
         "",
         f"> Over the {durations['jobs']:,} done jobs. The daemon times jobs on trio's clock, "
         "whose seconds are the simulated providers' real seconds, so these are the real-time "
-        f"figures; seed 001 timed its {SEED_FAST_MODE}x run and multiplied by "
-        f"{SEED_FAST_MODE}.",
+        f"figures; a test timed at {FAST_MODE}x would multiply its own by {FAST_MODE}.",
     ]
 
 

@@ -1,1 +1,1 @@
-"""Benchmarks: throughput, latency and scale, side by side with Huey (see README.md)."""
+"""Benchmarks: throughput, latency and scale, side by side with Huey (see tests/bench/README.md)."""
