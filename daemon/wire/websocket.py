@@ -8,7 +8,7 @@ and `job`, and a watch that fell behind ends with `resync`.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import msgspec
 
@@ -52,8 +52,9 @@ class WsJobs(WsOp, tag="jobs"):
     limit: int = 50
 
 
-WS_OPS = ("cancel", "jobs", "submit", "unwatch", "watch")
-ws_op_decoder = msgspec.json.Decoder(WsSubmit | WsWatch | WsUnwatch | WsCancel | WsJobs)
+WsOps = WsSubmit | WsWatch | WsUnwatch | WsCancel | WsJobs
+WS_OPS = tuple(sorted(op.__struct_config__.tag for op in get_args(WsOps)))
+ws_op_decoder = msgspec.json.Decoder(WsOps)
 
 
 class WsReply(msgspec.Struct, tag_field="type", omit_defaults=True, kw_only=True):
