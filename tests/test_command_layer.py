@@ -69,6 +69,11 @@ KNOWN_COMMANDS = (
             None,
             "not a valid request: args.job: Number out of range",
         ),
+        (
+            b'{"id": 12, "cmd": "show", "args": {"job": 9223372036854775808}}',
+            12,
+            "show: job: Expected `int` <= 9223372036854775807",
+        ),
     ],
     ids=[
         "not-json",
@@ -84,6 +89,7 @@ KNOWN_COMMANDS = (
         "args-not-an-object",
         "bad-id",
         "number-out-of-range",
+        "job-id-no-store-holds",
     ],
 )
 def test_an_admin_request_that_does_not_decode_says_what_is_wrong(line, request_id, message):

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal, get_args
 
 import msgspec
 
-from jobwarden.wire.views import ErrorBody, JobStatus
+from jobwarden.wire.views import ErrorBody, JobStatus, StoredInt
 
 
 class Reply(msgspec.Struct, omit_defaults=True):
@@ -55,7 +55,7 @@ class JobsArgs(Args):
 
 
 class JobArgs(Args):
-    job: int
+    job: StoredInt
 
 
 class KindArgs(Args):
@@ -63,10 +63,10 @@ class KindArgs(Args):
 
 
 class WatchArgs(Args):
-    job: int | None = None
+    job: StoredInt | None = None
     user: str | None = None
     # Events after this seq. Omitted: a job's whole history, or, watching all jobs, from now.
-    since: int | None = None
+    since: StoredInt | None = None
 
 
 class StuckArgs(Args):
@@ -91,7 +91,7 @@ class BudgetArgs(Args):
     monthly_usd: Annotated[float, msgspec.Meta(ge=0)] | None = None
 
 
-NonNegative = Annotated[int, msgspec.Meta(ge=0)]
+NonNegative = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 
 
 class UsersArgs(Args):
@@ -103,7 +103,7 @@ class UsersArgs(Args):
     # add/set: the balance; "unlimited" turns the credit check off for this user.
     credits: NonNegative | Literal["unlimited"] | None = None
     # credits: the change, e.g. 50 or -10.
-    change: int | None = None
+    change: StoredInt | None = None
     # Own limits over the [limits] defaults; daily_limit/max_running 0 and rate "off": none.
     daily_limit: NonNegative | None = None
     rate: str | None = None

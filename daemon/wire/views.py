@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import msgspec
 
@@ -10,6 +10,10 @@ import msgspec
 JobStatus = Literal["queued", "running", "done", "failed", "canceled"]
 STATUSES: tuple[JobStatus, ...] = get_args(JobStatus)
 TERMINAL_STATUSES: frozenset[JobStatus] = frozenset({"done", "failed", "canceled"})
+
+# An integer a store column holds (a signed 64-bit INTEGER): a request's larger one is refused
+# where it is decoded, named by its path, not deep in a query as an INTERNAL error.
+StoredInt = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
 
 
 class ErrorBody(msgspec.Struct, omit_defaults=True):

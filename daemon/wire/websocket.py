@@ -12,7 +12,7 @@ from typing import Any, Literal, get_args
 
 import msgspec
 
-from jobwarden.wire.views import ErrorBody, JobStatus, JobView
+from jobwarden.wire.views import ErrorBody, JobStatus, JobView, StoredInt
 
 WatchKey = int | Literal["all"]
 
@@ -32,18 +32,18 @@ class WsWatch(WsOp, tag="watch"):
     """One job, or `all` the user's jobs; events after `since` (omitted: the job's whole
     history, or, watching all, from now)."""
 
-    job: int | None = None
+    job: StoredInt | None = None
     all: bool = False
-    since: int | None = None
+    since: StoredInt | None = None
 
 
 class WsUnwatch(WsOp, tag="unwatch"):
-    job: int | None = None
+    job: StoredInt | None = None
     all: bool = False
 
 
 class WsCancel(WsOp, tag="cancel"):
-    job: int
+    job: StoredInt
 
 
 class WsJobs(WsOp, tag="jobs"):
