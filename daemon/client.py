@@ -1,6 +1,6 @@
 """Clients for talking to a running daemon.
 
-AdminClient speaks the admin socket protocol (see daemon.protocol) over a blocking Unix
+AdminClient speaks the admin socket protocol (see jobwarden.wire.admin) over a blocking Unix
 socket, so the CLI and scripts need no event loop.
 
 `connect` opens a user's WebSocket session on trio:
@@ -39,7 +39,7 @@ from trio_websocket import (
     WebSocketConnection,
 )
 
-from jobwarden.wire.admin import Reply, Request, encode_line
+from jobwarden.wire.admin import Reply, encode_line
 from jobwarden.wire.views import TERMINAL_STATUSES, ErrorBody, Event, JobStatus, JobView
 from jobwarden.wire.websocket import WatchKey
 
@@ -99,9 +99,9 @@ class AdminClient:
     def watch(
         self, job: int | None = None, since: int | None = None, user: str | None = None
     ) -> Iterator[dict[str, Any]]:
-        """Yield event dicts (see protocol.Event): stored ones after seq `since` (omitted: a
-        job's whole history, or from now when watching all jobs), then live
-        ones as the daemon streams them, forever.
+        """Yield event dicts (see jobwarden.wire.views.Event): stored ones after seq `since`
+        (omitted: a job's whole history, or from now when watching all jobs), then live ones
+        as the daemon streams them, forever.
 
         The stream takes over the connection: make no other calls on this client afterwards.
         """
@@ -145,7 +145,8 @@ class AdminClient:
 
     def _send(self, cmd: str, args: dict[str, Any]) -> None:
         sent_args = {name: value for name, value in args.items() if value is not None}
-        request = Request(cmd=cmd, id=self._next_id, args=sent_args)
+        # Any command by name, typed by the daemon: its reply says what is wrong with one.
+        request = {"id": self._next_id, "cmd": cmd, "args": sent_args}
         self._next_id += 1
         try:
             self._socket.sendall(encode_line(request))

@@ -131,22 +131,17 @@ alert_command = [{json.dumps(sys.executable)}, "-c", {json.dumps(forward)}]
 
 
 async def test_slow_requests_are_logged_with_their_duration(autojump_clock, nursery):
-    from jobwarden.actors.messages import HealthQuery
     from jobwarden.process.http import HttpServer
 
-    monitor_tx, monitor_rx = trio.open_memory_channel(10)
-
-    async def slow_monitor() -> None:
-        async for query in monitor_rx:
-            assert isinstance(query, HealthQuery)
+    class SlowCommands:
+        async def health(self, *, by_kind: bool = False) -> dict:
             await trio.sleep(6)  # virtual: the clock jumps while nothing else can run
-            query.reply.set({"slow": True})
+            return {"slow": True}
 
-    nursery.start_soon(slow_monitor)
     server = HttpServer(
         listen="127.0.0.1:0",
         store=None,  # /health never touches the store
-        monitor=monitor_tx,
+        commands=SlowCommands(),
         metrics=Metrics(),
         daemon_status=dict,
         slow_request=1.0,

@@ -342,6 +342,12 @@ async def test_after_unwatched_no_event_of_that_watch_arrives(alice):
         ('{"op": "submit", "id": 7, "kind": "nope"}', 7, "unknown kind 'nope'"),
         ('{"op": "submit", "id": 7, "kind": "typed", "payload": {"n": "x"}}', 7, "payload.n"),
         (b"\x00\x01", None, "binary frames are not accepted: send JSON text frames"),
+        ('{"op": "jobs", "id": 7, "limit": 1e400}', None, "limit: Number out of range"),
+        (
+            '{"op": "cancel", "id": 7, "job": 9223372036854775808}',
+            7,
+            "cancel: job: Expected `int` <= 9223372036854775807",
+        ),
     ],
     ids=[
         "not-json",
@@ -356,6 +362,8 @@ async def test_after_unwatched_no_event_of_that_watch_arrives(alice):
         "unknown-kind",
         "payload-schema",
         "binary",
+        "number-out-of-range",
+        "job-id-no-store-holds",
     ],
 )
 async def test_a_bad_frame_gets_an_error_frame_and_the_connection_stays(

@@ -17,7 +17,6 @@ import pwd
 import re
 import socket
 import struct
-from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -33,9 +32,6 @@ from jobwarden.actors.messages import (
     BreakerSnapshot,
     BreakerTrip,
     BudgetQuery,
-    CancelJob,
-    Explain,
-    HealthQuery,
     LedgerReport,
     Pause,
     Requeue,
@@ -44,41 +40,58 @@ from jobwarden.actors.messages import (
     RunRules,
     SchedulerSnapshot,
     SetBudget,
-    Submit,
     UserRate,
 )
 from jobwarden.clock import WallClock
-from jobwarden.config import Config, name_path, parse_rate
+from jobwarden.config import Config, parse_rate
 from jobwarden.errors import ConfigError, RequestError, StartupError, error_body
-from jobwarden.hub import EventHub
-from jobwarden.mailbox import ReplySlot, ask
+from jobwarden.mailbox import ask
 from jobwarden.metrics import Metrics
-from jobwarden.process.watch import follow, start_seq
-from jobwarden.store import jobs, users
+from jobwarden.process.commands import (
+    ADMIN,
+    OPERATOR,
+    BadRequest,
+    Commands,
+    ConnectionCap,
+    decode,
+    error_reply,
+    log_failure,
+)
+from jobwarden.store import users
 from jobwarden.store.engine import Store
 from jobwarden.wire.admin import (
-    COMMAND_ARGS,
+    AdminRequest,
     BreakerArgs,
+    BreakerRequest,
+    BreakersRequest,
     BudgetArgs,
+    BudgetRequest,
+    CancelRequest,
+    DrainRequest,
     EventLine,
-    JobArgs,
-    JobsArgs,
-    KindArgs,
+    JobsRequest,
     LedgerArgs,
+    LedgerRequest,
+    PauseRequest,
+    PingRequest,
     Reply,
-    StuckArgs,
-    SubmitArgs,
+    ResumeRequest,
+    RetryRequest,
+    ShowRequest,
+    ShutdownRequest,
+    StatusRequest,
+    StuckRequest,
+    SubmitRequest,
     UsersArgs,
-    WatchArgs,
+    UsersRequest,
+    WatchRequest,
     encode_line,
-    request_decoder,
 )
 from jobwarden.wire.views import Event
 
 log = structlog.get_logger("admin")
 
 MAX_IN_FLIGHT_PER_CONNECTION = 256
-SHOW_EVENTS = 20
 
 
 class Stop(msgspec.Struct):
@@ -172,11 +185,10 @@ class AdminServer:
         *,
         config: Config,
         store: Store,
-        hub: EventHub,
         clock: WallClock,
+        commands: Commands,
         admission: trio.MemorySendChannel[Any],
         scheduler: trio.MemorySendChannel[Any],
-        pool: trio.MemorySendChannel[Any],
         monitor: trio.MemorySendChannel[Any],
         breaker: trio.MemorySendChannel[Any],
         ledger: trio.MemorySendChannel[Any],
@@ -185,37 +197,17 @@ class AdminServer:
     ) -> None:
         self._config = config
         self._store = store
-        self._hub = hub
         self._clock = clock
+        self._commands = commands
         self._admission = admission
         self._scheduler = scheduler
-        self._pool = pool
         self._monitor = monitor
         self._breaker = breaker
         self._ledger = ledger
         self._supervisor = supervisor
         self._metrics = metrics
         self._group_gid: int | None = None
-        self._connections = 0
-        self._commands: dict[str, Callable[[Any], Awaitable[Any]]] = {
-            "ping": self._ping,
-            "submit": self._submit,
-            "jobs": self._jobs,
-            "show": self._show,
-            "cancel": self._cancel,
-            "retry": self._retry,
-            "pause": partial(self._pause_or_resume, Pause),
-            "resume": partial(self._pause_or_resume, Resume),
-            "drain": self._drain,
-            "shutdown": self._shutdown,
-            "status": self._status,
-            "stuck": self._stuck,
-            "breakers": self._breakers,
-            "breaker": self._breaker_action,
-            "ledger": self._ledger_report,
-            "budget": self._budget,
-            "users": self._users,
-        }
+        self._cap = ConnectionCap(config.admin.max_connections, "admin clients")
 
     def reconfigure(self, config: Config) -> None:
         """Kinds may come and go on reload; the socket itself stays as it was bound."""
@@ -246,24 +238,19 @@ class AdminServer:
                     )
                 )
                 return
-            if self._connections >= self._config.admin.max_connections:
-                await connection.send(
-                    Reply(
-                        id=None, ok=False, error=error_body("QUEUE_FULL", "too many admin clients")
-                    )
-                )
-                return
-            self._connections += 1
             try:
-                with connection.scope:
-                    await self._converse(connection)
-            finally:
-                self._connections -= 1
+                slot = self._cap.admit()
+            except RequestError as refusal:
+                await connection.send(Reply(id=None, ok=False, error=refusal.body))
+                return
+            with slot, connection.scope:
+                await self._converse(connection)
         except* (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
-        except* Exception:
+        except* Exception as failures:
             # One connection's trouble must never take the daemon down.
-            log.exception("admin connection failed")
+            for exc in failures.exceptions:
+                log_failure("admin connection failed", exc)
         finally:
             await stream.aclose()
 
@@ -307,57 +294,33 @@ class AdminServer:
         self, connection: _Connection, line: bytes, in_flight: trio.Semaphore
     ) -> None:
         try:
-            request_id = None
-            try:
-                request = request_decoder.decode(line)
-                request_id = request.id
-                args_type = COMMAND_ARGS.get(request.cmd)
-                if args_type is None:
-                    known = ", ".join(sorted(COMMAND_ARGS))
-                    raise RequestError(
-                        "INVALID_REQUEST", f"unknown command '{request.cmd}' (known: {known})"
-                    )
-                try:
-                    args = msgspec.convert(request.args, args_type)
-                except msgspec.ValidationError as exc:
-                    raise RequestError(
-                        "INVALID_REQUEST", f"{request.cmd}: {_arg_message(exc)}"
-                    ) from None
-                if request.cmd == "watch":
-                    if connection.input_closed:
-                        return  # it would end at once: the client has stopped sending
-                    with trio.CancelScope() as watch:
-                        connection.watches.add(watch)
-                        try:
-                            await self._watch(connection, request_id, args)
-                        finally:
-                            connection.watches.discard(watch)
-                    return
-                started = trio.current_time()
-                data = await self._commands[request.cmd](args)
-                self._observe(request.cmd, trio.current_time() - started)
-                reply = Reply(id=request_id, ok=True, data=data)
-            except msgspec.DecodeError as exc:
-                reply = Reply(
-                    id=None,
-                    ok=False,
-                    error=error_body(
-                        "INVALID_REQUEST", f"not a valid request: {_arg_message(exc)}"
-                    ),
-                )
-            except RequestError as exc:
-                reply = Reply(id=request_id, ok=False, error=exc.body)
-            except Exception as exc:
-                body = error_body(
-                    "INTERNAL",
-                    "the daemon could not process this request",
-                    technical_message=str(exc),
-                )
-                log.exception("admin request failed", error_id=body.error_id)
-                reply = Reply(id=request_id, ok=False, error=body)
-            await connection.send(reply)
+            match decode(ADMIN, line):
+                case BadRequest(request_id, error):
+                    await connection.send(Reply(id=request_id, ok=False, error=error))
+                case request:
+                    try:
+                        await self._respond(connection, request)
+                    except Exception as exc:
+                        error = error_reply(exc, listener="admin")
+                        await connection.send(Reply(id=request.id, ok=False, error=error))
         finally:
             in_flight.release()
+
+    async def _respond(self, connection: _Connection, request: AdminRequest) -> None:
+        if isinstance(request, WatchRequest):
+            if connection.input_closed:
+                return  # it would end at once: the client has stopped sending
+            with trio.CancelScope() as watch:
+                connection.watches.add(watch)
+                try:
+                    await self._watch(connection, request)
+                finally:
+                    connection.watches.discard(watch)
+            return
+        started = trio.current_time()
+        data = await self._answer(request)
+        self._observe(request.__struct_config__.tag, trio.current_time() - started)
+        await connection.send(Reply(id=request.id, ok=True, data=data))
 
     def _observe(self, cmd: str, seconds: float) -> None:
         monitor = self._config.monitor
@@ -366,93 +329,60 @@ class AdminServer:
 
     # -- commands ---------------------------------------------------------------------------
 
-    async def _ping(self, args: Any) -> dict[str, Any]:
-        return {"version": __version__, "pid": os.getpid()}
+    async def _answer(self, request: AdminRequest) -> Any:
+        """The data of the reply to any request but `watch`."""
+        commands = self._commands
+        match request:
+            case PingRequest():
+                return {"version": __version__, "pid": os.getpid()}
+            case SubmitRequest(args=args):
+                job, existing = await commands.submit(args.user, args)
+                return {"job": job, "existing": existing}
+            case JobsRequest(args=args):
+                found = await commands.jobs(
+                    OPERATOR, status=args.status, kind=args.kind, user=args.user, limit=args.limit
+                )
+                return {"jobs": found, "waiting": await commands.waiting(found)}
+            case ShowRequest(args=args):
+                shown = await commands.show(OPERATOR, args.job)
+                return {"job": shown.job, "events": shown.events, "waiting": shown.waiting}
+            case CancelRequest(args=args):
+                return {"job": await commands.cancel(OPERATOR, args.job)}
+            case RetryRequest(args=args):
+                return {"job": await ask(self._admission, Requeue, job_id=args.job)}
+            case PauseRequest(args=args):
+                return await self._pause_or_resume(Pause, args.kind)
+            case ResumeRequest(args=args):
+                return await self._pause_or_resume(Resume, args.kind)
+            case DrainRequest():
+                status = await ask(self._scheduler, SchedulerSnapshot)
+                await self._supervisor.send(Stop())
+                return {"draining": True, "running": status["running"]}
+            case ShutdownRequest():
+                await self._supervisor.send(Stop(grace=0.0))
+                return {"stopping": True}
+            case StatusRequest():
+                return await commands.health()
+            case StuckRequest(args=args):
+                findings = await ask(self._monitor, RunRules, dry_run=args.dry_run)
+                return {"dry_run": args.dry_run, "findings": findings}
+            case BreakersRequest():
+                return await ask(self._breaker, BreakerSnapshot)
+            case BreakerRequest(args=args):
+                return await self._breaker_action(args)
+            case LedgerRequest(args=args):
+                return await self._ledger_report(args)
+            case BudgetRequest(args=args):
+                return await self._budget(args)
+            case UsersRequest(args=args):
+                return await self._users(args)
+        raise AssertionError(f"{type(request).__name__} is streamed, not answered")
 
-    async def _submit(self, args: SubmitArgs) -> dict[str, Any]:
-        reply: ReplySlot[Any] = ReplySlot()
-        await self._admission.send(
-            Submit(
-                kind=args.kind,
-                payload=args.payload,
-                user=args.user,
-                priority=args.priority,
-                idempotency_key=args.idempotency_key,
-                reply=reply,
-            )
-        )
-        job, existing = await reply.wait()
-        return {"job": job, "existing": existing}
-
-    async def _jobs(self, args: JobsArgs) -> dict[str, Any]:
-        if not 0 < args.limit <= 10_000:
-            raise RequestError("INVALID_REQUEST", "jobs: limit must be within 1..10000")
-        found = await self._store.read(
-            partial(
-                jobs.list_jobs,
-                statuses=list(args.status) if args.status else None,
-                kind=args.kind,
-                user=args.user,
-                limit=args.limit,
-            )
-        )
-        return {"jobs": found, "waiting": await self._waiting(found)}
-
-    async def _show(self, args: JobArgs) -> dict[str, Any]:
-        job, events = await self._store.read(
-            partial(jobs.job_with_events, job_id=args.job, limit=SHOW_EVENTS)
-        )
-        if job is None:
-            raise RequestError("NOT_FOUND", f"no job {args.job}")
-        waiting = (await self._waiting([job])).get(job.id)
-        return {"job": job, "events": events, "waiting": waiting}
-
-    async def _waiting(self, listed: list[Any]) -> dict[int, Any]:
-        """Where each queued job in `listed` stands and why it waits, from the scheduler."""
-        queued = [job for job in listed if job.status == "queued"]
-        if not queued:
-            return {}
-        return await ask(self._scheduler, Explain, jobs=queued)
-
-    async def _cancel(self, args: JobArgs) -> dict[str, Any]:
-        reply: ReplySlot[Any] = ReplySlot()
-        await self._pool.send(CancelJob(job_id=args.job, reply=reply))
-        return {"job": await reply.wait()}
-
-    async def _retry(self, args: JobArgs) -> dict[str, Any]:
-        reply: ReplySlot[Any] = ReplySlot()
-        await self._admission.send(Requeue(job_id=args.job, reply=reply))
-        return {"job": await reply.wait()}
-
-    async def _pause_or_resume(self, message: type[Pause | Resume], args: KindArgs) -> Any:
-        if args.kind is not None and args.kind not in self._config.kinds:
+    async def _pause_or_resume(self, message: type[Pause | Resume], kind: str | None) -> Any:
+        if kind is not None and kind not in self._config.kinds:
             known = ", ".join(sorted(self._config.kinds))
-            raise RequestError("INVALID_REQUEST", f"unknown kind '{args.kind}' (known: {known})")
-        reply: ReplySlot[Any] = ReplySlot()
-        await self._scheduler.send(message(kind=args.kind, reply=reply))
-        return await reply.wait()
-
-    async def _drain(self, args: Any) -> dict[str, Any]:
-        status = await self._scheduler_snapshot()
-        await self._supervisor.send(Stop())
-        return {"draining": True, "running": status["running"]}
-
-    async def _shutdown(self, args: Any) -> dict[str, Any]:
-        await self._supervisor.send(Stop(grace=0.0))
-        return {"stopping": True}
-
-    async def _status(self, args: Any) -> dict[str, Any]:
-        reply: ReplySlot[dict[str, Any]] = ReplySlot()
-        await self._monitor.send(HealthQuery(reply=reply))
-        return await reply.wait()
-
-    async def _stuck(self, args: StuckArgs) -> dict[str, Any]:
-        reply: ReplySlot[list[dict[str, Any]]] = ReplySlot()
-        await self._monitor.send(RunRules(dry_run=args.dry_run, reply=reply))
-        return {"dry_run": args.dry_run, "findings": await reply.wait()}
-
-    async def _breakers(self, args: Any) -> dict[str, Any]:
-        return await ask(self._breaker, BreakerSnapshot)
+            raise RequestError("INVALID_REQUEST", f"unknown kind '{kind}' (known: {known})")
+        return await ask(self._scheduler, message, kind=kind)
 
     async def _breaker_action(self, args: BreakerArgs) -> dict[str, Any]:
         message = BreakerReset if args.action == "reset" else BreakerTrip
@@ -559,36 +489,24 @@ class AdminServer:
             return msgspec.structs.replace(user, jobs_today=0)
         return user
 
-    async def _scheduler_snapshot(self) -> dict[str, Any]:
-        reply: ReplySlot[dict[str, Any]] = ReplySlot()
-        await self._scheduler.send(SchedulerSnapshot(reply=reply))
-        return await reply.wait()
-
-    async def _watch(self, connection: _Connection, request_id: Any, args: WatchArgs) -> None:
+    async def _watch(self, connection: _Connection, request: WatchRequest) -> None:
         """Replay from the store after `since`, then follow live; a watcher that falls behind
         the hub's buffer is caught up from the store again, so it never misses an event."""
-        if args.job is not None:
-            job = await self._store.read(partial(jobs.get_job, job_id=args.job))
-            if job is None:
-                raise RequestError("NOT_FOUND", f"no job {args.job}")
-        since = await start_seq(self._store, job=args.job, since=args.since)
+        args = request.args
+        _, since = await self._commands.start_watch(OPERATOR, job=args.job, since=args.since)
         await connection.send(
             Reply(
-                id=request_id,
+                id=request.id,
                 ok=True,
                 data={"watching": args.job if args.job is not None else "all", "since": since},
             )
         )
 
         async def send(event: Event) -> None:
-            await connection.send(EventLine(id=request_id, event=event))
+            await connection.send(EventLine(id=request.id, event=event))
 
         resume: int | None = since
         while resume is not None:
-            resume = await follow(
-                self._store, self._hub, send, since=resume, job=args.job, user=args.user
+            resume = await self._commands.follow(
+                OPERATOR, send, since=resume, job=args.job, user=args.user
             )
-
-
-def _arg_message(exc: Exception) -> str:
-    return name_path(str(exc), "")

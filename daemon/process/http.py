@@ -2,7 +2,7 @@
 
 /healthz  200 while the event loop answers (liveness)
 /readyz   200 once recovery is done, the store takes a write, and the daemon is not draining
-/health   the detailed JSON snapshot (the same data as `jobwarden status`)
+/health   the detailed JSON snapshot (the command layer's, as `jobwarden status` shows it)
 /metrics  Prometheus text
 """
 
@@ -17,10 +17,9 @@ import msgspec
 import structlog
 import trio
 
-from jobwarden.actors.messages import HealthQuery
 from jobwarden.errors import StartupError
-from jobwarden.mailbox import ReplySlot
 from jobwarden.metrics import Metrics
+from jobwarden.process.commands import Commands
 from jobwarden.store.engine import Store
 
 log = structlog.get_logger("http")
@@ -42,7 +41,7 @@ class HttpServer:
         *,
         listen: str,
         store: Store,
-        monitor: trio.MemorySendChannel[Any],
+        commands: Commands,
         metrics: Metrics,
         daemon_status: Callable[[], dict[str, Any]],
         slow_request: float,
@@ -51,7 +50,7 @@ class HttpServer:
         self._host, self._port = parse_listen(listen)
         self._slow = (slow_request, very_slow_request)
         self._store = store
-        self._monitor = monitor
+        self._commands = commands
         self._metrics = metrics
         self._daemon_status = daemon_status
         self._routes: dict[str, Callable[[], Awaitable[tuple[int, str, bytes]]]] = {
@@ -69,8 +68,7 @@ class HttpServer:
                 f"http.listen: cannot listen on {self._host}:{self._port}: {exc.strerror}"
             ) from None
         log.info("http listening", host=self._host, port=listeners[0].socket.getsockname()[1])
-        async with self._monitor:
-            await trio.serve_listeners(self._serve, listeners, task_status=_Started(task_status))
+        await trio.serve_listeners(self._serve, listeners, task_status=_Started(task_status))
 
     async def _serve(self, stream: trio.SocketStream) -> None:
         async with stream:
@@ -136,17 +134,12 @@ class HttpServer:
         body = msgspec.json.encode({"ready": not problems, "problems": problems}) + b"\n"
         return (503 if problems else 200), "application/json", body
 
-    async def _query_health(self, *, by_kind: bool) -> dict[str, Any]:
-        reply: ReplySlot[dict[str, Any]] = ReplySlot()
-        await self._monitor.send(HealthQuery(reply=reply, by_kind=by_kind))
-        return await reply.wait()
-
     async def _health(self) -> tuple[int, str, bytes]:
-        health = await self._query_health(by_kind=False)
+        health = await self._commands.health()
         return 200, "application/json", msgspec.json.encode(health) + b"\n"
 
     async def _metrics_text(self) -> tuple[int, str, bytes]:
-        health = await self._query_health(by_kind=True)
+        health = await self._commands.health(by_kind=True)
         self._metrics.set_state(health, health.pop("by_status_kind"))
         return 200, PROMETHEUS_TEXT, self._metrics.render()
 

@@ -49,6 +49,7 @@ from jobwarden.logs import configure_logging, use_clock
 from jobwarden.mailbox import ReplySlot
 from jobwarden.metrics import Metrics
 from jobwarden.process.admin import AdminServer, Stop
+from jobwarden.process.commands import Commands
 from jobwarden.process.http import HttpServer
 from jobwarden.process.systemd import SystemdNotifier
 from jobwarden.process.websocket import WebSocketServer
@@ -207,12 +208,20 @@ class Supervisor:
             metrics=metrics,
             daemon_status=self._status,
         )
-        self._admin = AdminServer(
-            **actor,
+        # What a request means, shared by every listener.
+        commands = Commands(
+            store=store,
             hub=hub,
             admission=admission_tx.clone(),
             scheduler=scheduler_tx.clone(),
             pool=pool_tx.clone(),
+            monitor=monitor_tx.clone(),
+        )
+        self._admin = AdminServer(
+            **actor,
+            commands=commands,
+            admission=admission_tx.clone(),
+            scheduler=scheduler_tx.clone(),
             monitor=monitor_tx.clone(),
             breaker=breaker_tx.clone(),
             ledger=ledger_tx.clone(),
@@ -233,7 +242,7 @@ class Supervisor:
                 http = HttpServer(
                     listen=config.http.listen,
                     store=store,
-                    monitor=monitor_tx.clone(),
+                    commands=commands,
                     metrics=metrics,
                     daemon_status=self._status,
                     slow_request=config.monitor.slow_request,
@@ -245,9 +254,7 @@ class Supervisor:
                 self._websocket = WebSocketServer(
                     settings=config.websocket,
                     store=store,
-                    hub=hub,
-                    admission=admission_tx.clone(),
-                    pool=pool_tx.clone(),
+                    commands=commands,
                     metrics=metrics,
                     slow_request=config.monitor.slow_request,
                     very_slow_request=config.monitor.very_slow_request,

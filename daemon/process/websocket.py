@@ -4,9 +4,10 @@ jobs over JSON text frames, and follow progress live.
 The handshake carries a user token, in `Authorization: Bearer <token>` or, for browsers that
 cannot set headers, `?token=<token>`. A missing or wrong token is refused with HTTP 401, a page
 from an Origin not allowed with 403, a full listener with 503; the body is the common error
-shape. Frames are the ops in daemon/protocol.py ("WebSocket"), each answered with the same id.
-A user sees only their own jobs: anyone else's is NOT_FOUND, and the breaker's events (job 0,
-no user) never reach a user.
+shape. Frames are the ops in jobwarden.wire.websocket, each answered with the same id; what
+they mean is the command layer's (jobwarden.process.commands), asked as the token's user, who
+sees only their own jobs: anyone else's is NOT_FOUND, and the breaker's events (job 0, no
+user) never reach a user.
 
 Backpressure: a connection has one bounded outbox, drained into the socket by one writer. A
 watch whose events stop fitting, because the client reads too slowly, falls behind the hub's
@@ -17,7 +18,6 @@ watches again from there. A client never grows the daemon's memory.
 from __future__ import annotations
 
 import math
-from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -28,20 +28,25 @@ import trio
 import trio_websocket
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
 
-from jobwarden.actors.messages import CancelJob, Submit
-from jobwarden.config import WebSocketSection, name_path
+from jobwarden.config import WebSocketSection
 from jobwarden.errors import HTTP_STATUS, RequestError, StartupError, error_body
-from jobwarden.hub import EventHub
-from jobwarden.mailbox import ReplySlot
 from jobwarden.metrics import Metrics
+from jobwarden.process.commands import (
+    WEBSOCKET,
+    BadRequest,
+    Caller,
+    Commands,
+    ConnectionCap,
+    decode,
+    error_reply,
+    log_failure,
+)
 from jobwarden.process.http import parse_listen
-from jobwarden.process.watch import follow, start_seq
-from jobwarden.store import jobs, users
+from jobwarden.store import users
 from jobwarden.store.engine import Store
 from jobwarden.wire.admin import encoder
 from jobwarden.wire.views import ErrorBody, Event, JobView
 from jobwarden.wire.websocket import (
-    WS_OPS,
     WatchKey,
     WsAccepted,
     WsCancel,
@@ -58,7 +63,6 @@ from jobwarden.wire.websocket import (
     WsUnwatched,
     WsWatch,
     WsWatching,
-    ws_op_decoder,
 )
 
 log = structlog.get_logger("websocket")
@@ -68,7 +72,6 @@ HANDSHAKE_TIMEOUT = 10.0
 CLOSE_TIMEOUT = 2.0
 # Ops of one connection being answered at once; its reading waits beyond that.
 MAX_IN_FLIGHT = 64
-MAX_JOBS_LISTED = 1000
 
 
 class WebSocketServer:
@@ -77,9 +80,7 @@ class WebSocketServer:
         *,
         settings: WebSocketSection,
         store: Store,
-        hub: EventHub,
-        admission: trio.MemorySendChannel[Any],
-        pool: trio.MemorySendChannel[Any],
+        commands: Commands,
         metrics: Metrics,
         slow_request: float = math.inf,
         very_slow_request: float = math.inf,
@@ -87,12 +88,10 @@ class WebSocketServer:
         self.settings = settings
         self._slow = (slow_request, very_slow_request)
         self.store = store
-        self.hub = hub
-        self.admission = admission
-        self.pool = pool
+        self.commands = commands
         self._metrics = metrics
         # Handshakes being authenticated count too: they hold a slot until refused.
-        self._connections = 0
+        self._cap = ConnectionCap(settings.max_connections, "WebSocket clients")
         self._sessions: set[_Session] = set()
 
     def statistics(self) -> dict[str, int]:
@@ -119,7 +118,7 @@ class WebSocketServer:
         )
         bound = listeners[0].socket.getsockname()[1]
         log.info("websocket listening", host=host, port=bound)
-        async with self.admission, self.pool, trio.open_nursery() as nursery:
+        async with trio.open_nursery() as nursery:
             await nursery.start(server.run)
             task_status.started(bound)
 
@@ -131,33 +130,27 @@ class WebSocketServer:
                     nursery.start_soon(session.ws.aclose, 1001, reason)
 
     async def _handshake(self, request: WebSocketRequest) -> None:
-        settings = self.settings
-        if self._connections >= settings.max_connections:
-            await _refuse(
-                request,
-                error_body(
-                    "QUEUE_FULL",
-                    f"the daemon serves at most {settings.max_connections} WebSocket clients",
-                ),
-            )
-            return
-        self._connections += 1
         try:
-            user = await self._authorize(request)
-            if user is not None:
-                session = _Session(self, await request.accept(), user)
-                self._sessions.add(session)
-                try:
-                    await session.run()
-                finally:
-                    self._sessions.discard(session)
-        except* ConnectionClosed:
-            pass
-        except* Exception:
-            # One connection's trouble must never take the daemon down.
-            log.exception("websocket connection failed")
-        finally:
-            self._connections -= 1
+            slot = self._cap.admit()
+        except RequestError as refusal:
+            await _refuse(request, refusal.body)
+            return
+        with slot:
+            try:
+                user = await self._authorize(request)
+                if user is not None:
+                    session = _Session(self, await request.accept(), user)
+                    self._sessions.add(session)
+                    try:
+                        await session.run()
+                    finally:
+                        self._sessions.discard(session)
+            except* ConnectionClosed:
+                pass
+            except* Exception as failures:
+                # One connection's trouble must never take the daemon down.
+                for exc in failures.exceptions:
+                    log_failure("websocket connection failed", exc)
 
     async def _authorize(self, request: WebSocketRequest) -> str | None:
         """The user the request's token names; None once the request has been refused."""
@@ -208,20 +201,16 @@ class _Session:
 
     def __init__(self, server: WebSocketServer, ws: WebSocketConnection, user: str) -> None:
         self.server = server
+        self.commands = server.commands
         self.ws = ws
         self.user = user
+        # Whom the command layer answers: this user, who sees only their own jobs.
+        self.caller = Caller(user=user)
         self.settings = server.settings
         self.outbox, self._outgoing = trio.open_memory_channel[str](self.settings.queue)
         # Each watch's scope, to end it on `unwatch`.
         self.watches: dict[WatchKey, trio.CancelScope] = {}
         self._bucket = _Bucket(self.settings.max_messages_per_second)
-        self._ops: dict[type[WsOp], Callable[[Any], Awaitable[WsReply | None]]] = {
-            WsSubmit: self._submit,
-            WsWatch: self._watch,
-            WsUnwatch: self._unwatch,
-            WsCancel: self._cancel,
-            WsJobs: self._jobs,
-        }
 
     def buffered(self) -> int:
         return self._outgoing.statistics().current_buffer_used
@@ -270,33 +259,23 @@ class _Session:
             self._nursery.start_soon(self._answer, frame, wait, in_flight)
 
     async def _answer(self, frame: str | bytes, wait: float, in_flight: trio.Semaphore) -> None:
-        request_id = None
         try:
-            try:
-                op = _decode(frame)
-                request_id = op.id
-                if wait:
-                    raise RequestError(
-                        "RATE_LIMITED",
-                        f"at most {self.settings.max_messages_per_second} ops a second",
-                        retry_after=round(wait, 3),
-                    )
-                started = trio.current_time()
-                reply = await self._ops[type(op)](op)
-                self.server.observe(op.__struct_config__.tag, trio.current_time() - started)
-            except _BadFrame as exc:
-                request_id = exc.request_id
-                reply = WsError(id=request_id, error=exc.body)
-            except RequestError as exc:
-                reply = WsError(id=request_id, error=exc.body)
-            except Exception as exc:
-                body = error_body(
-                    "INTERNAL",
-                    "the daemon could not process this request",
-                    technical_message=str(exc),
-                )
-                log.exception("websocket request failed", error_id=body.error_id)
-                reply = WsError(id=request_id, error=body)
+            match _decode(frame):
+                case BadRequest(request_id, error):
+                    reply: WsReply | None = WsError(id=request_id, error=error)
+                case op:
+                    try:
+                        if wait:
+                            raise RequestError(
+                                "RATE_LIMITED",
+                                f"at most {self.settings.max_messages_per_second} ops a second",
+                                retry_after=round(wait, 3),
+                            )
+                        started = trio.current_time()
+                        reply = await self._respond(op)
+                        self.server.observe(op.__struct_config__.tag, trio.current_time() - started)
+                    except Exception as exc:
+                        reply = WsError(id=op.id, error=error_reply(exc, listener="websocket"))
             if reply is not None:
                 await self.send(reply)
         finally:
@@ -304,26 +283,28 @@ class _Session:
 
     # -- ops --------------------------------------------------------------------------------
 
-    async def _submit(self, op: WsSubmit) -> WsReply:
-        reply: ReplySlot[tuple[JobView, bool]] = ReplySlot()
-        await self.server.admission.send(
-            Submit(
-                kind=op.kind,
-                payload=op.payload,
-                user=self.user,
-                reply=reply,
-                priority=op.priority,
-                idempotency_key=op.idempotency_key,
-            )
-        )
-        job, existing = await reply.wait()
-        return WsAccepted(id=op.id, job=job, existing=existing)
+    async def _respond(self, op: WsOp) -> WsReply | None:
+        commands = self.commands
+        match op:
+            case WsSubmit():
+                job, existing = await commands.submit(self.user, op)
+                return WsAccepted(id=op.id, job=job, existing=existing)
+            case WsWatch():
+                return await self._watch(op)
+            case WsUnwatch():
+                return self._unwatch(op)
+            case WsCancel():
+                return WsCanceled(id=op.id, job=await commands.cancel(self.caller, op.job))
+            case WsJobs():
+                found = await commands.jobs(
+                    self.caller, status=op.status, kind=op.kind, limit=op.limit
+                )
+                return WsJobList(id=op.id, jobs=found)
+        raise AssertionError(f"no answer for {type(op).__name__}")
 
     async def _watch(self, op: WsWatch) -> None:
         """Start a watch; its task sends the `watching` reply before any of its events."""
         key = _watch_key(op.job, op.all)
-        if op.since is not None and op.since < 0:
-            raise RequestError("INVALID_REQUEST", "watch: since must be 0 or more")
         if key in self.watches:
             raise RequestError("INVALID_REQUEST", f"watch: already watching {_name(key)}")
         if len(self.watches) >= self.settings.max_watches:
@@ -335,8 +316,7 @@ class _Session:
         # Taken before the checks below wait, so that a second watch of the same key is refused.
         self.watches[key] = scope
         try:
-            job = await self._own_job(op.job) if op.job is not None else None
-            since = await start_seq(self.server.store, job=op.job, since=op.since)
+            job, since = await self.commands.start_watch(self.caller, job=op.job, since=op.since)
         except BaseException:
             self._forget(key, scope)
             raise
@@ -360,15 +340,11 @@ class _Session:
                 async def send_event(event: Event) -> None:
                     await self.send(WsEvent(watch=key, **msgspec.structs.asdict(event)))
 
-                server = self.server
-                resume = await follow(
-                    server.store,
-                    server.hub,
+                resume = await self.commands.follow(
+                    self.caller,
                     send_event,
                     since=since,
                     job=job.id if job is not None else None,
-                    # Always the user: the breaker's events and other users' never match.
-                    user=self.user,
                     buffer=self.settings.queue,
                 )
                 # Forgotten before the client hears of it, so it may watch again at once.
@@ -379,7 +355,7 @@ class _Session:
             finally:
                 self._forget(key, scope)
 
-    async def _unwatch(self, op: WsUnwatch) -> WsReply:
+    def _unwatch(self, op: WsUnwatch) -> WsReply:
         key = _watch_key(op.job, op.all)
         scope = self.watches.pop(key, None)
         if scope is not None:
@@ -387,67 +363,18 @@ class _Session:
         # After this reply no event of the watch follows: its task cannot send once canceled.
         return WsUnwatched(id=op.id, watch=key)
 
-    async def _cancel(self, op: WsCancel) -> WsReply:
-        await self._own_job(op.job)
-        reply: ReplySlot[JobView] = ReplySlot()
-        await self.server.pool.send(CancelJob(job_id=op.job, reply=reply))
-        return WsCanceled(id=op.id, job=await reply.wait())
-
-    async def _jobs(self, op: WsJobs) -> WsReply:
-        if not 0 < op.limit <= MAX_JOBS_LISTED:
-            raise RequestError(
-                "INVALID_REQUEST", f"jobs: limit must be within 1..{MAX_JOBS_LISTED}"
-            )
-        found = await self.server.store.read(
-            partial(
-                jobs.list_jobs,
-                statuses=list(op.status) if op.status else None,
-                kind=op.kind,
-                user=self.user,
-                limit=op.limit,
-            )
-        )
-        return WsJobList(id=op.id, jobs=found)
-
-    async def _own_job(self, job_id: int) -> JobView:
-        job = await self.server.store.read(partial(jobs.get_job, job_id=job_id))
-        # Someone else's job is as absent as one that never was: its id tells nothing.
-        if job is None or job.user != self.user:
-            raise RequestError("NOT_FOUND", f"no job {job_id}")
-        return job
-
     def _forget(self, key: WatchKey, scope: trio.CancelScope) -> None:
         if self.watches.get(key) is scope:
             del self.watches[key]
 
 
-class _BadFrame(Exception):
-    def __init__(self, request_id: str | int | None, message: str) -> None:
-        super().__init__(message)
-        self.request_id = request_id
-        self.body = error_body("INVALID_REQUEST", message)
-
-
-def _decode(frame: str | bytes) -> WsOp:
+def _decode(frame: str | bytes) -> WsOp | BadRequest:
     if isinstance(frame, bytes):
-        raise _BadFrame(None, "binary frames are not accepted: send JSON text frames")
-    try:
-        return ws_op_decoder.decode(frame)
-    except msgspec.ValidationError as exc:
-        raw = msgspec.json.decode(frame)
-        if not isinstance(raw, dict):
-            raise _BadFrame(None, 'a frame is a JSON object, like {"op": "jobs"}') from None
-        request_id = raw.get("id")
-        if not isinstance(request_id, str | int) or isinstance(request_id, bool):
-            request_id = None
-        op = raw.get("op")
-        if op not in WS_OPS:
-            known = ", ".join(WS_OPS)
-            what = f"unknown op {op!r}" if "op" in raw else "no op"
-            raise _BadFrame(request_id, f"{what} (known: {known})") from None
-        raise _BadFrame(request_id, f"{op}: {name_path(str(exc), '')}") from None
-    except msgspec.DecodeError as exc:
-        raise _BadFrame(None, f"not valid JSON: {exc}") from None
+        return BadRequest(
+            None,
+            error_body("INVALID_REQUEST", "binary frames are not accepted: send JSON text frames"),
+        )
+    return decode(WEBSOCKET, frame)
 
 
 def _watch_key(job: int | None, everything: bool) -> WatchKey:

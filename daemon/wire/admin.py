@@ -1,6 +1,7 @@
 """The admin socket: newline-delimited JSON.
 
-A request is `{"id", "cmd", "args"}`; the reply carries the same id: `{"id", "ok": true,
+A request is `{"id", "cmd", "args"}`, typed per command below (`args` may be left out when
+the command needs none); the reply carries the same id: `{"id", "ok": true,
 "data": ...}` or `{"id", "ok": false, "error": {...}}`. `watch` answers with `{"id", "ok":
 true, "data": {"watching": ...}}` and then streams `{"id", "event": {...}}` lines until the
 client closes the connection.
@@ -8,17 +9,11 @@ client closes the connection.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import msgspec
 
-from jobwarden.wire.views import ErrorBody, JobStatus
-
-
-class Request(msgspec.Struct, forbid_unknown_fields=True):
-    cmd: str
-    id: str | int | None = None
-    args: dict[str, Any] = msgspec.field(default_factory=dict)
+from jobwarden.wire.views import ErrorBody, JobStatus, StoredInt
 
 
 class Reply(msgspec.Struct, omit_defaults=True):
@@ -60,7 +55,7 @@ class JobsArgs(Args):
 
 
 class JobArgs(Args):
-    job: int
+    job: StoredInt
 
 
 class KindArgs(Args):
@@ -68,10 +63,10 @@ class KindArgs(Args):
 
 
 class WatchArgs(Args):
-    job: int | None = None
+    job: StoredInt | None = None
     user: str | None = None
     # Events after this seq. Omitted: a job's whole history, or, watching all jobs, from now.
-    since: int | None = None
+    since: StoredInt | None = None
 
 
 class StuckArgs(Args):
@@ -96,7 +91,7 @@ class BudgetArgs(Args):
     monthly_usd: Annotated[float, msgspec.Meta(ge=0)] | None = None
 
 
-NonNegative = Annotated[int, msgspec.Meta(ge=0)]
+NonNegative = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 
 
 class UsersArgs(Args):
@@ -108,35 +103,152 @@ class UsersArgs(Args):
     # add/set: the balance; "unlimited" turns the credit check off for this user.
     credits: NonNegative | Literal["unlimited"] | None = None
     # credits: the change, e.g. 50 or -10.
-    change: int | None = None
+    change: StoredInt | None = None
     # Own limits over the [limits] defaults; daily_limit/max_running 0 and rate "off": none.
     daily_limit: NonNegative | None = None
     rate: str | None = None
     max_running: NonNegative | None = None
 
 
-COMMAND_ARGS: dict[str, type[Args]] = {
-    "ping": NoArgs,
-    "submit": SubmitArgs,
-    "jobs": JobsArgs,
-    "show": JobArgs,
-    "cancel": JobArgs,
-    "retry": JobArgs,
-    "pause": KindArgs,
-    "resume": KindArgs,
-    "drain": NoArgs,
-    "shutdown": NoArgs,
-    "status": NoArgs,
-    "watch": WatchArgs,
-    "stuck": StuckArgs,
-    "breakers": NoArgs,
-    "breaker": BreakerArgs,
-    "ledger": LedgerArgs,
-    "budget": BudgetArgs,
-    "users": UsersArgs,
-}
+# One request type per command: `cmd` is the tag, `args` that command's own arguments, so one
+# decode gives a typed request (and a typo in either is an error). A command whose arguments
+# all have defaults may leave `args` out.
 
-request_decoder = msgspec.json.Decoder(Request)
+
+class Request(msgspec.Struct, tag_field="cmd", forbid_unknown_fields=True, kw_only=True):
+    id: str | int | None = None
+
+
+class PingRequest(Request, tag="ping"):
+    """The daemon's version and pid: is it there?"""
+
+    args: NoArgs = msgspec.field(default_factory=NoArgs)
+
+
+class SubmitRequest(Request, tag="submit"):
+    """A job for `args.user`: `{job, existing}`."""
+
+    args: SubmitArgs
+
+
+class JobsRequest(Request, tag="jobs"):
+    """Jobs, newest first, and why the queued ones wait."""
+
+    args: JobsArgs = msgspec.field(default_factory=JobsArgs)
+
+
+class ShowRequest(Request, tag="show"):
+    """One job with its payload, checkpoint and latest events."""
+
+    args: JobArgs
+
+
+class CancelRequest(Request, tag="cancel"):
+    """Cancel a queued or running job."""
+
+    args: JobArgs
+
+
+class RetryRequest(Request, tag="retry"):
+    """Queue a finished job again."""
+
+    args: JobArgs
+
+
+class PauseRequest(Request, tag="pause"):
+    """Hold a kind's queued jobs (no kind: every kind's)."""
+
+    args: KindArgs = msgspec.field(default_factory=KindArgs)
+
+
+class ResumeRequest(Request, tag="resume"):
+    """Dispatch a paused kind again (no kind: every kind)."""
+
+    args: KindArgs = msgspec.field(default_factory=KindArgs)
+
+
+class DrainRequest(Request, tag="drain"):
+    """Stop admitting, let running jobs finish within the grace, then exit."""
+
+    args: NoArgs = msgspec.field(default_factory=NoArgs)
+
+
+class ShutdownRequest(Request, tag="shutdown"):
+    """Exit now: running jobs are interrupted and requeued."""
+
+    args: NoArgs = msgspec.field(default_factory=NoArgs)
+
+
+class StatusRequest(Request, tag="status"):
+    """The health snapshot."""
+
+    args: NoArgs = msgspec.field(default_factory=NoArgs)
+
+
+class WatchRequest(Request, tag="watch"):
+    """Stream events until the client stops sending."""
+
+    args: WatchArgs = msgspec.field(default_factory=WatchArgs)
+
+
+class StuckRequest(Request, tag="stuck"):
+    """Run the monitor's rules now (or only say what they would do)."""
+
+    args: StuckArgs = msgspec.field(default_factory=StuckArgs)
+
+
+class BreakersRequest(Request, tag="breakers"):
+    """Every service's circuit."""
+
+    args: NoArgs = msgspec.field(default_factory=NoArgs)
+
+
+class BreakerRequest(Request, tag="breaker"):
+    """Reset or trip one service's circuit."""
+
+    args: BreakerArgs
+
+
+class LedgerRequest(Request, tag="ledger"):
+    """Spending of a day or a month, grouped."""
+
+    args: LedgerArgs = msgspec.field(default_factory=LedgerArgs)
+
+
+class BudgetRequest(Request, tag="budget"):
+    """Show, set or resume the budget."""
+
+    args: BudgetArgs = msgspec.field(default_factory=BudgetArgs)
+
+
+class UsersRequest(Request, tag="users"):
+    """List, show, add or change users."""
+
+    args: UsersArgs = msgspec.field(default_factory=UsersArgs)
+
+
+AdminRequest = (
+    PingRequest
+    | SubmitRequest
+    | JobsRequest
+    | ShowRequest
+    | CancelRequest
+    | RetryRequest
+    | PauseRequest
+    | ResumeRequest
+    | DrainRequest
+    | ShutdownRequest
+    | StatusRequest
+    | WatchRequest
+    | StuckRequest
+    | BreakersRequest
+    | BreakerRequest
+    | LedgerRequest
+    | BudgetRequest
+    | UsersRequest
+)
+COMMANDS = tuple(sorted(request.__struct_config__.tag for request in get_args(AdminRequest)))
+request_decoder = msgspec.json.Decoder(AdminRequest)
 encoder = msgspec.json.Encoder()
 
 

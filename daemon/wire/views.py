@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import msgspec
 
-JobStatus = Literal["queued", "running", "done", "failed", "canceled"]
 # Every status, in lifecycle order: the one list the CLI, reports and metrics use.
-STATUSES: tuple[JobStatus, ...] = ("queued", "running", "done", "failed", "canceled")
-TERMINAL_STATUSES = frozenset({"done", "failed", "canceled"})
+JobStatus = Literal["queued", "running", "done", "failed", "canceled"]
+STATUSES: tuple[JobStatus, ...] = get_args(JobStatus)
+TERMINAL_STATUSES: frozenset[JobStatus] = frozenset({"done", "failed", "canceled"})
+
+# An integer a store column holds (a signed 64-bit INTEGER): a request's larger one is refused
+# where it is decoded, named by its path, not deep in a query as an INTERNAL error.
+StoredInt = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
 
 
 class ErrorBody(msgspec.Struct, omit_defaults=True):
@@ -70,6 +74,3 @@ class Event(msgspec.Struct, omit_defaults=True):
     type: Literal["status", "progress", "breaker", "position", "cost"]
     at: float
     data: dict[str, Any]
-
-
-# Arguments per command, decoded with forbid_unknown_fields so a typo is an error.

@@ -8,11 +8,11 @@ and `job`, and a watch that fell behind ends with `resync`.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import msgspec
 
-from jobwarden.wire.views import ErrorBody, JobStatus, JobView
+from jobwarden.wire.views import ErrorBody, JobStatus, JobView, StoredInt
 
 WatchKey = int | Literal["all"]
 
@@ -32,18 +32,18 @@ class WsWatch(WsOp, tag="watch"):
     """One job, or `all` the user's jobs; events after `since` (omitted: the job's whole
     history, or, watching all, from now)."""
 
-    job: int | None = None
+    job: StoredInt | None = None
     all: bool = False
-    since: int | None = None
+    since: StoredInt | None = None
 
 
 class WsUnwatch(WsOp, tag="unwatch"):
-    job: int | None = None
+    job: StoredInt | None = None
     all: bool = False
 
 
 class WsCancel(WsOp, tag="cancel"):
-    job: int
+    job: StoredInt
 
 
 class WsJobs(WsOp, tag="jobs"):
@@ -52,8 +52,9 @@ class WsJobs(WsOp, tag="jobs"):
     limit: int = 50
 
 
-WS_OPS = ("cancel", "jobs", "submit", "unwatch", "watch")
-ws_op_decoder = msgspec.json.Decoder(WsSubmit | WsWatch | WsUnwatch | WsCancel | WsJobs)
+WsOps = WsSubmit | WsWatch | WsUnwatch | WsCancel | WsJobs
+WS_OPS = tuple(sorted(op.__struct_config__.tag for op in get_args(WsOps)))
+ws_op_decoder = msgspec.json.Decoder(WsOps)
 
 
 class WsReply(msgspec.Struct, tag_field="type", omit_defaults=True, kw_only=True):
