@@ -111,3 +111,29 @@ class Retry(HandlerVerdict):
 
 class Fail(HandlerVerdict):
     """Raise to fail the job now, without retrying: retrying would not help."""
+
+
+class DaemonUnreachable(Exception):
+    """The admin socket could not be used; the message says where we looked and why."""
+
+    def __init__(self, path: str, reason: str, *, not_running: bool = False) -> None:
+        self.path = path
+        self.reason = reason
+        # No socket file or nobody listening on it: the daemon is not running (any more).
+        self.not_running = not_running
+        message = f"cannot reach the jobwarden daemon at {path}: {reason}"
+        if not_running:
+            message += "; is it running? Start it with `jobwarden serve`"
+        super().__init__(message)
+
+
+class DaemonError(Exception):
+    """The daemon refused a request; `error` is the common error shape."""
+
+    def __init__(self, error: ErrorBody) -> None:
+        self.error = error
+        super().__init__(f"{error.code}: {error.message}")
+
+
+class AdminError(DaemonError):
+    """The daemon answered a request on the admin socket with ok=false."""

@@ -105,7 +105,11 @@ def wrong_imports(source: str, module: str) -> list[str]:
             continue
         if theirs > own:
             found.append(f"{module}:{line} imports {target}, a layer above it")
-        elif module.startswith("jobwarden.client") and theirs not in CLIENT_MAY_IMPORT:
+        elif (
+            module.startswith("jobwarden.client")
+            and not target.startswith("jobwarden.client")
+            and theirs not in CLIENT_MAY_IMPORT
+        ):
             found.append(f"{module}:{line} imports {target}: the client takes only wire and base")
     return found
 
