@@ -30,8 +30,8 @@ import psutil
 import structlog
 import trio
 
+from jobwarden.actors.budget import BudgetCalendar
 from jobwarden.actors.handlers import validate_payload
-from jobwarden.actors.ledger import BudgetCalendar
 from jobwarden.actors.messages import (
     AdmissionMessage,
     BudgetState,

@@ -11,23 +11,22 @@ answers BUDGET_EXHAUSTED, the scheduler holds dispatch, and the job whose call w
 goes back to the queue to wait, its checkpoint kept. The stop lifts at the next budget day
 (midnight in `budget.timezone`), or when an operator says `budget resume`.
 Settling writes one ledger row per call, with the units actually used; a failed call costs
-nothing unless the service bills failures.
+nothing unless the service bills failures. Budget days, the limit check and the month's
+projection are plain code in actors/budget.py.
 """
 
 from __future__ import annotations
 
-import calendar
 import itertools
 import math
-from datetime import datetime, timedelta
 from functools import partial
 from typing import Any
-from zoneinfo import ZoneInfo
 
 import msgspec
 import structlog
 import trio
 
+from jobwarden.actors.budget import BudgetCalendar, Limits, month_projection, over_limit
 from jobwarden.actors.messages import (
     BudgetQuery,
     BudgetState,
@@ -55,43 +54,6 @@ log = structlog.get_logger("ledger")
 
 LIMITS_SETTING = "budget_limits"
 OVERRIDE_SETTING = "budget_override_day"
-# Money is compared with this slack so float sums like 10 x 0.024 still fit 0.24.
-EPSILON = 1e-9
-
-
-class Limits(msgspec.Struct):
-    daily_usd: float
-    monthly_usd: float
-
-
-class BudgetCalendar:
-    """Budget days and months: midnight and the first of the month in one time zone."""
-
-    def __init__(self, timezone: str) -> None:
-        self.zone = ZoneInfo(timezone)
-
-    def day(self, at: float) -> str:
-        return datetime.fromtimestamp(at, self.zone).date().isoformat()
-
-    def month(self, at: float) -> str:
-        return self.day(at)[:7]
-
-    def next_day(self, at: float) -> float:
-        local = datetime.fromtimestamp(at, self.zone)
-        midnight = datetime.combine(local.date() + timedelta(days=1), datetime.min.time())
-        return midnight.replace(tzinfo=self.zone).timestamp()
-
-    def next_month(self, at: float) -> float:
-        local = datetime.fromtimestamp(at, self.zone)
-        year, month = (local.year + 1, 1) if local.month == 12 else (local.year, local.month + 1)
-        return datetime(year, month, 1, tzinfo=self.zone).timestamp()
-
-    def month_progress(self, at: float) -> tuple[float, int]:
-        """Days elapsed in the month (fractional) and the month's length in days."""
-        local = datetime.fromtimestamp(at, self.zone)
-        days = calendar.monthrange(local.year, local.month)[1]
-        start = datetime(local.year, local.month, 1, tzinfo=self.zone).timestamp()
-        return (at - start) / 86400, days
 
 
 class Ledger:
@@ -266,14 +228,14 @@ class Ledger:
         """Which limit `extra` more would cross, and when that limit resets; None if none."""
         if self._override_day == self._day:
             return None
-        now = self._clock.now()
-        committed = sum(r.usd for r in self._reserved.values()) + extra
-        daily, monthly = self._limits.daily_usd, self._limits.monthly_usd
-        if daily and self._spent_day + committed > daily + EPSILON:
-            return "daily", self._calendar.next_day(now)
-        if monthly and self._spent_month + committed > monthly + EPSILON:
-            return "monthly", self._calendar.next_month(now)
-        return None
+        return over_limit(
+            self._limits,
+            self._calendar,
+            spent_day=self._spent_day,
+            spent_month=self._spent_month,
+            committed=sum(r.usd for r in self._reserved.values()) + extra,
+            now=self._clock.now(),
+        )
 
     async def _stop_for(self, which: str, until: float) -> None:
         if self._stop.stopped:
@@ -345,7 +307,6 @@ class Ledger:
 
     def _view(self) -> dict[str, Any]:
         now = self._clock.now()
-        elapsed, days = self._calendar.month_progress(now)
         reserved = sum(r.usd for r in self._reserved.values())
         daily, monthly = self._limits.daily_usd, self._limits.monthly_usd
         return {
@@ -362,7 +323,7 @@ class Ledger:
             "stop_reason": self._stop.reason or None,
             "stopped_until": self._stop.until,
             "override_today": self._override_day == self._day,
-            "month_projection_usd": round(self._spent_month / max(elapsed, 1 / 24) * days, 2),
+            "month_projection_usd": month_projection(self._calendar, self._spent_month, now),
             "alert_at": list(self._config.budget.alert_at),
         }
 
@@ -371,8 +332,7 @@ class Ledger:
         if len(period) == 7:
             now = self._clock.now()
             if period == self._calendar.month(now):
-                elapsed, days = self._calendar.month_progress(now)
-                result["month_projection_usd"] = round(
-                    result["usd"] / max(elapsed, 1 / 24) * days, 2
+                result["month_projection_usd"] = month_projection(
+                    self._calendar, result["usd"], now
                 )
         return result

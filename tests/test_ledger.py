@@ -8,7 +8,7 @@ import pytest
 import trio
 from structlog.testing import capture_logs
 
-from jobwarden.actors.ledger import BudgetCalendar
+from jobwarden.actors.budget import BudgetCalendar, Limits, month_projection, over_limit
 from jobwarden.actors.messages import (
     BudgetQuery,
     LedgerReport,
@@ -70,6 +70,39 @@ def test_budget_days_follow_the_time_zone():
     # 17:00 in Tokyo: its budget day ends 7 h later.
     assert tokyo.next_day(EPOCH) - EPOCH == 7 * 3600
     assert utc.next_month(EPOCH) == datetime(2027, 2, 1, tzinfo=UTC).timestamp()
+
+
+def test_which_limit_a_spend_would_cross_and_when_it_resets():
+    utc = BudgetCalendar("UTC")
+    limits = Limits(daily_usd=0.3, monthly_usd=5.0)
+
+    def crossed(spent_day: float, spent_month: float, committed: float):
+        return over_limit(
+            limits,
+            utc,
+            spent_day=spent_day,
+            spent_month=spent_month,
+            committed=committed,
+            now=EPOCH,
+        )
+
+    # Three calls at $0.10 sum to a float just over 0.3, and still fit.
+    assert 0.1 + 0.1 + 0.1 > 0.3
+    assert crossed(0.1 + 0.1, 1.0, 0.1) is None
+    assert crossed(0.3, 1.0, 0.01) == ("daily", EPOCH + NEXT_MIDNIGHT)
+    assert crossed(0.0, 4.99, 0.02) == ("monthly", utc.next_month(EPOCH))
+    assert (
+        over_limit(Limits(0, 0), utc, spent_day=1e6, spent_month=1e6, committed=1.0, now=EPOCH)
+        is None
+    )
+
+
+def test_the_month_is_projected_at_its_pace_so_far():
+    utc = BudgetCalendar("UTC")
+    # 2027-01-15 08:00 UTC: 14⅓ days of January's 31 have passed.
+    assert month_projection(utc, 43.0, EPOCH) == round(43.0 / (14 + 8 / 24) * 31, 2)
+    # In the month's first hour the pace is taken over an hour, not over a minute.
+    assert month_projection(utc, 1.0, utc.next_month(EPOCH) + 60) == 28 * 24
 
 
 async def test_twenty_jobs_against_a_budget_for_ten_calls(autojump_clock, start_daemon):

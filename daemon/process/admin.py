@@ -26,7 +26,7 @@ import structlog
 import trio
 
 from jobwarden import __version__
-from jobwarden.actors.ledger import BudgetCalendar
+from jobwarden.actors.budget import BudgetCalendar
 from jobwarden.actors.messages import (
     BreakerReset,
     BreakerSnapshot,
