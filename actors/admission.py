@@ -6,7 +6,7 @@ Consumes `Submit` and `Requeue` from the listeners, `UserRate` from the admin `u
 
 The guards run in two places. Here, in memory: draining, budget, kind, payload size and
 schema, a kind's memory requirement this machine can never meet, and the per-user rate limit
-(a token bucket on trio's clock; buckets may be lost on restart, as a rate is about the last
+(a `TokenBucket` on trio's clock; buckets may be lost on restart, as a rate is about the last
 minute). In the store, inside the transaction that inserts the job, so they survive restarts
 and never race a refund: user exists and is enabled, daily job limit, queue depth (global and
 per kind), credits (reserved there, spent or refunded when the job ends). The store commits
@@ -30,6 +30,7 @@ import psutil
 import structlog
 import trio
 
+from jobwarden.actors.bucket import TokenBucket
 from jobwarden.actors.budget import BudgetCalendar
 from jobwarden.actors.handlers import validate_payload
 from jobwarden.actors.messages import (
@@ -59,26 +60,6 @@ MAX_BATCH = 512
 SHED_FOR = 60.0
 # Buckets kept before full ones (which a new bucket equals) are dropped.
 MAX_BUCKETS = 10_000
-
-
-class TokenBucket:
-    """`burst` tokens, refilled at `rate` per second; each submission takes one."""
-
-    def __init__(self, burst: float, now: float) -> None:
-        self.tokens = burst
-        self.updated = now
-
-    def take(self, now: float, rate: float, burst: float) -> float | None:
-        """None when a token was taken; else the seconds until one is back."""
-        self.tokens = min(burst, self.tokens + (now - self.updated) * rate)
-        self.updated = now
-        if self.tokens >= 1:
-            self.tokens -= 1
-            return None
-        return (1 - self.tokens) / rate
-
-    def full(self, now: float, rate: float, burst: float) -> bool:
-        return self.tokens + (now - self.updated) * rate >= burst
 
 
 def check_submit(
@@ -241,13 +222,15 @@ class Admission:
             rate *= limits.shed_rate_factor
         if len(self._buckets) > MAX_BUCKETS:
             self._buckets = {
-                name: bucket
-                for name, bucket in self._buckets.items()
-                if not bucket.full(now, self._rates.get(name, limits.rate), limits.burst)
+                name: bucket for name, bucket in self._buckets.items() if not bucket.full(now)
             }
-        bucket = self._buckets.setdefault(user, TokenBucket(limits.burst, now))
-        wait = bucket.take(now, rate, limits.burst)
-        if wait is not None:
+        bucket = self._buckets.get(user)
+        if bucket is None:
+            bucket = self._buckets[user] = TokenBucket(rate=rate, burst=limits.burst, now=now)
+        # The user may have been slowed, re-rated or reloaded since their last submission.
+        bucket.rate, bucket.burst = rate, limits.burst
+        wait = bucket.take(now)
+        if wait:
             why = " (slowed: you hold more than a fair share of a nearly full queue)"
             raise RequestError(
                 "RATE_LIMITED",

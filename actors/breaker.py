@@ -5,12 +5,10 @@ Consumes `Permit`, `Withdraw` and `CallDone` from jobs calling through ctx.call,
 supervisor. Produces `ServiceState` for the scheduler (which holds jobs whose kind needs an open
 service) and alerts for the monitor.
 
-CLOSED -> OPEN after `failures` consecutive failures, or an error rate above `error_rate`
-over `window` once `min_calls` were seen. OPEN refuses at once until `recovery` has passed.
-HALF_OPEN lets `half_open_calls` probes through, each with its own deadline (the service's
-timeout): a probe that neither succeeds nor fails by then counts as a failure, so a hung probe
-cannot hold the circuit half-open forever. All probes succeeding closes it; any failing
-reopens it. Open circuits are stored, so a restart does not hammer a provider that was down.
+Each service has a `Circuit` (actors/circuit.py: when calls are refused, when probes go) and a
+`Gate` (actors/bucket.py: its concurrency and rate limits); permits wait in order until both
+let them through. Open circuits are stored, so a restart does not hammer a provider that was
+down.
 """
 
 from __future__ import annotations
@@ -19,11 +17,13 @@ import itertools
 import math
 from collections import deque
 from functools import partial
-from typing import Any, Literal
+from typing import Any
 
 import structlog
 import trio
 
+from jobwarden.actors.bucket import Gate
+from jobwarden.actors.circuit import Circuit, State
 from jobwarden.actors.messages import (
     BreakerMessage,
     BreakerReset,
@@ -38,136 +38,13 @@ from jobwarden.actors.messages import (
     Withdraw,
 )
 from jobwarden.clock import WallClock
-from jobwarden.config import BreakerSpec, Config, ServiceSection, format_duration
+from jobwarden.config import Config, ServiceSection, format_duration
 from jobwarden.errors import RequestError, ServiceUnavailable
 from jobwarden.mailbox import ReplySlot, receive_by
 from jobwarden.store import Engine
 from jobwarden.store.breakers import load_breakers, save_breaker
 
 log = structlog.get_logger("breaker")
-
-State = Literal["closed", "open", "half_open"]
-
-
-class Circuit:
-    """The state machine of one service's circuit, as plain code over explicit times."""
-
-    def __init__(self, spec: BreakerSpec, probe_timeout: float) -> None:
-        self.spec = spec
-        self.probe_timeout = probe_timeout
-        self.state: State = "closed"
-        self.open_until: float | None = None
-        self.consecutive_failures = 0
-        self.window: deque[tuple[float, bool]] = deque()
-        # Probe id -> deadline, while half-open.
-        self.probes: dict[int, float] = {}
-        self.probe_successes = 0
-        self.opened = 0
-
-    def admit(self, now: float, probe_id: int) -> bool | None:
-        """True: go ahead (as a probe if half-open). None: refused. Moves OPEN -> HALF_OPEN."""
-        self.expire_probes(now)
-        if self.state == "open" and self.open_until is not None and now >= self.open_until:
-            self._become("half_open", now)
-        if self.state == "closed":
-            return True
-        if self.state == "half_open" and len(self.probes) < self.spec.half_open_calls:
-            self.probes[probe_id] = now + self.probe_timeout
-            return True
-        return None
-
-    def record(self, now: float, ok: bool, probe_id: int | None) -> None:
-        if probe_id is not None:
-            if self.probes.pop(probe_id, None) is None:
-                return  # a probe that already timed out has had its say
-            if not ok:
-                self._open(now)
-            else:
-                self.probe_successes += 1
-                if self.probe_successes >= self.spec.half_open_calls:
-                    self._become("closed", now)
-            return
-        if self.state != "closed":
-            return
-        self.window.append((now, ok))
-        while self.window and self.window[0][0] <= now - self.spec.window:
-            self.window.popleft()
-        self.consecutive_failures = 0 if ok else self.consecutive_failures + 1
-        failed = sum(1 for _, success in self.window if not success)
-        too_many = self.consecutive_failures >= self.spec.failures
-        rate_over = (
-            len(self.window) >= self.spec.min_calls
-            and failed / len(self.window) > self.spec.error_rate
-        )
-        if too_many or rate_over:
-            self._open(now)
-
-    def abandon(self, probe_id: int) -> None:
-        """A probe canceled by us: free its place without a verdict."""
-        self.probes.pop(probe_id, None)
-
-    def expire_probes(self, now: float) -> None:
-        if any(deadline <= now for deadline in self.probes.values()):
-            self._open(now)
-
-    def next_deadline(self) -> float:
-        """When a probe in flight runs out. OPEN -> HALF_OPEN needs no timer: it happens
-        when the next call asks, and the scheduler holds jobs until open_until itself."""
-        return min(self.probes.values(), default=math.inf)
-
-    def trip(self, now: float) -> None:
-        self._open(now)
-
-    def reset(self, now: float) -> None:
-        self._become("closed", now)
-
-    def _open(self, now: float) -> None:
-        self.opened += 1
-        self._become("open", now)
-        self.open_until = now + self.spec.recovery
-
-    def _become(self, state: State, now: float) -> None:
-        self.state = state
-        self.probes.clear()
-        self.probe_successes = 0
-        if state == "closed":
-            self.open_until = None
-            self.consecutive_failures = 0
-            self.window.clear()
-
-
-TOKEN_SLACK = 1e-9
-
-
-class Gate:
-    """A service's concurrency limit and token-bucket rate limit, on trio's clock."""
-
-    def __init__(self, spec: ServiceSection, now: float) -> None:
-        self.max_concurrent = spec.max_concurrent or math.inf
-        self.rate = spec.rate
-        # A burst of up to one second's worth of calls (at least one).
-        self.capacity = max(1.0, spec.rate or 1.0)
-        self.tokens = self.capacity
-        self.refilled_at = now
-        self.in_flight = 0
-
-    def try_take(self, now: float) -> float | None:
-        """None: taken. A number: the trio time at which to try again."""
-        if self.in_flight >= self.max_concurrent:
-            return math.inf  # a Done frees a slot and wakes the queue
-        if self.rate is not None:
-            self.tokens = min(self.capacity, self.tokens + (now - self.refilled_at) * self.rate)
-            self.refilled_at = now
-            # A shortfall below TOKEN_SLACK is rounding left by the refill, and the wait for
-            # it can be too small to move a float clock: waking "then" would spin in place.
-            if self.tokens < 1 - TOKEN_SLACK:
-                return now + (1 - self.tokens) / self.rate
-            self.tokens -= 1
-        self.in_flight += 1
-        return None
-
-    def release(self) -> None:
-        self.in_flight -= 1
 
 
 class _Service:

@@ -7,7 +7,8 @@ from functools import partial
 import pytest
 import trio
 
-from jobwarden.actors.breaker import Circuit, Gate
+from jobwarden.actors.bucket import Gate
+from jobwarden.actors.circuit import Circuit
 from jobwarden.actors.messages import BreakerReset, BreakerSnapshot, BreakerTrip
 from jobwarden.config import BreakerSpec, Duration, ServiceSection
 from jobwarden.mailbox import ReplySlot

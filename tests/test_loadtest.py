@@ -1,6 +1,7 @@
 """`jobwarden loadtest`: short runs on MockClock whose reports must say what the store and
-the ledger say; the traffic the scenarios make; the demo's injected faults; and two daemon
-bugs the load test found (a permit leaked by a stopped job, a rate-limit wait that spun)."""
+the ledger say; the traffic the scenarios make; the demo's injected faults; and a daemon bug
+the load test found (a permit leaked by a stopped job; the rate-limit wait that spun is in
+test_bucket.py)."""
 
 from __future__ import annotations
 
@@ -15,10 +16,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from jobwarden.actors.breaker import Gate
 from jobwarden.actors.messages import BudgetQuery, CancelJob
 from jobwarden.cli import build_parser, main
-from jobwarden.config import ServiceSection, parse_rate
 from jobwarden.mailbox import ReplySlot, ask
 from jobwarden.store.ledger import report as ledger_report
 from jobwarden.tools.demo import TERMINAL_FAILURES
@@ -258,11 +257,3 @@ async def test_a_job_stopped_while_waiting_for_a_permit_gives_its_slot_back(
     reply = ReplySlot()
     await daemon.handle.ledger.send(BudgetQuery(reply=reply))
     assert (await reply.wait())["reserved"] == 0
-
-
-def test_a_token_short_only_by_rounding_is_granted_rather_than_waited_for():
-    # Refills leave float dust: a wait for 1e-13 of a token cannot move a clock reading
-    # thousands of seconds, so "try again then" would spin at the same instant.
-    gate = Gate(ServiceSection(rate=parse_rate("100/min")), now=2760.123)
-    gate.tokens = 1 - 1e-13
-    assert gate.try_take(2760.123) is None

@@ -28,6 +28,7 @@ import trio
 import trio_websocket
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
 
+from jobwarden.actors.bucket import TokenBucket
 from jobwarden.config import WebSocketSection
 from jobwarden.errors import HTTP_STATUS, RequestError, StartupError, error_body
 from jobwarden.metrics import Metrics
@@ -210,7 +211,8 @@ class _Session:
         self.outbox, self._outgoing = trio.open_memory_channel[str](self.settings.queue)
         # Each watch's scope, to end it on `unwatch`.
         self.watches: dict[WatchKey, trio.CancelScope] = {}
-        self._bucket = _Bucket(self.settings.max_messages_per_second)
+        rate = self.settings.max_messages_per_second
+        self._bucket = TokenBucket(rate=rate, burst=rate, now=trio.current_time())
 
     def buffered(self) -> int:
         return self._outgoing.statistics().current_buffer_used
@@ -385,21 +387,3 @@ def _watch_key(job: int | None, everything: bool) -> WatchKey:
 
 def _name(key: WatchKey) -> str:
     return "all jobs" if key == "all" else f"job {key}"
-
-
-class _Bucket:
-    """A token bucket: `rate` ops a second, in bursts of as many."""
-
-    def __init__(self, rate: float) -> None:
-        self._rate = rate
-        self._tokens = rate
-        self._at = -math.inf
-
-    def take(self, now: float) -> float:
-        """0 if an op may go now, else the seconds until one may."""
-        self._tokens = min(self._rate, self._tokens + (now - self._at) * self._rate)
-        self._at = now
-        if self._tokens >= 1:
-            self._tokens -= 1
-            return 0.0
-        return (1 - self._tokens) / self._rate
