@@ -4,14 +4,9 @@ Consumes `RunRules` (admin `stuck`), `HealthQuery` (admin `status`, HTTP), `Reco
 Produces `Recover` for the pool (running jobs) and failure transitions in the store (queued
 jobs); asks the scheduler for its snapshot (pause state, running count).
 
-Rules, thresholds per kind with [monitor] defaults:
-1. stuck: running with no heartbeat (progress, checkpoint, ctx.heartbeat) for `stuck_after`;
-2. stall: running, has reported progress, and it has not changed for `stall_after`;
-3. sla: queued or running and older than the kind's `sla` -> failed SLA_BREACH;
-4. queued_timeout: eligible to run (backoff over, kind not paused) yet not started for
-   `queued_timeout` -> failed QUEUED_TIMEOUT.
-Rules 1 and 2 stop the handler (a command's whole process group) and then follow the kind's
-retry policy: requeue with backoff while attempts remain, else fail STUCK_TIMEOUT.
+The rules (stuck, stall, SLA, queued timeout, failure rate) are plain functions in
+actors/rules.py. Stuck and stalled jobs are stopped through the pool (a command's whole
+process group), which then follows the kind's retry policy.
 
 The monitor wakes every `interval`, and also exactly at the earliest moment a rule could fire
 for a job it knows, so a hung job is caught at `stuck_after`, not up to an interval later.
@@ -25,7 +20,7 @@ import os
 from collections import deque
 from collections.abc import Callable
 from functools import partial
-from typing import Any, Literal
+from typing import Any
 
 import msgspec
 import psutil
@@ -44,103 +39,28 @@ from jobwarden.actors.messages import (
     RunRules,
     SchedulerSnapshot,
 )
+from jobwarden.actors.rules import (
+    FAILURE_CODES,
+    Finding,
+    evaluate,
+    failure_rate,
+    held_on_purpose,
+    smallest_threshold,
+)
 from jobwarden.clock import WallClock
 from jobwarden.config import Config, format_duration
 from jobwarden.errors import error_body
 from jobwarden.mailbox import ReplySlot, ask, receive_by
 from jobwarden.metrics import Metrics
 from jobwarden.store import Engine, jobs
-from jobwarden.store.monitor import Candidates, Row, find_candidates
+from jobwarden.store.monitor import find_candidates
 from jobwarden.wire.views import STATUSES
 
 log = structlog.get_logger("monitor")
 
-Rule = Literal["stuck", "stall", "sla", "queued_timeout"]
 # After a full prune batch, come back this soon for the next one instead of a whole interval.
 PRUNE_AGAIN_AFTER = 1.0
 GIB = 1024**3
-
-
-class Finding(msgspec.Struct, omit_defaults=True):
-    job: int
-    kind: str
-    status: str
-    rule: Rule
-    action: str
-    detail: str
-
-
-def evaluate(
-    config: Config, found: Candidates, *, paused: set[str], all_paused: bool, now: float
-) -> tuple[list[Finding], float]:
-    """The rules as a plain function: what to do now, and when a rule could next fire."""
-    findings: list[Finding] = []
-    deadlines = [math.inf]
-    for job in found.running:
-        sla = config.rule(job.kind, "sla")
-        stuck_after = config.rule(job.kind, "stuck_after")
-        stall_after = config.rule(job.kind, "stall_after")
-        last_beat = job.heartbeat_at if job.heartbeat_at is not None else job.started_at
-        assert last_beat is not None
-        requeue = "requeue" if job.attempt < job.max_attempts else "fail STUCK_TIMEOUT"
-        if now - job.created_at >= sla:
-            findings.append(_sla_breach(job, now, sla))
-        elif now - last_beat >= stuck_after:
-            detail = f"no heartbeat for {format_duration(round(now - last_beat))}"
-            findings.append(Finding(job.id, job.kind, job.status, "stuck", requeue, detail))
-        elif job.progress_at is not None and now - job.progress_at >= stall_after:
-            detail = (
-                f"progress unchanged at {job.progress or 0:.0%} "
-                f"for {format_duration(round(now - job.progress_at))}"
-            )
-            findings.append(Finding(job.id, job.kind, job.status, "stall", requeue, detail))
-        else:
-            deadlines += [job.created_at + sla, last_beat + stuck_after]
-            if job.progress_at is not None:
-                deadlines.append(job.progress_at + stall_after)
-    for job in found.queued:
-        sla = config.rule(job.kind, "sla")
-        queued_timeout = config.rule(job.kind, "queued_timeout")
-        waits_by_choice = all_paused or job.kind in paused or job.kind not in config.kinds
-        if now - job.created_at >= sla:
-            findings.append(_sla_breach(job, now, sla))
-        elif not waits_by_choice and now - job.available_at >= queued_timeout:
-            detail = f"waiting for a slot for {format_duration(round(now - job.available_at))}"
-            findings.append(
-                Finding(
-                    job.id, job.kind, job.status, "queued_timeout", "fail QUEUED_TIMEOUT", detail
-                )
-            )
-    if found.oldest_available_at is not None and not all_paused:
-        deadlines.append(found.oldest_available_at + _smallest(config, "queued_timeout"))
-    if found.oldest_created_at is not None:
-        deadlines.append(found.oldest_created_at + _smallest(config, "sla"))
-    upcoming = [d for d in deadlines if d > now]
-    return findings, min(upcoming, default=math.inf)
-
-
-def _sla_breach(job: Row, now: float, sla: float) -> Finding:
-    age = format_duration(round(now - job.created_at))
-    detail = f"{age} old, over its SLA of {format_duration(sla)}"
-    return Finding(job.id, job.kind, job.status, "sla", "fail SLA_BREACH", detail)
-
-
-def _smallest(config: Config, rule: str) -> float:
-    return min((config.rule(kind, rule) for kind in config.kinds), default=math.inf)
-
-
-def failure_rate(
-    history: deque[tuple[float, int, int]], now: float, window: float
-) -> tuple[float, int]:
-    """Failed share of finished attempts over the window, from (time, done, failed) totals."""
-    while len(history) > 1 and history[1][0] <= now - window:
-        history.popleft()
-    if len(history) < 2:
-        return 0.0, 0
-    _, done_then, failed_then = history[0]
-    _, done_now, failed_now = history[-1]
-    finished = (done_now - done_then) + (failed_now - failed_then)
-    return ((failed_now - failed_then) / finished if finished else 0.0), finished
 
 
 class Monitor:
@@ -242,32 +162,12 @@ class Monitor:
         found = await self._store.read(
             partial(
                 find_candidates,
-                queued_before=now - _smallest(config, "queued_timeout"),
-                created_before=now - _smallest(config, "sla"),
+                queued_before=now - smallest_threshold(config, "queued_timeout"),
+                created_before=now - smallest_threshold(config, "sla"),
             )
         )
-        snapshot = await self._scheduler_snapshot()
-        # Jobs held on purpose are not late: a paused kind, a kind whose service is open or
-        # whose memory requirement is not free, or everything while draining, while the
-        # budget is stopped or while the machine is loaded.
-        open_services = set(snapshot["open_services"])
-        held = (
-            set(snapshot["paused"])
-            | set(snapshot["short_of_memory"])
-            | {name for name, kind in config.kinds.items() if open_services & set(kind.services)}
-        )
-        findings, self._next_rule = evaluate(
-            config,
-            found,
-            paused=held,
-            all_paused=(
-                snapshot["paused_all"]
-                or not snapshot["dispatching"]
-                or snapshot["budget_stopped"]
-                or snapshot["held_by_load"] is not None
-            ),
-            now=now,
-        )
+        held, all_held = held_on_purpose(config, await self._scheduler_snapshot())
+        findings, self._next_rule = evaluate(config, found, held=held, all_held=all_held, now=now)
         for finding in findings:
             log.warning(
                 "rule fired" if not dry_run else "rule would fire",
@@ -282,9 +182,9 @@ class Monitor:
         return findings
 
     async def _act(self, finding: Finding, now: float) -> None:
-        code = {"stuck": "STUCK_TIMEOUT", "stall": "STUCK_TIMEOUT"}.get(finding.rule)
-        code = code or ("SLA_BREACH" if finding.rule == "sla" else "QUEUED_TIMEOUT")
-        error = error_body(code, f"{finding.rule}: {finding.detail}", retryable=False)
+        error = error_body(
+            FAILURE_CODES[finding.rule], f"{finding.rule}: {finding.detail}", retryable=False
+        )
         if finding.status == "running":
             reply: ReplySlot[Any] = ReplySlot()
             retry = finding.rule in ("stuck", "stall")

@@ -2,7 +2,8 @@
 
 Consumes `JobQueued` (admission), `JobsEnded` (pool), `Pause`/`Resume`/`SchedulerSnapshot`/`Explain`
 (admin), `ServiceState` (breaker), `BudgetState` (ledger), `StopDispatch`/`Reconfigure`
-(supervisor). Produces `RunJobs` for the pool, and `position` events through the store.
+(supervisor). Produces `RunJobs` for the pool, and `position` events through the store. Its
+decisions (free capacity, load, waiting reasons) are plain functions in actors/dispatch.py.
 
 Order: highest priority first; within a priority, round-robin across users by fair tag (a
 user's n-th waiting job gets a tag one past their previous one, and never below the tag being
@@ -30,7 +31,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from datetime import datetime
 from functools import partial
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -40,6 +40,14 @@ import psutil
 import structlog
 import trio
 
+from jobwarden.actors.dispatch import (
+    TURN_REASON,
+    WaitState,
+    explain,
+    free_capacity,
+    load_too_high,
+    short_of_memory,
+)
 from jobwarden.actors.messages import (
     BudgetState,
     Explain,
@@ -58,7 +66,7 @@ from jobwarden.actors.messages import (
     WaitingInfo,
 )
 from jobwarden.clock import WallClock
-from jobwarden.config import Config, KindSection, format_size
+from jobwarden.config import Config
 from jobwarden.mailbox import ReplySlot
 from jobwarden.store import Engine, jobs, users
 from jobwarden.wire.views import JobView
@@ -66,125 +74,12 @@ from jobwarden.wire.views import JobView
 log = structlog.get_logger("scheduler")
 
 PAUSED_SETTING = "paused"
-# The reason of a job that waits only for its turn in the dispatch order.
-TURN_REASON = "position"
 
 
 def sample_system() -> SystemLoad:
     memory = psutil.virtual_memory()
     # CPU use since the previous call: the average over the sampling interval.
     return SystemLoad(memory.percent, memory.available, psutil.cpu_percent(interval=None))
-
-
-class WaitState(msgspec.Struct, frozen=True):
-    """What the scheduler knows that decides whether a queued job may start now."""
-
-    now: float
-    dispatching: bool
-    paused: PauseState
-    budget: BudgetState
-    open_services: dict[str, float]
-    load: SystemLoad | None
-    running: dict[str, int]
-    running_by_user: dict[str, int]
-
-
-def load_too_high(config: Config, load: SystemLoad | None) -> str | None:
-    """Why dispatch is paused for the machine's sake, or None."""
-    if load is None:
-        return None
-    limits = config.limits
-    if load.memory_percent > limits.max_memory_percent:
-        return f"memory {load.memory_percent:.0f}% > {limits.max_memory_percent:g}%"
-    if load.cpu_percent > limits.max_cpu_percent:
-        return f"cpu {load.cpu_percent:.0f}% > {limits.max_cpu_percent:g}%"
-    return None
-
-
-def short_of_memory(kind: KindSection, load: SystemLoad | None) -> bool:
-    """The kind needs more free memory than the last sample found."""
-    return (
-        kind.min_memory is not None and load is not None and load.memory_available < kind.min_memory
-    )
-
-
-def explain(
-    config: Config,
-    state: WaitState,
-    job: JobView,
-    *,
-    user_limit: int | None,
-    position: tuple[int, int, int, int],
-    zone: ZoneInfo,
-) -> str:
-    """The one reason a queued job is not running, the most direct first."""
-    kind = config.kinds.get(job.kind)
-    if job.available_at > state.now:
-        until = datetime.fromtimestamp(job.available_at, zone).strftime("%H:%M:%S")
-        if job.attempt:
-            return f"backoff until {until} (attempt {job.attempt + 1} of {job.max_attempts})"
-        return f"not before {until}"
-    if kind is None:
-        return f"kind {job.kind} is not configured"
-    if not state.dispatching:
-        return "the daemon is draining"
-    if state.paused.all:
-        return "all kinds paused"
-    if job.kind in state.paused.kinds:
-        return f"kind {job.kind} paused"
-    if state.budget.stopped:
-        return f"budget stopped: {state.budget.reason}"
-    for service in kind.services:
-        until = state.open_services.get(service)
-        if until is not None and until > state.now:
-            at = datetime.fromtimestamp(until, zone).strftime("%H:%M:%S")
-            return f"service {service} unavailable until {at} (circuit open)"
-    too_high = load_too_high(config, state.load)
-    if too_high is not None:
-        return too_high
-    if short_of_memory(kind, state.load):
-        free = format_size(state.load.memory_available)
-        return f"needs {format_size(kind.min_memory)}, {free} free"
-    limit = config.limits.max_running_per_user if user_limit is None else user_limit
-    mine = state.running_by_user.get(job.user, 0)
-    if limit and mine >= limit:
-        return f"user {job.user} at running limit {limit}"
-    running = sum(state.running.values())
-    slots = config.daemon.max_concurrent_jobs
-    if running >= slots:
-        return f"no free slot ({running} of {slots} running)"
-    of_kind = state.running.get(job.kind, 0)
-    if kind.max_concurrent is not None and of_kind >= kind.max_concurrent:
-        return f"no free slot for {job.kind} ({of_kind} of {kind.max_concurrent} running)"
-    place, queued = position[0], position[1]
-    return f"{TURN_REASON} {place} of {queued}"
-
-
-def free_capacity(
-    config: Config,
-    running: dict[str, int],
-    paused: PauseState,
-    open_services: set[str],
-    load: SystemLoad | None = None,
-) -> tuple[int, dict[str, int]]:
-    """Free slots overall, and per kind that may start a job now: not paused, no service it
-    needs behind an open circuit, under its own limit, its memory requirement free."""
-    total = config.daemon.max_concurrent_jobs - sum(running.values())
-    if total <= 0 or paused.all or load_too_high(config, load) is not None:
-        return 0, {}
-    capacity = {}
-    for name, kind in config.kinds.items():
-        if name in paused.kinds or open_services.intersection(kind.services):
-            continue
-        free = total
-        if kind.max_concurrent is not None:
-            free = min(total, kind.max_concurrent - running.get(name, 0))
-        if kind.min_memory is not None and load is not None:
-            # Each job started now needs its own share of the free memory.
-            free = min(free, load.memory_available // kind.min_memory)
-        if free > 0:
-            capacity[name] = free
-    return total, capacity
 
 
 class Scheduler:

@@ -9,6 +9,7 @@ from zoneinfo import ZoneInfo
 import pytest
 import trio
 
+from jobwarden.actors.dispatch import WaitState, explain
 from jobwarden.actors.messages import (
     BudgetState,
     CancelJob,
@@ -18,7 +19,6 @@ from jobwarden.actors.messages import (
     Resume,
     SystemLoad,
 )
-from jobwarden.actors.scheduler import WaitState, explain
 from jobwarden.config import load_config_text
 from jobwarden.errors import RequestError
 from jobwarden.mailbox import ask

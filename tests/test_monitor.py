@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 from functools import partial
+from pathlib import Path
 
 import pytest
 import trio
 from structlog.testing import capture_logs
 
 from jobwarden.actors.messages import RunRules
-from jobwarden.actors.monitor import failure_rate
+from jobwarden.actors.rules import evaluate, failure_rate
+from jobwarden.config import load_config_text
 from jobwarden.mailbox import ReplySlot
 from jobwarden.store import jobs
+from jobwarden.store.monitor import Candidates, Row
 from tests.conftest import EPOCH
 
 KINDS = """
@@ -193,6 +196,68 @@ async def test_finished_jobs_are_pruned_after_retain_finished(autojump_clock, st
     await trio.sleep(3600 + 60)
     assert await daemon.handle.store.read(partial(jobs.get_job, job_id=job.id)) is None
     assert await daemon.events(job.id) == []
+
+
+RULES_CONFIG = load_config_text(
+    """
+[monitor]
+stuck_after = "15m"
+stall_after = "5m"
+queued_timeout = "30m"
+
+[kinds.render]
+handler = "tests.handlers:noop"
+sla = "2h"
+""",
+    base_dir=Path("."),
+)
+
+
+def row(status: str, **times: float) -> Row:
+    """A render job created at 0, started at 60 if running, on its first of three attempts."""
+    fields = {
+        "id": 1,
+        "kind": "render",
+        "status": status,
+        "created_at": 0.0,
+        "started_at": 60.0 if status == "running" else None,
+        "heartbeat_at": None,
+        "progress_at": None,
+        "progress": None,
+        "attempt": 1,
+        "max_attempts": 3,
+        "available_at": 0.0,
+    }
+    return Row(**{**fields, **times})
+
+
+@pytest.mark.parametrize(
+    ("job", "now", "held", "rule", "next_check"),
+    [
+        pytest.param(row("running", heartbeat_at=600), 1000, False, None, 600 + 900, id="fine"),
+        pytest.param(row("running", heartbeat_at=600), 1500, False, "stuck", None, id="stuck"),
+        pytest.param(
+            row("running", heartbeat_at=900, progress_at=700, progress=0.4),
+            1000,
+            False,
+            "stall",
+            None,
+            id="stall",
+        ),
+        pytest.param(row("running", heartbeat_at=7000), 7200, False, "sla", None, id="sla"),
+        pytest.param(row("queued"), 1800, False, "queued_timeout", None, id="queued too long"),
+        pytest.param(row("queued"), 1800, True, None, 7200, id="held on purpose"),
+    ],
+)
+def test_the_rules_are_a_function_of_the_rows_and_the_time(job, now, held, rule, next_check):
+    running, queued = ([job], []) if job.status == "running" else ([], [job])
+    found = Candidates(running, queued, None if running else 0.0, None if running else 0.0)
+    findings, deadline = evaluate(
+        RULES_CONFIG, found, held={"render"} if held else set(), all_held=False, now=now
+    )
+    assert [f.rule for f in findings] == ([rule] if rule else [])
+    if next_check is not None:
+        assert deadline == next_check
 
 
 def test_failure_rate_over_a_window():
