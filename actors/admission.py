@@ -5,12 +5,13 @@ Consumes `Submit` and `Requeue` from the listeners, `UserRate` from the admin `u
 `JobQueued` for the scheduler.
 
 The guards run in two places. Here, in memory: draining, budget, kind, payload size and
-schema, a kind's memory requirement this machine can never meet, and the per-user rate limit
-(a `TokenBucket` on trio's clock; buckets may be lost on restart, as a rate is about the last
-minute). In the store, inside the transaction that inserts the job, so they survive restarts
-and never race a refund: user exists and is enabled, daily job limit, queue depth (global and
-per kind), credits (reserved there, spent or refunded when the job ends). The store commits
-the job before the caller hears "accepted".
+schema, a kind's memory requirement this machine can never meet (its total memory, as the
+daemon's one sampler read it at start), and the per-user rate limit (a `TokenBucket` on trio's
+clock; buckets may be lost on restart, as a rate is about the last minute). In the store,
+inside the transaction that inserts the job, so they survive restarts and never race a refund:
+user exists and is enabled, daily job limit, queue depth (global and per kind), credits
+(reserved there, spent or refunded when the job ends). The store commits the job before the
+caller hears "accepted".
 
 Adaptive shedding (seed 002): once the queue is past `limits.shed_at` of its limit, the store
 says for each accepted job whether its user holds more than a fair share of the queue; such a
@@ -26,7 +27,6 @@ from functools import partial
 from typing import Any
 
 import msgspec
-import psutil
 import structlog
 import trio
 
@@ -125,6 +125,7 @@ class Admission:
         inbox: trio.MemoryReceiveChannel[AdmissionMessage],
         scheduler: trio.MemorySendChannel[Any],
         metrics: Metrics,
+        total_memory: int,
     ) -> None:
         self._config = config
         self._store = store
@@ -135,7 +136,7 @@ class Admission:
         self._draining = False
         self._budget = BudgetState(stopped=False)
         self._calendar = BudgetCalendar(config.limits.day_zone(config.budget))
-        self._total_memory = psutil.virtual_memory().total
+        self._total_memory = total_memory
         self._buckets: dict[str, TokenBucket] = {}
         # Users' own rates (per second), where they differ from the default.
         self._rates: dict[str, float] = {}

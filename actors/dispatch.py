@@ -11,8 +11,9 @@ from zoneinfo import ZoneInfo
 
 import msgspec
 
-from jobwarden.actors.messages import BudgetState, PauseState, SystemLoad
+from jobwarden.actors.messages import BudgetState, PauseState
 from jobwarden.config import Config, KindSection, format_size
+from jobwarden.system import SystemLoad
 from jobwarden.wire.views import JobView
 
 # The reason of a job that waits only for its turn in the dispatch order.
@@ -27,7 +28,7 @@ class WaitState(msgspec.Struct, frozen=True):
     paused: PauseState
     budget: BudgetState
     open_services: dict[str, float]
-    load: SystemLoad | None
+    load: SystemLoad
     running: dict[str, int]
     running_by_user: dict[str, int]
 
@@ -39,7 +40,7 @@ def load_too_high(config: Config, load: SystemLoad | None) -> str | None:
     limits = config.limits
     if load.memory_percent > limits.max_memory_percent:
         return f"memory {load.memory_percent:.0f}% > {limits.max_memory_percent:g}%"
-    if load.cpu_percent > limits.max_cpu_percent:
+    if load.cpu_percent is not None and load.cpu_percent > limits.max_cpu_percent:
         return f"cpu {load.cpu_percent:.0f}% > {limits.max_cpu_percent:g}%"
     return None
 

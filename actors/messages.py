@@ -2,6 +2,7 @@
 
 A request that needs an answer carries its `ReplySlot`. `Reconfigure` is the one message every
 actor gets on a config reload. Each actor's inbox type is the union named after it.
+`SystemLoad`, the sampler's reading, lives with the sampler in jobwarden.system.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import msgspec
 
 from jobwarden.config import Config
 from jobwarden.mailbox import ReplySlot
+from jobwarden.system import SystemLoad
 from jobwarden.wire.views import ErrorBody, JobView
 
 
@@ -98,12 +100,6 @@ class RunJobs(msgspec.Struct):
 class PauseState(msgspec.Struct):
     kinds: list[str] = []
     all: bool = False
-
-
-class SystemLoad(msgspec.Struct, frozen=True):
-    memory_percent: float
-    memory_available: int
-    cpu_percent: float
 
 
 class WaitingInfo(msgspec.Struct, frozen=True):
@@ -290,6 +286,7 @@ SchedulerMessage = (
     | Reconfigure
     | ServiceState
     | BudgetState
+    | SystemLoad
 )
 
 
@@ -311,7 +308,7 @@ LedgerMessage = (
 )
 
 
-MonitorMessage = RunRules | HealthQuery | Reconfigure | RaiseAlert
+MonitorMessage = RunRules | HealthQuery | Reconfigure | RaiseAlert | SystemLoad
 
 
 PoolMessage = RunJobs | CancelJob | Recover | PoolStatistics | Drain | Reconfigure

@@ -1,8 +1,9 @@
 """Monitor: finds stuck, stalled and late jobs and recovers them; keeps health and alerts.
 
-Consumes `RunRules` (admin `stuck`), `HealthQuery` (admin `status`, HTTP), `Reconfigure`.
-Produces `Recover` for the pool (running jobs) and failure transitions in the store (queued
-jobs); asks the scheduler for its snapshot (pause state, running count).
+Consumes `RunRules` (admin `stuck`), `HealthQuery` (admin `status`, HTTP), `RaiseAlert` (other
+actors), `Reconfigure` and each `SystemLoad` sample (supervisor). Produces `Recover` for the pool
+(running jobs) and failure transitions in the store (queued jobs); asks the scheduler for its
+snapshot (pause state, running count), the breaker and the ledger for theirs (health).
 
 The rules (stuck, stall, SLA, queued timeout, failure rate) are plain functions in
 actors/rules.py. Stuck and stalled jobs are stopped through the pool (a command's whole
@@ -16,14 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 from collections import deque
 from collections.abc import Callable
 from functools import partial
 from typing import Any
 
 import msgspec
-import psutil
 import structlog
 import trio
 
@@ -54,6 +53,7 @@ from jobwarden.mailbox import ReplySlot, ask, receive_by
 from jobwarden.metrics import Metrics
 from jobwarden.store import Engine, jobs
 from jobwarden.store.monitor import find_candidates
+from jobwarden.system import SystemLoad
 from jobwarden.wire.views import STATUSES
 
 log = structlog.get_logger("monitor")
@@ -61,6 +61,7 @@ log = structlog.get_logger("monitor")
 # After a full prune batch, come back this soon for the next one instead of a whole interval.
 PRUNE_AGAIN_AFTER = 1.0
 GIB = 1024**3
+MIB = 1024**2
 
 
 class Monitor:
@@ -77,6 +78,7 @@ class Monitor:
         ledger: trio.MemorySendChannel[Any],
         metrics: Metrics,
         daemon_status: Callable[[], dict[str, Any]],
+        load: SystemLoad,
     ) -> None:
         self._config = config
         self._store = store
@@ -90,16 +92,14 @@ class Monitor:
         self._daemon_status = daemon_status
         self._next_tick = -math.inf
         self._next_rule = math.inf
-        self._system: dict[str, float] = {}
+        self._load = load
         self._recovered: dict[str, int] = {}
         self._last_findings = 0
         self._history: deque[tuple[float, int, int]] = deque()
         self._alerted_at: dict[str, float] = {}
         self._wal_clean = False
-        self._process = psutil.Process(os.getpid())
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        self._sample_system(cpu=False)
         channels = (self._inbox, self._pool, self._scheduler, self._breaker, self._ledger)
         async with contextlib.AsyncExitStack() as stack:
             for channel in channels:
@@ -131,11 +131,12 @@ class Monitor:
                 self._next_tick = -math.inf
             case RaiseAlert(name=name, message=message, data=data):
                 self._alert(name, message, **data)
+            case SystemLoad():
+                self._load = msg
 
     async def _tick(self) -> None:
         now = self._clock.now()
         self._next_tick = trio.current_time() + self._config.monitor.interval
-        self._sample_system()
         findings = await self._apply_rules(dry_run=False)
         self._last_findings = len(findings)
         stuck = sum(1 for f in findings if f.rule in ("stuck", "stall"))
@@ -259,19 +260,6 @@ class Monitor:
             await self._store.checkpoint_wal()
             self._wal_clean = True
 
-    def _sample_system(self, *, cpu: bool = True) -> None:
-        """CPU is the average since the previous sample, so the first call only starts it
-        and reports None rather than a meaningless 0 or 100%."""
-        memory = psutil.virtual_memory()
-        cpu_percent = psutil.cpu_percent(interval=None)
-        self._system = {
-            "memory_available_gb": round(memory.available / GIB, 2),
-            "memory_total_gb": round(memory.total / GIB, 2),
-            "memory_percent": memory.percent,
-            "cpu_percent": cpu_percent if cpu else None,
-            "daemon_rss_mb": round(self._process.memory_info().rss / 1024**2, 1),
-        }
-
     async def health(self, *, by_kind: bool = False) -> dict[str, Any]:
         """One snapshot for /health, `jobwarden status` and the metrics scrape."""
         counts = await self._store.read(jobs.counts_by_status)
@@ -289,10 +277,21 @@ class Monitor:
             "paused": snapshot["paused"],
             "paused_all": snapshot["paused_all"],
             "stuck": {"last_check": self._last_findings, "recovered": dict(self._recovered)},
-            "system": dict(self._system),
+            "system": system_view(self._load),
             "breakers": await ask(self._breaker, BreakerSnapshot),
             "budget": await ask(self._ledger, BudgetQuery),
         }
         if by_kind:
             health["by_status_kind"] = await self._store.read(jobs.counts_by_status_and_kind)
         return health
+
+
+def system_view(load: SystemLoad) -> dict[str, Any]:
+    """The latest sample as the health snapshot shows it."""
+    return {
+        "memory_available_gb": round(load.memory_available / GIB, 2),
+        "memory_total_gb": round(load.memory_total / GIB, 2),
+        "memory_percent": load.memory_percent,
+        "cpu_percent": load.cpu_percent,
+        "daemon_rss_mb": round(load.daemon_rss / MIB, 1),
+    }

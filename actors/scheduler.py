@@ -1,9 +1,10 @@
 """Scheduler: decides what runs next, and says why everything else waits.
 
 Consumes `JobQueued` (admission), `JobsEnded` (pool), `Pause`/`Resume`/`SchedulerSnapshot`/`Explain`
-(admin), `ServiceState` (breaker), `BudgetState` (ledger), `StopDispatch`/`Reconfigure`
-(supervisor). Produces `RunJobs` for the pool, and `position` events through the store. Its
-decisions (free capacity, load, waiting reasons) are plain functions in actors/dispatch.py.
+(admin), `ServiceState` (breaker), `BudgetState` (ledger), `StopDispatch`/`Reconfigure` and
+each `SystemLoad` sample (supervisor). Produces `RunJobs` for the pool, and `position` events
+through the store. Its decisions (free capacity, load, waiting reasons) are plain functions in
+actors/dispatch.py.
 
 Order: highest priority first; within a priority, round-robin across users by fair tag (a
 user's n-th waiting job gets a tag one past their previous one, and never below the tag being
@@ -12,12 +13,13 @@ slot); then oldest first. Only jobs whose `available_at` (backoff) has come, who
 paused, needs no service whose circuit is open, has a free slot under its own limit and, if it
 declares `min_memory`, finds that much free; whose user is under their running limit; within
 the global `max_concurrent_jobs`. Nothing starts while the budget is stopped, the daemon
-drains, or memory or CPU use is above its limit (sampled every `limits.sample_every`).
+drains, or memory or CPU use is above its limit (in the latest sample, taken every
+`limits.sample_every`).
 
 The queue stays in SQLite; each dispatch round claims just enough rows for the free slots in
 one store write, so memory does not grow with the queue. Between rounds the scheduler sleeps
-until a message arrives, a backoff ends, an open circuit's recovery time comes, or, while load
-holds jobs back, the next sample is due.
+until a message arrives (a new sample among them, which starts a round while load holds jobs
+back), a backoff ends or an open circuit's recovery time comes.
 
 Positions: at most every `limits.position_every`, when anything changed, the head of the queue
 (`limits.position_head` jobs in dispatch order) is read and each job whose position or reason
@@ -30,13 +32,11 @@ dispatch round under way.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from functools import partial
 from typing import Any
 from zoneinfo import ZoneInfo
 
 import msgspec
-import psutil
 import structlog
 import trio
 
@@ -62,24 +62,18 @@ from jobwarden.actors.messages import (
     SchedulerSnapshot,
     ServiceState,
     StopDispatch,
-    SystemLoad,
     WaitingInfo,
 )
 from jobwarden.clock import WallClock
 from jobwarden.config import Config
 from jobwarden.mailbox import ReplySlot
 from jobwarden.store import Engine, jobs, users
+from jobwarden.system import SystemLoad
 from jobwarden.wire.views import JobView
 
 log = structlog.get_logger("scheduler")
 
 PAUSED_SETTING = "paused"
-
-
-def sample_system() -> SystemLoad:
-    memory = psutil.virtual_memory()
-    # CPU use since the previous call: the average over the sampling interval.
-    return SystemLoad(memory.percent, memory.available, psutil.cpu_percent(interval=None))
 
 
 class Scheduler:
@@ -91,14 +85,13 @@ class Scheduler:
         clock: WallClock,
         inbox: trio.MemoryReceiveChannel[SchedulerMessage],
         pool: trio.MemorySendChannel[RunJobs],
-        sample: Callable[[], SystemLoad] = sample_system,
+        load: SystemLoad,
     ) -> None:
         self._config = config
         self._store = store
         self._clock = clock
         self._inbox = inbox
         self._pool = pool
-        self._sample = sample
         self._running: dict[str, int] = {}
         self._running_by_user: dict[str, int] = {}
         self._paused = PauseState()
@@ -109,9 +102,9 @@ class Scheduler:
         # True when something changed that may let a job start; the next round claims.
         self._dirty = True
         self._next_available_at: float | None = None
-        self._load: SystemLoad | None = None
-        self._sampled_at = -math.inf
-        # Load holds jobs back: wake at the next sample, as nothing else would say it eased.
+        self._load = load
+        # Load holds jobs back: the next sample may let them start. Otherwise a new sample can
+        # only hold more back, and needs no dispatch round.
         self._held_by_load = False
         self._positions_stale = trio.Event()
         self._last_positions: dict[int, WaitingInfo] = {}
@@ -147,8 +140,7 @@ class Scheduler:
                     self._dirty = True
 
     def _wake_deadline(self) -> float:
-        """When time alone may let a job start: a backoff ending, a circuit's recovery, the
-        next load sample while load holds jobs back.
+        """When time alone may let a job start: a backoff ending, a circuit's recovery.
 
         Only future moments count: a past one was already acted on, and waking for it again
         would spin. While dispatch is stopped (drain, budget) nothing but a message helps.
@@ -157,8 +149,6 @@ class Scheduler:
             return math.inf
         now = self._clock.now()
         wakes = [*self._open_services.values(), self._next_available_at]
-        if self._held_by_load:
-            wakes.append(self._sampled_at + self._config.limits.sample_every)
         future = [t for t in wakes if t is not None and t > now]
         return self._clock.deadline_for(min(future, default=math.inf))
 
@@ -216,6 +206,9 @@ class Scheduler:
             case BudgetState():
                 self._budget = msg
                 self._dirty = True
+            case SystemLoad():
+                self._load = msg
+                self._dirty = self._dirty or self._held_by_load
 
     async def _save_paused(self) -> None:
         await self._store.write(
@@ -238,7 +231,7 @@ class Scheduler:
             "next_available_at": self._next_available_at,
             "open_services": dict(self._open_services),
             "budget_stopped": self._budget.stopped,
-            "load": None if load is None else msgspec.to_builtins(load),
+            "load": msgspec.to_builtins(load),
             "held_by_load": load_too_high(self._config, load),
             "short_of_memory": [
                 name for name, kind in self._config.kinds.items() if short_of_memory(kind, load)
@@ -257,18 +250,12 @@ class Scheduler:
             running_by_user=dict(self._running_by_user),
         )
 
-    def _sample_load(self, now: float) -> None:
-        if now - self._sampled_at >= self._config.limits.sample_every:
-            self._load = self._sample()
-            self._sampled_at = now
-
     async def _dispatch(self) -> None:
         self._dirty = False
         self._held_by_load = False
         if not self._dispatching or self._budget.stopped:
             return
         now = self._clock.now()
-        self._sample_load(now)
         # Past its open_until a circuit lets probes through, so its kinds may run again.
         open_now = {name for name, until in self._open_services.items() if until > now}
         total, capacity = free_capacity(

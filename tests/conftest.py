@@ -11,21 +11,34 @@ from pathlib import Path
 import pytest
 import trio
 
-from jobwarden.actors.messages import Submit, SystemLoad
+from jobwarden.actors.messages import Submit
 from jobwarden.config import Config, load_config, load_config_text
 from jobwarden.mailbox import ReplySlot
 from jobwarden.process.admin import Stop
 from jobwarden.process.supervisor import DaemonHandle, Supervisor
 from jobwarden.process.systemd import SystemdNotifier
 from jobwarden.store import jobs
+from jobwarden.system import SystemLoad
 from jobwarden.wire.views import TERMINAL_STATUSES, Event, JobView
 
 EPOCH = 1_800_000_000.0
 GB = 1024**3
 
 
+def machine_load(**figures: float) -> SystemLoad:
+    """A reading of the machine a test imagines: 32 GB, lightly used, but for `figures`."""
+    idle = {
+        "memory_percent": 20.0,
+        "memory_available": 16 * GB,
+        "memory_total": 32 * GB,
+        "cpu_percent": 5.0,
+        "daemon_rss": 100 * 1024**2,
+    }
+    return SystemLoad(**{**idle, **figures})  # type: ignore[arg-type]
+
+
 def idle_machine() -> SystemLoad:
-    return SystemLoad(memory_percent=20.0, memory_available=16 * GB, cpu_percent=5.0)
+    return machine_load()
 
 
 WEBSOCKET = """

@@ -17,14 +17,14 @@ from jobwarden.actors.messages import (
     Pause,
     PauseState,
     Resume,
-    SystemLoad,
 )
 from jobwarden.config import load_config_text
 from jobwarden.errors import RequestError
 from jobwarden.mailbox import ask
 from jobwarden.store import users
+from jobwarden.system import SystemLoad
 from jobwarden.wire.views import JobView
-from tests.conftest import EPOCH, GB
+from tests.conftest import EPOCH, GB, machine_load
 
 KINDS = """
 [kinds.noop]
@@ -225,17 +225,20 @@ async def test_unknown_users_are_refused_when_creating_them_is_off(autojump_cloc
 async def test_a_requirement_this_machine_can_never_meet_is_refused_at_admission(
     autojump_clock, start_daemon
 ):
-    daemon = await start_daemon(KINDS + 'min_memory = "100000TB"\n')
+    # The machine's total memory is the sampler's reading, as every other figure of it.
+    machine = Machine()
+    machine.load = machine_load(memory_total=2 * GB, memory_available=1 * GB)
+    daemon = await start_daemon(KINDS + 'min_memory = "4GB"\n', sample_system=machine)
     error = await refused(daemon, "flaky")
     assert error.body.code == "INVALID_REQUEST"
-    assert "could never start" in error.body.message
+    assert error.body.message.endswith("has 2.0 GB of memory in total: it could never start")
 
 
 class Machine:
     """A machine whose load a test sets."""
 
     def __init__(self) -> None:
-        self.load = SystemLoad(memory_percent=50.0, memory_available=8 * GB, cpu_percent=10.0)
+        self.load = machine_load(memory_percent=50.0, memory_available=8 * GB, cpu_percent=10.0)
 
     def __call__(self) -> SystemLoad:
         return self.load
@@ -250,7 +253,7 @@ async def test_dispatch_pauses_while_memory_is_high_and_resumes_at_the_next_samp
     autojump_clock, start_daemon
 ):
     machine = Machine()
-    machine.load = SystemLoad(memory_percent=83.0, memory_available=2 * GB, cpu_percent=10.0)
+    machine.load = machine_load(memory_percent=83.0, memory_available=2 * GB, cpu_percent=10.0)
     daemon = await start_daemon(
         limits(max_memory_percent=80, max_cpu_percent=90, sample_every='"5s"') + KINDS,
         sample_system=machine,
@@ -259,23 +262,23 @@ async def test_dispatch_pauses_while_memory_is_high_and_resumes_at_the_next_samp
     await trio.sleep(1)
     assert (await daemon.job(job.id)).status == "queued"
     assert await explained(daemon, job) == "memory 83% > 80%"
-    machine.load = SystemLoad(memory_percent=60.0, memory_available=8 * GB, cpu_percent=95.0)
+    machine.load = machine_load(memory_percent=60.0, memory_available=8 * GB, cpu_percent=95.0)
     await trio.sleep(5)
     assert await explained(daemon, job) == "cpu 95% > 90%"
-    machine.load = SystemLoad(memory_percent=60.0, memory_available=8 * GB, cpu_percent=20.0)
+    machine.load = machine_load(memory_percent=60.0, memory_available=8 * GB, cpu_percent=20.0)
     done = await daemon.wait_done(job.id)
     assert done.started_at - EPOCH == pytest.approx(10.0)
 
 
 async def test_a_kind_waits_until_its_memory_is_free(autojump_clock, start_daemon):
     machine = Machine()
-    machine.load = SystemLoad(memory_percent=60.0, memory_available=int(3.1 * GB), cpu_percent=1)
+    machine.load = machine_load(memory_percent=60.0, memory_available=int(3.1 * GB), cpu_percent=1)
     daemon = await start_daemon(KINDS + 'min_memory = "4GB"\n', sample_system=machine)
     job = await daemon.submit("flaky", {"succeed_on": 1})
     other = await daemon.submit("noop")
     await daemon.wait_done(other.id)
     assert await explained(daemon, job) == "needs 4.0 GB, 3.1 GB free"
-    machine.load = SystemLoad(memory_percent=40.0, memory_available=6 * GB, cpu_percent=1)
+    machine.load = machine_load(memory_percent=40.0, memory_available=6 * GB, cpu_percent=1)
     assert (await daemon.wait_done(job.id)).status == "done"
 
 
@@ -363,7 +366,7 @@ def state(**changes: object) -> WaitState:
         "paused": PauseState(),
         "budget": BudgetState(stopped=False),
         "open_services": {},
-        "load": SystemLoad(memory_percent=50.0, memory_available=8 * GB, cpu_percent=10.0),
+        "load": machine_load(memory_percent=50.0, memory_available=8 * GB, cpu_percent=10.0),
         "running": {"render": 1},
         "running_by_user": {"alice": 1},
     }
@@ -428,14 +431,14 @@ def queued(**changes: object) -> JobView:
         ),
         (
             queued(),
-            state(load=SystemLoad(memory_percent=83, memory_available=8 * GB, cpu_percent=1)),
+            state(load=machine_load(memory_percent=83, memory_available=8 * GB, cpu_percent=1)),
             None,
             "memory 83% > 80%",
         ),
         (
             queued(),
             state(
-                load=SystemLoad(memory_percent=50, memory_available=int(3.1 * GB), cpu_percent=1)
+                load=machine_load(memory_percent=50, memory_available=int(3.1 * GB), cpu_percent=1)
             ),
             None,
             "needs 4.0 GB, 3.1 GB free",

@@ -3,6 +3,8 @@
 Start-up: lock the database, open the store, put jobs a crash left `running` back in the
 queue, then start the actors (scheduler, pool, admission) and the listeners last, each with
 `nursery.start` so the next starts only once the previous really serves; then READY=1.
+Memory and CPU are read in one place (jobwarden.system): once before the actors start, then
+every `limits.sample_every`, each reading handed to the scheduler and the monitor.
 
 Shutdown (SIGTERM, SIGINT, admin `drain`): stop admitting, stop dispatching, let running jobs
 finish within `shutdown_grace`, interrupt the rest (back to the queue, attempt not spent),
@@ -36,11 +38,10 @@ from jobwarden.actors.messages import (
     SchedulerSnapshot,
     StopAdmitting,
     StopDispatch,
-    SystemLoad,
 )
 from jobwarden.actors.monitor import Monitor
 from jobwarden.actors.pool import Pool
-from jobwarden.actors.scheduler import Scheduler, sample_system
+from jobwarden.actors.scheduler import Scheduler
 from jobwarden.clock import WallClock
 from jobwarden.config import Config, check_handlers, load_config
 from jobwarden.errors import ConfigError, StartupError
@@ -55,6 +56,7 @@ from jobwarden.process.systemd import SystemdNotifier
 from jobwarden.process.websocket import WebSocketServer
 from jobwarden.store import jobs
 from jobwarden.store.engine import Store
+from jobwarden.system import SystemLoad, SystemSampler
 
 log = structlog.get_logger("supervisor")
 
@@ -107,10 +109,11 @@ class Supervisor:
         notifier: SystemdNotifier | None = None,
         threaded_store: bool = True,
         clock_epoch: float | None = None,
-        sample_system: Callable[[], SystemLoad] = sample_system,
+        sample_system: Callable[[], SystemLoad] | None = None,
     ) -> None:
         self._config = config
-        self._sample_system = sample_system
+        # The one reader of memory and CPU: see jobwarden.system.
+        self._sample_system = sample_system or SystemSampler()
         self._config_path = config_path
         self._notifier = notifier or SystemdNotifier.from_environ({})
         self._threaded_store = threaded_store
@@ -174,9 +177,8 @@ class Supervisor:
         control_tx, control_rx = trio.open_memory_channel[Any](16)
         self._channels = (admission_tx, scheduler_tx, pool_tx, monitor_tx, breaker_tx, ledger_tx)
         actor = {"config": config, "store": store, "clock": clock}
-        scheduler = Scheduler(
-            **actor, inbox=scheduler_rx, pool=pool_tx.clone(), sample=self._sample_system
-        )
+        load = self._sample_system()
+        scheduler = Scheduler(**actor, inbox=scheduler_rx, pool=pool_tx.clone(), load=load)
         breaker = Breaker(
             **actor, inbox=breaker_rx, scheduler=scheduler_tx.clone(), alerts=monitor_tx.clone()
         )
@@ -196,7 +198,11 @@ class Supervisor:
             metrics=metrics,
         )
         admission = Admission(
-            **actor, inbox=admission_rx, scheduler=scheduler_tx.clone(), metrics=metrics
+            **actor,
+            inbox=admission_rx,
+            scheduler=scheduler_tx.clone(),
+            metrics=metrics,
+            total_memory=load.memory_total,
         )
         monitor = Monitor(
             **actor,
@@ -207,6 +213,7 @@ class Supervisor:
             ledger=ledger_tx.clone(),
             metrics=metrics,
             daemon_status=self._status,
+            load=load,
         )
         # What a request means, shared by every listener.
         commands = Commands(
@@ -235,6 +242,7 @@ class Supervisor:
             await nursery.start(pool.run)
             await nursery.start(admission.run)
             await nursery.start(monitor.run)
+            nursery.start_soon(self._sample, scheduler_tx.clone(), monitor_tx.clone())
             self._ready = True
             await nursery.start(self._admin.run)
             http_port = None
@@ -376,6 +384,18 @@ class Supervisor:
                     else:
                         log.info("signal received", signal=signal.Signals(signum).name)
                         await control.send(Stop())
+
+    async def _sample(
+        self, scheduler: trio.MemorySendChannel[Any], monitor: trio.MemorySendChannel[Any]
+    ) -> None:
+        """Every `limits.sample_every`, one reading of memory and CPU for each actor that
+        decides by it, so they see the same figures for the same interval."""
+        async with scheduler, monitor:
+            while True:
+                await trio.sleep(self._config.limits.sample_every)
+                load = self._sample_system()
+                await scheduler.send(load)
+                await monitor.send(load)
 
     async def _report_status(self, scheduler: trio.MemorySendChannel[Any]) -> None:
         if not self._notifier.enabled:
