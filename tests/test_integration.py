@@ -662,6 +662,11 @@ def test_second_daemon_on_the_same_database_refuses_to_start(daemons):
 
     assert second.returncode != 0
     assert re.search(r"another jobwarden is (already )?using", second.stdout + second.stderr)
+    # Its last log line says why, stamped like every other line.
+    refusal = json.loads(second.stdout.splitlines()[-1])
+    assert refusal["event"] == "jobwarden could not start"
+    assert refusal["level"] == "error"
+    assert refusal["ts"]
     assert first.running
     assert first.socket_path.is_socket()
     job_id = submit(first, "quick", {})
