@@ -184,8 +184,9 @@ class Admission:
                 return
 
     def _refuse(self, msg: Submit, exc: RequestError) -> None:
+        # Counted here by code; the listener that asked logs it, rate-limited (a client that
+        # submits nothing but refusals must not flood the log).
         self._metrics.rejected.labels(exc.body.code).inc()
-        log.info("submit rejected", code=exc.body.code, kind=msg.kind, user=msg.user)
         msg.reply.fail(exc)
 
     def _check(self, msg: Submit) -> NewJob | None:

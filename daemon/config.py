@@ -142,6 +142,17 @@ class AdminSection(Section):
     group: str = ""
     max_line_bytes: PositiveInt = 1024 * 1024
     max_connections: PositiveInt = 64
+    # A connection with no request in flight and no watch is closed after this long without a
+    # request, and one whose reader stops taking its replies after this long without progress:
+    # silent peers cannot hold the max_connections slots.
+    idle_timeout: Duration = Duration(60)
+    # A request line begun must end (its newline) within this.
+    line_timeout: Duration = Duration(10)
+
+    def __post_init__(self) -> None:
+        for key in ("idle_timeout", "line_timeout"):
+            if not getattr(self, key) > 0:
+                raise ValueError(f'{key}: expected a duration longer than 0 or "off"')
 
 
 class AdmissionSection(Section):

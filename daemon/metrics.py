@@ -90,6 +90,12 @@ class Metrics:
             buckets=REQUEST_BUCKETS,
             registry=r,
         )
+        self.refused = Counter(
+            "jobwarden_requests_refused",
+            "Requests and connections a listener refused, by error code (INTERNAL included)",
+            ["listener", "code"],
+            registry=r,
+        )
         self._job_series: dict[tuple[str, str], tuple[Any, Any, Any]] = {}
 
     def request_done(

@@ -29,6 +29,17 @@ async def read_lines(stream: trio.SocketStream):
             yield json.loads(line)
 
 
+async def ask_admin(daemon, cmd: str, **args: object) -> dict:
+    """One request on a connection of its own, and its reply."""
+    socket_path = daemon.handle.store.path.replace("jw.db", "admin.sock")
+    stream = await trio.open_unix_socket(socket_path)
+    async with stream:
+        await request_lines(stream, {"id": 1, "cmd": cmd, "args": args})
+        async for message in read_lines(stream):
+            return message
+    raise AssertionError("the admin socket closed without a reply")
+
+
 async def test_a_watcher_that_stops_reading_still_gets_every_event_once(start_daemon):
     daemon = await start_daemon(KINDS)
     job = await daemon.submit("stepper", {"steps": 1500, "step_seconds": 0})
@@ -134,3 +145,93 @@ async def test_requests_sent_before_a_half_close_are_still_answered(start_daemon
             replies = {message["id"]: message async for message in read_lines(stream)}
     assert replies[1]["ok"] and replies[2]["ok"]
     assert replies[2]["data"]["job"]["status"] == "queued"
+    # The watch is answered too, and ends at once: its client has stopped sending.
+    assert replies[3]["ok"] and replies[3]["data"]["watching"] == "all"
+
+
+async def test_a_watch_sent_with_a_half_close_is_answered_with_its_history(start_daemon):
+    daemon = await start_daemon(KINDS)
+    job = await daemon.submit("stepper", {"steps": 0})
+    await daemon.wait_done(job.id)
+    socket_path = daemon.handle.store.path.replace("jw.db", "admin.sock")
+    with trio.fail_after(10):
+        for _ in range(20):
+            stream = await trio.open_unix_socket(socket_path)
+            async with stream:
+                await request_lines(stream, {"id": "w", "cmd": "watch", "args": {"job": job.id}})
+                await stream.send_eof()
+                replies = [message async for message in read_lines(stream)]
+            assert replies[0]["ok"] and replies[0]["data"]["watching"] == job.id
+
+
+# -- silent peers (the defaults: admin.idle_timeout 60s, admin.line_timeout 10s) -----------
+
+
+async def test_half_a_line_left_unfinished_is_refused_and_closed_after_line_timeout(
+    autojump_clock, start_daemon
+):
+    daemon = await start_daemon(KINDS)
+    socket_path = daemon.handle.store.path.replace("jw.db", "admin.sock")
+    with trio.fail_after(30):
+        stream = await trio.open_unix_socket(socket_path)
+        async with stream:
+            started = trio.current_time()
+            await stream.send_all(b'{"id": 1, "cmd": "sta')
+            replies = [message async for message in read_lines(stream)]
+            waited = trio.current_time() - started
+    assert [reply["error"]["code"] for reply in replies] == ["INVALID_REQUEST"]
+    assert replies[0]["error"]["message"] == (
+        "a request line must end with a newline within 10s; closing"
+    )
+    assert 10 <= waited < 11
+
+
+async def test_an_idle_connection_is_closed_after_idle_timeout_but_one_watching_stays(
+    autojump_clock, start_daemon
+):
+    daemon = await start_daemon(KINDS)
+    socket_path = daemon.handle.store.path.replace("jw.db", "admin.sock")
+    with trio.fail_after(300):
+        idle = await trio.open_unix_socket(socket_path)
+        watching = await trio.open_unix_socket(socket_path)
+        async with idle, watching:
+            await request_lines(idle, {"id": 1, "cmd": "ping"})
+            await request_lines(watching, {"id": "w", "cmd": "watch", "args": {}})
+            answered = trio.current_time()
+            # Read to the end: the daemon closes the idle one a minute after its last reply.
+            assert [message["id"] async for message in read_lines(idle)] == [1]
+            closed = trio.current_time()
+            await trio.sleep(120)
+            job = await daemon.submit("stepper", {"steps": 0})
+            async for message in read_lines(watching):
+                if message.get("event", {}).get("job") == job.id:
+                    break
+    assert 60 <= closed - answered < 61
+
+
+async def test_a_client_that_takes_no_replies_loses_its_connection_after_idle_timeout(
+    autojump_clock, start_daemon
+):
+    daemon = await start_daemon(KINDS)
+    socket_path = daemon.handle.store.path.replace("jw.db", "admin.sock")
+    with trio.fail_after(600):
+        stream = await trio.open_unix_socket(socket_path)
+        async with stream:
+            # Far more replies than the socket buffers (a status is over a kilobyte), and
+            # never a read until the daemon has given up on this reader.
+            await request_lines(stream, *[{"id": n, "cmd": "status"} for n in range(2000)])
+            await trio.sleep(61)
+            replies = [message["id"] async for message in read_lines(stream)]
+    assert 0 < len(replies) < 2000
+
+
+async def test_a_credit_balance_stops_at_the_largest_integer_a_column_holds(start_daemon):
+    daemon = await start_daemon(KINDS)
+    largest = 2**63 - 1
+    with trio.fail_after(10):
+        await ask_admin(daemon, "users", action="add", name="bob", credits=largest)
+        raised = await ask_admin(daemon, "users", action="credits", name="bob", change=largest)
+        lowered = await ask_admin(daemon, "users", action="credits", name="bob", change=-(2**63))
+    # Not a float of 1.8e19: the sum past the column's range would have become one.
+    assert raised["data"]["user"]["credits"] == largest
+    assert lowered["data"]["user"]["credits"] == 0

@@ -11,10 +11,12 @@ import trio
 from structlog.testing import capture_logs
 
 from jobwarden.errors import RequestError
-from jobwarden.process.commands import ADMIN, BadRequest, ConnectionCap, decode
+from jobwarden.process import commands
+from jobwarden.process.commands import ADMIN, BadRequest, ConnectionCap, Sessions, decode
 from jobwarden.store import jobs
 from jobwarden.wire.admin import JobsArgs, JobsRequest, PingRequest, SubmitArgs, SubmitRequest
-from tests.test_admin import read_lines, request_lines
+from tests.test_admin import ask_admin, read_lines, request_lines
+from tests.test_http import get
 from tests.test_websocket import KINDS, Frames, add_user, open_frames
 
 KNOWN_COMMANDS = (
@@ -74,6 +76,39 @@ KNOWN_COMMANDS = (
             12,
             "show: job: Expected `int` <= 9223372036854775807",
         ),
+        (
+            b'{"id": 13, "cmd": "submit", "args": {"kind": "k", "priority": 18446744073709551616}}',
+            13,
+            "submit: priority: Expected `int` <= 9223372036854775807",
+        ),
+        (
+            b'{"id": 14, "cmd": "jobs", "args": {"limit": -9223372036854775809}}',
+            14,
+            "jobs: limit: Expected `int` >= -9223372036854775808",
+        ),
+        (
+            b'{"id": 18446744073709551616, "cmd": "ping"}',
+            None,
+            "not a valid request: id: Expected `int` <= 9223372036854775807",
+        ),
+        (
+            b'{"id": 15, "cmd": "submit", "args": {"kind": "k", "payload": '
+            + b"[" * 63
+            + b"]" * 63
+            + b"}}",
+            None,
+            "arrays and objects nest deeper than 64 levels",
+        ),
+        (
+            b'{"id": 16, "cmd": "ping", "args": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+            None,
+            "arrays and objects nest deeper than 64 levels",
+        ),
+        (
+            b'{"id": 17, "cmd": "ping", "extra": 1, "later": "\xff"}',
+            None,
+            "not valid JSON: Invalid UTF-8 encoded string",
+        ),
     ],
     ids=[
         "not-json",
@@ -90,6 +125,12 @@ KNOWN_COMMANDS = (
         "bad-id",
         "number-out-of-range",
         "job-id-no-store-holds",
+        "priority-no-store-holds",
+        "limit-no-store-holds",
+        "request-id-no-store-holds",
+        "payload-nested-too-deep",
+        "nested-deeper-than-the-stack",
+        "invalid-utf8-after-an-unknown-field",
     ],
 )
 def test_an_admin_request_that_does_not_decode_says_what_is_wrong(line, request_id, message):
@@ -113,24 +154,18 @@ def test_an_admin_request_that_does_not_decode_says_what_is_wrong(line, request_
             b'{"args": {"kind": "k"}, "cmd": "submit", "id": 3}',
             SubmitRequest(id=3, args=SubmitArgs(kind="k")),
         ),
+        (
+            b'{"id": 1, "cmd": "submit", "args": {"kind": "' + b"[{" * 100 + b'"}}',
+            SubmitRequest(id=1, args=SubmitArgs(kind="[{" * 100)),
+        ),
     ],
-    ids=["args-left-out", "defaults", "any-key-order"],
+    ids=["args-left-out", "defaults", "any-key-order", "brackets-in-a-string-do-not-nest"],
 )
 def test_an_admin_request_decodes_to_its_command_in_one_step(line, typed):
     assert decode(ADMIN, line) == typed
 
 
 # -- the same question on every door ---------------------------------------------------------
-
-
-async def ask_admin(daemon, cmd: str, **args: object) -> dict:
-    socket_path = daemon.handle.store.path.replace("jw.db", "admin.sock")
-    stream = await trio.open_unix_socket(socket_path)
-    async with stream:
-        await request_lines(stream, {"id": 1, "cmd": cmd, "args": args})
-        async for message in read_lines(stream):
-            return message
-    raise AssertionError("the admin socket closed without a reply")
 
 
 def without_error_id(error: dict) -> dict:
@@ -218,3 +253,118 @@ def test_a_full_cap_refuses_with_queue_full_until_a_slot_is_given_back():
             pass
     assert (refused.value.body.code, refused.value.body.retryable) == ("QUEUE_FULL", True)
     assert refused.value.body.message == "the daemon serves at most 2 admin clients"
+
+
+# -- one request's failure is that request's ---------------------------------------------------
+
+
+async def test_a_failure_while_decoding_is_internal_and_the_connection_answers_on(
+    alice_and_daemon, monkeypatch
+):
+    daemon, _ = alice_and_daemon
+    real_decode = commands.decode
+
+    def decode_failing_on_pings(grammar, data):
+        if b'"ping"' in data:
+            raise RuntimeError("a decoder bug")
+        return real_decode(grammar, data)
+
+    monkeypatch.setattr(commands, "decode", decode_failing_on_pings)
+    socket_path = daemon.handle.store.path.replace("jw.db", "admin.sock")
+    with trio.fail_after(10), capture_logs():
+        stream = await trio.open_unix_socket(socket_path)
+        async with stream:
+            await request_lines(stream, {"id": 1, "cmd": "ping"}, {"id": 2, "cmd": "status"})
+            replies = {}
+            async for message in read_lines(stream):
+                replies[message["id"]] = message
+                if len(replies) == 2:
+                    break
+    # Its id was never read: the request failed before it was decoded.
+    assert replies[None]["error"]["code"] == "INTERNAL"
+    assert replies[2]["ok"] is True
+
+
+# -- refusals ----------------------------------------------------------------------------------
+
+
+async def test_refusals_are_counted_logged_once_a_connection_and_summed_up_each_minute(
+    autojump_clock, alice_and_daemon
+):
+    daemon, token = alice_and_daemon
+    socket_path = daemon.handle.store.path.replace("jw.db", "admin.sock")
+    # A kind name of 51 KB, as the fuzzer sent: it must not reach the log whole.
+    huge_kind = "k" * 51_000
+    with trio.fail_after(120), capture_logs() as logs:
+        stream = await trio.open_unix_socket(socket_path)
+        async with stream:
+            await request_lines(
+                stream,
+                *[{"id": n, "cmd": "submit", "args": {"kind": huge_kind}} for n in range(50)],
+            )
+            replies = 0
+            async for _ in read_lines(stream):
+                replies += 1
+                if replies == 50:
+                    break
+        async with open_frames(daemon, token) as ws:
+            frames = Frames(ws)
+            for n in range(30):
+                assert (await frames.ask(op="submit", kind=huge_kind, id=n))["type"] == "error"
+        await trio.sleep(61)
+        _, metrics = await get(daemon.handle.http_port, "/metrics")
+    refused = [entry for entry in logs if entry["event"] == "request refused"]
+    assert [(entry["listener"], entry["code"]) for entry in refused] == [
+        ("admin", "INVALID_REQUEST"),
+        ("websocket", "INVALID_REQUEST"),
+    ]
+    assert all(len(entry["message"]) < 300 for entry in refused)
+    summaries = {
+        entry["listener"]: entry["by_code"]
+        for entry in logs
+        if entry["event"] == "requests refused"
+    }
+    assert summaries == {"admin": {"INVALID_REQUEST": 49}, "websocket": {"INVALID_REQUEST": 29}}
+    assert not [entry for entry in logs if entry["event"] == "submit rejected"]
+    assert (
+        b'jobwarden_requests_refused_total{code="INVALID_REQUEST",listener="admin"} 50.0' in metrics
+    )
+    assert (
+        b'jobwarden_requests_refused_total{code="INVALID_REQUEST",listener="websocket"} 30.0'
+        in metrics
+    )
+
+
+# -- sessions --------------------------------------------------------------------------------
+
+
+class FakeSession:
+    def __init__(self) -> None:
+        self.ended: list[tuple[int, str]] = []
+
+    def end(self, code: int, reason: str) -> None:
+        self.ended.append((code, reason))
+
+
+def test_revoking_a_user_ends_their_open_sessions_only():
+    sessions = Sessions()
+    alice, bob = FakeSession(), FakeSession()
+    with (
+        sessions.open("alice", alice, sessions.opening()),
+        sessions.open("bob", bob, sessions.opening()),
+    ):
+        assert sessions.revoke("alice", "user disabled") == 1
+    assert (alice.ended, bob.ended) == ([(1008, "user disabled")], [])
+
+
+def test_a_session_whose_token_was_revoked_while_it_opened_ends_at_once():
+    sessions = Sessions()
+    # The token was read, then replaced, before the session was accepted and opened.
+    mark = sessions.opening()
+    sessions.revoke("alice", "token revoked")
+    late, fresh = FakeSession(), FakeSession()
+    with sessions.open("alice", late, mark):
+        pass
+    with sessions.open("alice", fresh, sessions.opening()):
+        pass
+    assert (late.ended, fresh.ended) == ([(1008, "token revoked")], [])

@@ -623,6 +623,25 @@ def test_half_a_line_then_close_is_dropped_quietly(garbage_daemon):
     assert job["status"] == "queued"
 
 
+def test_silent_peers_holding_every_slot_do_not_lock_the_operator_out(daemons):
+    daemon = daemons({"admin": {"max_connections": 64, "line_timeout": "1s"}})
+    silent = [Connection(daemon.socket_path) for _ in range(64)]
+    try:
+        for connection in silent:
+            connection.send(b'{"id": 1, "cmd": "sta')
+        with Connection(daemon.socket_path) as late:
+            assert late.request("status")["error"]["code"] == "QUEUE_FULL"
+        # Each half-sent line is refused once its time is up, and its slot comes free.
+        goodbyes = [connection.read() for connection in silent]
+        assert {reply["error"]["code"] for reply in goodbyes} == {"INVALID_REQUEST"}
+        assert all(connection.closed_by_daemon() for connection in silent)
+    finally:
+        for connection in silent:
+            connection.close()
+    with Connection(daemon.socket_path) as operator:
+        assert operator.request("status")["ok"] is True
+
+
 # -- config errors and a second daemon -------------------------------------------------------
 
 BAD_CONFIGS = [

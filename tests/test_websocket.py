@@ -28,6 +28,7 @@ from jobwarden.errors import ConfigError
 from jobwarden.mailbox import ask
 from jobwarden.store import users
 from jobwarden.wire.views import TERMINAL_STATUSES
+from tests.test_admin import ask_admin
 
 KINDS = """
 [kinds.stepper]
@@ -466,6 +467,72 @@ async def test_a_client_that_never_answers_pings_is_closed_with_1011(start_daemo
     closes = [event for event in seen if isinstance(event, wsproto.events.CloseConnection)]
     assert any(isinstance(event, wsproto.events.Ping) for event in seen)
     assert [close.code for close in closes] == [1011]
+
+
+async def close_code_after(daemon, token: str, frame: bytes) -> int | None:
+    """Send one raw frame after the handshake; the code of the daemon's close frame (None:
+    it hung up without one)."""
+    stream = await trio.open_tcp_stream("127.0.0.1", daemon.handle.websocket_port)
+    async with stream:
+        client = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
+        request = wsproto.events.Request(host="127.0.0.1", target="/", extra_headers=bearer(token))
+        await stream.send_all(client.send(request))
+        accepted = False
+        async for chunk in stream:
+            client.receive_data(chunk)
+            for event in client.events():
+                if isinstance(event, wsproto.events.AcceptConnection):
+                    accepted = True
+                    await stream.send_all(frame)
+                if isinstance(event, wsproto.events.CloseConnection) and accepted:
+                    return event.code
+    return None
+
+
+def masked_frame(first_byte: int, payload: bytes) -> bytes:
+    """A client frame of up to 125 bytes, masked with a zero key (which leaves it as is)."""
+    return bytes([first_byte, 0x80 | len(payload)]) + b"\0\0\0\0" + payload
+
+
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [
+        (masked_frame(0x81, b'{"op": "jobs", "id": "\xff\xfe"}'), 1007),
+        (masked_frame(0x83, b"{}"), 1002),
+        (masked_frame(0xC1, b'{"op": "jobs"}'), 1002),
+    ],
+    ids=["invalid-utf8-text", "reserved-opcode", "reserved-bit"],
+)
+async def test_a_frame_the_protocol_forbids_is_answered_with_its_close_code(alice, frame, code):
+    daemon, token = alice
+    with trio.fail_after(10):
+        assert await close_code_after(daemon, token, frame) == code
+        async with open_frames(daemon, token) as ws:
+            assert (await Frames(ws).ask(op="jobs", id=1))["type"] == "jobs"
+
+
+@pytest.mark.parametrize(
+    ("action", "reason"),
+    [("token", "token revoked"), ("disable", "user disabled")],
+    ids=["new-token", "disabled"],
+)
+async def test_revoking_a_token_closes_the_sessions_it_opened_with_1008(alice, action, reason):
+    daemon, token = alice
+    bob_token = await add_user(daemon, "bob")
+    with trio.fail_after(10):
+        async with open_frames(daemon, token) as old, open_frames(daemon, bob_token) as bob:
+            assert (await Frames(old).ask(op="jobs", id=1))["type"] == "jobs"
+            changed = await ask_admin(daemon, "users", action=action, name="alice")
+            assert changed["ok"] is True
+            with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+                await Frames(old).ask(op="submit", kind="quick", id=2)
+            # Another user's session goes on.
+            assert (await Frames(bob).ask(op="jobs", id=3))["type"] == "jobs"
+    assert (closed.value.reason.code, closed.value.reason.reason) == (1008, reason)
+    with pytest.raises(trio_websocket.ConnectionRejected) as refused:
+        async with open_frames(daemon, token):
+            pass
+    assert refused.value.status_code == 401
 
 
 async def test_stopping_the_daemon_closes_connections_with_1001(alice):

@@ -5,13 +5,20 @@ can be loosened by accident, the peer's credentials (SO_PEERCRED): root, the dae
 user, or a member of the configured group. Requests on one connection run concurrently and
 answer by id, so a client that pipelines many submissions gets them group-committed. Bad input
 (not JSON, unknown command, wrong arguments, an oversized line) gets an error reply in the
-common shape; only an oversized or undecodable stream closes the connection.
+common shape; only an oversized line, or one not ended within `admin.line_timeout`, closes
+the connection.
+
+Every request is answered, even after the client has shut down its sending side (a `watch`
+then answers and ends at once); a request is a line, ended by its newline. A connection with
+nothing in flight is closed after `admin.idle_timeout` without a request, and one whose
+replies are not read for as long: the max_connections slots cannot be held by silent peers.
 """
 
 from __future__ import annotations
 
 import errno
 import grp
+import math
 import os
 import pwd
 import re
@@ -43,18 +50,17 @@ from jobwarden.actors.messages import (
     UserRate,
 )
 from jobwarden.clock import WallClock
-from jobwarden.config import Config, parse_rate
+from jobwarden.config import Config, format_duration, parse_rate
 from jobwarden.errors import ConfigError, RequestError, StartupError, error_body
 from jobwarden.mailbox import ask
 from jobwarden.metrics import Metrics
 from jobwarden.process.commands import (
     ADMIN,
     OPERATOR,
-    BadRequest,
     Commands,
     ConnectionCap,
-    decode,
-    error_reply,
+    Refusals,
+    answer,
     log_failure,
 )
 from jobwarden.store import users
@@ -87,11 +93,13 @@ from jobwarden.wire.admin import (
     WatchRequest,
     encode_line,
 )
-from jobwarden.wire.views import Event
+from jobwarden.wire.views import ErrorBody, Event
 
 log = structlog.get_logger("admin")
 
 MAX_IN_FLIGHT_PER_CONNECTION = 256
+# The `users` actions that end the user's open sessions, and the reason their clients are told.
+ENDS_SESSIONS = {"token": "token revoked", "disable": "user disabled"}
 
 
 class Stop(msgspec.Struct):
@@ -161,7 +169,9 @@ async def _remove_stale_socket(path: Path) -> None:
 
 
 class _Connection:
-    def __init__(self, stream: trio.SocketStream) -> None:
+    """One client: its replies, what it has in flight, and how long it may stay silent."""
+
+    def __init__(self, stream: trio.SocketStream, *, idle_timeout: float, line_timeout: float):
         self.stream = stream
         self._send_lock = trio.Lock()
         # Everything this connection runs; canceled when the peer goes away.
@@ -169,14 +179,59 @@ class _Connection:
         # The watches it streams: they end when the client stops sending.
         self.watches: set[trio.CancelScope] = set()
         self.input_closed = False
+        self._idle_timeout = idle_timeout
+        self._line_timeout = line_timeout
+        # Requests being answered (watches included): while there are any, it is not idle.
+        self._busy = 0
+        self._idle_since = trio.current_time()
+        # When the first byte of a line not yet ended came; None between lines.
+        self.line_started: float | None = None
+        self._reading: trio.CancelScope | None = None
 
     async def send(self, message: Any) -> None:
         try:
             async with self._send_lock:
-                await self.stream.send_all(encode_line(message))
+                with trio.move_on_after(self._idle_timeout) as writing:
+                    await self.stream.send_all(encode_line(message))
+            if writing.cancelled_caught:
+                # A client that takes none of its replies for so long holds its slot for nothing.
+                self.scope.cancel()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             # The client hung up: whatever else it had in flight has no one to answer to.
             self.scope.cancel()
+
+    async def receive(self) -> bytes | None:
+        """The next bytes from the client (b"" once it stopped sending), or None when it was
+        silent too long: with a line begun, `line_timeout`; with nothing in flight,
+        `idle_timeout`; else it may wait as long as it likes."""
+        with trio.CancelScope(deadline=self._read_deadline()) as reading:
+            self._reading = reading
+            try:
+                return await self.stream.receive_some()
+            finally:
+                self._reading = None
+        return None
+
+    def begin(self) -> None:
+        self._busy += 1
+        self._refresh_deadline()
+
+    def done(self) -> None:
+        self._busy -= 1
+        if not self._busy:
+            self._idle_since = trio.current_time()
+            self._refresh_deadline()
+
+    def _read_deadline(self) -> float:
+        if self.line_started is not None:
+            return self.line_started + self._line_timeout
+        if self._busy:
+            return math.inf
+        return self._idle_since + self._idle_timeout
+
+    def _refresh_deadline(self) -> None:
+        if self._reading is not None:
+            self._reading.deadline = self._read_deadline()
 
 
 class AdminServer:
@@ -208,6 +263,7 @@ class AdminServer:
         self._metrics = metrics
         self._group_gid: int | None = None
         self._cap = ConnectionCap(config.admin.max_connections, "admin clients")
+        self._refusals = Refusals("admin", metrics)
 
     def reconfigure(self, config: Config) -> None:
         """Kinds may come and go on reload; the socket itself stays as it was bound."""
@@ -218,29 +274,31 @@ class AdminServer:
         sock, self._group_gid = await bind_admin_socket(path, self._config.admin.group)
         listener = trio.SocketListener(sock)
         try:
-            async with listener:
+            async with listener, trio.open_nursery() as nursery:
+                nursery.start_soon(self._refusals.run)
                 log.info("admin socket listening", path=str(path))
                 await trio.serve_listeners(self._serve, [listener], task_status=task_status)
         finally:
             path.unlink(missing_ok=True)
 
     async def _serve(self, stream: trio.SocketStream) -> None:
-        connection = _Connection(stream)
+        settings = self._config.admin
+        connection = _Connection(
+            stream, idle_timeout=settings.idle_timeout, line_timeout=settings.line_timeout
+        )
         try:
             _, uid, gid = peer_credentials(stream.socket)
             if not peer_allowed(uid, gid, daemon_uid=os.getuid(), group_gid=self._group_gid):
-                log.warning("admin connection refused", uid=uid, gid=gid)
-                await connection.send(
-                    Reply(
-                        id=None,
-                        ok=False,
-                        error=error_body("FORBIDDEN", f"uid {uid} may not use this socket"),
-                    )
+                error = error_body("FORBIDDEN", f"uid {uid} may not use this socket")
+                self._refusals.refused(
+                    error, connection=connection, event="admin connection refused", uid=uid, gid=gid
                 )
+                await connection.send(Reply(id=None, ok=False, error=error))
                 return
             try:
                 slot = self._cap.admit()
             except RequestError as refusal:
+                self._refusals.refused(refusal.body, connection=connection)
                 await connection.send(Reply(id=None, ok=False, error=refusal.body))
                 return
             with slot, connection.scope:
@@ -259,68 +317,87 @@ class AdminServer:
         in_flight = trio.Semaphore(MAX_IN_FLIGHT_PER_CONNECTION)
         async with trio.open_nursery() as nursery:
             buffer = bytearray()
-            async for chunk in connection.stream:
+            while (chunk := await connection.receive()) is not None:
+                if not chunk:
+                    # The client is done sending (it may have only half-closed and still be
+                    # reading): every request it sent is answered, and the watches end. A
+                    # last line without its newline was never finished: it is dropped.
+                    connection.input_closed = True
+                    for watch in connection.watches:
+                        watch.cancel()
+                    return
                 buffer += chunk
                 oversized = False
+                ended = False
                 while (end := buffer.find(b"\n")) >= 0:
                     if end > limit:
                         oversized = True
                         break
                     line = bytes(buffer[:end])
                     del buffer[: end + 1]
+                    ended = True
                     if line.strip():
                         await in_flight.acquire()
+                        connection.begin()
                         nursery.start_soon(self._handle_line, connection, line, in_flight)
                 if oversized or len(buffer) > limit:
-                    await connection.send(
-                        Reply(
-                            id=None,
-                            ok=False,
-                            error=error_body(
-                                "PAYLOAD_TOO_LARGE",
-                                f"a request line is limited to {limit} bytes; closing",
-                            ),
-                        )
+                    error = error_body(
+                        "PAYLOAD_TOO_LARGE", f"a request line is limited to {limit} bytes; closing"
                     )
-                    nursery.cancel_scope.cancel()
+                    await self._close_with(connection, nursery, error)
                     return
-            # The client is done sending (it may have only half-closed and still be reading):
-            # its watches end, the requests it already sent are still answered.
-            connection.input_closed = True
-            for watch in connection.watches:
-                watch.cancel()
+                if not buffer:
+                    connection.line_started = None
+                elif ended or connection.line_started is None:
+                    connection.line_started = trio.current_time()
+            if connection.line_started is not None:
+                timeout = format_duration(self._config.admin.line_timeout)
+                error = error_body(
+                    "INVALID_REQUEST",
+                    f"a request line must end with a newline within {timeout}; closing",
+                )
+                await self._close_with(connection, nursery, error)
+            else:
+                # Idle too long: nothing is asked and nothing in flight, so nothing to say.
+                nursery.cancel_scope.cancel()
+
+    async def _close_with(
+        self, connection: _Connection, nursery: trio.Nursery, error: ErrorBody
+    ) -> None:
+        """Tell the client why its connection closes, and close it."""
+        self._refusals.refused(error, connection=connection)
+        await connection.send(Reply(id=None, ok=False, error=error))
+        nursery.cancel_scope.cancel()
 
     async def _handle_line(
         self, connection: _Connection, line: bytes, in_flight: trio.Semaphore
     ) -> None:
         try:
-            match decode(ADMIN, line):
-                case BadRequest(request_id, error):
-                    await connection.send(Reply(id=request_id, ok=False, error=error))
-                case request:
-                    try:
-                        await self._respond(connection, request)
-                    except Exception as exc:
-                        error = error_reply(exc, listener="admin")
-                        await connection.send(Reply(id=request.id, ok=False, error=error))
+            request_id, outcome = await answer(
+                ADMIN,
+                line,
+                partial(self._respond, connection),
+                refusals=self._refusals,
+                connection=connection,
+            )
+            match outcome:
+                case ErrorBody():
+                    await connection.send(Reply(id=request_id, ok=False, error=outcome))
+                case Reply():
+                    await connection.send(outcome)
         finally:
             in_flight.release()
+            connection.done()
 
-    async def _respond(self, connection: _Connection, request: AdminRequest) -> None:
+    async def _respond(self, connection: _Connection, request: AdminRequest) -> Reply | None:
+        """The reply to `request`; None for a watch, which sends its own and then its events."""
         if isinstance(request, WatchRequest):
-            if connection.input_closed:
-                return  # it would end at once: the client has stopped sending
-            with trio.CancelScope() as watch:
-                connection.watches.add(watch)
-                try:
-                    await self._watch(connection, request)
-                finally:
-                    connection.watches.discard(watch)
-            return
+            await self._watch(connection, request)
+            return None
         started = trio.current_time()
         data = await self._answer(request)
         self._observe(request.__struct_config__.tag, trio.current_time() - started)
-        await connection.send(Reply(id=request.id, ok=True, data=data))
+        return Reply(id=request.id, ok=True, data=data)
 
     def _observe(self, cmd: str, seconds: float) -> None:
         monitor = self._config.monitor
@@ -472,6 +549,9 @@ class AdminServer:
                 user = await self._update_user(name, disabled=args.action == "disable")
         if user is None:
             raise RequestError("NOT_FOUND", f"no user '{name}'")
+        if args.action in ENDS_SESSIONS:
+            # What the old token opened ends with it, as a disabled user's sessions do.
+            self._commands.sessions.revoke(name, ENDS_SESSIONS[args.action])
         if args.rate is not None:
             await self._admission.send(UserRate(user=name, rate=args.rate))
         reply: dict[str, Any] = {"user": self._with_today(user)}
@@ -491,7 +571,8 @@ class AdminServer:
 
     async def _watch(self, connection: _Connection, request: WatchRequest) -> None:
         """Replay from the store after `since`, then follow live; a watcher that falls behind
-        the hub's buffer is caught up from the store again, so it never misses an event."""
+        the hub's buffer is caught up from the store again, so it never misses an event. The
+        watch ends when the client stops sending, after it has been answered."""
         args = request.args
         _, since = await self._commands.start_watch(OPERATOR, job=args.job, since=args.since)
         await connection.send(
@@ -505,8 +586,15 @@ class AdminServer:
         async def send(event: Event) -> None:
             await connection.send(EventLine(id=request.id, event=event))
 
-        resume: int | None = since
-        while resume is not None:
-            resume = await self._commands.follow(
-                OPERATOR, send, since=resume, job=args.job, user=args.user
-            )
+        with trio.CancelScope() as watch:
+            connection.watches.add(watch)
+            if connection.input_closed:
+                watch.cancel()
+            try:
+                resume: int | None = since
+                while resume is not None:
+                    resume = await self._commands.follow(
+                        OPERATOR, send, since=resume, job=args.job, user=args.user
+                    )
+            finally:
+                connection.watches.discard(watch)

@@ -8,7 +8,12 @@ limits; everything else they ask of this module, so a fix lands in every door at
 - `Commands`: submit, jobs, show, cancel and watch for a `Caller`, who is the operator (every
   job) or one user (their own jobs only: anyone else's is as absent as one that never was),
   and the health snapshot;
+- `answer`: decode a request and respond to it, never raising: what fails is its error;
 - `error_reply`: an exception as the error a client is sent;
+- `Refusals`: every refusal counted in metrics, and logged without letting a client flood
+  the log;
+- `Sessions`: the sessions each user has open, ended when their token is replaced or they
+  are disabled;
 - `ConnectionCap`: how many clients a listener serves at once.
 
 A watch sends the stored events after a seq, then live ones from the hub, in seq order and
@@ -20,6 +25,8 @@ from __future__ import annotations
 
 import contextlib
 import traceback
+import weakref
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -33,17 +40,27 @@ from jobwarden.actors.messages import CancelJob, Explain, HealthQuery, Submit
 from jobwarden.config import name_path
 from jobwarden.errors import RequestError, error_body
 from jobwarden.hub import EventHub
+from jobwarden.logs import clip
 from jobwarden.mailbox import ask
+from jobwarden.metrics import Metrics
 from jobwarden.store import jobs
 from jobwarden.store.engine import Store
 from jobwarden.wire.admin import COMMANDS, request_decoder
-from jobwarden.wire.views import ErrorBody, Event, JobStatus, JobView
+from jobwarden.wire.views import (
+    MAX_DEPTH,
+    ErrorBody,
+    Event,
+    JobStatus,
+    JobView,
+    RequestId,
+    nesting_depth_exceeds,
+)
 from jobwarden.wire.websocket import WS_OPS, ws_op_decoder
 
 log = structlog.get_logger("commands")
 
 T = TypeVar("T")
-RequestId = str | int | None
+R = TypeVar("R")
 
 # Events a `show` carries, newest last.
 SHOW_EVENTS = 20
@@ -52,8 +69,9 @@ PAGE = 1000
 # Jobs one `jobs` may list: an operator's scripts page through more than a user's screen.
 MAX_LISTED_BY_OPERATOR = 10_000
 MAX_LISTED_BY_USER = 1000
-# Characters of an unexpected exception's message in its log line.
-LOGGED_MESSAGE = 200
+# Refusals logged one by one per listener and minute (each connection's first); the rest
+# are summed up in one line a minute.
+REFUSAL_LINES_PER_MINUTE = 20
 
 
 # -- decoding ---------------------------------------------------------------------------------
@@ -79,6 +97,8 @@ class Grammar(Generic[T]):
     not_an_object: str
     # The field that holds a request's arguments, if they are not beside the tag.
     args_field: str | None = None
+    # Said of a request in bytes, when the listener takes text only (a binary frame).
+    not_text: str | None = None
 
 
 ADMIN = Grammar(
@@ -95,17 +115,23 @@ WEBSOCKET = Grammar(
     noun="op",
     known=WS_OPS,
     not_an_object='a frame is a JSON object, like {"op": "jobs"}',
+    not_text="binary frames are not accepted: send JSON text frames",
 )
 
 
 def decode(grammar: Grammar[T], data: bytes | str) -> T | BadRequest:
     """The typed request in `data`, or what is wrong with it."""
+    if grammar.not_text is not None and isinstance(data, bytes):
+        return BadRequest(None, error_body("INVALID_REQUEST", grammar.not_text))
+    if nesting_depth_exceeds(data):
+        message = f"arrays and objects nest deeper than {MAX_DEPTH} levels"
+        return BadRequest(None, error_body("INVALID_REQUEST", message))
     try:
         return grammar.decoder.decode(data)
     except msgspec.ValidationError as exc:
         invalid = exc
     except msgspec.DecodeError as exc:
-        return BadRequest(None, error_body("INVALID_REQUEST", f"not valid JSON: {exc}"))
+        return _not_json(exc)
     # The JSON reads but is not a request: look at it as it is to say why.
     try:
         raw = msgspec.json.decode(data)
@@ -113,15 +139,21 @@ def decode(grammar: Grammar[T], data: bytes | str) -> T | BadRequest:
         # Not even as plain JSON: a number out of any range.
         message = f"not a valid request: {name_path(str(invalid), '')}"
         return BadRequest(None, error_body("INVALID_REQUEST", message))
+    except msgspec.DecodeError as exc:
+        # Malformed past the point where the typed decoder found the request wrong, such as
+        # invalid UTF-8 in a string after an unknown field.
+        return _not_json(exc)
     return _explain(grammar, raw, invalid)
+
+
+def _not_json(exc: msgspec.DecodeError) -> BadRequest:
+    return BadRequest(None, error_body("INVALID_REQUEST", f"not valid JSON: {exc}"))
 
 
 def _explain(grammar: Grammar[Any], raw: Any, exc: msgspec.ValidationError) -> BadRequest:
     if not isinstance(raw, dict):
         return BadRequest(None, error_body("INVALID_REQUEST", grammar.not_an_object))
-    request_id = raw.get("id")
-    if not isinstance(request_id, str | int) or isinstance(request_id, bool):
-        request_id = None
+    request_id = _request_id(raw.get("id"))
     tag = raw.get(grammar.tag_field)
     if tag not in grammar.known:
         named = grammar.tag_field in raw
@@ -132,6 +164,15 @@ def _explain(grammar: Grammar[Any], raw: Any, exc: msgspec.ValidationError) -> B
     else:
         message = _explain_args(grammar, grammar.args_field, raw, tag, exc)
     return BadRequest(request_id, error_body("INVALID_REQUEST", message))
+
+
+def _request_id(raw: Any) -> RequestId:
+    """The id to answer a request that did not decode with: its own, if it is a valid one."""
+    try:
+        request_id: RequestId = msgspec.convert(raw, RequestId)  # type: ignore[arg-type]
+    except msgspec.ValidationError:
+        return None
+    return request_id
 
 
 def _explain_args(
@@ -215,6 +256,7 @@ class Commands:
         self._scheduler = scheduler
         self._pool = pool
         self._monitor = monitor
+        self.sessions = Sessions()
 
     async def submit(self, user: str, new: NewJob) -> tuple[JobView, bool]:
         """Admit a job for `user` (whom the listener names: the token's user, or whomever
@@ -334,7 +376,35 @@ class Commands:
         return job
 
 
-# -- errors and limits ------------------------------------------------------------------------
+# -- answering, errors and refusals ----------------------------------------------------------
+
+
+async def answer(
+    grammar: Grammar[T],
+    data: bytes | str,
+    respond: Callable[[T], Awaitable[R]],
+    *,
+    refusals: Refusals,
+    connection: object,
+) -> tuple[RequestId, R | ErrorBody]:
+    """Decode one request and `respond` to it: the request's id (None when unreadable) and
+    what `respond` returned, or the error the client is to be sent. Never raises (but to be
+    canceled): one request's failure, whatever it is, is that request's error, counted and
+    logged by `refusals`, and the connection and the daemon go on."""
+    request_id: RequestId = None
+    name: str | None = None
+    try:
+        match decode(grammar, data):
+            case BadRequest(request_id, error):
+                pass
+            case request:
+                request_id = request.id  # type: ignore[attr-defined]
+                name = request.__struct_config__.tag  # type: ignore[attr-defined]
+                return request_id, await respond(request)
+    except Exception as exc:
+        error = error_reply(exc, listener=refusals.listener)
+    refusals.refused(error, connection=connection, request=name)
+    return request_id, error
 
 
 def error_reply(exc: Exception, *, listener: str) -> ErrorBody:
@@ -343,7 +413,7 @@ def error_reply(exc: Exception, *, listener: str) -> ErrorBody:
     if isinstance(exc, RequestError):
         return exc.body
     body = error_body(
-        "INTERNAL", "the daemon could not process this request", technical_message=str(exc)
+        "INTERNAL", "the daemon could not process this request", technical_message=clip(exc)
     )
     log_failure("request failed", exc, listener=listener, error_id=body.error_id)
     return body
@@ -355,10 +425,122 @@ def log_failure(event: str, exc: BaseException, **fields: Any) -> None:
     log.error(
         event,
         error=type(exc).__name__,
-        message=str(exc)[:LOGGED_MESSAGE],
+        message=clip(exc),
         traceback="".join(traceback.format_tb(exc.__traceback__)),
         **fields,
     )
+
+
+class Refusals:
+    """What one listener refuses, requests and connections alike. Each refusal is counted in
+    `jobwarden_requests_refused{listener, code}`; the first on each connection is logged
+    (up to REFUSAL_LINES_PER_MINUTE lines a minute), the others are summed up in one line
+    every `interval` of trio's clock: a client sending nothing but bad requests adds lines to
+    the log at a bounded rate. INTERNAL errors are counted here and logged by error_reply."""
+
+    def __init__(self, listener: str, metrics: Metrics, *, interval: float = 60.0) -> None:
+        self.listener = listener
+        self._metrics = metrics
+        self._interval = interval
+        self._logged_on: weakref.WeakSet[object] = weakref.WeakSet()
+        self._lines = 0
+        self._unlogged: Counter[str] = Counter()
+
+    def refused(
+        self,
+        error: ErrorBody,
+        *,
+        connection: object,
+        event: str = "request refused",
+        **fields: Any,
+    ) -> None:
+        """Count a refusal on `connection`, and log it as `event` with `fields` if it is the
+        connection's first and the minute's lines are not used up. FORBIDDEN (someone tried
+        what they may not) is a warning, the rest are info."""
+        self._metrics.refused.labels(self.listener, error.code).inc()
+        if error.code == "INTERNAL":
+            return
+        if connection in self._logged_on or self._lines >= REFUSAL_LINES_PER_MINUTE:
+            self._unlogged[error.code] += 1
+            return
+        self._logged_on.add(connection)
+        self._lines += 1
+        emit = log.warning if error.code == "FORBIDDEN" else log.info
+        emit(
+            event,
+            listener=self.listener,
+            code=error.code,
+            message=clip(error.message),
+            error_id=error.error_id,
+            **fields,
+        )
+
+    async def run(self) -> None:
+        """Every `interval`, one line summing up the refusals not logged one by one."""
+        while True:
+            await trio.sleep(self._interval)
+            if self._unlogged:
+                log.info(
+                    "requests refused",
+                    listener=self.listener,
+                    seconds=self._interval,
+                    by_code=dict(self._unlogged),
+                )
+            self._unlogged.clear()
+            self._lines = 0
+
+
+# -- sessions and their tokens -----------------------------------------------------------------
+
+
+class Session(Protocol):
+    def end(self, code: int, reason: str) -> None:
+        """Close the session, telling its client why."""
+
+
+# The WebSocket close code of a session whose token no longer admits it (policy violation).
+REVOKED = 1008
+
+
+class Sessions:
+    """The sessions each user has open with a token, so that replacing the token or disabling
+    the user ends them. A session authenticates in two steps (read the token's user, then
+    open), and a revocation may fall in between: `opening` marks the first step, and `open`
+    ends at once a session whose user was revoked since its mark."""
+
+    def __init__(self) -> None:
+        self._open: dict[str, set[Session]] = {}
+        self._revocations = 0
+        self._revoked_at: dict[str, int] = {}
+
+    def opening(self) -> int:
+        """A mark to take before reading who a token belongs to."""
+        return self._revocations
+
+    @contextlib.contextmanager
+    def open(self, user: str, session: Session, mark: int) -> Iterator[None]:
+        """Hold `session` as open for `user` while the context lasts."""
+        if self._revoked_at.get(user, -1) >= mark:
+            session.end(REVOKED, "token revoked")
+        sessions = self._open.setdefault(user, set())
+        sessions.add(session)
+        try:
+            yield
+        finally:
+            sessions.discard(session)
+            if not sessions and self._open.get(user) is sessions:
+                del self._open[user]
+
+    def revoke(self, user: str, reason: str) -> int:
+        """End every session `user` has open, saying `reason`; how many there were."""
+        self._revoked_at[user] = self._revocations
+        self._revocations += 1
+        ended = self._open.pop(user, set())
+        for session in ended:
+            session.end(REVOKED, reason)
+        if ended:
+            log.info("sessions ended", user=user, reason=reason, sessions=len(ended))
+        return len(ended)
 
 
 class ConnectionCap:

@@ -9,6 +9,12 @@ they mean is the command layer's (jobwarden.process.commands), asked as the toke
 sees only their own jobs: anyone else's is NOT_FOUND, and the breaker's events (job 0, no
 user) never reach a user.
 
+A session lasts as long as its token admits it: `users token` (a new token) and `users
+disable` end the user's open sessions, closed with 1008 and the reason ("token revoked",
+"user disabled"). A text frame that is not valid UTF-8 closes the connection with 1007, and
+any other frame the protocol forbids with 1002, each with a close frame that says so (see
+`_close_frame_on_protocol_failure`).
+
 Backpressure: a connection has one bounded outbox, drained into the socket by one writer. A
 watch whose events stop fitting, because the client reads too slowly, falls behind the hub's
 bounded buffer; it is then sent `resync` with the seq it got to and ends, and the client
@@ -17,6 +23,7 @@ watches again from there. A client never grows the daemon's memory.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from functools import partial
 from typing import Any
@@ -27,6 +34,8 @@ import structlog
 import trio
 import trio_websocket
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
+from wsproto.connection import ConnectionState
+from wsproto.events import CloseConnection
 
 from jobwarden.actors.bucket import TokenBucket
 from jobwarden.config import WebSocketSection
@@ -34,12 +43,11 @@ from jobwarden.errors import HTTP_STATUS, RequestError, StartupError, error_body
 from jobwarden.metrics import Metrics
 from jobwarden.process.commands import (
     WEBSOCKET,
-    BadRequest,
     Caller,
     Commands,
     ConnectionCap,
-    decode,
-    error_reply,
+    Refusals,
+    answer,
     log_failure,
 )
 from jobwarden.process.http import parse_listen
@@ -75,6 +83,31 @@ CLOSE_TIMEOUT = 2.0
 MAX_IN_FLIGHT = 64
 
 
+def _close_frame_on_protocol_failure() -> None:
+    """Send a close frame when wsproto finds a frame it cannot accept.
+
+    wsproto reports invalid UTF-8 in a text frame (1007), or a frame the protocol forbids
+    (1002), as a CloseConnection event while the connection is still open. trio-websocket
+    (0.12) answers a close frame only in the closing handshake the peer began, so it drops
+    the TCP connection without a word, and the client cannot tell a refusal from a network
+    fault. This sends the close frame first, then lets trio-websocket close as before.
+    """
+    handle_close = WebSocketConnection._handle_close_connection_event
+
+    async def handle_close_after_saying_why(
+        connection: WebSocketConnection, event: CloseConnection
+    ) -> None:
+        if connection._wsproto.state is ConnectionState.OPEN:
+            with contextlib.suppress(ConnectionClosed):
+                await connection._send(CloseConnection(code=event.code, reason=event.reason))
+        await handle_close(connection, event)
+
+    WebSocketConnection._handle_close_connection_event = handle_close_after_saying_why  # type: ignore[method-assign]
+
+
+_close_frame_on_protocol_failure()
+
+
 class WebSocketServer:
     def __init__(
         self,
@@ -93,6 +126,7 @@ class WebSocketServer:
         self._metrics = metrics
         # Handshakes being authenticated count too: they hold a slot until refused.
         self._cap = ConnectionCap(settings.max_connections, "WebSocket clients")
+        self.refusals = Refusals("websocket", metrics)
         self._sessions: set[_Session] = set()
 
     def statistics(self) -> dict[str, int]:
@@ -120,6 +154,7 @@ class WebSocketServer:
         bound = listeners[0].socket.getsockname()[1]
         log.info("websocket listening", host=host, port=bound)
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.refusals.run)
             await nursery.start(server.run)
             task_status.started(bound)
 
@@ -134,18 +169,16 @@ class WebSocketServer:
         try:
             slot = self._cap.admit()
         except RequestError as refusal:
-            await _refuse(request, refusal.body)
+            await self._refuse(request, refusal.body)
             return
         with slot:
             try:
+                # Taken before the token is read: a revocation from then on ends the session.
+                mark = self.commands.sessions.opening()
                 user = await self._authorize(request)
                 if user is not None:
                     session = _Session(self, await request.accept(), user)
-                    self._sessions.add(session)
-                    try:
-                        await session.run()
-                    finally:
-                        self._sessions.discard(session)
+                    await self._hold(session, mark)
             except* ConnectionClosed:
                 pass
             except* Exception as failures:
@@ -153,28 +186,46 @@ class WebSocketServer:
                 for exc in failures.exceptions:
                     log_failure("websocket connection failed", exc)
 
+    async def _hold(self, session: _Session, mark: int) -> None:
+        """Run an accepted session, known as open for its user while it runs."""
+        with self.commands.sessions.open(session.user, session, mark):
+            self._sessions.add(session)
+            try:
+                await session.run()
+            finally:
+                self._sessions.discard(session)
+
     async def _authorize(self, request: WebSocketRequest) -> str | None:
         """The user the request's token names; None once the request has been refused."""
         headers = dict(request.headers)
         origin = headers.get(b"origin", b"").decode("latin-1")
         if origin and self.settings.origins and origin not in self.settings.origins:
-            log.info("websocket refused", reason="origin", origin=origin)
-            await _refuse(request, error_body("FORBIDDEN", f"pages from {origin} may not connect"))
+            await self._refuse(
+                request, error_body("FORBIDDEN", f"pages from {origin} may not connect")
+            )
             return None
         token = _token(headers.get(b"authorization", b"").decode("latin-1"), request.path)
         user = None
         if token:
             user = await self.store.read(partial(users.authenticate, token=token))
         if user is None:
-            log.info("websocket refused", reason="token" if token else "no token")
             message = (
                 "the token is not valid: unknown, replaced, or its user is disabled"
                 if token
                 else "no token: send `Authorization: Bearer <token>`, or ?token=<token>"
             )
-            await _refuse(request, error_body("UNAUTHENTICATED", message))
+            await self._refuse(request, error_body("UNAUTHENTICATED", message))
             return None
         return user.name
+
+    async def _refuse(self, request: WebSocketRequest, body: ErrorBody) -> None:
+        """An HTTP answer in place of the upgrade, with the status the error code means."""
+        self.refusals.refused(body, connection=request)
+        status = HTTP_STATUS[body.code]
+        headers = [(b"content-type", b"application/json")]
+        if status == 401:
+            headers.append((b"www-authenticate", b"Bearer"))
+        await request.reject(status, extra_headers=headers, body=encoder.encode(body))
 
     def observe(self, op: str, seconds: float) -> None:
         self._metrics.request_done("websocket", seconds, self._slow, op=op)
@@ -186,15 +237,6 @@ def _token(authorization: str, path: str) -> str | None:
         return credentials.strip()
     values = parse_qs(urlsplit(path).query).get("token")
     return values[0] if values else None
-
-
-async def _refuse(request: WebSocketRequest, body: ErrorBody) -> None:
-    """An HTTP answer in place of the upgrade, with the status the error code means."""
-    status = HTTP_STATUS[body.code]
-    headers = [(b"content-type", b"application/json")]
-    if status == 401:
-        headers.append((b"www-authenticate", b"Bearer"))
-    await request.reject(status, extra_headers=headers, body=encoder.encode(body))
 
 
 class _Session:
@@ -213,18 +255,31 @@ class _Session:
         self.watches: dict[WatchKey, trio.CancelScope] = {}
         rate = self.settings.max_messages_per_second
         self._bucket = TokenBucket(rate=rate, burst=rate, now=trio.current_time())
+        # Everything the session runs; canceled to end it, with the close code and reason.
+        self._scope = trio.CancelScope()
+        self._closing: tuple[int, str] | None = None
 
     def buffered(self) -> int:
         return self._outgoing.statistics().current_buffer_used
 
+    def end(self, code: int, reason: str) -> None:
+        """Close the session, telling the client `code` and `reason`."""
+        if self._closing is None:
+            self._closing = (code, reason)
+        self._scope.cancel()
+
     async def run(self) -> None:
         log.debug("websocket connected", user=self.user)
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            nursery.start_soon(self._write)
-            nursery.start_soon(self._keep_alive)
-            await self._read()
-            nursery.cancel_scope.cancel()
+        with self._scope:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._write)
+                nursery.start_soon(self._keep_alive)
+                await self._read()
+                nursery.cancel_scope.cancel()
+        if self._closing is not None:
+            with trio.move_on_after(CLOSE_TIMEOUT):
+                await self.ws.aclose(*self._closing)
         log.debug("websocket closed", user=self.user, reason=str(self.ws.closed))
 
     async def send(self, message: Any) -> None:
@@ -244,9 +299,7 @@ class _Session:
                 await self.ws.ping()
             if waiting.cancelled_caught:
                 log.info("websocket client stopped answering pings", user=self.user)
-                with trio.move_on_after(CLOSE_TIMEOUT):
-                    await self.ws.aclose(1011, "no answer to ping")
-                self._nursery.cancel_scope.cancel()
+                self.end(1011, "no answer to ping")
                 return
 
     async def _read(self) -> None:
@@ -262,30 +315,38 @@ class _Session:
 
     async def _answer(self, frame: str | bytes, wait: float, in_flight: trio.Semaphore) -> None:
         try:
-            match _decode(frame):
-                case BadRequest(request_id, error):
-                    reply: WsReply | None = WsError(id=request_id, error=error)
-                case op:
-                    try:
-                        if wait:
-                            raise RequestError(
-                                "RATE_LIMITED",
-                                f"at most {self.settings.max_messages_per_second} ops a second",
-                                retry_after=round(wait, 3),
-                            )
-                        started = trio.current_time()
-                        reply = await self._respond(op)
-                        self.server.observe(op.__struct_config__.tag, trio.current_time() - started)
-                    except Exception as exc:
-                        reply = WsError(id=op.id, error=error_reply(exc, listener="websocket"))
-            if reply is not None:
-                await self.send(reply)
+            request_id, outcome = await answer(
+                WEBSOCKET,
+                frame,
+                partial(self._respond, wait),
+                refusals=self.server.refusals,
+                connection=self,
+            )
+            match outcome:
+                case ErrorBody():
+                    await self.send(WsError(id=request_id, error=outcome))
+                case WsReply():
+                    await self.send(outcome)
         finally:
             in_flight.release()
 
+    async def _respond(self, wait: float, op: WsOp) -> WsReply | None:
+        """The reply to `op` (None: a watch, whose task replies), unless the connection is
+        over its rate: `wait` is how long it should have waited."""
+        if wait:
+            raise RequestError(
+                "RATE_LIMITED",
+                f"at most {self.settings.max_messages_per_second} ops a second",
+                retry_after=round(wait, 3),
+            )
+        started = trio.current_time()
+        reply = await self._perform(op)
+        self.server.observe(op.__struct_config__.tag, trio.current_time() - started)
+        return reply
+
     # -- ops --------------------------------------------------------------------------------
 
-    async def _respond(self, op: WsOp) -> WsReply | None:
+    async def _perform(self, op: WsOp) -> WsReply | None:
         commands = self.commands
         match op:
             case WsSubmit():
@@ -368,15 +429,6 @@ class _Session:
     def _forget(self, key: WatchKey, scope: trio.CancelScope) -> None:
         if self.watches.get(key) is scope:
             del self.watches[key]
-
-
-def _decode(frame: str | bytes) -> WsOp | BadRequest:
-    if isinstance(frame, bytes):
-        return BadRequest(
-            None,
-            error_body("INVALID_REQUEST", "binary frames are not accepted: send JSON text frames"),
-        )
-    return decode(WEBSOCKET, frame)
 
 
 def _watch_key(job: int | None, everything: bool) -> WatchKey:

@@ -18,6 +18,8 @@ import msgspec
 from jobwarden.store.rows import Events, placeholders
 
 TOKEN_PREFIX = "jw_"
+# The largest balance a user may hold: the largest INTEGER a column holds.
+MAX_CREDITS = 2**63 - 1
 
 
 class UserView(msgspec.Struct, omit_defaults=True):
@@ -110,7 +112,7 @@ def update(
     token_hash: str | None = None,
 ) -> UserView | None:
     """Change a user; None when there is no such user. Credits go up or down by a delta, or
-    are set outright; a balance never goes below zero."""
+    are set outright; a balance never goes below zero nor above MAX_CREDITS."""
     sets: list[str] = []
     values: list[Any] = []
     if unlimited:
@@ -119,7 +121,11 @@ def update(
         sets.append("credits = ?")
         values.append(credits)
     elif credits_delta is not None:
-        sets.append("credits = CASE WHEN credits IS NULL THEN NULL ELSE MAX(0, credits + ?) END")
+        # SQLite turns an INTEGER sum past 2**63 - 1 into a REAL; the balance stops there.
+        sets.append(
+            "credits = CASE WHEN credits IS NULL THEN NULL"
+            f" ELSE MAX(0, MIN(credits + ?, {MAX_CREDITS})) END"
+        )
         values.append(credits_delta)
     if limits is not None:
         for column in ("daily_limit", "rate", "max_running"):

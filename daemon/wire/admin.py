@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal, get_args
 
 import msgspec
 
-from jobwarden.wire.views import ErrorBody, JobStatus, StoredInt
+from jobwarden.wire.views import ErrorBody, JobStatus, RequestId, StoredInt
 
 
 class Reply(msgspec.Struct, omit_defaults=True):
@@ -42,7 +42,7 @@ class NoArgs(Args):
 class SubmitArgs(Args):
     kind: str
     payload: Any = msgspec.field(default_factory=dict)
-    priority: int | None = None
+    priority: StoredInt | None = None
     idempotency_key: str | None = None
     user: str = "local"
 
@@ -51,7 +51,7 @@ class JobsArgs(Args):
     status: list[JobStatus] | None = None
     kind: str | None = None
     user: str | None = None
-    limit: int = 50
+    limit: StoredInt = 50
 
 
 class JobArgs(Args):
@@ -116,7 +116,7 @@ class UsersArgs(Args):
 
 
 class Request(msgspec.Struct, tag_field="cmd", forbid_unknown_fields=True, kw_only=True):
-    id: str | int | None = None
+    id: RequestId = None
 
 
 class PingRequest(Request, tag="ping"):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from array import array
+from itertools import accumulate
 from typing import Annotated, Any, Literal, get_args
 
 import msgspec
@@ -14,6 +17,26 @@ TERMINAL_STATUSES: frozenset[JobStatus] = frozenset({"done", "failed", "canceled
 # An integer a store column holds (a signed 64-bit INTEGER): a request's larger one is refused
 # where it is decoded, named by its path, not deep in a query as an INTERNAL error.
 StoredInt = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+# The id a client gives a request, echoed in its reply.
+RequestId = Annotated[str, msgspec.Meta(max_length=128)] | StoredInt | None
+
+# Arrays and objects a request may nest, payload included. A decoder recurses once a level,
+# and a deep enough document exhausts the stack (RecursionError) before its type is checked.
+MAX_DEPTH = 64
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+# Each opening bracket counts +1, each closing one -1 (255 as a signed byte); the rest goes.
+_DEPTH_STEPS = bytes.maketrans(b"[{]}", bytes([1, 1, 255, 255]))
+_NOT_BRACKETS = bytes(set(range(256)) - set(b"[{]}"))
+
+
+def nesting_depth_exceeds(data: bytes | str, limit: int = MAX_DEPTH) -> bool:
+    """Whether the JSON text `data` nests arrays and objects deeper than `limit`, found without
+    decoding it (brackets inside strings do not count)."""
+    raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
+    if raw.count(b"[") + raw.count(b"{") <= limit:
+        return False
+    steps = array("b", _STRING.sub(b"", raw).translate(_DEPTH_STEPS, _NOT_BRACKETS))
+    return max(accumulate(steps), default=0) > limit
 
 
 class ErrorBody(msgspec.Struct, omit_defaults=True):

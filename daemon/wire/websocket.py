@@ -12,19 +12,19 @@ from typing import Any, Literal, get_args
 
 import msgspec
 
-from jobwarden.wire.views import ErrorBody, JobStatus, JobView, StoredInt
+from jobwarden.wire.views import ErrorBody, JobStatus, JobView, RequestId, StoredInt
 
 WatchKey = int | Literal["all"]
 
 
 class WsOp(msgspec.Struct, tag_field="op", forbid_unknown_fields=True, kw_only=True):
-    id: str | int | None = None
+    id: RequestId = None
 
 
 class WsSubmit(WsOp, tag="submit"):
     kind: str
     payload: Any = msgspec.field(default_factory=dict)
-    priority: int | None = None
+    priority: StoredInt | None = None
     idempotency_key: str | None = None
 
 
@@ -49,7 +49,7 @@ class WsCancel(WsOp, tag="cancel"):
 class WsJobs(WsOp, tag="jobs"):
     status: list[JobStatus] | None = None
     kind: str | None = None
-    limit: int = 50
+    limit: StoredInt = 50
 
 
 WsOps = WsSubmit | WsWatch | WsUnwatch | WsCancel | WsJobs
