@@ -317,6 +317,21 @@ async def test_after_unwatched_no_event_of_that_watch_arrives(alice):
     assert all(frame.get("watch") != "all" for frame in after)
 
 
+async def test_a_watch_unwatched_at_once_is_still_answered_before_its_unwatched(alice):
+    daemon, token = alice
+    with trio.fail_after(20):
+        async with open_frames(daemon, token) as ws:
+            frames = Frames(ws)
+            for n in range(50):
+                # Sent together, not waiting for the first answer: they race inside.
+                await frames.send(op="watch", all=True, id=f"w{n}")
+                await frames.send(op="unwatch", all=True, id=f"u{n}")
+                answers = [await frames.receive(), await frames.receive()]
+                assert [answer["id"] for answer in answers] == [f"w{n}", f"u{n}"]
+                assert answers[0]["type"] in ("watching", "error")
+                assert answers[1]["type"] == "unwatched"
+
+
 # -- bad input -------------------------------------------------------------------------------
 
 
@@ -469,22 +484,27 @@ async def test_a_client_that_never_answers_pings_is_closed_with_1011(start_daemo
     assert [close.code for close in closes] == [1011]
 
 
-async def close_code_after(daemon, token: str, frame: bytes) -> int | None:
-    """Send one raw frame after the handshake; the code of the daemon's close frame (None:
-    it hung up without one)."""
+async def close_code_after(daemon, token: str, frame: bytes, *, first: bytes = b"") -> int | None:
+    """Send `first`, then one raw frame after the first frame the daemon sends back (the
+    reply to `first`, if any); the code of the daemon's close frame (None: it hung up
+    without one)."""
     stream = await trio.open_tcp_stream("127.0.0.1", daemon.handle.websocket_port)
     async with stream:
         client = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
         request = wsproto.events.Request(host="127.0.0.1", target="/", extra_headers=bearer(token))
         await stream.send_all(client.send(request))
-        accepted = False
+        sent = False
         async for chunk in stream:
             client.receive_data(chunk)
             for event in client.events():
-                if isinstance(event, wsproto.events.AcceptConnection):
-                    accepted = True
+                if isinstance(event, wsproto.events.AcceptConnection) and first:
+                    await stream.send_all(first)
+                elif not sent and isinstance(
+                    event, wsproto.events.AcceptConnection | wsproto.events.TextMessage
+                ):
+                    sent = True
                     await stream.send_all(frame)
-                if isinstance(event, wsproto.events.CloseConnection) and accepted:
+                if isinstance(event, wsproto.events.CloseConnection) and sent:
                     return event.code
     return None
 
@@ -509,6 +529,17 @@ async def test_a_frame_the_protocol_forbids_is_answered_with_its_close_code(alic
         assert await close_code_after(daemon, token, frame) == code
         async with open_frames(daemon, token) as ws:
             assert (await Frames(ws).ask(op="jobs", id=1))["type"] == "jobs"
+
+
+async def test_a_forbidden_frame_amid_a_stream_of_events_closes_without_a_fault(alice):
+    daemon, token = alice
+    job = await daemon.submit("stepper", {"steps": 20_000, "step_seconds": 0}, user="alice")
+    watch = masked_frame(0x81, json.dumps({"op": "watch", "job": job.id, "since": 0}).encode())
+    with trio.fail_after(20), capture_logs() as logs:
+        for _ in range(5):
+            bad_text = masked_frame(0x81, b'"\xff"')
+            assert await close_code_after(daemon, token, bad_text, first=watch) == 1007
+    assert [entry for entry in logs if entry["log_level"] == "error"] == []
 
 
 @pytest.mark.parametrize(

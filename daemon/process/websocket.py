@@ -33,7 +33,12 @@ import msgspec
 import structlog
 import trio
 import trio_websocket
-from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
+from trio_websocket import (
+    CloseReason,
+    ConnectionClosed,
+    WebSocketConnection,
+    WebSocketRequest,
+)
 from wsproto.connection import ConnectionState
 from wsproto.events import CloseConnection
 
@@ -98,6 +103,9 @@ def _close_frame_on_protocol_failure() -> None:
         connection: WebSocketConnection, event: CloseConnection
     ) -> None:
         if connection._wsproto.state is ConnectionState.OPEN:
+            # Set first, as trio-websocket does for a close the peer began: a frame sent
+            # meanwhile then raises ConnectionClosed, not wsproto's LocalProtocolError.
+            connection._close_reason = CloseReason(event.code, event.reason or None)
             with contextlib.suppress(ConnectionClosed):
                 await connection._send(CloseConnection(code=event.code, reason=event.reason))
         await handle_close(connection, event)
@@ -366,7 +374,7 @@ class _Session:
         raise AssertionError(f"no answer for {type(op).__name__}")
 
     async def _watch(self, op: WsWatch) -> None:
-        """Start a watch; its task sends the `watching` reply before any of its events."""
+        """Answer `watching` and start the watch's task, which sends its events after it."""
         key = _watch_key(op.job, op.all)
         if key in self.watches:
             raise RequestError("INVALID_REQUEST", f"watch: already watching {_name(key)}")
@@ -385,20 +393,18 @@ class _Session:
             raise
         if self.watches.get(key) is not scope:
             raise RequestError("INVALID_REQUEST", f"watch: {_name(key)} was unwatched meanwhile")
-        self._nursery.start_soon(self._stream, key, scope, op.id, since, job)
+        # Sent here, not by the watch's task: an `unwatch` that cancels the task before it
+        # runs must not leave the watch unanswered. The outbox keeps this frame ahead of the
+        # task's events and of the `unwatched` that may follow.
+        await self.send(WsWatching(id=op.id, watch=key, since=since, job=job))
+        self._nursery.start_soon(self._stream, key, scope, since, job)
         return None
 
     async def _stream(
-        self,
-        key: WatchKey,
-        scope: trio.CancelScope,
-        request_id: str | int | None,
-        since: int,
-        job: JobView | None,
+        self, key: WatchKey, scope: trio.CancelScope, since: int, job: JobView | None
     ) -> None:
         with scope:
             try:
-                await self.send(WsWatching(id=request_id, watch=key, since=since, job=job))
 
                 async def send_event(event: Event) -> None:
                     await self.send(WsEvent(watch=key, **msgspec.structs.asdict(event)))
