@@ -145,6 +145,8 @@ class DaemonProcess:
         self.process: subprocess.Popen[bytes] | None = None
         # Every log line of every run, in order; non-JSON lines are kept under "raw".
         self.log_lines: list[dict[str, Any]] = []
+        # What those lines weighed, newlines included: how much the log grew.
+        self.log_bytes = 0
         self.stderr_lines: list[str] = []
         self.starts = 0
         self._log_changed = threading.Condition()
@@ -260,6 +262,7 @@ class DaemonProcess:
             line = {"raw": text}
         with self._log_changed:
             self.log_lines.append(line)
+            self.log_bytes += len(raw) + 1
             self._log_changed.notify_all()
         return line
 
