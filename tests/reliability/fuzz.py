@@ -50,6 +50,11 @@ ERROR_CODES = frozenset(
 )
 # The close codes the WebSocket documents (docs/protocol.md).
 CLOSE_CODES = frozenset({1000, 1001, 1002, 1007, 1008, 1009, 1011})
+SEED = 14
+# What the daemon may grow by while fuzzed (its caches and heap fill once, then it stays),
+# and the log bytes per frame sent (refusals are rate-limited; accepted jobs log their end).
+RSS_GROWTH = 64 * 2**20
+LOG_BYTES_PER_FRAME = 400
 PROBE_EVERY = 0.25
 PROBE_LIMIT = 2.0
 REPLY_TIMEOUT = 10.0
@@ -86,6 +91,12 @@ STRINGS = [
     "'; DROP TABLE jobs; --",
     "%s%n{0}{}",
 ]
+
+
+def long_form() -> tuple[int, int]:
+    """The frames and the seed of a long run: JOBWARDEN_FUZZ_FRAMES, JOBWARDEN_FUZZ_SEED."""
+    frames = int(os.environ.get("JOBWARDEN_FUZZ_FRAMES", "100000"))
+    return frames, int(os.environ.get("JOBWARDEN_FUZZ_SEED", SEED))
 
 
 def json_text(value: str) -> str:
@@ -480,6 +491,17 @@ class Figures:
         self.answers[str(code)] += 1
         if code not in ERROR_CODES:
             self.bad_replies.append(json.dumps(reply)[:300])
+
+    def check(self) -> None:
+        """What a run must show: no exit, no error logged, nothing unanswered or answered
+        without a documented code, every probe in time, RSS and the log within bounds."""
+        assert self.exits == 0, self.daemon.output()[-5000:]
+        assert self.unanswered == []
+        assert self.bad_replies == []
+        assert self.errors_logged == []
+        assert self.probe.failures == []
+        assert self.rss_after - self.rss_before < RSS_GROWTH
+        assert self.log_after - self.log_before < LOG_BYTES_PER_FRAME * self.sent
 
     @property
     def rss_halfway(self) -> int:
