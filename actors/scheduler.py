@@ -122,22 +122,25 @@ class Scheduler:
                 if self._dirty:
                     await self._dispatch()
                     self._positions_stale.set()
+                # Only the wait is bounded by the wake deadline: a message being handled (a
+                # pause being saved) must not be cut off, or its asker is never answered.
                 with trio.move_on_at(self._wake_deadline()) as waiting:
                     try:
                         msg = await self._inbox.receive()
                     except trio.EndOfChannel:
                         nursery.cancel_scope.cancel()
                         return
-                    await self._handle(msg)
-                    # Fold everything already waiting into one dispatch round.
-                    while True:
-                        try:
-                            msg = self._inbox.receive_nowait()
-                        except (trio.WouldBlock, trio.EndOfChannel):
-                            break
-                        await self._handle(msg)
                 if waiting.cancelled_caught:
                     self._dirty = True
+                    continue
+                await self._handle(msg)
+                # Fold everything already waiting into one dispatch round.
+                while True:
+                    try:
+                        msg = self._inbox.receive_nowait()
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                    await self._handle(msg)
 
     def _wake_deadline(self) -> float:
         """When time alone may let a job start: a backoff ending, a circuit's recovery.

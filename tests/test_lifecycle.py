@@ -381,3 +381,30 @@ async def test_the_store_never_shows_more_jobs_running_than_slots(tmp_path):
             running.discard(event.job)
         most = max(most, len(running))
     assert most == 3
+
+
+async def test_a_pause_is_answered_even_when_a_backoff_ends_while_it_is_saved(
+    autojump_clock, start_daemon, monkeypatch
+):
+    from jobwarden.actors.messages import Pause
+    from jobwarden.mailbox import ReplySlot
+
+    daemon = await start_daemon(KINDS)
+    # A job waiting out its backoff gives the scheduler a moment to wake at.
+    waiting = await daemon.submit("flaky", {"succeed_on": 3})
+    await daemon.wait_status(waiting.id, {"queued"})
+    while (await daemon.job(waiting.id)).attempt < 2:
+        await trio.sleep(1)
+    store = daemon.handle.store
+    write = store.write
+
+    async def slow_write(apply, **options):
+        # The disk is slow today: the backoff ends before the pause is saved.
+        await trio.sleep(60)
+        return await write(apply, **options)
+
+    monkeypatch.setattr(store, "write", slow_write)
+    reply = ReplySlot()
+    await daemon.handle.scheduler.send(Pause(kind="noop", reply=reply))
+    with trio.fail_after(600):
+        assert await reply.wait() == {"paused": ["noop"], "all": False}
