@@ -237,6 +237,22 @@ class RunRules(msgspec.Struct):
     reply: ReplySlot[list[dict[str, Any]]]
 
 
+class JobsStarted(msgspec.Struct):
+    """Pool -> monitor: these jobs started at wall time `at`, so a rule may fire for them
+    before any deadline the monitor knows. Each job as (kind, created_at)."""
+
+    at: float
+    jobs: list[tuple[str, float]]
+
+
+class ProgressStarted(msgspec.Struct):
+    """Pool -> monitor: a running job reported its attempt's first progress at `at`; from
+    now on the stall rule watches it."""
+
+    at: float
+    kind: str
+
+
 class HealthQuery(msgspec.Struct):
     reply: ReplySlot[dict[str, Any]]
     # Also count jobs by (status, kind) for the metrics scrape.
@@ -308,7 +324,9 @@ LedgerMessage = (
 )
 
 
-MonitorMessage = RunRules | HealthQuery | Reconfigure | RaiseAlert | SystemLoad
+MonitorMessage = (
+    RunRules | HealthQuery | Reconfigure | RaiseAlert | SystemLoad | JobsStarted | ProgressStarted
+)
 
 
 PoolMessage = RunJobs | CancelJob | Recover | PoolStatistics | Drain | Reconfigure

@@ -2,7 +2,8 @@
 
 Consumes `RunJobs` (scheduler), `CancelJob` (admin), `Recover` (monitor), `PoolStatistics`,
 `Drain`/`Reconfigure` (supervisor). Produces `JobsEnded` for the scheduler when slots free,
-and talks to the ledger and the breaker on behalf of each job's ctx.call.
+`JobsStarted` and `ProgressStarted` for the monitor (whose deadlines start then), and talks to
+the ledger and the breaker on behalf of each job's ctx.call.
 
 Each job runs in its own cancel scope with its kind's timeout. Outcomes: a return value is
 done; `Retry`, an unexpected exception, a timeout, `ServiceUnavailable`/`ServiceFailed` or a
@@ -39,8 +40,10 @@ from jobwarden.actors.messages import (
     CancelJob,
     Drain,
     JobsEnded,
+    JobsStarted,
     PoolMessage,
     PoolStatistics,
+    ProgressStarted,
     Reconfigure,
     Recover,
     RunJobs,
@@ -101,6 +104,7 @@ class _Running:
         "duration",
         "job",
         "outcome",
+        "progressed",
         "recovery_replies",
         "scope",
         "stop_outcome",
@@ -122,6 +126,8 @@ class _Running:
         # Set when the handler is over; the job stays here until the recorder has written it.
         self.outcome: Outcome | None = None
         self.duration = 0.0
+        # Whether this attempt has reported progress yet: its first report starts the stall rule.
+        self.progressed = False
 
     def stop(self, outcome: Outcome) -> None:
         if self.stop_outcome is None:
@@ -140,6 +146,7 @@ class Pool:
         scheduler: trio.MemorySendChannel[Any],
         ledger: trio.MemorySendChannel[Any],
         breaker: trio.MemorySendChannel[Any],
+        monitor: trio.MemorySendChannel[Any],
         metrics: Metrics,
         rng: random.Random | None = None,
     ) -> None:
@@ -150,6 +157,7 @@ class Pool:
         self._scheduler = scheduler
         self._ledger = ledger
         self._breaker = breaker
+        self._monitor = monitor
         self._metrics = metrics
         self._rng = rng or random.Random()
         self._running: dict[int, _Running] = {}
@@ -171,7 +179,7 @@ class Pool:
         self.outcomes: dict[str, int] = {}
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        channels = (self._inbox, self._scheduler, self._ledger, self._breaker)
+        channels = (self._inbox, self._scheduler, self._ledger, self._breaker, self._monitor)
         async with contextlib.AsyncExitStack() as stack:
             for channel in channels:
                 await stack.enter_async_context(channel)
@@ -184,6 +192,13 @@ class Pool:
                     case RunJobs(jobs=claimed):
                         for job in claimed:
                             self._start(job, nursery)
+                        # Unbounded inbox: never blocks.
+                        self._monitor.send_nowait(
+                            JobsStarted(
+                                at=self._clock.now(),
+                                jobs=[(job.kind, job.created_at) for job in claimed],
+                            )
+                        )
                     case CancelJob():
                         nursery.start_soon(self._cancel, msg)
                     case Recover():
@@ -494,6 +509,10 @@ class Pool:
         )
 
     async def _progress(self, job_id: int, fraction: float, message: str | None) -> None:
+        entry = self._running.get(job_id)
+        if entry is not None and not entry.progressed:
+            entry.progressed = True
+            self._monitor.send_nowait(ProgressStarted(at=self._clock.now(), kind=entry.job.kind))
         await self._store.write(
             partial(
                 jobs.report_progress,

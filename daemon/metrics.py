@@ -68,6 +68,11 @@ class Metrics:
             ["rule"],
             registry=r,
         )
+        self.jobs_stuck = Gauge(
+            "jobwarden_jobs_stuck",
+            "Jobs stuck now: found stuck or stalled, and not heard from since",
+            registry=r,
+        )
         self.rejected = Counter(
             "jobwarden_admission_rejected", "Submissions refused, by code", ["code"], registry=r
         )
@@ -130,6 +135,7 @@ class Metrics:
         self.running.set(health["running"])
         self.oldest_queued.set(health["oldest_queued_seconds"] or 0)
         self.memory_percent.set(health["system"]["memory_percent"])
+        self.jobs_stuck.set(health["stuck"]["now"])
         for service, view in health["breakers"].items():
             self.breaker_state.labels(service).set(BREAKER_LEVELS[view["state"]])
         remaining = health["budget"]["remaining_today"]

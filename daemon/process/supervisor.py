@@ -195,6 +195,7 @@ class Supervisor:
             scheduler=scheduler_tx.clone(),
             ledger=ledger_tx.clone(),
             breaker=breaker_tx.clone(),
+            monitor=monitor_tx.clone(),
             metrics=metrics,
         )
         admission = Admission(
