@@ -69,6 +69,9 @@ log = structlog.get_logger("pool")
 
 # Bounds the final write of a job whose task is being torn down, so shutdown cannot hang on it.
 FINAL_WRITE_TIMEOUT = 10.0
+# A failure's message comes from the handler, of any length; the log keeps its start (the whole
+# of it, with the traceback, stays in the job's error for `show`).
+LOGGED_MESSAGE_CHARS = 300
 
 
 def retry_delay(policy: RetryPolicy, attempt: int, rng: random.Random) -> float | None:
@@ -417,17 +420,29 @@ class Pool:
         name = _recorded_outcome(outcome[0], final)
         self.outcomes[name] = self.outcomes.get(name, 0) + 1
         self._metrics.job_finished(job.kind, name, entry.duration)
-        self._log.info(
-            "job finished",
-            job=job.id,
-            kind=job.kind,
-            user=job.user,
-            attempt=job.attempt,
-            max_attempts=job.max_attempts,
-            duration=round(entry.duration, 3),
-            outcome=name,
-            code=outcome[1].code if isinstance(outcome[1], ErrorBody) else None,
-        )
+        fields = {
+            "job": job.id,
+            "kind": job.kind,
+            "user": job.user,
+            "attempt": job.attempt,
+            "max_attempts": job.max_attempts,
+            "duration": round(entry.duration, 3),
+            "outcome": name,
+        }
+        error = outcome[1] if isinstance(outcome[1], ErrorBody) else None
+        if error is not None and name in ("failed", "retry"):
+            # A failed attempt is worth a look: what went wrong, and the id to find it by.
+            self._log.warning(
+                "job finished",
+                **fields,
+                code=error.code,
+                message=error.message[:LOGGED_MESSAGE_CHARS],
+                error_id=error.error_id,
+            )
+        else:
+            self._log.info(
+                "job finished", **fields, code=error.code if error is not None else None
+            )
 
     async def _execute(self, entry: _Running) -> Outcome:
         job = entry.job
