@@ -4,10 +4,10 @@ times (the breaker actor drives it and stores its state).
 CLOSED -> OPEN after `failures` consecutive failures, or an error rate above `error_rate`
 over `window` once `min_calls` were seen. OPEN refuses at once until `recovery` has passed,
 and then is HALF_OPEN by itself, call or no call (the breaker wakes at `open_until`), so what
-it shows is true without traffic. HALF_OPEN lets `half_open_calls` probes through, each with its own deadline (the service's
-timeout): a probe that neither succeeds nor fails by then counts as a failure, so a hung probe
-cannot hold the circuit half-open forever. All probes succeeding closes it; any failing
-reopens it.
+it shows is true without traffic. HALF_OPEN lets `half_open_calls` probes through, each with
+its own deadline (the service's timeout): a probe that neither succeeds nor fails by then
+counts as a failure, so a hung probe cannot hold the circuit half-open forever. All probes
+succeeding closes it; any failing reopens it.
 """
 
 from __future__ import annotations

@@ -194,9 +194,7 @@ class Monitor:
                 self._next_tick = trio.current_time() + PRUNE_AGAIN_AFTER
         await self._checkpoint_when_idle()
 
-    async def _apply_rules(
-        self, *, dry_run: bool
-    ) -> tuple[list[Finding], list[ReplySlot[Any]]]:
+    async def _apply_rules(self, *, dry_run: bool) -> tuple[list[Finding], list[ReplySlot[Any]]]:
         """Run the rules now; act on what they find unless `dry_run`. Returns the findings
         and the pool's answers to come for the running jobs it was asked to stop."""
         config = self._config

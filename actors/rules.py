@@ -96,9 +96,7 @@ def relevant_pauses(pauses: list[Pause], running: Sequence[Row]) -> list[Pause]:
 
 def started_deadline(config: Config, kind: str, created_at: float, started_at: float) -> float:
     """The earliest a rule can fire for a job that has just started and not reported yet."""
-    return min(
-        created_at + config.rule(kind, "sla"), started_at + config.rule(kind, "stuck_after")
-    )
+    return min(created_at + config.rule(kind, "sla"), started_at + config.rule(kind, "stuck_after"))
 
 
 def progress_deadline(config: Config, kind: str, reported_at: float) -> float:

@@ -359,9 +359,7 @@ async def test_a_job_started_after_the_last_check_is_caught_at_exactly_stuck_aft
     assert final.finished_at - EPOCH == 4
 
 
-async def test_a_first_progress_report_starts_the_stall_clock_at_once(
-    autojump_clock, start_daemon
-):
+async def test_a_first_progress_report_starts_the_stall_clock_at_once(autojump_clock, start_daemon):
     daemon = await start_daemon(SPARSE_CHECKS.replace('stuck_after = "3s"', 'stuck_after = "1h"'))
     await trio.sleep(1)
     # It reports 50% as it starts, then only heartbeats.
