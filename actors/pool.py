@@ -440,9 +440,7 @@ class Pool:
                 error_id=error.error_id,
             )
         else:
-            self._log.info(
-                "job finished", **fields, code=error.code if error is not None else None
-            )
+            self._log.info("job finished", **fields, code=error.code if error is not None else None)
 
     async def _execute(self, entry: _Running) -> Outcome:
         job = entry.job
@@ -473,6 +471,7 @@ class Pool:
             store_checkpoint=partial(self._checkpoint, job.id),
             store_heartbeat=partial(self._heartbeat, job.id),
             services=services,
+            store_process_group=partial(self._process_group, job.id),
         )
         try:
             with entry.scope:
@@ -540,6 +539,11 @@ class Pool:
 
     async def _heartbeat(self, job_id: int) -> None:
         await self._store.write(partial(jobs.heartbeat, job_id=job_id, now=self._clock.now()))
+
+    async def _process_group(self, job_id: int, pgid: int, identity: str) -> None:
+        await self._store.write(
+            partial(jobs.record_process_group, job_id=job_id, pgid=pgid, identity=identity)
+        )
 
     async def _checkpoint(self, job_id: int, state: Any) -> None:
         await self._store.write(

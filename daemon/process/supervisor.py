@@ -1,8 +1,9 @@
 """The supervisor: builds the channels, owns start-up order, signals and shutdown.
 
-Start-up: lock the database, open the store, put jobs a crash left `running` back in the
-queue, then start the actors (scheduler, pool, admission) and the listeners last, each with
-`nursery.start` so the next starts only once the previous really serves; then READY=1.
+Start-up: lock the database, open the store, end what is left of the commands a crash left
+running, put their jobs back in the queue, then start the actors (scheduler, pool, admission)
+and the listeners last, each with `nursery.start` so the next starts only once the previous
+really serves; then READY=1.
 Memory and CPU are read in one place (jobwarden.system): once before the actors start, then
 every `limits.sample_every`, each reading handed to the scheduler and the monitor.
 
@@ -41,6 +42,7 @@ from jobwarden.actors.messages import (
 )
 from jobwarden.actors.monitor import Monitor
 from jobwarden.actors.pool import Pool
+from jobwarden.actors.processes import end_leftover_groups
 from jobwarden.actors.scheduler import Scheduler
 from jobwarden.clock import WallClock
 from jobwarden.config import Config, check_handlers, load_config
@@ -140,6 +142,8 @@ class Supervisor:
                 max_batch=config.store.max_batch,
                 threaded=self._threaded_store,
             ) as store:
+                # Before any job runs again: a command's children may outlive a crash.
+                leftovers = await end_leftover_groups(await store.read(jobs.running_process_groups))
                 recovered = await store.write(
                     partial(
                         jobs.recover_running,
@@ -147,7 +151,12 @@ class Supervisor:
                         crash_loop_after=config.daemon.crash_loop_after,
                     )
                 )
-                log.info("start-up recovery done", database=str(db_path), **recovered)
+                log.info(
+                    "start-up recovery done",
+                    database=str(db_path),
+                    leftover_processes_ended=leftovers,
+                    **recovered,
+                )
                 await self._run_actors(store, hub, clock, task_status)
         finally:
             os.close(lock_fd)

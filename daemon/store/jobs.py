@@ -9,7 +9,7 @@ nothing and says so, instead of corrupting a job's history.
 from __future__ import annotations
 
 import sqlite3
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 
@@ -80,6 +80,15 @@ class Refused(msgspec.Struct):
     code: str
     message: str
     retry_after: float | None = None
+
+
+class ProcessGroup(NamedTuple):
+    """A running command's process group as recorded: its id (the leader's pid) and the
+    leader's identity ("<boot id>:<start ticks>"), so a reused pid is never taken for it."""
+
+    job_id: int
+    pgid: int
+    identity: str
 
 
 FAIR_CLOCK = "fair_clock"
@@ -645,11 +654,23 @@ def save_checkpoint(
     return cursor.rowcount > 0
 
 
+def record_process_group(
+    conn: sqlite3.Connection, events: Events, job_id: int, *, pgid: int, identity: str
+) -> bool:
+    cursor = conn.execute(
+        "UPDATE jobs SET process_group = ?, process_identity = ? "
+        "WHERE id = ? AND status = 'running'",
+        (pgid, identity, job_id),
+    )
+    return cursor.rowcount > 0
+
+
 def recover_running(
     conn: sqlite3.Connection, events: Events, *, now: float, crash_loop_after: int
 ) -> dict[str, int]:
     """At start-up: jobs left `running` by a crash go back to the queue (RECOVERED); one that
-    has now been running at `crash_loop_after` crashes fails CRASH_LOOP."""
+    has now been running at `crash_loop_after` crashes fails CRASH_LOOP. Their recorded
+    process groups are forgotten: the caller has ended what was left of them."""
     rows = conn.execute(
         "SELECT id, user, kind, recoveries, attempt, credits FROM jobs WHERE status = 'running'"
     ).fetchall()
@@ -665,7 +686,8 @@ def recover_running(
             )
             conn.execute(
                 "UPDATE jobs SET status = 'failed', recoveries = ?, finished_at = ?,"
-                " updated_at = ?, error = ?, reason = 'CRASH_LOOP' WHERE id = ?",
+                " updated_at = ?, error = ?, reason = 'CRASH_LOOP', process_group = NULL,"
+                " process_identity = NULL WHERE id = ?",
                 (recoveries, now, now, dump_json(error), job_id),
             )
             if credits:
@@ -681,7 +703,7 @@ def recover_running(
             continue
         conn.execute(
             "UPDATE jobs SET status = 'queued', recoveries = ?, available_at = ?, updated_at = ?,"
-            " reason = 'RECOVERED' WHERE id = ?",
+            " reason = 'RECOVERED', process_group = NULL, process_identity = NULL WHERE id = ?",
             (recoveries, now, now, job_id),
         )
         add_event(
@@ -709,6 +731,15 @@ def set_setting(conn: sqlite3.Connection, events: Events, key: str, value: Any) 
 def get_setting(conn: sqlite3.Connection, key: str, default: Any = None) -> Any:
     row = conn.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
     return default if row is None else msgspec.json.decode(row[0])
+
+
+def running_process_groups(conn: sqlite3.Connection) -> list[ProcessGroup]:
+    """The process groups recorded for running jobs: after a crash, what may be left."""
+    rows = conn.execute(
+        "SELECT id, process_group, process_identity FROM jobs "
+        "WHERE status = 'running' AND process_group IS NOT NULL"
+    )
+    return [ProcessGroup(*row) for row in rows]
 
 
 def get_job(conn: sqlite3.Connection, job_id: int) -> JobView | None:

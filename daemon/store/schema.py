@@ -129,6 +129,12 @@ MIGRATIONS: list[str] = [
         WHERE status = 'queued';
     CREATE INDEX jobs_finished ON jobs(finished_at) WHERE finished_at IS NOT NULL;
     """,
+    """
+    -- A running command's process group, and what identifies its leader beyond a reusable pid
+    -- (boot id and start time): what a restart after a crash ends before the job runs again.
+    ALTER TABLE jobs ADD COLUMN process_group INTEGER;
+    ALTER TABLE jobs ADD COLUMN process_identity TEXT;
+    """,
 ]
 
 
