@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 
 import msgspec
@@ -103,3 +104,15 @@ async def ends_the_daemon(ctx: JobContext, payload: dict) -> dict:
     """Tears the daemon down as it returns: the outcome reaches the pool during the teardown."""
     TEARDOWN.pop().cancel()
     return {"ended": True}
+
+
+async def records_completion(ctx: JobContext, payload: dict) -> dict:
+    """Works a random 0-20 ms, then appends "<job id> <attempt>" to the file `log` as it
+    returns: a line the store never committed the outcome of shows a run that will repeat."""
+    await trio.sleep(random.uniform(0, 0.02))
+    fd = os.open(payload["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, f"{ctx.job_id} {ctx.attempt}\n".encode())
+    finally:
+        os.close(fd)
+    return {"attempt": ctx.attempt}
