@@ -296,19 +296,22 @@ class Monitor:
             self._probe_due = math.inf
 
     def _note_pause(self) -> None:
-        """A probe later than due by more than PAUSE_TOLERANCE: the daemon was not running for
-        that long, and the running jobs get that time back on their stuck and stall deadlines.
-        Called by the probe and before each check, whichever runs first after the pause."""
+        """A probe later than due by more than PAUSE_TOLERANCE: the daemon was not running, and
+        the running jobs get that time back on their stuck and stall deadlines. The pause began
+        between the probe's last wake-up and its due time, so it lasted up to PAUSE_PROBE more
+        than the lateness: the jobs get the benefit of that doubt. Called by the probe and
+        before each check, whichever runs first after the pause."""
         now = trio.current_time()
         if self._probe_due == math.inf:
             return
         late = now - self._probe_due
         self._probe_due = now + PAUSE_PROBE
         if late > PAUSE_TOLERANCE:
-            self._pauses.append((self._clock.now(), late))
+            seconds = late + PAUSE_PROBE
+            self._pauses.append((self._clock.now(), seconds))
             log.warning(
                 "the daemon was not running; running jobs get the time back",
-                seconds=round(late, 3),
+                seconds=round(seconds, 3),
             )
 
     async def _scheduler_snapshot(self) -> dict[str, Any]:

@@ -57,8 +57,9 @@ def paused_since(pauses: Sequence[Pause], since: float) -> float:
 
 class _Clocks(msgspec.Struct):
     """When each rule fires for one running job: the SLA, and rules 1 and 2 with the time
-    the daemon was not running added."""
+    the daemon was not running added; and its last sign of life."""
 
+    last_beat: float
     sla: float
     stuck: float
     stall: float
@@ -75,6 +76,7 @@ def _clocks(config: Config, job: Row, pauses: Sequence[Pause]) -> _Clocks:
             + paused_since(pauses, job.progress_at)
         )
     return _Clocks(
+        last_beat=last_beat,
         sla=job.created_at + config.rule(job.kind, "sla"),
         stuck=last_beat + config.rule(job.kind, "stuck_after") + paused_since(pauses, last_beat),
         stall=stall,
@@ -124,9 +126,7 @@ def evaluate(
         if now >= clocks.sla:
             findings.append(_sla_breach(job, now, config.rule(job.kind, "sla")))
         elif now >= clocks.stuck:
-            last_beat = job.heartbeat_at if job.heartbeat_at is not None else job.started_at
-            assert last_beat is not None
-            detail = f"no heartbeat for {format_duration(round(now - last_beat))}"
+            detail = f"no heartbeat for {format_duration(round(now - clocks.last_beat))}"
             findings.append(Finding(job.id, job.kind, job.status, "stuck", requeue, detail))
         elif now >= clocks.stall:
             assert job.progress_at is not None
