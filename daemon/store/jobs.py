@@ -620,11 +620,19 @@ def report_progress(
     return True
 
 
-def heartbeat(conn: sqlite3.Connection, events: Events, job_id: int, *, now: float) -> bool:
+def _set_while_running(conn: sqlite3.Connection, job_id: int, **columns: Any) -> bool:
+    """Set columns of a job that is still running; False once it is not (it ended meanwhile).
+    The column names are the callers' own, never input."""
+    assignments = ", ".join(f"{column} = ?" for column in columns)
     cursor = conn.execute(
-        "UPDATE jobs SET heartbeat_at = ? WHERE id = ? AND status = 'running'", (now, job_id)
+        f"UPDATE jobs SET {assignments} WHERE id = ? AND status = 'running'",
+        (*columns.values(), job_id),
     )
     return cursor.rowcount > 0
+
+
+def heartbeat(conn: sqlite3.Connection, events: Events, job_id: int, *, now: float) -> bool:
+    return _set_while_running(conn, job_id, heartbeat_at=now)
 
 
 def prune_finished(conn: sqlite3.Connection, events: Events, *, before: float, batch: int) -> int:
@@ -646,23 +654,15 @@ def prune_finished(conn: sqlite3.Connection, events: Events, *, before: float, b
 def save_checkpoint(
     conn: sqlite3.Connection, events: Events, job_id: int, *, checkpoint: Any, now: float
 ) -> bool:
-    cursor = conn.execute(
-        "UPDATE jobs SET checkpoint = ?, heartbeat_at = ?, updated_at = ? "
-        "WHERE id = ? AND status = 'running'",
-        (dump_json(checkpoint), now, now, job_id),
+    return _set_while_running(
+        conn, job_id, checkpoint=dump_json(checkpoint), heartbeat_at=now, updated_at=now
     )
-    return cursor.rowcount > 0
 
 
 def record_process_group(
     conn: sqlite3.Connection, events: Events, job_id: int, *, pgid: int, identity: str
 ) -> bool:
-    cursor = conn.execute(
-        "UPDATE jobs SET process_group = ?, process_identity = ? "
-        "WHERE id = ? AND status = 'running'",
-        (pgid, identity, job_id),
-    )
-    return cursor.rowcount > 0
+    return _set_while_running(conn, job_id, process_group=pgid, process_identity=identity)
 
 
 def recover_running(
