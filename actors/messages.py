@@ -36,6 +36,7 @@ class Submit(msgspec.Struct):
     reply: ReplySlot[tuple[JobView, bool]]
     priority: int | None = None
     idempotency_key: str | None = None
+    submission_id: str | None = None
 
 
 class Requeue(msgspec.Struct):

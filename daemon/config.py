@@ -146,6 +146,9 @@ class AdminSection(Section):
 
 class AdmissionSection(Section):
     max_payload_bytes: PositiveInt = 64 * 1024
+    # A finished job's idempotency key returns that job for this long after it finished;
+    # 0: the key starts a new job as soon as its job has finished.
+    idempotency_window: Duration = Duration(0)
 
 
 class LogSection(Section):
@@ -427,6 +430,11 @@ def load_config_text(text: str, *, base_dir: str | os.PathLike[str] = ".") -> Co
         raise ConfigError("base_dir: unknown key")
     config = _convert(raw, Config, "")
     _check_http(config.http.listen)
+    if math.isinf(config.admission.idempotency_window):
+        raise ConfigError(
+            'admission.idempotency_window: "off" would hold a finished job\'s key until it '
+            'is pruned; "0s" turns the window off'
+        )
     _check_timezone(config.budget.timezone, "budget.timezone")
     if config.limits.timezone:
         _check_timezone(config.limits.timezone, "limits.timezone")

@@ -48,6 +48,10 @@ def test_off_means_never():
         ('[kinds.s]\nhandler = "no-colon"', 'kinds.s.handler: expected "package.module:function"'),
         ("[kinds.s]\ncommand = []", "kinds.s.command: needs at least the program"),
         ("[kinds.s\n", "not valid TOML"),
+        (
+            '[admission]\nidempotency_window = "off"',
+            'admission.idempotency_window: "off" would hold',
+        ),
     ],
     ids=[
         "bad-duration",
@@ -61,6 +65,7 @@ def test_off_means_never():
         "handler-format",
         "empty-command",
         "broken-toml",
+        "endless-idempotency-window",
     ],
 )
 def test_errors_name_the_key(toml, message):

@@ -49,7 +49,8 @@ def add_commands(commands: Subcommands) -> None:
     submit.add_argument(
         "--idempotency-key",
         metavar="K",
-        help="submitting the same key again returns the existing job instead of a new one",
+        help="while this key's job is queued or running, the same key returns it (other work "
+        "with it: CONFLICT)",
     )
     submit.add_argument("--user", metavar="U", help="submit on behalf of this user")
     submit.add_argument("--watch", action="store_true", help="then watch it until it finishes")

@@ -187,6 +187,7 @@ class NewJob(Protocol):
     payload: Any
     priority: int | None
     idempotency_key: str | None
+    submission_id: str | None
 
 
 class Shown(NamedTuple):
@@ -227,6 +228,7 @@ class Commands:
             user=user,
             priority=new.priority,
             idempotency_key=new.idempotency_key,
+            submission_id=new.submission_id,
         )
         return job, existing
 

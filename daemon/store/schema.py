@@ -129,6 +129,19 @@ MIGRATIONS: list[str] = [
         WHERE status = 'queued';
     CREATE INDEX jobs_finished ON jobs(finished_at) WHERE finished_at IS NOT NULL;
     """,
+    """
+    -- An idempotency key binds the user's active job only: once the job has finished, the key
+    -- starts a new one. Two active jobs of a user never share a key, however the submissions
+    -- race, and an operator's retry may not bring back a job whose key is taken again.
+    DROP INDEX jobs_idempotency;
+    CREATE UNIQUE INDEX jobs_idempotency_active ON jobs(user, idempotency_key)
+        WHERE idempotency_key IS NOT NULL AND status IN ('queued', 'running');
+    -- The finished jobs with a key: for the idempotency window, and for a resend of the very
+    -- submission that made one (its client's submission_id).
+    CREATE INDEX jobs_idempotency_finished ON jobs(user, idempotency_key, finished_at)
+        WHERE idempotency_key IS NOT NULL AND finished_at IS NOT NULL;
+    ALTER TABLE jobs ADD COLUMN submission_id TEXT;
+    """,
 ]
 
 
