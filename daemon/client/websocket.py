@@ -109,11 +109,11 @@ class WebSocketClient:
         priority: int | None = None,
         idempotency_key: str | None = None,
     ) -> Accepted:
-        """Submit a job. Without an idempotency key one is made up. The submit sent again
-        after a reconnection then finds the job its first sending made, while that job is
-        queued or running by the key, and once it has finished by the submission id, which
-        is new for each call: so it never makes a second job, and a later submit with the
-        same key of a finished job starts a new one."""
+        """Submit a job. Without an idempotency key one is made up. Each call also sends a
+        new submission id, so that the submit sent again after a reconnection finds the job
+        its first sending made: by the key while that job is queued or running, by the
+        submission id once it has finished. It never makes a second job; a later call with
+        the key of a finished job is new work and does."""
         reply = await self._request(
             op="submit",
             kind=kind,
