@@ -7,15 +7,18 @@ that silently ignores a misspelt threshold runs with a limit nobody chose.
 
 from __future__ import annotations
 
+import ast
 import functools
 import importlib
 import math
 import os
 import re
 import tomllib
+import typing
 import zoneinfo
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union
 
 import msgspec
 
@@ -253,6 +256,17 @@ class MonitorSection(Section):
     very_slow_request: Duration = Duration(5)
 
 
+# What a listen key takes: "host:port", "[v6 address]:port", or "" for no listener.
+LISTEN_ADDRESS = re.compile(r"[\w.\-]+:(\d{1,5})|\[[0-9a-fA-F:]+\]:(\d{1,5})")
+
+
+def check_listen(listen: str) -> None:
+    """Raises ValueError unless `listen` is "" or a host and a port from 0 to 65535."""
+    match = LISTEN_ADDRESS.fullmatch(listen)
+    if listen and (match is None or int(match[1] or match[2]) > 65535):
+        raise ValueError(f'expected "host:port" (port 0 to 65535) or "", got "{listen}"')
+
+
 class HttpSection(Section):
     # "host:port" for /healthz, /readyz, /health and /metrics; "" turns the listener off.
     listen: str = "127.0.0.1:8766"
@@ -260,9 +274,7 @@ class HttpSection(Section):
 
 class WebSocketSection(Section):
     # "host:port" for WebSocket clients; "" turns the listener off.
-    listen: Annotated[
-        str, msgspec.Meta(pattern=r"^$|^[\w.\-]+:\d{1,5}$|^\[[0-9a-fA-F:]+\]:\d{1,5}$")
-    ] = "127.0.0.1:8765"
+    listen: str = "127.0.0.1:8765"
     # Origins ("https://app.example.com") whose browser pages may connect; [] lets any page.
     # Clients that send no Origin header (scripts, the CLI) are not affected.
     origins: list[str] = msgspec.field(default_factory=list)
@@ -371,18 +383,56 @@ def _convert(obj: Any, tp: type, prefix: str) -> Any:
     try:
         return msgspec.convert(obj, tp, dec_hook=decode_hook)
     except msgspec.ValidationError as exc:
-        raise ConfigError(name_path(str(exc), prefix)) from None
+        raise ConfigError(name_path(str(exc), prefix, tp)) from None
 
 
-def name_path(message: str, prefix: str) -> str:
-    """Turn msgspec's "msg - at `$.a[0].b`" into "prefix.a.0.b: msg"."""
+def name_path(message: str, prefix: str, tp: Any = None) -> str:
+    """Turn msgspec's "msg - at `$.a[0].b`" into "prefix.a.0.b: msg"; given the type that
+    was decoded, a value outside a Literal's choices is told what the choices are."""
     match = _VALIDATION_PATH.match(message)
     msg, path = (match["msg"], match["path"]) if match else (message, "")
+    if tp is not None:
+        msg = _explain_choices(msg, path, tp)
     path = prefix + path.replace("[", ".").replace("]", "")
     unknown = re.match(r"Object contains unknown field `(.+)`", msg)
     if unknown:
         path, msg = f"{path}.{unknown[1]}", "unknown key"
     return f"{path.strip('.')}: {msg}" if path.strip(".") else msg
+
+
+_INVALID_CHOICE = re.compile(r"Invalid enum value (?P<value>.+)")
+_PATH_PART = re.compile(r"\.(\w+)|\[[^]]*\]")
+
+
+def _explain_choices(msg: str, path: str, tp: Any) -> str:
+    """msgspec's "Invalid enum value 'x'" as `expected one of A, B; got "x"`, the choices
+    read, in the order they are declared, off the Literal at `path` in `tp`."""
+    invalid = _INVALID_CHOICE.fullmatch(msg)
+    if invalid is None:
+        return msg
+    for part in _PATH_PART.finditer(path):
+        tp = _bare(tp)
+        if isinstance(tp, type) and issubclass(tp, msgspec.Struct):
+            tp = typing.get_type_hints(tp)[part[1]]
+        else:  # a dict's value or a list's item
+            tp = typing.get_args(tp)[-1]
+    options = typing.get_args(tp) if typing.get_origin(tp) in (Union, UnionType) else (tp,)
+    choices: list[str] = []
+    numbers: list[str] = []
+    for option in map(_bare, options):
+        if typing.get_origin(option) is Literal:
+            choices += map(str, typing.get_args(option))
+        elif option in (int, float):
+            # A union of a number and words (credits = 100 or "unlimited") names it too.
+            numbers.append("a whole number" if option is int else "a number")
+    words = choices[0] if len(choices) == 1 else f"one of {', '.join(choices)}"
+    got = _show(ast.literal_eval(invalid["value"]))
+    return f"expected {' or '.join([*numbers, words])}; got {got}"
+
+
+def _bare(tp: Any) -> Any:
+    """A type without its Annotated constraints."""
+    return typing.get_args(tp)[0] if typing.get_origin(tp) is Annotated else tp
 
 
 def _check_kind(name: str, kind: KindSection) -> None:
@@ -399,9 +449,15 @@ def _check_kind(name: str, kind: KindSection) -> None:
         raise ConfigError(f"{where}.command: needs at least the program to run")
 
 
-def _check_http(listen: str) -> None:
-    if listen and not re.fullmatch(r"[\w.\-]+:\d{1,5}|\[[0-9a-fA-F:]+\]:\d{1,5}", listen):
-        raise ConfigError(f'http.listen: expected "host:port" or "", got "{listen}"')
+def _check_listeners(config: Config) -> None:
+    for key, listen in (
+        ("http.listen", config.http.listen),
+        ("websocket.listen", config.websocket.listen),
+    ):
+        try:
+            check_listen(listen)
+        except ValueError as exc:
+            raise ConfigError(f"{key}: {exc}") from None
 
 
 def load_config_text(text: str, *, base_dir: str | os.PathLike[str] = ".") -> Config:
@@ -426,7 +482,7 @@ def load_config_text(text: str, *, base_dir: str | os.PathLike[str] = ".") -> Co
     if "base_dir" in raw:
         raise ConfigError("base_dir: unknown key")
     config = _convert(raw, Config, "")
-    _check_http(config.http.listen)
+    _check_listeners(config)
     _check_timezone(config.budget.timezone, "budget.timezone")
     if config.limits.timezone:
         _check_timezone(config.limits.timezone, "limits.timezone")
