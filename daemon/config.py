@@ -333,6 +333,28 @@ class BudgetSection(Section):
     timezone: str = "UTC"
 
 
+class Overrides(msgspec.Struct, frozen=True, kw_only=True):
+    """What `jobwarden serve`'s flags set over the file, at start-up and at every reload."""
+
+    admin_socket: str | None = None
+    http_listen: str | None = None
+    websocket_listen: str | None = None
+    log_format: Literal["auto", "json", "console"] | None = None
+
+    def apply(self, config: Config) -> Config:
+        def replace(section: Any, **values: Any) -> Any:
+            chosen = {key: value for key, value in values.items() if value is not None}
+            return msgspec.structs.replace(section, **chosen)
+
+        return msgspec.structs.replace(
+            config,
+            admin=replace(config.admin, socket=self.admin_socket),
+            http=replace(config.http, listen=self.http_listen),
+            websocket=replace(config.websocket, listen=self.websocket_listen),
+            log=replace(config.log, format=self.log_format),
+        )
+
+
 class RetryPolicy(msgspec.Struct, frozen=True):
     max_attempts: int
     backoff: list[float]

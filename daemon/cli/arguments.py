@@ -11,7 +11,7 @@ import re
 from collections.abc import Callable
 from typing import Any, TypeAlias
 
-from jobwarden.config import parse_rate
+from jobwarden.config import check_listen, parse_rate
 from jobwarden.wire.views import STATUSES
 
 Run = Callable[[argparse.Namespace], int]
@@ -41,11 +41,16 @@ def global_options(*, in_subcommand: bool) -> argparse.ArgumentParser:
     return options
 
 
-def subcommand(parent: Subcommands, name: str, run: Run, summary: str) -> argparse.ArgumentParser:
-    """A (sub)command that takes the global options after its name too."""
+def subcommand(
+    parent: Subcommands, name: str, run: Run, summary: str, **option_help: str
+) -> argparse.ArgumentParser:
+    """A (sub)command that takes the global options after its name too; `option_help` says
+    what one of them means to this command (e.g. socket="..." for `--socket`)."""
     sub = parent.add_parser(
         name, help=summary, description=summary, parents=[global_options(in_subcommand=True)]
     )
+    for action in sub._actions:
+        action.help = option_help.get(action.dest, action.help)
     sub.set_defaults(run=run)
     return sub
 
@@ -152,6 +157,14 @@ def change(text: str) -> int:
 def rate(text: str) -> str:
     try:
         parse_rate(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def listen_address(text: str) -> str:
+    try:
+        check_listen(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return text
