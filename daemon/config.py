@@ -10,12 +10,14 @@ from __future__ import annotations
 import ast
 import functools
 import importlib
+import json
 import math
 import os
 import re
 import tomllib
 import typing
 import zoneinfo
+from collections.abc import Callable
 from pathlib import Path
 from types import UnionType
 from typing import Annotated, Any, Literal, Union
@@ -184,6 +186,9 @@ class KindSection(Section):
     queued_timeout: Duration | None = None
     sla: Duration | None = None
     options: dict[str, Any] = msgspec.field(default_factory=dict)
+    # A command kind's payload, field by field: "string", "number", "integer", "boolean",
+    # or a table of fields for an object. Unset: any payload that fills the command.
+    payload: dict[str, Any] | None = None
     # What one job costs its user in credits: reserved at admission, spent when done,
     # refunded when it fails or is canceled.
     credits: Annotated[int, msgspec.Meta(ge=0)] = 1
@@ -457,6 +462,100 @@ def _bare(tp: Any) -> Any:
     return typing.get_args(tp)[0] if typing.get_origin(tp) is Annotated else tp
 
 
+# `{payload.input}`, `{job_id}` and `{attempt}` in a command kind's argv.
+COMMAND_PLACEHOLDER = re.compile(r"\{(payload(?:\.\w+)+|job_id|attempt)\}")
+
+
+def template_fields(command: list[str]) -> set[tuple[str, ...]]:
+    """The payload paths a command template needs, e.g. {("input",)}."""
+    fields = set()
+    for arg in command:
+        for match in COMMAND_PLACEHOLDER.finditer(arg):
+            if match[1].startswith("payload."):
+                fields.add(tuple(match[1].split(".")[1:]))
+    return fields
+
+
+def _is_number(value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return isinstance(value, int) or math.isfinite(value)
+
+
+# The words a command kind's `payload` table declares a field with, and what each accepts.
+PAYLOAD_TYPES: dict[str, Callable[[Any], bool]] = {
+    "string": lambda value: isinstance(value, str),
+    "number": _is_number,
+    "integer": lambda value: isinstance(value, int) and not isinstance(value, bool),
+    "boolean": lambda value: isinstance(value, bool),
+}
+
+
+def check_payload(schema: dict[str, Any], payload: Any, path: str = "payload") -> None:
+    """Raises ValueError naming the first field of `payload` that `schema` (a kind's
+    `payload` table) does not allow: a wrong type, a field missing, or one not declared."""
+    if not isinstance(payload, dict):
+        raise ValueError(
+            f"{path}: expected an object with {', '.join(schema)}, got {_json(payload)}"
+        )
+    for field in payload:
+        if field not in schema:
+            raise ValueError(
+                f"{path}.{field}: not a field of this kind (it takes {', '.join(schema)})"
+            )
+    for field, declared in schema.items():
+        where = f"{path}.{field}"
+        if field not in payload:
+            raise ValueError(f"{where}: required")
+        if isinstance(declared, dict):
+            check_payload(declared, payload[field], where)
+        elif not PAYLOAD_TYPES[declared](payload[field]):
+            raise ValueError(f"{where}: expected {_a(declared)}, got {_json(payload[field])}")
+
+
+def _a(word: str) -> str:
+    return f"an {word}" if word[0] in "aeiou" else f"a {word}"
+
+
+def _json(value: Any) -> str:
+    """A client's value in an error, cut short: messages never carry unbounded input."""
+    text = json.dumps(value)
+    return text if len(text) <= 40 else f"{text[:37]}..."
+
+
+def _check_payload_schema(schema: dict[str, Any], where: str) -> None:
+    for field, declared in schema.items():
+        if not re.fullmatch(r"\w+", field):
+            raise ConfigError(f"{where}.{field}: a field name uses letters, digits and '_' only")
+        if isinstance(declared, dict):
+            _check_payload_schema(declared, f"{where}.{field}")
+        elif declared not in PAYLOAD_TYPES:
+            raise ConfigError(
+                f"{where}.{field}: expected one of {', '.join(PAYLOAD_TYPES)} or a table of "
+                f"fields; got {_show(declared)}"
+            )
+
+
+def _check_command_payload(kind: KindSection, where: str) -> None:
+    if kind.payload is None:
+        return
+    if kind.command is None:
+        raise ConfigError(
+            f"{where}.payload: only a command kind declares its payload here; a python kind "
+            "annotates its handler's payload parameter with a msgspec Struct"
+        )
+    _check_payload_schema(kind.payload, f"{where}.payload")
+    for path in sorted(template_fields(kind.command)):
+        declared: Any = kind.payload
+        for field in path:
+            declared = declared.get(field) if isinstance(declared, dict) else None
+        if declared is None or isinstance(declared, dict):
+            raise ConfigError(
+                f"{where}.payload: the command uses {{payload.{'.'.join(path)}}}, which the "
+                "table must declare as a string, number, integer or boolean"
+            )
+
+
 def _check_kind(name: str, kind: KindSection) -> None:
     where = f"kinds.{name}"
     if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
@@ -469,6 +568,7 @@ def _check_kind(name: str, kind: KindSection) -> None:
         )
     if kind.command is not None and not kind.command:
         raise ConfigError(f"{where}.command: needs at least the program to run")
+    _check_command_payload(kind, where)
 
 
 def _check_listeners(config: Config) -> None:
