@@ -9,13 +9,30 @@ import json
 import math
 import re
 from collections.abc import Callable
-from typing import Any, TypeAlias
+from typing import Any, NoReturn, TypeAlias
 
 from jobwarden.config import check_listen, parse_rate
 from jobwarden.wire.views import STATUSES
 
 Run = Callable[[argparse.Namespace], int]
 Subcommands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+
+class UsageError(Exception):
+    """What was typed is wrong; `parser` is the (sub)command whose usage it breaks."""
+
+    def __init__(self, message: str, parser: argparse.ArgumentParser) -> None:
+        super().__init__(message)
+        self.parser = parser
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser that raises its usage errors, so that `main` words them: as
+    argparse does, or under --json in the common error shape. Its subcommands are Parsers
+    too (argparse makes them of their parent's class)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message, self)
 
 
 def global_options(*, in_subcommand: bool) -> argparse.ArgumentParser:
@@ -36,7 +53,10 @@ def global_options(*, in_subcommand: bool) -> argparse.ArgumentParser:
         "--socket", metavar="PATH", default=default(None), help="admin socket, instead of config"
     )
     options.add_argument(
-        "--json", action="store_true", default=default(False), help="print replies as JSON"
+        "--json",
+        action="store_true",
+        default=default(False),
+        help="print replies as JSON, and errors as JSON on stderr",
     )
     return options
 

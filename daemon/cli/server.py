@@ -14,7 +14,7 @@ from jobwarden.cli.breakers import breakers_text
 from jobwarden.cli.connection import call, client
 from jobwarden.cli.costs import budget_summary
 from jobwarden.cli.kinds import paused_text
-from jobwarden.cli.output import EXIT_OK, print_fields, print_reply, span
+from jobwarden.cli.output import EXIT_OK, paint, print_fields, print_reply, span
 from jobwarden.client import AdminClient, DaemonUnreachable
 from jobwarden.config import Overrides, check_handlers, find_config, load_config
 from jobwarden.errors import ConfigError
@@ -58,7 +58,12 @@ def add_commands(commands: Subcommands) -> None:
             metavar="HOST:PORT",
             help=f'overrides {listener}.listen (port 0: any free port; "": no listener)',
         )
-    subcommand(commands, "status", _status, "show the daemon's state")
+    status = subcommand(commands, "status", _status, "show the daemon's state")
+    status.add_argument(
+        "--pid",
+        action="store_true",
+        help='print only the process id of the daemon that answers, e.g. for kill "$(...)"',
+    )
     drain = subcommand(
         commands, "drain", _drain, "stop admitting jobs, let running ones finish, then exit"
     )
@@ -149,6 +154,10 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
+    if args.pid:
+        # The daemon's own word, not a pid file a crash may have left behind.
+        pid = call(args, "ping")["pid"]
+        return print_reply(args, {"pid": pid}, lambda data: print(data["pid"]))
     return print_reply(args, call(args, "status"), _print_status)
 
 
@@ -167,7 +176,10 @@ def _print_status(data: dict[str, Any]) -> None:
             ),
             ("state", "draining" if data["draining"] else "accepting jobs"),
             ("running", f"{data['running']} of {data['max_concurrent_jobs']} slots"),
-            ("jobs", ", ".join(f"{status} {counts.get(status, 0)}" for status in STATUSES)),
+            (
+                "jobs",
+                ", ".join(f"{paint(status)} {counts.get(status, 0)}" for status in STATUSES),
+            ),
             ("queued", queued.strip() or "none"),
             ("paused", paused_text(data["paused"], data["paused_all"])),
             (
