@@ -68,11 +68,11 @@ def _run(argv: list[str]) -> int:
         # --help and --version exit through argparse; callers of main() get the code.
         return int(exc.code or 0)
     except UsageError as exc:
-        if not as_json:
+        if exc.parser is not None and not as_json:
             exc.parser.print_usage(sys.stderr)
         print_error(
             ErrorBody("INVALID_REQUEST", str(exc), retryable=False),
-            f"{exc.parser.prog}: error: {exc}",
+            f"{exc.parser.prog if exc.parser else 'jobwarden'}: error: {exc}",
             as_json=as_json,
         )
         return EXIT_USAGE

@@ -19,9 +19,9 @@ Subcommands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 
 class UsageError(Exception):
-    """What was typed is wrong; `parser` is the (sub)command whose usage it breaks."""
+    """What was typed is wrong; `parser` is the (sub)command whose usage it breaks, if one."""
 
-    def __init__(self, message: str, parser: argparse.ArgumentParser) -> None:
+    def __init__(self, message: str, parser: argparse.ArgumentParser | None = None) -> None:
         super().__init__(message)
         self.parser = parser
 

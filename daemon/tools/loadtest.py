@@ -24,7 +24,6 @@ import json
 import math
 import os
 import random
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -419,6 +418,7 @@ class LoadTest:
         self.show: Callable[[dict[str, Any]], None] = _show_nothing
 
     def write_config(self) -> Config:
+        """Raises FileExistsError when the run's database is there already."""
         scenario = self.plan.scenario
         text = CONFIG_TEMPLATE.format(
             test_id=self.test_id,
@@ -675,11 +675,7 @@ def loadtest_main(args: argparse.Namespace) -> int:
         else trio.testing.MockClock(rate=plan.speed)
     )
     test_id = datetime.datetime.now().strftime("longrun_%Y%m%d_%H%M%S")
-    try:
-        outcome = trio.run(lambda: run_loadtest(plan, test_id=test_id), clock=clock)
-    except FileExistsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    outcome = trio.run(lambda: run_loadtest(plan, test_id=test_id), clock=clock)
     if args.json:
         print(_json({"run": msgspec.to_builtins(outcome.record), "figures": outcome.figures}))
     else:
