@@ -632,12 +632,17 @@ def test_watch_shows_a_queued_jobs_place_and_its_costs(daemon, jobwarden, capsys
     ]
 
 
-def test_watch_says_first_why_a_queued_job_waits(daemon, jobwarden, capsys):
-    daemon.replies["show"] = {
+def shown_waiting_for_a_slot() -> dict[str, Any]:
+    """`show` of job 12, queued behind a full pool."""
+    return {
         "job": job_view(status="queued"),
         "events": [event(1, "status", status="queued", attempt=0)],
         "waiting": waiting("no free slot (2 of 2 running)", position=2),
     }
+
+
+def test_watch_says_first_why_a_queued_job_waits(daemon, jobwarden, capsys):
+    daemon.replies["show"] = shown_waiting_for_a_slot()
     daemon.watch_events = [
         event(1, "status", status="queued", attempt=0),
         event(2, "status", status="done", attempt=1),
@@ -1217,25 +1222,11 @@ def test_a_reader_that_leaves_early_ends_jobs_quietly(daemon, tmp_path):
     code, out, err = run_cli(daemon, "jobs", pipe_into="head -1", tmp_path=tmp_path)
 
     assert (code, err) == (141, "")
-    assert out.split() == [
-        "ID",
-        "KIND",
-        "USER",
-        "STATUS",
-        "ATTEMPT",
-        "PROGRESS",
-        "AGE",
-        "WAITING",
-        "DETAIL",
-    ]
+    assert out.split() == "ID KIND USER STATUS ATTEMPT PROGRESS AGE WAITING DETAIL".split()
 
 
 def test_a_piped_watch_prints_a_readable_line_per_event(daemon, tmp_path):
-    daemon.replies["show"] = {
-        "job": job_view(status="queued"),
-        "events": [event(1, "status", status="queued", attempt=0)],
-        "waiting": waiting("no free slot (2 of 2 running)", position=2),
-    }
+    daemon.replies["show"] = shown_waiting_for_a_slot()
     daemon.watch_events = [
         event(1, "status", status="queued", attempt=0),
         event(2, "position", **waiting("position 1 of 3", position=1)),

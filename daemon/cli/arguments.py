@@ -174,20 +174,21 @@ def change(text: str) -> int:
     return int(text)
 
 
-def rate(text: str) -> str:
-    try:
-        parse_rate(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
+def _checked_by(check: Callable[[str], object]) -> Callable[[str], str]:
+    """An argument type from the config's own check: the text as typed, or its complaint."""
+
+    def checked(text: str) -> str:
+        try:
+            check(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return text
+
+    return checked
 
 
-def listen_address(text: str) -> str:
-    try:
-        check_listen(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
+rate = _checked_by(parse_rate)
+listen_address = _checked_by(check_listen)
 
 
 def statuses(text: str) -> list[str]:
