@@ -1222,7 +1222,7 @@ def test_a_reader_that_leaves_early_ends_jobs_quietly(daemon, tmp_path):
     code, out, err = run_cli(daemon, "jobs", pipe_into="head -1", tmp_path=tmp_path)
 
     assert (code, err) == (141, "")
-    assert out.split() == "ID KIND USER STATUS ATTEMPT PROGRESS AGE WAITING DETAIL".split()
+    assert " ".join(out.split()) == "ID KIND USER STATUS ATTEMPT PROGRESS AGE WAITING DETAIL"
 
 
 def test_a_piped_watch_prints_a_readable_line_per_event(daemon, tmp_path):

@@ -10,7 +10,7 @@ The store therefore runs inline on the trio thread: on MockClock, a write in fli
 thread would let autojump move time under it.
 
 Every figure in the report is read from the store and the ledger after the run
-(daemon/report.py). The driver keeps only what no table holds: the submissions that were
+(jobwarden.tools.report). The driver keeps only what no table holds: the submissions that were
 refused, by the code their reply carried, and which jobs it made hang.
 """
 

@@ -4,7 +4,9 @@
 jobwarden.store.reports), the config the run used and the driver's record, which holds only
 what no table can: the submissions admission refused, and which jobs were made to hang. The
 renderers turn the figures into the load test's report (markdown), a short summary, and PNG charts
-when matplotlib is installed (`pip install 'jobwarden[report]'`).
+when matplotlib is installed (`pip install 'jobwarden[report]'`). The report ends with what the
+run says to do: recommendations, each derived from a figure and the config's own threshold for
+it, and a conclusion from five checks.
 """
 
 from __future__ import annotations
@@ -978,7 +980,7 @@ def _retry_section(retries: dict[str, Any]) -> list[str]:
 def _stuck_section(stuck: dict[str, Any]) -> list[str]:
     lines = []
     if not stuck["injected"]:
-        lines.append("No stuck jobs were injected (`--inject-stuck N`).")
+        lines.append("No stuck jobs were injected (`--inject-stuck 0`; the default is 3).")
     else:
         when = ", ".join(into_run(at) for at in stuck["detected_at"]) or "-"
         lines += table(
