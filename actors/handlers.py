@@ -31,7 +31,14 @@ import structlog
 import trio
 
 from jobwarden.actors.services import Metered, ServiceLink
-from jobwarden.config import KindSection, import_handler, name_path
+from jobwarden.config import (
+    COMMAND_PLACEHOLDER,
+    KindSection,
+    check_payload,
+    import_handler,
+    name_path,
+    template_fields,
+)
 from jobwarden.errors import (
     BudgetExhausted,
     Fail,
@@ -148,19 +155,6 @@ def payload_type(handler: Callable[..., Any]) -> type | None:
     return None
 
 
-_PLACEHOLDER = re.compile(r"\{(payload(?:\.\w+)+|job_id|attempt)\}")
-
-
-def template_fields(command: list[str]) -> set[tuple[str, ...]]:
-    """The payload paths a command template needs, e.g. {("input",)}."""
-    fields = set()
-    for arg in command:
-        for match in _PLACEHOLDER.finditer(arg):
-            if match[1].startswith("payload."):
-                fields.add(tuple(match[1].split(".")[1:]))
-    return fields
-
-
 def _lookup(payload: Any, path: tuple[str, ...]) -> Any:
     value = payload
     for key in path:
@@ -182,7 +176,7 @@ def render_command(command: list[str], payload: Any, *, job_id: int, attempt: in
         value = _lookup(payload, tuple(name.split(".")[1:]))
         return json.dumps(value) if isinstance(value, bool) else str(value)
 
-    return [_PLACEHOLDER.sub(fill, arg) for arg in command]
+    return [COMMAND_PLACEHOLDER.sub(fill, arg) for arg in command]
 
 
 def validate_payload(kind: KindSection, payload: Any) -> Any:
@@ -193,9 +187,11 @@ def validate_payload(kind: KindSection, payload: Any) -> Any:
             try:
                 return msgspec.convert(payload, struct)
             except msgspec.ValidationError as exc:
-                raise ValueError(name_path(str(exc), "payload")) from None
+                raise ValueError(name_path(str(exc), "payload", struct)) from None
         return payload
     assert kind.command is not None
+    if kind.payload is not None:
+        check_payload(kind.payload, payload)
     if template_fields(kind.command) and not isinstance(payload, dict):
         raise ValueError("payload must be a JSON object")
     for path in template_fields(kind.command):

@@ -404,7 +404,10 @@ async def test_a_second_watch_of_the_same_jobs_and_one_too_many_are_refused(star
 @pytest.mark.parametrize(
     ("setting", "complaint"),
     [
-        ('listen = "8765"', "websocket.listen: Expected `str` matching regex"),
+        (
+            'listen = "8765"',
+            'websocket.listen: expected "host:port" (port 0 to 65535) or "", got "8765"',
+        ),
         ("queue = 0", "websocket.queue: Expected `int` >= 1"),
         ('ping_interval = "soon"', 'websocket.ping_interval: expected a duration like "15m"'),
         ("colour = 1", "websocket.colour: unknown key"),

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -17,7 +18,7 @@ import msgspec
 import structlog
 import trio
 
-from jobwarden.errors import StartupError
+from jobwarden.errors import ConfigError
 from jobwarden.metrics import Metrics
 from jobwarden.process.commands import Commands
 from jobwarden.store.engine import Store
@@ -35,6 +36,23 @@ def parse_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+async def open_listeners(listen: str, *, key: str) -> list[trio.SocketListener]:
+    """The TCP listeners for a listen key's "host:port". One that cannot be had is a config
+    error that names the key to change, and the `serve` flag that overrides it."""
+    host, port = parse_listen(listen)
+    try:
+        return await trio.open_tcp_listeners(port, host=host)
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+        if exc.errno == errno.EADDRINUSE:
+            why += " (another program, or another jobwarden, listens there)"
+        flag = "--" + key.replace(".", "-").replace("_", "-")
+        raise ConfigError(
+            f"{key}: cannot listen on {listen}: {why}. Set another {key} in the config, "
+            f'or run `jobwarden serve {flag} HOST:PORT` (port 0 takes any free port, "" none)'
+        ) from None
+
+
 class HttpServer:
     def __init__(
         self,
@@ -47,7 +65,7 @@ class HttpServer:
         slow_request: float,
         very_slow_request: float,
     ) -> None:
-        self._host, self._port = parse_listen(listen)
+        self._listen = listen
         self._slow = (slow_request, very_slow_request)
         self._store = store
         self._commands = commands
@@ -61,13 +79,9 @@ class HttpServer:
         }
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-        try:
-            listeners = await trio.open_tcp_listeners(self._port, host=self._host)
-        except OSError as exc:
-            raise StartupError(
-                f"http.listen: cannot listen on {self._host}:{self._port}: {exc.strerror}"
-            ) from None
-        log.info("http listening", host=self._host, port=listeners[0].socket.getsockname()[1])
+        listeners = await open_listeners(self._listen, key="http.listen")
+        host, port = listeners[0].socket.getsockname()[:2]
+        log.info("http listening", host=host, port=port)
         await trio.serve_listeners(self._serve, listeners, task_status=_Started(task_status))
 
     async def _serve(self, stream: trio.SocketStream) -> None:

@@ -43,7 +43,7 @@ from jobwarden.actors.monitor import Monitor
 from jobwarden.actors.pool import Pool
 from jobwarden.actors.scheduler import Scheduler
 from jobwarden.clock import WallClock
-from jobwarden.config import Config, check_handlers, load_config
+from jobwarden.config import Config, Overrides, check_handlers, load_config
 from jobwarden.errors import ConfigError, StartupError
 from jobwarden.hub import EventHub
 from jobwarden.logs import configure_logging, use_clock
@@ -106,6 +106,7 @@ class Supervisor:
         config: Config,
         *,
         config_path: Path | None = None,
+        overrides: Overrides | None = None,
         notifier: SystemdNotifier | None = None,
         threaded_store: bool = True,
         clock_epoch: float | None = None,
@@ -115,6 +116,8 @@ class Supervisor:
         # The one reader of memory and CPU: see jobwarden.system.
         self._sample_system = sample_system or SystemSampler()
         self._config_path = config_path
+        # The serve flags win over the file on every reload, as they did at start-up.
+        self._overrides = overrides or Overrides()
         self._notifier = notifier or SystemdNotifier.from_environ({})
         self._threaded_store = threaded_store
         self._clock_epoch = clock_epoch
@@ -359,7 +362,7 @@ class Supervisor:
             return
         self._notifier.reloading()
         try:
-            new = load_config(self._config_path)
+            new = self._overrides.apply(load_config(self._config_path))
             check_handlers(new)
         except ConfigError as exc:
             log.error("reload rejected; keeping the running config", error=str(exc))
@@ -410,24 +413,35 @@ class Supervisor:
             await trio.sleep(STATUS_INTERVAL)
 
 
-def serve_main(config_path: Path) -> int:
-    """`jobwarden serve`: run until drained. Exit 0 after a clean stop, 2 on a bad config."""
+def serve_main(config_path: Path, overrides: Overrides | None = None) -> int:
+    """`jobwarden serve`: run until drained. Exit 0 after a clean stop; 2 when the config
+    cannot be used, a listen port among it (systemd is told not to restart on 2); 1 when
+    another resource is taken."""
+    overrides = overrides or Overrides()
     try:
-        config = load_config(config_path)
+        config = overrides.apply(load_config(config_path))
         check_handlers(config)
     except ConfigError as exc:
         print(f"jobwarden: {exc}", file=sys.stderr)
         return 2
     configure_logging(config.log.format, config.log.level)
     supervisor = Supervisor(
-        config, config_path=config_path, notifier=SystemdNotifier.from_environ()
+        config,
+        config_path=config_path,
+        overrides=overrides,
+        notifier=SystemdNotifier.from_environ(),
     )
-    refusals: list[BaseException] = []
+    refusals: list[str] = []
+    code = 0
     try:
         trio.run(supervisor.run)
-    except* (StartupError, ConfigError) as group:
-        refusals.extend(group.exceptions)
-    for exc in refusals:
-        log.error("jobwarden could not start", error=str(exc))
-        print(f"jobwarden: {exc}", file=sys.stderr)
-    return 1 if refusals else 0
+    except* ConfigError as group:
+        refusals += [f"{config_path}: {exc}" for exc in group.exceptions]
+        code = 2
+    except* StartupError as group:
+        refusals += [str(exc) for exc in group.exceptions]
+        code = code or 1
+    for refusal in refusals:
+        log.error("jobwarden could not start", error=refusal)
+        print(f"jobwarden: {refusal}", file=sys.stderr)
+    return code
