@@ -14,6 +14,7 @@ The store wraps the actors' nursery, so the final writes of jobs being torn down
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import math
 import os
@@ -44,7 +45,7 @@ from jobwarden.actors.pool import Pool
 from jobwarden.actors.scheduler import Scheduler
 from jobwarden.clock import WallClock
 from jobwarden.config import Config, check_handlers, load_config
-from jobwarden.errors import ConfigError, StartupError
+from jobwarden.errors import ConfigError, StartupError, StoreError
 from jobwarden.hub import EventHub
 from jobwarden.logs import configure_logging, use_clock
 from jobwarden.mailbox import ReplySlot
@@ -55,7 +56,7 @@ from jobwarden.process.http import HttpServer
 from jobwarden.process.systemd import SystemdNotifier
 from jobwarden.process.websocket import WebSocketServer
 from jobwarden.store import jobs
-from jobwarden.store.engine import Store
+from jobwarden.store.engine import Store, StoreState
 from jobwarden.system import SystemLoad, SystemSampler
 
 log = structlog.get_logger("supervisor")
@@ -139,19 +140,36 @@ class Supervisor:
                 synchronous=config.store.synchronous,
                 max_batch=config.store.max_batch,
                 threaded=self._threaded_store,
+                clock=clock,
             ) as store:
-                recovered = await store.write(
-                    partial(
-                        jobs.recover_running,
-                        now=clock.now(),
-                        crash_loop_after=config.daemon.crash_loop_after,
-                    )
-                )
-                log.info("start-up recovery done", database=str(db_path), **recovered)
+                await self._recover(store, clock, db_path)
                 await self._run_actors(store, hub, clock, task_status)
         finally:
             os.close(lock_fd)
             use_clock(None)
+
+    async def _recover(self, store: Store, clock: WallClock, db_path: Path) -> None:
+        """Jobs a crash left `running` go back to the queue. On a store that takes no writes
+        (a full disk) the daemon starts all the same, read-only: the recovery is kept, and
+        committed ahead of every other write once the store takes writes again, so no job is
+        dispatched before it."""
+        recover = partial(
+            jobs.recover_running,
+            now=clock.now(),
+            crash_loop_after=self._config.daemon.crash_loop_after,
+        )
+        try:
+            recovered = await store.write(recover)
+        except StoreError as exc:
+            store.hand_over(recover, keep=True)
+            log.error(
+                "start-up recovery waits for the store to take writes; starting read-only",
+                database=str(db_path),
+                code=exc.code,
+                error=str(exc),
+            )
+            return
+        log.info("start-up recovery done", database=str(db_path), **recovered)
 
     async def _run_actors(
         self,
@@ -236,6 +254,7 @@ class Supervisor:
             metrics=metrics,
         )
         async with trio.open_nursery() as nursery:
+            await nursery.start(store.probe_while_faulted)
             await nursery.start(scheduler.run)
             await nursery.start(breaker.run)
             await nursery.start(ledger.run)
@@ -243,6 +262,7 @@ class Supervisor:
             await nursery.start(admission.run)
             await nursery.start(monitor.run)
             nursery.start_soon(self._sample, scheduler_tx.clone(), monitor_tx.clone())
+            nursery.start_soon(self._follow_store, store, scheduler_tx.clone(), monitor_tx.clone())
             self._ready = True
             await nursery.start(self._admin.run)
             http_port = None
@@ -396,6 +416,20 @@ class Supervisor:
                 load = self._sample_system()
                 await scheduler.send(load)
                 await monitor.send(load)
+
+    async def _follow_store(self, store: Store, *actors: trio.MemorySendChannel[Any]) -> None:
+        """Each change of the store's health, to the actors that act on it: the scheduler
+        resumes dispatch when the store takes writes again, the monitor raises an alert when
+        it stops. A fault found before they started (at start-up recovery) is handed on too."""
+        async with contextlib.AsyncExitStack() as stack:
+            for actor in actors:
+                await stack.enter_async_context(actor)
+            seen = 0
+            while True:
+                seen = await store.health.wait_change(seen)
+                state = StoreState(fault=store.health.fault)
+                for actor in actors:
+                    await actor.send(state)
 
     async def _report_status(self, scheduler: trio.MemorySendChannel[Any]) -> None:
         if not self._notifier.enabled:
