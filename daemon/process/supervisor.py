@@ -86,15 +86,49 @@ class DaemonHandle(msgspec.Struct):
 
 
 def lock_database(db_path: Path) -> int:
-    """One daemon per database: a second would dispatch the same jobs twice."""
+    """One daemon per database: a second would dispatch the same jobs twice.
+
+    The lock is on the database file itself, not on a name beside it, so that every path to
+    the file (a symlink, a hard link, another mount of the directory) meets it: an exclusive
+    flock on a descriptor of the file, held for as long as the daemon runs. SQLite locks with
+    POSIX record locks, which flock locks never meet on a local file system. The descriptor
+    is closed only after the store has closed its connections (closing any descriptor of the
+    file would drop the POSIX locks this process holds on it)."""
     db_path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(f"{db_path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        # Read-only is enough for flock, and works on a file that refuses writes.
+        fd = os.open(db_path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise StartupError(f"cannot open the database {db_path}: {exc.strerror}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
+        holder = lock_holder(os.fstat(fd))
         os.close(fd)
-        raise StartupError(f"another jobwarden is already using {db_path}") from None
+        pid = "" if holder is None else f" (pid {holder})"
+        raise StartupError(
+            f"another jobwarden is already using the database {db_path}{pid}, "
+            "through this path or another link to the same file"
+        ) from None
     return fd
+
+
+def lock_holder(file: os.stat_result) -> int | None:
+    """The pid that holds a flock on `file`, as Linux lists it in /proc/locks; None where
+    that is not known (another system, a pid outside our namespace)."""
+    inode = f"{os.major(file.st_dev):02x}:{os.minor(file.st_dev):02x}:{file.st_ino}"
+    try:
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        # "1: FLOCK  ADVISORY  WRITE 4242 00:2b:81 0 EOF"; a waiter's line has "->" after
+        # the number.
+        fields = line.split()
+        if len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == inode:
+            pid = int(fields[4])
+            return pid if pid > 0 else None
+    return None
 
 
 # Keys that the running daemon cannot change; a reload warns that they need a restart.
