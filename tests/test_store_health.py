@@ -216,3 +216,41 @@ async def test_a_full_store_refuses_jobs_and_holds_dispatch_until_it_takes_write
     assert (await daemon.wait_done(again.id)).status == "done"
     health = await ask(daemon.handle.monitor, HealthQuery)
     assert health["store"] == {"writable": True}
+
+
+CALLER = """
+[services.paid]
+price_usd = 1.0
+
+[kinds.caller]
+handler = "tests.handlers:call_service"
+"""
+
+
+async def ledger_rows(store: Store) -> tuple[int, float]:
+    return await store.read(
+        lambda conn: conn.execute("SELECT COUNT(*), COALESCE(SUM(usd), 0) FROM ledger").fetchone()
+    )
+
+
+async def test_what_a_job_did_while_the_store_took_no_writes_is_written_when_it_does(
+    autojump_clock, start_daemon
+):
+    daemon = await start_daemon(CALLER)
+    store = daemon.handle.store
+    job = await daemon.submit("caller", {"service": "paid", "seconds": 0.5})
+    await daemon.wait_status(job.id, {"running"})
+    # The database file refuses writes (read-only) until the probe's fresh connection.
+    store._writer.execute("PRAGMA query_only = 1")
+
+    # The call is made and paid for, and the job ends: none of it can be written yet.
+    await trio.sleep(0.6)
+    assert store.health.fault is not None and store.health.fault.code == "STORAGE_ERROR"
+    assert (await daemon.job(job.id)).status == "running"
+    assert await ledger_rows(store) == (0, 0.0)
+
+    finished = await daemon.wait_done(job.id)
+
+    assert (finished.status, finished.attempt, finished.result) == ("done", 1, {"answer": "ok"})
+    assert await ledger_rows(store) == (1, 1.0)
+    assert store.health.fault is None
