@@ -195,6 +195,7 @@ def test_a_full_disk_refuses_new_jobs_keeps_the_accepted_and_resumes_by_itself(d
         assert_refused_until_space(error, "STORAGE_FULL")
         assert "disk is full" in error.message
         assert refusal(lambda: client.call("pause")).code == "STORAGE_FULL"
+        assert refusal(lambda: client.call("cancel", job=queued[-1])).code == "STORAGE_FULL"
         assert_store_fault(daemon, client, "STORAGE_FULL")
         listed = client.call("jobs", limit=100)["jobs"]
         assert {j["id"] for j in listed} == {ran, *queued}
