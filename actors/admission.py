@@ -4,7 +4,8 @@ Consumes `Submit` and `Requeue` from the listeners, `UserRate` from the admin `u
 `BudgetState` from the ledger and `StopAdmitting`/`Reconfigure` from the supervisor. Produces
 `JobQueued` for the scheduler.
 
-The guards run in two places. Here, in memory: draining, budget, kind, payload size and
+The guards run in two places. Here, in memory: draining, a store that takes no writes
+(`STORAGE_FULL`/`STORAGE_ERROR`, as the engine's health says), budget, kind, payload size and
 schema, a kind's memory requirement this machine can never meet (its total memory, as the
 daemon's one sampler read it at start), and the per-user rate limit (a `TokenBucket` on trio's
 clock; buckets may be lost on restart, as a rate is about the last minute). In the store,
@@ -51,7 +52,7 @@ from jobwarden.actors.messages import (
 )
 from jobwarden.clock import WallClock
 from jobwarden.config import Config, format_size, parse_rate
-from jobwarden.errors import RequestError
+from jobwarden.errors import RequestError, StoreError
 from jobwarden.metrics import Metrics
 from jobwarden.store import Engine, jobs, users
 from jobwarden.store.jobs import Admitted, NewJob, Quota, Refused
@@ -76,10 +77,14 @@ def check_submit(
     budget: BudgetState,
     now: float,
     total_memory: int,
+    store_fault: StoreError | None = None,
 ) -> str:
     """The request guards, as a plain function. Returns the payload as stored JSON."""
     if draining:
         raise RequestError("DRAINING", "the daemon is shutting down and accepts no new jobs")
+    if store_fault is not None:
+        # The job could not be committed, so it could not be accepted.
+        raise store_fault.refusal()
     if budget.stopped:
         retry_after = None if budget.until is None else max(0.0, round(budget.until - now, 3))
         raise RequestError(
@@ -213,6 +218,7 @@ class Admission:
                 budget=self._budget,
                 now=now,
                 total_memory=self._total_memory,
+                store_fault=self._store.health.error(),
             )
             if not owes_token:
                 self._take_token(msg.user, now)
@@ -296,6 +302,8 @@ class Admission:
         )
         try:
             results = await self._store.write(write)
+        except StoreError as exc:
+            results = [exc] * len(accepted)
         except Exception as exc:
             log.error("submissions failed in the store", error=str(exc), count=len(accepted))
             results = [exc] * len(accepted)
@@ -314,6 +322,8 @@ class Admission:
                         self._slowed_until.pop(msg.user, None)
                 case Refused():
                     self._refuse(msg, self._refused(result, now))
+                case StoreError():
+                    self._refuse(msg, result.refusal())
                 case _:
                     log.error("submit failed in the store", error=str(result), kind=msg.kind)
                     msg.reply.fail(RequestError("INTERNAL", "the job could not be stored"))
@@ -372,15 +382,19 @@ class Admission:
             )
             return
         now = self._clock.now()
-        job = await self._store.write(
-            partial(
-                jobs.requeue_manual,
-                job_id=msg.job_id,
-                max_attempts=self._config.retry_policy(current.kind).max_attempts,
-                credits=kind.credits,
-                now=now,
+        try:
+            job = await self._store.write(
+                partial(
+                    jobs.requeue_manual,
+                    job_id=msg.job_id,
+                    max_attempts=self._config.retry_policy(current.kind).max_attempts,
+                    credits=kind.credits,
+                    now=now,
+                )
             )
-        )
+        except StoreError as exc:
+            msg.reply.fail(exc.refusal())
+            return
         if isinstance(job, Refused):
             msg.reply.fail(self._refused(job, now))
             return

@@ -44,8 +44,8 @@ from jobwarden.actors.messages import (
 )
 from jobwarden.clock import WallClock
 from jobwarden.config import Config
-from jobwarden.errors import BudgetExhausted, RequestError
-from jobwarden.mailbox import receive_by
+from jobwarden.errors import BudgetExhausted, RequestError, StoreError
+from jobwarden.mailbox import ReplySlot, receive_by
 from jobwarden.metrics import Metrics
 from jobwarden.store import Engine, jobs
 from jobwarden.store.ledger import record_entry, report, spent
@@ -156,26 +156,22 @@ class Ledger:
             case BudgetQuery(reply=reply):
                 reply.set(self._view())
             case SetBudget(daily_usd=daily, monthly_usd=monthly, reply=reply):
-                self._limits = Limits(
+                limits = Limits(
                     self._limits.daily_usd if daily is None else daily,
                     self._limits.monthly_usd if monthly is None else monthly,
                 )
-                await self._store.write(
-                    partial(
-                        jobs.set_setting,
-                        key=LIMITS_SETTING,
-                        value=msgspec.to_builtins(self._limits),
-                    )
-                )
+                # Stored first: a limit that would not hold after a restart is refused.
+                if not await self._save_setting(LIMITS_SETTING, msgspec.to_builtins(limits), reply):
+                    return
+                self._limits = limits
                 self._limits_set_by_operator = True
                 log.warning("budget limits set by an operator", **msgspec.to_builtins(self._limits))
                 await self._lift_stop_if_within()
                 reply.set(self._view())
             case ResumeBudget(reply=reply):
+                if not await self._save_setting(OVERRIDE_SETTING, self._day, reply):
+                    return
                 self._override_day = self._day
-                await self._store.write(
-                    partial(jobs.set_setting, key=OVERRIDE_SETTING, value=self._day)
-                )
                 log.warning(
                     "budget stop overridden by an operator for the rest of the day",
                     day=self._day,
@@ -191,6 +187,15 @@ class Ledger:
                 if not self._limits_set_by_operator:
                     self._limits = Limits(config.budget.daily_usd, config.budget.monthly_usd)
                     await self._lift_stop_if_within()
+
+    async def _save_setting(self, key: str, value: Any, reply: ReplySlot[Any]) -> bool:
+        """Store an operator's setting; a store that takes no writes refuses it."""
+        try:
+            await self._store.write(partial(jobs.set_setting, key=key, value=value))
+        except StoreError as exc:
+            reply.fail(exc.refusal())
+            return False
+        return True
 
     def _price(
         self, job: int | None, user: str, kind: str, service: str, units: float
@@ -284,7 +289,8 @@ class Ledger:
             self._calendar.day(now),
             self._calendar.month(now),
         )
-        await self._store.write(partial(record_entry, entry=entry))
+        # The call was made: its cost is booked even while the store takes no writes.
+        await self._store.write_or_keep(partial(record_entry, entry=entry))
         self._metrics.spend.labels(reservation.service).inc(usd)
         await self._roll_over()
         self._spent_day += usd

@@ -2,7 +2,8 @@
 
 A request that needs an answer carries its `ReplySlot`. `Reconfigure` is the one message every
 actor gets on a config reload. Each actor's inbox type is the union named after it.
-`SystemLoad`, the sampler's reading, lives with the sampler in jobwarden.system.
+`SystemLoad`, the sampler's reading, lives with the sampler in jobwarden.system, and
+`StoreState`, the store's health as it changes, with the engine in jobwarden.store.engine.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import msgspec
 
 from jobwarden.config import Config
 from jobwarden.mailbox import ReplySlot
+from jobwarden.store.engine import StoreState
 from jobwarden.system import SystemLoad
 from jobwarden.wire.views import ErrorBody, JobView
 
@@ -288,6 +290,7 @@ SchedulerMessage = (
     | ServiceState
     | BudgetState
     | SystemLoad
+    | StoreState
 )
 
 
@@ -309,7 +312,7 @@ LedgerMessage = (
 )
 
 
-MonitorMessage = RunRules | HealthQuery | Reconfigure | RaiseAlert | SystemLoad
+MonitorMessage = RunRules | HealthQuery | Reconfigure | RaiseAlert | SystemLoad | StoreState
 
 
 PoolMessage = RunJobs | CancelJob | Recover | PoolStatistics | Drain | Reconfigure

@@ -55,6 +55,7 @@ from jobwarden.errors import (
     Retry,
     ServiceFailed,
     ServiceUnavailable,
+    StoreError,
     error_body,
 )
 from jobwarden.mailbox import ReplySlot
@@ -167,6 +168,8 @@ class Pool:
         # Breaks ties between equal deadlines (a job retried at once is there twice).
         self._started = itertools.count()
         self._timeout_wait = trio.CancelScope()
+        # Shields the recording of a batch of outcomes from the stop, which then bounds it.
+        self._recording = trio.CancelScope(shield=True)
         self._log = log.bind()
         self.outcomes: dict[str, int] = {}
 
@@ -176,6 +179,10 @@ class Pool:
             for channel in channels:
                 await stack.enter_async_context(channel)
             nursery = await stack.enter_async_context(trio.open_nursery())
+            # On the way out, before the nursery waits for its tasks: the outcomes being
+            # recorded get so long to commit, and no longer (a store that takes no writes would
+            # hold them forever).
+            stack.callback(self._bound_recording)
             nursery.start_soon(self._record_ended)
             nursery.start_soon(self._enforce_timeouts)
             task_status.started()
@@ -220,9 +227,13 @@ class Pool:
             entry.stop(CANCELED)
             self._cancel_on_arrival.setdefault(msg.job_id, []).append(msg.reply)
             return
-        job = await self._store.write(
-            partial(jobs.cancel, job_id=msg.job_id, now=self._clock.now(), expect=("queued",))
-        )
+        try:
+            job = await self._store.write(
+                partial(jobs.cancel, job_id=msg.job_id, now=self._clock.now(), expect=("queued",))
+            )
+        except StoreError as exc:
+            msg.reply.fail(exc.refusal())
+            return
         if job is not None:
             msg.reply.set(job)
             return
@@ -255,9 +266,12 @@ class Pool:
         if current is None or current.status != "running":
             msg.reply.set(current)
             return
-        msg.reply.set(
-            await self._store.write(self._transition(current, outcome, self._clock.now()))
-        )
+        try:
+            final = await self._store.write(self._transition(current, outcome, self._clock.now()))
+        except StoreError as exc:
+            msg.reply.fail(exc)
+            return
+        msg.reply.set(final)
 
     async def _drain(self, grace: float, reply: ReplySlot[int]) -> None:
         with trio.move_on_after(grace):
@@ -267,7 +281,11 @@ class Pool:
             if entry.outcome is None:
                 entry.stop(INTERRUPTED)
                 interrupted += 1
-        await self._idle.wait()
+        # Interrupted handlers end at once. What can hold the pool longer is a store that
+        # takes no writes: the outcomes it could not record are left to the recovery at the
+        # next start (the jobs run again), rather than holding the stop forever.
+        with trio.move_on_after(FINAL_WRITE_TIMEOUT):
+            await self._idle.wait()
         reply.set(interrupted)
 
     async def _run_job(self, entry: _Running) -> None:
@@ -280,14 +298,21 @@ class Pool:
             # The process is stopping under us: the job goes back to the queue, unspent.
             self._forget(job.id)
             with _final_write_scope():
-                await self._store.write(
-                    partial(
-                        jobs.requeue_unspent,
-                        job_id=job.id,
-                        reason="INTERRUPTED",
-                        now=self._clock.now(),
+                try:
+                    await self._store.write(
+                        partial(
+                            jobs.requeue_unspent,
+                            job_id=job.id,
+                            reason="INTERRUPTED",
+                            now=self._clock.now(),
+                        )
                     )
-                )
+                except StoreError as exc:
+                    self._log.warning(
+                        "interrupted job left running: the recovery at the next start requeues it",
+                        job=job.id,
+                        error=str(exc),
+                    )
             raise
         entry.outcome = outcome
         entry.duration = trio.current_time() - started
@@ -324,16 +349,33 @@ class Pool:
         if not self._running:
             self._idle.set()
 
+    def _bound_recording(self) -> None:
+        self._recording.deadline = trio.current_time() + FINAL_WRITE_TIMEOUT
+
     async def _record_ended(self) -> None:
         try:
             while True:
                 await self._ended_ready.wait()
-                with _final_write_scope():
+                # No deadline while the pool runs: outcomes wait out a store that takes no
+                # writes, however long. `run` sets one when the pool stops.
+                self._recording = trio.CancelScope(shield=True)
+                with self._recording:
                     await self._record_batch()
         finally:
-            # Stopping: what ended before the stop is written, never left `running`.
+            # Stopping: what ended before the stop is written, never left `running`, unless
+            # the store takes no writes.
             with _final_write_scope():
                 await self._record_batch()
+            unrecorded = sorted(
+                job for job, entry in self._running.items() if entry.outcome is not None
+            )
+            if unrecorded:
+                self._log.warning(
+                    "outcomes not recorded before the stop: the store took no writes; the "
+                    "recovery at the next start runs these jobs again",
+                    count=len(unrecorded),
+                    jobs=unrecorded[:20],
+                )
 
     async def _record_batch(self) -> None:
         batch, self._ended = self._ended, []
@@ -341,8 +383,9 @@ class Pool:
         if not batch:
             return
         now = self._clock.now()
+        # Kept through a store fault: these jobs ran, and what they came to is not lost.
         recorded = self._store.hand_over(
-            each([self._transition(entry.job, entry.outcome, now) for entry in batch])
+            each([self._transition(entry.job, entry.outcome, now) for entry in batch]), keep=True
         )
         # The slots are free now. The claim that fills them is a write queued behind this one,
         # so it commits in the same transaction or a later one: the store never shows more
@@ -355,7 +398,7 @@ class Pool:
             if isinstance(final, (TypeError, msgspec.EncodeError))
         ]
         if unencodable:
-            failures = await self._store.write(
+            failures = await self._store.hand_over(
                 each(
                     [
                         partial(
@@ -370,8 +413,9 @@ class Pool:
                         )
                         for index in unencodable
                     ]
-                )
-            )
+                ),
+                keep=True,
+            ).committed()
             for index, final in zip(unencodable, failures, strict=True):
                 finals[index] = final
         for entry, final in zip(batch, finals, strict=True):
@@ -493,21 +537,29 @@ class Pool:
             jobs.retry_later, job_id=job.id, error=detail, available_at=now + delay, now=now
         )
 
+    # A handler's reports never fail for the store's sake: while it takes no writes, the latest
+    # report of each sort is kept for the job and written first when it does again.
+
     async def _progress(self, job_id: int, fraction: float, message: str | None) -> None:
-        await self._store.write(
+        await self._store.write_or_keep(
             partial(
                 jobs.report_progress,
                 job_id=job_id,
                 fraction=fraction,
                 message=message,
                 now=self._clock.now(),
-            )
+            ),
+            key=("progress", job_id),
         )
 
     async def _heartbeat(self, job_id: int) -> None:
-        await self._store.write(partial(jobs.heartbeat, job_id=job_id, now=self._clock.now()))
+        await self._store.write_or_keep(
+            partial(jobs.heartbeat, job_id=job_id, now=self._clock.now()),
+            key=("heartbeat", job_id),
+        )
 
     async def _checkpoint(self, job_id: int, state: Any) -> None:
-        await self._store.write(
-            partial(jobs.save_checkpoint, job_id=job_id, checkpoint=state, now=self._clock.now())
+        await self._store.write_or_keep(
+            partial(jobs.save_checkpoint, job_id=job_id, checkpoint=state, now=self._clock.now()),
+            key=("checkpoint", job_id),
         )

@@ -9,7 +9,7 @@ import msgspec
 import pytest
 import trio
 
-from jobwarden.errors import StoreError
+from jobwarden.errors import StartupError
 from jobwarden.hub import EventHub
 from jobwarden.store import Store, each, jobs
 from jobwarden.store.schema import MIGRATIONS
@@ -162,7 +162,7 @@ async def test_a_newer_schema_is_refused_with_a_clear_error(tmp_path):
     path = tmp_path / "jw.db"
     with sqlite3.connect(path) as conn:
         conn.execute("PRAGMA user_version = 99")
-    with pytest.raises(StoreError, match="newer than this jobwarden"):
+    with pytest.raises(StartupError, match="newer than this jobwarden"):
         async with Store.open(path, hub=EventHub()):
             pass
 

@@ -14,7 +14,7 @@ from jobwarden.cli.breakers import breakers_text
 from jobwarden.cli.connection import call, client
 from jobwarden.cli.costs import budget_summary
 from jobwarden.cli.kinds import paused_text
-from jobwarden.cli.output import EXIT_OK, paint, print_fields, print_reply, span
+from jobwarden.cli.output import EXIT_OK, paint, print_fields, print_reply, span, when
 from jobwarden.client import AdminClient, DaemonUnreachable
 from jobwarden.config import Overrides, check_handlers, find_config, load_config
 from jobwarden.errors import ConfigError
@@ -174,7 +174,9 @@ def _print_status(data: dict[str, Any]) -> None:
                 "daemon",
                 f"jobwarden {data['version']}, pid {data['pid']}, up {span(data['uptime'])}",
             ),
-            ("state", "draining" if data["draining"] else "accepting jobs"),
+            ("state", _state_text(data)),
+            # Older daemons do not report the store's health; their line is left out.
+            ("store", _store_text(data["store"]) if "store" in data else None),
             ("running", f"{data['running']} of {data['max_concurrent_jobs']} slots"),
             (
                 "jobs",
@@ -197,6 +199,21 @@ def _print_status(data: dict[str, Any]) -> None:
             ),
         ]
     )
+
+
+def _state_text(data: dict[str, Any]) -> str:
+    if data["draining"]:
+        return "draining"
+    if not data.get("store", {"writable": True})["writable"]:
+        return "refusing new jobs until the store takes writes again"
+    return "accepting jobs"
+
+
+def _store_text(store: dict[str, Any]) -> str:
+    if store["writable"]:
+        return "takes writes"
+    since = when(store["since"], time.time())
+    return f"TAKES NO WRITES since {since} ({store['code']}): {store['message']}"
 
 
 def _cpu_text(value: float | None) -> str:

@@ -1,8 +1,10 @@
 """A small HTTP listener for probes and scrapers, on h11: GET only, one request per connection.
 
 /healthz  200 while the event loop answers (liveness)
-/readyz   200 once recovery is done, the store takes a write, and the daemon is not draining
-/health   the detailed JSON snapshot (the command layer's, as `jobwarden status` shows it)
+/readyz   200 once recovery is done, the store takes writes, and the daemon is not draining;
+          else 503 with the problems (a store fault: what fails and since when)
+/health   the detailed JSON snapshot (the command layer's, as `jobwarden status` shows it),
+          with the store's health under "store"
 /metrics  Prometheus text
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import h11
@@ -137,6 +140,10 @@ class HttpServer:
             problems.append("recovering")
         if status["draining"]:
             problems.append("draining")
+        fault = self._store.health.fault
+        if fault is not None:
+            since = datetime.fromtimestamp(fault.since, UTC).isoformat(timespec="seconds")
+            problems.append(f"store takes no writes since {since} ({fault.code}): {fault.message}")
         if not problems:
             with trio.move_on_after(2.0) as slow:
                 try:

@@ -7,7 +7,7 @@ statements are SQLite's (see sqlite.py for what another backend writes different
 
 from __future__ import annotations
 
-from jobwarden.errors import StoreError
+from jobwarden.errors import StartupError
 from jobwarden.store import sqlite
 
 MIGRATIONS: list[str] = [
@@ -149,7 +149,7 @@ def migrate(conn: sqlite.Connection) -> int:
     """Bring the database to the newest schema version; returns that version."""
     version = sqlite.schema_version(conn)
     if version > len(MIGRATIONS):
-        raise StoreError(
+        raise StartupError(
             f"database schema version {version} is newer than this jobwarden knows "
             f"({len(MIGRATIONS)}); upgrade jobwarden"
         )
