@@ -48,6 +48,9 @@ def test_off_means_never():
         ('[kinds.s]\nhandler = "no-colon"', 'kinds.s.handler: expected "package.module:function"'),
         ("[kinds.s]\ncommand = []", "kinds.s.command: needs at least the program"),
         ("[kinds.s\n", "not valid TOML"),
+        ("[services.llm]\nmax_units = 0", "services.llm.max_units: Expected `float` > 0.0"),
+        ("[services.llm]\nmax_units = inf", "services.llm.max_units: expected a finite number"),
+        ("[services.llm]\nmax_units = nan", "services.llm.max_units: Expected `float` > 0.0"),
     ],
     ids=[
         "bad-duration",
@@ -61,6 +64,9 @@ def test_off_means_never():
         "handler-format",
         "empty-command",
         "broken-toml",
+        "zero-max-units",
+        "infinite-max-units",
+        "nan-max-units",
     ],
 )
 def test_errors_name_the_key(toml, message):
