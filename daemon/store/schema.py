@@ -129,6 +129,10 @@ MIGRATIONS: list[str] = [
         WHERE status = 'queued';
     CREATE INDEX jobs_finished ON jobs(finished_at) WHERE finished_at IS NOT NULL;
     """,
+    """
+    -- What a call cost beyond the worst case it reserved (0: it kept within): an overrun.
+    ALTER TABLE ledger ADD COLUMN overrun_usd REAL NOT NULL DEFAULT 0;
+    """,
 ]
 
 
