@@ -6,6 +6,7 @@ actor keeps the totals and applies them).
 from __future__ import annotations
 
 import calendar
+import math
 from datetime import datetime, timedelta
 from typing import Literal
 from zoneinfo import ZoneInfo
@@ -14,6 +15,12 @@ import msgspec
 
 # Money is compared with this slack so float sums like 10 x 0.024 still fit 0.24.
 EPSILON = 1e-9
+
+
+def is_units(value: object) -> bool:
+    """A count of units the ledger can price: a finite number, not below zero. Anything else
+    (NaN, a negative count, a string) would make the spend a figure no limit can hold."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < math.inf
 
 
 class Limits(msgspec.Struct):

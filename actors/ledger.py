@@ -38,6 +38,7 @@ from jobwarden.actors.budget import (
     EPSILON,
     BudgetCalendar,
     Limits,
+    is_units,
     limit_reached,
     month_projection,
     over_limit,
@@ -162,6 +163,14 @@ class Ledger:
             case Release(reservation=reservation):
                 self._reserved.pop(reservation.id, None)
             case Charge(reply=reply):
+                if not is_units(msg.units):
+                    reply.fail(
+                        RequestError(
+                            "INVALID_REQUEST",
+                            f"charge units must be a number from 0 up, got {msg.units!r}",
+                        )
+                    )
+                    return
                 try:
                     reservation = self._price(msg.job, msg.user, msg.kind, msg.service, msg.units)
                 except RequestError as exc:

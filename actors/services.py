@@ -11,7 +11,6 @@ jitter; when they are used up the call raises ServiceFailed. Every step heartbea
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 import msgspec
 import trio
 
+from jobwarden.actors.budget import is_units
 from jobwarden.actors.messages import (
     CallDone,
     Charge,
@@ -48,16 +48,11 @@ class Metered(msgspec.Struct):
     units: float
 
 
-def _is_units(value: object) -> bool:
-    """A count of units the ledger can price: a finite number, not below zero."""
-    return isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < math.inf
-
-
 def call_bound(service: str, max_units: float, units: float | None) -> float:
     """The units one call reserves: its own `units=` bound, else the service's `max_units`."""
     if units is None:
         return max_units
-    if not _is_units(units) or units > max_units:
+    if not is_units(units) or units > max_units:
         raise ValueError(
             f"ctx.call: units={units!r} for service '{service}' must be a number from 0 to "
             f"its max_units ({max_units:g}), the most one call can use"
@@ -161,7 +156,7 @@ class ServiceLink:
             with trio.fail_after(timeout):
                 result = await fn(*args)
             if isinstance(result, Metered):
-                if _is_units(result.units):
+                if is_units(result.units):
                     used = result.units
                 else:
                     # The call was made and its cost is unknown: book its declared worst case.

@@ -324,6 +324,19 @@ async def test_a_call_may_not_declare_more_than_its_services_max_units(
     assert await ledger_total(daemon) == (0, 0.0)
 
 
+async def test_units_the_ledger_cannot_price_are_booked_at_the_calls_worst_case(
+    autojump_clock, start_daemon
+):
+    daemon = await start_daemon(metered(daily=10, max_units=50))
+    job = await daemon.submit("fanout", {"service": "tokens", "units": ["lots"]})
+    final = await daemon.wait_done(job.id)
+    assert (final.status, final.error.code) == ("failed", "HANDLER_ERROR")
+    assert "Metered(units='lots')" in final.error.message
+    # One call per attempt, each booked at the 50 units it reserved; the ledger lives on.
+    assert await ledger_total(daemon) == (4, pytest.approx(2.0))
+    assert (await ask(daemon, BudgetQuery))["spent_today"] == pytest.approx(2.0)
+
+
 async def test_a_call_reserves_its_services_max_units_so_the_limit_holds(
     autojump_clock, start_daemon
 ):
@@ -374,6 +387,22 @@ async def test_a_charge_that_reaches_the_limit_stops_the_budget(autojump_clock, 
     assert usd == pytest.approx(1.0)
     assert (await ask(daemon, BudgetQuery))["stopped"] is True
     assert await refused_code(daemon) == "BUDGET_EXHAUSTED"
+
+
+@pytest.mark.parametrize(
+    "units", [float("nan"), -100.0, float("inf")], ids=["nan", "negative", "inf"]
+)
+async def test_a_charge_the_ledger_cannot_price_is_refused(autojump_clock, start_daemon, units):
+    from jobwarden.actors.messages import Charge
+
+    daemon = await start_daemon(metered(daily=1))
+    with pytest.raises(RequestError) as refused:
+        await ask(daemon, Charge, job=None, user="alice", kind="cmd", service="tokens", units=units)
+    assert refused.value.body.code == "INVALID_REQUEST"
+    # The spend stays a figure the limit can hold: a real charge still stops the budget.
+    await ask(daemon, Charge, job=None, user="alice", kind="cmd", service="tokens", units=100)
+    assert (await ask(daemon, BudgetQuery))["stopped"] is True
+    assert await ledger_total(daemon) == (1, pytest.approx(1.0))
 
 
 async def test_calls_refused_for_budget_inside_a_handlers_nursery_wait_for_budget(
