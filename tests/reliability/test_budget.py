@@ -19,29 +19,14 @@ import trio
 
 from jobwarden.actors.messages import BudgetQuery, Pause, Resume
 from jobwarden.mailbox import ReplySlot
+from tests.test_ledger import metered
 
 # The test daemon's clock starts at 08:00 UTC: the first budget day ends 16 h in.
 FIRST_DAY = 16 * 3600
 DAY = 24 * 3600
-PRICE_USD = 0.01
+# The service's price is $0.01 a unit: a call's worst case is $0.05.
 MAX_UNITS = 5
 EPSILON = 1e-9
-
-STORM = """
-[budget]
-daily_usd = {daily}
-monthly_usd = 0
-alert_at = [1.0]
-
-[services.tokens]
-price_usd = {price}
-unit = "1k_tokens"
-max_units = {max_units}
-
-[kinds.fanout]
-handler = "tests.handlers:metered_calls"
-timeout = "off"
-"""
 
 
 class Storm(msgspec.Struct, frozen=True):
@@ -90,8 +75,9 @@ def storm_payloads(storm: Storm) -> list[dict]:
 
 
 async def run_storm(start_daemon, storm: Storm) -> Figures:
-    config = STORM.format(daily=storm.daily_usd, price=PRICE_USD, max_units=MAX_UNITS)
-    daemon = await start_daemon(config, max_concurrent_jobs=storm.running)
+    daemon = await start_daemon(
+        metered(daily=storm.daily_usd, max_units=MAX_UNITS), max_concurrent_jobs=storm.running
+    )
     figures = Figures(calls_asked=storm.jobs * storm.calls_per_job)
     handle = daemon.handle
     # Held until every job is queued, so that the first round starts them all at once.
