@@ -52,10 +52,11 @@ def call_bound(service: str, max_units: float, units: float | None) -> float:
     """The units one call reserves: its own `units=` bound, else the service's `max_units`."""
     if units is None:
         return max_units
-    if not is_units(units) or units > max_units:
+    # Above 0: a priced call that declared itself free would slip past a stopped budget.
+    if not is_units(units) or not 0 < units <= max_units:
         raise ValueError(
-            f"ctx.call: units={units!r} for service '{service}' must be a number from 0 to "
-            f"its max_units ({max_units:g}), the most one call can use"
+            f"ctx.call: units={units!r} for service '{service}' must be a number above 0 and "
+            f"at most its max_units ({max_units:g}), the most one call can use"
         )
     return units
 

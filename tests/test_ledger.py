@@ -289,6 +289,8 @@ async def test_a_call_that_uses_more_than_it_reserved_is_booked_flagged_and_stop
         lambda conn: conn.execute("SELECT units, usd, overrun_usd FROM ledger").fetchall()
     )
     assert rows == [(500.0, pytest.approx(5.0), pytest.approx(4.99))]
+    report = await ask(daemon, LedgerReport, period="2027-01-15", by="service")
+    assert (report["overruns"], report["overrun_usd"]) == (1, 4.99)
     budget = await ask(daemon, BudgetQuery)
     assert (budget["stopped"], budget["remaining_today"]) == (True, -4.0)
     assert await refused_code(daemon) == "BUDGET_EXHAUSTED"
@@ -313,11 +315,12 @@ async def test_a_call_within_its_reservation_is_not_an_overrun(autojump_clock, s
     assert (await ask(daemon, BudgetQuery))["stopped"] is False
 
 
-async def test_a_call_may_not_declare_more_than_its_services_max_units(
-    autojump_clock, start_daemon
+@pytest.mark.parametrize("bound", [80, 0], ids=["above-max-units", "free"])
+async def test_a_call_must_declare_a_bound_within_its_services_max_units(
+    autojump_clock, start_daemon, bound
 ):
     daemon = await start_daemon(metered(daily=1, max_units=50))
-    job = await daemon.submit("fanout", {"service": "tokens", "units": [10], "bound": 80})
+    job = await daemon.submit("fanout", {"service": "tokens", "units": [10], "bound": bound})
     final = await daemon.wait_done(job.id)
     assert (final.status, final.error.code) == ("failed", "HANDLER_ERROR")
     assert "max_units" in final.error.message

@@ -52,7 +52,7 @@ def report(conn: sqlite3.Connection, *, period: str, by: str) -> dict[str, Any]:
     ).fetchall()
     calls, failed, usd, job_count, overruns, overrun_usd = conn.execute(
         f"SELECT COUNT(*), COALESCE(SUM(1 - ok), 0), COALESCE(SUM(usd), 0), "
-        f"COUNT(DISTINCT job_id), COALESCE(SUM(overrun_usd > 0), 0), "
+        f"COUNT(DISTINCT job_id), COUNT(CASE WHEN overrun_usd > 0 THEN 1 END), "
         f"COALESCE(SUM(overrun_usd), 0) FROM ledger WHERE {where}",
         (period,),
     ).fetchone()
