@@ -260,16 +260,17 @@ class Ledger:
     async def _limits_changed(self) -> None:
         """A lowered limit that the spend has reached stops the budget; a stop whose limit is
         no longer reached ends."""
-        await self._stop_if_reached()
+        if await self._stop_if_reached():
+            return
         if self._stop.stopped and self._over_limit(0.0) is None:
             await self._set_stop(BudgetState(stopped=False))
 
-    async def _stop_if_reached(self) -> None:
+    async def _stop_if_reached(self) -> bool:
         """Spend at or past a limit stops the budget, however it got there: a call that used
         more than it reserved, a command's charge, a lowered limit. Only an operator's
-        `budget resume` for the day overrides it."""
+        `budget resume` for the day overrides it. Says whether it stopped for that."""
         if self._override_day == self._day:
-            return
+            return False
         reached = limit_reached(
             self._limits,
             self._calendar,
@@ -277,8 +278,10 @@ class Ledger:
             spent_month=self._spent_month,
             now=self._clock.now(),
         )
-        if reached is not None:
-            await self._stop_for(*reached)
+        if reached is None:
+            return False
+        await self._stop_for(*reached)
+        return True
 
     def _over_limit(self, extra: float) -> tuple[str, float] | None:
         """Which limit `extra` more would cross, and when that limit resets; None if none."""

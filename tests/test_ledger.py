@@ -359,9 +359,13 @@ async def spend_five_dollars(daemon) -> None:
     assert (await ask(daemon, BudgetQuery))["spent_today"] == 5.0
 
 
-@pytest.mark.parametrize("how", ["reload", "budget_set", "restart"])
-async def test_spend_already_past_a_lowered_limit_stops_the_budget(
-    autojump_clock, start_daemon, tmp_path, how
+@pytest.mark.parametrize(
+    ("how", "lowered_to"),
+    [("reload", 4), ("budget_set", 4), ("restart", 4), ("budget_set", 5)],
+    ids=["reload", "budget-set", "restart", "budget-set-to-the-spend"],
+)
+async def test_spend_already_at_a_lowered_limit_stops_the_budget(
+    autojump_clock, start_daemon, tmp_path, how, lowered_to
 ):
     from jobwarden.actors.messages import Reconfigure
     from tests.conftest import make_config
@@ -369,15 +373,19 @@ async def test_spend_already_past_a_lowered_limit_stops_the_budget(
     daemon = await start_daemon(metered(daily=10, max_units=250))
     await spend_five_dollars(daemon)
     if how == "reload":
-        lower = make_config(tmp_path, metered(daily=4, max_units=250))
+        lower = make_config(tmp_path, metered(daily=lowered_to, max_units=250))
         await daemon.handle.ledger.send(Reconfigure(config=lower))
     elif how == "budget_set":
-        await ask(daemon, SetBudget, daily_usd=4.0, monthly_usd=None)
+        await ask(daemon, SetBudget, daily_usd=lowered_to, monthly_usd=None)
     else:
         await daemon.stop(grace=0)
-        daemon = await start_daemon(metered(daily=4, max_units=250))
+        daemon = await start_daemon(metered(daily=lowered_to, max_units=250))
     budget = await ask(daemon, BudgetQuery)
-    assert (budget["stopped"], budget["spent_today"], budget["daily_usd"]) == (True, 5.0, 4.0)
+    assert (budget["stopped"], budget["spent_today"], budget["daily_usd"]) == (
+        True,
+        5.0,
+        lowered_to,
+    )
     assert await refused_code(daemon) == "BUDGET_EXHAUSTED"
 
 
