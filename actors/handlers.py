@@ -111,9 +111,17 @@ class JobContext:
         self._last_heartbeat = trio.current_time()
 
     async def call(
-        self, service: str, fn: Callable[..., Awaitable[Any]], *args: Any, units: float = 1
+        self,
+        service: str,
+        fn: Callable[..., Awaitable[Any]],
+        *args: Any,
+        units: float | None = None,
     ) -> Any:
         """Call `fn(*args)` as one use of `service`: budget, breaker, limits, timeout, retries.
+
+        The ledger reserves the most this call can cost before it is made: `units`, or the
+        service's `max_units` if not given. `fn` may return `Metered(value, units)` to settle
+        the units it really used.
 
         Raises BudgetExhausted (the job goes back to the queue to wait for budget),
         ServiceUnavailable (the circuit is open; catch it to degrade) or ServiceFailed.

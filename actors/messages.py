@@ -163,6 +163,9 @@ class ServiceState(msgspec.Struct):
 
 
 class Reservation(msgspec.Struct, frozen=True):
+    """A call's worst case, held against the budget until the call settles. The call is
+    booked at the terms it was reserved at, whatever a reload changes meanwhile."""
+
     id: int
     job: int | None
     user: str
@@ -170,6 +173,8 @@ class Reservation(msgspec.Struct, frozen=True):
     service: str
     units: float
     usd: float
+    price_usd: float
+    failures_billed: bool
 
 
 class Reserve(msgspec.Struct):

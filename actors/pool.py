@@ -9,7 +9,8 @@ done; `Retry`, an unexpected exception, a timeout, `ServiceUnavailable`/`Service
 monitor's stuck verdict retries with backoff while attempts remain, else fails; `Fail` (or an
 SLA breach) fails at once; a cancel request cancels; `BudgetExhausted` puts the job back in the
 queue to wait for budget, and a shutdown (drain past its grace, or the process being stopped)
-puts it back too; neither spends an attempt.
+puts it back too; neither spends an attempt. An ExceptionGroup from the handler's own nursery
+is decided by its leaves (actors/outcomes.py).
 
 A job's task ends with its outcome. One recorder task writes the outcomes of every job that
 ended meanwhile in one store write (each job isolated), frees their slots in one message as soon
@@ -25,7 +26,6 @@ import heapq
 import itertools
 import math
 import random
-import traceback
 from functools import partial
 from typing import Any
 
@@ -45,19 +45,11 @@ from jobwarden.actors.messages import (
     Recover,
     RunJobs,
 )
+from jobwarden.actors.outcomes import Outcome, handler_outcome
 from jobwarden.actors.services import ServiceLink
 from jobwarden.clock import WallClock
 from jobwarden.config import Config, RetryPolicy, format_duration
-from jobwarden.errors import (
-    BudgetExhausted,
-    Fail,
-    RequestError,
-    Retry,
-    ServiceFailed,
-    ServiceUnavailable,
-    StoreError,
-    error_body,
-)
+from jobwarden.errors import RequestError, StoreError, error_body
 from jobwarden.mailbox import ReplySlot
 from jobwarden.metrics import Metrics
 from jobwarden.store import Engine, each, jobs
@@ -79,7 +71,6 @@ def retry_delay(policy: RetryPolicy, attempt: int, rng: random.Random) -> float 
     return max(0.0, base * (1 + rng.uniform(-policy.jitter, policy.jitter)))
 
 
-Outcome = tuple[str, Any]
 CANCELED: Outcome = ("canceled", None)
 INTERRUPTED: Outcome = ("interrupted", None)
 
@@ -491,23 +482,8 @@ class Pool:
         try:
             with entry.scope:
                 return "done", await runner(kind, ctx, job.payload)
-        except Fail as exc:
-            return "failed", error_body(exc.code, str(exc), retryable=False)
-        except Retry as exc:
-            return "retry", error_body(exc.code, str(exc), retryable=True)
-        except BudgetExhausted as exc:
-            return "budget", error_body("BUDGET_EXHAUSTED", str(exc), retryable=True)
-        except ServiceUnavailable as exc:
-            return "retry", error_body("SERVICE_UNAVAILABLE", str(exc), retryable=True)
-        except ServiceFailed as exc:
-            return "retry", error_body("SERVICE_FAILED", str(exc), retryable=True)
         except Exception as exc:
-            return "retry", error_body(
-                "HANDLER_ERROR",
-                f"{type(exc).__name__}: {exc}",
-                retryable=True,
-                technical_message="".join(traceback.format_exception(exc)[-3:]),
-            )
+            return handler_outcome(exc)
         # Only `stop` cancels the scope, and it says why.
         assert entry.stop_outcome is not None
         return entry.stop_outcome

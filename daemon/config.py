@@ -320,6 +320,9 @@ class ServiceSection(Section):
     price_usd: Annotated[float, msgspec.Meta(ge=0)] = 0.0
     # What one unit is ("call", "1k_tokens", "minute"); the price is per unit.
     unit: str = "call"
+    # The most units one call can use: the ledger reserves that much before each call (a call
+    # may declare a smaller bound with `units=`). A call that reports more is an overrun.
+    max_units: Annotated[float, msgspec.Meta(gt=0)] = 1.0
     max_concurrent: PositiveInt | None = None
     rate: Rate | None = None
     timeout: Duration = Duration(30)
@@ -598,6 +601,9 @@ def load_config_text(text: str, *, base_dir: str | os.PathLike[str] = ".") -> Co
         name: _convert(table, ServiceSection, f"services.{name}")
         for name, table in _tables(raw.pop("services", {}), "services").items()
     }
+    for name, service in services.items():
+        if not math.isfinite(service.max_units):
+            raise ConfigError(f"services.{name}.max_units: expected a finite number of units")
     for name, kind in kinds.items():
         _check_kind(name, kind)
         for service in kind.services:

@@ -880,6 +880,17 @@ def test_ledger_of_a_day_by_user_without_a_projection(daemon, jobwarden, capsys)
     assert daemon.requests[0]["args"] == {"day": "2026-11-22", "by": "user"}
 
 
+def test_ledger_names_the_calls_that_cost_more_than_they_reserved(daemon, jobwarden, capsys):
+    daemon.replies["ledger"] = ledger_reply(overruns=2, overrun_usd=4.99)
+
+    assert jobwarden("ledger") == 0
+
+    assert capsys.readouterr().out.splitlines()[-2:] == [
+        "overruns: 2 calls past their reservations by $4.9900 (raise the services' max_units)",
+        "month projection $6,690.00",
+    ]
+
+
 def test_ledger_without_calls_says_so(daemon, jobwarden, capsys):
     daemon.replies["ledger"] = ledger_reply(
         period="2026-11-22", groups=[], calls=0, failed_calls=0, usd=0.0, jobs=0, usd_per_job=None

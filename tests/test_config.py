@@ -70,6 +70,9 @@ def test_off_means_never():
             '[admission]\nidempotency_window = "off"',
             'admission.idempotency_window: "off" would hold',
         ),
+        ("[services.llm]\nmax_units = 0", "services.llm.max_units: Expected `float` > 0.0"),
+        ("[services.llm]\nmax_units = inf", "services.llm.max_units: expected a finite number"),
+        ("[services.llm]\nmax_units = nan", "services.llm.max_units: Expected `float` > 0.0"),
     ],
     ids=[
         "bad-duration",
@@ -86,6 +89,9 @@ def test_off_means_never():
         "empty-command",
         "broken-toml",
         "endless-idempotency-window",
+        "zero-max-units",
+        "infinite-max-units",
+        "nan-max-units",
     ],
 )
 def test_errors_name_the_key(toml, message):

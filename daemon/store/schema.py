@@ -142,6 +142,10 @@ MIGRATIONS: list[str] = [
         WHERE idempotency_key IS NOT NULL AND finished_at IS NOT NULL;
     ALTER TABLE jobs ADD COLUMN submission_id TEXT;
     """,
+    """
+    -- What a call cost beyond the worst case it reserved (0: it kept within): an overrun.
+    ALTER TABLE ledger ADD COLUMN overrun_usd REAL NOT NULL DEFAULT 0;
+    """,
 ]
 
 
