@@ -246,8 +246,10 @@ class Breaker:
             after=after,
             open_until=until,
         )
-        await self._store.write(
-            partial(save_breaker, service=service.name, state=after, open_until=until, now=now)
+        # Kept while the store takes no writes: the latest state is written when it does.
+        await self._store.write_or_keep(
+            partial(save_breaker, service=service.name, state=after, open_until=until, now=now),
+            key=("breaker", service.name),
         )
         await self._tell_scheduler(service)
         if after == "open":

@@ -31,7 +31,14 @@ import trio
 
 from jobwarden.actors import processes
 from jobwarden.actors.services import Metered, ServiceLink
-from jobwarden.config import KindSection, import_handler, name_path
+from jobwarden.config import (
+    COMMAND_PLACEHOLDER,
+    KindSection,
+    check_payload,
+    import_handler,
+    name_path,
+    template_fields,
+)
 from jobwarden.errors import (
     BudgetExhausted,
     Fail,
@@ -105,9 +112,17 @@ class JobContext:
         self._last_heartbeat = trio.current_time()
 
     async def call(
-        self, service: str, fn: Callable[..., Awaitable[Any]], *args: Any, units: float = 1
+        self,
+        service: str,
+        fn: Callable[..., Awaitable[Any]],
+        *args: Any,
+        units: float | None = None,
     ) -> Any:
         """Call `fn(*args)` as one use of `service`: budget, breaker, limits, timeout, retries.
+
+        The ledger reserves the most this call can cost before it is made: `units`, or the
+        service's `max_units` if not given. `fn` may return `Metered(value, units)` to settle
+        the units it really used.
 
         Raises BudgetExhausted (the job goes back to the queue to wait for budget),
         ServiceUnavailable (the circuit is open; catch it to degrade) or ServiceFailed.
@@ -149,19 +164,6 @@ def payload_type(handler: Callable[..., Any]) -> type | None:
     return None
 
 
-_PLACEHOLDER = re.compile(r"\{(payload(?:\.\w+)+|job_id|attempt)\}")
-
-
-def template_fields(command: list[str]) -> set[tuple[str, ...]]:
-    """The payload paths a command template needs, e.g. {("input",)}."""
-    fields = set()
-    for arg in command:
-        for match in _PLACEHOLDER.finditer(arg):
-            if match[1].startswith("payload."):
-                fields.add(tuple(match[1].split(".")[1:]))
-    return fields
-
-
 def _lookup(payload: Any, path: tuple[str, ...]) -> Any:
     value = payload
     for key in path:
@@ -183,7 +185,7 @@ def render_command(command: list[str], payload: Any, *, job_id: int, attempt: in
         value = _lookup(payload, tuple(name.split(".")[1:]))
         return json.dumps(value) if isinstance(value, bool) else str(value)
 
-    return [_PLACEHOLDER.sub(fill, arg) for arg in command]
+    return [COMMAND_PLACEHOLDER.sub(fill, arg) for arg in command]
 
 
 def validate_payload(kind: KindSection, payload: Any) -> Any:
@@ -194,9 +196,11 @@ def validate_payload(kind: KindSection, payload: Any) -> Any:
             try:
                 return msgspec.convert(payload, struct)
             except msgspec.ValidationError as exc:
-                raise ValueError(name_path(str(exc), "payload")) from None
+                raise ValueError(name_path(str(exc), "payload", struct)) from None
         return payload
     assert kind.command is not None
+    if kind.payload is not None:
+        check_payload(kind.payload, payload)
     if template_fields(kind.command) and not isinstance(payload, dict):
         raise ValueError("payload must be a JSON object")
     for path in template_fields(kind.command):

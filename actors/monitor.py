@@ -1,10 +1,11 @@
 """Monitor: finds stuck, stalled and late jobs and recovers them; keeps health and alerts.
 
 Consumes `RunRules` (admin `stuck`), `HealthQuery` (admin `status`, HTTP), `RaiseAlert` (other
-actors), `JobsStarted`/`ProgressStarted` (pool), `Reconfigure` and each `SystemLoad` sample
-(supervisor). Produces `Recover` for the pool (running jobs) and failure transitions in the store
-(queued jobs); asks the scheduler for its snapshot (pause state, running count), the breaker and
-the ledger for theirs (health).
+actors), `JobsStarted`/`ProgressStarted` (pool), `Reconfigure`, each `SystemLoad` sample and each
+`StoreState` (supervisor: a store that stops taking writes raises the `store_fault` alert).
+Produces `Recover` for the pool (running jobs) and failure transitions in the store (queued
+jobs); asks the scheduler for its snapshot (pause state, running count), the breaker and the
+ledger for theirs (health).
 
 The rules (stuck, stall, SLA, queued timeout, failure rate) are plain functions in
 actors/rules.py. Stuck and stalled jobs are stopped through the pool (a command's whole
@@ -63,10 +64,11 @@ from jobwarden.actors.rules import (
 )
 from jobwarden.clock import WallClock
 from jobwarden.config import Config, format_duration
-from jobwarden.errors import error_body
+from jobwarden.errors import StoreError, error_body
 from jobwarden.mailbox import ReplySlot, ask, receive_by
 from jobwarden.metrics import Metrics
 from jobwarden.store import Engine, jobs
+from jobwarden.store.engine import StoreState
 from jobwarden.store.monitor import find_candidates, stuck_rows
 from jobwarden.system import SystemLoad
 from jobwarden.wire.views import STATUSES
@@ -150,6 +152,11 @@ class Monitor:
 
     async def _handle(self, msg: MonitorMessage) -> None:
         match msg:
+            case RunRules(dry_run=False, reply=reply) if self._store.health.fault is not None:
+                # Its recoveries could not be written, and unwritten heartbeats look stuck.
+                error = self._store.health.error()
+                assert error is not None
+                reply.fail(error.refusal())
             case RunRules(dry_run=dry_run, reply=reply):
                 findings, recoveries = await self._apply_rules(dry_run=dry_run)
                 # An operator's `stuck` answers once its verdicts are carried out.
@@ -170,23 +177,38 @@ class Monitor:
                 self._alert(name, message, **data)
             case SystemLoad():
                 self._load = msg
+            case StoreState(fault=None):
+                # Check at once what waited while nothing could be written.
+                self._next_tick = -math.inf
+            case StoreState(fault=fault):
+                message = f"the store takes no writes: {fault.message}"
+                self._alert("store_fault", message, code=fault.code)
 
     async def _tick(self) -> None:
         now = self._clock.now()
         self._next_tick = trio.current_time() + self._config.monitor.interval
+        if self._store.health.fault is not None:
+            # No recovery, pruning or checkpoint could be written; and running jobs' heartbeats
+            # are kept, not written, so the rules would find healthy jobs stuck. A StoreState
+            # brings the next check forward when the store takes writes again.
+            self._next_rule = math.inf
+            return
         findings, _ = await self._apply_rules(dry_run=False)
         self._last_findings = len(findings)
         stuck = await self._stuck_now()
         if stuck > self._config.monitor.stuck_alert:
             self._alert("stuck_jobs", f"{stuck} jobs stuck now", count=stuck)
         await self._check_failure_rate(now)
-        pruned = await self._store.write(
-            partial(
-                jobs.prune_finished,
-                before=now - self._config.monitor.retain_finished,
-                batch=self._config.monitor.prune_batch,
+        try:
+            pruned = await self._store.write(
+                partial(
+                    jobs.prune_finished,
+                    before=now - self._config.monitor.retain_finished,
+                    batch=self._config.monitor.prune_batch,
+                )
             )
-        )
+        except StoreError:
+            return  # the next tick tries again, once the store takes writes
         if pruned:
             log.info("pruned finished jobs", count=pruned)
             self._wal_clean = False
@@ -252,19 +274,34 @@ class Monitor:
             await self._pool.send(
                 Recover(job_id=finding.job, error=error, retry=retry, reply=reply)
             )
-            self._tasks.start_soon(self._stopped, finding.job, reply)
-        else:
-            reply = None
+            self._tasks.start_soon(self._stopped, finding, reply)
+            return reply
+        try:
             await self._store.write(
                 partial(jobs.fail, job_id=finding.job, error=error, now=now, expect=("queued",))
             )
-        self._recovered[finding.rule] = self._recovered.get(finding.rule, 0) + 1
-        self._metrics.stuck_recovered.labels(finding.rule).inc()
-        return reply
+        except StoreError as exc:
+            # The rule fires again on a later check, once the store takes writes.
+            log.warning("rule could not act", job=finding.job, rule=finding.rule, error=str(exc))
+            return None
+        self._count_recovered(finding.rule)
+        return None
 
-    async def _stopped(self, job_id: int, reply: ReplySlot[Any]) -> None:
-        await reply.wait()
-        del self._recovering[job_id]
+    async def _stopped(self, finding: Finding, reply: ReplySlot[Any]) -> None:
+        """Once the pool has stopped a job on a verdict and recorded it, count it."""
+        try:
+            await reply.wait()
+        except StoreError as exc:
+            # The rule fires again on a later check, once the store takes writes.
+            log.warning("rule could not act", job=finding.job, rule=finding.rule, error=str(exc))
+            return
+        finally:
+            del self._recovering[finding.job]
+        self._count_recovered(finding.rule)
+
+    def _count_recovered(self, rule: str) -> None:
+        self._recovered[rule] = self._recovered.get(rule, 0) + 1
+        self._metrics.stuck_recovered.labels(rule).inc()
 
     @staticmethod
     async def _answer_when_recovered(
@@ -272,8 +309,12 @@ class Monitor:
         recoveries: list[ReplySlot[Any]],
         reply: ReplySlot[list[dict[str, Any]]],
     ) -> None:
-        for recovery in recoveries:
-            await recovery.wait()
+        try:
+            for recovery in recoveries:
+                await recovery.wait()
+        except StoreError as exc:
+            reply.fail(exc)
+            return
         reply.set([msgspec.to_builtins(f) for f in findings])
 
     async def _stuck_now(self) -> int:
@@ -371,7 +412,12 @@ class Monitor:
             return
         counts = await self._store.read(jobs.counts_by_status)
         if counts.get("running", 0) == 0 and counts.get("queued", 0) == 0:
-            await self._store.checkpoint_wal()
+            try:
+                await self._store.checkpoint_wal()
+            except StoreError as exc:
+                # Writes may still work (the WAL grows instead); the next idle tick tries again.
+                log.warning("wal checkpoint failed", error=str(exc))
+                return
             self._wal_clean = True
 
     async def health(self, *, by_kind: bool = False) -> dict[str, Any]:
@@ -398,6 +444,7 @@ class Monitor:
             "system": system_view(self._load),
             "breakers": await ask(self._breaker, BreakerSnapshot),
             "budget": await ask(self._ledger, BudgetQuery),
+            "store": self._store.health.view(),
         }
         if by_kind:
             health["by_status_kind"] = await self._store.read(jobs.counts_by_status_and_kind)

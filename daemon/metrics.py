@@ -88,6 +88,11 @@ class Metrics:
         self.budget_remaining = Gauge(
             "jobwarden_budget_remaining_usd", "What today's budget has left", registry=r
         )
+        self.store_writable = Gauge(
+            "jobwarden_store_writable",
+            "1 while the store takes writes, 0 while it takes none (disk full, file refuses)",
+            registry=r,
+        )
         self.request_duration = Histogram(
             "jobwarden_request_duration_seconds",
             "Listener request duration",
@@ -142,6 +147,7 @@ class Metrics:
         self.budget_remaining.set(remaining if remaining is not None else float("inf"))
         if health["system"]["cpu_percent"] is not None:
             self.cpu_percent.set(health["system"]["cpu_percent"])
+        self.store_writable.set(1 if health["store"]["writable"] else 0)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -88,7 +88,9 @@ async def test_sigterm_drains_and_stops(start_daemon, tmp_path):
 def test_a_second_daemon_on_the_same_database_is_refused(tmp_path):
     fd = lock_database(tmp_path / "jw.db")
     try:
-        with pytest.raises(StartupError, match="another jobwarden is already using"):
+        with pytest.raises(StartupError) as refused:
             lock_database(tmp_path / "jw.db")
     finally:
         os.close(fd)
+    assert "another jobwarden is already using the database" in str(refused.value)
+    assert f"(pid {os.getpid()})" in str(refused.value)

@@ -9,14 +9,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from jobwarden.cli.arguments import Subcommands, subcommand
+from jobwarden.cli.arguments import Subcommands, listen_address, subcommand
 from jobwarden.cli.breakers import breakers_text
 from jobwarden.cli.connection import call, client
 from jobwarden.cli.costs import budget_summary
 from jobwarden.cli.kinds import paused_text
-from jobwarden.cli.output import EXIT_OK, print_fields, print_reply, span
+from jobwarden.cli.output import EXIT_OK, paint, print_fields, print_reply, span, when
 from jobwarden.client import AdminClient, DaemonUnreachable
-from jobwarden.config import check_handlers, find_config, load_config
+from jobwarden.config import Overrides, check_handlers, find_config, load_config
 from jobwarden.errors import ConfigError
 from jobwarden.wire.views import STATUSES
 
@@ -41,8 +41,29 @@ def add_commands(commands: Subcommands) -> None:
         help="the config file (default: --config, then $JOBWARDEN_CONFIG, then ./config.toml, "
         "then /etc/jobwarden/config.toml)",
     )
-    subcommand(commands, "serve", _serve, "run the daemon in the foreground")
-    subcommand(commands, "status", _status, "show the daemon's state")
+    serve = subcommand(
+        commands,
+        "serve",
+        _serve,
+        "run the daemon in the foreground",
+        config="the config to serve (default: $JOBWARDEN_CONFIG, ./config.toml, "
+        "/etc/jobwarden/config.toml)",
+        socket="the admin socket to serve (overrides admin.socket)",
+        json="log JSON lines, whatever log.format says",
+    )
+    for listener in ("http", "websocket"):
+        serve.add_argument(
+            f"--{listener}-listen",
+            type=listen_address,
+            metavar="HOST:PORT",
+            help=f'overrides {listener}.listen (port 0: any free port; "": no listener)',
+        )
+    status = subcommand(commands, "status", _status, "show the daemon's state")
+    status.add_argument(
+        "--pid",
+        action="store_true",
+        help='print only the process id of the daemon that answers, e.g. for kill "$(...)"',
+    )
     drain = subcommand(
         commands, "drain", _drain, "stop admitting jobs, let running ones finish, then exit"
     )
@@ -122,10 +143,21 @@ def _serve(args: argparse.Namespace) -> int:
     # Imported here so that talking to a daemon never loads the daemon itself.
     from jobwarden.process.supervisor import serve_main
 
-    return serve_main(find_config(args.config))
+    overrides = Overrides(
+        # A path typed on the command line is relative to where it was typed.
+        admin_socket=str(Path(args.socket).resolve()) if args.socket else None,
+        http_listen=args.http_listen,
+        websocket_listen=args.websocket_listen,
+        log_format="json" if args.json else None,
+    )
+    return serve_main(find_config(args.config), overrides)
 
 
 def _status(args: argparse.Namespace) -> int:
+    if args.pid:
+        # The daemon's own word, not a pid file a crash may have left behind.
+        pid = call(args, "ping")["pid"]
+        return print_reply(args, {"pid": pid}, lambda data: print(data["pid"]))
     return print_reply(args, call(args, "status"), _print_status)
 
 
@@ -142,9 +174,14 @@ def _print_status(data: dict[str, Any]) -> None:
                 "daemon",
                 f"jobwarden {data['version']}, pid {data['pid']}, up {span(data['uptime'])}",
             ),
-            ("state", "draining" if data["draining"] else "accepting jobs"),
+            ("state", _state_text(data)),
+            # Older daemons do not report the store's health; their line is left out.
+            ("store", _store_text(data["store"]) if "store" in data else None),
             ("running", f"{data['running']} of {data['max_concurrent_jobs']} slots"),
-            ("jobs", ", ".join(f"{status} {counts.get(status, 0)}" for status in STATUSES)),
+            (
+                "jobs",
+                ", ".join(f"{paint(status)} {counts.get(status, 0)}" for status in STATUSES),
+            ),
             ("queued", queued.strip() or "none"),
             ("paused", paused_text(data["paused"], data["paused_all"])),
             (
@@ -162,6 +199,21 @@ def _print_status(data: dict[str, Any]) -> None:
             ),
         ]
     )
+
+
+def _state_text(data: dict[str, Any]) -> str:
+    if data["draining"]:
+        return "draining"
+    if not data.get("store", {"writable": True})["writable"]:
+        return "refusing new jobs until the store takes writes again"
+    return "accepting jobs"
+
+
+def _store_text(store: dict[str, Any]) -> str:
+    if store["writable"]:
+        return "takes writes"
+    since = when(store["since"], time.time())
+    return f"TAKES NO WRITES since {since} ({store['code']}): {store['message']}"
 
 
 def _cpu_text(value: float | None) -> str:

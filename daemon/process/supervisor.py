@@ -15,6 +15,7 @@ The store wraps the actors' nursery, so the final writes of jobs being torn down
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import math
 import os
@@ -45,8 +46,8 @@ from jobwarden.actors.pool import Pool
 from jobwarden.actors.processes import end_leftover_groups
 from jobwarden.actors.scheduler import Scheduler
 from jobwarden.clock import WallClock
-from jobwarden.config import Config, check_handlers, load_config
-from jobwarden.errors import ConfigError, StartupError
+from jobwarden.config import Config, Overrides, check_handlers, load_config
+from jobwarden.errors import ConfigError, StartupError, StoreError
 from jobwarden.hub import EventHub
 from jobwarden.logs import configure_logging, use_clock
 from jobwarden.mailbox import ReplySlot
@@ -57,7 +58,7 @@ from jobwarden.process.http import HttpServer
 from jobwarden.process.systemd import SystemdNotifier
 from jobwarden.process.websocket import WebSocketServer
 from jobwarden.store import jobs
-from jobwarden.store.engine import Store
+from jobwarden.store.engine import Store, StoreState
 from jobwarden.system import SystemLoad, SystemSampler
 
 log = structlog.get_logger("supervisor")
@@ -87,15 +88,49 @@ class DaemonHandle(msgspec.Struct):
 
 
 def lock_database(db_path: Path) -> int:
-    """One daemon per database: a second would dispatch the same jobs twice."""
+    """One daemon per database: a second would dispatch the same jobs twice.
+
+    The lock is on the database file itself, not on a name beside it, so that every path to
+    the file (a symlink, a hard link, another mount of the directory) meets it: an exclusive
+    flock on a descriptor of the file, held for as long as the daemon runs. SQLite locks with
+    POSIX record locks, which flock locks never meet on a local file system. The descriptor
+    is closed only after the store has closed its connections (closing any descriptor of the
+    file would drop the POSIX locks this process holds on it)."""
     db_path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(f"{db_path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        # Read-only is enough for flock, and works on a file that refuses writes.
+        fd = os.open(db_path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise StartupError(f"cannot open the database {db_path}: {exc.strerror}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
+        holder = lock_holder(os.fstat(fd))
         os.close(fd)
-        raise StartupError(f"another jobwarden is already using {db_path}") from None
+        pid = "" if holder is None else f" (pid {holder})"
+        raise StartupError(
+            f"another jobwarden is already using the database {db_path}{pid}, "
+            "through this path or another link to the same file"
+        ) from None
     return fd
+
+
+def lock_holder(file: os.stat_result) -> int | None:
+    """The pid that holds a flock on `file`, as Linux lists it in /proc/locks; None where
+    that is not known (another system, a pid outside our namespace)."""
+    inode = f"{os.major(file.st_dev):02x}:{os.minor(file.st_dev):02x}:{file.st_ino}"
+    try:
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        # "1: FLOCK  ADVISORY  WRITE 4242 00:2b:81 0 EOF"; a waiter's line has "->" after
+        # the number.
+        fields = line.split()
+        if len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == inode:
+            pid = int(fields[4])
+            return pid if pid > 0 else None
+    return None
 
 
 # Keys that the running daemon cannot change; a reload warns that they need a restart.
@@ -108,6 +143,7 @@ class Supervisor:
         config: Config,
         *,
         config_path: Path | None = None,
+        overrides: Overrides | None = None,
         notifier: SystemdNotifier | None = None,
         threaded_store: bool = True,
         clock_epoch: float | None = None,
@@ -117,6 +153,8 @@ class Supervisor:
         # The one reader of memory and CPU: see jobwarden.system.
         self._sample_system = sample_system or SystemSampler()
         self._config_path = config_path
+        # The serve flags win over the file on every reload, as they did at start-up.
+        self._overrides = overrides or Overrides()
         self._notifier = notifier or SystemdNotifier.from_environ({})
         self._threaded_store = threaded_store
         self._clock_epoch = clock_epoch
@@ -141,26 +179,43 @@ class Supervisor:
                 synchronous=config.store.synchronous,
                 max_batch=config.store.max_batch,
                 threaded=self._threaded_store,
+                clock=clock,
             ) as store:
-                # Before any job runs again: a command's children may outlive a crash.
-                leftovers = await end_leftover_groups(await store.read(jobs.running_process_groups))
-                recovered = await store.write(
-                    partial(
-                        jobs.recover_running,
-                        now=clock.now(),
-                        crash_loop_after=config.daemon.crash_loop_after,
-                    )
-                )
-                log.info(
-                    "start-up recovery done",
-                    database=str(db_path),
-                    leftover_processes_ended=leftovers,
-                    **recovered,
-                )
+                await self._recover(store, clock, db_path)
                 await self._run_actors(store, hub, clock, task_status)
         finally:
             os.close(lock_fd)
             use_clock(None)
+
+    async def _recover(self, store: Store, clock: WallClock, db_path: Path) -> None:
+        """Jobs a crash left `running` go back to the queue, once what is left of their
+        commands has been ended: a command's children may outlive a crash. On a store that
+        takes no writes (a full disk) the daemon starts all the same, read-only: the recovery
+        is kept, and committed ahead of every other write once the store takes writes again,
+        so no job is dispatched before it."""
+        leftovers = await end_leftover_groups(await store.read(jobs.running_process_groups))
+        recover = partial(
+            jobs.recover_running,
+            now=clock.now(),
+            crash_loop_after=self._config.daemon.crash_loop_after,
+        )
+        try:
+            recovered = await store.write(recover)
+        except StoreError as exc:
+            store.hand_over(recover, keep=True)
+            log.error(
+                "start-up recovery waits for the store to take writes; starting read-only",
+                database=str(db_path),
+                code=exc.code,
+                error=str(exc),
+            )
+            return
+        log.info(
+            "start-up recovery done",
+            database=str(db_path),
+            leftover_processes_ended=leftovers,
+            **recovered,
+        )
 
     async def _run_actors(
         self,
@@ -246,6 +301,7 @@ class Supervisor:
             metrics=metrics,
         )
         async with trio.open_nursery() as nursery:
+            await nursery.start(store.probe_while_faulted)
             await nursery.start(scheduler.run)
             await nursery.start(breaker.run)
             await nursery.start(ledger.run)
@@ -253,6 +309,7 @@ class Supervisor:
             await nursery.start(admission.run)
             await nursery.start(monitor.run)
             nursery.start_soon(self._sample, scheduler_tx.clone(), monitor_tx.clone())
+            nursery.start_soon(self._follow_store, store, scheduler_tx.clone(), monitor_tx.clone())
             self._ready = True
             await nursery.start(self._admin.run)
             http_port = None
@@ -369,7 +426,7 @@ class Supervisor:
             return
         self._notifier.reloading()
         try:
-            new = load_config(self._config_path)
+            new = self._overrides.apply(load_config(self._config_path))
             check_handlers(new)
         except ConfigError as exc:
             log.error("reload rejected; keeping the running config", error=str(exc))
@@ -407,6 +464,20 @@ class Supervisor:
                 await scheduler.send(load)
                 await monitor.send(load)
 
+    async def _follow_store(self, store: Store, *actors: trio.MemorySendChannel[Any]) -> None:
+        """Each change of the store's health, to the actors that act on it: the scheduler
+        resumes dispatch when the store takes writes again, the monitor raises an alert when
+        it stops. A fault found before they started (at start-up recovery) is handed on too."""
+        async with contextlib.AsyncExitStack() as stack:
+            for actor in actors:
+                await stack.enter_async_context(actor)
+            seen = 0
+            while True:
+                seen = await store.health.wait_change(seen)
+                state = StoreState(fault=store.health.fault)
+                for actor in actors:
+                    await actor.send(state)
+
     async def _report_status(self, scheduler: trio.MemorySendChannel[Any]) -> None:
         if not self._notifier.enabled:
             return
@@ -420,24 +491,35 @@ class Supervisor:
             await trio.sleep(STATUS_INTERVAL)
 
 
-def serve_main(config_path: Path) -> int:
-    """`jobwarden serve`: run until drained. Exit 0 after a clean stop, 2 on a bad config."""
+def serve_main(config_path: Path, overrides: Overrides | None = None) -> int:
+    """`jobwarden serve`: run until drained. Exit 0 after a clean stop; 2 when the config
+    cannot be used, a listen port among it (systemd is told not to restart on 2); 1 when
+    another resource is taken."""
+    overrides = overrides or Overrides()
     try:
-        config = load_config(config_path)
+        config = overrides.apply(load_config(config_path))
         check_handlers(config)
     except ConfigError as exc:
         print(f"jobwarden: {exc}", file=sys.stderr)
         return 2
     configure_logging(config.log.format, config.log.level)
     supervisor = Supervisor(
-        config, config_path=config_path, notifier=SystemdNotifier.from_environ()
+        config,
+        config_path=config_path,
+        overrides=overrides,
+        notifier=SystemdNotifier.from_environ(),
     )
-    refusals: list[BaseException] = []
+    refusals: list[str] = []
+    code = 0
     try:
         trio.run(supervisor.run)
-    except* (StartupError, ConfigError) as group:
-        refusals.extend(group.exceptions)
-    for exc in refusals:
-        log.error("jobwarden could not start", error=str(exc))
-        print(f"jobwarden: {exc}", file=sys.stderr)
-    return 1 if refusals else 0
+    except* ConfigError as group:
+        refusals += [f"{config_path}: {exc}" for exc in group.exceptions]
+        code = 2
+    except* StartupError as group:
+        refusals += [str(exc) for exc in group.exceptions]
+        code = code or 1
+    for refusal in refusals:
+        log.error("jobwarden could not start", error=refusal)
+        print(f"jobwarden: {refusal}", file=sys.stderr)
+    return code

@@ -44,6 +44,8 @@ class NewJob(msgspec.Struct, frozen=True):
     priority: int
     idempotency_key: str | None
     max_attempts: int
+    # The client's own id for this submission, the same each time it sends it again.
+    submission_id: str | None = None
 
 
 class Quota(msgspec.Struct, frozen=True, kw_only=True):
@@ -146,24 +148,87 @@ def _save_submitters(conn: sqlite3.Connection, seen: dict[str, Submitter], day: 
     )
 
 
+def _key_holder(
+    conn: sqlite3.Connection, new: NewJob, now: float, window: float
+) -> tuple[Any, ...] | None:
+    """The row of the job a keyed submission repeats, if any: the user's queued or running
+    job with that key; else the finished job that this very submission made (a client's
+    resend, by its submission_id); else the job with that key that finished the latest, if
+    within `window` seconds."""
+    key = (new.user, new.idempotency_key)
+    row = conn.execute(
+        f"SELECT {JOB_COLUMNS} FROM jobs INDEXED BY jobs_idempotency_active "
+        "WHERE user = ? AND idempotency_key = ? AND status IN ('queued', 'running')",
+        key,
+    ).fetchone()
+    if row is None and new.submission_id is not None:
+        # Walks the key's finished jobs from the latest, which is the resent one but when
+        # the same key has been used again since.
+        row = conn.execute(
+            f"SELECT {JOB_COLUMNS} FROM jobs INDEXED BY jobs_idempotency_finished "
+            "WHERE user = ? AND idempotency_key = ? AND finished_at IS NOT NULL "
+            "AND submission_id = ? ORDER BY finished_at DESC LIMIT 1",
+            (*key, new.submission_id),
+        ).fetchone()
+    if row is None and window > 0:
+        row = conn.execute(
+            f"SELECT {JOB_COLUMNS} FROM jobs INDEXED BY jobs_idempotency_finished "
+            "WHERE user = ? AND idempotency_key = ? AND finished_at >= ? "
+            "ORDER BY finished_at DESC LIMIT 1",
+            (*key, now - window),
+        ).fetchone()
+    return row
+
+
+def _repeat(
+    conn: sqlite3.Connection, new: NewJob, now: float, window: float
+) -> Admitted | Refused | None:
+    """A submission whose key holds a job gets that job, if it asks for the same work (kind
+    and payload); else CONFLICT, naming the job. None: the key holds no job."""
+    if new.idempotency_key is None:
+        return None
+    row = _key_holder(conn, new, now, window)
+    if row is None:
+        return None
+    job = job_from_row(row)
+    if job.kind == new.kind and _same_json(job.payload, msgspec.json.decode(new.payload_json)):
+        return Admitted(job, True)
+    what = "kind" if job.kind != new.kind else "payload"
+    return Refused(
+        "CONFLICT",
+        f"idempotency key '{new.idempotency_key}' belongs to job {job.id} ({job.status}), "
+        f"submitted with another {what}; use a new key for new work",
+    )
+
+
+def _same_json(a: Any, b: Any) -> bool:
+    """Equal as JSON: key order aside, exactly (1 and 1.0, or true and 1, differ)."""
+    return msgspec.json.encode(a, order="sorted") == msgspec.json.encode(b, order="sorted")
+
+
+def find_repeats(
+    conn: sqlite3.Connection, *, batch: list[NewJob], now: float, idempotency_window: float
+) -> list[Admitted | Refused | None]:
+    """For each keyed submission, the job it repeats (or its CONFLICT), as `insert_many`
+    would answer it; a read, so admission can answer a repeat before spending a rate token."""
+    return [_repeat(conn, new, now, idempotency_window) for new in batch]
+
+
 def _insert(
     conn: sqlite3.Connection,
     events: Events,
     new: NewJob,
     now: float,
     quota: Quota,
+    window: float,
     fair_clock: int,
     seen: dict[str, Submitter],
 ) -> Admitted | Refused:
-    """One submission of a batch: the user's guards, then the job. With an idempotency key
-    this user has used, the job it made instead (no guard applies to a repeat)."""
-    if new.idempotency_key is not None:
-        row = conn.execute(
-            f"SELECT {JOB_COLUMNS} FROM jobs WHERE user = ? AND idempotency_key = ?",
-            (new.user, new.idempotency_key),
-        ).fetchone()
-        if row is not None:
-            return Admitted(job_from_row(row), True)
+    """One submission of a batch: the user's guards, then the job. A repeat of a job (see
+    `_repeat`) gets that job or CONFLICT instead, and no guard applies to it."""
+    repeat = _repeat(conn, new, now, window)
+    if repeat is not None:
+        return repeat
     user = _submitter(conn, new.user, quota, now, seen)
     if isinstance(user, Refused):
         return user
@@ -185,15 +250,16 @@ def _insert(
         )
     tag = max(user.last_tag + 1, fair_clock)
     cursor = conn.execute(
-        "INSERT INTO jobs (kind, user, status, priority, payload, idempotency_key, max_attempts,"
-        " created_at, updated_at, available_at, fair_tag, credits)"
-        " VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO jobs (kind, user, status, priority, payload, idempotency_key, submission_id,"
+        " max_attempts, created_at, updated_at, available_at, fair_tag, credits)"
+        " VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             new.kind,
             new.user,
             new.priority,
             new.payload_json,
             new.idempotency_key,
+            new.submission_id,
             new.max_attempts,
             now,
             now,
@@ -284,15 +350,17 @@ def insert_many(
     batch: list[NewJob],
     now: float,
     quota: Quota = NO_QUOTA,
+    idempotency_window: float = 0.0,
 ) -> list[Admitted | Refused | Exception]:
     """Insert a batch of submissions in one write; one that the database refuses is answered
-    with its error while the others are accepted."""
+    with its error while the others are accepted. A finished job's key returns that job for
+    `idempotency_window` seconds after it finished."""
     fair_clock = get_setting(conn, FAIR_CLOCK, 0)
     seen: dict[str, Submitter] = {}
 
     def insert_one(new: NewJob) -> Admitted | Refused:
         try:
-            return _insert(conn, events, new, now, quota, fair_clock, seen)
+            return _insert(conn, events, new, now, quota, idempotency_window, fair_clock, seen)
         except Exception:
             # Its savepoint is rolled back: a user it created is gone again.
             if new.user in seen and seen[new.user].fresh:
@@ -559,7 +627,22 @@ def requeue_manual(
     now: float,
 ) -> JobView | Refused | None:
     """An operator's retry of a failed or canceled job: a fresh set of attempts, checkpoint
-    kept, and its credits reserved again. None when the job is in no state to retry."""
+    kept, and its credits reserved again. None when the job is in no state to retry;
+    CONFLICT when its idempotency key belongs to another active job now."""
+    holder = conn.execute(
+        "SELECT active.id, active.status, retried.idempotency_key FROM jobs AS retried "
+        "JOIN jobs AS active INDEXED BY jobs_idempotency_active "
+        "ON active.user = retried.user AND active.idempotency_key = retried.idempotency_key "
+        "AND active.status IN ('queued', 'running') "
+        "WHERE retried.id = ? AND retried.status IN ('failed', 'canceled')",
+        (job_id,),
+    ).fetchone()
+    if holder is not None:
+        return Refused(
+            "CONFLICT",
+            f"job {job_id}'s idempotency key '{holder[2]}' belongs to job {holder[0]} "
+            f"({holder[1]}) now; retry job {job_id} once that one has finished",
+        )
     row = conn.execute(
         "SELECT users.credits, users.name FROM jobs JOIN users ON users.name = jobs.user "
         "WHERE jobs.id = ? AND jobs.status IN ('failed', 'canceled')",
