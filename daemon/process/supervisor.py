@@ -162,7 +162,8 @@ class Supervisor:
     ) -> None:
         config = self._config
         self._store = store
-        metrics = Metrics()
+        metrics = self._metrics = Metrics()
+        metrics.declare(config)
         # Scheduler and pool feed each other; unbounded buffers keep that cycle from ever
         # deadlocking. Their depth is bounded anyway: RunJobs by free slots, JobQueued by
         # admissions, each consumed in the next dispatch round.
@@ -369,6 +370,7 @@ class Supervisor:
             if getattr(new, key) != getattr(self._config, key):
                 log.warning("config change needs a restart to take effect", section=key)
         self._config = new
+        self._metrics.declare(new)
         for actor in self._channels:
             await actor.send(Reconfigure(config=new))
         self._admin.reconfigure(new)
