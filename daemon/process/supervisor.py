@@ -61,6 +61,9 @@ from jobwarden.system import SystemLoad, SystemSampler
 log = structlog.get_logger("supervisor")
 
 STATUS_INTERVAL = 10.0
+# What a stop takes beyond the drain grace: interrupting the jobs still running (each final
+# write is bounded at 10 s), closing WebSocket connections (2 s) and the store.
+STOP_AFTER_GRACE = 30.0
 
 
 class Reload(msgspec.Struct):
@@ -340,7 +343,9 @@ class Supervisor:
     async def _drain(self, grace: float | None, finished: trio.Event) -> None:
         admission_tx, scheduler_tx, pool_tx, *_ = self._channels
         grace = self._config.daemon.shutdown_grace if grace is None else grace
-        self._notifier.stopping(f"draining, grace {grace:g}s")
+        self._notifier.stopping(
+            f"draining, grace {grace:g}s", expected_seconds=grace + STOP_AFTER_GRACE
+        )
         log.info("draining", grace=grace)
         await admission_tx.send(StopAdmitting())
         await scheduler_tx.send(StopDispatch())
