@@ -175,7 +175,7 @@ def _print_system_steps(written: dict[str, Any]) -> None:
         f"useradd --system --user-group --home-dir /var/lib/jobwarden --shell /usr/sbin/nologin"
         f" {group}",
         f"jobwarden check-config {written['config']}",
-        "cp systemd/jobwarden.service /etc/systemd/system/",
+        "install -m 0644 systemd/jobwarden.service /etc/systemd/system/",
         "systemctl daemon-reload && systemctl enable --now jobwarden",
     ):
         print(f"  {command}")
