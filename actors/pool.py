@@ -435,8 +435,9 @@ class Pool:
             recovery.set(final)
         # The outcome the store recorded: a "retry" past the last attempt is a failure.
         name = _recorded_outcome(outcome[0], final)
+        code = outcome[1].code if isinstance(outcome[1], ErrorBody) else None
         self.outcomes[name] = self.outcomes.get(name, 0) + 1
-        self._metrics.job_finished(job.kind, name, entry.duration)
+        self._metrics.job_finished(job.kind, name, entry.duration, code)
         self._log.info(
             "job finished",
             job=job.id,
@@ -446,7 +447,7 @@ class Pool:
             max_attempts=job.max_attempts,
             duration=round(entry.duration, 3),
             outcome=name,
-            code=outcome[1].code if isinstance(outcome[1], ErrorBody) else None,
+            code=code,
         )
 
     async def _execute(self, entry: _Running) -> Outcome:
