@@ -453,8 +453,10 @@ class Pool:
             recovery.set(final)
         # The outcome the store recorded: a "retry" past the last attempt is a failure.
         name = _recorded_outcome(outcome[0], final)
+        error = outcome[1] if isinstance(outcome[1], ErrorBody) else None
+        code = error.code if error is not None else None
         self.outcomes[name] = self.outcomes.get(name, 0) + 1
-        self._metrics.job_finished(job.kind, name, entry.duration)
+        self._metrics.job_finished(job.kind, name, entry.duration, code)
         fields = {
             "job": job.id,
             "kind": job.kind,
@@ -463,19 +465,18 @@ class Pool:
             "max_attempts": job.max_attempts,
             "duration": round(entry.duration, 3),
             "outcome": name,
+            "code": code,
         }
-        error = outcome[1] if isinstance(outcome[1], ErrorBody) else None
         if error is not None and name in ("failed", "retry"):
             # A failed attempt is worth a look: what went wrong, and the id to find it by.
             self._log.warning(
                 "job finished",
                 **fields,
-                code=error.code,
                 message=error.message[:LOGGED_MESSAGE_CHARS],
                 error_id=error.error_id,
             )
         else:
-            self._log.info("job finished", **fields, code=error.code if error is not None else None)
+            self._log.info("job finished", **fields)
 
     async def _execute(self, entry: _Running) -> Outcome:
         job = entry.job

@@ -216,5 +216,5 @@ async def test_an_open_circuit_reads_half_open_once_its_recovery_has_passed(
     assert snapshot["breakers"]["flaky"]["state"] == "half_open"
     # The /metrics scrape renders the same snapshot.
     metrics = Metrics()
-    metrics.set_state(snapshot, snapshot.pop("by_status_kind"))
+    metrics.set_state(snapshot, snapshot.pop("by_status_kind"), trio.current_time())
     assert b'jobwarden_breaker_state{service="flaky"} 1.0' in metrics.render()

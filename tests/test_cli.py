@@ -1074,6 +1074,7 @@ def test_init_json_says_where_everything_will_be(tmp_path, capsys):
         "kinds": ["storybook", "shell"],
         "admin_socket": str(directory / "var" / "admin.sock"),
         "database": str(directory / "var" / "jobwarden.db"),
+        "admin_group": None,
         "websocket": "127.0.0.1:8765",
         "http": "127.0.0.1:8766",
     }

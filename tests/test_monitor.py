@@ -379,7 +379,7 @@ async def test_jobs_found_stuck_in_separate_checks_add_up(autojump_clock, start_
     health = await daemon_health(daemon, by_kind=True)
     assert health["stuck"]["now"] == 0
     metrics = Metrics()
-    metrics.set_state(health, health.pop("by_status_kind"))
+    metrics.set_state(health, health.pop("by_status_kind"), trio.current_time())
     assert b"jobwarden_jobs_stuck 0.0" in metrics.render()
 
 

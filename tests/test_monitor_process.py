@@ -96,7 +96,7 @@ def test_hung_jobs_are_recovered_and_probes_answer(daemons, tmp_path):
         for sample in families["jobwarden_stuck_recovered"].samples
         if sample.name.endswith("_total")
     }
-    assert recovered == {"stuck": 2.0}
+    assert recovered == {"stuck": 2.0, "stall": 0.0, "sla": 0.0, "queued_timeout": 0.0}
     assert http_get(port, "/readyz")[0] == 200
 
 

@@ -45,7 +45,9 @@ async def test_ready_after_recovery_and_stopping_on_drain(autojump_clock, start_
     assert messages[0] == "READY=1\nSTATUS=ready"
     assert "STATUS=1 running, 0 queued" in messages
     await daemon.stop(grace=1)
-    assert received(receiver) == ["STOPPING=1\nSTATUS=draining, grace 1s"]
+    assert received(receiver) == [
+        "STOPPING=1\nSTATUS=draining, grace 1s\nEXTEND_TIMEOUT_USEC=31000000"
+    ]
 
 
 def write_config(path: Path, extra: str) -> Path:

@@ -161,7 +161,7 @@ class HttpServer:
 
     async def _metrics_text(self) -> tuple[int, str, bytes]:
         health = await self._commands.health(by_kind=True)
-        self._metrics.set_state(health, health.pop("by_status_kind"))
+        self._metrics.set_state(health, health.pop("by_status_kind"), trio.current_time())
         return 200, PROMETHEUS_TEXT, self._metrics.render()
 
 

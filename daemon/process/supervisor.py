@@ -64,6 +64,9 @@ from jobwarden.system import SystemLoad, SystemSampler
 log = structlog.get_logger("supervisor")
 
 STATUS_INTERVAL = 10.0
+# What a stop takes beyond the drain grace: interrupting the jobs still running (each final
+# write is bounded at 10 s), closing WebSocket connections (2 s) and the store.
+STOP_AFTER_GRACE = 30.0
 
 
 class Reload(msgspec.Struct):
@@ -226,7 +229,8 @@ class Supervisor:
     ) -> None:
         config = self._config
         self._store = store
-        metrics = Metrics()
+        metrics = self._metrics = Metrics()
+        metrics.declare(config)
         # Scheduler and pool feed each other; unbounded buffers keep that cycle from ever
         # deadlocking. Their depth is bounded anyway: RunJobs by free slots, JobQueued by
         # admissions, each consumed in the next dispatch round.
@@ -406,7 +410,9 @@ class Supervisor:
     async def _drain(self, grace: float | None, finished: trio.Event) -> None:
         admission_tx, scheduler_tx, pool_tx, *_ = self._channels
         grace = self._config.daemon.shutdown_grace if grace is None else grace
-        self._notifier.stopping(f"draining, grace {grace:g}s")
+        self._notifier.stopping(
+            f"draining, grace {grace:g}s", expected_seconds=grace + STOP_AFTER_GRACE
+        )
         log.info("draining", grace=grace)
         await admission_tx.send(StopAdmitting())
         await scheduler_tx.send(StopDispatch())
@@ -436,6 +442,7 @@ class Supervisor:
             if getattr(new, key) != getattr(self._config, key):
                 log.warning("config change needs a restart to take effect", section=key)
         self._config = new
+        self._metrics.declare(new)
         for actor in self._channels:
             await actor.send(Reconfigure(config=new))
         self._admin.reconfigure(new)

@@ -114,9 +114,11 @@ def migrate_to(conn: Connection, version: int, script: str) -> None:
 
 def copy_database(source: str | Path, target: str | Path) -> None:
     """A consistent copy of the database as it is committed now, by SQLite's online backup:
-    what a `kill -9` at this instant would leave on disk."""
+    what a `kill -9` at this instant would leave on disk. The source is opened read-only, so a
+    path with no database behind it is an error rather than a new, empty one."""
+    read_only = f"{Path(source).resolve().as_uri()}?mode=ro"
     with (
-        contextlib.closing(sqlite3.connect(source)) as origin,
+        contextlib.closing(sqlite3.connect(read_only, uri=True)) as origin,
         contextlib.closing(sqlite3.connect(target)) as copy,
     ):
         origin.backup(copy)
