@@ -4,7 +4,8 @@ Consumes `Submit` and `Requeue` from the listeners, `UserRate` from the admin `u
 `BudgetState` from the ledger and `StopAdmitting`/`Reconfigure` from the supervisor. Produces
 `JobQueued` for the scheduler.
 
-The guards run in two places. Here, in memory: draining, budget, kind, payload size and
+The guards run in two places. Here, in memory: draining, a store that takes no writes
+(`STORAGE_FULL`/`STORAGE_ERROR`, as the engine's health says), budget, kind, payload size and
 schema, a kind's memory requirement this machine can never meet (its total memory, as the
 daemon's one sampler read it at start), and the per-user rate limit (a `TokenBucket` on trio's
 clock; buckets may be lost on restart, as a rate is about the last minute). In the store,
@@ -12,6 +13,12 @@ inside the transaction that inserts the job, so they survive restarts and never 
 user exists and is enabled, daily job limit, queue depth (global and per kind), credits
 (reserved there, spent or refunded when the job ends). The store commits the job before the
 caller hears "accepted".
+
+Idempotency: a submission whose key holds a job (the user's active job with that key, its own
+finished job when a client sends it again, or one that finished within
+`admission.idempotency_window`) gets that job, or CONFLICT for other work, and no guard of the
+store applies to it. Nor does the rate limit: a keyed submission of a rate-limited user takes
+its token only after a read of the store has found no such job, batched like the inserts.
 
 Adaptive shedding (seed 002): once the queue is past `limits.shed_at` of its limit, the store
 says for each accepted job whether its user holds more than a fair share of the queue; such a
@@ -24,7 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 import structlog
@@ -45,7 +52,7 @@ from jobwarden.actors.messages import (
 )
 from jobwarden.clock import WallClock
 from jobwarden.config import Config, format_size, parse_rate
-from jobwarden.errors import RequestError
+from jobwarden.errors import RequestError, StoreError
 from jobwarden.metrics import Metrics
 from jobwarden.store import Engine, jobs, users
 from jobwarden.store.jobs import Admitted, NewJob, Quota, Refused
@@ -70,10 +77,14 @@ def check_submit(
     budget: BudgetState,
     now: float,
     total_memory: int,
+    store_fault: StoreError | None = None,
 ) -> str:
     """The request guards, as a plain function. Returns the payload as stored JSON."""
     if draining:
         raise RequestError("DRAINING", "the daemon is shutting down and accepts no new jobs")
+    if store_fault is not None:
+        # The job could not be committed, so it could not be accepted.
+        raise store_fault.refusal()
     if budget.stopped:
         retry_after = None if budget.until is None else max(0.0, round(budget.until - now, 3))
         raise RequestError(
@@ -102,8 +113,14 @@ def check_submit(
         raise RequestError("INVALID_REQUEST", str(exc)) from None
     if not 0 < len(msg.user) <= 64 or not msg.user.isprintable():
         raise RequestError("INVALID_REQUEST", "user must be 1 to 64 printable characters")
-    if msg.idempotency_key is not None and not 0 < len(msg.idempotency_key) <= 200:
-        raise RequestError("INVALID_REQUEST", "idempotency_key must be 1 to 200 characters")
+    for name, value in (
+        ("idempotency_key", msg.idempotency_key),
+        ("submission_id", msg.submission_id),
+    ):
+        if value is not None and not 0 < len(value) <= 200:
+            raise RequestError("INVALID_REQUEST", f"{name} must be 1 to 200 characters")
+    if msg.submission_id is not None and msg.idempotency_key is None:
+        raise RequestError("INVALID_REQUEST", "submission_id needs an idempotency_key")
     if msg.priority is not None and not -100 <= msg.priority <= 100:
         raise RequestError("INVALID_REQUEST", "priority must be within -100..100")
     if kind.min_memory is not None and kind.min_memory > total_memory:
@@ -148,15 +165,15 @@ class Admission:
         async with self._inbox, self._scheduler, trio.open_nursery() as nursery:
             task_status.started()
             async for first in self._inbox:
-                accepted: list[tuple[Submit, NewJob]] = []
+                accepted: list[Checked] = []
                 # Everything already waiting is handled in order; the submissions that pass
                 # the guards go to the store as one write.
                 for msg in self._waiting(first):
                     match msg:
                         case Submit():
-                            new = self._check(msg)
-                            if new is not None:
-                                accepted.append((msg, new))
+                            checked = self._check(msg)
+                            if checked is not None:
+                                accepted.append(checked)
                         case Requeue():
                             nursery.start_soon(self._requeue, msg)
                         case StopAdmitting():
@@ -189,8 +206,11 @@ class Admission:
         self._metrics.rejected.labels(exc.body.code).inc()
         msg.reply.fail(exc)
 
-    def _check(self, msg: Submit) -> NewJob | None:
+    def _check(self, msg: Submit) -> Checked | None:
         now = self._clock.now()
+        # A keyed submission may repeat a job, which costs no token: it takes its token once
+        # the store has said it does not (see _answer_repeats).
+        owes_token = msg.idempotency_key is not None and not math.isinf(self._rate(msg.user))
         try:
             payload_json = check_submit(
                 self._config,
@@ -199,24 +219,31 @@ class Admission:
                 budget=self._budget,
                 now=now,
                 total_memory=self._total_memory,
+                store_fault=self._store.health.error(),
             )
-            self._take_token(msg.user, now)
+            if not owes_token:
+                self._take_token(msg.user, now)
         except RequestError as exc:
             self._refuse(msg, exc)
             return None
         kind = self._config.kinds[msg.kind]
-        return NewJob(
+        new = NewJob(
             kind=msg.kind,
             user=msg.user,
             payload_json=payload_json,
             priority=kind.priority if msg.priority is None else msg.priority,
             idempotency_key=msg.idempotency_key,
             max_attempts=self._config.retry_policy(msg.kind).max_attempts,
+            submission_id=msg.submission_id,
         )
+        return Checked(msg, new, owes_token)
+
+    def _rate(self, user: str) -> float:
+        return self._rates.get(user, self._config.limits.rate)
 
     def _take_token(self, user: str, now: float) -> None:
         limits = self._config.limits
-        rate = self._rates.get(user, limits.rate)
+        rate = self._rate(user)
         if math.isinf(rate):
             return
         slowed = self._slowed_until.get(user, -math.inf) > now
@@ -261,37 +288,85 @@ class Admission:
             retry_after = round(self._calendar.next_day(now) - now, 3)
         return RequestError(refused.code, refused.message, retry_after=retry_after)
 
-    async def _insert(self, accepted: list[tuple[Submit, NewJob]]) -> None:
+    async def _insert(self, accepted: list[Checked]) -> None:
+        if any(checked.owes_token for checked in accepted):
+            accepted = await self._answer_repeats(accepted)
+            if not accepted:
+                return
         now = self._clock.now()
         write = partial(
             jobs.insert_many,
-            batch=[new for _, new in accepted],
+            batch=[checked.new for checked in accepted],
             now=now,
             quota=self._quota(now),
+            idempotency_window=self._config.admission.idempotency_window,
         )
         try:
             results = await self._store.write(write)
+        except StoreError as exc:
+            results = [exc] * len(accepted)
         except Exception as exc:
             log.error("submissions failed in the store", error=str(exc), count=len(accepted))
             results = [exc] * len(accepted)
         queued_kinds = set()
-        for (msg, _), result in zip(accepted, results, strict=True):
+        for checked, result in zip(accepted, results, strict=True):
+            msg = checked.msg
             match result:
-                case Admitted(job=job, existing=existing, heavy=heavy):
-                    msg.reply.set((job, existing))
-                    if not existing:
-                        queued_kinds.add(job.kind)
+                case Admitted(job=job, existing=True):
+                    msg.reply.set((job, True))
+                case Admitted(job=job, heavy=heavy):
+                    msg.reply.set((job, False))
+                    queued_kinds.add(job.kind)
                     if heavy:
                         self._slowed_until[msg.user] = now + SHED_FOR
                     else:
                         self._slowed_until.pop(msg.user, None)
                 case Refused():
                     self._refuse(msg, self._refused(result, now))
+                case StoreError():
+                    self._refuse(msg, result.refusal())
                 case _:
                     log.error("submit failed in the store", error=str(result), kind=msg.kind)
                     msg.reply.fail(RequestError("INTERNAL", "the job could not be stored"))
         for kind in sorted(queued_kinds):
             await self._scheduler.send(JobQueued(kind=kind))
+
+    async def _answer_repeats(self, accepted: list[Checked]) -> list[Checked]:
+        """Answer the submissions that owe a token and repeat a job (or conflict with one)
+        from one read of the store; the others take their token now. What is left goes on to
+        the insert, which looks for repeats again in its transaction: a job may have been
+        made or finished since this read."""
+        owing = [checked.new for checked in accepted if checked.owes_token]
+        read = partial(
+            jobs.find_repeats,
+            batch=owing,
+            now=self._clock.now(),
+            idempotency_window=self._config.admission.idempotency_window,
+        )
+        try:
+            repeats = iter(await self._store.read(read))
+        except Exception as exc:
+            # The insert's own lookup still answers repeats; they cost a token meanwhile.
+            log.warning("looking up repeated submissions failed", error=str(exc))
+            repeats = iter([None] * len(owing))
+        now = self._clock.now()
+        left = []
+        for checked in accepted:
+            if checked.owes_token:
+                repeat = next(repeats)
+                if isinstance(repeat, Admitted):
+                    checked.msg.reply.set((repeat.job, True))
+                    continue
+                if isinstance(repeat, Refused):
+                    self._refuse(checked.msg, self._refused(repeat, now))
+                    continue
+                try:
+                    self._take_token(checked.msg.user, now)
+                except RequestError as exc:
+                    self._refuse(checked.msg, exc)
+                    continue
+            left.append(checked)
+        return left
 
     async def _requeue(self, msg: Requeue) -> None:
         if self._draining:
@@ -308,15 +383,19 @@ class Admission:
             )
             return
         now = self._clock.now()
-        job = await self._store.write(
-            partial(
-                jobs.requeue_manual,
-                job_id=msg.job_id,
-                max_attempts=self._config.retry_policy(current.kind).max_attempts,
-                credits=kind.credits,
-                now=now,
+        try:
+            job = await self._store.write(
+                partial(
+                    jobs.requeue_manual,
+                    job_id=msg.job_id,
+                    max_attempts=self._config.retry_policy(current.kind).max_attempts,
+                    credits=kind.credits,
+                    now=now,
+                )
             )
-        )
+        except StoreError as exc:
+            msg.reply.fail(exc.refusal())
+            return
         if isinstance(job, Refused):
             msg.reply.fail(self._refused(job, now))
             return
@@ -330,6 +409,14 @@ class Admission:
             return
         msg.reply.set(job)
         await self._scheduler.send(JobQueued(kind=job.kind))
+
+
+class Checked(NamedTuple):
+    """A submission that passed the guards in memory, and whether it owes a rate token."""
+
+    msg: Submit
+    new: NewJob
+    owes_token: bool
 
 
 def _per_minute(rate: float) -> str:

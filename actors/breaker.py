@@ -212,9 +212,8 @@ class Breaker:
         trio_now = trio.current_time()
         for service in self._services.values():
             before = service.circuit.state
-            service.circuit.expire_probes(now)
-            if before != service.circuit.state:
-                await self._changed(service, before)
+            service.circuit.advance(now)
+            await self._changed(service, before)
             service.retry_at = math.inf
             while service.waiting:
                 permit, permit_id = service.waiting[0]
@@ -223,9 +222,6 @@ class Breaker:
                     service.waiting.popleft()
                     permit.reply.fail(ServiceUnavailable(service.name, service.circuit.open_until))
                     continue
-                if service.circuit.state == "half_open" and before != "half_open":
-                    await self._changed(service, before)
-                    before = "half_open"
                 retry_at = service.gate.try_take(trio_now)
                 if retry_at is not None:
                     if service.circuit.state == "half_open":
@@ -250,8 +246,10 @@ class Breaker:
             after=after,
             open_until=until,
         )
-        await self._store.write(
-            partial(save_breaker, service=service.name, state=after, open_until=until, now=now)
+        # Kept while the store takes no writes: the latest state is written when it does.
+        await self._store.write_or_keep(
+            partial(save_breaker, service=service.name, state=after, open_until=until, now=now),
+            key=("breaker", service.name),
         )
         await self._tell_scheduler(service)
         if after == "open":

@@ -1,11 +1,12 @@
 """The budget's decisions, as plain code over explicit times: its days and months in one time
-zone, which limit a spend would cross, and the month's projection (the ledger actor keeps the
-totals and applies them).
+zone, which limit a spend would cross or has reached, and the month's projection (the ledger
+actor keeps the totals and applies them).
 """
 
 from __future__ import annotations
 
 import calendar
+import math
 from datetime import datetime, timedelta
 from typing import Literal
 from zoneinfo import ZoneInfo
@@ -14,6 +15,12 @@ import msgspec
 
 # Money is compared with this slack so float sums like 10 x 0.024 still fit 0.24.
 EPSILON = 1e-9
+
+
+def is_units(value: object) -> bool:
+    """A count of units the ledger can price: a finite number, not below zero. Anything else
+    (NaN, a negative count, a string) would make the spend a figure no limit can hold."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < math.inf
 
 
 class Limits(msgspec.Struct):
@@ -62,11 +69,27 @@ def over_limit(
     committed: float,
     now: float,
 ) -> tuple[Literal["daily", "monthly"], float] | None:
-    """Which limit the spend so far plus `committed` crosses, and when that limit resets."""
+    """Which limit the spend so far plus `committed` would pass, and when that limit resets."""
+    return _first_above(
+        limits, days, spent_day + committed, spent_month + committed, now, slack=EPSILON
+    )
+
+
+def limit_reached(
+    limits: Limits, days: BudgetCalendar, *, spent_day: float, spent_month: float, now: float
+) -> tuple[Literal["daily", "monthly"], float] | None:
+    """Which limit the spend so far has reached or passed (no priced call fits under it any
+    more), and when that limit resets."""
+    return _first_above(limits, days, spent_day, spent_month, now, slack=-EPSILON)
+
+
+def _first_above(
+    limits: Limits, days: BudgetCalendar, day: float, month: float, now: float, *, slack: float
+) -> tuple[Literal["daily", "monthly"], float] | None:
     daily, monthly = limits.daily_usd, limits.monthly_usd
-    if daily and spent_day + committed > daily + EPSILON:
+    if daily and day > daily + slack:
         return "daily", days.next_day(now)
-    if monthly and spent_month + committed > monthly + EPSILON:
+    if monthly and month > monthly + slack:
         return "monthly", days.next_month(now)
     return None
 

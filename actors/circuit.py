@@ -2,11 +2,12 @@
 times (the breaker actor drives it and stores its state).
 
 CLOSED -> OPEN after `failures` consecutive failures, or an error rate above `error_rate`
-over `window` once `min_calls` were seen. OPEN refuses at once until `recovery` has passed.
-HALF_OPEN lets `half_open_calls` probes through, each with its own deadline (the service's
-timeout): a probe that neither succeeds nor fails by then counts as a failure, so a hung probe
-cannot hold the circuit half-open forever. All probes succeeding closes it; any failing
-reopens it.
+over `window` once `min_calls` were seen. OPEN refuses at once until `recovery` has passed,
+and then is HALF_OPEN by itself, call or no call (the breaker wakes at `open_until`), so what
+it shows is true without traffic. HALF_OPEN lets `half_open_calls` probes through, each with
+its own deadline (the service's timeout): a probe that neither succeeds nor fails by then
+counts as a failure, so a hung probe cannot hold the circuit half-open forever. All probes
+succeeding closes it; any failing reopens it.
 """
 
 from __future__ import annotations
@@ -36,10 +37,8 @@ class Circuit:
         self.opened = 0
 
     def admit(self, now: float, probe_id: int) -> bool | None:
-        """True: go ahead (as a probe if half-open). None: refused. Moves OPEN -> HALF_OPEN."""
-        self.expire_probes(now)
-        if self.state == "open" and self.open_until is not None and now >= self.open_until:
-            self._become("half_open", now)
+        """True: go ahead (as a probe if half-open). None: refused."""
+        self.advance(now)
         if self.state == "closed":
             return True
         if self.state == "half_open" and len(self.probes) < self.spec.half_open_calls:
@@ -77,13 +76,19 @@ class Circuit:
         """A probe canceled by us: free its place without a verdict."""
         self.probes.pop(probe_id, None)
 
-    def expire_probes(self, now: float) -> None:
+    def advance(self, now: float) -> None:
+        """What time alone changes: a probe past its deadline reopens the circuit; an open
+        circuit whose recovery time has passed is half-open."""
         if any(deadline <= now for deadline in self.probes.values()):
             self._open(now)
+        if self.state == "open" and self.open_until is not None and now >= self.open_until:
+            self._become("half_open", now)
 
     def next_deadline(self) -> float:
-        """When a probe in flight runs out. OPEN -> HALF_OPEN needs no timer: it happens
-        when the next call asks, and the scheduler holds jobs until open_until itself."""
+        """When `advance` next changes something: an open circuit's recovery ends, or a
+        probe in flight runs out."""
+        if self.state == "open" and self.open_until is not None:
+            return self.open_until
         return min(self.probes.values(), default=math.inf)
 
     def trip(self, now: float) -> None:

@@ -13,6 +13,7 @@ import msgspec
 
 from jobwarden.actors.messages import BudgetState, PauseState
 from jobwarden.config import Config, KindSection, format_size
+from jobwarden.store.engine import StoreFault
 from jobwarden.system import SystemLoad
 from jobwarden.wire.views import JobView
 
@@ -31,6 +32,8 @@ class WaitState(msgspec.Struct, frozen=True):
     load: SystemLoad
     running: dict[str, int]
     running_by_user: dict[str, int]
+    # Why the store takes no writes, while it takes none: no claim could be recorded.
+    store_fault: StoreFault | None = None
 
 
 def load_too_high(config: Config, load: SystemLoad | None) -> str | None:
@@ -72,6 +75,8 @@ def explain(
         return f"kind {job.kind} is not configured"
     if not state.dispatching:
         return "the daemon is draining"
+    if state.store_fault is not None:
+        return f"the store takes no writes ({state.store_fault.code}): {state.store_fault.message}"
     if state.paused.all:
         return "all kinds paused"
     if job.kind in state.paused.kinds:

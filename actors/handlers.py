@@ -8,7 +8,8 @@ the child writes JSON lines on stdout (`{"progress": 0.4, "message": "..."}`,
 `{"checkpoint": {...}}`, `{"heartbeat": true}`, `{"charge": {"service": "image", "units": 1}}`,
 `{"result": {...}}`); exit 0 is done,
 75 (EX_TEMPFAIL) asks for a retry, anything else fails with the tail of stderr. It runs in
-its own session, so cancel and timeout kill its whole process group.
+its own session, so cancel and timeout kill its whole process group; the group is recorded in
+the store, so a restart after a crash can end what is left of it (actors/processes.py).
 """
 
 from __future__ import annotations
@@ -19,8 +20,6 @@ import json
 import math
 import os
 import re
-import signal
-import subprocess
 import typing
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -30,8 +29,16 @@ import msgspec
 import structlog
 import trio
 
+from jobwarden.actors import processes
 from jobwarden.actors.services import Metered, ServiceLink
-from jobwarden.config import KindSection, import_handler, name_path
+from jobwarden.config import (
+    COMMAND_PLACEHOLDER,
+    KindSection,
+    check_payload,
+    import_handler,
+    name_path,
+    template_fields,
+)
 from jobwarden.errors import (
     BudgetExhausted,
     Fail,
@@ -56,8 +63,6 @@ log = structlog.get_logger("handler")
 
 EXIT_RETRY = 75
 HEARTBEAT_EVERY = 1.0
-# How long a command gets between SIGTERM and SIGKILL when it is canceled.
-KILL_GRACE = 5.0
 
 
 class JobContext:
@@ -77,6 +82,7 @@ class JobContext:
         store_checkpoint: Callable[[Any], Awaitable[None]],
         store_heartbeat: Callable[[], Awaitable[None]],
         services: ServiceLink | None = None,
+        store_process_group: Callable[[int, str], Awaitable[None]] | None = None,
     ) -> None:
         self.job_id = job_id
         self.kind = kind
@@ -89,6 +95,8 @@ class JobContext:
         self._store_checkpoint = store_checkpoint
         self._store_heartbeat = store_heartbeat
         self._services = services
+        # Where a command's process group is recorded, for the restart after a crash.
+        self._store_process_group = store_process_group
         self._last_heartbeat = -math.inf
 
     async def progress(self, fraction: float, message: str | None = None) -> None:
@@ -104,9 +112,17 @@ class JobContext:
         self._last_heartbeat = trio.current_time()
 
     async def call(
-        self, service: str, fn: Callable[..., Awaitable[Any]], *args: Any, units: float = 1
+        self,
+        service: str,
+        fn: Callable[..., Awaitable[Any]],
+        *args: Any,
+        units: float | None = None,
     ) -> Any:
         """Call `fn(*args)` as one use of `service`: budget, breaker, limits, timeout, retries.
+
+        The ledger reserves the most this call can cost before it is made: `units`, or the
+        service's `max_units` if not given. `fn` may return `Metered(value, units)` to settle
+        the units it really used.
 
         Raises BudgetExhausted (the job goes back to the queue to wait for budget),
         ServiceUnavailable (the circuit is open; catch it to degrade) or ServiceFailed.
@@ -148,19 +164,6 @@ def payload_type(handler: Callable[..., Any]) -> type | None:
     return None
 
 
-_PLACEHOLDER = re.compile(r"\{(payload(?:\.\w+)+|job_id|attempt)\}")
-
-
-def template_fields(command: list[str]) -> set[tuple[str, ...]]:
-    """The payload paths a command template needs, e.g. {("input",)}."""
-    fields = set()
-    for arg in command:
-        for match in _PLACEHOLDER.finditer(arg):
-            if match[1].startswith("payload."):
-                fields.add(tuple(match[1].split(".")[1:]))
-    return fields
-
-
 def _lookup(payload: Any, path: tuple[str, ...]) -> Any:
     value = payload
     for key in path:
@@ -182,7 +185,7 @@ def render_command(command: list[str], payload: Any, *, job_id: int, attempt: in
         value = _lookup(payload, tuple(name.split(".")[1:]))
         return json.dumps(value) if isinstance(value, bool) else str(value)
 
-    return [_PLACEHOLDER.sub(fill, arg) for arg in command]
+    return [COMMAND_PLACEHOLDER.sub(fill, arg) for arg in command]
 
 
 def validate_payload(kind: KindSection, payload: Any) -> Any:
@@ -193,9 +196,11 @@ def validate_payload(kind: KindSection, payload: Any) -> Any:
             try:
                 return msgspec.convert(payload, struct)
             except msgspec.ValidationError as exc:
-                raise ValueError(name_path(str(exc), "payload")) from None
+                raise ValueError(name_path(str(exc), "payload", struct)) from None
         return payload
     assert kind.command is not None
+    if kind.payload is not None:
+        check_payload(kind.payload, payload)
     if template_fields(kind.command) and not isinstance(payload, dict):
         raise ValueError("payload must be a JSON object")
     for path in template_fields(kind.command):
@@ -221,24 +226,22 @@ async def run_command(kind: KindSection, ctx: JobContext, payload: Any) -> Any:
     argv = render_command(kind.command, payload, job_id=ctx.job_id, attempt=ctx.attempt)
     env = dict(os.environ)
     env.update(
-        JOBWARDEN_JOB_ID=str(ctx.job_id),
-        JOBWARDEN_ATTEMPT=str(ctx.attempt),
-        JOBWARDEN_CHECKPOINT=json.dumps(ctx.checkpoint),
+        {
+            processes.JOB_ID_VARIABLE: str(ctx.job_id),
+            "JOBWARDEN_ATTEMPT": str(ctx.attempt),
+            "JOBWARDEN_CHECKPOINT": json.dumps(ctx.checkpoint),
+        }
     )
     stderr_tail: deque[str] = deque(maxlen=kind.stderr_tail_lines)
     result: list[Any] = [None]
     try:
-        process = await trio.lowlevel.open_process(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-            env=env,
-        )
+        process = await processes.spawn(argv, env)
     except OSError as exc:
         raise Fail(f"cannot start {argv[0]!r}: {exc.strerror}") from None
     try:
+        identity = processes.identity(process.pid)
+        if ctx._store_process_group is not None and identity is not None:
+            await ctx._store_process_group(process.pid, identity)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_read_stderr, process.stderr, stderr_tail)
             await _read_protocol(process.stdout, ctx, result)
@@ -246,7 +249,8 @@ async def run_command(kind: KindSection, ctx: JobContext, payload: Any) -> Any:
     finally:
         if process.returncode is None:
             with trio.CancelScope(shield=True):
-                await _kill_group(process)
+                await processes.stop_escalating(process.signal_group, process.wait)
+        process.close()
     tail = "\n".join(stderr_tail)
     if process.returncode == 0:
         return result[0]
@@ -258,21 +262,6 @@ async def run_command(kind: KindSection, ctx: JobContext, payload: Any) -> Any:
         else f"exit status {process.returncode}"
     )
     raise Fail(f"{how}: {tail}".strip(": "))
-
-
-async def _kill_group(process: trio.Process) -> None:
-    """Ask the whole process group to stop, wait a bounded time, then force it."""
-    for sig, wait in ((signal.SIGTERM, KILL_GRACE), (signal.SIGKILL, None)):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
-        if wait is None:
-            await process.wait()
-            return
-        with trio.move_on_after(wait):
-            await process.wait()
-            return
 
 
 async def _lines(stream: trio.abc.ReceiveStream) -> typing.AsyncIterator[str]:

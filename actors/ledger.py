@@ -4,14 +4,22 @@ Consumes `Reserve`/`Settle`/`Release` from ctx.call, `Charge` from command kinds
 `BudgetQuery`/`SetBudget`/`ResumeBudget`/`LedgerReport` from the admin socket, `Reconfigure`.
 Produces `BudgetState` for admission and the scheduler, and alerts for the monitor.
 
-A call first reserves its price. The reservation is refused when the day's (or month's)
-spend plus every open reservation plus this price would pass the limit: so however many jobs
-call at once, spend never exceeds the limit. A refusal is the emergency stop: admission
-answers BUDGET_EXHAUSTED, the scheduler holds dispatch, and the job whose call was refused
-goes back to the queue to wait, its checkpoint kept. The stop lifts at the next budget day
-(midnight in `budget.timezone`), or when an operator says `budget resume`.
+A call first reserves its worst case: its declared most units (the service's `max_units`,
+or the call's own `units=`) at the service's price. The reservation is refused when the day's
+(or month's) spend plus every open reservation plus this one would pass the limit. One actor
+decides every reservation in turn, so however many jobs call at once, their reservations
+together never pass the limit, and neither does spend while each call stays within what it
+reserved. A refusal is the emergency stop: admission answers BUDGET_EXHAUSTED, the scheduler
+holds dispatch, and the job whose call was refused goes back to the queue to wait, its
+checkpoint kept. The stop lifts at the next budget day (midnight in `budget.timezone`), when
+an operator raises the limit, or on `budget resume`.
+
 Settling writes one ledger row per call, with the units actually used; a failed call costs
-nothing unless the service bills failures. Budget days, the limit check and the month's
+nothing unless the service bills failures. A call that used more than it reserved is booked
+as it happened, its excess in the row's `overrun_usd`, and raises an alert naming the service.
+A command kind's `charge` line is booked after the fact the same way. Whenever what was booked
+reaches or passes a limit (and when the ledger starts, or a limit is lowered, with spend
+already there) the budget stops at once. Budget days, the limit checks and the month's
 projection are plain code in actors/budget.py.
 """
 
@@ -26,7 +34,15 @@ import msgspec
 import structlog
 import trio
 
-from jobwarden.actors.budget import BudgetCalendar, Limits, month_projection, over_limit
+from jobwarden.actors.budget import (
+    EPSILON,
+    BudgetCalendar,
+    Limits,
+    is_units,
+    limit_reached,
+    month_projection,
+    over_limit,
+)
 from jobwarden.actors.messages import (
     BudgetQuery,
     BudgetState,
@@ -44,8 +60,8 @@ from jobwarden.actors.messages import (
 )
 from jobwarden.clock import WallClock
 from jobwarden.config import Config
-from jobwarden.errors import BudgetExhausted, RequestError
-from jobwarden.mailbox import receive_by
+from jobwarden.errors import BudgetExhausted, RequestError, StoreError
+from jobwarden.mailbox import ReplySlot, receive_by
 from jobwarden.metrics import Metrics
 from jobwarden.store import Engine, jobs
 from jobwarden.store.ledger import record_entry, report, spent
@@ -126,6 +142,9 @@ class Ledger:
         self._alerted = {f for f in self._config.budget.alert_at if self._fraction() >= f}
         if self._stop.stopped and self._stop.until is not None and now >= self._stop.until:
             await self._set_stop(BudgetState(stopped=False))
+        # Spend already at a limit (the day began with the month's spent, or the daemon starts
+        # after booking to the limit): stopped from the start.
+        await self._stop_if_reached()
 
     def _fraction(self) -> float:
         daily = self._limits.daily_usd
@@ -137,45 +156,50 @@ class Ledger:
                 await self._reserve(msg)
             case Settle(reservation=reservation, units=units, ok=ok, reply=reply):
                 self._reserved.pop(reservation.id, None)
-                billed = ok or self._config.services[reservation.service].failures_billed
-                reply.set(await self._record(reservation, units, ok=ok, billed=billed))
+                billed = ok or reservation.failures_billed
+                usd = await self._record(reservation, units, ok=ok, billed=billed)
+                await self._stop_if_reached()
+                reply.set(usd)
             case Release(reservation=reservation):
                 self._reserved.pop(reservation.id, None)
             case Charge(reply=reply):
+                if not is_units(msg.units):
+                    reply.fail(
+                        RequestError(
+                            "INVALID_REQUEST",
+                            f"charge units must be a number from 0 up, got {msg.units!r}",
+                        )
+                    )
+                    return
                 try:
                     reservation = self._price(msg.job, msg.user, msg.kind, msg.service, msg.units)
                 except RequestError as exc:
                     reply.fail(exc)
                     return
+                # Reported after the fact, it cannot be refused: it is booked as it happened,
+                # and stops what comes next once the spend reaches a limit.
                 usd = await self._record(reservation, msg.units, ok=True, billed=True)
-                # Reported after the fact, it cannot be refused; it can stop what comes next.
-                over = self._over_limit(0.0)
-                if over is not None:
-                    await self._stop_for(*over)
+                await self._stop_if_reached()
                 reply.set(usd)
             case BudgetQuery(reply=reply):
                 reply.set(self._view())
             case SetBudget(daily_usd=daily, monthly_usd=monthly, reply=reply):
-                self._limits = Limits(
+                limits = Limits(
                     self._limits.daily_usd if daily is None else daily,
                     self._limits.monthly_usd if monthly is None else monthly,
                 )
-                await self._store.write(
-                    partial(
-                        jobs.set_setting,
-                        key=LIMITS_SETTING,
-                        value=msgspec.to_builtins(self._limits),
-                    )
-                )
+                # Stored first: a limit that would not hold after a restart is refused.
+                if not await self._save_setting(LIMITS_SETTING, msgspec.to_builtins(limits), reply):
+                    return
+                self._limits = limits
                 self._limits_set_by_operator = True
                 log.warning("budget limits set by an operator", **msgspec.to_builtins(self._limits))
-                await self._lift_stop_if_within()
+                await self._limits_changed()
                 reply.set(self._view())
             case ResumeBudget(reply=reply):
+                if not await self._save_setting(OVERRIDE_SETTING, self._day, reply):
+                    return
                 self._override_day = self._day
-                await self._store.write(
-                    partial(jobs.set_setting, key=OVERRIDE_SETTING, value=self._day)
-                )
                 log.warning(
                     "budget stop overridden by an operator for the rest of the day",
                     day=self._day,
@@ -190,7 +214,16 @@ class Ledger:
                 self._calendar = BudgetCalendar(config.budget.timezone)
                 if not self._limits_set_by_operator:
                     self._limits = Limits(config.budget.daily_usd, config.budget.monthly_usd)
-                    await self._lift_stop_if_within()
+                    await self._limits_changed()
+
+    async def _save_setting(self, key: str, value: Any, reply: ReplySlot[Any]) -> bool:
+        """Store an operator's setting; a store that takes no writes refuses it."""
+        try:
+            await self._store.write(partial(jobs.set_setting, key=key, value=value))
+        except StoreError as exc:
+            reply.fail(exc.refusal())
+            return False
+        return True
 
     def _price(
         self, job: int | None, user: str, kind: str, service: str, units: float
@@ -199,7 +232,17 @@ class Ledger:
         if spec is None:
             known = ", ".join(sorted(self._config.services)) or "none"
             raise RequestError("INVALID_REQUEST", f"no service '{service}' (known: {known})")
-        return Reservation(next(self._ids), job, user, kind, service, units, spec.price_usd * units)
+        return Reservation(
+            id=next(self._ids),
+            job=job,
+            user=user,
+            kind=kind,
+            service=service,
+            units=units,
+            usd=spec.price_usd * units,
+            price_usd=spec.price_usd,
+            failures_billed=spec.failures_billed,
+        )
 
     async def _reserve(self, msg: Reserve) -> None:
         try:
@@ -219,10 +262,31 @@ class Ledger:
         self._reserved[reservation.id] = reservation
         msg.reply.set(reservation)
 
-    async def _lift_stop_if_within(self) -> None:
-        """After the limits changed: a stop whose limit is no longer reached ends."""
+    async def _limits_changed(self) -> None:
+        """A lowered limit that the spend has reached stops the budget; a stop whose limit is
+        no longer reached ends."""
+        if await self._stop_if_reached():
+            return
         if self._stop.stopped and self._over_limit(0.0) is None:
             await self._set_stop(BudgetState(stopped=False))
+
+    async def _stop_if_reached(self) -> bool:
+        """Spend at or past a limit stops the budget, however it got there: a call that used
+        more than it reserved, a command's charge, a lowered limit. Only an operator's
+        `budget resume` for the day overrides it. Says whether it stopped for that."""
+        if self._override_day == self._day:
+            return False
+        reached = limit_reached(
+            self._limits,
+            self._calendar,
+            spent_day=self._spent_day,
+            spent_month=self._spent_month,
+            now=self._clock.now(),
+        )
+        if reached is None:
+            return False
+        await self._stop_for(*reached)
+        return True
 
     def _over_limit(self, extra: float) -> tuple[str, float] | None:
         """Which limit `extra` more would cross, and when that limit resets; None if none."""
@@ -269,8 +333,11 @@ class Ledger:
     async def _record(
         self, reservation: Reservation, units: float, *, ok: bool, billed: bool
     ) -> float:
-        price = self._config.services[reservation.service].price_usd
-        usd = price * units if billed else 0.0
+        """Book a call as it happened; what it cost beyond its reservation is its overrun."""
+        usd = reservation.price_usd * units if billed else 0.0
+        overrun_usd = max(0.0, usd - reservation.usd)
+        # Before the write: a new day's reloaded total must not count this call already.
+        await self._roll_over()
         now = self._clock.now()
         entry = (
             reservation.job,
@@ -283,14 +350,41 @@ class Ledger:
             now,
             self._calendar.day(now),
             self._calendar.month(now),
+            overrun_usd,
         )
-        await self._store.write(partial(record_entry, entry=entry))
+        # The call was made: its cost is booked even while the store takes no writes.
+        await self._store.write_or_keep(partial(record_entry, entry=entry))
         self._metrics.spend.labels(reservation.service).inc(usd)
-        await self._roll_over()
         self._spent_day += usd
         self._spent_month += usd
+        if overrun_usd > EPSILON:
+            await self._alert_overrun(reservation, units, overrun_usd)
         await self._check_alerts()
         return usd
+
+    async def _alert_overrun(
+        self, reservation: Reservation, units: float, overrun_usd: float
+    ) -> None:
+        service = reservation.service
+        await self._alerts.send(
+            RaiseAlert(
+                name=f"budget_overrun_{service}",
+                message=(
+                    f"a call to {service} used {units:g} units where {reservation.units:g} "
+                    f"were reserved: ${overrun_usd:.4f} past its reservation; raise "
+                    f"services.{service}.max_units (or the call's units=) to what one call "
+                    "can really use"
+                ),
+                data={
+                    "service": service,
+                    "job": reservation.job,
+                    "units": units,
+                    "reserved_units": reservation.units,
+                    "overrun_usd": round(overrun_usd, 6),
+                    "spent_today": round(self._spent_day, 6),
+                },
+            )
+        )
 
     async def _check_alerts(self) -> None:
         fraction = self._fraction()

@@ -2,7 +2,8 @@
 
 A request that needs an answer carries its `ReplySlot`. `Reconfigure` is the one message every
 actor gets on a config reload. Each actor's inbox type is the union named after it.
-`SystemLoad`, the sampler's reading, lives with the sampler in jobwarden.system.
+`SystemLoad`, the sampler's reading, lives with the sampler in jobwarden.system, and
+`StoreState`, the store's health as it changes, with the engine in jobwarden.store.engine.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import msgspec
 
 from jobwarden.config import Config
 from jobwarden.mailbox import ReplySlot
+from jobwarden.store.engine import StoreState
 from jobwarden.system import SystemLoad
 from jobwarden.wire.views import ErrorBody, JobView
 
@@ -36,6 +38,7 @@ class Submit(msgspec.Struct):
     reply: ReplySlot[tuple[JobView, bool]]
     priority: int | None = None
     idempotency_key: str | None = None
+    submission_id: str | None = None
 
 
 class Requeue(msgspec.Struct):
@@ -160,6 +163,9 @@ class ServiceState(msgspec.Struct):
 
 
 class Reservation(msgspec.Struct, frozen=True):
+    """A call's worst case, held against the budget until the call settles. The call is
+    booked at the terms it was reserved at, whatever a reload changes meanwhile."""
+
     id: int
     job: int | None
     user: str
@@ -167,6 +173,8 @@ class Reservation(msgspec.Struct, frozen=True):
     service: str
     units: float
     usd: float
+    price_usd: float
+    failures_billed: bool
 
 
 class Reserve(msgspec.Struct):
@@ -237,6 +245,22 @@ class RunRules(msgspec.Struct):
     reply: ReplySlot[list[dict[str, Any]]]
 
 
+class JobsStarted(msgspec.Struct):
+    """Pool -> monitor: these jobs started at wall time `at`, so a rule may fire for them
+    before any deadline the monitor knows. Each job as (kind, created_at)."""
+
+    at: float
+    jobs: list[tuple[str, float]]
+
+
+class ProgressStarted(msgspec.Struct):
+    """Pool -> monitor: a running job reported its attempt's first progress at `at`; from
+    now on the stall rule watches it."""
+
+    at: float
+    kind: str
+
+
 class HealthQuery(msgspec.Struct):
     reply: ReplySlot[dict[str, Any]]
     # Also count jobs by (status, kind) for the metrics scrape.
@@ -287,6 +311,7 @@ SchedulerMessage = (
     | ServiceState
     | BudgetState
     | SystemLoad
+    | StoreState
 )
 
 
@@ -308,7 +333,16 @@ LedgerMessage = (
 )
 
 
-MonitorMessage = RunRules | HealthQuery | Reconfigure | RaiseAlert | SystemLoad
+MonitorMessage = (
+    RunRules
+    | HealthQuery
+    | Reconfigure
+    | RaiseAlert
+    | SystemLoad
+    | StoreState
+    | JobsStarted
+    | ProgressStarted
+)
 
 
 PoolMessage = RunJobs | CancelJob | Recover | PoolStatistics | Drain | Reconfigure

@@ -1,16 +1,25 @@
 """Monitor: finds stuck, stalled and late jobs and recovers them; keeps health and alerts.
 
 Consumes `RunRules` (admin `stuck`), `HealthQuery` (admin `status`, HTTP), `RaiseAlert` (other
-actors), `Reconfigure` and each `SystemLoad` sample (supervisor). Produces `Recover` for the pool
-(running jobs) and failure transitions in the store (queued jobs); asks the scheduler for its
-snapshot (pause state, running count), the breaker and the ledger for theirs (health).
+actors), `JobsStarted`/`ProgressStarted` (pool), `Reconfigure`, each `SystemLoad` sample and each
+`StoreState` (supervisor: a store that stops taking writes raises the `store_fault` alert).
+Produces `Recover` for the pool (running jobs) and failure transitions in the store (queued
+jobs); asks the scheduler for its snapshot (pause state, running count), the breaker and the
+ledger for theirs (health).
 
 The rules (stuck, stall, SLA, queued timeout, failure rate) are plain functions in
 actors/rules.py. Stuck and stalled jobs are stopped through the pool (a command's whole
 process group), which then follows the kind's retry policy.
 
 The monitor wakes every `interval`, and also exactly at the earliest moment a rule could fire
-for a job it knows, so a hung job is caught at `stuck_after`, not up to an interval later.
+for a job it knows. The pool tells it of every start and of each attempt's first progress, so
+that moment is exact for every running job, however it started: a hung job is caught at
+`stuck_after`, not up to an interval later. A recovery is awaited in its own task, so a job
+slow to stop holds up no other verdict.
+
+While jobs run, a probe wakes every PAUSE_PROBE seconds; one that wakes much later than due
+means the daemon was not running (SIGSTOP, a paused VM, a swap storm, a blocked loop), and
+that time is credited to the running jobs' stuck and stall deadlines: it is not their fault.
 """
 
 from __future__ import annotations
@@ -30,8 +39,10 @@ from jobwarden.actors.messages import (
     BreakerSnapshot,
     BudgetQuery,
     HealthQuery,
+    JobsStarted,
     MonitorMessage,
     PoolStatistics,
+    ProgressStarted,
     RaiseAlert,
     Reconfigure,
     Recover,
@@ -41,18 +52,24 @@ from jobwarden.actors.messages import (
 from jobwarden.actors.rules import (
     FAILURE_CODES,
     Finding,
+    Pause,
     evaluate,
     failure_rate,
     held_on_purpose,
+    progress_deadline,
+    relevant_pauses,
     smallest_threshold,
+    started_deadline,
+    still_stuck,
 )
 from jobwarden.clock import WallClock
 from jobwarden.config import Config, format_duration
-from jobwarden.errors import error_body
+from jobwarden.errors import StoreError, error_body
 from jobwarden.mailbox import ReplySlot, ask, receive_by
 from jobwarden.metrics import Metrics
 from jobwarden.store import Engine, jobs
-from jobwarden.store.monitor import find_candidates
+from jobwarden.store.engine import StoreState
+from jobwarden.store.monitor import find_candidates, stuck_rows
 from jobwarden.system import SystemLoad
 from jobwarden.wire.views import STATUSES
 
@@ -60,6 +77,11 @@ log = structlog.get_logger("monitor")
 
 # After a full prune batch, come back this soon for the next one instead of a whole interval.
 PRUNE_AGAIN_AFTER = 1.0
+# While jobs run, the pause probe expects to wake this often; a wake-up later than due by more
+# than PAUSE_TOLERANCE is time the daemon was not running. The tolerance keeps a busy loop's
+# ordinary lateness from counting.
+PAUSE_PROBE = 1.0
+PAUSE_TOLERANCE = 1.0
 GIB = 1024**3
 MIB = 1024**2
 
@@ -95,6 +117,14 @@ class Monitor:
         self._load = load
         self._recovered: dict[str, int] = {}
         self._last_findings = 0
+        # Jobs found stuck or stalled -> the attempt found so, until they are heard from again.
+        self._found_stuck: dict[int, int] = {}
+        # Running jobs the pool is stopping on a verdict, with the pool's answer to come.
+        self._recovering: dict[int, ReplySlot[Any]] = {}
+        # When the pause probe is due to wake (trio time); inf while no job runs.
+        self._probe_due = math.inf
+        self._jobs_running = trio.Event()
+        self._pauses: list[Pause] = []
         self._history: deque[tuple[float, int, int]] = deque()
         self._alerted_at: dict[str, float] = {}
         self._wal_clean = False
@@ -105,7 +135,8 @@ class Monitor:
             for channel in channels:
                 await stack.enter_async_context(channel)
             nursery = await stack.enter_async_context(trio.open_nursery())
-            self._alerts = nursery
+            self._tasks = nursery
+            nursery.start_soon(self._probe_for_pauses)
             task_status.started()
             while True:
                 wake = min(self._next_tick, self._clock.deadline_for(self._next_rule))
@@ -121,9 +152,22 @@ class Monitor:
 
     async def _handle(self, msg: MonitorMessage) -> None:
         match msg:
+            case RunRules(dry_run=False, reply=reply) if self._store.health.fault is not None:
+                # Its recoveries could not be written, and unwritten heartbeats look stuck.
+                error = self._store.health.error()
+                assert error is not None
+                reply.fail(error.refusal())
             case RunRules(dry_run=dry_run, reply=reply):
-                findings = await self._apply_rules(dry_run=dry_run)
-                reply.set([msgspec.to_builtins(f) for f in findings])
+                findings, recoveries = await self._apply_rules(dry_run=dry_run)
+                # An operator's `stuck` answers once its verdicts are carried out.
+                self._tasks.start_soon(self._answer_when_recovered, findings, recoveries, reply)
+            case JobsStarted(at=at, jobs=started):
+                for kind, created_at in started:
+                    deadline = started_deadline(self._config, kind, created_at, at)
+                    self._next_rule = min(self._next_rule, deadline)
+                self._jobs_running.set()
+            case ProgressStarted(at=at, kind=kind):
+                self._next_rule = min(self._next_rule, progress_deadline(self._config, kind, at))
             case HealthQuery(reply=reply, by_kind=by_kind):
                 reply.set(await self.health(by_kind=by_kind))
             case Reconfigure(config=config):
@@ -133,23 +177,38 @@ class Monitor:
                 self._alert(name, message, **data)
             case SystemLoad():
                 self._load = msg
+            case StoreState(fault=None):
+                # Check at once what waited while nothing could be written.
+                self._next_tick = -math.inf
+            case StoreState(fault=fault):
+                message = f"the store takes no writes: {fault.message}"
+                self._alert("store_fault", message, code=fault.code)
 
     async def _tick(self) -> None:
         now = self._clock.now()
         self._next_tick = trio.current_time() + self._config.monitor.interval
-        findings = await self._apply_rules(dry_run=False)
+        if self._store.health.fault is not None:
+            # No recovery, pruning or checkpoint could be written; and running jobs' heartbeats
+            # are kept, not written, so the rules would find healthy jobs stuck. A StoreState
+            # brings the next check forward when the store takes writes again.
+            self._next_rule = math.inf
+            return
+        findings, _ = await self._apply_rules(dry_run=False)
         self._last_findings = len(findings)
-        stuck = sum(1 for f in findings if f.rule in ("stuck", "stall"))
+        stuck = await self._stuck_now()
         if stuck > self._config.monitor.stuck_alert:
-            self._alert("stuck_jobs", f"{stuck} stuck jobs recovered in one check", count=stuck)
+            self._alert("stuck_jobs", f"{stuck} jobs stuck now", count=stuck)
         await self._check_failure_rate(now)
-        pruned = await self._store.write(
-            partial(
-                jobs.prune_finished,
-                before=now - self._config.monitor.retain_finished,
-                batch=self._config.monitor.prune_batch,
+        try:
+            pruned = await self._store.write(
+                partial(
+                    jobs.prune_finished,
+                    before=now - self._config.monitor.retain_finished,
+                    batch=self._config.monitor.prune_batch,
+                )
             )
-        )
+        except StoreError:
+            return  # the next tick tries again, once the store takes writes
         if pruned:
             log.info("pruned finished jobs", count=pruned)
             self._wal_clean = False
@@ -157,7 +216,9 @@ class Monitor:
                 self._next_tick = trio.current_time() + PRUNE_AGAIN_AFTER
         await self._checkpoint_when_idle()
 
-    async def _apply_rules(self, *, dry_run: bool) -> list[Finding]:
+    async def _apply_rules(self, *, dry_run: bool) -> tuple[list[Finding], list[ReplySlot[Any]]]:
+        """Run the rules now; act on what they find unless `dry_run`. Returns the findings
+        and the pool's answers to come for the running jobs it was asked to stop."""
         config = self._config
         now = self._clock.now()
         found = await self._store.read(
@@ -168,7 +229,19 @@ class Monitor:
             )
         )
         held, all_held = held_on_purpose(config, await self._scheduler_snapshot())
-        findings, self._next_rule = evaluate(config, found, held=held, all_held=all_held, now=now)
+        # After the awaits: a pause that ended while this check waited is credited too.
+        self._note_pause()
+        self._pauses = relevant_pauses(self._pauses, found.running)
+        if not found.running and self._jobs_running.is_set():
+            self._jobs_running = trio.Event()
+        findings, self._next_rule = evaluate(
+            config, found, held=held, all_held=all_held, now=now, pauses=self._pauses
+        )
+        if not dry_run:
+            # A job already being stopped is not stopped twice, nor reported again.
+            findings = [f for f in findings if f.job not in self._recovering]
+        attempts = {job.id: job.attempt for job in found.running}
+        recoveries = []
         for finding in findings:
             log.warning(
                 "rule fired" if not dry_run else "rule would fire",
@@ -179,26 +252,108 @@ class Monitor:
                 detail=finding.detail,
             )
             if not dry_run:
-                await self._act(finding, now)
-        return findings
+                recovery = await self._act(finding, now, attempts.get(finding.job))
+                if recovery is not None:
+                    recoveries.append(recovery)
+        return findings, recoveries
 
-    async def _act(self, finding: Finding, now: float) -> None:
+    async def _act(
+        self, finding: Finding, now: float, attempt: int | None
+    ) -> ReplySlot[Any] | None:
+        """Carry out a verdict. A running job is stopped through the pool: the answer comes
+        later, and is returned. A queued job is failed here."""
         error = error_body(
             FAILURE_CODES[finding.rule], f"{finding.rule}: {finding.detail}", retryable=False
         )
         if finding.status == "running":
             reply: ReplySlot[Any] = ReplySlot()
             retry = finding.rule in ("stuck", "stall")
+            if retry and attempt is not None:
+                self._found_stuck[finding.job] = attempt
+            self._recovering[finding.job] = reply
             await self._pool.send(
                 Recover(job_id=finding.job, error=error, retry=retry, reply=reply)
             )
-            await reply.wait()
-        else:
+            self._tasks.start_soon(self._stopped, finding, reply)
+            return reply
+        try:
             await self._store.write(
                 partial(jobs.fail, job_id=finding.job, error=error, now=now, expect=("queued",))
             )
-        self._recovered[finding.rule] = self._recovered.get(finding.rule, 0) + 1
-        self._metrics.stuck_recovered.labels(finding.rule).inc()
+        except StoreError as exc:
+            # The rule fires again on a later check, once the store takes writes.
+            log.warning("rule could not act", job=finding.job, rule=finding.rule, error=str(exc))
+            return None
+        self._count_recovered(finding.rule)
+        return None
+
+    async def _stopped(self, finding: Finding, reply: ReplySlot[Any]) -> None:
+        """Once the pool has stopped a job on a verdict and recorded it, count it."""
+        try:
+            await reply.wait()
+        except StoreError as exc:
+            # The rule fires again on a later check, once the store takes writes.
+            log.warning("rule could not act", job=finding.job, rule=finding.rule, error=str(exc))
+            return
+        finally:
+            del self._recovering[finding.job]
+        self._count_recovered(finding.rule)
+
+    def _count_recovered(self, rule: str) -> None:
+        self._recovered[rule] = self._recovered.get(rule, 0) + 1
+        self._metrics.stuck_recovered.labels(rule).inc()
+
+    @staticmethod
+    async def _answer_when_recovered(
+        findings: list[Finding],
+        recoveries: list[ReplySlot[Any]],
+        reply: ReplySlot[list[dict[str, Any]]],
+    ) -> None:
+        try:
+            for recovery in recoveries:
+                await recovery.wait()
+        except StoreError as exc:
+            reply.fail(exc)
+            return
+        reply.set([msgspec.to_builtins(f) for f in findings])
+
+    async def _stuck_now(self) -> int:
+        """How many jobs are stuck now: found stuck or stalled, in this check or an earlier
+        one, and not heard from since (rules.still_stuck). The others are forgotten."""
+        if self._found_stuck:
+            rows = await self._store.read(partial(stuck_rows, job_ids=list(self._found_stuck)))
+            stuck = still_stuck(self._found_stuck, rows)
+            self._found_stuck = {job: self._found_stuck[job] for job in stuck}
+        return len(self._found_stuck)
+
+    async def _probe_for_pauses(self) -> None:
+        """While jobs may run, wake every PAUSE_PROBE; see _note_pause."""
+        while True:
+            await self._jobs_running.wait()
+            self._probe_due = trio.current_time() + PAUSE_PROBE
+            while self._jobs_running.is_set():
+                await trio.sleep_until(self._probe_due)
+                self._note_pause()
+            self._probe_due = math.inf
+
+    def _note_pause(self) -> None:
+        """A probe later than due by more than PAUSE_TOLERANCE: the daemon was not running, and
+        the running jobs get that time back on their stuck and stall deadlines. The pause began
+        between the probe's last wake-up and its due time, so it lasted up to PAUSE_PROBE more
+        than the lateness: the jobs get the benefit of that doubt. Called by the probe and
+        before each check, whichever runs first after the pause."""
+        now = trio.current_time()
+        if self._probe_due == math.inf:
+            return
+        late = now - self._probe_due
+        self._probe_due = now + PAUSE_PROBE
+        if late > PAUSE_TOLERANCE:
+            seconds = late + PAUSE_PROBE
+            self._pauses.append((self._clock.now(), seconds))
+            log.warning(
+                "the daemon was not running; running jobs get the time back",
+                seconds=round(seconds, 3),
+            )
 
     async def _scheduler_snapshot(self) -> dict[str, Any]:
         return await ask(self._scheduler, SchedulerSnapshot)
@@ -227,7 +382,7 @@ class Monitor:
         command = self._config.monitor.alert_command
         if command:
             payload = {"alert": name, "message": message, "at": now, **data}
-            self._alerts.start_soon(self._run_alert_command, list(command), payload)
+            self._tasks.start_soon(self._run_alert_command, list(command), payload)
 
     async def _run_alert_command(self, command: list[str], payload: dict[str, Any]) -> None:
         with trio.move_on_after(self._config.monitor.alert_timeout) as timed_out:
@@ -257,7 +412,12 @@ class Monitor:
             return
         counts = await self._store.read(jobs.counts_by_status)
         if counts.get("running", 0) == 0 and counts.get("queued", 0) == 0:
-            await self._store.checkpoint_wal()
+            try:
+                await self._store.checkpoint_wal()
+            except StoreError as exc:
+                # Writes may still work (the WAL grows instead); the next idle tick tries again.
+                log.warning("wal checkpoint failed", error=str(exc))
+                return
             self._wal_clean = True
 
     async def health(self, *, by_kind: bool = False) -> dict[str, Any]:
@@ -276,10 +436,15 @@ class Monitor:
             "max_concurrent_jobs": snapshot["max_concurrent_jobs"],
             "paused": snapshot["paused"],
             "paused_all": snapshot["paused_all"],
-            "stuck": {"last_check": self._last_findings, "recovered": dict(self._recovered)},
+            "stuck": {
+                "last_check": self._last_findings,
+                "now": await self._stuck_now(),
+                "recovered": dict(self._recovered),
+            },
             "system": system_view(self._load),
             "breakers": await ask(self._breaker, BreakerSnapshot),
             "budget": await ask(self._ledger, BudgetQuery),
+            "store": self._store.health.view(),
         }
         if by_kind:
             health["by_status_kind"] = await self._store.read(jobs.counts_by_status_and_kind)

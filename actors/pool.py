@@ -2,14 +2,16 @@
 
 Consumes `RunJobs` (scheduler), `CancelJob` (admin), `Recover` (monitor), `PoolStatistics`,
 `Drain`/`Reconfigure` (supervisor). Produces `JobsEnded` for the scheduler when slots free,
-and talks to the ledger and the breaker on behalf of each job's ctx.call.
+`JobsStarted` and `ProgressStarted` for the monitor (whose deadlines start then), and talks to
+the ledger and the breaker on behalf of each job's ctx.call.
 
 Each job runs in its own cancel scope with its kind's timeout. Outcomes: a return value is
 done; `Retry`, an unexpected exception, a timeout, `ServiceUnavailable`/`ServiceFailed` or a
 monitor's stuck verdict retries with backoff while attempts remain, else fails; `Fail` (or an
 SLA breach) fails at once; a cancel request cancels; `BudgetExhausted` puts the job back in the
 queue to wait for budget, and a shutdown (drain past its grace, or the process being stopped)
-puts it back too; neither spends an attempt.
+puts it back too; neither spends an attempt. An ExceptionGroup from the handler's own nursery
+is decided by its leaves (actors/outcomes.py).
 
 A job's task ends with its outcome. One recorder task writes the outcomes of every job that
 ended meanwhile in one store write (each job isolated), frees their slots in one message as soon
@@ -25,7 +27,6 @@ import heapq
 import itertools
 import math
 import random
-import traceback
 from functools import partial
 from typing import Any
 
@@ -39,24 +40,19 @@ from jobwarden.actors.messages import (
     CancelJob,
     Drain,
     JobsEnded,
+    JobsStarted,
     PoolMessage,
     PoolStatistics,
+    ProgressStarted,
     Reconfigure,
     Recover,
     RunJobs,
 )
+from jobwarden.actors.outcomes import Outcome, handler_outcome
 from jobwarden.actors.services import ServiceLink
 from jobwarden.clock import WallClock
 from jobwarden.config import Config, RetryPolicy, format_duration
-from jobwarden.errors import (
-    BudgetExhausted,
-    Fail,
-    RequestError,
-    Retry,
-    ServiceFailed,
-    ServiceUnavailable,
-    error_body,
-)
+from jobwarden.errors import RequestError, StoreError, error_body
 from jobwarden.mailbox import ReplySlot
 from jobwarden.metrics import Metrics
 from jobwarden.store import Engine, each, jobs
@@ -66,6 +62,9 @@ log = structlog.get_logger("pool")
 
 # Bounds the final write of a job whose task is being torn down, so shutdown cannot hang on it.
 FINAL_WRITE_TIMEOUT = 10.0
+# A failure's message comes from the handler, of any length; the log keeps its start (the whole
+# of it, with the traceback, stays in the job's error for `show`).
+LOGGED_MESSAGE_CHARS = 300
 
 
 def retry_delay(policy: RetryPolicy, attempt: int, rng: random.Random) -> float | None:
@@ -78,7 +77,6 @@ def retry_delay(policy: RetryPolicy, attempt: int, rng: random.Random) -> float 
     return max(0.0, base * (1 + rng.uniform(-policy.jitter, policy.jitter)))
 
 
-Outcome = tuple[str, Any]
 CANCELED: Outcome = ("canceled", None)
 INTERRUPTED: Outcome = ("interrupted", None)
 
@@ -101,6 +99,7 @@ class _Running:
         "duration",
         "job",
         "outcome",
+        "progressed",
         "recovery_replies",
         "scope",
         "stop_outcome",
@@ -122,6 +121,8 @@ class _Running:
         # Set when the handler is over; the job stays here until the recorder has written it.
         self.outcome: Outcome | None = None
         self.duration = 0.0
+        # Whether this attempt has reported progress yet: its first report starts the stall rule.
+        self.progressed = False
 
     def stop(self, outcome: Outcome) -> None:
         if self.stop_outcome is None:
@@ -140,6 +141,7 @@ class Pool:
         scheduler: trio.MemorySendChannel[Any],
         ledger: trio.MemorySendChannel[Any],
         breaker: trio.MemorySendChannel[Any],
+        monitor: trio.MemorySendChannel[Any],
         metrics: Metrics,
         rng: random.Random | None = None,
     ) -> None:
@@ -150,6 +152,7 @@ class Pool:
         self._scheduler = scheduler
         self._ledger = ledger
         self._breaker = breaker
+        self._monitor = monitor
         self._metrics = metrics
         self._rng = rng or random.Random()
         self._running: dict[int, _Running] = {}
@@ -167,15 +170,21 @@ class Pool:
         # Breaks ties between equal deadlines (a job retried at once is there twice).
         self._started = itertools.count()
         self._timeout_wait = trio.CancelScope()
+        # Shields the recording of a batch of outcomes from the stop, which then bounds it.
+        self._recording = trio.CancelScope(shield=True)
         self._log = log.bind()
         self.outcomes: dict[str, int] = {}
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        channels = (self._inbox, self._scheduler, self._ledger, self._breaker)
+        channels = (self._inbox, self._scheduler, self._ledger, self._breaker, self._monitor)
         async with contextlib.AsyncExitStack() as stack:
             for channel in channels:
                 await stack.enter_async_context(channel)
             nursery = await stack.enter_async_context(trio.open_nursery())
+            # On the way out, before the nursery waits for its tasks: the outcomes being
+            # recorded get so long to commit, and no longer (a store that takes no writes would
+            # hold them forever).
+            stack.callback(self._bound_recording)
             nursery.start_soon(self._record_ended)
             nursery.start_soon(self._enforce_timeouts)
             task_status.started()
@@ -184,6 +193,13 @@ class Pool:
                     case RunJobs(jobs=claimed):
                         for job in claimed:
                             self._start(job, nursery)
+                        # Unbounded inbox: never blocks.
+                        self._monitor.send_nowait(
+                            JobsStarted(
+                                at=self._clock.now(),
+                                jobs=[(job.kind, job.created_at) for job in claimed],
+                            )
+                        )
                     case CancelJob():
                         nursery.start_soon(self._cancel, msg)
                     case Recover():
@@ -220,9 +236,13 @@ class Pool:
             entry.stop(CANCELED)
             self._cancel_on_arrival.setdefault(msg.job_id, []).append(msg.reply)
             return
-        job = await self._store.write(
-            partial(jobs.cancel, job_id=msg.job_id, now=self._clock.now(), expect=("queued",))
-        )
+        try:
+            job = await self._store.write(
+                partial(jobs.cancel, job_id=msg.job_id, now=self._clock.now(), expect=("queued",))
+            )
+        except StoreError as exc:
+            msg.reply.fail(exc.refusal())
+            return
         if job is not None:
             msg.reply.set(job)
             return
@@ -255,9 +275,12 @@ class Pool:
         if current is None or current.status != "running":
             msg.reply.set(current)
             return
-        msg.reply.set(
-            await self._store.write(self._transition(current, outcome, self._clock.now()))
-        )
+        try:
+            final = await self._store.write(self._transition(current, outcome, self._clock.now()))
+        except StoreError as exc:
+            msg.reply.fail(exc)
+            return
+        msg.reply.set(final)
 
     async def _drain(self, grace: float, reply: ReplySlot[int]) -> None:
         with trio.move_on_after(grace):
@@ -267,7 +290,11 @@ class Pool:
             if entry.outcome is None:
                 entry.stop(INTERRUPTED)
                 interrupted += 1
-        await self._idle.wait()
+        # Interrupted handlers end at once. What can hold the pool longer is a store that
+        # takes no writes: the outcomes it could not record are left to the recovery at the
+        # next start (the jobs run again), rather than holding the stop forever.
+        with trio.move_on_after(FINAL_WRITE_TIMEOUT):
+            await self._idle.wait()
         reply.set(interrupted)
 
     async def _run_job(self, entry: _Running) -> None:
@@ -280,14 +307,21 @@ class Pool:
             # The process is stopping under us: the job goes back to the queue, unspent.
             self._forget(job.id)
             with _final_write_scope():
-                await self._store.write(
-                    partial(
-                        jobs.requeue_unspent,
-                        job_id=job.id,
-                        reason="INTERRUPTED",
-                        now=self._clock.now(),
+                try:
+                    await self._store.write(
+                        partial(
+                            jobs.requeue_unspent,
+                            job_id=job.id,
+                            reason="INTERRUPTED",
+                            now=self._clock.now(),
+                        )
                     )
-                )
+                except StoreError as exc:
+                    self._log.warning(
+                        "interrupted job left running: the recovery at the next start requeues it",
+                        job=job.id,
+                        error=str(exc),
+                    )
             raise
         entry.outcome = outcome
         entry.duration = trio.current_time() - started
@@ -324,16 +358,33 @@ class Pool:
         if not self._running:
             self._idle.set()
 
+    def _bound_recording(self) -> None:
+        self._recording.deadline = trio.current_time() + FINAL_WRITE_TIMEOUT
+
     async def _record_ended(self) -> None:
         try:
             while True:
                 await self._ended_ready.wait()
-                with _final_write_scope():
+                # No deadline while the pool runs: outcomes wait out a store that takes no
+                # writes, however long. `run` sets one when the pool stops.
+                self._recording = trio.CancelScope(shield=True)
+                with self._recording:
                     await self._record_batch()
         finally:
-            # Stopping: what ended before the stop is written, never left `running`.
+            # Stopping: what ended before the stop is written, never left `running`, unless
+            # the store takes no writes.
             with _final_write_scope():
                 await self._record_batch()
+            unrecorded = sorted(
+                job for job, entry in self._running.items() if entry.outcome is not None
+            )
+            if unrecorded:
+                self._log.warning(
+                    "outcomes not recorded before the stop: the store took no writes; the "
+                    "recovery at the next start runs these jobs again",
+                    count=len(unrecorded),
+                    jobs=unrecorded[:20],
+                )
 
     async def _record_batch(self) -> None:
         batch, self._ended = self._ended, []
@@ -341,8 +392,9 @@ class Pool:
         if not batch:
             return
         now = self._clock.now()
+        # Kept through a store fault: these jobs ran, and what they came to is not lost.
         recorded = self._store.hand_over(
-            each([self._transition(entry.job, entry.outcome, now) for entry in batch])
+            each([self._transition(entry.job, entry.outcome, now) for entry in batch]), keep=True
         )
         # The slots are free now. The claim that fills them is a write queued behind this one,
         # so it commits in the same transaction or a later one: the store never shows more
@@ -355,7 +407,7 @@ class Pool:
             if isinstance(final, (TypeError, msgspec.EncodeError))
         ]
         if unencodable:
-            failures = await self._store.write(
+            failures = await self._store.hand_over(
                 each(
                     [
                         partial(
@@ -370,8 +422,9 @@ class Pool:
                         )
                         for index in unencodable
                     ]
-                )
-            )
+                ),
+                keep=True,
+            ).committed()
             for index, final in zip(unencodable, failures, strict=True):
                 finals[index] = final
         for entry, final in zip(batch, finals, strict=True):
@@ -400,19 +453,30 @@ class Pool:
             recovery.set(final)
         # The outcome the store recorded: a "retry" past the last attempt is a failure.
         name = _recorded_outcome(outcome[0], final)
+        error = outcome[1] if isinstance(outcome[1], ErrorBody) else None
+        code = error.code if error is not None else None
         self.outcomes[name] = self.outcomes.get(name, 0) + 1
-        self._metrics.job_finished(job.kind, name, entry.duration)
-        self._log.info(
-            "job finished",
-            job=job.id,
-            kind=job.kind,
-            user=job.user,
-            attempt=job.attempt,
-            max_attempts=job.max_attempts,
-            duration=round(entry.duration, 3),
-            outcome=name,
-            code=outcome[1].code if isinstance(outcome[1], ErrorBody) else None,
-        )
+        self._metrics.job_finished(job.kind, name, entry.duration, code)
+        fields = {
+            "job": job.id,
+            "kind": job.kind,
+            "user": job.user,
+            "attempt": job.attempt,
+            "max_attempts": job.max_attempts,
+            "duration": round(entry.duration, 3),
+            "outcome": name,
+            "code": code,
+        }
+        if error is not None and name in ("failed", "retry"):
+            # A failed attempt is worth a look: what went wrong, and the id to find it by.
+            self._log.warning(
+                "job finished",
+                **fields,
+                message=error.message[:LOGGED_MESSAGE_CHARS],
+                error_id=error.error_id,
+            )
+        else:
+            self._log.info("job finished", **fields)
 
     async def _execute(self, entry: _Running) -> Outcome:
         job = entry.job
@@ -443,27 +507,13 @@ class Pool:
             store_checkpoint=partial(self._checkpoint, job.id),
             store_heartbeat=partial(self._heartbeat, job.id),
             services=services,
+            store_process_group=partial(self._process_group, job.id),
         )
         try:
             with entry.scope:
                 return "done", await runner(kind, ctx, job.payload)
-        except Fail as exc:
-            return "failed", error_body(exc.code, str(exc), retryable=False)
-        except Retry as exc:
-            return "retry", error_body(exc.code, str(exc), retryable=True)
-        except BudgetExhausted as exc:
-            return "budget", error_body("BUDGET_EXHAUSTED", str(exc), retryable=True)
-        except ServiceUnavailable as exc:
-            return "retry", error_body("SERVICE_UNAVAILABLE", str(exc), retryable=True)
-        except ServiceFailed as exc:
-            return "retry", error_body("SERVICE_FAILED", str(exc), retryable=True)
         except Exception as exc:
-            return "retry", error_body(
-                "HANDLER_ERROR",
-                f"{type(exc).__name__}: {exc}",
-                retryable=True,
-                technical_message="".join(traceback.format_exception(exc)[-3:]),
-            )
+            return handler_outcome(exc)
         # Only `stop` cancels the scope, and it says why.
         assert entry.stop_outcome is not None
         return entry.stop_outcome
@@ -493,21 +543,39 @@ class Pool:
             jobs.retry_later, job_id=job.id, error=detail, available_at=now + delay, now=now
         )
 
+    # A handler's reports never fail for the store's sake: while it takes no writes, the latest
+    # report of each sort is kept for the job and written first when it does again.
+
     async def _progress(self, job_id: int, fraction: float, message: str | None) -> None:
-        await self._store.write(
+        entry = self._running.get(job_id)
+        if entry is not None and not entry.progressed:
+            entry.progressed = True
+            self._monitor.send_nowait(ProgressStarted(at=self._clock.now(), kind=entry.job.kind))
+        await self._store.write_or_keep(
             partial(
                 jobs.report_progress,
                 job_id=job_id,
                 fraction=fraction,
                 message=message,
                 now=self._clock.now(),
-            )
+            ),
+            key=("progress", job_id),
         )
 
     async def _heartbeat(self, job_id: int) -> None:
-        await self._store.write(partial(jobs.heartbeat, job_id=job_id, now=self._clock.now()))
+        await self._store.write_or_keep(
+            partial(jobs.heartbeat, job_id=job_id, now=self._clock.now()),
+            key=("heartbeat", job_id),
+        )
+
+    async def _process_group(self, job_id: int, pgid: int, identity: str) -> None:
+        await self._store.write_or_keep(
+            partial(jobs.record_process_group, job_id=job_id, pgid=pgid, identity=identity),
+            key=("process_group", job_id),
+        )
 
     async def _checkpoint(self, job_id: int, state: Any) -> None:
-        await self._store.write(
-            partial(jobs.save_checkpoint, job_id=job_id, checkpoint=state, now=self._clock.now())
+        await self._store.write_or_keep(
+            partial(jobs.save_checkpoint, job_id=job_id, checkpoint=state, now=self._clock.now()),
+            key=("checkpoint", job_id),
         )

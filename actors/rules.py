@@ -7,20 +7,23 @@ Thresholds per kind, with [monitor] defaults:
 4. queued_timeout: eligible to run (backoff over, kind not held on purpose) yet not started for
    `queued_timeout` -> failed QUEUED_TIMEOUT.
 Rules 1 and 2 stop the handler and then follow the kind's retry policy: requeue with backoff
-while attempts remain, else fail STUCK_TIMEOUT. Beside them, the failure rate over a window,
-which raises an alert.
+while attempts remain, else fail STUCK_TIMEOUT. Time the daemon itself was not running (stopped,
+a paused VM, a loop blocked) is credited to rules 1 and 2: a job cannot report while nothing
+reads it. Beside them, the failure rate over a window, which raises an alert, and which jobs
+found stuck still are.
 """
 
 from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
 import msgspec
 
 from jobwarden.config import Config, format_duration
-from jobwarden.store.monitor import Candidates, Row
+from jobwarden.store.monitor import Candidates, Row, StuckRow
 
 Rule = Literal["stuck", "stall", "sla", "queued_timeout"]
 # The error code a job gets when a rule fails it.
@@ -43,35 +46,97 @@ class Finding(msgspec.Struct, omit_defaults=True):
     detail: str
 
 
+# (wall time a pause ended, its length in seconds): time the daemon was not running.
+Pause = tuple[float, float]
+
+
+def paused_since(pauses: Sequence[Pause], since: float) -> float:
+    """Seconds the daemon was not running after `since`: the part of each pause after it."""
+    return sum(max(0.0, min(length, end - since)) for end, length in pauses)
+
+
+class _Clocks(msgspec.Struct):
+    """When each rule fires for one running job: the SLA, and rules 1 and 2 with the time
+    the daemon was not running added; and its last sign of life."""
+
+    last_beat: float
+    sla: float
+    stuck: float
+    stall: float
+
+
+def _clocks(config: Config, job: Row, pauses: Sequence[Pause]) -> _Clocks:
+    last_beat = job.heartbeat_at if job.heartbeat_at is not None else job.started_at
+    assert last_beat is not None
+    stall = math.inf
+    if job.progress_at is not None:
+        stall = (
+            job.progress_at
+            + config.rule(job.kind, "stall_after")
+            + paused_since(pauses, job.progress_at)
+        )
+    return _Clocks(
+        last_beat=last_beat,
+        sla=job.created_at + config.rule(job.kind, "sla"),
+        stuck=last_beat + config.rule(job.kind, "stuck_after") + paused_since(pauses, last_beat),
+        stall=stall,
+    )
+
+
+def relevant_pauses(pauses: list[Pause], running: Sequence[Row]) -> list[Pause]:
+    """The pauses that can still move a running job's deadline: those that ended after the
+    oldest last heartbeat or progress change among them."""
+    marks = [
+        mark
+        for job in running
+        for mark in (job.heartbeat_at, job.started_at, job.progress_at)
+        if mark is not None
+    ]
+    oldest = min(marks, default=math.inf)
+    return [pause for pause in pauses if pause[0] > oldest]
+
+
+def started_deadline(config: Config, kind: str, created_at: float, started_at: float) -> float:
+    """The earliest a rule can fire for a job that has just started and not reported yet."""
+    return min(created_at + config.rule(kind, "sla"), started_at + config.rule(kind, "stuck_after"))
+
+
+def progress_deadline(config: Config, kind: str, reported_at: float) -> float:
+    """The earliest the stall rule can fire for a job whose first progress came just now."""
+    return reported_at + config.rule(kind, "stall_after")
+
+
 def evaluate(
-    config: Config, found: Candidates, *, held: set[str], all_held: bool, now: float
+    config: Config,
+    found: Candidates,
+    *,
+    held: set[str],
+    all_held: bool,
+    now: float,
+    pauses: Sequence[Pause] = (),
 ) -> tuple[list[Finding], float]:
     """The rules as a plain function: what to do now, and when a rule could next fire.
-    Queued jobs of the kinds `held` on purpose (or of every kind, `all_held`) are not late."""
+    Queued jobs of the kinds `held` on purpose (or of every kind, `all_held`) are not late;
+    `pauses` the daemon was not running do not count against running jobs."""
     findings: list[Finding] = []
     deadlines = [math.inf]
     for job in found.running:
-        sla = config.rule(job.kind, "sla")
-        stuck_after = config.rule(job.kind, "stuck_after")
-        stall_after = config.rule(job.kind, "stall_after")
-        last_beat = job.heartbeat_at if job.heartbeat_at is not None else job.started_at
-        assert last_beat is not None
+        clocks = _clocks(config, job, pauses)
         requeue = "requeue" if job.attempt < job.max_attempts else "fail STUCK_TIMEOUT"
-        if now - job.created_at >= sla:
-            findings.append(_sla_breach(job, now, sla))
-        elif now - last_beat >= stuck_after:
-            detail = f"no heartbeat for {format_duration(round(now - last_beat))}"
+        if now >= clocks.sla:
+            findings.append(_sla_breach(job, now, config.rule(job.kind, "sla")))
+        elif now >= clocks.stuck:
+            detail = f"no heartbeat for {format_duration(round(now - clocks.last_beat))}"
             findings.append(Finding(job.id, job.kind, job.status, "stuck", requeue, detail))
-        elif job.progress_at is not None and now - job.progress_at >= stall_after:
+        elif now >= clocks.stall:
+            assert job.progress_at is not None
             detail = (
                 f"progress unchanged at {job.progress or 0:.0%} "
                 f"for {format_duration(round(now - job.progress_at))}"
             )
             findings.append(Finding(job.id, job.kind, job.status, "stall", requeue, detail))
         else:
-            deadlines += [job.created_at + sla, last_beat + stuck_after]
-            if job.progress_at is not None:
-                deadlines.append(job.progress_at + stall_after)
+            deadlines += [clocks.sla, clocks.stuck, clocks.stall]
     for job in found.queued:
         sla = config.rule(job.kind, "sla")
         queued_timeout = config.rule(job.kind, "queued_timeout")
@@ -136,3 +201,25 @@ def held_on_purpose(config: Config, scheduler: dict[str, Any]) -> tuple[set[str]
         or scheduler["held_by_load"] is not None
     )
     return kinds, everything
+
+
+def still_stuck(found_at_attempt: dict[int, int], rows: Iterable[StuckRow]) -> set[int]:
+    """Of the jobs found stuck or stalled (job -> the attempt found so), those stuck now:
+    not finished, and not heard from since. A job is heard from again once a later attempt
+    has ended or has reported (a heartbeat after its start); until then it is still stuck,
+    whether its stuck attempt has not stopped yet, it waits for a retry, or the retry runs
+    without a sign of life."""
+    stuck = set()
+    for row in rows:
+        if row.status not in ("queued", "running"):
+            continue
+        later = row.attempt > found_at_attempt[row.id]
+        reported = (
+            row.heartbeat_at is not None
+            and row.started_at is not None
+            and row.heartbeat_at > row.started_at
+        )
+        if later and (row.status != "running" or reported):
+            continue
+        stuck.add(row.id)
+    return stuck

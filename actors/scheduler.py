@@ -1,10 +1,10 @@
 """Scheduler: decides what runs next, and says why everything else waits.
 
 Consumes `JobQueued` (admission), `JobsEnded` (pool), `Pause`/`Resume`/`SchedulerSnapshot`/`Explain`
-(admin), `ServiceState` (breaker), `BudgetState` (ledger), `StopDispatch`/`Reconfigure` and
-each `SystemLoad` sample (supervisor). Produces `RunJobs` for the pool, and `position` events
-through the store. Its decisions (free capacity, load, waiting reasons) are plain functions in
-actors/dispatch.py.
+(admin), `ServiceState` (breaker), `BudgetState` (ledger), `StopDispatch`/`Reconfigure`, each
+`SystemLoad` sample and each change of the store's health, `StoreState` (supervisor).
+Produces `RunJobs` for the pool, and `position` events through the store. Its decisions (free
+capacity, load, waiting reasons) are plain functions in actors/dispatch.py.
 
 Order: highest priority first; within a priority, round-robin across users by fair tag (a
 user's n-th waiting job gets a tag one past their previous one, and never below the tag being
@@ -13,8 +13,8 @@ slot); then oldest first. Only jobs whose `available_at` (backoff) has come, who
 paused, needs no service whose circuit is open, has a free slot under its own limit and, if it
 declares `min_memory`, finds that much free; whose user is under their running limit; within
 the global `max_concurrent_jobs`. Nothing starts while the budget is stopped, the daemon
-drains, or memory or CPU use is above its limit (in the latest sample, taken every
-`limits.sample_every`).
+drains, the store takes no writes (it could not record the claim), or memory or CPU use is
+above its limit (in the latest sample, taken every `limits.sample_every`).
 
 The queue stays in SQLite; each dispatch round claims just enough rows for the free slots in
 one store write, so memory does not grow with the queue. Between rounds the scheduler sleeps
@@ -66,8 +66,10 @@ from jobwarden.actors.messages import (
 )
 from jobwarden.clock import WallClock
 from jobwarden.config import Config
+from jobwarden.errors import StoreError
 from jobwarden.mailbox import ReplySlot
 from jobwarden.store import Engine, jobs, users
+from jobwarden.store.engine import StoreState
 from jobwarden.system import SystemLoad
 from jobwarden.wire.views import JobView
 
@@ -148,7 +150,7 @@ class Scheduler:
         Only future moments count: a past one was already acted on, and waking for it again
         would spin. While dispatch is stopped (drain, budget) nothing but a message helps.
         """
-        if not self._dispatching or self._budget.stopped:
+        if not self._dispatching or self._budget.stopped or self._store.health.fault:
             return math.inf
         now = self._clock.now()
         wakes = [*self._open_services.values(), self._next_available_at]
@@ -169,25 +171,27 @@ class Scheduler:
                         self._running_by_user.pop(user, None)
                 self._dirty = True
             case Pause(kind=kind, reply=reply):
+                previous = self._paused
                 if kind is None:
                     self._paused = PauseState(kinds=self._paused.kinds, all=True)
                 elif kind not in self._paused.kinds:
                     self._paused = PauseState(
                         kinds=[*self._paused.kinds, kind], all=self._paused.all
                     )
-                await self._save_paused()
-                self._positions_stale.set()
-                reply.set(self._pause_view())
+                if await self._save_paused(previous, reply):
+                    self._positions_stale.set()
+                    reply.set(self._pause_view())
             case Resume(kind=kind, reply=reply):
+                previous = self._paused
                 if kind is None:
                     self._paused = PauseState()
                 else:
                     self._paused = PauseState(
                         kinds=[k for k in self._paused.kinds if k != kind], all=self._paused.all
                     )
-                await self._save_paused()
-                self._dirty = True
-                reply.set(self._pause_view())
+                if await self._save_paused(previous, reply):
+                    self._dirty = True
+                    reply.set(self._pause_view())
             case StopDispatch():
                 self._dispatching = False
                 self._positions_stale.set()
@@ -212,11 +216,25 @@ class Scheduler:
             case SystemLoad():
                 self._load = msg
                 self._dirty = self._dirty or self._held_by_load
+            case StoreState():
+                # Dispatch held while the store took no writes; it may take them again.
+                self._dirty = True
+                self._positions_stale.set()
 
-    async def _save_paused(self) -> None:
-        await self._store.write(
-            partial(jobs.set_setting, key=PAUSED_SETTING, value=msgspec.to_builtins(self._paused))
-        )
+    async def _save_paused(self, previous: PauseState, reply: ReplySlot[Any]) -> bool:
+        """Store the pause state; a store that takes no writes refuses the change, which is
+        then undone, so what the operator is told holds after a restart too."""
+        try:
+            await self._store.write(
+                partial(
+                    jobs.set_setting, key=PAUSED_SETTING, value=msgspec.to_builtins(self._paused)
+                )
+            )
+        except StoreError as exc:
+            self._paused = previous
+            reply.fail(exc.refusal())
+            return False
+        return True
 
     def _pause_view(self) -> dict[str, Any]:
         return {"paused": list(self._paused.kinds), "all": self._paused.all}
@@ -251,12 +269,15 @@ class Scheduler:
             load=self._load,
             running=dict(self._running),
             running_by_user=dict(self._running_by_user),
+            store_fault=self._store.health.fault,
         )
 
     async def _dispatch(self) -> None:
         self._dirty = False
         self._held_by_load = False
-        if not self._dispatching or self._budget.stopped:
+        # A store that takes no writes could not record a claim: nothing starts until it
+        # does again (a StoreState says so).
+        if not self._dispatching or self._budget.stopped or self._store.health.fault:
             return
         now = self._clock.now()
         # Past its open_until a circuit lets probes through, so its kinds may run again.
@@ -271,16 +292,20 @@ class Scheduler:
             # Nothing can start until a slot frees or a kind resumes; both message us.
             self._next_available_at = None
             return
-        claimed = await self._store.write(
-            partial(
-                jobs.claim,
-                capacity=capacity,
-                total=total,
-                now=now,
-                running_by_user=self._running_by_user,
-                max_running_per_user=self._config.limits.max_running_per_user,
+        try:
+            claimed = await self._store.write(
+                partial(
+                    jobs.claim,
+                    capacity=capacity,
+                    total=total,
+                    now=now,
+                    running_by_user=self._running_by_user,
+                    max_running_per_user=self._config.limits.max_running_per_user,
+                )
             )
-        )
+        except StoreError:
+            # This claim found the fault (the engine logged it): held until a StoreState.
+            return
         self._next_available_at = claimed.next_available_at
         for job in claimed.jobs:
             self._running[job.kind] = self._running.get(job.kind, 0) + 1
@@ -346,9 +371,14 @@ class Scheduler:
                 if self._last_positions.get(job.id) != current[job.id]
                 and not current[job.id].reason.startswith(TURN_REASON)
             ]
-            self._last_positions = current
             if changed:
-                await self._store.write(
-                    partial(jobs.add_position_events, changed=changed, now=state.now)
-                )
+                try:
+                    await self._store.write(
+                        partial(jobs.add_position_events, changed=changed, now=state.now)
+                    )
+                except StoreError:
+                    # Told when the store takes writes again (a StoreState marks them stale).
+                    await trio.sleep(self._config.limits.position_every)
+                    continue
+            self._last_positions = current
             await trio.sleep(self._config.limits.position_every)

@@ -1,11 +1,12 @@
 """ctx.call: the one path by which a job calls an external service.
 
-For each try: reserve the price with the ledger (refused: BudgetExhausted, the job waits for
-budget) -> ask the breaker for a permit, which also waits for the service's concurrency and
-rate limits (open circuit: ServiceUnavailable at once) -> the call, under the service's
-timeout -> settle the ledger with the units used -> tell the breaker how it went. A failed
-try is retried after the service's `retries` waits, with jitter; when they are used up the
-call raises ServiceFailed. Every step heartbeats the job.
+For each try: reserve the call's worst case with the ledger (the service's `max_units`, or the
+call's own smaller `units=` bound; refused: BudgetExhausted, the job waits for budget) -> ask
+the breaker for a permit, which also waits for the service's concurrency and rate limits
+(open circuit: ServiceUnavailable at once) -> the call, under the service's timeout -> settle
+the ledger with the units used (a `Metered` result's, else the reserved bound) -> tell the
+breaker how it went. A failed try is retried after the service's `retries` waits, with
+jitter; when they are used up the call raises ServiceFailed. Every step heartbeats the job.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 import msgspec
 import trio
 
+from jobwarden.actors.budget import is_units
 from jobwarden.actors.messages import (
     CallDone,
     Charge,
@@ -39,10 +41,24 @@ SETTLE_TIMEOUT = 10.0
 
 class Metered(msgspec.Struct):
     """Return this from the called function when the units used are known only afterwards
-    (tokens, seconds of audio): the ledger settles those units; the caller gets `value`."""
+    (tokens, seconds of audio): the ledger settles those units; the caller gets `value`.
+    More units than the call reserved are booked all the same, as an overrun."""
 
     value: Any
     units: float
+
+
+def call_bound(service: str, max_units: float, units: float | None) -> float:
+    """The units one call reserves: its own `units=` bound, else the service's `max_units`."""
+    if units is None:
+        return max_units
+    # Above 0: a priced call that declared itself free would slip past a stopped budget.
+    if not is_units(units) or not 0 < units <= max_units:
+        raise ValueError(
+            f"ctx.call: units={units!r} for service '{service}' must be a number above 0 and "
+            f"at most its max_units ({max_units:g}), the most one call can use"
+        )
+    return units
 
 
 class ServiceLink:
@@ -66,12 +82,13 @@ class ServiceLink:
         self._rng = rng
 
     async def call(
-        self, service: str, fn: Callable[..., Awaitable[Any]], args: tuple, units: float
+        self, service: str, fn: Callable[..., Awaitable[Any]], args: tuple, units: float | None
     ) -> Any:
         spec = self._config.services.get(service)
         if spec is None:
             known = ", ".join(sorted(self._config.services)) or "none"
             raise ValueError(f"ctx.call: no service '{service}' in the config (known: {known})")
+        units = call_bound(service, spec.max_units, units)
         waits = list(spec.retries)
         tries = 0
         while True:
@@ -135,11 +152,20 @@ class ServiceLink:
         reservation: Reservation,
     ) -> tuple[Any, BaseException | None]:
         outcome, used, result, failure = "abandoned", reservation.units, None, None
+        unpriceable = None
         try:
             with trio.fail_after(timeout):
                 result = await fn(*args)
             if isinstance(result, Metered):
-                used, result = result.units, result.value
+                if is_units(result.units):
+                    used = result.units
+                else:
+                    # The call was made and its cost is unknown: book its declared worst case.
+                    unpriceable = ValueError(
+                        f"ctx.call: the call to '{reservation.service}' returned "
+                        f"Metered(units={result.units!r}); units must be a number from 0 up"
+                    )
+                result = result.value
             outcome = "ok"
         except trio.TooSlowError:
             outcome, failure = "failed", TimeoutError(f"no answer within {timeout:g}s")
@@ -147,6 +173,8 @@ class ServiceLink:
             outcome, failure = "failed", exc
         finally:
             await self._book(token, outcome, reservation, used)
+        if unpriceable is not None:
+            raise unpriceable
         return result, failure
 
     async def _book(

@@ -7,15 +7,20 @@ that silently ignores a misspelt threshold runs with a limit nobody chose.
 
 from __future__ import annotations
 
+import ast
 import functools
 import importlib
+import json
 import math
 import os
 import re
 import tomllib
+import typing
 import zoneinfo
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union
 
 import msgspec
 
@@ -157,6 +162,9 @@ class AdminSection(Section):
 
 class AdmissionSection(Section):
     max_payload_bytes: PositiveInt = 64 * 1024
+    # A finished job's idempotency key returns that job for this long after it finished;
+    # 0: the key starts a new job as soon as its job has finished.
+    idempotency_window: Duration = Duration(0)
 
 
 class LogSection(Section):
@@ -192,6 +200,9 @@ class KindSection(Section):
     queued_timeout: Duration | None = None
     sla: Duration | None = None
     options: dict[str, Any] = msgspec.field(default_factory=dict)
+    # A command kind's payload, field by field: "string", "number", "integer", "boolean",
+    # or a table of fields for an object. Unset: any payload that fills the command.
+    payload: dict[str, Any] | None = None
     # What one job costs its user in credits: reserved at admission, spent when done,
     # refunded when it fails or is canceled.
     credits: Annotated[int, msgspec.Meta(ge=0)] = 1
@@ -264,6 +275,17 @@ class MonitorSection(Section):
     very_slow_request: Duration = Duration(5)
 
 
+# What a listen key takes: "host:port", "[v6 address]:port", or "" for no listener.
+LISTEN_ADDRESS = re.compile(r"[\w.\-]+:(\d{1,5})|\[[0-9a-fA-F:]+\]:(\d{1,5})")
+
+
+def check_listen(listen: str) -> None:
+    """Raises ValueError unless `listen` is "" or a host and a port from 0 to 65535."""
+    match = LISTEN_ADDRESS.fullmatch(listen)
+    if listen and (match is None or int(match[1] or match[2]) > 65535):
+        raise ValueError(f'expected "host:port" (port 0 to 65535) or "", got "{listen}"')
+
+
 class HttpSection(Section):
     # "host:port" for /healthz, /readyz, /health and /metrics; "" turns the listener off.
     listen: str = "127.0.0.1:8766"
@@ -271,9 +293,7 @@ class HttpSection(Section):
 
 class WebSocketSection(Section):
     # "host:port" for WebSocket clients; "" turns the listener off.
-    listen: Annotated[
-        str, msgspec.Meta(pattern=r"^$|^[\w.\-]+:\d{1,5}$|^\[[0-9a-fA-F:]+\]:\d{1,5}$")
-    ] = "127.0.0.1:8765"
+    listen: str = "127.0.0.1:8765"
     # Origins ("https://app.example.com") whose browser pages may connect; [] lets any page.
     # Clients that send no Origin header (scripts, the CLI) are not affected.
     origins: list[str] = msgspec.field(default_factory=list)
@@ -311,6 +331,9 @@ class ServiceSection(Section):
     price_usd: Annotated[float, msgspec.Meta(ge=0)] = 0.0
     # What one unit is ("call", "1k_tokens", "minute"); the price is per unit.
     unit: str = "call"
+    # The most units one call can use: the ledger reserves that much before each call (a call
+    # may declare a smaller bound with `units=`). A call that reports more is an overrun.
+    max_units: Annotated[float, msgspec.Meta(gt=0)] = 1.0
     max_concurrent: PositiveInt | None = None
     rate: Rate | None = None
     timeout: Duration = Duration(30)
@@ -330,6 +353,28 @@ class BudgetSection(Section):
     alert_at: list[Fraction] = msgspec.field(default_factory=lambda: [0.5, 0.8, 1.0])
     # Budget days begin at midnight in this time zone.
     timezone: str = "UTC"
+
+
+class Overrides(msgspec.Struct, frozen=True, kw_only=True):
+    """What `jobwarden serve`'s flags set over the file, at start-up and at every reload."""
+
+    admin_socket: str | None = None
+    http_listen: str | None = None
+    websocket_listen: str | None = None
+    log_format: Literal["auto", "json", "console"] | None = None
+
+    def apply(self, config: Config) -> Config:
+        def replace(section: Any, **values: Any) -> Any:
+            chosen = {key: value for key, value in values.items() if value is not None}
+            return msgspec.structs.replace(section, **chosen)
+
+        return msgspec.structs.replace(
+            config,
+            admin=replace(config.admin, socket=self.admin_socket),
+            http=replace(config.http, listen=self.http_listen),
+            websocket=replace(config.websocket, listen=self.websocket_listen),
+            log=replace(config.log, format=self.log_format),
+        )
 
 
 class RetryPolicy(msgspec.Struct, frozen=True):
@@ -382,18 +427,150 @@ def _convert(obj: Any, tp: type, prefix: str) -> Any:
     try:
         return msgspec.convert(obj, tp, dec_hook=decode_hook)
     except msgspec.ValidationError as exc:
-        raise ConfigError(name_path(str(exc), prefix)) from None
+        raise ConfigError(name_path(str(exc), prefix, tp)) from None
 
 
-def name_path(message: str, prefix: str) -> str:
-    """Turn msgspec's "msg - at `$.a[0].b`" into "prefix.a.0.b: msg"."""
+def name_path(message: str, prefix: str, tp: Any = None) -> str:
+    """Turn msgspec's "msg - at `$.a[0].b`" into "prefix.a.0.b: msg"; given the type that
+    was decoded, a value outside a Literal's choices is told what the choices are."""
     match = _VALIDATION_PATH.match(message)
     msg, path = (match["msg"], match["path"]) if match else (message, "")
+    if tp is not None:
+        msg = _explain_choices(msg, path, tp)
     path = prefix + path.replace("[", ".").replace("]", "")
     unknown = re.match(r"Object contains unknown field `(.+)`", msg)
     if unknown:
         path, msg = f"{path}.{unknown[1]}", "unknown key"
     return f"{path.strip('.')}: {msg}" if path.strip(".") else msg
+
+
+_INVALID_CHOICE = re.compile(r"Invalid enum value (?P<value>.+)")
+_PATH_PART = re.compile(r"\.(\w+)|\[[^]]*\]")
+
+
+def _explain_choices(msg: str, path: str, tp: Any) -> str:
+    """msgspec's "Invalid enum value 'x'" as `expected one of A, B; got "x"`, the choices
+    read, in the order they are declared, off the Literal at `path` in `tp`."""
+    invalid = _INVALID_CHOICE.fullmatch(msg)
+    if invalid is None:
+        return msg
+    for part in _PATH_PART.finditer(path):
+        tp = _bare(tp)
+        if isinstance(tp, type) and issubclass(tp, msgspec.Struct):
+            tp = typing.get_type_hints(tp)[part[1]]
+        else:  # a dict's value or a list's item
+            tp = typing.get_args(tp)[-1]
+    options = typing.get_args(tp) if typing.get_origin(tp) in (Union, UnionType) else (tp,)
+    choices: list[str] = []
+    numbers: list[str] = []
+    for option in map(_bare, options):
+        if typing.get_origin(option) is Literal:
+            choices += map(str, typing.get_args(option))
+        elif option in (int, float):
+            # A union of a number and words (credits = 100 or "unlimited") names it too.
+            numbers.append("a whole number" if option is int else "a number")
+    words = choices[0] if len(choices) == 1 else f"one of {', '.join(choices)}"
+    got = _show(ast.literal_eval(invalid["value"]))
+    return f"expected {' or '.join([*numbers, words])}; got {got}"
+
+
+def _bare(tp: Any) -> Any:
+    """A type without its Annotated constraints."""
+    return typing.get_args(tp)[0] if typing.get_origin(tp) is Annotated else tp
+
+
+# `{payload.input}`, `{job_id}` and `{attempt}` in a command kind's argv.
+COMMAND_PLACEHOLDER = re.compile(r"\{(payload(?:\.\w+)+|job_id|attempt)\}")
+
+
+def template_fields(command: list[str]) -> set[tuple[str, ...]]:
+    """The payload paths a command template needs, e.g. {("input",)}."""
+    fields = set()
+    for arg in command:
+        for match in COMMAND_PLACEHOLDER.finditer(arg):
+            if match[1].startswith("payload."):
+                fields.add(tuple(match[1].split(".")[1:]))
+    return fields
+
+
+def _is_number(value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return isinstance(value, int) or math.isfinite(value)
+
+
+# The words a command kind's `payload` table declares a field with, and what each accepts.
+PAYLOAD_TYPES: dict[str, Callable[[Any], bool]] = {
+    "string": lambda value: isinstance(value, str),
+    "number": _is_number,
+    "integer": lambda value: isinstance(value, int) and not isinstance(value, bool),
+    "boolean": lambda value: isinstance(value, bool),
+}
+
+
+def check_payload(schema: dict[str, Any], payload: Any, path: str = "payload") -> None:
+    """Raises ValueError naming the first field of `payload` that `schema` (a kind's
+    `payload` table) does not allow: a wrong type, a field missing, or one not declared."""
+    if not isinstance(payload, dict):
+        raise ValueError(
+            f"{path}: expected an object with {', '.join(schema)}, got {_json(payload)}"
+        )
+    for field in payload:
+        if field not in schema:
+            raise ValueError(
+                f"{path}.{field}: not a field of this kind (it takes {', '.join(schema)})"
+            )
+    for field, declared in schema.items():
+        where = f"{path}.{field}"
+        if field not in payload:
+            raise ValueError(f"{where}: required")
+        if isinstance(declared, dict):
+            check_payload(declared, payload[field], where)
+        elif not PAYLOAD_TYPES[declared](payload[field]):
+            raise ValueError(f"{where}: expected {_a(declared)}, got {_json(payload[field])}")
+
+
+def _a(word: str) -> str:
+    return f"an {word}" if word[0] in "aeiou" else f"a {word}"
+
+
+def _json(value: Any) -> str:
+    """A client's value in an error, cut short: messages never carry unbounded input."""
+    text = json.dumps(value)
+    return text if len(text) <= 40 else f"{text[:37]}..."
+
+
+def _check_payload_schema(schema: dict[str, Any], where: str) -> None:
+    for field, declared in schema.items():
+        if not re.fullmatch(r"\w+", field):
+            raise ConfigError(f"{where}.{field}: a field name uses letters, digits and '_' only")
+        if isinstance(declared, dict):
+            _check_payload_schema(declared, f"{where}.{field}")
+        elif declared not in PAYLOAD_TYPES:
+            raise ConfigError(
+                f"{where}.{field}: expected one of {', '.join(PAYLOAD_TYPES)} or a table of "
+                f"fields; got {_show(declared)}"
+            )
+
+
+def _check_command_payload(kind: KindSection, where: str) -> None:
+    if kind.payload is None:
+        return
+    if kind.command is None:
+        raise ConfigError(
+            f"{where}.payload: only a command kind declares its payload here; a python kind "
+            "annotates its handler's payload parameter with a msgspec Struct"
+        )
+    _check_payload_schema(kind.payload, f"{where}.payload")
+    for path in sorted(template_fields(kind.command)):
+        declared: Any = kind.payload
+        for field in path:
+            declared = declared.get(field) if isinstance(declared, dict) else None
+        if declared is None or isinstance(declared, dict):
+            raise ConfigError(
+                f"{where}.payload: the command uses {{payload.{'.'.join(path)}}}, which the "
+                "table must declare as a string, number, integer or boolean"
+            )
 
 
 def _check_kind(name: str, kind: KindSection) -> None:
@@ -408,11 +585,18 @@ def _check_kind(name: str, kind: KindSection) -> None:
         )
     if kind.command is not None and not kind.command:
         raise ConfigError(f"{where}.command: needs at least the program to run")
+    _check_command_payload(kind, where)
 
 
-def _check_http(listen: str) -> None:
-    if listen and not re.fullmatch(r"[\w.\-]+:\d{1,5}|\[[0-9a-fA-F:]+\]:\d{1,5}", listen):
-        raise ConfigError(f'http.listen: expected "host:port" or "", got "{listen}"')
+def _check_listeners(config: Config) -> None:
+    for key, listen in (
+        ("http.listen", config.http.listen),
+        ("websocket.listen", config.websocket.listen),
+    ):
+        try:
+            check_listen(listen)
+        except ValueError as exc:
+            raise ConfigError(f"{key}: {exc}") from None
 
 
 def load_config_text(text: str, *, base_dir: str | os.PathLike[str] = ".") -> Config:
@@ -428,6 +612,9 @@ def load_config_text(text: str, *, base_dir: str | os.PathLike[str] = ".") -> Co
         name: _convert(table, ServiceSection, f"services.{name}")
         for name, table in _tables(raw.pop("services", {}), "services").items()
     }
+    for name, service in services.items():
+        if not math.isfinite(service.max_units):
+            raise ConfigError(f"services.{name}.max_units: expected a finite number of units")
     for name, kind in kinds.items():
         _check_kind(name, kind)
         for service in kind.services:
@@ -437,7 +624,12 @@ def load_config_text(text: str, *, base_dir: str | os.PathLike[str] = ".") -> Co
     if "base_dir" in raw:
         raise ConfigError("base_dir: unknown key")
     config = _convert(raw, Config, "")
-    _check_http(config.http.listen)
+    _check_listeners(config)
+    if math.isinf(config.admission.idempotency_window):
+        raise ConfigError(
+            'admission.idempotency_window: "off" would hold a finished job\'s key until it '
+            'is pruned; "0s" turns the window off'
+        )
     _check_timezone(config.budget.timezone, "budget.timezone")
     if config.limits.timezone:
         _check_timezone(config.limits.timezone, "limits.timezone")

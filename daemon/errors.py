@@ -9,7 +9,9 @@ import uuid
 
 from jobwarden.wire.views import ErrorBody
 
-RETRYABLE_CODES = frozenset({"RATE_LIMITED", "DAILY_LIMIT", "QUEUE_FULL", "DRAINING"})
+RETRYABLE_CODES = frozenset(
+    {"RATE_LIMITED", "DAILY_LIMIT", "QUEUE_FULL", "DRAINING", "STORAGE_FULL", "STORAGE_ERROR"}
+)
 # The HTTP meaning of each request code, for listeners that speak HTTP and for reports.
 HTTP_STATUS = {
     "INVALID_REQUEST": 400,
@@ -17,12 +19,17 @@ HTTP_STATUS = {
     "INSUFFICIENT_CREDITS": 402,
     "FORBIDDEN": 403,
     "NOT_FOUND": 404,
+    "CONFLICT": 409,
     "PAYLOAD_TOO_LARGE": 413,
     "RATE_LIMITED": 429,
     "DAILY_LIMIT": 429,
     "QUEUE_FULL": 503,
     "DRAINING": 503,
     "BUDGET_EXHAUSTED": 503,
+    # The database cannot take writes: the disk is full (507 Insufficient Storage), or the
+    # file is read-only, failing or damaged (503).
+    "STORAGE_FULL": 507,
+    "STORAGE_ERROR": 503,
     "INTERNAL": 500,
 }
 
@@ -68,7 +75,28 @@ class ConfigError(Exception):
 
 
 class StoreError(Exception):
-    """The database refused a write (disk full, I/O error, corruption)."""
+    """The database refused a write: the disk is full (`full`), or the file is read-only,
+    failing or damaged. Not the write's fault, and not the request's: a client may try again
+    after `retry_after` seconds, when the store next tries a write of its own."""
+
+    def __init__(self, message: str, *, full: bool, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.full = full
+        self.retry_after = retry_after
+
+    @property
+    def code(self) -> str:
+        return "STORAGE_FULL" if self.full else "STORAGE_ERROR"
+
+    def refusal(self) -> RequestError:
+        """The refusal a client gets for a request that needed this write."""
+        why = "its disk is full" if self.full else "its database file refuses writes"
+        return RequestError(
+            self.code,
+            f"the daemon cannot store anything now: {why}; what it already accepted is kept",
+            retry_after=self.retry_after,
+            technical_message=str(self),
+        )
 
 
 class ServiceUnavailable(Exception):

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import os
 import random
 
 import msgspec
 import trio
 
-from jobwarden import Fail, JobContext, Retry
+from jobwarden import (
+    BudgetExhausted,
+    Fail,
+    JobContext,
+    Metered,
+    Retry,
+    ServiceFailed,
+    ServiceUnavailable,
+)
 
 
 class Sized(msgspec.Struct, forbid_unknown_fields=True):
@@ -95,6 +104,25 @@ async def call_service(ctx: JobContext, payload: dict) -> dict:
     return {"answer": await ctx.call(payload["service"], provider)}
 
 
+async def metered_calls(ctx: JobContext, payload: dict) -> dict:
+    """Calls `service` once per figure in `units`, all at once from a nursery, as a handler
+    that fans out would. Each call takes `seconds` and reports its figure as the units it used
+    (`Metered`); `bound`, when given, is each call's declared most (`units=` on ctx.call)."""
+    bound = {"units": payload["bound"]} if "bound" in payload else {}
+
+    async def provider(used: float) -> Metered:
+        await trio.sleep(payload.get("seconds", 1))
+        return Metered(value="ok", units=used)
+
+    async def one(used: float) -> None:
+        await ctx.call(payload["service"], provider, used, **bound)
+
+    async with trio.open_nursery() as nursery:
+        for used in payload["units"]:
+            nursery.start_soon(one, used)
+    return {"calls": len(payload["units"])}
+
+
 # The scope a test runs its daemon in, for `ends_the_daemon` to cancel.
 TEARDOWN: list[trio.CancelScope] = []
 
@@ -103,3 +131,46 @@ async def ends_the_daemon(ctx: JobContext, payload: dict) -> dict:
     """Tears the daemon down as it returns: the outcome reaches the pool during the teardown."""
     TEARDOWN.pop().cancel()
     return {"ended": True}
+
+
+# What `raise_together` raises, by name: each outcome a handler or ctx.call can signal.
+OUTCOMES = {
+    "fail": lambda: Fail("the input can never work", code="BAD_INPUT"),
+    "retry": lambda: Retry("try again later", code="TRY_LATER"),
+    "failed": lambda: ServiceFailed("paid", 3, ConnectionError("provider refused")),
+    "unavailable": lambda: ServiceUnavailable("paid", None),
+    "bug": lambda: KeyError("page"),
+}
+
+
+async def raise_together(ctx: JobContext, payload: dict) -> dict:
+    """One task per name in `raise`, all in one nursery, each raising that outcome at once:
+    the handler ends with them all in one ExceptionGroup. "budget" is a real refusal: a call
+    to `tokens`, whose worst case is set above the whole budget, made first so that it is in
+    the group."""
+    refused: list[BudgetExhausted] = []
+    if "budget" in payload["raise"]:
+        try:
+            await ctx.call("tokens", trio.sleep, 0)
+        except BudgetExhausted as exc:
+            refused.append(exc)
+
+    async def signal(name: str) -> None:
+        raise refused[0] if name == "budget" else OUTCOMES[name]()
+
+    async with trio.open_nursery() as nursery:
+        for name in payload["raise"]:
+            nursery.start_soon(signal, name)
+    return {}
+
+
+async def records_completion(ctx: JobContext, payload: dict) -> dict:
+    """Works a random 0-20 ms, then appends "<job id> <attempt>" to the file `log` as it
+    returns: a line the store never committed the outcome of shows a run that will repeat."""
+    await trio.sleep(random.uniform(0, 0.02))
+    fd = os.open(payload["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, f"{ctx.job_id} {ctx.attempt}\n".encode())
+    finally:
+        os.close(fd)
+    return {"attempt": ctx.attempt}

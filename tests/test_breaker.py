@@ -53,12 +53,12 @@ def test_a_failed_probe_reopens_for_a_fresh_recovery_time():
 def test_a_hung_probe_cannot_hold_the_circuit_half_open():
     circuit = Circuit(SPEC, probe_timeout=20)
     circuit.trip(0)
-    assert circuit.next_deadline() == float("inf")
+    assert circuit.next_deadline() == 60
     assert circuit.admit(60, probe_id=1)
     assert circuit.next_deadline() == 80
     assert circuit.admit(79, probe_id=2) is None
     # The probe never answered: at its deadline it counts as a failure.
-    circuit.expire_probes(80)
+    circuit.advance(80)
     assert (circuit.state, circuit.open_until) == ("open", 140)
     circuit.record(90, ok=True, probe_id=1)  # a late answer changes nothing
     assert circuit.state == "open"
@@ -190,3 +190,31 @@ async def test_a_reload_keeps_waiting_calls_and_the_circuit(autojump_clock, star
     )
     finished = sorted([(await daemon.wait_done(job.id)).finished_at - EPOCH for job in jobs])
     assert finished == [10, 15, 15]
+
+
+async def test_an_open_circuit_reads_half_open_once_its_recovery_has_passed(
+    autojump_clock, start_daemon
+):
+    from jobwarden.actors.messages import HealthQuery
+    from jobwarden.metrics import Metrics
+
+    daemon = await start_daemon(SERVICE_KINDS.format(max_concurrent=10))
+    reply = ReplySlot()
+    await daemon.handle.breaker.send(BreakerTrip(service="flaky", reply=reply))
+    open_until = (await reply.wait())["open_until"]
+    # No call comes: the circuit is half-open (may be probed) the moment recovery ends.
+    await trio.sleep(7 * 60)
+    assert (await breakers(daemon))["flaky"]["state"] == "half_open"
+    changes = await daemon.handle.store.read(partial(jobs.events_since, since=0, job=0))
+    assert [(e.data["state"], e.at) for e in changes] == [
+        ("open", open_until - 60),
+        ("half_open", open_until),
+    ]
+    health: ReplySlot[dict] = ReplySlot()
+    await daemon.handle.monitor.send(HealthQuery(reply=health, by_kind=True))
+    snapshot = await health.wait()
+    assert snapshot["breakers"]["flaky"]["state"] == "half_open"
+    # The /metrics scrape renders the same snapshot.
+    metrics = Metrics()
+    metrics.set_state(snapshot, snapshot.pop("by_status_kind"), trio.current_time())
+    assert b'jobwarden_breaker_state{service="flaky"} 1.0' in metrics.render()

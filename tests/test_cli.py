@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import io
 import json
 import os
+import pty
+import shlex
+import shutil
 import socket
+import struct
+import subprocess
+import sys
+import termios
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,6 +29,7 @@ from jobwarden.cli import main
 from jobwarden.cli.server import default_config_text
 from jobwarden.wire.admin import encode_line
 from jobwarden.wire.views import ErrorBody
+from tests.process import daemon_env, jobwarden_command
 
 NOW = time.time()
 
@@ -27,8 +38,9 @@ class FakeDaemon:
     """Serves the admin protocol from canned replies on a Unix socket, in a thread.
 
     `replies` maps a command to its data, an ErrorBody, or a function of the request's args
-    returning either. After the watch reply it streams `watch_events`, then hangs up, so a
-    client that misses the end of a job fails fast instead of waiting forever.
+    returning either. After the watch reply it streams those of `watch_events` after the
+    watch's `since`, as the daemon replays stored events and then sends live ones, then hangs
+    up, so a client that misses the end of a job fails fast instead of waiting forever.
     """
 
     def __init__(self, path: Path) -> None:
@@ -70,8 +82,11 @@ class FakeDaemon:
                 self.requests.append(request)
                 connection.sendall(encode_line(self._reply(request)))
                 if request["cmd"] == "watch":
+                    since = request["args"].get("since", 0)
                     for event in self.watch_events:
-                        connection.sendall(encode_line({"id": request["id"], "event": event}))
+                        if event["seq"] > since:
+                            line = {"id": request["id"], "event": event}
+                            connection.sendall(encode_line(line))
                     return
 
     def _reply(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -247,6 +262,7 @@ def test_submit_watch_follows_the_new_job_to_its_result(daemon, jobwarden, capsy
         "events": [event(1, "status", status="queued", attempt=0)],
     }
     daemon.watch_events = [
+        event(1, "status", status="queued", attempt=0),
         event(2, "status", status="running", attempt=1),
         event(3, "status", status="done", attempt=1, result={"pdf": "out.pdf"}),
     ]
@@ -328,6 +344,63 @@ def test_an_error_reply_prints_code_and_message(daemon, jobwarden, capsys, argv,
     assert code == exit_code
     assert captured.err.startswith(f"error {error.code}: {error.message}")
     assert captured.out == ""
+
+
+def json_error(captured: Any) -> dict[str, Any]:
+    """The one JSON line a --json command wrote on stderr for its error; stdout empty."""
+    assert captured.out == ""
+    (line,) = captured.err.splitlines()
+    return json.loads(line)
+
+
+def test_json_errors_are_the_common_error_shape_on_stderr(daemon, jobwarden, capsys, tmp_path):
+    refused = ErrorBody("QUEUE_FULL", "100 jobs queued", True, error_id="e-2", retry_after=30)
+    daemon.replies["submit"] = refused
+
+    assert jobwarden("submit", "pdf", "{}", "--json") == 1
+    assert json_error(capsys.readouterr()) == msgspec.to_builtins(refused)
+
+    # A usage error: what was typed is wrong, as an INVALID_REQUEST from the daemon would be.
+    assert jobwarden("show", "twelve", "--json") == 2
+    assert json_error(capsys.readouterr()) == {
+        "code": "INVALID_REQUEST",
+        "message": "argument JOB: expected a positive integer, got 'twelve'",
+        "retryable": False,
+    }
+    assert jobwarden("--json", "frobnicate") == 2
+    assert json_error(capsys.readouterr())["message"].startswith(
+        "argument COMMAND: invalid choice: 'frobnicate'"
+    )
+
+    # No daemon: worth retrying, since one that is starting answers soon.
+    absent = tmp_path / "absent.sock"
+    assert main(["--socket", str(absent), "jobs", "--json"]) == 3
+    unreachable = json_error(capsys.readouterr())
+    assert (unreachable["code"], unreachable["retryable"]) == ("UNREACHABLE", True)
+    assert unreachable["message"].startswith(f"cannot reach the jobwarden daemon at {absent}")
+
+    bad_config = write_config(tmp_path, '[store]\nsynchronous = "normal-ish"\n')
+    assert main(["--config", str(bad_config), "--json", "status"]) == 2
+    assert json_error(capsys.readouterr()) == {
+        "code": "INVALID_CONFIG",
+        "message": f"{bad_config}: store.synchronous: expected one of OFF, NORMAL, FULL, "
+        'EXTRA; got "normal-ish"',
+        "retryable": False,
+    }
+
+
+def test_a_usage_error_without_json_reads_as_argparse_words_it(daemon, jobwarden, capsys):
+    assert jobwarden("show", "twelve") == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "usage: jobwarden show [-h] [--config PATH] [--socket PATH] [--json] JOB",
+        "jobwarden show: error: argument JOB: expected a positive integer, got 'twelve'",
+    ]
+
+
+def test_status_pid_prints_the_answering_daemons_pid_alone(daemon, jobwarden, capsys):
+    assert jobwarden("status", "--pid") == 0
+    assert capsys.readouterr().out == "4242\n"
+    assert daemon.commands() == ["ping"]
 
 
 def test_an_internal_error_shows_the_error_id_to_look_up_in_the_log(daemon, jobwarden, capsys):
@@ -510,6 +583,7 @@ def test_watch_prints_events_once_and_the_result_then_exits_0(daemon, jobwarden,
         ],
     }
     daemon.watch_events = [
+        event(1, "status", status="running", attempt=1),
         event(2, "progress", fraction=0.25, message="page 2/8"),
         event(3, "progress", fraction=0.375, message="page 3/8"),
         event(4, "status", status="done", attempt=1, result={"pages": 8}),
@@ -527,7 +601,8 @@ def test_watch_prints_events_once_and_the_result_then_exits_0(daemon, jobwarden,
         '  "pages": 8',
         "}",
     ]
-    assert daemon.requests[-1]["args"] == {"job": 12, "since": 2}
+    # The whole history comes from the watch's replay, from the first event on.
+    assert daemon.requests[-1]["args"] == {"job": 12, "since": 0}
 
 
 def test_watch_shows_a_queued_jobs_place_and_its_costs(daemon, jobwarden, capsys):
@@ -536,6 +611,7 @@ def test_watch_shows_a_queued_jobs_place_and_its_costs(daemon, jobwarden, capsys
         "events": [event(1, "status", status="queued", attempt=0)],
     }
     daemon.watch_events = [
+        event(1, "status", status="queued", attempt=0),
         event(2, "position", **waiting("no free slot (2 of 2 running)", position=2)),
         event(3, "position", **waiting("position 1 of 3", position=1)),
         event(4, "status", status="running", attempt=1),
@@ -556,13 +632,21 @@ def test_watch_shows_a_queued_jobs_place_and_its_costs(daemon, jobwarden, capsys
     ]
 
 
-def test_watch_says_first_why_a_queued_job_waits(daemon, jobwarden, capsys):
-    daemon.replies["show"] = {
+def shown_waiting_for_a_slot() -> dict[str, Any]:
+    """`show` of job 12, queued behind a full pool."""
+    return {
         "job": job_view(status="queued"),
         "events": [event(1, "status", status="queued", attempt=0)],
         "waiting": waiting("no free slot (2 of 2 running)", position=2),
     }
-    daemon.watch_events = [event(2, "status", status="done", attempt=1)]
+
+
+def test_watch_says_first_why_a_queued_job_waits(daemon, jobwarden, capsys):
+    daemon.replies["show"] = shown_waiting_for_a_slot()
+    daemon.watch_events = [
+        event(1, "status", status="queued", attempt=0),
+        event(2, "status", status="done", attempt=1),
+    ]
 
     code = jobwarden("watch", "12")
 
@@ -796,6 +880,17 @@ def test_ledger_of_a_day_by_user_without_a_projection(daemon, jobwarden, capsys)
     assert daemon.requests[0]["args"] == {"day": "2026-11-22", "by": "user"}
 
 
+def test_ledger_names_the_calls_that_cost_more_than_they_reserved(daemon, jobwarden, capsys):
+    daemon.replies["ledger"] = ledger_reply(overruns=2, overrun_usd=4.99)
+
+    assert jobwarden("ledger") == 0
+
+    assert capsys.readouterr().out.splitlines()[-2:] == [
+        "overruns: 2 calls past their reservations by $4.9900 (raise the services' max_units)",
+        "month projection $6,690.00",
+    ]
+
+
 def test_ledger_without_calls_says_so(daemon, jobwarden, capsys):
     daemon.replies["ledger"] = ledger_reply(
         period="2026-11-22", groups=[], calls=0, failed_calls=0, usd=0.0, jobs=0, usd_per_job=None
@@ -979,6 +1074,7 @@ def test_init_json_says_where_everything_will_be(tmp_path, capsys):
         "kinds": ["storybook", "shell"],
         "admin_socket": str(directory / "var" / "admin.sock"),
         "database": str(directory / "var" / "jobwarden.db"),
+        "admin_group": None,
         "websocket": "127.0.0.1:8765",
         "http": "127.0.0.1:8766",
     }
@@ -1036,16 +1132,260 @@ def test_watch_all_shows_breaker_changes_beside_job_events(daemon, jobwarden, ca
     assert code == 3  # the fake daemon hangs up after its events
 
 
-def test_watch_takes_the_outcome_from_history_when_the_job_just_finished(daemon, jobwarden, capsys):
+def test_watch_takes_the_outcome_from_the_replay_when_the_job_just_finished(
+    daemon, jobwarden, capsys
+):
     # The job row was read as running, but its terminal event is already in the history.
     error = {"code": "TEST_FAILURE", "message": "asked to fail", "retryable": False}
     daemon.replies["show"] = {
         "job": job_view(status="running"),
         "events": [event(5, "status", status="failed", attempt=1, error=error)],
     }
+    daemon.watch_events = [
+        event(4, "status", status="running", attempt=1),
+        event(5, "status", status="failed", attempt=1, error=error),
+    ]
 
     code = jobwarden("watch", "12")
 
+    captured = capsys.readouterr()
     assert code == 1
-    assert "TEST_FAILURE" in capsys.readouterr().err
-    assert daemon.requests[-1]["cmd"] == "show"  # no watch was needed
+    assert captured.out.splitlines() == [
+        "job 12 status running attempt 1",
+        "job 12 status failed attempt 1",
+    ]
+    assert "TEST_FAILURE" in captured.err
+
+
+def test_watch_of_a_finished_job_replays_its_whole_history(daemon, jobwarden, capsys):
+    # `show` gives the latest 20 events; the watch replays all 60 of them, in order.
+    history = [event(1, "status", status="queued", attempt=0)]
+    history += [event(n, "progress", fraction=n / 100) for n in range(2, 60)]
+    history.append(event(60, "status", status="done", attempt=1, result={"pages": 8}))
+    daemon.replies["show"] = {"job": job_view(status="done"), "events": history[-20:]}
+    daemon.watch_events = history
+
+    code = jobwarden("watch", "12")
+
+    lines = capsys.readouterr().out.splitlines()
+    assert code == 0
+    assert lines[0] == "job 12 status queued attempt 0"
+    assert lines[1:59] == [f"job 12 progress {n}%" for n in range(2, 60)]
+    assert lines[59] == "job 12 status done attempt 1"
+
+
+def test_watch_of_a_job_retried_after_failing_follows_it_past_the_old_failure(
+    daemon, jobwarden, capsys
+):
+    error = {"code": "TIMEOUT", "message": "too slow", "retryable": True}
+    daemon.replies["show"] = {
+        "job": job_view(status="queued", attempt=1),
+        "events": [
+            event(2, "status", status="failed", attempt=1, error=error),
+            event(3, "status", status="queued", attempt=1, reason="MANUAL_RETRY"),
+        ],
+    }
+    daemon.watch_events = [
+        event(1, "status", status="running", attempt=1),
+        event(2, "status", status="failed", attempt=1, error=error),
+        event(3, "status", status="queued", attempt=1, reason="MANUAL_RETRY"),
+        event(4, "status", status="done", attempt=1, result=None),
+    ]
+
+    code = jobwarden("watch", "12")
+
+    assert code == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "job 12 status done attempt 1"
+
+
+# as a process: pipes, terminals and shells
+
+
+def run_cli(daemon: FakeDaemon, *argv: str, pipe_into: str, tmp_path: Path) -> tuple[int, str, str]:
+    """`jobwarden ARGV | PIPE_INTO` in bash: jobwarden's exit code, what the pipe printed,
+    and what jobwarden wrote on stderr."""
+    errors = tmp_path / "stderr.txt"
+    command = shlex.join(jobwarden_command("--socket", daemon.path, *argv))
+    finished = subprocess.run(
+        ["bash", "-c", f"{command} 2>{errors} | {pipe_into}; exit ${{PIPESTATUS[0]}}"],
+        capture_output=True,
+        text=True,
+        env=daemon_env(),
+        timeout=30,
+        check=False,
+    )
+    return finished.returncode, finished.stdout, errors.read_text()
+
+
+def test_a_reader_that_leaves_early_ends_show_quietly(daemon, tmp_path):
+    # Far more than a pipe holds, so the reader is gone while jobwarden still writes.
+    events = [event(n, "progress", fraction=0.5, message="x" * 60) for n in range(1, 5001)]
+    daemon.replies["show"] = {"job": job_view(status="running"), "events": events}
+
+    code, out, err = run_cli(daemon, "show", "12", pipe_into="head -3", tmp_path=tmp_path)
+
+    assert (code, err) == (141, "")
+    assert out.splitlines() == ["job       12", "kind      pdf", "user      local"]
+
+
+def test_a_reader_that_leaves_early_ends_jobs_quietly(daemon, tmp_path):
+    daemon.replies["jobs"] = {"jobs": [job_view(id=n) for n in range(5000, 0, -1)]}
+
+    code, out, err = run_cli(daemon, "jobs", pipe_into="head -1", tmp_path=tmp_path)
+
+    assert (code, err) == (141, "")
+    assert " ".join(out.split()) == "ID KIND USER STATUS ATTEMPT PROGRESS AGE WAITING DETAIL"
+
+
+def test_a_piped_watch_prints_a_readable_line_per_event(daemon, tmp_path):
+    daemon.replies["show"] = shown_waiting_for_a_slot()
+    daemon.watch_events = [
+        event(1, "status", status="queued", attempt=0),
+        event(2, "position", **waiting("position 1 of 3", position=1)),
+        event(3, "status", status="running", attempt=1),
+        event(4, "progress", fraction=0.5, message="page 4/8"),
+        event(5, "checkpoint", pages=4),
+        event(6, "cost", service="image", units=1, usd=0.024, ok=True, job_usd=0.048),
+        event(7, "status", status="done", attempt=1, result={"pages": 8}),
+    ]
+
+    code, out, err = run_cli(daemon, "watch", "12", pipe_into="cat", tmp_path=tmp_path)
+
+    assert (code, err) == (0, "")
+    assert out.splitlines() == [
+        "job 12 waiting no free slot (2 of 2 running); position 2 of 3",
+        "job 12 status queued attempt 0",
+        "job 12 waiting position 1 of 3 (1 of 2 in its kind)",
+        "job 12 status running attempt 1",
+        "job 12 progress 50% page 4/8",
+        'job 12 checkpoint {"pages": 4}',
+        "job 12 cost image $0.0240, job total $0.0480",
+        "job 12 status done attempt 1",
+        "{",
+        '  "pages": 8',
+        "}",
+    ]
+
+
+def on_a_terminal(daemon: FakeDaemon, *argv: str, **env: str) -> str:
+    """What `jobwarden ARGV` prints on a pseudo-terminal of 120 columns."""
+    controller, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    with subprocess.Popen(
+        jobwarden_command("--socket", daemon.path, *argv),
+        stdin=subprocess.DEVNULL,
+        stdout=terminal,
+        stderr=subprocess.PIPE,
+        env={**daemon_env(), "TERM": "xterm-256color", "COLUMNS": "120", **env},
+    ) as process:
+        os.close(terminal)
+        printed = b""
+        while True:
+            try:
+                chunk = os.read(controller, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            printed += chunk
+        assert process.wait(timeout=30) == 0, process.stderr.read()
+    os.close(controller)
+    return printed.decode()
+
+
+def test_statuses_are_coloured_on_a_terminal_and_plain_in_a_pipe(daemon, tmp_path):
+    daemon.replies["jobs"] = {
+        "jobs": [job_view(id=2, status="failed"), job_view(id=1, status="done")]
+    }
+    daemon.replies["show"] = {"job": job_view(status="done"), "events": []}
+
+    table = on_a_terminal(daemon, "jobs")
+    shown = on_a_terminal(daemon, "show", "12")
+    plain = on_a_terminal(daemon, "jobs", NO_COLOR="1")
+
+    assert "\x1b[1;31mfailed" in table and "\x1b[32mdone" in table
+    assert "\x1b[32mdone\x1b[0m" in shown
+    # NO_COLOR: the table's headers may stay bold, but no status has a colour.
+    assert "\x1b[32m" not in plain and "\x1b[1;31m" not in plain
+    # In a pipe the same words come plain: the piped tests above compare them line by line.
+
+
+@pytest.fixture(scope="module")
+def completion_scripts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """`jobwarden completion SHELL` for each shell, saved where a test can source it."""
+    scripts = {}
+    for shell in ("bash", "zsh", "fish"):
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            assert main(["completion", shell]) == 0
+        scripts[shell] = tmp_path_factory.mktemp(shell) / f"jobwarden.{shell}"
+        scripts[shell].write_text(printed.getvalue())
+    return scripts
+
+
+@pytest.mark.parametrize(
+    ("words", "offered"),
+    [
+        (["wat"], ["watch"]),
+        (["serve", "--ht"], ["--http-listen"]),
+        (["completion", ""], ["bash", "zsh", "fish"]),
+        (["jobs", "--sta"], ["--status"]),
+    ],
+    ids=["command", "serve-flag", "shells", "option"],
+)
+def test_bash_completes_commands_and_options(completion_scripts, words, offered):
+    script = completion_scripts["bash"]
+    line = " ".join(["jobwarden", *words])
+    completed = subprocess.run(
+        [
+            "bash",
+            "-c",
+            f"source {script}; COMP_WORDS=(jobwarden {' '.join(map(shlex.quote, words))} ); "
+            f"COMP_CWORD={len(words)}; COMP_LINE={shlex.quote(line)}; COMP_POINT={len(line)}; "
+            '_shtab_jobwarden; printf "%s\\n" "${COMPREPLY[@]}"',
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert completed.stdout.split() == offered
+
+
+@pytest.mark.skipif(shutil.which("fish") is None, reason="fish is not installed")
+def test_fish_completes_commands_and_options(completion_scripts):
+    script = completion_scripts["fish"]
+    completed = subprocess.run(
+        [
+            "fish",
+            "-c",
+            f'source {script}; complete -C "jobwarden wat"; complete -C "jobwarden serve --we"',
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**daemon_env(), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"},
+    )
+    assert [line.split("\t")[0] for line in completed.stdout.splitlines()] == [
+        "watch",
+        "--websocket-listen",
+    ]
+
+
+@pytest.mark.skipif(shutil.which("zsh") is None, reason="zsh is not installed")
+def test_zsh_loads_the_completion_for_jobwarden(completion_scripts, tmp_path):
+    functions = tmp_path / "functions"
+    functions.mkdir()
+    shutil.copy(completion_scripts["zsh"], functions / "_jobwarden")
+    loaded = subprocess.run(
+        [
+            "zsh",
+            "-f",
+            "-c",
+            f"fpath=({functions} $fpath); autoload -U compinit; compinit -u -D; "
+            "print ${_comps[jobwarden]}",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert loaded.stdout.strip() == "_jobwarden"

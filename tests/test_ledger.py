@@ -150,12 +150,20 @@ async def test_resume_overrides_the_stop_for_the_rest_of_the_day(autojump_clock,
     assert await ledger_total(daemon) == (3, 3.0)
 
 
+async def assert_held_by_the_stop(daemon, job_id: int) -> None:
+    """The first call's spend reached the limit and stopped the budget: the next job waits in
+    the queue without having started."""
+    job = await daemon.job(job_id)
+    assert (job.status, job.attempt) == ("queued", 0)
+    assert (await ask(daemon, BudgetQuery))["stopped"] is True
+
+
 async def test_raising_the_limit_lifts_the_stop(autojump_clock, start_daemon):
     daemon = await start_daemon(config(daily=1), max_concurrent_jobs=1)
     first = await daemon.submit("caller", {"service": "paid"})
     second = await daemon.submit("caller", {"service": "paid"})
     await trio.sleep(10)
-    assert (await daemon.job(second.id)).reason == "BUDGET_WAIT"
+    await assert_held_by_the_stop(daemon, second.id)
     view = await ask(daemon, SetBudget, daily_usd=5.0, monthly_usd=None)
     assert (view["stopped"], view["daily_usd"]) == (False, 5.0)
     assert (await daemon.wait_done(second.id)).status == "done"
@@ -210,7 +218,8 @@ async def test_alerts_fire_once_at_each_fraction(autojump_clock, start_daemon):
             await daemon.wait_done((await daemon.submit("caller", {"service": "paid"})).id)
         await trio.sleep(1)
     alerts = [entry["alert"] for entry in logs if entry["event"] == "alert"]
-    assert alerts == ["budget_50", "budget_80", "budget_100"]
+    # The fourth call reached the limit, which stops the budget at once.
+    assert alerts == ["budget_50", "budget_80", "budget_100", "budget_stop"]
 
 
 async def test_a_reloaded_config_changes_the_limits_unless_an_operator_set_them(
@@ -223,7 +232,7 @@ async def test_a_reloaded_config_changes_the_limits_unless_an_operator_set_them(
     first = await daemon.submit("caller", {"service": "paid"})
     second = await daemon.submit("caller", {"service": "paid"})
     await trio.sleep(10)
-    assert (await daemon.job(second.id)).reason == "BUDGET_WAIT"
+    await assert_held_by_the_stop(daemon, second.id)
     await daemon.handle.ledger.send(Reconfigure(config=make_config(tmp_path, config(daily=5))))
     assert (await daemon.wait_done(second.id)).status == "done"
     assert (await daemon.job(first.id)).status == "done"
@@ -232,3 +241,228 @@ async def test_a_reloaded_config_changes_the_limits_unless_an_operator_set_them(
     await ask(daemon, SetBudget, daily_usd=2.0, monthly_usd=None)
     await daemon.handle.ledger.send(Reconfigure(config=make_config(tmp_path, config(daily=50))))
     assert (await ask(daemon, BudgetQuery))["daily_usd"] == 2.0
+
+
+METERED = """
+[budget]
+daily_usd = {daily}
+monthly_usd = 0
+alert_at = [1.0]
+
+[services.tokens]
+price_usd = 0.01
+unit = "1k_tokens"
+{max_units}
+
+[kinds.fanout]
+handler = "tests.handlers:metered_calls"
+timeout = "off"
+
+[kinds.together]
+handler = "tests.handlers:raise_together"
+timeout = "off"
+backoff = ["1h"]
+"""
+
+
+def metered(daily: float = 1, max_units: int | None = None) -> str:
+    bound = "" if max_units is None else f"max_units = {max_units}"
+    return METERED.format(daily=daily, max_units=bound)
+
+
+async def refused_code(daemon, kind: str = "fanout") -> str:
+    with pytest.raises(RequestError) as refused:
+        await daemon.submit(kind, {"service": "tokens", "units": [1]})
+    return refused.value.body.code
+
+
+async def test_a_call_that_uses_more_than_it_reserved_is_booked_flagged_and_stops_the_budget(
+    autojump_clock, start_daemon
+):
+    # No max_units: the call reserves one unit ($0.01) and reports 500 ($5.00).
+    daemon = await start_daemon(metered(daily=1))
+    with capture_logs() as logs:
+        job = await daemon.submit("fanout", {"service": "tokens", "units": [500]})
+        assert (await daemon.wait_done(job.id)).status == "done"
+        await trio.sleep(1)
+    rows = await daemon.handle.store.read(
+        lambda conn: conn.execute("SELECT units, usd, overrun_usd FROM ledger").fetchall()
+    )
+    assert rows == [(500.0, pytest.approx(5.0), pytest.approx(4.99))]
+    report = await ask(daemon, LedgerReport, period="2027-01-15", by="service")
+    assert (report["overruns"], report["overrun_usd"]) == (1, 4.99)
+    budget = await ask(daemon, BudgetQuery)
+    assert (budget["stopped"], budget["remaining_today"]) == (True, -4.0)
+    assert await refused_code(daemon) == "BUDGET_EXHAUSTED"
+    overrun = [entry for entry in logs if entry.get("alert") == "budget_overrun_tokens"]
+    assert len(overrun) == 1
+    assert (overrun[0]["service"], overrun[0]["units"], overrun[0]["reserved_units"]) == (
+        "tokens",
+        500.0,
+        1.0,
+    )
+    assert "tokens" in overrun[0]["message"]
+
+
+async def test_a_call_within_its_reservation_is_not_an_overrun(autojump_clock, start_daemon):
+    daemon = await start_daemon(metered(daily=1, max_units=50))
+    job = await daemon.submit("fanout", {"service": "tokens", "units": [30, 50]})
+    assert (await daemon.wait_done(job.id)).status == "done"
+    rows = await daemon.handle.store.read(
+        lambda conn: conn.execute("SELECT units, overrun_usd FROM ledger ORDER BY units").fetchall()
+    )
+    assert rows == [(30.0, 0.0), (50.0, 0.0)]
+    assert (await ask(daemon, BudgetQuery))["stopped"] is False
+
+
+@pytest.mark.parametrize("bound", [80, 0], ids=["above-max-units", "free"])
+async def test_a_call_must_declare_a_bound_within_its_services_max_units(
+    autojump_clock, start_daemon, bound
+):
+    daemon = await start_daemon(metered(daily=1, max_units=50))
+    job = await daemon.submit("fanout", {"service": "tokens", "units": [10], "bound": bound})
+    final = await daemon.wait_done(job.id)
+    assert (final.status, final.error.code) == ("failed", "HANDLER_ERROR")
+    assert "max_units" in final.error.message
+    assert await ledger_total(daemon) == (0, 0.0)
+
+
+async def test_units_the_ledger_cannot_price_are_booked_at_the_calls_worst_case(
+    autojump_clock, start_daemon
+):
+    daemon = await start_daemon(metered(daily=10, max_units=50))
+    job = await daemon.submit("fanout", {"service": "tokens", "units": ["lots"]})
+    final = await daemon.wait_done(job.id)
+    assert (final.status, final.error.code) == ("failed", "HANDLER_ERROR")
+    assert "Metered(units='lots')" in final.error.message
+    # One call per attempt, each booked at the 50 units it reserved; the ledger lives on.
+    assert await ledger_total(daemon) == (4, pytest.approx(2.0))
+    assert (await ask(daemon, BudgetQuery))["spent_today"] == pytest.approx(2.0)
+
+
+async def test_a_call_reserves_its_services_max_units_so_the_limit_holds(
+    autojump_clock, start_daemon
+):
+    # $0.50 a call at most: the third call at once would pass $1, and is refused up front.
+    daemon = await start_daemon(metered(daily=1, max_units=50))
+    job = await daemon.submit("fanout", {"service": "tokens", "units": [50, 50, 50]})
+    await trio.sleep(60)
+    # The two admitted calls were cut short when the third was refused: booked, unbilled.
+    assert await ledger_total(daemon) == (2, 0.0)
+    waiting = await daemon.job(job.id)
+    assert (waiting.status, waiting.reason, waiting.attempt) == ("queued", "BUDGET_WAIT", 0)
+
+
+async def spend_five_dollars(daemon) -> None:
+    job = await daemon.submit("fanout", {"service": "tokens", "units": [250, 250]})
+    assert (await daemon.wait_done(job.id)).status == "done"
+    assert (await ask(daemon, BudgetQuery))["spent_today"] == 5.0
+
+
+@pytest.mark.parametrize(
+    ("how", "lowered_to"),
+    [("reload", 4), ("budget_set", 4), ("restart", 4), ("budget_set", 5)],
+    ids=["reload", "budget-set", "restart", "budget-set-to-the-spend"],
+)
+async def test_spend_already_at_a_lowered_limit_stops_the_budget(
+    autojump_clock, start_daemon, tmp_path, how, lowered_to
+):
+    from jobwarden.actors.messages import Reconfigure
+    from tests.conftest import make_config
+
+    daemon = await start_daemon(metered(daily=10, max_units=250))
+    await spend_five_dollars(daemon)
+    if how == "reload":
+        lower = make_config(tmp_path, metered(daily=lowered_to, max_units=250))
+        await daemon.handle.ledger.send(Reconfigure(config=lower))
+    elif how == "budget_set":
+        await ask(daemon, SetBudget, daily_usd=lowered_to, monthly_usd=None)
+    else:
+        await daemon.stop(grace=0)
+        daemon = await start_daemon(metered(daily=lowered_to, max_units=250))
+    budget = await ask(daemon, BudgetQuery)
+    assert (budget["stopped"], budget["spent_today"], budget["daily_usd"]) == (
+        True,
+        5.0,
+        lowered_to,
+    )
+    assert await refused_code(daemon) == "BUDGET_EXHAUSTED"
+
+
+async def test_a_charge_that_reaches_the_limit_stops_the_budget(autojump_clock, start_daemon):
+    from jobwarden.actors.messages import Charge
+
+    daemon = await start_daemon(metered(daily=1))
+    # A command kind's {"charge": ...} line: booked after the fact, it cannot be refused.
+    usd = await ask(daemon, Charge, job=None, user="alice", kind="cmd", service="tokens", units=100)
+    assert usd == pytest.approx(1.0)
+    assert (await ask(daemon, BudgetQuery))["stopped"] is True
+    assert await refused_code(daemon) == "BUDGET_EXHAUSTED"
+
+
+@pytest.mark.parametrize(
+    "units", [float("nan"), -100.0, float("inf")], ids=["nan", "negative", "inf"]
+)
+async def test_a_charge_the_ledger_cannot_price_is_refused(autojump_clock, start_daemon, units):
+    from jobwarden.actors.messages import Charge
+
+    daemon = await start_daemon(metered(daily=1))
+    with pytest.raises(RequestError) as refused:
+        await ask(daemon, Charge, job=None, user="alice", kind="cmd", service="tokens", units=units)
+    assert refused.value.body.code == "INVALID_REQUEST"
+    # The spend stays a figure the limit can hold: a real charge still stops the budget.
+    await ask(daemon, Charge, job=None, user="alice", kind="cmd", service="tokens", units=100)
+    assert (await ask(daemon, BudgetQuery))["stopped"] is True
+    assert await ledger_total(daemon) == (1, pytest.approx(1.0))
+
+
+async def test_calls_refused_for_budget_inside_a_handlers_nursery_wait_for_budget(
+    autojump_clock, start_daemon
+):
+    # $0.50 a call at most against $1: of four calls at once, two are refused; the handler's
+    # nursery raises their BudgetExhausted in an ExceptionGroup.
+    daemon = await start_daemon(metered(daily=1, max_units=50))
+    job = await daemon.submit("fanout", {"service": "tokens", "units": [10, 10, 10, 10]})
+    await trio.sleep(60)
+    waiting = await daemon.job(job.id)
+    assert (waiting.status, waiting.reason, waiting.attempt) == ("queued", "BUDGET_WAIT", 0)
+    # With room for all four, it runs again and is done on its first counted attempt.
+    await ask(daemon, SetBudget, daily_usd=2.0, monthly_usd=None)
+    final = await daemon.wait_done(job.id)
+    assert (final.status, final.attempt) == ("done", 1)
+    assert await ledger_total(daemon) == (6, 0.4)
+
+
+@pytest.mark.parametrize(
+    ("raised", "status", "reason", "attempt", "code"),
+    [
+        pytest.param(["budget"], "queued", "BUDGET_WAIT", 0, None, id="budget-only"),
+        pytest.param(["failed", "failed"], "queued", "RETRY", 1, "SERVICE_FAILED", id="failed"),
+        pytest.param(
+            ["unavailable"], "queued", "RETRY", 1, "SERVICE_UNAVAILABLE", id="unavailable"
+        ),
+        pytest.param(["retry", "retry"], "queued", "RETRY", 1, "TRY_LATER", id="retry-only"),
+        pytest.param(["fail", "fail"], "failed", "BAD_INPUT", 1, "BAD_INPUT", id="fail-only"),
+        pytest.param(["budget", "failed"], "queued", "RETRY", 1, "SERVICE_FAILED", id="mix"),
+        pytest.param(
+            ["unavailable", "failed"], "queued", "RETRY", 1, "SERVICE_FAILED", id="failed-first"
+        ),
+        pytest.param(["failed", "retry"], "queued", "RETRY", 1, "TRY_LATER", id="retry-first"),
+        pytest.param(
+            ["budget", "retry", "fail"], "failed", "BAD_INPUT", 1, "BAD_INPUT", id="fail-beats-all"
+        ),
+        pytest.param(["budget", "bug"], "queued", "RETRY", 1, "HANDLER_ERROR", id="bug-counts"),
+        pytest.param(["bug", "fail"], "failed", "BAD_INPUT", 1, "BAD_INPUT", id="fail-beats-bug"),
+    ],
+)
+async def test_outcomes_raised_together_by_a_handlers_nursery(
+    autojump_clock, start_daemon, raised, status, reason, attempt, code
+):
+    # A call's worst case is $10 against $1, so the budget refuses it. A retry waits an hour
+    # and a budget refusal until midnight: a minute in, the job is where its outcome put it.
+    daemon = await start_daemon(metered(daily=1, max_units=1000))
+    job = await daemon.submit("together", {"raise": raised})
+    await trio.sleep(60)
+    after = await daemon.job(job.id)
+    assert (after.status, after.reason, after.attempt) == (status, reason, attempt)
+    assert (after.error.code if after.error else None) == code

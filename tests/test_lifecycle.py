@@ -9,6 +9,7 @@ from functools import partial
 
 import pytest
 import trio
+from structlog.testing import capture_logs
 
 from jobwarden.actors.pool import retry_delay
 from jobwarden.config import RetryPolicy
@@ -106,6 +107,24 @@ async def test_unexpected_exception_is_retried_and_named(autojump_clock, start_d
     assert final.attempt == 4
 
 
+async def test_a_failed_attempt_is_logged_at_warning_with_its_message_and_error_id(
+    autojump_clock, start_daemon
+):
+    daemon = await start_daemon(KINDS)
+    with capture_logs() as logs:
+        final = await daemon.wait_done((await daemon.submit("crashing")).id)
+    finished = [entry for entry in logs if entry["event"] == "job finished"]
+    assert [(e["log_level"], e["outcome"]) for e in finished] == [("warning", "retry")] * 3 + [
+        ("warning", "failed")
+    ]
+    last = finished[-1]
+    assert (last["code"], last["error_id"]) == ("HANDLER_ERROR", final.error.error_id)
+    assert last["message"] == "ZeroDivisionError: division by zero in the handler"
+    # The traceback stays in the job's error, for `show`; the log line carries no locals.
+    assert "Traceback" not in str(last) and "exc_info" not in last
+    assert "ZeroDivisionError" in final.error.technical_message
+
+
 async def test_hung_handler_times_out_at_exactly_its_timeout(autojump_clock, start_daemon):
     daemon = await start_daemon(
         KINDS.replace('timeout = "10m"', 'timeout = "10m"\nmax_attempts = 2')
@@ -184,7 +203,7 @@ async def test_bad_submit_options_are_named(autojump_clock, start_daemon, option
 async def test_idempotency_key_returns_the_same_job(autojump_clock, start_daemon):
     daemon = await start_daemon(KINDS)
     first = await daemon.submit("noop", {"a": 1}, idempotency_key="book-42")
-    again = await daemon.submit("noop", {"a": 2}, idempotency_key="book-42")
+    again = await daemon.submit("noop", {"a": 1}, idempotency_key="book-42")
     other_user = await daemon.submit("noop", {}, idempotency_key="book-42", user="bob")
     assert again.id == first.id
     assert other_user.id != first.id

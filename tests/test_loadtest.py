@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import random
 import sqlite3
 import sys
@@ -20,6 +21,8 @@ from jobwarden.actors.messages import BudgetQuery, CancelJob
 from jobwarden.cli import build_parser, main
 from jobwarden.mailbox import ReplySlot, ask
 from jobwarden.store.ledger import report as ledger_report
+from jobwarden.store.reports import CallTry, StatusEvent
+from jobwarden.tools import report
 from jobwarden.tools.demo import TERMINAL_FAILURES
 from jobwarden.tools.loadtest import (
     DEFAULT_RUN,
@@ -227,6 +230,17 @@ async def test_terminal_failures_end_books_at_once_under_the_seeds_codes(
         assert final.error.message == TERMINAL_FAILURES[final.error.code]
 
 
+async def test_a_book_made_to_hang_is_never_doomed_too(autojump_clock, start_daemon):
+    # Every other book fails at once; the one made to hang must hang, for the monitor to find
+    # (a doomed one failed before its hang and counted against the recovery rate).
+    daemon = await start_daemon(STORYBOOK)
+    book = await daemon.submit("storybook", {"title": "Stuck", "hang_once": True})
+    final = await daemon.wait_done(book.id)
+    assert (final.status, final.attempt) == ("done", 2)
+    reasons = [event.data.get("error", {}).get("code") for event in await daemon.events(book.id)]
+    assert "STUCK_TIMEOUT" in reasons
+
+
 # Found by the load test.
 
 ONE_SLOT = """
@@ -257,3 +271,161 @@ async def test_a_job_stopped_while_waiting_for_a_permit_gives_its_slot_back(
     reply = ReplySlot()
     await daemon.handle.ledger.send(BudgetQuery(reply=reply))
     assert (await reply.wait())["reserved"] == 0
+
+
+# The report's sections, and the figures behind its advice.
+
+
+def test_stuck_jobs_are_injected_unless_told_otherwise():
+    parser = build_parser()
+    assert plan_from_args(parser.parse_args(["loadtest"])).inject_stuck == 3
+    assert plan_from_args(parser.parse_args(["loadtest", "--inject-stuck", "0"])).inject_stuck == 0
+
+
+def sections(report: str) -> list[str]:
+    return [line.removeprefix("## ") for line in report.splitlines() if line.startswith("## ")]
+
+
+async def test_a_troubled_run_says_what_to_do_and_that_it_is_not_ready(autojump_clock, tmp_path):
+    # Half the image calls fail, a third of the books are doomed, and the projection is
+    # made for a volume the budget cannot pay for.
+    plan = short_plan(
+        tmp_path,
+        image_failure_rate=0.5,
+        terminal_failure_rate=0.3,
+        daily_volume=5000,
+        inject_stuck=0,
+    )
+    outcome = await run_loadtest(plan, test_id="longrun_troubled")
+    figures = outcome.figures
+    report = (tmp_path / "longrun_troubled_report.md").read_text()
+
+    assert sections(report) == [
+        "Executive Summary",
+        "1. Job Statistics",
+        "2. Duration Statistics",
+        "3. Retry Statistics",
+        "4. Stuck Job Recovery",
+        "5. API Call Statistics",
+        "6. Cost Analysis",
+        "7. Guardrails",
+        "8. Recommendations",
+        "9. Charts",
+        "10. Test Artifacts",
+        "Conclusion",
+    ]
+    advice = {item["topic"]: item for item in figures["recommendations"]}
+    job = figures["jobs"]
+    rate = job["failed"] / job["finished"]
+    assert rate > 0.05
+    assert advice["Failure rate"]["act"]
+    assert f"{rate:.1%} of the finished jobs failed ({job['failed']} of {job['finished']})" in (
+        report
+    )
+    opened = figures["breakers"]["image"]["opened"]
+    assert opened >= 1 and advice["Circuit breakers"]["act"]
+    assert f"The image circuit opened {opened} times" in report
+    daily = figures["projection"]["daily_usd"]
+    assert daily == round(5000 * figures["cost"]["per_job_usd"], 2) > 500
+    assert f"Raise `budget.daily_usd` to ${math.ceil(daily * 1.2):,}" in report
+    assert advice["Stuck jobs"]["act"]  # none injected: recovery went untested
+
+    conclusion = report[report.index("## Conclusion") :]
+    assert conclusion.splitlines()[2].startswith(
+        "**Not ready at this load**: the failure rate passed the alert threshold."
+    )
+    assert "Not tested by this run: stuck job recovery." in conclusion
+    summary = (tmp_path / "longrun_troubled_summary.txt").read_text()
+    assert "verdict       not ready: the failure rate passed the alert threshold" in summary
+
+
+async def test_job_retries_and_provider_call_retries_are_counted_apart(autojump_clock, tmp_path):
+    outcome = await run_loadtest(
+        short_plan(tmp_path, inject_stuck=1, image_failure_rate=0.2), test_id="longrun_retries"
+    )
+    retries = outcome.figures["retries"]
+    database = outcome.record.database
+    report = (tmp_path / "longrun_retries_report.md").read_text()
+
+    ((failed_tries,),) = query(database, "SELECT COUNT(*) FROM ledger WHERE ok = 0")
+    assert retries["call_retries_total"] > 0
+    assert retries["call_retries_total"] + retries["calls_given_up_total"] == failed_tries
+    ((job_retries,),) = query(
+        database,
+        "SELECT COUNT(*) FROM events WHERE type = 'status' "
+        "AND json_extract(data, '$.reason') = 'RETRY'",
+    )
+    assert retries["job_retries"] == job_retries >= 1  # the stuck job's second attempt, at least
+    row = f"| Provider call retries (a failed call tried again) | {retries['call_retries_total']} |"
+    assert row in report
+    assert f"| Job retries (attempts after the first) | {job_retries} |" in report
+    summary = (tmp_path / "longrun_retries_summary.txt").read_text()
+    assert (
+        f"retries       {job_retries} job retries; "
+        f"{retries['call_retries_total']} provider call retries"
+    ) in summary
+
+
+def call(job: int, service: str, ok: bool, at: float) -> CallTry:
+    return CallTry(job, service, ok, at)
+
+
+def running(job: int, at: float) -> StatusEvent:
+    return StatusEvent(job, at, "running", None, None, None)
+
+
+def test_a_failed_try_is_a_call_retry_only_when_the_same_call_tries_again():
+    tries = [
+        # Job 1: an image call fails once and succeeds on its retry.
+        call(1, "image", False, 10),
+        call(1, "image", True, 12),
+        # Job 2: a storage call fails every try it has; the attempt ends, and the job's next
+        # attempt starts with the LLM again. Its last failed try was given up, not retried.
+        call(2, "storage", False, 20),
+        call(2, "storage", False, 21),
+        call(2, "llm", True, 90),
+        # Job 3: the last failed try of the run was given up too.
+        call(3, "image", False, 30),
+    ]
+    events = [running(1, 0), running(2, 0), running(2, 80), running(3, 0)]
+
+    counted = report._call_retries(tries, events)
+
+    assert counted == {
+        "failed_calls": {"image": 2, "storage": 2},
+        "call_retries": {"image": 1, "storage": 1},
+        "calls_given_up": {"image": 1, "storage": 1},
+    }
+
+
+def series(**fields) -> dict:
+    minutes = len(fields["done"])
+    return {
+        "minutes": minutes,
+        "failed": [0] * minutes,
+        "queued": [0] * minutes,
+        "running": [0] * minutes,
+        "spend_today_usd": [0.0] * minutes,
+        "daily_budget_usd": 500.0,
+        **fields,
+    }
+
+
+def test_throughput_is_drawn_in_five_minute_bins():
+    bins = report.throughput_bins(
+        series(done=[1] * 12, failed=[0, 1] * 6, queued=list(range(12)), running=[2] * 12)
+    )
+    assert bins == {
+        "ends_at_hours": [5 / 60, 10 / 60, 12 / 60],
+        "done": [5, 5, 2],
+        "failed": [2, 3, 1],
+        "queued": [4, 9, 11],  # the deepest queue within each bin
+        "running": [2, 2, 2],
+    }
+
+
+@pytest.mark.parametrize(
+    ("peak", "drawn"), [(30.0, None), (249.0, None), (250.0, 500.0), (520.0, 500.0)]
+)
+def test_the_budget_is_drawn_beside_the_spend_only_when_the_spend_comes_near_it(peak, drawn):
+    assert report.budget_line(series(done=[0, 0], spend_today_usd=[peak / 2, peak])) == drawn

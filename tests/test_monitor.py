@@ -9,12 +9,13 @@ import pytest
 import trio
 from structlog.testing import capture_logs
 
-from jobwarden.actors.messages import RunRules
-from jobwarden.actors.rules import evaluate, failure_rate
+from jobwarden.actors.messages import HealthQuery, RunRules
+from jobwarden.actors.rules import evaluate, failure_rate, paused_since, still_stuck
 from jobwarden.config import load_config_text
 from jobwarden.mailbox import ReplySlot
+from jobwarden.metrics import Metrics
 from jobwarden.store import jobs
-from jobwarden.store.monitor import Candidates, Row
+from jobwarden.store.monitor import Candidates, Row, StuckRow
 from tests.conftest import EPOCH
 
 KINDS = """
@@ -112,11 +113,9 @@ async def test_three_injected_stuck_jobs_are_all_recovered(autojump_clock, start
     assert status["stuck"]["recovered"] == {"stuck": 3}
 
 
-async def daemon_health(daemon) -> dict:
-    from jobwarden.actors.messages import HealthQuery
-
+async def daemon_health(daemon, *, by_kind: bool = False) -> dict:
     reply = ReplySlot()
-    await daemon.handle.monitor.send(HealthQuery(reply=reply))
+    await daemon.handle.monitor.send(HealthQuery(reply=reply, by_kind=by_kind))
     return await reply.wait()
 
 
@@ -260,6 +259,34 @@ def test_the_rules_are_a_function_of_the_rows_and_the_time(job, now, held, rule,
         assert deadline == next_check
 
 
+def test_a_pause_moves_the_deadlines_of_jobs_that_were_waiting_through_it():
+    # The daemon was not running from 1000 to 1030 s.
+    pauses = [(1030.0, 30.0)]
+    assert paused_since(pauses, 600) == 30
+    assert paused_since(pauses, 1020) == 10
+    assert paused_since(pauses, 1030) == 0
+    found = Candidates([row("running", heartbeat_at=600)], [], None, None)
+    findings, deadline = evaluate(
+        RULES_CONFIG, found, held=set(), all_held=False, now=1500, pauses=pauses
+    )
+    assert (findings, deadline) == ([], 600 + 900 + 30)
+
+
+@pytest.mark.parametrize(
+    ("now", "stuck"),
+    [
+        pytest.param(StuckRow(1, "running", 1, 60.0, 60.0), True, id="still being stopped"),
+        pytest.param(StuckRow(1, "queued", 1, 60.0, 60.0), True, id="waits for its retry"),
+        pytest.param(StuckRow(1, "running", 2, 900.0, 900.0), True, id="retry silent so far"),
+        pytest.param(StuckRow(1, "running", 2, 900.0, 905.0), False, id="retry reported"),
+        pytest.param(StuckRow(1, "queued", 2, 900.0, 900.0), False, id="retry ended"),
+        pytest.param(StuckRow(1, "failed", 1, 60.0, 60.0), False, id="failed for good"),
+    ],
+)
+def test_a_job_found_stuck_stays_stuck_until_it_is_heard_from(now, stuck):
+    assert still_stuck({1: 1}, [now]) == ({1} if stuck else set())
+
+
 def test_failure_rate_over_a_window():
     from collections import deque
 
@@ -281,3 +308,103 @@ async def test_a_high_failure_rate_raises_an_alert(autojump_clock, start_daemon)
     alerts = [entry for entry in logs if entry["event"] == "alert"]
     assert [a["alert"] for a in alerts] == ["failure_rate"]
     assert alerts[0]["finished"] == 6
+
+
+# A check every 10 minutes, thresholds of seconds: only exact deadlines catch these jobs.
+SPARSE_CHECKS = (
+    KINDS.replace(
+        'interval = "30s"\nstuck_after = "15m"\nstall_after = "5m"',
+        'interval = "10m"\nstuck_after = "3s"\nstall_after = "5s"\nstuck_alert = 2',
+    )
+    + """
+[kinds.hang_always]
+handler = "tests.handlers:hang"
+timeout = "off"
+max_attempts = 3
+backoff = ["0s"]
+"""
+)
+
+
+async def test_a_job_started_after_the_last_check_is_caught_at_exactly_stuck_after(
+    autojump_clock, start_daemon
+):
+    daemon = await start_daemon(SPARSE_CHECKS)
+    # The monitor checked at start-up; the job starts a second later.
+    await trio.sleep(1)
+    job = await daemon.submit("hang")
+    await daemon.wait_done(job.id)
+    assert trail(await daemon.events(job.id)) == [
+        (1, "queued", None),
+        (1, "running", None),
+        (4, "queued", "RETRY"),
+        (4, "running", None),
+        (7, "failed", "STUCK_TIMEOUT"),
+    ]
+
+
+async def test_a_first_progress_report_starts_the_stall_clock_at_once(autojump_clock, start_daemon):
+    daemon = await start_daemon(SPARSE_CHECKS.replace('stuck_after = "3s"', 'stuck_after = "1h"'))
+    await trio.sleep(1)
+    # It reports 50% as it starts, then only heartbeats.
+    job = await daemon.submit("stalled")
+    final = await daemon.wait_done(job.id)
+    assert final.error.message.startswith("stall: progress unchanged at 50%")
+    assert final.finished_at - EPOCH == 6
+
+
+async def test_jobs_found_stuck_in_separate_checks_add_up(autojump_clock, start_daemon):
+    daemon = await start_daemon(SPARSE_CHECKS, max_concurrent_jobs=4)
+    with capture_logs() as logs:
+        hung = []
+        for _ in range(3):
+            hung.append(await daemon.submit("hang_always"))
+            await trio.sleep(1)
+        recovers = await daemon.submit("hang_once")
+        # Each is found alone, at its own deadline; retried, each hangs again.
+        await trio.sleep(4)
+        health = await daemon_health(daemon)
+    assert health["stuck"]["now"] == 3
+    assert health["stuck"]["last_check"] == 1
+    alerts = [entry for entry in logs if entry["event"] == "alert"]
+    assert [(a["alert"], a["count"], a["message"]) for a in alerts] == [
+        ("stuck_jobs", 3, "3 jobs stuck now")
+    ]
+    assert (await daemon.job(recovers.id)).status == "done"
+    # Once a job has failed for good it is no longer stuck; the rest still are.
+    await daemon.wait_done(hung[0].id)
+    assert (await daemon_health(daemon))["stuck"]["now"] == 2
+    for job in hung[1:]:
+        await daemon.wait_done(job.id)
+    health = await daemon_health(daemon, by_kind=True)
+    assert health["stuck"]["now"] == 0
+    metrics = Metrics()
+    metrics.set_state(health, health.pop("by_status_kind"), trio.current_time())
+    assert b"jobwarden_jobs_stuck 0.0" in metrics.render()
+
+
+async def test_time_the_daemon_was_not_running_is_not_counted_against_jobs(
+    autojump_clock, start_daemon
+):
+    daemon = await start_daemon(
+        SPARSE_CHECKS.replace('stuck_after = "3s"', 'stuck_after = "10s"'), max_concurrent_jobs=2
+    )
+    silent = await daemon.submit("hang")
+    reporting = await daemon.submit("stepper", {"steps": 40, "step_seconds": 1})
+    with capture_logs() as logs:
+        await trio.sleep(5.5)
+        # The process stops for 30 s (SIGSTOP, a paused VM): every timer is late at once.
+        autojump_clock.jump(30)
+        await daemon.wait_done(silent.id)
+        done = await daemon.wait_done(reporting.id)
+    # 10 s of its own silence, not 40: found at 10 s plus the pause. The probe was due at 6 s
+    # and woke 29.5 s late; the pause may have begun up to its 1 s period earlier, and the job
+    # gets the benefit of that doubt: 30.5 s. Its second attempt ran with no pause.
+    assert trail(await daemon.events(silent.id))[2:] == [
+        (10 + 30.5, "queued", "RETRY"),
+        (40.5, "running", None),
+        (40.5 + 10, "failed", "STUCK_TIMEOUT"),
+    ]
+    assert (done.status, done.attempt) == ("done", 1)
+    pauses = [e for e in logs if e["event"].startswith("the daemon was not running")]
+    assert [p["seconds"] for p in pauses] == [30.5]

@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import os
 import select
+import signal
 import sqlite3
 import sys
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -94,7 +96,7 @@ def test_hung_jobs_are_recovered_and_probes_answer(daemons, tmp_path):
         for sample in families["jobwarden_stuck_recovered"].samples
         if sample.name.endswith("_total")
     }
-    assert recovered == {"stuck": 2.0}
+    assert recovered == {"stuck": 2.0, "stall": 0.0, "sla": 0.0, "queued_timeout": 0.0}
     assert http_get(port, "/readyz")[0] == 200
 
 
@@ -124,3 +126,37 @@ def test_stuck_dry_run_changes_nothing(daemons):
     assert snapshot() == before
     with daemon.client() as client:
         assert client.call("show", job=job)["job"]["status"] in ("queued", "running")
+
+
+def test_a_stopped_daemon_does_not_blame_its_running_jobs(daemons):
+    daemon = daemons(
+        {
+            "monitor": {"interval": "200ms", "stuck_after": "1500ms", "stall_after": "1500ms"},
+            "kinds": {
+                "stepper": {"handler": "tests.handlers:stepper", "max_attempts": 3},
+            },
+        }
+    )
+    steps = {"steps": 15, "step_seconds": 0.2}
+    with daemon.client() as client:
+        submitted = [client.call("submit", kind="stepper", payload=steps)["job"]["id"]]
+        submitted += [
+            client.call("submit", kind="stepper", payload=steps)["job"]["id"] for _ in range(3)
+        ]
+        reported: set[int] = set()
+        for event in client.watch():
+            if event["type"] == "progress":
+                reported.add(event["job"])
+            if reported == set(submitted):
+                break
+    # As a VM pause or a swap storm would: the daemon stops for twice `stuck_after`.
+    os.kill(daemon.pid, signal.SIGSTOP)
+    time.sleep(3)
+    os.kill(daemon.pid, signal.SIGCONT)
+    for job_id in submitted:
+        outcome = final_status(daemon, job_id)
+        assert (outcome["status"], outcome["attempt"]) == ("done", 1), daemon.output()
+    assert daemon.logs("rule fired") == []
+    # Logged once: the 3 s stop, measured to within the probe's 1 s period.
+    pauses = daemon.logs("the daemon was not running; running jobs get the time back")
+    assert [3 <= pause["seconds"] <= 8 for pause in pauses].count(True) == 1

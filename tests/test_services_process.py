@@ -144,7 +144,9 @@ def test_image_api_at_50_percent_failure_against_a_real_daemon(daemons):
 
 
 def test_an_open_breaker_survives_a_restart(daemons):
-    config = {"services": SERVICES, "kinds": {"storybook": FAST_STORYBOOK}}
+    # Recovery outlasts the restart: past it, the circuit would rightly read half_open.
+    image = {**SERVICES["image"], "breaker": {**SERVICES["image"]["breaker"], "recovery": "1h"}}
+    config = {"services": {**SERVICES, "image": image}, "kinds": {"storybook": FAST_STORYBOOK}}
     daemon = daemons(config)
     tripped = cli(daemon, "breaker", "trip", "image")["image"]
     assert daemon.stop() == 0

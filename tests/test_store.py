@@ -9,7 +9,7 @@ import msgspec
 import pytest
 import trio
 
-from jobwarden.errors import StoreError
+from jobwarden.errors import StartupError
 from jobwarden.hub import EventHub
 from jobwarden.store import Store, each, jobs
 from jobwarden.store.schema import MIGRATIONS
@@ -85,7 +85,7 @@ async def test_events_are_published_only_after_commit_in_seq_order(tmp_path):
 async def test_idempotency_key_is_per_user(tmp_path):
     async with Store.open(tmp_path / "jw.db", hub=EventHub()) as store:
         first = await insert(store, 1, key="x")
-        again = await insert_one(store, new_job(2, "x"), now=101.0)
+        again = await insert_one(store, new_job(1, "x"), now=101.0)
         assert again.existing and again.job.id == first.id
 
 
@@ -98,7 +98,7 @@ async def test_a_refused_submission_does_not_spoil_its_batch(tmp_path):
                 new_job(2, kind=None),
                 new_job(3),
                 new_job(4, "k1"),
-                new_job(5, "k1"),
+                new_job(4, "k1"),
             ]
             results = await store.write(partial(jobs.insert_many, batch=batch, now=100.0))
             published = [sub.events.receive_nowait().job for _ in range(3)]
@@ -162,7 +162,7 @@ async def test_a_newer_schema_is_refused_with_a_clear_error(tmp_path):
     path = tmp_path / "jw.db"
     with sqlite3.connect(path) as conn:
         conn.execute("PRAGMA user_version = 99")
-    with pytest.raises(StoreError, match="newer than this jobwarden"):
+    with pytest.raises(StartupError, match="newer than this jobwarden"):
         async with Store.open(path, hub=EventHub()):
             pass
 
@@ -241,3 +241,43 @@ async def test_a_version_4_database_is_migrated_to_partial_queue_indexes(tmp_pat
     assert "jobs_dispatch (available_at>?)" in due
     assert "jobs_finished (finished_at>?)" in finished
     assert "jobs_status (status=?)" in running
+
+
+def _insert_row(conn: sqlite3.Connection, status: str, key: str) -> None:
+    """A job row written past every lookup, as a racing writer's would be."""
+    conn.execute(
+        "INSERT INTO jobs (kind, user, status, priority, payload, idempotency_key, max_attempts,"
+        " created_at, updated_at, available_at, finished_at) VALUES ('k', 'alice', ?, 0,"
+        " '{\"n\": 0}', ?, 4, 1, 1, 1, ?)",
+        (status, key, 5.0 if status in ("done", "failed", "canceled") else None),
+    )
+
+
+async def test_the_database_refuses_a_second_active_job_with_one_key(tmp_path):
+    """Whatever a writer looked up before (a second daemon on one database, say), two active
+    jobs of a user never share a key, while a finished job's key is free for a new one."""
+    async with Store.open(tmp_path / "jw.db", hub=EventHub()) as store:
+        await store.write(lambda conn, events: _insert_row(conn, "done", "book"))
+        await store.write(lambda conn, events: _insert_row(conn, "queued", "book"))
+        with pytest.raises(sqlite3.IntegrityError, match="UNIQUE"):
+            await store.write(lambda conn, events: _insert_row(conn, "running", "book"))
+        counts = await store.read(jobs.counts_by_status)
+    assert counts == {"done": 1, "queued": 1}
+
+
+async def test_a_database_whose_keys_held_finished_jobs_is_migrated_to_active_keys(tmp_path):
+    """Keys used to stay with their job until it was pruned: after the migration, a finished
+    job's key starts a new job, and an active job's key still returns that job."""
+    before = next(n for n, step in enumerate(MIGRATIONS) if "jobs_idempotency_active" in step)
+    path = tmp_path / "jw.db"
+    with sqlite3.connect(path, isolation_level=None) as conn:
+        for step in MIGRATIONS[:before]:
+            conn.executescript(f"BEGIN; {step}; COMMIT;")
+        conn.execute(f"PRAGMA user_version = {before}")
+        _insert_row(conn, "done", "book")
+        _insert_row(conn, "queued", "draft")
+    async with Store.open(path, hub=EventHub()) as store:
+        book = await insert_one(store, new_job(0, "book"), now=10.0)
+        draft = await insert_one(store, new_job(0, "draft"), now=10.0)
+    assert (book.job.id, book.existing) == (3, False)
+    assert (draft.job.id, draft.existing) == (2, True)

@@ -45,7 +45,9 @@ async def test_ready_after_recovery_and_stopping_on_drain(autojump_clock, start_
     assert messages[0] == "READY=1\nSTATUS=ready"
     assert "STATUS=1 running, 0 queued" in messages
     await daemon.stop(grace=1)
-    assert received(receiver) == ["STOPPING=1\nSTATUS=draining, grace 1s"]
+    assert received(receiver) == [
+        "STOPPING=1\nSTATUS=draining, grace 1s\nEXTEND_TIMEOUT_USEC=31000000"
+    ]
 
 
 def write_config(path: Path, extra: str) -> Path:
@@ -88,7 +90,9 @@ async def test_sigterm_drains_and_stops(start_daemon, tmp_path):
 def test_a_second_daemon_on_the_same_database_is_refused(tmp_path):
     fd = lock_database(tmp_path / "jw.db")
     try:
-        with pytest.raises(StartupError, match="another jobwarden is already using"):
+        with pytest.raises(StartupError) as refused:
             lock_database(tmp_path / "jw.db")
     finally:
         os.close(fd)
+    assert "another jobwarden is already using the database" in str(refused.value)
+    assert f"(pid {os.getpid()})" in str(refused.value)

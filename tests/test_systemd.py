@@ -1,4 +1,5 @@
-"""SystemdNotifier against a fake NOTIFY_SOCKET: exact datagrams, no-op mode, watchdog pacing."""
+"""SystemdNotifier against a fake NOTIFY_SOCKET: exact datagrams, no-op mode, watchdog pacing,
+and the drain asking systemd to wait for its grace."""
 
 from __future__ import annotations
 
@@ -13,7 +14,10 @@ import pytest
 import structlog.testing
 import trio
 
+from jobwarden.process.admin import Stop
+from jobwarden.process.supervisor import STOP_AFTER_GRACE
 from jobwarden.process.systemd import SystemdNotifier
+from tests.conftest import BASE_CONFIG, NO_LIMITS
 
 
 @pytest.fixture
@@ -42,14 +46,14 @@ def test_ready_status_stopping_send_exact_datagrams(notify_socket):
 
     notifier.ready("serving 3 kinds")
     notifier.status("draining 2 jobs")
-    notifier.stopping("shutting down")
+    notifier.stopping("shutting down", expected_seconds=120.5)
     notifier.notify(STATUS="two\nlines")
 
     assert notifier.enabled
     assert queued_datagrams(sock) == [
         b"READY=1\nSTATUS=serving 3 kinds\n",
         b"STATUS=draining 2 jobs\n",
-        b"STOPPING=1\nSTATUS=shutting down\n",
+        b"STOPPING=1\nSTATUS=shutting down\nEXTEND_TIMEOUT_USEC=120500000\n",
         b"STATUS=two lines\n",
     ]
 
@@ -88,7 +92,7 @@ async def test_disabled_without_notify_socket_is_a_no_op():
 
     notifier.ready("up")
     notifier.status("busy")
-    notifier.stopping("bye")
+    notifier.stopping("bye", expected_seconds=1)
     notifier.reloading()
     with trio.fail_after(1):  # the no-watchdog path returns immediately, never sleeps
         await notifier.run_watchdog()
@@ -154,3 +158,38 @@ async def test_no_watchdog_returns_at_once(notify_socket, watchdog_env):
             await nursery.start(notifier.run_watchdog)
 
     assert queued_datagrams(sock) == []
+
+
+async def test_a_drain_longer_than_the_stop_timeout_asks_systemd_to_wait(
+    autojump_clock, start_daemon, notify_socket, tmp_path
+):
+    # systemd/jobwarden.service gives a stop 90 s; this drain may take 10 minutes.
+    sock, path = notify_socket
+    config = tmp_path / "config.toml"
+    config.write_text(
+        BASE_CONFIG.format(max_concurrent_jobs=2).replace(
+            'shutdown_grace = "30s"', 'shutdown_grace = "10m"'
+        )
+        + NO_LIMITS
+        + '[kinds.hang]\nhandler = "tests.handlers:hang"\n'
+    )
+    daemon = await start_daemon(
+        config_path=config, notifier=SystemdNotifier.from_environ({"NOTIFY_SOCKET": path})
+    )
+    job = await daemon.submit("hang")
+    await daemon.wait_status(job.id, {"running"})
+    queued_datagrams(sock)  # READY=1 and the status lines
+
+    # SIGTERM from systemd's stop sends the same Stop.
+    stop_requested = trio.current_time()
+    await daemon.handle.control.send(Stop())
+    await daemon.stopped.wait()
+
+    wait_usec = int((600 + STOP_AFTER_GRACE) * 1_000_000)
+    assert queued_datagrams(sock)[0] == (
+        f"STOPPING=1\nSTATUS=draining, grace 600s\nEXTEND_TIMEOUT_USEC={wait_usec}\n".encode()
+    )
+    # The daemon used the time it asked for: the job ran its whole grace, then went back to
+    # the queue without spending its attempt.
+    assert trio.current_time() - stop_requested == pytest.approx(600)
+    assert (await daemon.job(job.id)).status == "queued"

@@ -26,7 +26,7 @@ from jobwarden.client import DaemonError, DaemonUnreachable, connect
 from jobwarden.config import load_config_text
 from jobwarden.errors import ConfigError
 from jobwarden.mailbox import ask
-from jobwarden.store import users
+from jobwarden.store import jobs, users
 from jobwarden.wire.views import TERMINAL_STATUSES
 from tests.test_admin import ask_admin
 
@@ -156,7 +156,8 @@ async def test_a_submitted_job_is_watched_to_its_result(alice):
     assert [e.data["fraction"] for e in events if e.type == "progress"] == [0.2, 0.4, 0.6, 0.8, 1.0]
     assert events[-1].data["status"] == "done"
     assert events[-1].data["result"] == {"steps": 5, "resumed_from": 0}
-    assert (again.id, again.existing) == (job.id, True)
+    # The key's job has finished: the key is free again and starts a new job.
+    assert (again.id, again.existing) == (job.id + 1, False)
 
 
 async def test_a_wrong_token_is_refused_by_the_client_library(alice):
@@ -419,7 +420,10 @@ async def test_a_second_watch_of_the_same_jobs_and_one_too_many_are_refused(star
 @pytest.mark.parametrize(
     ("setting", "complaint"),
     [
-        ('listen = "8765"', "websocket.listen: Expected `str` matching regex"),
+        (
+            'listen = "8765"',
+            'websocket.listen: expected "host:port" (port 0 to 65535) or "", got "8765"',
+        ),
         ("queue = 0", "websocket.queue: Expected `int` >= 1"),
         ('ping_interval = "soon"', 'websocket.ping_interval: expected a duration like "15m"'),
         ("colour = 1", "websocket.colour: unknown key"),
@@ -623,11 +627,13 @@ async def test_the_client_follows_a_resync_without_a_gap(start_daemon):
 
 class Proxy:
     """A TCP relay in front of the daemon's WebSocket: `cut()` drops every connection at once,
-    as a network failure does, and `target` can point it at a restarted daemon."""
+    as a network failure does, and `target` can point it at a restarted daemon. While `deaf`,
+    what the daemon sends is lost on the way, as before a connection is seen to be dead."""
 
     def __init__(self, target: int) -> None:
         self.target = target
         self.connections = 0
+        self.deaf = False
         self._relays: set[trio.CancelScope] = set()
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
@@ -650,14 +656,20 @@ class Proxy:
                 return
             async with client, upstream, trio.open_nursery() as nursery:
                 nursery.start_soon(_pipe, client, upstream, nursery.cancel_scope)
-                nursery.start_soon(_pipe, upstream, client, nursery.cancel_scope)
+                nursery.start_soon(_pipe, upstream, client, nursery.cancel_scope, self)
         self._relays.discard(relay)
 
 
-async def _pipe(source: trio.SocketStream, sink: trio.SocketStream, relay: trio.CancelScope):
+async def _pipe(
+    source: trio.SocketStream,
+    sink: trio.SocketStream,
+    relay: trio.CancelScope,
+    deafened_by: Proxy | None = None,
+):
     try:
         async for data in source:
-            await sink.send_all(data)
+            if deafened_by is None or not deafened_by.deaf:
+                await sink.send_all(data)
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass
     relay.cancel()
@@ -684,6 +696,33 @@ async def test_a_dropped_connection_resumes_without_gap_or_duplicate(proxied):
                     proxy.cut()
     assert events == await stored_seqs(daemon, job.id)
     # A cut may find the client between attempts: at least one drop was lived through.
+    assert proxy.connections >= 2
+
+
+async def test_a_submit_sent_again_after_its_job_finished_gets_that_job(proxied):
+    """The reply to a submit is lost with its connection, and the job runs to its end before
+    the client is back. The client sends the submit again: it gets the finished job, and no
+    second run, although a finished job's key is free for new work."""
+    daemon, token, proxy = proxied
+    with trio.fail_after(30), daemon.handle.hub.subscribe(user="alice") as events:
+        async with connect(f"ws://127.0.0.1:{proxy.port}/", token) as client:
+            proxy.deaf = True
+            answers = []
+
+            async def submit() -> None:
+                answers.append(await client.submit("quick", {"seconds": 0}))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(submit)
+                while (event := await events.events.receive()).data.get("status") != "done":
+                    pass
+                proxy.deaf = False
+                proxy.cut()
+    jobs_made = await daemon.handle.store.read(
+        partial(jobs.list_jobs, statuses=None, kind=None, user="alice", limit=10)
+    )
+    assert [job.id for job in jobs_made] == [event.job]
+    assert (answers[0].id, answers[0].existing, answers[0].status) == (event.job, True, "done")
     assert proxy.connections >= 2
 
 

@@ -9,13 +9,30 @@ import json
 import math
 import re
 from collections.abc import Callable
-from typing import Any, TypeAlias
+from typing import Any, NoReturn, TypeAlias
 
-from jobwarden.config import parse_rate
+from jobwarden.config import check_listen, parse_rate
 from jobwarden.wire.views import STATUSES
 
 Run = Callable[[argparse.Namespace], int]
 Subcommands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+
+class UsageError(Exception):
+    """What was typed is wrong; `parser` is the (sub)command whose usage it breaks, if one."""
+
+    def __init__(self, message: str, parser: argparse.ArgumentParser | None = None) -> None:
+        super().__init__(message)
+        self.parser = parser
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser that raises its usage errors, so that `main` words them: as
+    argparse does, or under --json in the common error shape. Its subcommands are Parsers
+    too (argparse makes them of their parent's class)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message, self)
 
 
 def global_options(*, in_subcommand: bool) -> argparse.ArgumentParser:
@@ -36,16 +53,24 @@ def global_options(*, in_subcommand: bool) -> argparse.ArgumentParser:
         "--socket", metavar="PATH", default=default(None), help="admin socket, instead of config"
     )
     options.add_argument(
-        "--json", action="store_true", default=default(False), help="print replies as JSON"
+        "--json",
+        action="store_true",
+        default=default(False),
+        help="print replies as JSON, and errors as JSON on stderr",
     )
     return options
 
 
-def subcommand(parent: Subcommands, name: str, run: Run, summary: str) -> argparse.ArgumentParser:
-    """A (sub)command that takes the global options after its name too."""
+def subcommand(
+    parent: Subcommands, name: str, run: Run, summary: str, **option_help: str
+) -> argparse.ArgumentParser:
+    """A (sub)command that takes the global options after its name too; `option_help` says
+    what one of them means to this command (e.g. socket="..." for `--socket`)."""
     sub = parent.add_parser(
         name, help=summary, description=summary, parents=[global_options(in_subcommand=True)]
     )
+    for action in sub._actions:
+        action.help = option_help.get(action.dest, action.help)
     sub.set_defaults(run=run)
     return sub
 
@@ -149,12 +174,21 @@ def change(text: str) -> int:
     return int(text)
 
 
-def rate(text: str) -> str:
-    try:
-        parse_rate(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
+def _checked_by(check: Callable[[str], object]) -> Callable[[str], str]:
+    """An argument type from the config's own check: the text as typed, or its complaint."""
+
+    def checked(text: str) -> str:
+        try:
+            check(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return text
+
+    return checked
+
+
+rate = _checked_by(parse_rate)
+listen_address = _checked_by(check_listen)
 
 
 def statuses(text: str) -> list[str]:

@@ -81,6 +81,11 @@ def _print_ledger(data: dict[str, Any]) -> None:
     )
     if data.get("usd_per_job") is not None:
         print(f"cost per job {money(data['usd_per_job'], 4)}")
+    if data.get("overruns"):
+        print(
+            f"overruns: {count(data['overruns'], 'call')} past their reservations by "
+            f"{money(data['overrun_usd'], 4)} (raise the services' max_units)"
+        )
     if data.get("month_projection_usd") is not None:
         print(f"month projection {money(data['month_projection_usd'], 2)}")
 

@@ -15,6 +15,7 @@ from jobwarden.cli.output import (
     clock,
     error_text,
     json_text,
+    paint,
     percent,
     print_fields,
     print_json_line,
@@ -49,7 +50,8 @@ def add_commands(commands: Subcommands) -> None:
     submit.add_argument(
         "--idempotency-key",
         metavar="K",
-        help="submitting the same key again returns the existing job instead of a new one",
+        help="while this key's job is queued or running, the same key returns it (other work "
+        "with it: CONFLICT)",
     )
     submit.add_argument("--user", metavar="U", help="submit on behalf of this user")
     submit.add_argument("--watch", action="store_true", help="then watch it until it finishes")
@@ -131,7 +133,7 @@ def _print_submitted(args: argparse.Namespace, data: dict[str, Any]) -> None:
 def _say_submitted(data: dict[str, Any]) -> None:
     job = job_view(data["job"])
     if data["existing"]:
-        print(f"existing job {job.id} ({job.status})")
+        print(f"existing job {job.id} ({paint(job.status)})")
     else:
         print(f"submitted job {job.id}")
 
@@ -153,7 +155,7 @@ def _print_jobs(listed: list[dict[str, Any]], waiting: dict[str, Any]) -> None:
             str(job.id),
             job.kind,
             job.user,
-            job.status,
+            paint(job.status),
             f"{job.attempt}/{job.max_attempts}",
             percent(job.progress) if job.progress is not None else "-",
             span(now - job.created_at),
@@ -179,7 +181,7 @@ def _print_job_in_full(data: dict[str, Any]) -> None:
             ("job", f"{job.id}"),
             ("kind", job.kind),
             ("user", job.user),
-            ("status", f"{job.status} ({job.reason})" if job.reason else job.status),
+            ("status", f"{paint(job.status)} ({job.reason})" if job.reason else paint(job.status)),
             ("waiting", waiting_text(data["waiting"]) if data.get("waiting") else None),
             ("attempt", f"{job.attempt}/{job.max_attempts}"),
             ("priority", str(job.priority)),
@@ -228,7 +230,7 @@ def _retry(args: argparse.Namespace) -> int:
 def _print_job_line(data: dict[str, Any]) -> None:
     job = job_view(data["job"])
     detail = _job_detail(job)
-    print(f"job {job.id} {job.status}" + (f" ({detail})" if detail else ""))
+    print(f"job {job.id} {paint(job.status)}" + (f" ({detail})" if detail else ""))
 
 
 def _job_detail(job: JobView) -> str:

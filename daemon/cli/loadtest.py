@@ -6,11 +6,16 @@ import argparse
 
 from jobwarden.cli.arguments import (
     Subcommands,
+    UsageError,
     fraction,
     positive_int,
     positive_number,
     subcommand,
+    whole_number,
 )
+
+# As the load test this one replaces did: 3 jobs wedged at the end of hour 1.
+INJECTED_STUCK = 3
 
 
 def add_commands(commands: Subcommands) -> None:
@@ -56,10 +61,11 @@ def add_commands(commands: Subcommands) -> None:
     )
     loadtest.add_argument(
         "--inject-stuck",
-        type=positive_int,
-        default=0,
+        type=whole_number,
+        default=INJECTED_STUCK,
         metavar="N",
-        help="N jobs hang at the end of hour 1, for the monitor to find",
+        help=f"N jobs hang at the end of hour 1, for the monitor to find ({INJECTED_STUCK}; "
+        "0: none)",
     )
     loadtest.add_argument(
         "--inject-crash",
@@ -83,4 +89,7 @@ def _loadtest(args: argparse.Namespace) -> int:
     # Imported here: only this command runs a daemon in this process, and loading one is slow.
     from jobwarden.tools.loadtest import loadtest_main
 
-    return loadtest_main(args)
+    try:
+        return loadtest_main(args)
+    except FileExistsError as exc:
+        raise UsageError(str(exc)) from None

@@ -4,6 +4,7 @@ tables, fields, and the shared wording of money, spans, times and errors."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -11,7 +12,9 @@ from typing import Any, TypeVar
 
 import msgspec
 from rich import box
+from rich.color import ColorSystem
 from rich.console import Console
+from rich.style import Style
 from rich.table import Table
 from rich.text import Text
 
@@ -22,8 +25,36 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
 EXIT_INTERRUPTED = 130
+# 128 + SIGPIPE: what a shell reports for a Unix tool whose reader went away.
+EXIT_CLOSED_PIPE = 141
 
 Reply = TypeVar("Reply")
+
+# How each status looks on a terminal; in a pipe or a file a status is a plain word.
+STATUS_STYLES = {
+    "queued": "yellow",
+    "running": "cyan",
+    "done": "green",
+    "failed": "bold red",
+    "canceled": "magenta",
+}
+
+
+def paint(status: str) -> str:
+    """`status` in its colour when stdout is a terminal that takes colour (NO_COLOR unset,
+    TERM not dumb); otherwise as it is."""
+    style = STATUS_STYLES.get(status)
+    if style is None or not _colour_terminal():
+        return status
+    return Style.parse(style).render(status, color_system=ColorSystem.STANDARD)
+
+
+def _colour_terminal() -> bool:
+    return (
+        sys.stdout.isatty()
+        and not os.environ.get("NO_COLOR")
+        and os.environ.get("TERM", "dumb") != "dumb"
+    )
 
 
 def print_reply(args: argparse.Namespace, reply: Reply, show: Callable[[Reply], None]) -> int:
@@ -59,8 +90,9 @@ def print_table(headers: list[str], rows: list[list[str]]) -> None:
     if sys.stdout.isatty():
         table = Table(*headers, box=box.SIMPLE)
         for row in rows:
-            # Text, not str: kinds and messages are user data, not rich markup.
-            table.add_row(*(Text(cell) for cell in row))
+            # Text, not markup: kinds and messages are user data; from_ansi keeps the
+            # colours `paint` gave.
+            table.add_row(*(Text.from_ansi(cell) for cell in row))
         Console().print(table)
         return
     widths = [max(len(line[column]) for line in [headers, *rows]) for column in range(len(headers))]
@@ -68,6 +100,12 @@ def print_table(headers: list[str], rows: list[list[str]]) -> None:
         print(
             "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
         )
+
+
+def print_error(error: ErrorBody, text: str, *, as_json: bool) -> None:
+    """An error on stderr: for programs (--json) the common error shape on one line, for a
+    person `text`."""
+    print(msgspec.json.encode(error).decode() if as_json else text, file=sys.stderr)
 
 
 def error_text(error: ErrorBody) -> str:

@@ -1,26 +1,46 @@
-"""The daemon itself: init (write the default config), check-config, serve, status, drain,
-shutdown."""
+"""The daemon itself: init (write the default config, or the production one for systemd),
+check-config, serve, status, drain, shutdown, backup."""
 
 from __future__ import annotations
 
 import argparse
 import importlib.resources
+import json
+import os
+import re
 import time
 from pathlib import Path
 from typing import Any
 
-from jobwarden.cli.arguments import Subcommands, subcommand
+from jobwarden.cli.arguments import Subcommands, listen_address, subcommand
 from jobwarden.cli.breakers import breakers_text
 from jobwarden.cli.connection import call, client
 from jobwarden.cli.costs import budget_summary
 from jobwarden.cli.kinds import paused_text
-from jobwarden.cli.output import EXIT_OK, print_fields, print_reply, span
+from jobwarden.cli.output import EXIT_OK, paint, print_fields, print_reply, span, when
 from jobwarden.client import AdminClient, DaemonUnreachable
-from jobwarden.config import check_handlers, find_config, load_config
+from jobwarden.config import SYSTEM_CONFIG, Overrides, check_handlers, find_config, load_config
 from jobwarden.errors import ConfigError
+from jobwarden.store.sqlite import DatabaseError, copy_database
 from jobwarden.wire.views import STATUSES
 
 DRAIN_POLL_SECONDS = 0.2
+
+# What `init --system` changes in the default config, to match systemd/jobwarden.service: the
+# database in its StateDirectory=, the admin socket in its RuntimeDirectory=, open to the
+# unit's group, which operators join. Everything else, comments included, is the default.
+SYSTEM_SETTINGS: dict[tuple[str, str], str] = {
+    ("store", "path"): "/var/lib/jobwarden/jobwarden.db",
+    ("admin", "socket"): "/run/jobwarden/admin.sock",
+    ("admin", "group"): "jobwarden",
+}
+SYSTEM_TITLE = (
+    "# jobwarden under systemd (systemd/jobwarden.service), written by `jobwarden init --system`."
+)
+_TABLE = re.compile(r"\[(?P<name>[\w.-]+)\]")
+_ASSIGNMENT = re.compile(
+    r'(?P<key>\w+)(?P<equals>\s*=\s*)(?P<value>"[^"]*")(?P<gap>\s*)(?P<rest>.*)'
+)
 
 
 def add_commands(commands: Subcommands) -> None:
@@ -28,9 +48,18 @@ def add_commands(commands: Subcommands) -> None:
         commands, "init", _init, "write the default config.toml, to serve from that directory"
     )
     init.add_argument(
-        "directory", nargs="?", default=".", metavar="DIR", help="where (default: here)"
+        "directory",
+        nargs="?",
+        metavar="DIR",
+        help=f"where (default: here; with --system, {SYSTEM_CONFIG.parent})",
     )
     init.add_argument("--force", action="store_true", help="replace a config.toml already there")
+    init.add_argument(
+        "--system",
+        action="store_true",
+        help="the production config for systemd/jobwarden.service: database in "
+        "/var/lib/jobwarden, admin socket in /run/jobwarden for the group jobwarden",
+    )
     check = subcommand(
         commands, "check-config", _check_config, "validate a config file and import handlers"
     )
@@ -41,13 +70,41 @@ def add_commands(commands: Subcommands) -> None:
         help="the config file (default: --config, then $JOBWARDEN_CONFIG, then ./config.toml, "
         "then /etc/jobwarden/config.toml)",
     )
-    subcommand(commands, "serve", _serve, "run the daemon in the foreground")
-    subcommand(commands, "status", _status, "show the daemon's state")
+    serve = subcommand(
+        commands,
+        "serve",
+        _serve,
+        "run the daemon in the foreground",
+        config="the config to serve (default: $JOBWARDEN_CONFIG, ./config.toml, "
+        "/etc/jobwarden/config.toml)",
+        socket="the admin socket to serve (overrides admin.socket)",
+        json="log JSON lines, whatever log.format says",
+    )
+    for listener in ("http", "websocket"):
+        serve.add_argument(
+            f"--{listener}-listen",
+            type=listen_address,
+            metavar="HOST:PORT",
+            help=f'overrides {listener}.listen (port 0: any free port; "": no listener)',
+        )
+    status = subcommand(commands, "status", _status, "show the daemon's state")
+    status.add_argument(
+        "--pid",
+        action="store_true",
+        help='print only the process id of the daemon that answers, e.g. for kill "$(...)"',
+    )
     drain = subcommand(
         commands, "drain", _drain, "stop admitting jobs, let running ones finish, then exit"
     )
     drain.add_argument("--wait", action="store_true", help="return once the daemon has exited")
     subcommand(commands, "shutdown", _shutdown, "stop the daemon now; running jobs are interrupted")
+    backup = subcommand(
+        commands,
+        "backup",
+        _backup,
+        "copy the database, consistent as of now, while the daemon runs (SQLite online backup)",
+    )
+    backup.add_argument("path", metavar="PATH", help="the copy to write; must not exist yet")
 
 
 def default_config_text() -> str:
@@ -55,14 +112,38 @@ def default_config_text() -> str:
     return importlib.resources.files("jobwarden").joinpath("config.toml").read_text("utf-8")
 
 
+def system_config_text() -> str:
+    """The default config with the production settings of SYSTEM_SETTINGS, derived from it
+    so that the two never drift apart."""
+    # The default's first line tells a user to serve from its directory: ours says what it is.
+    rest = default_config_text().partition("\n")[2]
+    table = ""
+    lines = [SYSTEM_TITLE]
+    for line in rest.split("\n"):
+        header = _TABLE.match(line)
+        if header:
+            table = header["name"]
+        assignment = _ASSIGNMENT.match(line)
+        if assignment and (table, assignment["key"]) in SYSTEM_SETTINGS:
+            value = json.dumps(SYSTEM_SETTINGS[table, assignment["key"]])
+            line = f"{assignment['key']}{assignment['equals']}{value}"
+            if assignment["rest"]:
+                # The comment keeps its column, as far as the longer value leaves room.
+                width = len(assignment.group(0)) - len(assignment["rest"])
+                line = f"{line:<{width - 1}} {assignment['rest']}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
 def _init(args: argparse.Namespace) -> int:
-    directory = Path(args.directory)
+    default_directory = SYSTEM_CONFIG.parent if args.system else Path(".")
+    directory = Path(args.directory) if args.directory else default_directory
     path = directory / "config.toml"
     try:
         directory.mkdir(parents=True, exist_ok=True)
         # "x" refuses an existing file in the same step that creates a new one.
         with path.open("w" if args.force else "x", encoding="utf-8") as file:
-            file.write(default_config_text())
+            file.write(system_config_text() if args.system else default_config_text())
     except FileExistsError:
         raise ConfigError(
             f"{path} exists already and is left as it is; "
@@ -77,10 +158,11 @@ def _init(args: argparse.Namespace) -> int:
         "kinds": list(config.kinds),
         "admin_socket": str(config.path(config.admin.socket)),
         "database": str(config.path(config.store.path)),
+        "admin_group": config.admin.group or None,
         "websocket": config.websocket.listen or None,
         "http": config.http.listen or None,
     }
-    return print_reply(args, written, _print_next_steps)
+    return print_reply(args, written, _print_system_steps if args.system else _print_next_steps)
 
 
 def _print_next_steps(written: dict[str, Any]) -> None:
@@ -105,6 +187,31 @@ def _print_next_steps(written: dict[str, Any]) -> None:
     )
 
 
+def _print_system_steps(written: dict[str, Any]) -> None:
+    print(f"wrote {written['config']}, for systemd/jobwarden.service")
+    print()
+    print("next, as root (docs/operations.md has the whole install):")
+    group = written["admin_group"]
+    for command in (
+        f"useradd --system --user-group --home-dir /var/lib/jobwarden --shell /usr/sbin/nologin"
+        f" {group}",
+        f"jobwarden check-config {written['config']}",
+        "install -m 0644 systemd/jobwarden.service /etc/systemd/system/",
+        "systemctl daemon-reload && systemctl enable --now jobwarden",
+    ):
+        print(f"  {command}")
+    print()
+    print_fields(
+        [
+            ("kinds", ", ".join(written["kinds"])),
+            ("database", written["database"]),
+            ("admin socket", f"{written['admin_socket']} (group {group})"),
+            ("websocket", written["websocket"] or "off"),
+            ("http", written["http"] or "off"),
+        ]
+    )
+
+
 def _check_config(args: argparse.Namespace) -> int:
     path = Path(args.path) if args.path else find_config(args.config)
     config = load_config(path)
@@ -122,10 +229,21 @@ def _serve(args: argparse.Namespace) -> int:
     # Imported here so that talking to a daemon never loads the daemon itself.
     from jobwarden.process.supervisor import serve_main
 
-    return serve_main(find_config(args.config))
+    overrides = Overrides(
+        # A path typed on the command line is relative to where it was typed.
+        admin_socket=str(Path(args.socket).resolve()) if args.socket else None,
+        http_listen=args.http_listen,
+        websocket_listen=args.websocket_listen,
+        log_format="json" if args.json else None,
+    )
+    return serve_main(find_config(args.config), overrides)
 
 
 def _status(args: argparse.Namespace) -> int:
+    if args.pid:
+        # The daemon's own word, not a pid file a crash may have left behind.
+        pid = call(args, "ping")["pid"]
+        return print_reply(args, {"pid": pid}, lambda data: print(data["pid"]))
     return print_reply(args, call(args, "status"), _print_status)
 
 
@@ -142,9 +260,14 @@ def _print_status(data: dict[str, Any]) -> None:
                 "daemon",
                 f"jobwarden {data['version']}, pid {data['pid']}, up {span(data['uptime'])}",
             ),
-            ("state", "draining" if data["draining"] else "accepting jobs"),
+            ("state", _state_text(data)),
+            # Older daemons do not report the store's health; their line is left out.
+            ("store", _store_text(data["store"]) if "store" in data else None),
             ("running", f"{data['running']} of {data['max_concurrent_jobs']} slots"),
-            ("jobs", ", ".join(f"{status} {counts.get(status, 0)}" for status in STATUSES)),
+            (
+                "jobs",
+                ", ".join(f"{paint(status)} {counts.get(status, 0)}" for status in STATUSES),
+            ),
             ("queued", queued.strip() or "none"),
             ("paused", paused_text(data["paused"], data["paused_all"])),
             (
@@ -162,6 +285,21 @@ def _print_status(data: dict[str, Any]) -> None:
             ),
         ]
     )
+
+
+def _state_text(data: dict[str, Any]) -> str:
+    if data["draining"]:
+        return "draining"
+    if not data.get("store", {"writable": True})["writable"]:
+        return "refusing new jobs until the store takes writes again"
+    return "accepting jobs"
+
+
+def _store_text(store: dict[str, Any]) -> str:
+    if store["writable"]:
+        return "takes writes"
+    since = when(store["since"], time.time())
+    return f"TAKES NO WRITES since {since} ({store['code']}): {store['message']}"
 
 
 def _cpu_text(value: float | None) -> str:
@@ -201,3 +339,30 @@ def _wait_until_stopped(socket_path: str) -> None:
 
 def _shutdown(args: argparse.Namespace) -> int:
     return print_reply(args, call(args, "shutdown"), lambda _: print("daemon stopping"))
+
+
+def _backup(args: argparse.Namespace) -> int:
+    config = load_config(find_config(args.config))
+    database = config.path(config.store.path)
+    target = Path(args.path)
+    # A file of our own first, so the copy is never readable by more than its owner, and a
+    # name that is taken is refused rather than overwritten.
+    try:
+        os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        raise ConfigError(f"{target} exists already; name a new file for the copy") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot write {target}: {exc.strerror}") from None
+    try:
+        copy_database(database, target)
+    except DatabaseError as exc:
+        target.unlink()
+        raise ConfigError(f"cannot copy {database}: {exc}") from None
+    copied = {
+        "database": str(database),
+        "copy": str(target.resolve()),
+        "bytes": target.stat().st_size,
+    }
+    return print_reply(
+        args, copied, lambda _: print(f"copied {database} to {target} ({copied['bytes']:,} bytes)")
+    )

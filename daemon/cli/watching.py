@@ -6,19 +6,22 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple, NoReturn
 
 import msgspec
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
+from rich.text import Text
 
 from jobwarden.cli.output import (
     EXIT_FAILED,
     EXIT_OK,
+    STATUS_STYLES,
     clock,
     error_text,
     json_text,
     money,
+    paint,
     percent,
     print_json_line,
     span,
@@ -36,27 +39,29 @@ class Outcome(NamedTuple):
 
 
 def watch_job(client: AdminClient, job_id: int, *, as_json: bool) -> int:
-    """Follow one job until it finishes, and return the exit code its outcome deserves."""
+    """Show a job's whole history, then follow it until it finishes, and return the exit
+    code its outcome deserves."""
     shown = client.call("show", job=job_id)
     job = job_view(shown["job"])
-    history = shown.get("events", [])
     if shown.get("waiting") and not as_json:
         print(f"job {job_id} waiting {waiting_text(shown['waiting'])}")
-    outcome = (
-        Outcome(job.status, job.result, job.error) if job.status in TERMINAL_STATUSES else None
-    )
+    # The job as it was read ends with its newest event: a final status from then on is the
+    # end (an earlier one was followed by a retry); a job already final ends there.
+    newest = max((event["seq"] for event in shown.get("events", [])), default=None)
+    final = Outcome(job.status, job.result, job.error) if job.status in TERMINAL_STATUSES else None
+    if final is not None and newest is None:
+        # A daemon that keeps no events for it: the job itself is all there is to tell.
+        return _report_outcome(job_id, final, as_json=as_json)
+    outcome = None
     with _event_printer(job, as_json=as_json) as show_event:
-        for event in history:
+        # From seq 0: the daemon replays every stored event of the job, then the live ones.
+        for event in client.watch(job=job_id, since=0):
             show_event(event)
-            # An older daemon may read the job and its events apart: trust the events too.
-            outcome = outcome or _outcome_of(event)
-        if outcome is None:
-            last_seq = max((event["seq"] for event in history), default=0)
-            for event in _unseen(client.watch(job=job_id, since=last_seq), last_seq):
-                show_event(event)
-                outcome = _outcome_of(event)
-                if outcome is not None:
-                    break
+            if event["seq"] >= (newest or 0):
+                outcome = final or _outcome_of(event)
+            if outcome is not None:
+                break
+    assert outcome is not None, "a watch of one job streams until the job finishes"
     return _report_outcome(job_id, outcome, as_json=as_json)
 
 
@@ -86,14 +91,6 @@ async def watch_all_over_websocket(client: WebSocketClient, *, as_json: bool) ->
             async for event in watch:
                 show_event(msgspec.to_builtins(event))
     return EXIT_OK
-
-
-def _unseen(events: Iterable[dict[str, Any]], last_seq: int) -> Iterator[dict[str, Any]]:
-    """Skip events already shown: a watch replays stored events before the live ones."""
-    for event in events:
-        if event["seq"] > last_seq:
-            last_seq = event["seq"]
-            yield event
 
 
 def _outcome_of(event: dict[str, Any]) -> Outcome | None:
@@ -131,7 +128,7 @@ def _event_printer(job: JobView | None, *, as_json: bool) -> Iterator[ShowEvent]
 @contextlib.contextmanager
 def _progress_bar(job: JobView) -> Iterator[ShowEvent]:
     columns = (
-        TextColumn("job {task.fields[job]} [bold]{task.fields[status]}"),
+        TextColumn("job {task.fields[job]} {task.fields[status]}"),
         BarColumn(),
         TaskProgressColumn(),
         # Progress messages come from job code; brackets in them are not rich markup.
@@ -143,7 +140,7 @@ def _progress_bar(job: JobView) -> Iterator[ShowEvent]:
             total=1.0,
             completed=job.progress or 0.0,
             job=job.id,
-            status=job.status,
+            status=_bar_status(job.status),
         )
 
         def show_event(event: dict[str, Any]) -> None:
@@ -157,10 +154,17 @@ def _progress_bar(job: JobView) -> Iterator[ShowEvent]:
             elif event["type"] == "status":
                 # A job may finish without reporting 100%; its bar should still end full.
                 finished = data["status"] == "done"
-                progress.update(task, status=data["status"], completed=1.0 if finished else None)
-                progress.console.print(_event_line(event), markup=False, highlight=False)
+                progress.update(
+                    task, status=_bar_status(data["status"]), completed=1.0 if finished else None
+                )
+                progress.console.print(Text.from_ansi(_event_line(event)), highlight=False)
 
         yield show_event
+
+
+def _bar_status(status: str) -> str:
+    """A status as rich markup for the bar's column, in the colour `paint` gives it."""
+    return f"[bold {STATUS_STYLES.get(status, '')}]{status}[/]"
 
 
 def job_view(data: Any) -> JobView:
@@ -190,7 +194,7 @@ def describe_event(event: dict[str, Any]) -> str:
         )
     if event["type"] != "status":
         return f"{event['type']} {json_text(data)}"
-    words = ["status", data["status"], f"attempt {data['attempt']}"]
+    words = ["status", paint(data["status"]), f"attempt {data['attempt']}"]
     if data.get("reason"):
         words.append(f"({data['reason']})")
     if data["status"] == "queued" and data.get("available_at", 0) > event["at"]:

@@ -6,8 +6,9 @@
             ...
 
 A dropped connection is made again; requests in flight are sent again (a submit carries an
-idempotency key, so it never makes a second job) and each watch resumes after the last event
-it received, so a watcher sees every event once and in order.
+idempotency key and a submission id, so it never makes a second job, even when the first
+one has finished meanwhile) and each watch resumes after the last event it received, so a
+watcher sees every event once and in order.
 """
 
 from __future__ import annotations
@@ -108,14 +109,18 @@ class WebSocketClient:
         priority: int | None = None,
         idempotency_key: str | None = None,
     ) -> Accepted:
-        """Submit a job. Without an idempotency key one is made up, so that sending the submit
-        again after a reconnection cannot make a second job."""
+        """Submit a job. Without an idempotency key one is made up. Each call also sends a
+        new submission id, so that the submit sent again after a reconnection finds the job
+        its first sending made: by the key while that job is queued or running, by the
+        submission id once it has finished. It never makes a second job; a later call with
+        the key of a finished job is new work and does."""
         reply = await self._request(
             op="submit",
             kind=kind,
             payload={} if payload is None else payload,
             priority=priority,
             idempotency_key=idempotency_key or f"client-{uuid.uuid4().hex}",
+            submission_id=uuid.uuid4().hex,
         )
         return msgspec.convert({**reply["job"], "existing": reply["existing"]}, Accepted)
 

@@ -38,7 +38,7 @@ import trio
 
 from jobwarden.actors.messages import CancelJob, Explain, HealthQuery, Submit
 from jobwarden.config import name_path
-from jobwarden.errors import RequestError, error_body
+from jobwarden.errors import RequestError, StoreError, error_body
 from jobwarden.hub import EventHub
 from jobwarden.logs import clip
 from jobwarden.mailbox import ask
@@ -228,6 +228,7 @@ class NewJob(Protocol):
     payload: Any
     priority: int | None
     idempotency_key: str | None
+    submission_id: str | None
 
 
 class Shown(NamedTuple):
@@ -269,6 +270,7 @@ class Commands:
             user=user,
             priority=new.priority,
             idempotency_key=new.idempotency_key,
+            submission_id=new.submission_id,
         )
         return job, existing
 
@@ -408,10 +410,13 @@ async def answer(
 
 
 def error_reply(exc: Exception, *, listener: str) -> ErrorBody:
-    """The error a client is sent for a request that raised `exc`: a refusal's own; anything
-    else is the daemon's fault, INTERNAL, with an error_id that finds its one log line."""
+    """The error a client is sent for a request that raised `exc`: a refusal's own; a store
+    that takes no writes, STORAGE_FULL or STORAGE_ERROR; anything else is the daemon's fault,
+    INTERNAL, with an error_id that finds its one log line."""
     if isinstance(exc, RequestError):
         return exc.body
+    if isinstance(exc, StoreError):
+        return exc.refusal().body
     body = error_body(
         "INTERNAL", "the daemon could not process this request", technical_message=clip(exc)
     )

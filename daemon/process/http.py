@@ -1,15 +1,19 @@
 """A small HTTP listener for probes and scrapers, on h11: GET only, one request per connection.
 
 /healthz  200 while the event loop answers (liveness)
-/readyz   200 once recovery is done, the store takes a write, and the daemon is not draining
-/health   the detailed JSON snapshot (the command layer's, as `jobwarden status` shows it)
+/readyz   200 once recovery is done, the store takes writes, and the daemon is not draining;
+          else 503 with the problems (a store fault: what fails and since when)
+/health   the detailed JSON snapshot (the command layer's, as `jobwarden status` shows it),
+          with the store's health under "store"
 /metrics  Prometheus text
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import h11
@@ -17,7 +21,7 @@ import msgspec
 import structlog
 import trio
 
-from jobwarden.errors import StartupError
+from jobwarden.errors import ConfigError
 from jobwarden.metrics import Metrics
 from jobwarden.process.commands import Commands
 from jobwarden.store.engine import Store
@@ -35,6 +39,23 @@ def parse_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+async def open_listeners(listen: str, *, key: str) -> list[trio.SocketListener]:
+    """The TCP listeners for a listen key's "host:port". One that cannot be had is a config
+    error that names the key to change, and the `serve` flag that overrides it."""
+    host, port = parse_listen(listen)
+    try:
+        return await trio.open_tcp_listeners(port, host=host)
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+        if exc.errno == errno.EADDRINUSE:
+            why += " (another program, or another jobwarden, listens there)"
+        flag = "--" + key.replace(".", "-").replace("_", "-")
+        raise ConfigError(
+            f"{key}: cannot listen on {listen}: {why}. Set another {key} in the config, "
+            f'or run `jobwarden serve {flag} HOST:PORT` (port 0 takes any free port, "" none)'
+        ) from None
+
+
 class HttpServer:
     def __init__(
         self,
@@ -47,7 +68,7 @@ class HttpServer:
         slow_request: float,
         very_slow_request: float,
     ) -> None:
-        self._host, self._port = parse_listen(listen)
+        self._listen = listen
         self._slow = (slow_request, very_slow_request)
         self._store = store
         self._commands = commands
@@ -61,13 +82,9 @@ class HttpServer:
         }
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-        try:
-            listeners = await trio.open_tcp_listeners(self._port, host=self._host)
-        except OSError as exc:
-            raise StartupError(
-                f"http.listen: cannot listen on {self._host}:{self._port}: {exc.strerror}"
-            ) from None
-        log.info("http listening", host=self._host, port=listeners[0].socket.getsockname()[1])
+        listeners = await open_listeners(self._listen, key="http.listen")
+        host, port = listeners[0].socket.getsockname()[:2]
+        log.info("http listening", host=host, port=port)
         await trio.serve_listeners(self._serve, listeners, task_status=_Started(task_status))
 
     async def _serve(self, stream: trio.SocketStream) -> None:
@@ -123,6 +140,10 @@ class HttpServer:
             problems.append("recovering")
         if status["draining"]:
             problems.append("draining")
+        fault = self._store.health.fault
+        if fault is not None:
+            since = datetime.fromtimestamp(fault.since, UTC).isoformat(timespec="seconds")
+            problems.append(f"store takes no writes since {since} ({fault.code}): {fault.message}")
         if not problems:
             with trio.move_on_after(2.0) as slow:
                 try:
@@ -140,7 +161,7 @@ class HttpServer:
 
     async def _metrics_text(self) -> tuple[int, str, bytes]:
         health = await self._commands.health(by_kind=True)
-        self._metrics.set_state(health, health.pop("by_status_kind"))
+        self._metrics.set_state(health, health.pop("by_status_kind"), trio.current_time())
         return 200, PROMETHEUS_TEXT, self._metrics.render()
 
 

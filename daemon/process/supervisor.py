@@ -1,8 +1,9 @@
 """The supervisor: builds the channels, owns start-up order, signals and shutdown.
 
-Start-up: lock the database, open the store, put jobs a crash left `running` back in the
-queue, then start the actors (scheduler, pool, admission) and the listeners last, each with
-`nursery.start` so the next starts only once the previous really serves; then READY=1.
+Start-up: lock the database, open the store, end what is left of the commands a crash left
+running, put their jobs back in the queue, then start the actors (scheduler, pool, admission)
+and the listeners last, each with `nursery.start` so the next starts only once the previous
+really serves; then READY=1.
 Memory and CPU are read in one place (jobwarden.system): once before the actors start, then
 every `limits.sample_every`, each reading handed to the scheduler and the monitor.
 
@@ -14,6 +15,7 @@ The store wraps the actors' nursery, so the final writes of jobs being torn down
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import math
 import os
@@ -41,10 +43,11 @@ from jobwarden.actors.messages import (
 )
 from jobwarden.actors.monitor import Monitor
 from jobwarden.actors.pool import Pool
+from jobwarden.actors.processes import end_leftover_groups
 from jobwarden.actors.scheduler import Scheduler
 from jobwarden.clock import WallClock
-from jobwarden.config import Config, check_handlers, load_config
-from jobwarden.errors import ConfigError, StartupError
+from jobwarden.config import Config, Overrides, check_handlers, load_config
+from jobwarden.errors import ConfigError, StartupError, StoreError
 from jobwarden.hub import EventHub
 from jobwarden.logs import configure_logging, use_clock
 from jobwarden.mailbox import ReplySlot
@@ -55,12 +58,15 @@ from jobwarden.process.http import HttpServer
 from jobwarden.process.systemd import SystemdNotifier
 from jobwarden.process.websocket import WebSocketServer
 from jobwarden.store import jobs
-from jobwarden.store.engine import Store
+from jobwarden.store.engine import Store, StoreState
 from jobwarden.system import SystemLoad, SystemSampler
 
 log = structlog.get_logger("supervisor")
 
 STATUS_INTERVAL = 10.0
+# What a stop takes beyond the drain grace: interrupting the jobs still running (each final
+# write is bounded at 10 s), closing WebSocket connections (2 s) and the store.
+STOP_AFTER_GRACE = 30.0
 
 
 class Reload(msgspec.Struct):
@@ -85,15 +91,49 @@ class DaemonHandle(msgspec.Struct):
 
 
 def lock_database(db_path: Path) -> int:
-    """One daemon per database: a second would dispatch the same jobs twice."""
+    """One daemon per database: a second would dispatch the same jobs twice.
+
+    The lock is on the database file itself, not on a name beside it, so that every path to
+    the file (a symlink, a hard link, another mount of the directory) meets it: an exclusive
+    flock on a descriptor of the file, held for as long as the daemon runs. SQLite locks with
+    POSIX record locks, which flock locks never meet on a local file system. The descriptor
+    is closed only after the store has closed its connections (closing any descriptor of the
+    file would drop the POSIX locks this process holds on it)."""
     db_path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(f"{db_path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        # Read-only is enough for flock, and works on a file that refuses writes.
+        fd = os.open(db_path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise StartupError(f"cannot open the database {db_path}: {exc.strerror}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
+        holder = lock_holder(os.fstat(fd))
         os.close(fd)
-        raise StartupError(f"another jobwarden is already using {db_path}") from None
+        pid = "" if holder is None else f" (pid {holder})"
+        raise StartupError(
+            f"another jobwarden is already using the database {db_path}{pid}, "
+            "through this path or another link to the same file"
+        ) from None
     return fd
+
+
+def lock_holder(file: os.stat_result) -> int | None:
+    """The pid that holds a flock on `file`, as Linux lists it in /proc/locks; None where
+    that is not known (another system, a pid outside our namespace)."""
+    inode = f"{os.major(file.st_dev):02x}:{os.minor(file.st_dev):02x}:{file.st_ino}"
+    try:
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        # "1: FLOCK  ADVISORY  WRITE 4242 00:2b:81 0 EOF"; a waiter's line has "->" after
+        # the number.
+        fields = line.split()
+        if len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == inode:
+            pid = int(fields[4])
+            return pid if pid > 0 else None
+    return None
 
 
 # Keys that the running daemon cannot change; a reload warns that they need a restart.
@@ -106,6 +146,7 @@ class Supervisor:
         config: Config,
         *,
         config_path: Path | None = None,
+        overrides: Overrides | None = None,
         notifier: SystemdNotifier | None = None,
         threaded_store: bool = True,
         clock_epoch: float | None = None,
@@ -115,6 +156,8 @@ class Supervisor:
         # The one reader of memory and CPU: see jobwarden.system.
         self._sample_system = sample_system or SystemSampler()
         self._config_path = config_path
+        # The serve flags win over the file on every reload, as they did at start-up.
+        self._overrides = overrides or Overrides()
         self._notifier = notifier or SystemdNotifier.from_environ({})
         self._threaded_store = threaded_store
         self._clock_epoch = clock_epoch
@@ -139,19 +182,43 @@ class Supervisor:
                 synchronous=config.store.synchronous,
                 max_batch=config.store.max_batch,
                 threaded=self._threaded_store,
+                clock=clock,
             ) as store:
-                recovered = await store.write(
-                    partial(
-                        jobs.recover_running,
-                        now=clock.now(),
-                        crash_loop_after=config.daemon.crash_loop_after,
-                    )
-                )
-                log.info("start-up recovery done", database=str(db_path), **recovered)
+                await self._recover(store, clock, db_path)
                 await self._run_actors(store, hub, clock, task_status)
         finally:
             os.close(lock_fd)
             use_clock(None)
+
+    async def _recover(self, store: Store, clock: WallClock, db_path: Path) -> None:
+        """Jobs a crash left `running` go back to the queue, once what is left of their
+        commands has been ended: a command's children may outlive a crash. On a store that
+        takes no writes (a full disk) the daemon starts all the same, read-only: the recovery
+        is kept, and committed ahead of every other write once the store takes writes again,
+        so no job is dispatched before it."""
+        leftovers = await end_leftover_groups(await store.read(jobs.running_process_groups))
+        recover = partial(
+            jobs.recover_running,
+            now=clock.now(),
+            crash_loop_after=self._config.daemon.crash_loop_after,
+        )
+        try:
+            recovered = await store.write(recover)
+        except StoreError as exc:
+            store.hand_over(recover, keep=True)
+            log.error(
+                "start-up recovery waits for the store to take writes; starting read-only",
+                database=str(db_path),
+                code=exc.code,
+                error=str(exc),
+            )
+            return
+        log.info(
+            "start-up recovery done",
+            database=str(db_path),
+            leftover_processes_ended=leftovers,
+            **recovered,
+        )
 
     async def _run_actors(
         self,
@@ -162,7 +229,8 @@ class Supervisor:
     ) -> None:
         config = self._config
         self._store = store
-        metrics = Metrics()
+        metrics = self._metrics = Metrics()
+        metrics.declare(config)
         # Scheduler and pool feed each other; unbounded buffers keep that cycle from ever
         # deadlocking. Their depth is bounded anyway: RunJobs by free slots, JobQueued by
         # admissions, each consumed in the next dispatch round.
@@ -195,6 +263,7 @@ class Supervisor:
             scheduler=scheduler_tx.clone(),
             ledger=ledger_tx.clone(),
             breaker=breaker_tx.clone(),
+            monitor=monitor_tx.clone(),
             metrics=metrics,
         )
         admission = Admission(
@@ -236,6 +305,7 @@ class Supervisor:
             metrics=metrics,
         )
         async with trio.open_nursery() as nursery:
+            await nursery.start(store.probe_while_faulted)
             await nursery.start(scheduler.run)
             await nursery.start(breaker.run)
             await nursery.start(ledger.run)
@@ -243,6 +313,7 @@ class Supervisor:
             await nursery.start(admission.run)
             await nursery.start(monitor.run)
             nursery.start_soon(self._sample, scheduler_tx.clone(), monitor_tx.clone())
+            nursery.start_soon(self._follow_store, store, scheduler_tx.clone(), monitor_tx.clone())
             self._ready = True
             await nursery.start(self._admin.run)
             http_port = None
@@ -339,7 +410,9 @@ class Supervisor:
     async def _drain(self, grace: float | None, finished: trio.Event) -> None:
         admission_tx, scheduler_tx, pool_tx, *_ = self._channels
         grace = self._config.daemon.shutdown_grace if grace is None else grace
-        self._notifier.stopping(f"draining, grace {grace:g}s")
+        self._notifier.stopping(
+            f"draining, grace {grace:g}s", expected_seconds=grace + STOP_AFTER_GRACE
+        )
         log.info("draining", grace=grace)
         await admission_tx.send(StopAdmitting())
         await scheduler_tx.send(StopDispatch())
@@ -359,7 +432,7 @@ class Supervisor:
             return
         self._notifier.reloading()
         try:
-            new = load_config(self._config_path)
+            new = self._overrides.apply(load_config(self._config_path))
             check_handlers(new)
         except ConfigError as exc:
             log.error("reload rejected; keeping the running config", error=str(exc))
@@ -369,6 +442,7 @@ class Supervisor:
             if getattr(new, key) != getattr(self._config, key):
                 log.warning("config change needs a restart to take effect", section=key)
         self._config = new
+        self._metrics.declare(new)
         for actor in self._channels:
             await actor.send(Reconfigure(config=new))
         self._admin.reconfigure(new)
@@ -397,6 +471,20 @@ class Supervisor:
                 await scheduler.send(load)
                 await monitor.send(load)
 
+    async def _follow_store(self, store: Store, *actors: trio.MemorySendChannel[Any]) -> None:
+        """Each change of the store's health, to the actors that act on it: the scheduler
+        resumes dispatch when the store takes writes again, the monitor raises an alert when
+        it stops. A fault found before they started (at start-up recovery) is handed on too."""
+        async with contextlib.AsyncExitStack() as stack:
+            for actor in actors:
+                await stack.enter_async_context(actor)
+            seen = 0
+            while True:
+                seen = await store.health.wait_change(seen)
+                state = StoreState(fault=store.health.fault)
+                for actor in actors:
+                    await actor.send(state)
+
     async def _report_status(self, scheduler: trio.MemorySendChannel[Any]) -> None:
         if not self._notifier.enabled:
             return
@@ -410,24 +498,35 @@ class Supervisor:
             await trio.sleep(STATUS_INTERVAL)
 
 
-def serve_main(config_path: Path) -> int:
-    """`jobwarden serve`: run until drained. Exit 0 after a clean stop, 2 on a bad config."""
+def serve_main(config_path: Path, overrides: Overrides | None = None) -> int:
+    """`jobwarden serve`: run until drained. Exit 0 after a clean stop; 2 when the config
+    cannot be used, a listen port among it (systemd is told not to restart on 2); 1 when
+    another resource is taken."""
+    overrides = overrides or Overrides()
     try:
-        config = load_config(config_path)
+        config = overrides.apply(load_config(config_path))
         check_handlers(config)
     except ConfigError as exc:
         print(f"jobwarden: {exc}", file=sys.stderr)
         return 2
     configure_logging(config.log.format, config.log.level)
     supervisor = Supervisor(
-        config, config_path=config_path, notifier=SystemdNotifier.from_environ()
+        config,
+        config_path=config_path,
+        overrides=overrides,
+        notifier=SystemdNotifier.from_environ(),
     )
-    refusals: list[BaseException] = []
+    refusals: list[str] = []
+    code = 0
     try:
         trio.run(supervisor.run)
-    except* (StartupError, ConfigError) as group:
-        refusals.extend(group.exceptions)
-    for exc in refusals:
-        log.error("jobwarden could not start", error=str(exc))
-        print(f"jobwarden: {exc}", file=sys.stderr)
-    return 1 if refusals else 0
+    except* ConfigError as group:
+        refusals += [f"{config_path}: {exc}" for exc in group.exceptions]
+        code = 2
+    except* StartupError as group:
+        refusals += [str(exc) for exc in group.exceptions]
+        code = code or 1
+    for refusal in refusals:
+        log.error("jobwarden could not start", error=refusal)
+        print(f"jobwarden: {refusal}", file=sys.stderr)
+    return code

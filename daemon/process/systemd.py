@@ -11,6 +11,7 @@ dies when systemd's socket hiccups would turn a status message into an outage.
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import time
@@ -68,8 +69,15 @@ class SystemdNotifier:
     def status(self, text: str) -> None:
         self.notify(STATUS=text)
 
-    def stopping(self, status: str) -> None:
-        self.notify(STOPPING=1, STATUS=status)
+    def stopping(self, status: str, *, expected_seconds: float) -> None:
+        """STOPPING=1, and how long the stop may take: EXTEND_TIMEOUT_USEC only ever lengthens
+        systemd's wait beyond TimeoutStopSec=, never shortens it, so a drain grace longer than
+        the unit's stop timeout is waited for and a shorter one changes nothing."""
+        self.notify(
+            STOPPING=1,
+            STATUS=status,
+            EXTEND_TIMEOUT_USEC=math.ceil(expected_seconds * 1_000_000),
+        )
 
     def reloading(self) -> None:
         # systemd >= 253 (Type=notify-reload) matches the reload to this timestamp.

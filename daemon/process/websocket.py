@@ -44,7 +44,7 @@ from wsproto.events import CloseConnection
 
 from jobwarden.actors.bucket import TokenBucket
 from jobwarden.config import WebSocketSection
-from jobwarden.errors import HTTP_STATUS, RequestError, StartupError, error_body
+from jobwarden.errors import HTTP_STATUS, RequestError, error_body
 from jobwarden.metrics import Metrics
 from jobwarden.process.commands import (
     WEBSOCKET,
@@ -55,7 +55,7 @@ from jobwarden.process.commands import (
     answer,
     log_failure,
 )
-from jobwarden.process.http import parse_listen
+from jobwarden.process.http import open_listeners
 from jobwarden.store import users
 from jobwarden.store.engine import Store
 from jobwarden.wire.admin import encoder
@@ -145,13 +145,7 @@ class WebSocketServer:
         }
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-        host, port = parse_listen(self.settings.listen)
-        try:
-            listeners = await trio.open_tcp_listeners(port, host=host)
-        except OSError as exc:
-            raise StartupError(
-                f"websocket.listen: cannot listen on {host}:{port}: {exc.strerror}"
-            ) from None
+        listeners = await open_listeners(self.settings.listen, key="websocket.listen")
         server = trio_websocket.WebSocketServer(
             self._handshake,
             listeners,
@@ -159,7 +153,7 @@ class WebSocketServer:
             connect_timeout=HANDSHAKE_TIMEOUT,
             disconnect_timeout=CLOSE_TIMEOUT,
         )
-        bound = listeners[0].socket.getsockname()[1]
+        host, bound = listeners[0].socket.getsockname()[:2]
         log.info("websocket listening", host=host, port=bound)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.refusals.run)

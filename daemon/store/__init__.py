@@ -3,8 +3,9 @@
 What it owns, by module:
 
 - `engine`: the `Engine` interface the rest of jobwarden uses (`open`, `write`, `hand_over`,
-  `read`, `checkpoint_wal`), and `Store`, the SQLite engine: one writer thread with group
-  commit, and a reader that never waits for it;
+  `write_or_keep`, `read`, `checkpoint_wal`, and `health` with the `probe_while_faulted` that
+  ends a fault), and `Store`, the SQLite engine: one writer thread with group commit, and a
+  reader that never waits for it;
 - `schema`: the tables and indexes, as numbered migrations;
 - `sqlite`: what the store asks of SQLite in particular (connection settings, the write
   transaction, the WAL checkpoint, the schema version), and the list of SQLite-only phrases
@@ -22,8 +23,9 @@ a function of a connection and the event rows it adds; a query, a function of a 
 A second backend (PostgreSQL) plugs in as another `Engine`, chosen where the supervisor opens
 the store: its own counterpart of sqlite.py, its own schema, and the phrases sqlite.py lists
 rewritten in the query modules. What callers rely on stays: a write is committed before
-`write` returns, its events get increasing `seq` and are published after the commit, and the
-query functions keep their signatures, so actors and listeners do not change.
+`write` returns, its events get increasing `seq` and are published after the commit, a
+database that takes no writes raises StoreError and is a fault in `health` until a probe
+commits, and the query functions keep their signatures, so actors and listeners do not change.
 """
 
 from jobwarden.store.engine import Engine, Store

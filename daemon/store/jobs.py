@@ -9,7 +9,7 @@ nothing and says so, instead of corrupting a job's history.
 from __future__ import annotations
 
 import sqlite3
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 
@@ -44,6 +44,8 @@ class NewJob(msgspec.Struct, frozen=True):
     priority: int
     idempotency_key: str | None
     max_attempts: int
+    # The client's own id for this submission, the same each time it sends it again.
+    submission_id: str | None = None
 
 
 class Quota(msgspec.Struct, frozen=True, kw_only=True):
@@ -80,6 +82,15 @@ class Refused(msgspec.Struct):
     code: str
     message: str
     retry_after: float | None = None
+
+
+class ProcessGroup(NamedTuple):
+    """A running command's process group as recorded: its id (the leader's pid) and the
+    leader's identity ("<boot id>:<start ticks>"), so a reused pid is never taken for it."""
+
+    job_id: int
+    pgid: int
+    identity: str
 
 
 FAIR_CLOCK = "fair_clock"
@@ -137,24 +148,87 @@ def _save_submitters(conn: sqlite3.Connection, seen: dict[str, Submitter], day: 
     )
 
 
+def _key_holder(
+    conn: sqlite3.Connection, new: NewJob, now: float, window: float
+) -> tuple[Any, ...] | None:
+    """The row of the job a keyed submission repeats, if any: the user's queued or running
+    job with that key; else the finished job that this very submission made (a client's
+    resend, by its submission_id); else the job with that key that finished the latest, if
+    within `window` seconds."""
+    key = (new.user, new.idempotency_key)
+    row = conn.execute(
+        f"SELECT {JOB_COLUMNS} FROM jobs INDEXED BY jobs_idempotency_active "
+        "WHERE user = ? AND idempotency_key = ? AND status IN ('queued', 'running')",
+        key,
+    ).fetchone()
+    if row is None and new.submission_id is not None:
+        # Walks the key's finished jobs from the latest, which is the resent one but when
+        # the same key has been used again since.
+        row = conn.execute(
+            f"SELECT {JOB_COLUMNS} FROM jobs INDEXED BY jobs_idempotency_finished "
+            "WHERE user = ? AND idempotency_key = ? AND finished_at IS NOT NULL "
+            "AND submission_id = ? ORDER BY finished_at DESC LIMIT 1",
+            (*key, new.submission_id),
+        ).fetchone()
+    if row is None and window > 0:
+        row = conn.execute(
+            f"SELECT {JOB_COLUMNS} FROM jobs INDEXED BY jobs_idempotency_finished "
+            "WHERE user = ? AND idempotency_key = ? AND finished_at >= ? "
+            "ORDER BY finished_at DESC LIMIT 1",
+            (*key, now - window),
+        ).fetchone()
+    return row
+
+
+def _repeat(
+    conn: sqlite3.Connection, new: NewJob, now: float, window: float
+) -> Admitted | Refused | None:
+    """A submission whose key holds a job gets that job, if it asks for the same work (kind
+    and payload); else CONFLICT, naming the job. None: the key holds no job."""
+    if new.idempotency_key is None:
+        return None
+    row = _key_holder(conn, new, now, window)
+    if row is None:
+        return None
+    job = job_from_row(row)
+    if job.kind == new.kind and _same_json(job.payload, msgspec.json.decode(new.payload_json)):
+        return Admitted(job, True)
+    what = "kind" if job.kind != new.kind else "payload"
+    return Refused(
+        "CONFLICT",
+        f"idempotency key '{new.idempotency_key}' belongs to job {job.id} ({job.status}), "
+        f"submitted with another {what}; use a new key for new work",
+    )
+
+
+def _same_json(a: Any, b: Any) -> bool:
+    """Equal as JSON: key order aside, exactly (1 and 1.0, or true and 1, differ)."""
+    return msgspec.json.encode(a, order="sorted") == msgspec.json.encode(b, order="sorted")
+
+
+def find_repeats(
+    conn: sqlite3.Connection, *, batch: list[NewJob], now: float, idempotency_window: float
+) -> list[Admitted | Refused | None]:
+    """For each keyed submission, the job it repeats (or its CONFLICT), as `insert_many`
+    would answer it; a read, so admission can answer a repeat before spending a rate token."""
+    return [_repeat(conn, new, now, idempotency_window) for new in batch]
+
+
 def _insert(
     conn: sqlite3.Connection,
     events: Events,
     new: NewJob,
     now: float,
     quota: Quota,
+    window: float,
     fair_clock: int,
     seen: dict[str, Submitter],
 ) -> Admitted | Refused:
-    """One submission of a batch: the user's guards, then the job. With an idempotency key
-    this user has used, the job it made instead (no guard applies to a repeat)."""
-    if new.idempotency_key is not None:
-        row = conn.execute(
-            f"SELECT {JOB_COLUMNS} FROM jobs WHERE user = ? AND idempotency_key = ?",
-            (new.user, new.idempotency_key),
-        ).fetchone()
-        if row is not None:
-            return Admitted(job_from_row(row), True)
+    """One submission of a batch: the user's guards, then the job. A repeat of a job (see
+    `_repeat`) gets that job or CONFLICT instead, and no guard applies to it."""
+    repeat = _repeat(conn, new, now, window)
+    if repeat is not None:
+        return repeat
     user = _submitter(conn, new.user, quota, now, seen)
     if isinstance(user, Refused):
         return user
@@ -176,15 +250,16 @@ def _insert(
         )
     tag = max(user.last_tag + 1, fair_clock)
     cursor = conn.execute(
-        "INSERT INTO jobs (kind, user, status, priority, payload, idempotency_key, max_attempts,"
-        " created_at, updated_at, available_at, fair_tag, credits)"
-        " VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO jobs (kind, user, status, priority, payload, idempotency_key, submission_id,"
+        " max_attempts, created_at, updated_at, available_at, fair_tag, credits)"
+        " VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             new.kind,
             new.user,
             new.priority,
             new.payload_json,
             new.idempotency_key,
+            new.submission_id,
             new.max_attempts,
             now,
             now,
@@ -275,15 +350,17 @@ def insert_many(
     batch: list[NewJob],
     now: float,
     quota: Quota = NO_QUOTA,
+    idempotency_window: float = 0.0,
 ) -> list[Admitted | Refused | Exception]:
     """Insert a batch of submissions in one write; one that the database refuses is answered
-    with its error while the others are accepted."""
+    with its error while the others are accepted. A finished job's key returns that job for
+    `idempotency_window` seconds after it finished."""
     fair_clock = get_setting(conn, FAIR_CLOCK, 0)
     seen: dict[str, Submitter] = {}
 
     def insert_one(new: NewJob) -> Admitted | Refused:
         try:
-            return _insert(conn, events, new, now, quota, fair_clock, seen)
+            return _insert(conn, events, new, now, quota, idempotency_window, fair_clock, seen)
         except Exception:
             # Its savepoint is rolled back: a user it created is gone again.
             if new.user in seen and seen[new.user].fresh:
@@ -550,7 +627,22 @@ def requeue_manual(
     now: float,
 ) -> JobView | Refused | None:
     """An operator's retry of a failed or canceled job: a fresh set of attempts, checkpoint
-    kept, and its credits reserved again. None when the job is in no state to retry."""
+    kept, and its credits reserved again. None when the job is in no state to retry;
+    CONFLICT when its idempotency key belongs to another active job now."""
+    holder = conn.execute(
+        "SELECT active.id, active.status, retried.idempotency_key FROM jobs AS retried "
+        "JOIN jobs AS active INDEXED BY jobs_idempotency_active "
+        "ON active.user = retried.user AND active.idempotency_key = retried.idempotency_key "
+        "AND active.status IN ('queued', 'running') "
+        "WHERE retried.id = ? AND retried.status IN ('failed', 'canceled')",
+        (job_id,),
+    ).fetchone()
+    if holder is not None:
+        return Refused(
+            "CONFLICT",
+            f"job {job_id}'s idempotency key '{holder[2]}' belongs to job {holder[0]} "
+            f"({holder[1]}) now; retry job {job_id} once that one has finished",
+        )
     row = conn.execute(
         "SELECT users.credits, users.name FROM jobs JOIN users ON users.name = jobs.user "
         "WHERE jobs.id = ? AND jobs.status IN ('failed', 'canceled')",
@@ -611,11 +703,19 @@ def report_progress(
     return True
 
 
-def heartbeat(conn: sqlite3.Connection, events: Events, job_id: int, *, now: float) -> bool:
+def _set_while_running(conn: sqlite3.Connection, job_id: int, **columns: Any) -> bool:
+    """Set columns of a job that is still running; False once it is not (it ended meanwhile).
+    The column names are the callers' own, never input."""
+    assignments = ", ".join(f"{column} = ?" for column in columns)
     cursor = conn.execute(
-        "UPDATE jobs SET heartbeat_at = ? WHERE id = ? AND status = 'running'", (now, job_id)
+        f"UPDATE jobs SET {assignments} WHERE id = ? AND status = 'running'",
+        (*columns.values(), job_id),
     )
     return cursor.rowcount > 0
+
+
+def heartbeat(conn: sqlite3.Connection, events: Events, job_id: int, *, now: float) -> bool:
+    return _set_while_running(conn, job_id, heartbeat_at=now)
 
 
 def prune_finished(conn: sqlite3.Connection, events: Events, *, before: float, batch: int) -> int:
@@ -637,19 +737,23 @@ def prune_finished(conn: sqlite3.Connection, events: Events, *, before: float, b
 def save_checkpoint(
     conn: sqlite3.Connection, events: Events, job_id: int, *, checkpoint: Any, now: float
 ) -> bool:
-    cursor = conn.execute(
-        "UPDATE jobs SET checkpoint = ?, heartbeat_at = ?, updated_at = ? "
-        "WHERE id = ? AND status = 'running'",
-        (dump_json(checkpoint), now, now, job_id),
+    return _set_while_running(
+        conn, job_id, checkpoint=dump_json(checkpoint), heartbeat_at=now, updated_at=now
     )
-    return cursor.rowcount > 0
+
+
+def record_process_group(
+    conn: sqlite3.Connection, events: Events, job_id: int, *, pgid: int, identity: str
+) -> bool:
+    return _set_while_running(conn, job_id, process_group=pgid, process_identity=identity)
 
 
 def recover_running(
     conn: sqlite3.Connection, events: Events, *, now: float, crash_loop_after: int
 ) -> dict[str, int]:
     """At start-up: jobs left `running` by a crash go back to the queue (RECOVERED); one that
-    has now been running at `crash_loop_after` crashes fails CRASH_LOOP."""
+    has now been running at `crash_loop_after` crashes fails CRASH_LOOP. Their recorded
+    process groups are forgotten: the caller has ended what was left of them."""
     rows = conn.execute(
         "SELECT id, user, kind, recoveries, attempt, credits FROM jobs WHERE status = 'running'"
     ).fetchall()
@@ -665,7 +769,8 @@ def recover_running(
             )
             conn.execute(
                 "UPDATE jobs SET status = 'failed', recoveries = ?, finished_at = ?,"
-                " updated_at = ?, error = ?, reason = 'CRASH_LOOP' WHERE id = ?",
+                " updated_at = ?, error = ?, reason = 'CRASH_LOOP', process_group = NULL,"
+                " process_identity = NULL WHERE id = ?",
                 (recoveries, now, now, dump_json(error), job_id),
             )
             if credits:
@@ -681,7 +786,7 @@ def recover_running(
             continue
         conn.execute(
             "UPDATE jobs SET status = 'queued', recoveries = ?, available_at = ?, updated_at = ?,"
-            " reason = 'RECOVERED' WHERE id = ?",
+            " reason = 'RECOVERED', process_group = NULL, process_identity = NULL WHERE id = ?",
             (recoveries, now, now, job_id),
         )
         add_event(
@@ -709,6 +814,15 @@ def set_setting(conn: sqlite3.Connection, events: Events, key: str, value: Any) 
 def get_setting(conn: sqlite3.Connection, key: str, default: Any = None) -> Any:
     row = conn.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
     return default if row is None else msgspec.json.decode(row[0])
+
+
+def running_process_groups(conn: sqlite3.Connection) -> list[ProcessGroup]:
+    """The process groups recorded for running jobs: after a crash, what may be left."""
+    rows = conn.execute(
+        "SELECT id, process_group, process_identity FROM jobs "
+        "WHERE status = 'running' AND process_group IS NOT NULL"
+    )
+    return [ProcessGroup(*row) for row in rows]
 
 
 def get_job(conn: sqlite3.Connection, job_id: int) -> JobView | None:

@@ -1,5 +1,6 @@
-"""The ledger's rows: one per external call, what it cost and to whom, kept when finished jobs
-are pruned; totals by budget day and month, and reports by service, user or kind."""
+"""The ledger's rows: one per external call, what it cost and to whom, and what it cost beyond
+its reservation (`overrun_usd`), kept when finished jobs are pruned; totals by budget day and
+month, and reports by service, user or kind."""
 
 from __future__ import annotations
 
@@ -13,16 +14,23 @@ def record_entry(conn: sqlite3.Connection, events: Events, *, entry: tuple) -> N
     """A ledger row and, for a job's call, a `cost` event with the job's running total, so
     its watchers see what it spends as it spends it."""
     conn.execute(
-        "INSERT INTO ledger (job_id, user, kind, service, units, usd, ok, at, day, month) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO ledger (job_id, user, kind, service, units, usd, ok, at, day, month, "
+        "overrun_usd) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         entry,
     )
-    job_id, user, kind, service, units, usd, ok, at = entry[:8]
+    job_id, user, kind, service, units, usd, ok, at, _, _, overrun_usd = entry
     if job_id:
         job_usd = conn.execute(
             "SELECT SUM(usd) FROM ledger WHERE job_id = ?", (job_id,)
         ).fetchone()[0]
-        data = {"service": service, "units": units, "usd": usd, "ok": bool(ok), "job_usd": job_usd}
+        data = {
+            "service": service,
+            "units": units,
+            "usd": usd,
+            "ok": bool(ok),
+            "job_usd": job_usd,
+            "overrun_usd": overrun_usd,
+        }
         add_event(events, (job_id, user, kind), "cost", at, data)
 
 
@@ -42,9 +50,10 @@ def report(conn: sqlite3.Connection, *, period: str, by: str) -> dict[str, Any]:
         f"WHERE {where} GROUP BY {column} ORDER BY SUM(usd) DESC",
         (period,),
     ).fetchall()
-    calls, failed, usd, job_count = conn.execute(
+    calls, failed, usd, job_count, overruns, overrun_usd = conn.execute(
         f"SELECT COUNT(*), COALESCE(SUM(1 - ok), 0), COALESCE(SUM(usd), 0), "
-        f"COUNT(DISTINCT job_id) FROM ledger WHERE {where}",
+        f"COUNT(DISTINCT job_id), COUNT(CASE WHEN overrun_usd > 0 THEN 1 END), "
+        f"COALESCE(SUM(overrun_usd), 0) FROM ledger WHERE {where}",
         (period,),
     ).fetchone()
     return {
@@ -59,4 +68,7 @@ def report(conn: sqlite3.Connection, *, period: str, by: str) -> dict[str, Any]:
         "usd": round(usd, 6),
         "jobs": job_count,
         "usd_per_job": round(usd / job_count, 6) if job_count else None,
+        # Calls that cost more than they reserved, and by how much in all.
+        "overruns": overruns,
+        "overrun_usd": round(overrun_usd, 6),
     }

@@ -1,4 +1,5 @@
-"""The rows the monitor's rules look at: running jobs, and queued jobs that may be late."""
+"""The rows the monitor's rules look at: running jobs, queued jobs that may be late, and what
+became of jobs found stuck."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import sqlite3
 from typing import NamedTuple
 
 import msgspec
+
+from jobwarden.store.rows import placeholders
 
 
 class Row(NamedTuple):
@@ -48,3 +51,22 @@ def find_candidates(
         "SELECT MIN(available_at), MIN(created_at) FROM jobs WHERE status = 'queued'"
     ).fetchone()
     return Candidates(running_rows, queued_rows, oldest_available, oldest_created)
+
+
+class StuckRow(NamedTuple):
+    id: int
+    status: str
+    attempt: int
+    started_at: float | None
+    heartbeat_at: float | None
+
+
+def stuck_rows(conn: sqlite3.Connection, job_ids: list[int]) -> list[StuckRow]:
+    """What became of jobs the rules found stuck: enough to tell whether they still are."""
+    if not job_ids:
+        return []
+    rows = conn.execute(
+        f"SELECT {', '.join(StuckRow._fields)} FROM jobs WHERE id IN ({placeholders(job_ids)})",
+        job_ids,
+    )
+    return [StuckRow(*row) for row in rows]

@@ -90,11 +90,17 @@ def status_events(
     return [StatusEvent(*row) for row in rows]
 
 
-def failed_calls_by_service(conn: sqlite3.Connection) -> dict[str, int]:
-    rows = conn.execute(
-        "SELECT service, COUNT(*) FROM ledger WHERE ok = 0 GROUP BY service ORDER BY service"
-    ).fetchall()
-    return dict(rows)
+class CallTry(NamedTuple):
+    job_id: int | None
+    service: str
+    ok: bool
+    at: float
+
+
+def call_tries(conn: sqlite3.Connection) -> list[CallTry]:
+    """Every try of a provider call, as the ledger booked it, in booking order."""
+    rows = conn.execute("SELECT job_id, service, ok, at FROM ledger ORDER BY id").fetchall()
+    return [CallTry(job, service, bool(ok), at) for job, service, ok, at in rows]
 
 
 def service_totals(conn: sqlite3.Connection) -> list[ServiceTotals]:

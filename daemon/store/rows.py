@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from jobwarden.store.sqlite import Connection
+from jobwarden.store.sqlite import Connection, is_fault
 from jobwarden.wire.views import ErrorBody, Event, JobView
 
 T = TypeVar("T")
@@ -91,13 +91,16 @@ def apply_each(
     All items go in one savepoint first. If one raises, all are rolled back (and `reset`
     called, to forget what they left in memory), then applied again in a savepoint each, so
     that only the failing ones fail. A savepoint per item from the start would cost more than
-    the items: SQLite copies every page a savepoint changes first.
+    the items: SQLite copies every page a savepoint changes first. A database that fails
+    (disk full, I/O error) fails every item alike: that is raised, for the engine to handle.
     """
     mark = len(events)
     conn.execute("SAVEPOINT batch")
     try:
         results: list[T | Exception] = [apply_one(item) for item in items]
-    except Exception:
+    except Exception as exc:
+        if is_fault(exc):
+            raise
         conn.execute("ROLLBACK TO batch")
         del events[mark:]
         results = []
@@ -112,6 +115,8 @@ def apply_each(
         try:
             results.append(apply_one(item))
         except Exception as exc:
+            if is_fault(exc):
+                raise
             conn.execute("ROLLBACK TO item")
             del events[mark:]
             results.append(exc)

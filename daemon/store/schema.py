@@ -7,7 +7,7 @@ statements are SQLite's (see sqlite.py for what another backend writes different
 
 from __future__ import annotations
 
-from jobwarden.errors import StoreError
+from jobwarden.errors import StartupError
 from jobwarden.store import sqlite
 
 MIGRATIONS: list[str] = [
@@ -129,6 +129,29 @@ MIGRATIONS: list[str] = [
         WHERE status = 'queued';
     CREATE INDEX jobs_finished ON jobs(finished_at) WHERE finished_at IS NOT NULL;
     """,
+    """
+    -- An idempotency key binds the user's active job only: once the job has finished, the key
+    -- starts a new one. Two active jobs of a user never share a key, however the submissions
+    -- race, and an operator's retry may not bring back a job whose key is taken again.
+    DROP INDEX jobs_idempotency;
+    CREATE UNIQUE INDEX jobs_idempotency_active ON jobs(user, idempotency_key)
+        WHERE idempotency_key IS NOT NULL AND status IN ('queued', 'running');
+    -- The finished jobs with a key: for the idempotency window, and for a resend of the very
+    -- submission that made one (its client's submission_id).
+    CREATE INDEX jobs_idempotency_finished ON jobs(user, idempotency_key, finished_at)
+        WHERE idempotency_key IS NOT NULL AND finished_at IS NOT NULL;
+    ALTER TABLE jobs ADD COLUMN submission_id TEXT;
+    """,
+    """
+    -- What a call cost beyond the worst case it reserved (0: it kept within): an overrun.
+    ALTER TABLE ledger ADD COLUMN overrun_usd REAL NOT NULL DEFAULT 0;
+    """,
+    """
+    -- A running command's process group, and what identifies its leader beyond a reusable pid
+    -- (boot id and start time): what a restart after a crash ends before the job runs again.
+    ALTER TABLE jobs ADD COLUMN process_group INTEGER;
+    ALTER TABLE jobs ADD COLUMN process_identity TEXT;
+    """,
 ]
 
 
@@ -136,7 +159,7 @@ def migrate(conn: sqlite.Connection) -> int:
     """Bring the database to the newest schema version; returns that version."""
     version = sqlite.schema_version(conn)
     if version > len(MIGRATIONS):
-        raise StoreError(
+        raise StartupError(
             f"database schema version {version} is newer than this jobwarden knows "
             f"({len(MIGRATIONS)}); upgrade jobwarden"
         )

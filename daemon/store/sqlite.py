@@ -36,6 +36,35 @@ DatabaseError = sqlite3.Error
 # A database that lives only as long as its one connection (tests).
 IN_MEMORY = ":memory:"
 
+# Result codes (the primary code, the low byte of an extended one) that say the database
+# cannot take writes now, whatever the write: the file is busy, read-only, failing, damaged,
+# gone or not a database, the disk is full, or memory ran out.
+_FAULTS = frozenset(
+    {
+        sqlite3.SQLITE_BUSY,
+        sqlite3.SQLITE_NOMEM,
+        sqlite3.SQLITE_READONLY,
+        sqlite3.SQLITE_IOERR,
+        sqlite3.SQLITE_CORRUPT,
+        sqlite3.SQLITE_CANTOPEN,
+        sqlite3.SQLITE_FULL,
+        sqlite3.SQLITE_PROTOCOL,
+        sqlite3.SQLITE_NOTADB,
+    }
+)
+
+
+def is_fault(exc: BaseException) -> bool:
+    """The database, not the statement, failed: no write can succeed until it is mended."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is not None and (code & 0xFF) in _FAULTS
+
+
+def is_full(exc: BaseException) -> bool:
+    """The disk (or the database's size limit) is full."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is not None and (code & 0xFF) == sqlite3.SQLITE_FULL
+
 
 def connect(path: str, synchronous: str) -> Connection:
     """A connection in autocommit mode: the engine says where each transaction begins."""
@@ -85,9 +114,11 @@ def migrate_to(conn: Connection, version: int, script: str) -> None:
 
 def copy_database(source: str | Path, target: str | Path) -> None:
     """A consistent copy of the database as it is committed now, by SQLite's online backup:
-    what a `kill -9` at this instant would leave on disk."""
+    what a `kill -9` at this instant would leave on disk. The source is opened read-only, so a
+    path with no database behind it is an error rather than a new, empty one."""
+    read_only = f"{Path(source).resolve().as_uri()}?mode=ro"
     with (
-        contextlib.closing(sqlite3.connect(source)) as origin,
+        contextlib.closing(sqlite3.connect(read_only, uri=True)) as origin,
         contextlib.closing(sqlite3.connect(target)) as copy,
     ):
         origin.backup(copy)

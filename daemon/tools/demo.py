@@ -127,6 +127,10 @@ async def storybook(ctx: JobContext, request: StoryRequest) -> dict:
     # Its own generator, so that turning faults on leaves every latency draw as it was.
     fault_rng = random.Random(None if seeded is None else f"{seeded}:fault")
     doom = draw_terminal_failure(options.terminal_failure_rate, images_total, fault_rng)
+    if request.hang_once:
+        # A job made to hang tests the monitor: a doom that ended it before the hang would
+        # count against recovery a job that never got stuck.
+        doom = None
 
     def doomed(code: str, call: int = 0) -> TerminalFailure | None:
         return doom if doom == (code, call) else None

@@ -10,7 +10,7 @@ The store therefore runs inline on the trio thread: on MockClock, a write in fli
 thread would let autojump move time under it.
 
 Every figure in the report is read from the store and the ledger after the run
-(daemon/report.py). The driver keeps only what no table holds: the submissions that were
+(jobwarden.tools.report). The driver keeps only what no table holds: the submissions that were
 refused, by the code their reply carried, and which jobs it made hang.
 """
 
@@ -24,7 +24,6 @@ import json
 import math
 import os
 import random
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -419,6 +418,7 @@ class LoadTest:
         self.show: Callable[[dict[str, Any]], None] = _show_nothing
 
     def write_config(self) -> Config:
+        """Raises FileExistsError when the run's database is there already."""
         scenario = self.plan.scenario
         text = CONFIG_TEMPLATE.format(
             test_id=self.test_id,
@@ -675,11 +675,7 @@ def loadtest_main(args: argparse.Namespace) -> int:
         else trio.testing.MockClock(rate=plan.speed)
     )
     test_id = datetime.datetime.now().strftime("longrun_%Y%m%d_%H%M%S")
-    try:
-        outcome = trio.run(lambda: run_loadtest(plan, test_id=test_id), clock=clock)
-    except FileExistsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    outcome = trio.run(lambda: run_loadtest(plan, test_id=test_id), clock=clock)
     if args.json:
         print(_json({"run": msgspec.to_builtins(outcome.record), "figures": outcome.figures}))
     else:

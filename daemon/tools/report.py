@@ -4,7 +4,9 @@
 jobwarden.store.reports), the config the run used and the driver's record, which holds only
 what no table can: the submissions admission refused, and which jobs were made to hang. The
 renderers turn the figures into the load test's report (markdown), a short summary, and PNG charts
-when matplotlib is installed (`pip install 'jobwarden[report]'`).
+when matplotlib is installed (`pip install 'jobwarden[report]'`). The report ends with what the
+run says to do: recommendations, each derived from a figure and the config's own threshold for
+it, and a conclusion from five checks.
 """
 
 from __future__ import annotations
@@ -82,6 +84,8 @@ def collect(conn: Connection, config: Config, record: dict[str, Any]) -> dict[st
         figures["cost"]["per_job_usd"], record["plan"]["daily_volume"], config.budget.daily_usd
     )
     figures["guardrails"] = _guardrails(conn, record, figures, config)
+    figures["recommendations"] = _recommendations(figures, config)
+    figures["conclusion"] = _conclusion(figures, config)
     return figures
 
 
@@ -185,18 +189,60 @@ def _durations(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _retries(conn: Connection, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Job retries (another attempt of the whole job, after its backoff) beside provider
+    call retries (`ctx.call` trying one call again after the service's `retries` wait)."""
     retried = reports.status_events(conn, reason="RETRY")
     per_job = Counter(event.job_id for event in retried)
     causes = Counter(event.error_code or "UNKNOWN" for event in retried)
-    failed_calls = reports.failed_calls_by_service(conn)
+    calls = _call_retries(reports.call_tries(conn), reports.status_events(conn))
     return {
         "job_retries": len(retried),
         "per_job": len(retried) / len(rows) if rows else 0.0,
         "max_per_job": max(per_job.values(), default=0),
         "jobs_retried": len(per_job),
         "causes": dict(causes.most_common()),
-        "failed_calls": failed_calls,
-        "failed_calls_total": sum(failed_calls.values()),
+        **calls,
+        "call_retries_total": sum(calls["call_retries"].values()),
+        "calls_given_up_total": sum(calls["calls_given_up"].values()),
+        "failed_calls_total": sum(calls["failed_calls"].values()),
+    }
+
+
+def _call_retries(
+    tries: list[reports.CallTry], events: list[reports.StatusEvent]
+) -> dict[str, dict[str, int]]:
+    """Which failed tries were tried again. A handler makes its calls one after another (the
+    demo storybook does), so a failed try was retried when its job's next try, in the same
+    attempt, is of the same service; one that ended its attempt was given up (the attempt
+    then failed or was retried as a whole)."""
+    attempt_starts: dict[int, list[float]] = defaultdict(list)
+    for event in events:
+        if event.status == "running":
+            attempt_starts[event.job_id].append(event.at)
+    by_job: dict[int | None, list[reports.CallTry]] = defaultdict(list)
+    for call in tries:
+        by_job[call.job_id].append(call)
+    failed: Counter[str] = Counter()
+    retried: Counter[str] = Counter()
+    for job_id, calls in by_job.items():
+        starts = attempt_starts.get(job_id, []) if job_id is not None else []
+        for call, following in zip(calls, [*calls[1:], None], strict=True):
+            if call.ok:
+                continue
+            failed[call.service] += 1
+            same_attempt = following is not None and not any(
+                call.at < start <= following.at for start in starts
+            )
+            if same_attempt and following.service == call.service:
+                retried[call.service] += 1
+    return {
+        "failed_calls": dict(sorted(failed.items())),
+        "call_retries": dict(sorted(retried.items())),
+        "calls_given_up": {
+            service: failed[service] - retried[service]
+            for service in sorted(failed)
+            if failed[service] > retried[service]
+        },
     }
 
 
@@ -384,6 +430,264 @@ def _guardrails(
     }
 
 
+# -- what the run says to do -----------------------------------------------------------------
+
+# Headroom over the projected daily spend when the budget needs raising.
+BUDGET_HEADROOM = 1.2
+
+
+def _advice(topic: str, finding: str, advice: str | None = None) -> dict[str, Any]:
+    """One recommendation: what the run showed and, when it calls for action, what to do."""
+    return {"topic": topic, "act": advice is not None, "finding": finding, "advice": advice}
+
+
+def _recommendations(figures: dict[str, Any], config: Config) -> list[dict[str, Any]]:
+    found = [_failure_rate_advice(figures, config)]
+    found += _breaker_advice(figures, config)
+    found += _budget_advice(figures, config)
+    found += _stuck_advice(figures["stuck"])
+    job = figures["jobs"]
+    if job["unfinished"] and not _budget_stopped(figures):
+        found.append(
+            _advice(
+                "Capacity",
+                f"{job['unfinished']:,} jobs were still queued or running an hour after the "
+                f"last arrival ({counts(job['unfinished_by_reason'])}).",
+                f"The {config.daemon.max_concurrent_jobs} slots (`daemon.max_concurrent_jobs`) "
+                "or the providers' limits fall short of this load: raise them, or expect a "
+                "queue that grows through the day.",
+            )
+        )
+    rejections = figures["guardrails"]["rejections"]
+    if rejections:
+        refused = sum(rejections.values())
+        found.append(
+            _advice(
+                "Request guards",
+                f"{refused:,} of {figures['guardrails']['submitted']:,} submissions were refused "
+                f"({counts(rejections)}): the guards held the flood back. Raise `[limits]` only "
+                "if users this busy are ones to serve.",
+            )
+        )
+    return found
+
+
+def _failure_rate_advice(figures: dict[str, Any], config: Config) -> dict[str, Any]:
+    job, threshold = figures["jobs"], config.monitor.failure_rate_alert
+    if not job["finished"]:
+        return _advice("Failure rate", "No job finished.", "Run longer, or look at the log.")
+    rate = job["failed"] / job["finished"]
+    stated = (
+        f"{percent(rate)} of the finished jobs failed ({job['failed']:,} of "
+        f"{job['finished']:,}); the alert threshold is {percent(threshold)} "
+        "(`monitor.failure_rate_alert`)"
+    )
+    if rate <= threshold:
+        worst = [hour for hour in figures["hours"] if _hour_failure_rate(hour) > threshold]
+        if not worst:
+            return _advice("Failure rate", f"{stated}, and no hour passed it.")
+        return _advice(
+            "Failure rate",
+            f"{stated}. Over the run it held, but {'hours' if len(worst) > 1 else 'hour'} "
+            + _and([f"{h['hour']} ({percent(_hour_failure_rate(h))})" for h in worst])
+            + " passed it.",
+            f"The alert looks at {format_duration(config.monitor.failure_window)} at a time, "
+            "so it would fire for such a stretch: expect it, or look at what failed then.",
+        )
+    top = figures["failures"][0]
+    return _advice(
+        "Failure rate",
+        f"{stated}: in production this run would raise the failure-rate alert.",
+        f"Start with the commonest cause, `{top['code']}` ({top['jobs']:,} jobs; "
+        "`jobwarden jobs --status failed` lists them). Raise the threshold only once the "
+        "causes are understood.",
+    )
+
+
+def _hour_failure_rate(hour: dict[str, Any]) -> float:
+    finished = hour["done"] + hour["failed"]
+    return hour["failed"] / finished if finished else 0.0
+
+
+def _breaker_advice(figures: dict[str, Any], config: Config) -> list[dict[str, Any]]:
+    opened = {service: entry for service, entry in figures["breakers"].items() if entry["opened"]}
+    if not opened:
+        return [_advice("Circuit breakers", "No circuit opened.")]
+    calls = {service["service"]: service for service in figures["services"]}
+    findings, bursts, outages = [], [], []
+    for service, entry in opened.items():
+        totals = calls.get(service, {"calls": 0, "failed": 0})
+        rate = totals["failed"] / totals["calls"] if totals["calls"] else 0.0
+        findings.append(
+            f"the {service} circuit opened {entry['opened']:,} times (open "
+            f"{format_duration(entry['open_seconds'])} in all, while {percent(rate)} of its "
+            f"{totals['calls']:,} calls failed over the run)"
+        )
+        spec = config.services[service].breaker
+        (bursts if rate < spec.error_rate else outages).append((service, spec))
+    advice = []
+    if bursts:
+        advice.append(
+            "Under their breakers' `error_rate`, "
+            + ", ".join(
+                f"{service}'s {percent(spec.error_rate)} over {format_duration(spec.window)} "
+                f"from {spec.min_calls} calls"
+                for service, spec in bursts
+            )
+            + ", short bursts trip them: to tell a burst from an outage, raise `min_calls` or "
+            "lengthen `window` under "
+            + ", ".join(f"`services.{service}.breaker`" for service, _ in bursts)
+            + "."
+        )
+    if outages:
+        advice.append(
+            ", ".join(service for service, _ in outages)
+            + " failed beyond the breaker's `error_rate`, which kept calls off the provider "
+            "meanwhile: take it up with the provider, or add a fallback."
+        )
+    if "image" in opened and figures["jobs"]["degraded"]:
+        advice.append(
+            f"Meanwhile {figures['jobs']['degraded']:,} books finished with placeholder images."
+        )
+    finding = "; ".join(findings)
+    return [_advice("Circuit breakers", f"{finding[0].upper()}{finding[1:]}.", " ".join(advice))]
+
+
+def _budget_advice(figures: dict[str, Any], config: Config) -> list[dict[str, Any]]:
+    projection, budget = figures["projection"], config.budget
+    if projection["daily_usd"] is None:
+        return [_advice("Budget", "No job was charged, so there is no spend to project.")]
+    volume = f"{projection['books_per_day']:,} books a day"
+    over = [
+        (name, projected, limit, key)
+        for name, projected, limit, key in (
+            ("daily", projection["daily_usd"], budget.daily_usd, "daily_usd"),
+            ("monthly", projection["monthly_usd"], budget.monthly_usd, "monthly_usd"),
+        )
+        if limit and projected > limit
+    ]
+    found = []
+    if over:
+        found.append(
+            _advice(
+                "Budget",
+                f"At {volume} the projection is {money(projection['daily_usd'])} a day and "
+                f"{money(projection['monthly_usd'])} a month, past the "
+                + " and the ".join(f"{name} budget of {money(limit)}" for name, _, limit, _ in over)
+                + ".",
+                "Spending would stop every day after "
+                f"{projection['books_within_budget']:,} books. Raise "
+                + " and ".join(
+                    f"`budget.{key}` to {money(math.ceil(projected * BUDGET_HEADROOM), 0)}"
+                    for _, projected, _, key in over
+                )
+                + f" (the projection and {percent(BUDGET_HEADROOM - 1)} headroom), or plan for "
+                "fewer books.",
+            )
+        )
+    else:
+        share = projection["daily_usd"] / budget.daily_usd if budget.daily_usd else None
+        alerts = [fraction for fraction in budget.alert_at if share and fraction <= share]
+        finding = (
+            f"At {volume} the projection is {money(projection['daily_usd'])} a day "
+            f"({percent(share)} of the daily budget) and {money(projection['monthly_usd'])} a "
+            "month: within the limits."
+        )
+        advice = (
+            f"The {percent(max(alerts))} budget alert would fire every day, so it would stop "
+            "meaning anything: raise `budget.alert_at` or the budget."
+            if alerts
+            else None
+        )
+        found.append(_advice("Budget", finding, advice))
+    if _budget_stopped(figures):
+        held = figures["guardrails"]["budget"]["jobs_held_for_budget"]
+        waiting = figures["jobs"]["unfinished"]
+        found.append(
+            _advice(
+                "Budget stop",
+                f"The budget stopped spending during the run: {held:,} times a job went back "
+                f"to wait for budget (BUDGET_WAIT), and {waiting:,} jobs were left waiting for "
+                "the next budget day.",
+                "That is the hard limit at work; if this volume is the plan, the budget is "
+                "too small for it.",
+            )
+        )
+    return found
+
+
+def _budget_stopped(figures: dict[str, Any]) -> bool:
+    budget = figures["guardrails"]["budget"]
+    return bool(budget["stopped_at_end"] or budget["jobs_held_for_budget"])
+
+
+def _stuck_advice(stuck: dict[str, Any]) -> list[dict[str, Any]]:
+    if not stuck["injected"]:
+        return [
+            _advice(
+                "Stuck jobs",
+                "No stuck jobs were injected, so recovery went untested.",
+                "Run with `--inject-stuck 3` (the default) to see the monitor find them.",
+            )
+        ]
+    finding = (
+        f"{stuck['recovered']} of {stuck['injected']} injected stuck jobs were recovered "
+        f"(found by rule: {counts(stuck['by_rule'])})."
+    )
+    if stuck["recovered"] == stuck["injected"]:
+        return [_advice("Stuck jobs", finding)]
+    return [
+        _advice(
+            "Stuck jobs",
+            finding,
+            "The monitor left some hanging: check `monitor.stuck_after` and `stall_after` "
+            "against the kind's `timeout`, and the monitor's log lines.",
+        )
+    ]
+
+
+# Each check of the verdict: what holds when it passes, and what went wrong when it fails.
+CHECKS = {
+    "failure_rate": (
+        "failure rate within the alert threshold",
+        "the failure rate passed the alert threshold",
+    ),
+    "stuck": ("stuck job recovery", "stuck jobs were left hanging"),
+    "lost": ("no accepted job lost", "accepted jobs were lost"),
+    "finished": ("every job finished", "jobs were left unfinished"),
+    "budget": ("spend within the daily budget", "spend passed the daily budget"),
+}
+
+
+def _conclusion(figures: dict[str, Any], config: Config) -> dict[str, Any]:
+    """The verdict: ready at this load when no check fails; the checks a run could not make
+    (no stuck job injected, none finished) are named as untested."""
+    job, stuck, cost = figures["jobs"], figures["stuck"], figures["cost"]
+    budget = figures["guardrails"]["budget"]
+    rate = job["failed"] / job["finished"] if job["finished"] else None
+    accepted = figures["guardrails"]["submitted"] - sum(
+        figures["guardrails"]["rejections"].values()
+    )
+    passed = {
+        "failure_rate": None if rate is None else rate <= config.monitor.failure_rate_alert,
+        "stuck": stuck["recovered"] == stuck["injected"] if stuck["injected"] else None,
+        "lost": job["total"] == accepted,
+        # Jobs the budget stop holds wait for the next budget day, as they should.
+        "finished": job["unfinished"] == 0 or _budget_stopped(figures),
+        "budget": budget["peak_day_share"] is None or budget["peak_day_share"] <= 1.0,
+    }
+    nominal = cost["nominal_per_book"]["total"]
+    return {
+        "ready": all(result is not False for result in passed.values()),
+        "failed": [CHECKS[name][1] for name, result in passed.items() if result is False],
+        "untested": [CHECKS[name][0] for name, result in passed.items() if result is None],
+        "failure_rate": rate,
+        "cost_vs_list_price": (
+            cost["per_job_usd"] / nominal - 1 if cost["per_job_usd"] and nominal else None
+        ),
+    }
+
+
 # -- rendering -----------------------------------------------------------------------------
 
 
@@ -476,12 +780,71 @@ def render_markdown(
         ("API Call Statistics", _api_section(figures)),
         ("Cost Analysis", _cost_section(figures)),
         ("Guardrails", _guardrail_section(figures)),
+        ("Recommendations", _recommendation_section(figures["recommendations"])),
         ("Charts", [f"![{Path(c).stem}]({Path(c).name})" for c in charts] or [charts_note or ""]),
         ("Test Artifacts", _artifact_section(record, figures)),
     ]
     for number, (title, body) in enumerate(sections, 1):
         lines += ["", f"## {number}. {title}", "", *body]
+    lines += ["", "## Conclusion", "", *_conclusion_section(figures)]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _recommendation_section(found: list[dict[str, Any]]) -> list[str]:
+    act = [item for item in found if item["act"]]
+    holding = [item for item in found if not item["act"]]
+    lines = ["Each derived from this run's figures and the config it ran with.", ""]
+    lines += ["### To act on", ""]
+    lines += [
+        f"{number}. **{item['topic']}**: {item['finding']} {item['advice']}"
+        for number, item in enumerate(act, 1)
+    ] or ["Nothing: every figure is within its limit."]
+    if holding:
+        lines += ["", "### Holding", ""]
+        lines += [f"- **{item['topic']}**: {item['finding']}" for item in holding]
+    return lines
+
+
+def _and(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
+
+
+def _conclusion_section(figures: dict[str, Any]) -> list[str]:
+    verdict, job, stuck = figures["conclusion"], figures["jobs"], figures["stuck"]
+    cost, projection = figures["cost"], figures["projection"]
+    guard = figures["guardrails"]
+    if verdict["ready"]:
+        headline = "**Ready for production at this load**: every check held."
+    else:
+        headline = f"**Not ready at this load**: {_and(verdict['failed'])}."
+    if verdict["untested"]:
+        headline += f" Not tested by this run: {_and(verdict['untested'])}."
+    recovery = (
+        f"{stuck['recovered']} of {stuck['injected']} stuck jobs recovered"
+        if stuck["injected"]
+        else "no stuck jobs injected"
+    )
+    lost = figures["guardrails"]["submitted"] - sum(guard["rejections"].values()) - job["total"]
+    difference = verdict["cost_vs_list_price"]
+    priced = (
+        ""
+        if difference is None
+        else f", {percent(abs(difference))} {'over' if difference > 0 else 'under'} the list "
+        f"price of {money(cost['nominal_per_book']['total'], 4)}"
+    )
+    opened = {service: entry["opened"] for service, entry in figures["breakers"].items()}
+    return [
+        headline,
+        "",
+        f"- **Stability**: {share(job['done'], job['finished'])} of the finished jobs done; "
+        f"{recovery}; {lost:,} accepted jobs lost.",
+        f"- **Cost**: {money(cost['per_job_usd'], 4)} a job{priced}; "
+        f"{money(projection['monthly_usd'])} a month at {projection['books_per_day']:,} "
+        "books a day.",
+        f"- **Guardrails**: {sum(guard['rejections'].values()):,} submissions refused; spend "
+        f"peaked at {percent(guard['budget']['peak_day_share'])} of the daily budget; "
+        f"circuits opened: {counts(opened)}.",
+    ]
 
 
 def _summary_table(figures: dict[str, Any]) -> list[str]:
@@ -586,6 +949,10 @@ def _duration_section(durations: dict[str, Any]) -> list[str]:
 
 def _retry_section(retries: dict[str, Any]) -> list[str]:
     return [
+        "Two kinds of retry: a **job retry** runs the whole job again after its kind's backoff "
+        "(another attempt); a **provider call retry** is `ctx.call` trying one failed call "
+        "again after the service's `retries` wait, inside the same attempt.",
+        "",
         *table(
             ["Metric", "Value"],
             [
@@ -593,21 +960,27 @@ def _retry_section(retries: dict[str, Any]) -> list[str]:
                 ["Avg job retries per job", f"{retries['per_job']:.2f}"],
                 ["Max job retries of one job", f"{retries['max_per_job']:,}"],
                 [
-                    "Failed provider calls (retried after a backoff, or given up)",
-                    f"{retries['failed_calls_total']:,}",
+                    "Provider call retries (a failed call tried again)",
+                    f"{retries['call_retries_total']:,}",
                 ],
+                [
+                    "Provider calls given up (their last try failed)",
+                    f"{retries['calls_given_up_total']:,}",
+                ],
+                ["Failed provider calls (tries that failed)", f"{retries['failed_calls_total']:,}"],
             ],
         ),
         "",
         f"Job retries by cause: {counts(retries['causes'])}. "
-        f"Failed calls by service: {counts(retries['failed_calls'])}.",
+        f"Provider call retries by service: {counts(retries['call_retries'])}; "
+        f"given up: {counts(retries['calls_given_up'])}.",
     ]
 
 
 def _stuck_section(stuck: dict[str, Any]) -> list[str]:
     lines = []
     if not stuck["injected"]:
-        lines.append("No stuck jobs were injected (`--inject-stuck N`).")
+        lines.append("No stuck jobs were injected (`--inject-stuck 0`; the default is 3).")
     else:
         when = ", ".join(into_run(at) for at in stuck["detected_at"]) or "-"
         lines += table(
@@ -839,8 +1212,7 @@ def reproduce_command(plan: dict[str, Any]) -> str:
         "--fast" if plan["speed"] is None else f"--speed {plan['speed']:g}",
         f"--image-failure-rate {plan['image_failure_rate']:g}",
     ]
-    if plan["inject_stuck"]:
-        options.append(f"--inject-stuck {plan['inject_stuck']}")
+    options.append(f"--inject-stuck {plan['inject_stuck']}")
     if plan["inject_crash"]:
         options.append("--inject-crash")
     options.append(f"--seed {plan['seed']}")
@@ -849,6 +1221,7 @@ def reproduce_command(plan: dict[str, Any]) -> str:
 
 def render_summary(record: dict[str, Any], figures: dict[str, Any]) -> str:
     job, cost, stuck = figures["jobs"], figures["cost"], figures["stuck"]
+    retries, verdict = figures["retries"], figures["conclusion"]
     durations = figures["durations"]["turnaround"]
     lines = [
         f"{record['test_id']}: {record['plan']['hours']:g} simulated hours of "
@@ -867,6 +1240,9 @@ def render_summary(record: dict[str, Any], figures: dict[str, Any]) -> str:
             else "-"
         ),
         f"failures      {counts({f['code']: f['jobs'] for f in figures['failures']})}",
+        f"retries       {retries['job_retries']:,} job retries; "
+        f"{retries['call_retries_total']:,} provider call retries, "
+        f"{retries['calls_given_up_total']:,} calls given up",
         "stuck         "
         + (
             f"{stuck['recovered']}/{stuck['injected']} recovered"
@@ -877,6 +1253,15 @@ def render_summary(record: dict[str, Any], figures: dict[str, Any]) -> str:
         "breakers      opened: "
         + counts({service: entry["opened"] for service, entry in figures["breakers"].items()}),
     ]
+    lines.append(
+        "verdict       "
+        + (
+            "ready at this load"
+            if verdict["ready"]
+            else f"not ready: {', '.join(verdict['failed'])}"
+        )
+        + (f" (untested: {', '.join(verdict['untested'])})" if verdict["untested"] else "")
+    )
     if record["interrupted"]:
         lines.insert(1, "stopped early from outside: the figures cover what ran")
     if figures["crash"]:
@@ -888,6 +1273,41 @@ def render_summary(record: dict[str, Any], figures: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# Throughput is drawn in bins of this many minutes: per minute, a run of hours is noise.
+BIN_MINUTES = 5
+# The budget is drawn beside the spend only once the spend comes this near it; further off,
+# the line would squash the spend flat against the axis.
+NEAR_BUDGET = 0.5
+
+
+def throughput_bins(series: dict[str, Any], minutes: int = BIN_MINUTES) -> dict[str, list]:
+    """The per-minute series in bins of `minutes`: jobs done and failed in each, the deepest
+    queue and the most jobs running within it, and when it ends, in simulated hours."""
+
+    def binned(values: list[int], combine: Any) -> list[int]:
+        return [
+            combine(values[start : start + minutes]) for start in range(0, len(values), minutes)
+        ]
+
+    return {
+        "ends_at_hours": [
+            min(start + minutes, series["minutes"]) / 60
+            for start in range(0, series["minutes"], minutes)
+        ],
+        "done": binned(series["done"], sum),
+        "failed": binned(series["failed"], sum),
+        "queued": binned(series["queued"], max),
+        "running": binned(series["running"], max),
+    }
+
+
+def budget_line(series: dict[str, Any]) -> float | None:
+    """The daily budget, when the day's spend came near enough to it to draw both at once."""
+    budget = series["daily_budget_usd"]
+    peak = max(series["spend_today_usd"], default=0.0)
+    return budget if budget and peak >= NEAR_BUDGET * budget else None
+
+
 def draw_charts(figures: dict[str, Any], prefix: Path) -> list[Path]:
     """Two PNGs; raises ModuleNotFoundError when matplotlib (the `report` extra) is absent."""
     import matplotlib
@@ -896,42 +1316,63 @@ def draw_charts(figures: dict[str, Any], prefix: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     series = figures["series"]
-    hours = [(minute + 1) / 60 for minute in range(series["minutes"])]
+    bins = throughput_bins(series)
+    width = BIN_MINUTES / 60
+    starts = [end - width for end in bins["ends_at_hours"]]
     throughput = Path(f"{prefix}_throughput.png")
     figure, finished = plt.subplots(figsize=(10, 4.5))
-    finished.bar(hours, series["done"], width=1 / 60, color="tab:green", label="done")
+    # A gap between bars, so that each bin reads as one.
+    bar = {"width": width * 0.85, "align": "edge"}
+    finished.bar(starts, bins["done"], color="tab:green", label="done", **bar)
     finished.bar(
-        hours,
-        series["failed"],
-        width=1 / 60,
-        bottom=series["done"],
-        color="tab:red",
-        label="failed",
+        starts, bins["failed"], bottom=bins["done"], color="tab:red", label="failed", **bar
     )
     finished.set_xlabel("simulated hours")
-    finished.set_ylabel("jobs finished per minute")
+    finished.set_ylabel(f"jobs finished per {BIN_MINUTES} minutes")
     depth = finished.twinx()
-    depth.plot(hours, series["queued"], color="tab:blue", label="queue depth")
-    depth.plot(hours, series["running"], color="tab:gray", linestyle=":", label="running")
+    depth.step(
+        bins["ends_at_hours"], bins["queued"], where="pre", color="tab:blue", label="deepest queue"
+    )
+    depth.step(
+        bins["ends_at_hours"], bins["running"], where="pre", color="black", label="most running"
+    )
     depth.set_ylabel("jobs queued or running")
+    depth.set_ylim(bottom=0)
     bars, lines = finished.get_legend_handles_labels(), depth.get_legend_handles_labels()
-    finished.legend(bars[0] + lines[0], bars[1] + lines[1], loc="upper right")
-    finished.set_title("Jobs completed and queue depth per simulated minute")
+    # Below the plot, where it hides no bar.
+    finished.legend(
+        bars[0] + lines[0],
+        bars[1] + lines[1],
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.15),
+        ncol=4,
+        frameon=False,
+    )
+    finished.set_title(f"Jobs finished, and the queue, per {BIN_MINUTES} simulated minutes")
     figure.tight_layout()
     figure.savefig(throughput, dpi=100)
     plt.close(figure)
 
     spend = Path(f"{prefix}_spend.png")
+    hours = [(minute + 1) / 60 for minute in range(series["minutes"])]
     figure, axes = plt.subplots(figsize=(10, 4.5))
     axes.plot(hours, series["spend_today_usd"], color="tab:purple", label="spent today")
-    if series["daily_budget_usd"]:
-        axes.axhline(
-            series["daily_budget_usd"], color="tab:red", linestyle="--", label="daily budget"
+    limit = budget_line(series)
+    if limit is not None:
+        axes.axhline(limit, color="tab:red", linestyle="--", label="daily budget")
+        axes.set_title("Spend over the budget day, against the daily budget")
+    else:
+        peak = max(series["spend_today_usd"], default=0.0)
+        far = (
+            f" ({percent(peak / series['daily_budget_usd'])} of the daily budget)"
+            if (series["daily_budget_usd"])
+            else ""
         )
+        axes.set_title(f"Spend over the budget day: peak {money(peak)}{far}")
     axes.set_xlabel("simulated hours")
-    axes.set_ylabel("USD")
-    axes.set_title("Spend over the budget day")
-    axes.legend(loc="lower right")
+    axes.set_ylabel("USD spent today")
+    axes.set_ylim(bottom=0)
+    axes.legend(loc="upper left")
     figure.tight_layout()
     figure.savefig(spend, dpi=100)
     plt.close(figure)

@@ -44,6 +44,8 @@ class SubmitArgs(Args):
     payload: Any = msgspec.field(default_factory=dict)
     priority: StoredInt | None = None
     idempotency_key: str | None = None
+    # A client's own id for this submission, the same each time it sends it again.
+    submission_id: str | None = None
     user: str = "local"
 
 

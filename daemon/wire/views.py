@@ -86,8 +86,8 @@ class Event(msgspec.Struct, omit_defaults=True):
     progress data: {"fraction", "message"?}
     breaker data: {"service", "state", "open_until"}
     position data: {"position", "queued", "kind_position", "kind_queued", "reason"}
-    cost data: {"service", "units", "usd", "ok", "job_usd"} (one per external call; job_usd is
-    the job's total so far)
+    cost data: {"service", "units", "usd", "ok", "job_usd", "overrun_usd"} (one per external
+    call; job_usd is the job's total so far; overrun_usd what it cost beyond its reservation)
     """
 
     seq: int

@@ -26,6 +26,9 @@ class WsSubmit(WsOp, tag="submit"):
     payload: Any = msgspec.field(default_factory=dict)
     priority: StoredInt | None = None
     idempotency_key: str | None = None
+    # The client's own id for this submission, the same each time it sends it again: a
+    # resend whose job has finished meanwhile gets that job, not a second one.
+    submission_id: str | None = None
 
 
 class WsWatch(WsOp, tag="watch"):

@@ -46,6 +46,8 @@ ERROR_CODES = frozenset(
         "QUEUE_FULL",
         "DRAINING",
         "BUDGET_EXHAUSTED",
+        "STORAGE_FULL",
+        "STORAGE_ERROR",
     }
 )
 # The close codes the WebSocket documents (docs/protocol.md).
