@@ -30,26 +30,12 @@ from typing import Any
 
 import psutil
 
+from jobwarden.errors import HTTP_STATUS
 from tests.process import DaemonProcess
 
-# The codes a refusal may carry (docs/protocol.md); anything else is a finding.
-ERROR_CODES = frozenset(
-    {
-        "INVALID_REQUEST",
-        "UNAUTHENTICATED",
-        "INSUFFICIENT_CREDITS",
-        "FORBIDDEN",
-        "NOT_FOUND",
-        "PAYLOAD_TOO_LARGE",
-        "RATE_LIMITED",
-        "DAILY_LIMIT",
-        "QUEUE_FULL",
-        "DRAINING",
-        "BUDGET_EXHAUSTED",
-        "STORAGE_FULL",
-        "STORAGE_ERROR",
-    }
-)
+# The codes a refusal may carry: the request codes (docs/protocol.md lists the same table),
+# but INTERNAL, which is the daemon's own fault. Anything else is a finding.
+ERROR_CODES = frozenset(HTTP_STATUS) - {"INTERNAL"}
 # The close codes the WebSocket documents (docs/protocol.md).
 CLOSE_CODES = frozenset({1000, 1001, 1002, 1007, 1008, 1009, 1011})
 SEED = 14
