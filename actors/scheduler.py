@@ -126,7 +126,8 @@ class Scheduler:
                     self._positions_stale.set()
                 # Only the wait is bounded by the wake deadline: a message being handled (a
                 # pause being saved) must not be cut off, or its asker is never answered.
-                with trio.move_on_at(self._wake_deadline()) as waiting:
+                wake_at = self._wake_deadline()
+                with trio.move_on_at(wake_at) as waiting:
                     try:
                         msg = await self._inbox.receive()
                     except trio.EndOfChannel:
@@ -143,6 +144,9 @@ class Scheduler:
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
                     await self._handle(msg)
+                if trio.current_time() >= wake_at:
+                    # The moment came while messages were handled: it counts as a wake-up.
+                    self._dirty = True
 
     def _wake_deadline(self) -> float:
         """When time alone may let a job start: a backoff ending, a circuit's recovery.

@@ -427,3 +427,6 @@ async def test_a_pause_is_answered_even_when_a_backoff_ends_while_it_is_saved(
     await daemon.handle.scheduler.send(Pause(kind="noop", reply=reply))
     with trio.fail_after(600):
         assert await reply.wait() == {"paused": ["noop"], "all": False}
+        monkeypatch.setattr(store, "write", write)
+        # The backoff that ended meanwhile is acted on, with no other message to wake for.
+        assert (await daemon.wait_done(waiting.id)).status == "done"
