@@ -293,7 +293,7 @@ async def test_a_troubled_run_says_what_to_do_and_that_it_is_not_ready(autojump_
         tmp_path,
         image_failure_rate=0.5,
         terminal_failure_rate=0.3,
-        daily_volume=5000,
+        daily_volume=10000,
         inject_stuck=0,
     )
     outcome = await run_loadtest(plan, test_id="longrun_troubled")
@@ -326,7 +326,7 @@ async def test_a_troubled_run_says_what_to_do_and_that_it_is_not_ready(autojump_
     assert opened >= 1 and advice["Circuit breakers"]["act"]
     assert f"The image circuit opened {opened} times" in report
     daily = figures["projection"]["daily_usd"]
-    assert daily == round(5000 * figures["cost"]["per_job_usd"], 2) > 500
+    assert daily == round(10000 * figures["cost"]["per_job_usd"], 2) > 500
     assert f"Raise `budget.daily_usd` to ${math.ceil(daily * 1.2):,}" in report
     assert advice["Stuck jobs"]["act"]  # none injected: recovery went untested
 
