@@ -30,6 +30,7 @@ import structlog
 import trio
 
 from jobwarden.actors import processes
+from jobwarden.actors.budget import is_units
 from jobwarden.actors.services import Metered, ServiceLink
 from jobwarden.config import (
     COMMAND_PLACEHOLDER,
@@ -280,29 +281,78 @@ async def _read_stderr(stream: trio.abc.ReceiveStream, tail: deque[str]) -> None
         tail.append(line)
 
 
+def _finite_number(value: Any) -> float | None:
+    """`value` as a float if it is a finite JSON number (not a boolean), else None."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:  # an integer too large for a float
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _protocol_fault(report: dict[str, Any]) -> str | None:
+    """The field of a report line that does not fit the protocol, or None if it all fits.
+    `checkpoint` and `result` take any JSON value, so they cannot be malformed."""
+    if "progress" in report:
+        fraction = _finite_number(report["progress"])
+        if fraction is None or not 0.0 <= fraction <= 1.0:
+            return "progress"
+        if not isinstance(report.get("message"), str | None):
+            return "message"
+    if not isinstance(report.get("heartbeat", False), bool):
+        return "heartbeat"
+    if "charge" in report:
+        charge = report["charge"]
+        if not (
+            isinstance(charge, dict)
+            and isinstance(charge.get("service"), str)
+            and is_units(_finite_number(charge.get("units", 1)))
+        ):
+            return "charge"
+    return None
+
+
 async def _read_protocol(stream: trio.abc.ReceiveStream, ctx: JobContext, result: list[Any]):
+    # A child that writes one bad line often writes it on every step: one warning per field
+    # says as much, without flooding the log.
+    warned: set[str] = set()
+
+    def warn(field: str, line: str, **detail: str) -> None:
+        if field not in warned:
+            warned.add(field)
+            log.warning(
+                "bad protocol line from command",
+                job=ctx.job_id,
+                field=field,
+                line=line[:200],
+                **detail,
+            )
+
     async for line in _lines(stream):
         try:
-            message = json.loads(line)
+            report = json.loads(line)
         except ValueError:
             log.debug("command output is not a protocol line", job=ctx.job_id, line=line[:200])
             continue
-        if not isinstance(message, dict):
+        if not isinstance(report, dict):
             continue
-        if "progress" in message:
-            try:
-                await ctx.progress(float(message["progress"]), message.get("message"))
-            except (TypeError, ValueError):
-                log.warning("bad progress line from command", job=ctx.job_id, line=line[:200])
-        if "checkpoint" in message:
-            await ctx.save_checkpoint(message["checkpoint"])
-        if message.get("heartbeat"):
+        fault = _protocol_fault(report)
+        if fault is not None:
+            warn(fault, line)
+            continue
+        if "progress" in report:
+            await ctx.progress(float(report["progress"]), report.get("message"))
+        if "checkpoint" in report:
+            await ctx.save_checkpoint(report["checkpoint"])
+        if report.get("heartbeat"):
             await ctx.heartbeat()
-        charge = message.get("charge")
-        if isinstance(charge, dict) and isinstance(charge.get("service"), str):
+        if "charge" in report:
+            charge = report["charge"]
             try:
                 await ctx.charge(charge["service"], float(charge.get("units", 1)))
-            except (TypeError, ValueError, RequestError) as exc:
-                log.warning("bad charge line from command", job=ctx.job_id, error=str(exc))
-        if "result" in message:
-            result[0] = message["result"]
+            except RequestError as exc:  # e.g. a service the config does not name
+                warn("charge", line, error=str(exc)[:200])
+        if "result" in report:
+            result[0] = report["result"]

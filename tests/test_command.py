@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import structlog
 import trio
 
 from jobwarden.errors import RequestError
@@ -19,6 +20,10 @@ print(json.dumps({"checkpoint": {"at": 1, "attempt": os.environ["JOBWARDEN_ATTEM
 if mode == "ok":
     print(json.dumps({"charge": {"service": "paid", "units": 2}}), flush=True)
     print(json.dumps({"result": {"word": sys.argv[2]}}), flush=True)
+elif mode == "malformed":
+    print(sys.argv[2], flush=True)
+    print(json.dumps({"result": {"word": "otter"}}), flush=True)
+    print(sys.argv[2], flush=True)
 elif mode == "retry":
     sys.exit(75 if int(os.environ["JOBWARDEN_ATTEMPT"]) < 2 else 0)
 elif mode == "fail":
@@ -64,6 +69,47 @@ async def test_command_reports_progress_checkpoint_and_result(start_daemon, kind
         lambda conn: conn.execute("SELECT service, units, usd FROM ledger").fetchall()
     )
     assert charged == [("paid", 2.0, 1.0)]
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        '{"progress": 0.7, "message": {"a": 1}}',
+        '{"progress": "half"}',
+        '{"progress": 1' + "0" * 400 + "}",
+        '{"heartbeat": "yes"}',
+        '{"charge": "paid"}',
+        '{"charge": {"service": 7}}',
+        '{"charge": {"service": "paid", "units": "two"}}',
+        '{"charge": {"service": "paid", "units": 1' + "0" * 400 + "}}",
+        '{"charge": {"service": "unknown", "units": 1}}',
+    ],
+    ids=[
+        "message-not-text",
+        "progress-not-a-number",
+        "progress-too-large",
+        "heartbeat-not-boolean",
+        "charge-not-an-object",
+        "charge-service-not-text",
+        "charge-units-not-a-number",
+        "charge-units-too-large",
+        "charge-unknown-service",
+    ],
+)
+async def test_a_malformed_protocol_line_is_ignored_with_one_warning(start_daemon, kinds, line):
+    daemon = await start_daemon(kinds)
+    with structlog.testing.capture_logs() as logs:
+        job = await daemon.submit("cmd", {"mode": "malformed", "arg": line})
+        final = await daemon.wait_done(job.id)
+    assert (final.status, final.attempt, final.result) == ("done", 1, {"word": "otter"})
+    progress = [e.data for e in await daemon.events(job.id) if e.type == "progress"]
+    assert progress == [{"fraction": 0.5, "message": "halfway"}]
+    charged = await daemon.handle.store.read(
+        lambda conn: conn.execute("SELECT count(*) FROM ledger").fetchone()[0]
+    )
+    assert charged == 0
+    warnings = [entry for entry in logs if entry["log_level"] == "warning"]
+    assert [entry["event"] for entry in warnings] == ["bad protocol line from command"]
 
 
 async def test_exit_75_retries_and_succeeds(start_daemon, kinds):
