@@ -160,6 +160,21 @@ async def test_a_submitted_job_is_watched_to_its_result(alice):
     assert (again.id, again.existing) == (job.id + 1, False)
 
 
+async def test_a_watch_of_a_retried_job_follows_it_past_its_old_failure(alice):
+    daemon, token = alice
+    job = await daemon.submit("quick", {"seconds": 0, "fail": True}, user="alice")
+    with trio.fail_after(20):
+        await daemon.wait_done(job.id)
+        retried = await ask_admin(daemon, "retry", job=job.id)
+        assert retried["data"]["job"]["status"] == "queued"
+        await daemon.wait_done(job.id)
+        async with connect(url_of(daemon), token) as client:
+            events = [event async for event in client.watch(job.id)]
+    statuses = [event.data["status"] for event in events if event.type == "status"]
+    assert statuses == ["queued", "running", "failed", "queued", "running", "failed"]
+    assert [event.seq for event in events] == await stored_seqs(daemon, job.id)
+
+
 async def test_a_wrong_token_is_refused_by_the_client_library(alice):
     daemon, _ = alice
     with trio.fail_after(10), pytest.raises(DaemonError) as refused:

@@ -73,14 +73,16 @@ def watch_all(client: AdminClient, *, as_json: bool) -> NoReturn:
 
 
 async def follow_over_websocket(client: WebSocketClient, job_id: int, *, as_json: bool) -> int:
-    """Follow one job from its first event; the watch ends with the job's final status."""
+    """Follow one job from its first event; the watch ends with the job's final status as
+    it stands, past any that a retry superseded."""
     outcome = None
     async with client.watch(job_id) as watch:
         with _event_printer(watch.job, as_json=as_json) as show_event:
             async for event in watch:
                 shown = msgspec.to_builtins(event)
                 show_event(shown)
-                outcome = _outcome_of(shown)
+                # The job's newest event may follow its final status (a call's cost).
+                outcome = _outcome_of(shown) or outcome
     assert outcome is not None, "a watch of one job ends with its final status"
     return _report_outcome(job_id, outcome, as_json=as_json)
 

@@ -137,7 +137,8 @@ class WebSocketClient:
 
     def watch(self, job_id: int, *, since: int | None = None) -> Watch:
         """A job's events after seq `since` (None: its whole history), then live ones; the
-        iteration ends after the job's final status (done, failed or canceled)."""
+        iteration ends after the job's final status (done, failed or canceled) as it stands,
+        not at an earlier one that a retry superseded: see `Watch._ends_with`."""
         return Watch(self, job_id, since)
 
     def watch_all(self, *, since: int | None = None) -> Watch:
@@ -309,6 +310,9 @@ class Watch:
         self._key = key
         self._since = since
         self.job: JobView | None = None
+        # The seq of the job's newest event when `job` was read (None: no events, or a
+        # daemon that does not say).
+        self._newest: int | None = None
         self._last: int | None = since
         self._confirmed = False
         self._started = False
@@ -364,13 +368,21 @@ class Watch:
         if isinstance(item, Exception):
             self._finish()
             raise item
-        if (
-            self._key != "all"
-            and item.type == "status"
-            and item.data.get("status") in TERMINAL_STATUSES
-        ):
+        if self._key != "all" and self._ends_with(item):
             self._finish()
         return item
+
+    def _ends_with(self, event: Event) -> bool:
+        """Whether `event` is the last of the job's: the `watching` reply read the job with
+        the seq of its newest event in one snapshot. A final status before that seq was
+        followed by a retry; at that seq, a job that was final then has reached its end; from
+        it on, a final status is the end, as it is live."""
+        final_status = event.type == "status" and event.data.get("status") in TERMINAL_STATUSES
+        if self._newest is None or event.seq > self._newest:
+            return final_status
+        if event.seq < self._newest:
+            return False
+        return final_status or (self.job is not None and self.job.status in TERMINAL_STATUSES)
 
     def _frame(self, request_id: int) -> str:
         frame = {"op": "watch", **_target(self._key), "since": self._last, "id": request_id}
@@ -380,6 +392,7 @@ class Watch:
         if not self._confirmed:
             self._confirmed = True
             self._last = frame["since"] if self._last is None else self._last
+            self._newest = frame.get("newest")
             if frame.get("job") is not None:
                 self.job = msgspec.convert(frame["job"], JobView)
 

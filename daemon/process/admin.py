@@ -574,7 +574,7 @@ class AdminServer:
         the hub's buffer is caught up from the store again, so it never misses an event. The
         watch ends when the client stops sending, after it has been answered."""
         args = request.args
-        _, since = await self._commands.start_watch(OPERATOR, job=args.job, since=args.since)
+        since = (await self._commands.start_watch(OPERATOR, job=args.job, since=args.since)).since
         await connection.send(
             Reply(
                 id=request.id,

@@ -238,6 +238,16 @@ class Shown(NamedTuple):
     waiting: Any
 
 
+class WatchStart(NamedTuple):
+    # The watched job as it is now (None: a watch of all jobs).
+    job: JobView | None
+    # Events after this seq follow.
+    since: int
+    # The seq of the job's newest event when `job` was read, from the same snapshot: a final
+    # status before it was followed by a retry, unless the job is still final.
+    newest: int | None
+
+
 class Commands:
     """Submit, jobs, show, cancel, watch and health, for any listener."""
 
@@ -310,9 +320,7 @@ class Commands:
         job, events = await self._store.read(
             partial(jobs.job_with_events, job_id=job_id, limit=SHOW_EVENTS)
         )
-        if job is None or not caller.sees(job):
-            raise RequestError("NOT_FOUND", f"no job {job_id}")
-        return Shown(job, events, (await self.waiting([job])).get(job.id))
+        return Shown(_seen_by(caller, job, job_id), events, (await self.waiting([job])).get(job.id))
 
     async def cancel(self, caller: Caller, job_id: int) -> JobView:
         await self._job(caller, job_id)
@@ -321,16 +329,22 @@ class Commands:
 
     async def start_watch(
         self, caller: Caller, *, job: int | None, since: int | None
-    ) -> tuple[JobView | None, int]:
-        """The job a watch follows (None: all the caller's) as it is now, and the seq its
-        events start after: `since`, or, when omitted, a job's whole history, or, for a
-        watch of all jobs, now."""
+    ) -> WatchStart:
+        """The job a watch follows (None: all the caller's) as it is now, with its newest
+        event's seq, and the seq its events start after: `since`, or, when omitted, a job's
+        whole history, or, for a watch of all jobs, now."""
         if since is not None and since < 0:
             raise RequestError("INVALID_REQUEST", "watch: since must be 0 or more")
-        watched = await self._job(caller, job) if job is not None else None
+        watched, newest = None, None
+        if job is not None:
+            found, events = await self._store.read(
+                partial(jobs.job_with_events, job_id=job, limit=1)
+            )
+            watched = _seen_by(caller, found, job)
+            newest = events[-1].seq if events else None
         if since is None:
             since = 0 if job is not None else await self._store.read(jobs.last_seq)
-        return watched, since
+        return WatchStart(watched, since, newest)
 
     async def follow(
         self,
@@ -371,11 +385,9 @@ class Commands:
         return health
 
     async def _job(self, caller: Caller, job_id: int) -> JobView:
-        job = await self._store.read(partial(jobs.get_job, job_id=job_id))
-        # Someone else's job is as absent as one that never was: its id tells nothing.
-        if job is None or not caller.sees(job):
-            raise RequestError("NOT_FOUND", f"no job {job_id}")
-        return job
+        return _seen_by(
+            caller, await self._store.read(partial(jobs.get_job, job_id=job_id)), job_id
+        )
 
 
 # -- answering, errors and refusals ----------------------------------------------------------
@@ -572,3 +584,10 @@ class ConnectionCap:
             yield
         finally:
             self._taken -= 1
+
+
+def _seen_by(caller: Caller, job: JobView | None, job_id: int) -> JobView:
+    # Someone else's job is as absent as one that never was: its id tells nothing.
+    if job is None or not caller.sees(job):
+        raise RequestError("NOT_FOUND", f"no job {job_id}")
+    return job

@@ -381,7 +381,7 @@ class _Session:
         # Taken before the checks below wait, so that a second watch of the same key is refused.
         self.watches[key] = scope
         try:
-            job, since = await self.commands.start_watch(self.caller, job=op.job, since=op.since)
+            start = await self.commands.start_watch(self.caller, job=op.job, since=op.since)
         except BaseException:
             self._forget(key, scope)
             raise
@@ -390,8 +390,10 @@ class _Session:
         # Sent here, not by the watch's task: an `unwatch` that cancels the task before it
         # runs must not leave the watch unanswered. The outbox keeps this frame ahead of the
         # task's events and of the `unwatched` that may follow.
-        await self.send(WsWatching(id=op.id, watch=key, since=since, job=job))
-        self._nursery.start_soon(self._stream, key, scope, since, job)
+        await self.send(
+            WsWatching(id=op.id, watch=key, since=start.since, job=start.job, newest=start.newest)
+        )
+        self._nursery.start_soon(self._stream, key, scope, start.since, start.job)
         return None
 
     async def _stream(

@@ -74,6 +74,9 @@ class WsWatching(WsReply, tag="watching"):
     # Events after this seq follow; the job as it is now, for a watch of one job.
     since: int
     job: JobView | None = None
+    # The seq of the job's newest event when `job` was read: a final status before it was
+    # followed by a retry, unless the job is still final.
+    newest: int | None = None
 
 
 class WsUnwatched(WsReply, tag="unwatched"):
