@@ -102,7 +102,7 @@ SCENARIOS = {
         rush=0.2,
         max_concurrent_jobs=50,
     ),
-    # Seed 000's long run: 8 hours, so that its volume meets the daily budget and the
+    # The long run: 8 hours, so that its volume meets the daily budget and the
     # emergency stop shows, after the rate, daily and queue limits.
     "C": Scenario(
         name="scenario C",

@@ -277,7 +277,6 @@ def test_a_database_file_that_fails_writes_while_running_is_survived(disk_daemon
     with daemon.client() as client:
         wait_for(client, [submit(client)], {"done"})
         immutable(wal, True)
-        time.sleep(1.0)
         answers: dict[int | str, int] = {}
         accepted = []
         for _ in range(20):
