@@ -296,6 +296,18 @@ class PoolStatistics(msgspec.Struct):
     reply: ReplySlot[dict[str, Any]]
 
 
+class NodeLost(msgspec.Struct):
+    """This daemon's node was declared dead while it ran (its lease ran out): every job it
+    was running has been recovered by another daemon. The pool abandons them, writing nothing."""
+
+
+class Leadership(msgspec.Struct):
+    """Whether this daemon holds the maintenance role now (pruning, queued timeouts, the
+    recovery of dead nodes): to the monitor, each time it changes."""
+
+    leader: bool
+
+
 AdmissionMessage = Submit | Requeue | StopAdmitting | Reconfigure | BudgetState | UserRate
 
 
@@ -342,7 +354,8 @@ MonitorMessage = (
     | StoreState
     | JobsStarted
     | ProgressStarted
+    | Leadership
 )
 
 
-PoolMessage = RunJobs | CancelJob | Recover | PoolStatistics | Drain | Reconfigure
+PoolMessage = RunJobs | CancelJob | Recover | PoolStatistics | Drain | Reconfigure | NodeLost

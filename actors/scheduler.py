@@ -88,8 +88,11 @@ class Scheduler:
         inbox: trio.MemoryReceiveChannel[SchedulerMessage],
         pool: trio.MemorySendChannel[RunJobs],
         load: SystemLoad,
+        node: int,
     ) -> None:
         self._config = config
+        # This daemon's node: the claims mark the jobs as running here.
+        self._node = node
         self._store = store
         self._clock = clock
         self._inbox = inbox
@@ -303,6 +306,7 @@ class Scheduler:
                     capacity=capacity,
                     total=total,
                     now=now,
+                    node=self._node,
                     running_by_user=self._running_by_user,
                     max_running_per_user=self._config.limits.max_running_per_user,
                 )

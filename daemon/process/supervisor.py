@@ -1,9 +1,10 @@
 """The supervisor: builds the channels, owns start-up order, signals and shutdown.
 
 Start-up: lock the database, open the store, end what is left of the commands a crash left
-running, put their jobs back in the queue, then start the actors (scheduler, pool, admission)
-and the listeners last, each with `nursery.start` so the next starts only once the previous
-really serves; then READY=1.
+running, put their jobs back in the queue, register this daemon's node (process/cluster.py),
+then start the node's keeper, the actors (scheduler, pool, admission) and the listeners last,
+each with `nursery.start` so the next starts only once the previous really serves; then
+READY=1. A clean stop takes the node's row out of the store as the last write.
 Memory and CPU are read in one place (jobwarden.system): once before the actors start, then
 every `limits.sample_every`, each reading handed to the scheduler and the monitor.
 
@@ -53,11 +54,12 @@ from jobwarden.logs import configure_logging, use_clock
 from jobwarden.mailbox import ReplySlot
 from jobwarden.metrics import Metrics
 from jobwarden.process.admin import AdminServer, Stop
+from jobwarden.process.cluster import NodeKeeper
 from jobwarden.process.commands import Commands
 from jobwarden.process.http import HttpServer
 from jobwarden.process.systemd import SystemdNotifier
 from jobwarden.process.websocket import WebSocketServer
-from jobwarden.store import jobs
+from jobwarden.store import jobs, nodes
 from jobwarden.store.engine import Store, StoreState
 from jobwarden.system import SystemLoad, SystemSampler
 
@@ -185,7 +187,12 @@ class Supervisor:
                 clock=clock,
             ) as store:
                 await self._recover(store, clock, db_path)
-                await self._run_actors(store, hub, clock, task_status)
+                node, registered = await NodeKeeper.register(store, clock, config)
+                if registered:
+                    # The database is locked to this daemon: other nodes' rows are daemons
+                    # that stopped, whose jobs the recovery has just requeued.
+                    await store.write(partial(nodes.forget_others, node=node))
+                await self._run_actors(store, hub, clock, node, registered, task_status)
         finally:
             os.close(lock_fd)
             use_clock(None)
@@ -225,6 +232,8 @@ class Supervisor:
         store: Store,
         hub: EventHub,
         clock: WallClock,
+        node: int,
+        registered: bool,
         task_status: trio.TaskStatus[DaemonHandle],
     ) -> None:
         config = self._config
@@ -246,7 +255,17 @@ class Supervisor:
         self._channels = (admission_tx, scheduler_tx, pool_tx, monitor_tx, breaker_tx, ledger_tx)
         actor = {"config": config, "store": store, "clock": clock}
         load = self._sample_system()
-        scheduler = Scheduler(**actor, inbox=scheduler_rx, pool=pool_tx.clone(), load=load)
+        keeper = self._keeper = NodeKeeper(
+            **actor,
+            node=node,
+            registered=registered,
+            pool=pool_tx.clone(),
+            monitor=monitor_tx.clone(),
+            scheduler=scheduler_tx.clone(),
+        )
+        scheduler = Scheduler(
+            **actor, inbox=scheduler_rx, pool=pool_tx.clone(), load=load, node=node
+        )
         breaker = Breaker(
             **actor, inbox=breaker_rx, scheduler=scheduler_tx.clone(), alerts=monitor_tx.clone()
         )
@@ -265,6 +284,7 @@ class Supervisor:
             breaker=breaker_tx.clone(),
             monitor=monitor_tx.clone(),
             metrics=metrics,
+            node=node,
         )
         admission = Admission(
             **actor,
@@ -283,6 +303,7 @@ class Supervisor:
             metrics=metrics,
             daemon_status=self._status,
             load=load,
+            node=node,
         )
         # What a request means, shared by every listener.
         commands = Commands(
@@ -306,6 +327,7 @@ class Supervisor:
         )
         async with trio.open_nursery() as nursery:
             await nursery.start(store.probe_while_faulted)
+            await nursery.start(keeper.run)
             await nursery.start(scheduler.run)
             await nursery.start(breaker.run)
             await nursery.start(ledger.run)
@@ -349,6 +371,7 @@ class Supervisor:
                 pid=os.getpid(),
                 kinds=sorted(config.kinds),
                 max_concurrent_jobs=config.daemon.max_concurrent_jobs,
+                node=node,
                 http_port=http_port,
                 websocket_port=websocket_port,
             )
@@ -372,6 +395,7 @@ class Supervisor:
             if self._websocket is not None:
                 await self._websocket.close_all("daemon stopping")
             nursery.cancel_scope.cancel()
+        await keeper.leave()
         log.info("jobwarden stopped")
 
     def _status(self) -> dict[str, Any]:
@@ -443,6 +467,7 @@ class Supervisor:
                 log.warning("config change needs a restart to take effect", section=key)
         self._config = new
         self._metrics.declare(new)
+        self._keeper.reconfigure(new)
         for actor in self._channels:
             await actor.send(Reconfigure(config=new))
         self._admin.reconfigure(new)

@@ -214,8 +214,9 @@ class Engine(Protocol):
         """Queue a write without waiting for its commit; `keep`: through a store fault."""
         ...
 
-    async def write_or_keep(self, apply: Write[Any], *, key: Hashable | None = None) -> bool:
-        """Write now, or keep the write for when the store takes writes again."""
+    async def write_or_keep(self, apply: Write[T], *, key: Hashable | None = None) -> T | None:
+        """Write now and return its result, or keep the write for when the store takes
+        writes again and return None."""
         ...
 
     async def probe_while_faulted(
@@ -489,18 +490,18 @@ class Store:
             self._deliver(*self._commit([pending]))
         return pending
 
-    async def write_or_keep(self, apply: Write[Any], *, key: Hashable | None = None) -> bool:
-        """Write now; or, when the database takes no writes, keep the write and commit it
-        first when it does again, without waiting for that. True: committed now.
+    async def write_or_keep(self, apply: Write[T], *, key: Hashable | None = None) -> T | None:
+        """Write now and return the write's result; or, when the database takes no writes,
+        keep the write and commit it first when it does again, without waiting for that, and
+        return None.
 
         For what already happened and must not be lost (a call's cost, a heartbeat, a
         breaker's state), where the caller cannot wait for the disk."""
         try:
-            await self.write(apply)
+            return await self.write(apply)
         except StoreError:
             self.hand_over(apply, keep=True, key=key)
-            return False
-        return True
+            return None
 
     # -- health ---------------------------------------------------------------------------
 

@@ -4,6 +4,11 @@ Each transition changes a job row and adds one event row; it runs inside the sto
 transaction via `store.write(partial(fn, ...))`. Transitions check the status they expect in
 their WHERE clause, so a late or duplicate request (cancel after done, a second finish) changes
 nothing and says so, instead of corrupting a job's history.
+
+Every write of a running attempt (progress, heartbeat, checkpoint, its outcome) is fenced by
+the attempt and the node that runs it (`Fence`): once another daemon has recovered the job
+from a node it took for dead, or a later attempt runs it, the old attempt's writes change
+nothing, and their callers learn that they lost the job.
 """
 
 from __future__ import annotations
@@ -91,6 +96,13 @@ class ProcessGroup(NamedTuple):
     job_id: int
     pgid: int
     identity: str
+
+
+class Fence(NamedTuple):
+    """Who may write a running job: the attempt the claim gave it, and the node running it."""
+
+    attempt: int
+    node: int
 
 
 FAIR_CLOCK = "fair_clock"
@@ -379,12 +391,13 @@ def claim(
     capacity: dict[str, int],
     total: int,
     now: float,
+    node: int,
     running_by_user: dict[str, int] | None = None,
     max_running_per_user: int = 0,
 ) -> ClaimResult:
-    """Mark up to `total` due jobs running in dispatch order (priority, then fair tag, then
-    age) within each kind's free capacity and each user's running limit. Kinds missing from
-    `capacity` (paused, unknown, full) are not touched."""
+    """Mark up to `total` due jobs running on `node` in dispatch order (priority, then fair
+    tag, then age) within each kind's free capacity and each user's running limit. Kinds
+    missing from `capacity` (paused, unknown, full) are not touched."""
     allowed = {kind for kind, free in capacity.items() if free > 0}
     free = dict(capacity)
     running = dict(running_by_user or {})
@@ -422,9 +435,9 @@ def claim(
             attempt = job.attempt + 1
             # progress_at restarts with the attempt, so an old report cannot look like a stall.
             conn.execute(
-                "UPDATE jobs SET status = 'running', attempt = ?, started_at = ?, updated_at = ?,"
-                " heartbeat_at = ?, progress_at = NULL, reason = NULL WHERE id = ?",
-                (attempt, now, now, now, job.id),
+                "UPDATE jobs SET status = 'running', attempt = ?, node = ?, started_at = ?,"
+                " updated_at = ?, heartbeat_at = ?, progress_at = NULL, reason = NULL WHERE id = ?",
+                (attempt, node, now, now, now, job.id),
             )
             add_event(events, job, "status", now, {"status": "running", "attempt": attempt})
             claimed.append(
@@ -472,21 +485,25 @@ def _transition(
     now: float,
     sets: dict[str, Any] | None = None,
     detail: dict[str, Any] | None = None,
+    fence: Fence | None = None,
 ) -> JobView | None:
-    """Move a job to `status` if it is in one of the `expect` statuses; None if it is not.
+    """Move a job to `status` if it is in one of the `expect` statuses, and a running job only
+    if `fence` still holds; None if not.
 
     The event carries the new status, the reason, the attempt and any `detail`.
     """
+    assert fence is not None or "running" not in expect, "a running job's write is fenced"
     columns = {"status": status, "reason": reason, **(sets or {})}
     assignments = ", ".join(
         f"{column} = {value}" if isinstance(value, SQL) else f"{column} = ?"
         for column, value in columns.items()
     )
     values = [value for value in columns.values() if not isinstance(value, SQL)]
+    fenced, fence_values = _fence_clause(fence)
     changed = conn.execute(
         f"UPDATE jobs SET {assignments}, updated_at = ? "
-        f"WHERE id = ? AND status IN ({placeholders(expect)})",
-        (*values, now, job_id, *expect),
+        f"WHERE id = ? AND status IN ({placeholders(expect)}){fenced}",
+        (*values, now, job_id, *expect, *fence_values),
     ).rowcount
     if not changed:
         return None
@@ -505,6 +522,17 @@ def _transition(
     return job
 
 
+def _fence_clause(fence: Fence | None) -> tuple[str, tuple[int, ...]]:
+    """The WHERE condition a fenced write adds: the job is on the fence's attempt and node
+    (or, when not running, the condition holds of itself)."""
+    if fence is None:
+        return "", ()
+    return (
+        " AND (status <> 'running' OR (attempt = ? AND node = ?))",
+        (fence.attempt, fence.node),
+    )
+
+
 def _settle_credits(
     conn: sqlite3.Connection, job_id: int, user: str, credits: int, *, refund: bool
 ) -> None:
@@ -521,7 +549,13 @@ def _settle_credits(
 
 
 def finish(
-    conn: sqlite3.Connection, events: Events, job_id: int, *, result: Any, now: float
+    conn: sqlite3.Connection,
+    events: Events,
+    job_id: int,
+    *,
+    fence: Fence,
+    result: Any,
+    now: float,
 ) -> JobView | None:
     return _transition(
         conn,
@@ -533,6 +567,7 @@ def finish(
         now=now,
         sets={"finished_at": now, "result": dump_json(result), "error": None},
         detail={"result": result},
+        fence=fence,
     )
 
 
@@ -544,6 +579,7 @@ def fail(
     error: ErrorBody,
     now: float,
     expect: tuple[str, ...] = ("running",),
+    fence: Fence | None = None,
 ) -> JobView | None:
     return _transition(
         conn,
@@ -555,6 +591,7 @@ def fail(
         now=now,
         sets={"finished_at": now, "error": dump_json(error)},
         detail={"error": msgspec.to_builtins(error)},
+        fence=fence,
     )
 
 
@@ -563,6 +600,7 @@ def retry_later(
     events: Events,
     job_id: int,
     *,
+    fence: Fence,
     error: ErrorBody,
     available_at: float,
     now: float,
@@ -577,6 +615,7 @@ def retry_later(
         now=now,
         sets={"available_at": available_at, "error": dump_json(error)},
         detail={"available_at": available_at, "error": msgspec.to_builtins(error)},
+        fence=fence,
     )
 
 
@@ -586,8 +625,10 @@ def cancel(
     job_id: int,
     *,
     now: float,
-    expect: tuple[str, ...] = ("queued", "running"),
+    expect: tuple[str, ...] = ("queued",),
+    fence: Fence | None = None,
 ) -> JobView | None:
+    """Cancel a queued job; a running one (`expect` running) only with its attempt's fence."""
     return _transition(
         conn,
         events,
@@ -597,11 +638,18 @@ def cancel(
         reason="CANCELED",
         now=now,
         sets={"finished_at": now},
+        fence=fence,
     )
 
 
 def requeue_unspent(
-    conn: sqlite3.Connection, events: Events, job_id: int, *, reason: str, now: float
+    conn: sqlite3.Connection,
+    events: Events,
+    job_id: int,
+    *,
+    fence: Fence,
+    reason: str,
+    now: float,
 ) -> JobView | None:
     """Back to the queue without spending the attempt that was cut short: by a shutdown
     (INTERRUPTED) or by a call refused for budget (BUDGET_WAIT). The checkpoint stays."""
@@ -614,6 +662,7 @@ def requeue_unspent(
         reason=reason,
         now=now,
         sets={"available_at": now, "attempt": SQL("attempt - 1")},
+        fence=fence,
     )
 
 
@@ -680,16 +729,18 @@ def report_progress(
     events: Events,
     job_id: int,
     *,
+    fence: Fence,
     fraction: float,
     message: str | None,
     now: float,
 ) -> bool:
+    """False: the attempt no longer holds the job (see Fence), and nothing changed."""
     cursor = conn.execute(
         "UPDATE jobs SET progress = ?, message = ?, heartbeat_at = ?, updated_at = ?, "
         "progress_at = CASE WHEN progress IS ? AND progress_at IS NOT NULL "
         "THEN progress_at ELSE ? END "
-        "WHERE id = ? AND status = 'running' RETURNING user, kind",
-        (fraction, message, now, now, fraction, now, job_id),
+        "WHERE id = ? AND status = 'running' AND attempt = ? AND node = ? RETURNING user, kind",
+        (fraction, message, now, now, fraction, now, job_id, *fence),
     )
     # Step a RETURNING statement to its end, or it stays open and blocks the next savepoint.
     rows = cursor.fetchall()
@@ -703,19 +754,23 @@ def report_progress(
     return True
 
 
-def _set_while_running(conn: sqlite3.Connection, job_id: int, **columns: Any) -> bool:
-    """Set columns of a job that is still running; False once it is not (it ended meanwhile).
-    The column names are the callers' own, never input."""
+def _set_while_running(conn: sqlite3.Connection, job_id: int, fence: Fence, **columns: Any) -> bool:
+    """Set columns of a job still running on the fence's attempt and node; False once it is
+    not (it ended meanwhile, or the attempt lost it). The column names are the callers' own,
+    never input."""
     assignments = ", ".join(f"{column} = ?" for column in columns)
     cursor = conn.execute(
-        f"UPDATE jobs SET {assignments} WHERE id = ? AND status = 'running'",
-        (*columns.values(), job_id),
+        f"UPDATE jobs SET {assignments} "
+        "WHERE id = ? AND status = 'running' AND attempt = ? AND node = ?",
+        (*columns.values(), job_id, *fence),
     )
     return cursor.rowcount > 0
 
 
-def heartbeat(conn: sqlite3.Connection, events: Events, job_id: int, *, now: float) -> bool:
-    return _set_while_running(conn, job_id, heartbeat_at=now)
+def heartbeat(
+    conn: sqlite3.Connection, events: Events, job_id: int, *, fence: Fence, now: float
+) -> bool:
+    return _set_while_running(conn, job_id, fence, heartbeat_at=now)
 
 
 def prune_finished(conn: sqlite3.Connection, events: Events, *, before: float, batch: int) -> int:
@@ -735,31 +790,56 @@ def prune_finished(conn: sqlite3.Connection, events: Events, *, before: float, b
 
 
 def save_checkpoint(
-    conn: sqlite3.Connection, events: Events, job_id: int, *, checkpoint: Any, now: float
+    conn: sqlite3.Connection,
+    events: Events,
+    job_id: int,
+    *,
+    fence: Fence,
+    checkpoint: Any,
+    now: float,
 ) -> bool:
     return _set_while_running(
-        conn, job_id, checkpoint=dump_json(checkpoint), heartbeat_at=now, updated_at=now
+        conn, job_id, fence, checkpoint=dump_json(checkpoint), heartbeat_at=now, updated_at=now
     )
 
 
 def record_process_group(
-    conn: sqlite3.Connection, events: Events, job_id: int, *, pgid: int, identity: str
+    conn: sqlite3.Connection,
+    events: Events,
+    job_id: int,
+    *,
+    fence: Fence,
+    pgid: int,
+    identity: str,
 ) -> bool:
-    return _set_while_running(conn, job_id, process_group=pgid, process_identity=identity)
+    return _set_while_running(conn, job_id, fence, process_group=pgid, process_identity=identity)
 
 
 def recover_running(
-    conn: sqlite3.Connection, events: Events, *, now: float, crash_loop_after: int
+    conn: sqlite3.Connection,
+    events: Events,
+    *,
+    now: float,
+    crash_loop_after: int,
+    nodes: list[int] | None = None,
 ) -> dict[str, int]:
-    """At start-up: jobs left `running` by a crash go back to the queue (RECOVERED); one that
-    has now been running at `crash_loop_after` crashes fails CRASH_LOOP. Their recorded
-    process groups are forgotten: the caller has ended what was left of them."""
-    rows = conn.execute(
-        "SELECT id, user, kind, recoveries, attempt, credits FROM jobs WHERE status = 'running'"
-    ).fetchall()
+    """Jobs left `running` by a daemon that died go back to the queue (RECOVERED); one that
+    has now been running at `crash_loop_after` deaths fails CRASH_LOOP. `nodes`: the dead
+    daemons whose jobs these are; None: every running job (a start-up on a store only one
+    daemon opens). Their recorded process groups are forgotten: the caller has ended what was
+    left of them where it could. Each row is written only if it still runs on the node it
+    was found on, so two recoveries at once recover a job once."""
+    select = "SELECT id, user, kind, recoveries, attempt, credits, node FROM jobs"
+    if nodes is None:
+        rows = conn.execute(f"{select} WHERE status = 'running'").fetchall()
+    else:
+        rows = conn.execute(
+            f"{select} WHERE status = 'running' AND node IN ({placeholders(nodes)})", nodes
+        ).fetchall()
     counts = {"recovered": 0, "crash_loop": 0}
-    for job_id, user, kind, recoveries, attempt, credits in rows:
+    for job_id, user, kind, recoveries, attempt, credits, node in rows:
         recoveries += 1
+        still_there = "WHERE id = ? AND status = 'running' AND node IS NOT DISTINCT FROM ?"
         if recoveries >= crash_loop_after:
             error = ErrorBody(
                 code="CRASH_LOOP",
@@ -767,12 +847,14 @@ def recover_running(
                 retryable=False,
                 error_id=new_error_id(),
             )
-            conn.execute(
+            changed = conn.execute(
                 "UPDATE jobs SET status = 'failed', recoveries = ?, finished_at = ?,"
                 " updated_at = ?, error = ?, reason = 'CRASH_LOOP', process_group = NULL,"
-                " process_identity = NULL WHERE id = ?",
-                (recoveries, now, now, dump_json(error), job_id),
-            )
+                f" process_identity = NULL {still_there}",
+                (recoveries, now, now, dump_json(error), job_id, node),
+            ).rowcount
+            if not changed:
+                continue
             if credits:
                 _settle_credits(conn, job_id, user, credits, refund=True)
             add_event(
@@ -784,11 +866,13 @@ def recover_running(
             )
             counts["crash_loop"] += 1
             continue
-        conn.execute(
+        changed = conn.execute(
             "UPDATE jobs SET status = 'queued', recoveries = ?, available_at = ?, updated_at = ?,"
-            " reason = 'RECOVERED', process_group = NULL, process_identity = NULL WHERE id = ?",
-            (recoveries, now, now, job_id),
-        )
+            f" reason = 'RECOVERED', process_group = NULL, process_identity = NULL {still_there}",
+            (recoveries, now, now, job_id, node),
+        ).rowcount
+        if not changed:
+            continue
         add_event(
             events,
             (job_id, user, kind),

@@ -36,17 +36,27 @@ _ROW_COLUMNS = ", ".join(Row._fields)
 
 
 def find_candidates(
-    conn: sqlite3.Connection, *, queued_before: float, created_before: float
+    conn: sqlite3.Connection,
+    *,
+    node: int,
+    queued: bool,
+    queued_before: float,
+    created_before: float,
 ) -> Candidates:
-    """Running jobs, and queued jobs that may have passed a queued or SLA limit."""
-    running = conn.execute(f"SELECT {_ROW_COLUMNS} FROM jobs WHERE status = 'running'")
-    queued = conn.execute(
+    """The jobs running on `node`, and, if `queued`, the queued jobs that may have passed a
+    queued or SLA limit (those are the maintenance role's)."""
+    running = conn.execute(
+        f"SELECT {_ROW_COLUMNS} FROM jobs WHERE status = 'running' AND node = ?", (node,)
+    )
+    running_rows = [Row(*r) for r in running]
+    if not queued:
+        return Candidates(running_rows, [], None, None)
+    rows = conn.execute(
         f"SELECT {_ROW_COLUMNS} FROM jobs WHERE status = 'queued' "
         "AND (available_at <= ? OR created_at <= ?)",
         (queued_before, created_before),
     )
-    running_rows = [Row(*r) for r in running]
-    queued_rows = [Row(*r) for r in queued]
+    queued_rows = [Row(*r) for r in rows]
     oldest_available, oldest_created = conn.execute(
         "SELECT MIN(available_at), MIN(created_at) FROM jobs WHERE status = 'queued'"
     ).fetchone()

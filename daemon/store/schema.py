@@ -152,6 +152,29 @@ MIGRATIONS: list[str] = [
     ALTER TABLE jobs ADD COLUMN process_group INTEGER;
     ALTER TABLE jobs ADD COLUMN process_identity TEXT;
     """,
+    """
+    -- The daemons sharing the database: each renews its lease while it lives. A node whose
+    -- lease has run out is dead; its running jobs are recovered by the elected daemon.
+    CREATE TABLE nodes (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        host TEXT NOT NULL,
+        pid INTEGER NOT NULL,
+        started_at REAL NOT NULL,
+        heartbeat_at REAL NOT NULL,
+        lease_until REAL NOT NULL
+    );
+    -- Roles one daemon holds at a time ("maintenance"): the holder renews its lease; another
+    -- takes the role only once that lease has run out.
+    CREATE TABLE leases (
+        name TEXT PRIMARY KEY,
+        node INTEGER NOT NULL,
+        until REAL NOT NULL
+    );
+    -- The node running the job's current attempt: with the attempt, the fence every write of
+    -- that attempt must match.
+    ALTER TABLE jobs ADD COLUMN node INTEGER;
+    CREATE INDEX jobs_running_node ON jobs(node) WHERE status = 'running';
+    """,
 ]
 
 

@@ -1,0 +1,158 @@
+"""Nodes, leases, fencing and the maintenance role, as the store keeps them (any backend).
+
+Times are wall seconds passed in, as the daemon passes its clock's."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import pytest
+
+from jobwarden.hub import EventHub
+from jobwarden.store import Store, jobs, nodes
+from jobwarden.wire.views import ErrorBody
+
+LEASE = 30.0
+ERROR = ErrorBody(code="X", message="x", retryable=True)
+
+
+@pytest.fixture
+async def store(tmp_path):
+    async with Store.open(tmp_path / "jw.db", hub=EventHub()) as store:
+        yield store
+
+
+async def register(store: Store, now: float = 0.0) -> int:
+    return await store.write(partial(nodes.register, host="h", pid=1, now=now, lease=LEASE))
+
+
+async def queue_and_claim(store: Store, node: int, *, now: float = 1.0) -> jobs.JobView:
+    new = jobs.NewJob(
+        kind="k",
+        user="alice",
+        payload_json="{}",
+        priority=0,
+        idempotency_key=None,
+        max_attempts=4,
+    )
+    await store.write(partial(jobs.insert_many, batch=[new], now=now))
+    claimed = await store.write(partial(jobs.claim, capacity={"k": 1}, total=1, node=node, now=now))
+    (job,) = claimed.jobs
+    return job
+
+
+def fenced_writes(job_id: int, fence: jobs.Fence) -> dict[str, object]:
+    """Every write an attempt makes, under `fence`."""
+    at = {"job_id": job_id, "fence": fence, "now": 500.0}
+    return {
+        "progress": partial(jobs.report_progress, **at, fraction=0.5, message="half"),
+        "heartbeat": partial(jobs.heartbeat, **at),
+        "checkpoint": partial(jobs.save_checkpoint, **at, checkpoint={"step": 5}),
+        "process_group": partial(
+            jobs.record_process_group, job_id=job_id, fence=fence, pgid=7, identity="b:1"
+        ),
+        "finish": partial(jobs.finish, **at, result=1),
+        "fail": partial(jobs.fail, **at, error=ERROR),
+        "retry": partial(jobs.retry_later, **at, error=ERROR, available_at=600.0),
+        "cancel": partial(jobs.cancel, **at, expect=("running",)),
+        "requeue": partial(jobs.requeue_unspent, **at, reason="INTERRUPTED"),
+    }
+
+
+@pytest.mark.parametrize("write", list(fenced_writes(0, jobs.Fence(0, 0))))
+@pytest.mark.parametrize("stale", ["attempt", "node"])
+async def test_a_write_whose_fence_no_longer_holds_changes_nothing(store, write, stale):
+    node = await register(store)
+    job = await queue_and_claim(store, node)
+    before = await store.read(partial(jobs.job_with_events, job_id=job.id, limit=100))
+    wrong = (
+        jobs.Fence(job.attempt - 1, node)
+        if stale == "attempt"
+        else jobs.Fence(job.attempt, node + 1)
+    )
+    result = await store.write(fenced_writes(job.id, wrong)[write])
+    assert result in (None, False)
+    after = await store.read(partial(jobs.job_with_events, job_id=job.id, limit=100))
+    assert after == before
+
+
+@pytest.mark.parametrize("write", list(fenced_writes(0, jobs.Fence(0, 0))))
+async def test_the_attempt_holding_the_fence_writes(store, write):
+    node = await register(store)
+    job = await queue_and_claim(store, node)
+    result = await store.write(fenced_writes(job.id, jobs.Fence(job.attempt, node))[write])
+    assert result not in (None, False)
+
+
+async def test_a_job_recovered_from_a_dead_node_cannot_be_finished_by_it(store):
+    dead = await register(store, now=0.0)
+    job = await queue_and_claim(store, dead, now=1.0)
+    alive = await register(store, now=1.0)
+    # Only `alive` renews: `dead`'s lease runs out at 30.
+    assert await store.write(partial(nodes.renew, node=alive, now=31.0, lease=LEASE))
+    recovered = await store.write(partial(nodes.recover_expired, now=31.0, crash_loop_after=3))
+    assert recovered == nodes.Recovered([dead], 1, 0, ["k"])
+    again = await store.write(partial(jobs.claim, capacity={"k": 1}, total=1, node=alive, now=32.0))
+    assert [(j.id, j.attempt) for j in again.jobs] == [(job.id, 2)]
+    # The dead node wakes up and finishes its attempt: nothing changes.
+    late = partial(jobs.finish, job_id=job.id, fence=jobs.Fence(1, dead), result="late", now=33.0)
+    assert await store.write(late) is None
+    # Its lease is gone too: it learns it was taken for dead.
+    assert not await store.write(partial(nodes.renew, node=dead, now=33.0, lease=LEASE))
+    done = await store.write(
+        partial(jobs.finish, job_id=job.id, fence=jobs.Fence(2, alive), result="ok", now=34.0)
+    )
+    assert (done.status, done.result) == ("done", "ok")
+    _, events = await store.read(partial(jobs.job_with_events, job_id=job.id, limit=100))
+    statuses = [(e.data["status"], e.data.get("reason")) for e in events if e.type == "status"]
+    assert statuses == [
+        ("queued", None),
+        ("running", None),
+        ("queued", "RECOVERED"),
+        ("running", None),
+        ("done", None),
+    ]
+
+
+async def test_a_live_node_keeps_its_jobs(store):
+    node = await register(store, now=0.0)
+    await queue_and_claim(store, node, now=1.0)
+    assert await store.write(partial(nodes.renew, node=node, now=25.0, lease=LEASE))
+    recovered = await store.write(partial(nodes.recover_expired, now=50.0, crash_loop_after=3))
+    assert recovered.nodes == []
+    assert (await store.read(jobs.counts_by_status)) == {"running": 1}
+
+
+async def test_jobs_of_a_node_that_left_are_recovered(store):
+    """A clean stop deletes the node's row; a job its drain could not requeue is recovered."""
+    node = await register(store, now=0.0)
+    await queue_and_claim(store, node, now=1.0)
+    await store.write(partial(nodes.leave, node=node))
+    recovered = await store.write(partial(nodes.recover_expired, now=2.0, crash_loop_after=3))
+    assert (recovered.nodes, recovered.recovered) == ([node], 1)
+
+
+async def test_one_node_holds_the_maintenance_role_until_its_lease_runs_out(store):
+    a, b = await register(store), await register(store)
+    take = partial(nodes.take_role, role=nodes.MAINTENANCE, lease=LEASE)
+    assert await store.write(partial(take, node=a, now=0.0))
+    assert not await store.write(partial(take, node=b, now=1.0))
+    # The holder renews it.
+    assert await store.write(partial(take, node=a, now=20.0))
+    assert not await store.write(partial(take, node=b, now=49.0))
+    # `a` stops renewing: at 50 its lease has run out, and `b` takes the role.
+    assert await store.write(partial(take, node=b, now=50.5))
+    assert not await store.write(partial(take, node=a, now=51.0))
+    live = await store.read(partial(nodes.live_nodes, now=25.0))
+    assert [(n.id, n.leader) for n in live] == [(a, False), (b, True)]
+
+
+async def test_a_node_taken_for_dead_rejoins_under_its_own_id(store):
+    node = await register(store, now=0.0)
+    await store.write(partial(nodes.recover_expired, now=31.0, crash_loop_after=3))
+    assert not await store.write(partial(nodes.renew, node=node, now=32.0, lease=LEASE))
+    await store.write(
+        partial(nodes.rejoin, node=node, host="h", pid=1, started_at=0.0, now=32.0, lease=LEASE)
+    )
+    assert await store.write(partial(nodes.renew, node=node, now=33.0, lease=LEASE))
+    assert [n.id for n in await store.read(partial(nodes.live_nodes, now=33.0))] == [node]
