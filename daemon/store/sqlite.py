@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
+NAME = "sqlite"
 Connection = sqlite3.Connection
 # What a statement raises when the database refuses it.
 DatabaseError = sqlite3.Error
@@ -66,8 +68,19 @@ def is_full(exc: BaseException) -> bool:
     return code is not None and (code & 0xFF) == sqlite3.SQLITE_FULL
 
 
+def fault_code(exc: BaseException) -> str:
+    return "STORAGE_FULL" if is_full(exc) else "STORAGE_ERROR"
+
+
+def is_disconnect(exc: BaseException) -> bool:
+    """A file has no connection to lose."""
+    return False
+
+
 def connect(path: str, synchronous: str) -> Connection:
     """A connection in autocommit mode: the engine says where each transaction begins."""
+    if path != IN_MEMORY:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute(f"PRAGMA synchronous={synchronous}")
@@ -78,6 +91,12 @@ def connect(path: str, synchronous: str) -> Connection:
     # 32 MB of page cache (the default is 2 MB): the queue's index pages stay in memory.
     conn.execute("PRAGMA cache_size=-32768")
     return conn
+
+
+def connect_reader(path: str, synchronous: str, writer: Connection) -> Connection:
+    """In WAL mode a second connection reads without waiting for the writer; an in-memory
+    database lives in its one connection."""
+    return writer if path == IN_MEMORY else connect(path, synchronous)
 
 
 def begin_write(conn: Connection) -> None:
@@ -110,6 +129,23 @@ def migrate_to(conn: Connection, version: int, script: str) -> None:
     except DatabaseError:
         roll_back(conn)
         raise
+
+
+def insert_ids(conn: Connection, sql: str, params: Sequence[Any], key: str, rows: int) -> list[int]:
+    """The rows one INSERT adds to an AUTOINCREMENT table are numbered consecutively, and
+    the store's writer is the only one: the last id says them all. (RETURNING would cost as
+    much again as the INSERT, in SQLite 3.40.)"""
+    last = conn.execute(sql, params).lastrowid
+    assert last is not None
+    return list(range(last - rows + 1, last + 1))
+
+
+def table_names(conn: Connection) -> list[str]:
+    rows = conn.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' "
+        "ORDER BY name"
+    )
+    return [name for (name,) in rows]
 
 
 def copy_database(source: str | Path, target: str | Path) -> None:
