@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from functools import partial
 
+import pytest
 import trio
 from structlog.testing import capture_logs
 
@@ -15,6 +16,8 @@ from jobwarden.actors.messages import HealthQuery, PoolStatistics
 from jobwarden.mailbox import ask
 from jobwarden.store import jobs, nodes
 from tests.conftest import EPOCH, Daemon
+
+pytestmark = pytest.mark.both_stores
 
 LEASE = 30.0
 KINDS = f"""

@@ -11,6 +11,9 @@ import pytest
 from jobwarden.hub import EventHub
 from jobwarden.store import Store, jobs, nodes
 from jobwarden.wire.views import ErrorBody
+from tests import postgres
+
+pytestmark = pytest.mark.both_stores
 
 LEASE = 30.0
 ERROR = ErrorBody(code="X", message="x", retryable=True)
@@ -18,7 +21,7 @@ ERROR = ErrorBody(code="X", message="x", retryable=True)
 
 @pytest.fixture
 async def store(tmp_path):
-    async with Store.open(tmp_path / "jw.db", hub=EventHub()) as store:
+    async with Store.open(postgres.current_url or tmp_path / "jw.db", hub=EventHub()) as store:
         yield store
 
 
