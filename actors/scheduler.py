@@ -309,6 +309,12 @@ class Scheduler:
                     node=self._node,
                     running_by_user=self._running_by_user,
                     max_running_per_user=self._config.limits.max_running_per_user,
+                    # A kind's max_concurrent holds for all the daemons on the database.
+                    kind_limits={
+                        name: kind.max_concurrent
+                        for name, kind in self._config.kinds.items()
+                        if kind.max_concurrent is not None
+                    },
                 )
             )
         except StoreError:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from functools import partial
 
 import pytest
+import trio
 
 from jobwarden.hub import EventHub
 from jobwarden.store import Store, jobs, nodes
@@ -159,3 +160,78 @@ async def test_a_node_taken_for_dead_rejoins_under_its_own_id(store):
     )
     assert await store.write(partial(nodes.renew, node=node, now=33.0, lease=LEASE))
     assert [n.id for n in await store.read(partial(nodes.live_nodes, now=33.0))] == [node]
+
+
+async def insert_jobs(store: Store, count: int, *, now: float = 1.0) -> None:
+    batch = [
+        jobs.NewJob(
+            kind="k",
+            user=f"user{n % 7}",
+            payload_json="{}",
+            priority=0,
+            idempotency_key=None,
+            max_attempts=4,
+        )
+        for n in range(count)
+    ]
+    await store.write(partial(jobs.insert_many, batch=batch, now=now))
+
+
+async def test_daemons_claiming_at_once_never_take_one_job_twice(store, tmp_path):
+    """Two stores (two daemons' engines, each with its own writer thread) drain one queue
+    with claims running at the same time."""
+    await insert_jobs(store, 300)
+    target = postgres.current_url or str(tmp_path / "jw.db")
+    claimed: dict[int, list[int]] = {1: [], 2: []}
+
+    async def drain(engine: Store, node: int) -> None:
+        while True:
+            result = await engine.write(
+                partial(jobs.claim, capacity={"k": 7}, total=7, node=node, now=5.0)
+            )
+            if not result.jobs:
+                return
+            claimed[node] += [job.id for job in result.jobs]
+
+    async with (
+        Store.open(target, hub=EventHub()) as first,
+        Store.open(target, hub=EventHub()) as second,
+        trio.open_nursery() as nursery,
+    ):
+        nursery.start_soon(drain, first, 1)
+        nursery.start_soon(drain, second, 2)
+    every = claimed[1] + claimed[2]
+    assert sorted(every) == list(range(1, 301))
+    assert claimed[1] and claimed[2]
+    running = await store.read(
+        partial(jobs.list_jobs, statuses=["running"], kind=None, user=None, limit=1000)
+    )
+    assert len(running) == 300
+
+
+async def test_a_kinds_limit_holds_across_daemons(store, tmp_path):
+    await insert_jobs(store, 50)
+    target = postgres.current_url or str(tmp_path / "jw.db")
+
+    async def claim_all(engine: Store, node: int) -> int:
+        result = await engine.write(
+            partial(
+                jobs.claim, capacity={"k": 10}, total=10, node=node, now=5.0, kind_limits={"k": 4}
+            )
+        )
+        return len(result.jobs)
+
+    counts = []
+    async with (
+        Store.open(target, hub=EventHub()) as first,
+        Store.open(target, hub=EventHub()) as second,
+        trio.open_nursery() as nursery,
+    ):
+        for engine, node in ((first, 1), (second, 2), (first, 1), (second, 2)):
+            nursery.start_soon(lambda e=engine, n=node: _record(counts, claim_all(e, n)))
+    assert sum(counts) == 4
+    assert (await store.read(jobs.counts_by_status))["running"] == 4
+
+
+async def _record(into: list[int], coroutine) -> None:
+    into.append(await coroutine)

@@ -65,6 +65,12 @@ class Backend(Protocol):
         the order of its VALUES."""
         ...
 
+    def skip_locked(self, table: str) -> str:
+        """What a SELECT ends with to lock the rows of `table` it returns until the commit,
+        passing over rows another transaction holds ("" where one writer has the database):
+        the claims of several daemons then never wait on each other, nor take a row twice."""
+        ...
+
     def table_names(self, conn: Any) -> list[str]:
         """The tables of the database (PostgreSQL: of the schema the connection uses)."""
         ...

@@ -398,12 +398,20 @@ def claim(
     node: int,
     running_by_user: dict[str, int] | None = None,
     max_running_per_user: int = 0,
+    kind_limits: dict[str, int] | None = None,
 ) -> ClaimResult:
     """Mark up to `total` due jobs running on `node` in dispatch order (priority, then fair
     tag, then age) within each kind's free capacity and each user's running limit. Kinds
-    missing from `capacity` (paused, unknown, full) are not touched."""
-    allowed = {kind for kind, free in capacity.items() if free > 0}
+    missing from `capacity` (paused, unknown, full) are not touched. `kind_limits`: the most
+    jobs of a kind that may run at once on all daemons together.
+
+    Where several daemons share the database, a claim never waits on another's locks: it
+    passes over the rows another claim holds (`skip_locked`), so two daemons never take one
+    job and neither waits for the other's commit."""
+    backend = backend_of(conn)
     free = dict(capacity)
+    contended = _cap_by_cluster_limits(conn, free, kind_limits or {})
+    allowed = {kind for kind, room in free.items() if room > 0}
     running = dict(running_by_user or {})
     full_users: set[str] = set()
     claimed: list[JobView] = []
@@ -419,7 +427,8 @@ def claim(
             f'FROM jobs INDEXED BY jobs_order LEFT JOIN users ON users.name = jobs."user" '
             f"WHERE jobs.status = 'queued' AND jobs.available_at <= ? "
             f"AND jobs.kind IN ({placeholders(kinds)}) {but_users}"
-            f"ORDER BY jobs.priority DESC, jobs.fair_tag, jobs.id LIMIT ?",
+            f"ORDER BY jobs.priority DESC, jobs.fair_tag, jobs.id LIMIT ?"
+            f"{backend.skip_locked('jobs')}",
             (now, *kinds, *full_users, total),
         ).fetchall()
         if not rows:
@@ -441,7 +450,8 @@ def claim(
             # progress_at restarts with the attempt, so an old report cannot look like a stall.
             conn.execute(
                 "UPDATE jobs SET status = 'running', attempt = ?, node = ?, started_at = ?,"
-                " updated_at = ?, heartbeat_at = ?, progress_at = NULL, reason = NULL WHERE id = ?",
+                " updated_at = ?, heartbeat_at = ?, progress_at = NULL, reason = NULL"
+                " WHERE id = ? AND status = 'queued'",
                 (attempt, node, now, now, now, job.id),
             )
             add_event(events, job, "status", now, {"status": "running", "attempt": attempt})
@@ -458,10 +468,8 @@ def claim(
                 allowed.discard(job.kind)
         if not skipped:
             break
-    if claimed and highest_tag > get_setting(conn, FAIR_CLOCK, 0):
-        # New users' first jobs start at the tag being dispatched, so they queue one round
-        # behind nobody's backlog. It only moves forward: a retried job keeps its old tag.
-        set_setting(conn, events, FAIR_CLOCK, highest_tag)
+    if claimed:
+        _advance_fair_clock(conn, highest_tag)
     waiting = sorted(k for k, n in capacity.items() if n > 0)
     next_at = None
     if waiting:
@@ -471,7 +479,60 @@ def claim(
             f"AND kind IN ({placeholders(waiting)})",
             (now, *waiting),
         ).fetchone()[0]
+    if contended:
+        # Another daemon's claim holds a limited kind: look again once it has committed.
+        retry_at = now + CONTENDED_RETRY
+        next_at = retry_at if next_at is None else min(next_at, retry_at)
     return ClaimResult(jobs=claimed, next_available_at=next_at)
+
+
+# A kind whose cluster-wide limit another daemon's claim is counting is looked at again after
+# this long: that claim commits within a group commit's time.
+CONTENDED_RETRY = 0.05
+
+
+def _cap_by_cluster_limits(
+    conn: sqlite3.Connection, free: dict[str, int], limits: dict[str, int]
+) -> bool:
+    """Lower each limited kind's room to its limit less the jobs of the kind running on every
+    daemon. The count is taken under the kind's row lock in `kind_claims`, held to the commit,
+    so two daemons never both fill the last slot. A kind whose row another claim holds gets
+    no room this time; returns whether one did."""
+    contended = False
+    backend = backend_of(conn)
+    for kind in sorted(set(limits) & {kind for kind, room in free.items() if room > 0}):
+        conn.execute(
+            "INSERT INTO kind_claims (kind) VALUES (?) ON CONFLICT (kind) DO NOTHING", (kind,)
+        )
+        held = conn.execute(
+            f"SELECT kind FROM kind_claims WHERE kind = ?{backend.skip_locked('kind_claims')}",
+            (kind,),
+        ).fetchall()
+        if not held:
+            free[kind] = 0
+            contended = True
+            continue
+        running = conn.execute(
+            "SELECT COUNT(*) FROM jobs WHERE status = 'running' AND kind = ?", (kind,)
+        ).fetchone()[0]
+        free[kind] = min(free[kind], limits[kind] - running)
+    return contended
+
+
+def _advance_fair_clock(conn: sqlite3.Connection, tag: int) -> None:
+    """New users' first jobs start at the tag being dispatched, so they queue one round behind
+    nobody's backlog. It only moves forward: a retried job keeps its old tag. A claim on
+    another daemon moving it at the same moment is left to do so, not waited for."""
+    conn.execute(
+        "INSERT INTO settings (key, value) VALUES (?, '0') ON CONFLICT (key) DO NOTHING",
+        (FAIR_CLOCK,),
+    )
+    row = conn.execute(
+        f"SELECT value FROM settings WHERE key = ?{backend_of(conn).skip_locked('settings')}",
+        (FAIR_CLOCK,),
+    ).fetchone()
+    if row is not None and tag > msgspec.json.decode(row[0]):
+        conn.execute("UPDATE settings SET value = ? WHERE key = ?", (dump_json(tag), FAIR_CLOCK))
 
 
 def _qualified(columns: str) -> str:

@@ -243,6 +243,10 @@ def fault_code(exc: BaseException) -> str:
     return "STORAGE_UNAVAILABLE" if is_disconnect(exc) else "STORAGE_ERROR"
 
 
+def skip_locked(table: str) -> str:
+    return f" FOR UPDATE OF {table} SKIP LOCKED"
+
+
 def checkpoint_wal(conn: Connection) -> None:
     """PostgreSQL checkpoints by itself."""
 

@@ -111,6 +111,11 @@ def roll_back(conn: Connection) -> None:
         conn.execute("ROLLBACK")
 
 
+def skip_locked(table: str) -> str:
+    """One writer at a time: a write transaction holds the whole database already."""
+    return ""
+
+
 def checkpoint_wal(conn: Connection) -> None:
     """Fold the write-ahead log back into the database file; outside any transaction."""
     # Read the pragma's answer to the end: an open statement blocks the next batch.
