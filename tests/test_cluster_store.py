@@ -11,7 +11,7 @@ import trio
 
 from jobwarden.hub import EventHub
 from jobwarden.store import Store, jobs, nodes
-from jobwarden.wire.views import ErrorBody
+from jobwarden.wire.views import ErrorBody, Event
 from tests import postgres
 
 pytestmark = pytest.mark.both_stores
@@ -235,3 +235,49 @@ async def test_a_kinds_limit_holds_across_daemons(store, tmp_path):
 
 async def _record(into: list[int], coroutine) -> None:
     into.append(await coroutine)
+
+
+async def test_a_reader_resuming_by_seq_misses_no_event_written_by_daemons_at_once(store, tmp_path):
+    """Two daemons' engines write events at the same time while a reader follows the log by
+    `since`, as a watcher does: it must see every event, though seq values are handed out
+    before the commits that make them visible."""
+    target = postgres.current_url or str(tmp_path / "jw.db")
+    await insert_jobs(store, 1)
+    seen: list[int] = []
+    writing = 2
+
+    async def write_progress(engine: Store) -> None:
+        nonlocal writing
+        for n in range(400):
+            await engine.write(partial(_progress_event, fraction=n / 400))
+        writing -= 1
+
+    async def follow() -> None:
+        while True:
+            done = writing == 0
+            page = await store.read(partial(jobs.events_since, since=seen[-1] if seen else 0))
+            seen.extend(event.seq for event in page)
+            if done and not page:
+                return
+            await trio.sleep(0)
+
+    async with (
+        Store.open(target, hub=EventHub()) as first,
+        Store.open(target, hub=EventHub()) as second,
+        trio.open_nursery() as nursery,
+    ):
+        nursery.start_soon(write_progress, first)
+        nursery.start_soon(write_progress, second)
+        nursery.start_soon(follow)
+    every = [
+        event.seq for event in await store.read(partial(jobs.events_since, since=0, limit=10_000))
+    ]
+    assert len(every) == 801
+    assert seen == every
+
+
+def _progress_event(conn, events, *, fraction: float) -> None:
+    """An event row of its own, as any write of a job adds one."""
+    events.append(
+        Event(seq=0, job=1, user="user0", kind="k", type="progress", at=1.0, data={"f": fraction})
+    )

@@ -65,6 +65,11 @@ class Backend(Protocol):
         the order of its VALUES."""
         ...
 
+    def order_events(self, conn: Any) -> None:
+        """Called in a write transaction just before it numbers its events: makes the seq
+        order the commit order until the transaction ends."""
+        ...
+
     def skip_locked(self, table: str) -> str:
         """What a SELECT ends with to lock the rows of `table` it returns until the commit,
         passing over rows another transaction holds ("" where one writer has the database):

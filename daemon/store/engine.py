@@ -47,7 +47,7 @@ from jobwarden.errors import StartupError, StoreError
 from jobwarden.hub import EventHub
 from jobwarden.store import backend as backends
 from jobwarden.store.jobs import set_setting
-from jobwarden.store.rows import Events, insert_events
+from jobwarden.store.rows import EventRow, Events, event_rows, insert_events
 from jobwarden.store.schema import migrate
 from jobwarden.store.sqlite import IN_MEMORY
 from jobwarden.wire.views import Event
@@ -178,6 +178,8 @@ class PendingWrite(Generic[T]):
     result: Any = None
     error: BaseException | None = None
     events: list[Event] = field(default_factory=list)
+    # The events encoded for insertion, once the write has run.
+    rows: list[EventRow] = field(default_factory=list)
 
     async def committed(self) -> T:
         """The write's result once it is committed; raises what the write raised."""
@@ -398,7 +400,11 @@ class Store:
             if write.solo:
                 try:
                     write.result = write.apply(self._writer, write.events)
-                    insert_events(self._writer, write.events)
+                    if write.events:
+                        # Its events in a transaction of their own, ordered as any other's.
+                        self._backend.begin_write(self._writer)
+                        insert_events(self._writer, write.events, event_rows(write.events))
+                        self._writer.execute("COMMIT")
                 except self._backend.DatabaseError as exc:
                     write.error = self._store_error("database maintenance failed", exc)
                 done.append(write)
@@ -416,13 +422,18 @@ class Store:
             conn.execute("SAVEPOINT w")
             try:
                 write.result = write.apply(conn, write.events)
-                insert_events(conn, write.events)
+                write.rows = event_rows(write.events)
             except Exception as exc:
                 if self._backend.is_fault(exc):
                     raise
                 conn.execute("ROLLBACK TO w")
-                write.error, write.events = exc, []
+                write.error, write.events, write.rows = exc, [], []
             conn.execute("RELEASE w")
+        insert_events(
+            conn,
+            [event for write in grouped for event in write.events],
+            [row for write in grouped for row in write.rows],
+        )
         conn.execute("COMMIT")
 
     def _after_fault(

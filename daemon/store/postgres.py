@@ -243,6 +243,20 @@ def fault_code(exc: BaseException) -> str:
     return "STORAGE_UNAVAILABLE" if is_disconnect(exc) else "STORAGE_ERROR"
 
 
+# The advisory lock under which a transaction numbers its events and commits.
+EVENT_ORDER_LOCK = 0x6A6F62776172  # "jobwar"
+
+
+def order_events(conn: Connection) -> None:
+    """Identity values are handed out as rows are inserted, not in commit order: a
+    transaction that took seq 9 may commit after another took 10, and a reader resuming
+    after 10 would never see 9. Numbering under a lock held to the commit (taken as the last
+    step before it, so held for the insert and the commit only) makes the seq order the
+    commit order across every daemon. A transaction that rolls back leaves a gap, which no
+    reader waits on."""
+    conn.raw.execute("SELECT pg_advisory_xact_lock(%s)", (EVENT_ORDER_LOCK,))
+
+
 def skip_locked(table: str) -> str:
     return f" FOR UPDATE OF {table} SKIP LOCKED"
 

@@ -142,31 +142,39 @@ def add_event(
 EVENT_ROWS_PER_INSERT = 1000
 
 
-def insert_events(conn: Connection, events: Events) -> None:
-    """Insert a write's event rows in multi-row statements and give each its seq.
+EventRow = tuple[int, str, str, str, float, str | None]
 
-    One statement per event would cost a SQLite step each, and each step gives the GIL away
-    and waits to get it back from the trio thread. The backend says which seq each row got.
+
+def event_rows(events: Events) -> list[EventRow]:
+    """A write's events as the rows to insert: encoded while the write can still fail alone
+    (data that is not JSON fails its write, not the transaction)."""
+    return [
+        (event.job, event.user, event.kind, event.type, event.at, dump_json(event.data))
+        for event in events
+    ]
+
+
+def insert_events(conn: Connection, events: Events, rows: list[EventRow]) -> None:
+    """Insert a transaction's event rows, last before its commit, in multi-row statements,
+    and give each its seq.
+
+    The seq order must be the commit order, so that a reader resuming after seq N never
+    misses one below N committed later; the backend sees to it (`order_events`): SQLite has
+    one writer; PostgreSQL numbers under a lock held to the commit. Inserting them last keeps
+    that lock short. One statement per event would cost a SQLite step each, and each step
+    gives the GIL away and waits to get it back from the trio thread.
     """
+    if not events:
+        return
     backend = backend_of(conn)
+    backend.order_events(conn)
     for start in range(0, len(events), EVENT_ROWS_PER_INSERT):
         chunk = events[start : start + EVENT_ROWS_PER_INSERT]
         seqs = backend.insert_ids(
             conn,
             'INSERT INTO events (job_id, "user", kind, type, at, data) VALUES '
             + ", ".join(["(?, ?, ?, ?, ?, ?)"] * len(chunk)),
-            [
-                value
-                for event in chunk
-                for value in (
-                    event.job,
-                    event.user,
-                    event.kind,
-                    event.type,
-                    event.at,
-                    dump_json(event.data),
-                )
-            ],
+            [value for row in rows[start : start + EVENT_ROWS_PER_INSERT] for value in row],
             "seq",
             len(chunk),
         )

@@ -111,6 +111,10 @@ def roll_back(conn: Connection) -> None:
         conn.execute("ROLLBACK")
 
 
+def order_events(conn: Connection) -> None:
+    """One writer at a time: events are numbered in commit order already."""
+
+
 def skip_locked(table: str) -> str:
     """One writer at a time: a write transaction holds the whole database already."""
     return ""
