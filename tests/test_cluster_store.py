@@ -276,8 +276,53 @@ async def test_a_reader_resuming_by_seq_misses_no_event_written_by_daemons_at_on
     assert seen == every
 
 
-def _progress_event(conn, events, *, fraction: float) -> None:
-    """An event row of its own, as any write of a job adds one."""
-    events.append(
-        Event(seq=0, job=1, user="user0", kind="k", type="progress", at=1.0, data={"f": fraction})
+def _progress_event(conn, events, *, fraction: float, into: list[Event] | None = None) -> None:
+    """An event row of its own, as any write of a job adds one; `into` gets it too (its seq
+    is set once it is committed)."""
+    event = Event(
+        seq=0, job=1, user="user0", kind="k", type="progress", at=1.0, data={"f": fraction}
     )
+    events.append(event)
+    if into is not None:
+        into.append(event)
+
+
+async def test_each_daemons_hub_carries_every_daemons_events_in_seq_order_once(store):
+    if postgres.current_url is None:
+        pytest.skip("one daemon per SQLite file: no other daemon's events to carry")
+    await insert_jobs(store, 1)
+    hubs = [EventHub(), EventHub()]
+    received: list[list[int]] = [[], []]
+    foreign: list[list[int]] = [[], []]
+    written: list[list[Event]] = [[], []]
+    async with (
+        Store.open(postgres.current_url, hub=hubs[0]) as first,
+        Store.open(postgres.current_url, hub=hubs[1]) as second,
+    ):
+        for index, hub in enumerate(hubs):
+            hub.foreign_listeners.append(
+                lambda events, index=index: foreign[index].extend(e.seq for e in events)
+            )
+        with hubs[0].subscribe(buffer=10_000) as sub_a, hubs[1].subscribe(buffer=10_000) as sub_b:
+            async with trio.open_nursery() as nursery:
+                for engine, into in ((first, written[0]), (second, written[1])):
+                    nursery.start_soon(_write_many, engine, 150, into)
+            every = [
+                event.seq
+                for event in await store.read(partial(jobs.events_since, since=1, limit=10_000))
+            ]
+            assert len(every) == 300
+            with trio.fail_after(10):
+                for index, sub in enumerate((sub_a, sub_b)):
+                    while len(received[index]) < len(every):
+                        received[index].append((await sub.events.receive()).seq)
+    assert received == [every, every]
+    # Each heard of all the other's events (and may have taken some of its own, read back
+    # before its own commit was handed on, for foreign: they only wake actors).
+    for index in (0, 1):
+        assert {event.seq for event in written[1 - index]} <= set(foreign[index])
+
+
+async def _write_many(engine: Store, count: int, into: list[Event]) -> None:
+    for n in range(count):
+        await engine.write(partial(_progress_event, fraction=n / count, into=into))

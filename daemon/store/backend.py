@@ -10,7 +10,7 @@ fault) asks `backend_of(conn)`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from jobwarden.config import is_database_url, redacted_url
@@ -21,6 +21,9 @@ class Backend(Protocol):
     """What the engine, the migration runner and `store copy` ask of a database."""
 
     NAME: str
+    # Several daemons may write the database at once: each follows the event log for the
+    # others' events (tail.py).
+    SHARED: bool
     # What a statement raises when the database refuses it.
     DatabaseError: type[Exception]
 
@@ -67,7 +70,13 @@ class Backend(Protocol):
 
     def order_events(self, conn: Any) -> None:
         """Called in a write transaction just before it numbers its events: makes the seq
-        order the commit order until the transaction ends."""
+        order the commit order until the transaction ends, and tells the daemons that listen
+        that events come (at the commit)."""
+        ...
+
+    def listen(self, target: str, notified: Callable[[], None], stopping: Any) -> None:
+        """Run on a thread of its own until `stopping` (a threading.Event) is set: call
+        `notified` each time another daemon commits events."""
         ...
 
     def skip_locked(self, table: str) -> str:

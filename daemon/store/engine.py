@@ -50,6 +50,7 @@ from jobwarden.store.jobs import set_setting
 from jobwarden.store.rows import EventRow, Events, event_rows, insert_events
 from jobwarden.store.schema import migrate
 from jobwarden.store.sqlite import IN_MEMORY
+from jobwarden.store.tail import EventTail
 from jobwarden.wire.views import Event
 
 log = structlog.get_logger("store")
@@ -267,6 +268,9 @@ class Store:
         self._synchronous = synchronous
         self._max_batch = max_batch
         self._hub = hub
+        # Where other daemons write the database too, its events reach the hub through the
+        # tail, which reads theirs from the log (tail.py).
+        self._tail = EventTail(self, hub, self._backend) if self._backend.SHARED else None
         self._threaded = threaded
         self._clock = clock
         self.health = StoreHealth(clock)
@@ -326,7 +330,11 @@ class Store:
             )
             thread.start()
         try:
-            yield store
+            async with trio.open_nursery() as nursery:
+                if store._tail is not None:
+                    await nursery.start(store._tail.run)
+                yield store
+                nursery.cancel_scope.cancel()
         finally:
             if thread is not None:
                 store._queue.put(_STOP)
@@ -460,6 +468,14 @@ class Store:
     def _store_error(self, what: str, exc: BaseException) -> StoreError:
         return StoreError.with_code(self._backend.fault_code(exc), f"{what}: {exc}")
 
+    def _publish(self, events: list[Event]) -> None:
+        """Committed events to the hub: at once where this daemon is the database's only
+        writer; through the tail, in seq order among the other daemons', where it is not."""
+        if self._tail is not None:
+            self._tail.committed(events)
+        else:
+            self._hub.publish(events)
+
     def _deliver(self, done: list[PendingWrite[Any]], fault: StoreError | None) -> None:
         if fault is not None:
             self.health.failed(fault)
@@ -473,7 +489,7 @@ class Store:
                     "a kept write failed", error=f"{type(write.error).__name__}: {write.error}"
                 )
             write.done.set()
-        self._hub.publish([event for write in done for event in write.events])
+        self._publish([event for write in done for event in write.events])
 
     async def write(self, apply: Write[T], *, solo: bool = False) -> T:
         """Run `apply(conn, events)` in a transaction; returns once it is committed.

@@ -36,7 +36,7 @@ from __future__ import annotations
 import functools
 import re
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from jobwarden.errors import StartupError
@@ -247,14 +247,37 @@ def fault_code(exc: BaseException) -> str:
 EVENT_ORDER_LOCK = 0x6A6F62776172  # "jobwar"
 
 
+SHARED = True
+# The channel a commit with events notifies, and every daemon's tail listens on.
+EVENTS_CHANNEL = "jobwarden_events"
+# Seconds between tries to reconnect the listening connection.
+LISTEN_RETRY = 1.0
+
+
 def order_events(conn: Connection) -> None:
     """Identity values are handed out as rows are inserted, not in commit order: a
     transaction that took seq 9 may commit after another took 10, and a reader resuming
     after 10 would never see 9. Numbering under a lock held to the commit (taken as the last
     step before it, so held for the insert and the commit only) makes the seq order the
     commit order across every daemon. A transaction that rolls back leaves a gap, which no
-    reader waits on."""
+    reader waits on. The NOTIFY is delivered at the commit, to every daemon's tail."""
     conn.raw.execute("SELECT pg_advisory_xact_lock(%s)", (EVENT_ORDER_LOCK,))
+    conn.raw.execute(f"NOTIFY {EVENTS_CHANNEL}")
+
+
+def listen(url: str, notified: Callable[[], None], stopping: Any) -> None:
+    """LISTEN on a connection of its own; reconnects while the server is away. After each
+    (re)connect it calls `notified` once: what was committed meanwhile is read then."""
+    while not stopping.is_set():
+        try:
+            with psycopg.connect(url, autocommit=True, connect_timeout=CONNECT_TIMEOUT) as conn:
+                conn.execute(f"LISTEN {EVENTS_CHANNEL}")
+                notified()
+                while not stopping.is_set():
+                    for _ in conn.notifies(timeout=LISTEN_RETRY):
+                        notified()
+        except psycopg.Error:
+            stopping.wait(LISTEN_RETRY)
 
 
 def skip_locked(table: str) -> str:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -111,8 +111,15 @@ def roll_back(conn: Connection) -> None:
         conn.execute("ROLLBACK")
 
 
+SHARED = False
+
+
 def order_events(conn: Connection) -> None:
     """One writer at a time: events are numbered in commit order already."""
+
+
+def listen(target: str, notified: Callable[[], None], stopping: Any) -> None:
+    """One daemon per file: there are no others to hear."""
 
 
 def skip_locked(table: str) -> str:
