@@ -296,6 +296,19 @@ class PoolStatistics(msgspec.Struct):
     reply: ReplySlot[dict[str, Any]]
 
 
+class RemoteCancel(msgspec.Struct):
+    """Another daemon was asked to cancel a job that runs here (a `cancel` event in the log):
+    stop it, as a cancel request would."""
+
+    job_id: int
+
+
+class RemoteEnd(msgspec.Struct):
+    """A job left `running` on another daemon: cancels waiting here for it are answered."""
+
+    job_id: int
+
+
 class NodeLost(msgspec.Struct):
     """This daemon's node was declared dead while it ran (its lease ran out): every job it
     was running has been recovered by another daemon. The pool abandons them, writing nothing."""
@@ -358,4 +371,14 @@ MonitorMessage = (
 )
 
 
-PoolMessage = RunJobs | CancelJob | Recover | PoolStatistics | Drain | Reconfigure | NodeLost
+PoolMessage = (
+    RunJobs
+    | CancelJob
+    | Recover
+    | PoolStatistics
+    | Drain
+    | Reconfigure
+    | NodeLost
+    | RemoteCancel
+    | RemoteEnd
+)

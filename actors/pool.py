@@ -53,6 +53,8 @@ from jobwarden.actors.messages import (
     ProgressStarted,
     Reconfigure,
     Recover,
+    RemoteCancel,
+    RemoteEnd,
     RunJobs,
 )
 from jobwarden.actors.outcomes import Outcome, handler_outcome
@@ -231,6 +233,12 @@ class Pool:
                         self._config = config
                     case NodeLost():
                         self._abandon_all()
+                    case RemoteCancel(job_id=job_id):
+                        entry = self._running.get(job_id)
+                        if entry is not None:
+                            entry.stop(CANCELED)
+                    case RemoteEnd(job_id=job_id) if job_id in self._cancel_on_arrival:
+                        nursery.start_soon(self._answer_remote_cancels, job_id)
 
     def statistics(self) -> dict[str, Any]:
         return {"running": sorted(self._running), "outcomes": dict(self.outcomes)}
@@ -290,8 +298,18 @@ class Pool:
         if current is None:
             msg.reply.fail(RequestError("NOT_FOUND", f"no job {msg.job_id}"))
         elif current.status == "running" and msg.job_id not in self._running:
-            # Claimed by the scheduler, on its way here: cancel it as it arrives.
+            # Claimed by the scheduler, on its way here: cancel it as it arrives. Or running
+            # on another daemon: asked to cancel it through the log, answered when it ends.
             self._cancel_on_arrival.setdefault(msg.job_id, []).append(msg.reply)
+            node = await self._store.read(partial(jobs.running_node, job_id=msg.job_id))
+            if node is not None and node != self._node:
+                try:
+                    await self._store.write(
+                        partial(jobs.request_cancel, job_id=msg.job_id, now=self._clock.now())
+                    )
+                except StoreError as exc:
+                    self._cancel_on_arrival[msg.job_id].remove(msg.reply)
+                    msg.reply.fail(exc.refusal())
         elif current.status == "running":
             await self._cancel(msg)
         else:
@@ -301,6 +319,17 @@ class Pool:
                     f"job {msg.job_id} is already {current.status}; nothing to cancel",
                 )
             )
+
+    async def _answer_remote_cancels(self, job_id: int) -> None:
+        """The job left `running` on another daemon: the cancels waiting for it are answered
+        if it was canceled, and otherwise tried again on the job as it is now (queued again,
+        finished, or running once more)."""
+        current = await self._store.read(partial(jobs.get_job, job_id=job_id))
+        for reply in self._cancel_on_arrival.pop(job_id, []):
+            if current is not None and current.status == "canceled":
+                reply.set(current)
+            else:
+                await self._cancel(CancelJob(job_id=job_id, reply=reply))
 
     async def _recover(self, msg: Recover) -> None:
         outcome: Outcome = ("retry" if msg.retry else "failed", msg.error)

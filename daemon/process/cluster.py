@@ -3,6 +3,12 @@
 Produces `NodeLost` for the pool, `Leadership` and `RaiseAlert` for the monitor, `JobQueued` for
 the scheduler (jobs recovered from a dead node wait to run).
 
+`relay` turns what other daemons commit (the event log's tail, store/tail.py) into wake-ups
+for this daemon's actors: a job queued or leaving `running` elsewhere may let the scheduler
+start one (a new job, or a slot of a kind limited across daemons); a `cancel` event asks the
+pool to stop a job it runs; a job that left `running` elsewhere answers the cancels waiting
+for it here.
+
 The keeper renews the node's lease every third of `cluster.lease`, on trio's clock, and tries
 to take or keep the maintenance role (a lease row, store.nodes.take_role). While it holds the
 role it recovers the running jobs of every node whose lease has run out, so a node that dies
@@ -25,13 +31,41 @@ from typing import Any
 import structlog
 import trio
 
-from jobwarden.actors.messages import JobQueued, Leadership, NodeLost, RaiseAlert
+from jobwarden.actors.messages import (
+    JobQueued,
+    Leadership,
+    NodeLost,
+    RaiseAlert,
+    RemoteCancel,
+    RemoteEnd,
+)
 from jobwarden.clock import WallClock
 from jobwarden.config import Config
 from jobwarden.errors import StoreError
 from jobwarden.store import Engine, nodes
+from jobwarden.wire.views import Event
 
 log = structlog.get_logger("cluster")
+
+
+def relay(
+    events: list[Event],
+    *,
+    scheduler: trio.MemorySendChannel[Any],
+    pool: trio.MemorySendChannel[Any],
+) -> None:
+    """Other daemons' events as wake-ups for this one's actors (their inboxes are unbounded:
+    this never blocks). A repeat is harmless: each is a reason to look again."""
+    try:
+        for event in events:
+            if event.type == "cancel":
+                pool.send_nowait(RemoteCancel(job_id=event.job))
+            elif event.type == "status" and event.data.get("status") != "running":
+                scheduler.send_nowait(JobQueued(kind=event.kind))
+                pool.send_nowait(RemoteEnd(job_id=event.job))
+    except trio.BrokenResourceError:
+        # The actors have stopped (the daemon is stopping): there is nobody left to wake.
+        return
 
 
 class NodeKeeper:

@@ -53,6 +53,7 @@ from jobwarden.hub import EventHub
 from jobwarden.logs import configure_logging, use_clock
 from jobwarden.mailbox import ReplySlot
 from jobwarden.metrics import Metrics
+from jobwarden.process import cluster
 from jobwarden.process.admin import AdminServer, Stop
 from jobwarden.process.cluster import NodeKeeper
 from jobwarden.process.commands import Commands
@@ -272,6 +273,9 @@ class Supervisor:
         )
         scheduler = Scheduler(
             **actor, inbox=scheduler_rx, pool=pool_tx.clone(), load=load, node=node
+        )
+        hub.foreign_listeners.append(
+            partial(cluster.relay, scheduler=scheduler_tx.clone(), pool=pool_tx.clone())
         )
         breaker = Breaker(
             **actor, inbox=breaker_rx, scheduler=scheduler_tx.clone(), alerts=monitor_tx.clone()

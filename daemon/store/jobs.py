@@ -501,8 +501,11 @@ def _cap_by_cluster_limits(
     contended = False
     backend = backend_of(conn)
     for kind in sorted(set(limits) & {kind for kind, room in free.items() if room > 0}):
-        conn.execute(
-            "INSERT INTO kind_claims (kind) VALUES (?) ON CONFLICT (kind) DO NOTHING", (kind,)
+        _ensure_row(
+            conn,
+            "SELECT 1 FROM kind_claims WHERE kind = ?",
+            "INSERT INTO kind_claims (kind) VALUES (?) ON CONFLICT (kind) DO NOTHING",
+            (kind,),
         )
         held = conn.execute(
             f"SELECT kind FROM kind_claims WHERE kind = ?{backend.skip_locked('kind_claims')}",
@@ -519,11 +522,20 @@ def _cap_by_cluster_limits(
     return contended
 
 
+def _ensure_row(conn: sqlite3.Connection, find: str, insert: str, key: tuple[str]) -> None:
+    """Insert a row a claim locks, the first time only: an upsert on a row another daemon's
+    transaction is changing waits for that transaction, and a claim must never wait."""
+    if conn.execute(find, key).fetchone() is None:
+        conn.execute(insert, key)
+
+
 def _advance_fair_clock(conn: sqlite3.Connection, tag: int) -> None:
     """New users' first jobs start at the tag being dispatched, so they queue one round behind
     nobody's backlog. It only moves forward: a retried job keeps its old tag. A claim on
     another daemon moving it at the same moment is left to do so, not waited for."""
-    conn.execute(
+    _ensure_row(
+        conn,
+        "SELECT 1 FROM settings WHERE key = ?",
         "INSERT INTO settings (key, value) VALUES (?, '0') ON CONFLICT (key) DO NOTHING",
         (FAIR_CLOCK,),
     )
@@ -788,6 +800,26 @@ def requeue_manual(
             "credits": credits,
         },
     )
+
+
+def running_node(conn: sqlite3.Connection, job_id: int) -> int | None:
+    """The node a running job runs on; None when it is not running."""
+    row = conn.execute(
+        "SELECT node FROM jobs WHERE id = ? AND status = 'running'", (job_id,)
+    ).fetchone()
+    return None if row is None else row[0]
+
+
+def request_cancel(conn: sqlite3.Connection, events: Events, job_id: int, *, now: float) -> bool:
+    """Ask the daemon running a job to cancel it: a `cancel` event, which that daemon's tail
+    of the log hands to its pool. False when the job no longer runs."""
+    row = conn.execute(
+        "SELECT \"user\", kind FROM jobs WHERE id = ? AND status = 'running'", (job_id,)
+    ).fetchone()
+    if row is None:
+        return False
+    add_event(events, (job_id, row[0], row[1]), "cancel", now, {})
+    return True
 
 
 def report_progress(
