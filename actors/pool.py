@@ -232,7 +232,7 @@ class Pool:
                     case Reconfigure(config=config):
                         self._config = config
                     case NodeLost():
-                        self._abandon_all()
+                        nursery.start_soon(self._abandon_lost)
                     case RemoteCancel(job_id=job_id):
                         entry = self._running.get(job_id)
                         if entry is not None:
@@ -246,14 +246,24 @@ class Pool:
     def _fence(self, job: JobView) -> jobs.Fence:
         return jobs.Fence(job.attempt, self._node)
 
-    def _abandon_all(self) -> None:
-        running = [entry for entry in self._running.values() if entry.outcome is None]
+    async def _abandon_lost(self) -> None:
+        """This node was taken for dead: the jobs recovered from it are abandoned. Those it
+        claimed since (the store gave it them after the recovery) keep running."""
+        running = {job_id: entry.job.attempt for job_id, entry in self._running.items()}
+        held = await self._store.read(partial(jobs.still_held, node=self._node, attempts=running))
+        lost = [
+            entry
+            for job_id, entry in self._running.items()
+            if job_id not in held
+            and entry.outcome is None
+            # Not one started while the store was asked: that one the store just gave it.
+            and running.get(job_id) == entry.job.attempt
+        ]
         self._log.warning(
-            "this node was taken for dead: abandoning its running jobs, which other daemons "
-            "have recovered",
-            jobs=len(running),
+            "this node was taken for dead: abandoning the jobs other daemons recovered from it",
+            jobs=len(lost),
         )
-        for entry in running:
+        for entry in lost:
             entry.stop(LOST)
 
     def _start(self, job: JobView, nursery: trio.Nursery) -> None:

@@ -802,6 +802,19 @@ def requeue_manual(
     )
 
 
+def still_held(conn: sqlite3.Connection, *, node: int, attempts: dict[int, int]) -> set[int]:
+    """Of the jobs `attempts` maps to the attempt a node runs, those whose fence still holds:
+    running on that attempt on `node`."""
+    if not attempts:
+        return set()
+    rows = conn.execute(
+        f"SELECT id, attempt FROM jobs WHERE id IN ({placeholders(attempts)}) "
+        "AND status = 'running' AND node = ?",
+        (*attempts, node),
+    )
+    return {job_id for job_id, attempt in rows if attempts[job_id] == attempt}
+
+
 def running_node(conn: sqlite3.Connection, job_id: int) -> int | None:
     """The node a running job runs on; None when it is not running."""
     row = conn.execute(

@@ -12,6 +12,10 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
+import os
+import shutil
+import signal
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from jobwarden.errors import AdminError
 from tests import postgres
 from tests.process import DaemonFactory, DaemonProcess, daemon_factory, merge
 from tests.test_integration import (
@@ -177,27 +182,141 @@ def test_a_watcher_on_one_daemon_sees_every_event_of_a_job_another_runs(shared_u
     assert len(stored) > 12  # queued, running, 12 progress, done
 
 
+@pytest.fixture
+def server() -> Iterator[postgres.Cluster]:
+    """A PostgreSQL of the test's own, to stop and start (not under tmp_path: the server's
+    user must reach it, and its socket's path must stay short)."""
+    directory = Path(tempfile.mkdtemp(prefix="jw-pg-"))
+    try:
+        yield from postgres.own_cluster(directory)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 def test_postgresql_stopped_and_started_under_running_daemons_loses_nothing_acknowledged(
-    daemons, tmp_path
+    server, daemons, tmp_path
 ):
-    cluster_dir = tmp_path / "pg"
-    with contextlib.ExitStack() as stack:
-        server = postgres.Cluster(cluster_dir)
-        url = server.start()
-        stack.callback(server.stop)
-        completions = tmp_path / "completions.log"
-        nodes = start_cluster(daemons, url)
-        accepted = round_robin_submit(nodes, [{"log": str(completions)}] * 300, kind="recorded")
-        server.stop()
-        time.sleep(1.0)
-        server.start()
-        # Submissions after the restart are taken again once the daemons have reconnected.
-        more = round_robin_submit(nodes, [{"log": str(completions)}] * 60, kind="recorded")
-        progress = follow_jobs(nodes[0], until=lambda p: p.finished >= accepted | more)
-        for daemon in nodes:
-            assert daemon.stop() == 0
-        with database(url) as conn:
-            stored = dict(conn.execute("SELECT id, status FROM jobs"))
-    assert accepted | more <= set(stored)
-    assert progress.finished >= accepted | more
-    assert set(stored.values()) == {"done"}
+    completions = tmp_path / "completions.log"
+    cluster = start_cluster(daemons, server.url)
+    payloads = [{"log": str(completions)}] * 300
+    accepted = round_robin_submit(cluster, payloads, kind="recorded")
+    server.stop()
+    time.sleep(1.0)
+    server.start()
+    # Refused (not acknowledged) until each daemon's store has reconnected, then taken.
+    more: set[int] = set()
+    deadline = time.monotonic() + GENEROUS_DEADLINE
+    while len(more) < 60 and time.monotonic() < deadline:
+        daemon = cluster[len(more) % len(cluster)]
+        try:
+            with daemon.client() as client:
+                more.add(client.call("submit", kind="recorded", payload=payloads[0])["job"]["id"])
+        except AdminError as refused:
+            assert refused.error.code in ("STORAGE_UNAVAILABLE", "STORAGE_ERROR"), refused
+            time.sleep(0.2)
+    acknowledged = accepted | more
+    try:
+        progress = follow_jobs(cluster[0], until=lambda p: acknowledged <= p.finished, timeout=20)
+    except TimeoutError:
+        with database(server.url) as conn:
+            print(
+                "DEBUG",
+                list(conn.execute("SELECT status, node, COUNT(*) FROM jobs GROUP BY status, node")),
+            )
+            print("DEBUG nodes", list(conn.execute("SELECT * FROM nodes")))
+            print("DEBUG leases", list(conn.execute("SELECT * FROM leases")))
+            print("DEBUG events", list(conn.execute("SELECT MAX(seq), COUNT(*) FROM events")))
+        raise
+    for daemon in cluster:
+        assert daemon.stop() == 0
+    with database(server.url) as conn:
+        stored = dict(conn.execute("SELECT id, status FROM jobs"))
+    assert acknowledged <= set(stored)
+    assert acknowledged <= progress.finished
+    assert {stored[job] for job in acknowledged} == {"done"}
+
+
+def test_a_paused_daemon_cannot_finish_the_jobs_taken_from_it(shared_url, daemons):
+    """SIGSTOP one daemon longer than its lease while it runs jobs: the others recover and
+    finish them; resumed, it finds its node taken for dead, and what its handlers come to
+    is written nowhere."""
+    slow = {"kinds": {"slow": {"handler": "tests.handlers:sleepy", "max_attempts": 10}}}
+    cluster = start_cluster(daemons, shared_url, slow)
+    paused = cluster[2]
+    with paused.client() as client:
+        node = client.call("status")["node"]
+    accepted = set(round_robin_submit(cluster, [{"seconds": 2.0}] * 12, kind="slow", chunk=4))
+    follow_jobs(cluster[0], until=lambda progress: len(progress.running) >= 12)
+    with database(shared_url) as conn:
+        held = {
+            job
+            for (job,) in conn.execute(
+                "SELECT id FROM jobs WHERE status = 'running' AND node = %s", (node,)
+            )
+        }
+    assert held, "no job ran on the daemon about to be paused"
+    os.kill(paused.pid, signal.SIGSTOP)
+    try:
+        time.sleep(LEASE * 4 / 3 + 1.0)
+        progress = follow_jobs(cluster[0], until=lambda p: len(p.finished) == len(accepted))
+    finally:
+        os.kill(paused.pid, signal.SIGCONT)
+    paused.wait_for_log(lambda line: line["event"].startswith("this node was taken for dead"))
+    deadline = time.monotonic() + GENEROUS_DEADLINE
+    while len(paused.logs("lost the job")) < len(held) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert {line["job"] for line in paused.logs("lost the job")} == held
+    for daemon in cluster:
+        assert daemon.stop() == 0
+    events = status_events(shared_url)
+    terminal = collections.Counter(job for job, status, *_ in events if status == "done")
+    assert progress.finished == accepted
+    assert set(terminal) == accepted and set(terminal.values()) == {1}
+    recovered = {job for job, _, reason, *_ in events if reason == "RECOVERED"}
+    assert held <= recovered
+
+
+# The breaker's state and the rate buckets are decided in the store for every daemon on the
+# branch `guards`; these two run once it is merged.
+NEEDS_GUARDS = pytest.mark.skip(
+    reason="needs the guards branch (breaker state and rate buckets in the store): enable "
+    "once it is merged"
+)
+
+
+@NEEDS_GUARDS
+def test_a_breaker_tripped_on_one_daemon_holds_its_kinds_on_all_three(shared_url, daemons):
+    guarded = {
+        "services": {"provider": {"breaker": {"failures": 3, "recovery": "1h"}}},
+        "kinds": {"needs_provider": {"handler": "tests.handlers:sleepy", "services": ["provider"]}},
+    }
+    cluster = start_cluster(daemons, shared_url, guarded)
+    with cluster[0].client() as client:
+        client.call("breaker", service="provider", action="trip")
+    held = set()
+    for daemon in cluster:
+        with daemon.client() as client:
+            for _ in range(2):
+                held.add(client.call("submit", kind="needs_provider")["job"]["id"])
+    time.sleep(LEASE)
+    with database(shared_url) as conn:
+        statuses = {status for (status,) in conn.execute("SELECT status FROM jobs")}
+    assert statuses == {"queued"}
+    with cluster[2].client() as client:
+        client.call("breaker", service="provider", action="reset")
+    follow_jobs(cluster[1], until=lambda progress: held <= progress.finished)
+
+
+@NEEDS_GUARDS
+def test_a_user_limited_to_10_a_minute_gets_10_of_30_across_three_daemons(shared_url, daemons):
+    limited = {"limits": {"rate": "10/m", "burst": 10}}
+    cluster = start_cluster(daemons, shared_url, limited)
+    accepted, refused = 0, collections.Counter()
+    for attempt in range(30):
+        with cluster[attempt % 3].client() as client:
+            try:
+                client.call("submit", kind="recorded", user="carol", payload={"log": "/dev/null"})
+                accepted += 1
+            except AdminError as error:
+                refused[error.error.code] += 1
+    assert (accepted, refused) == (10, {"RATE_LIMITED": 20})
