@@ -645,8 +645,11 @@ class Pool:
     # report of each sort is kept for the job and written first when it does again. A report
     # the fence refuses says the attempt lost its job: it is abandoned.
 
-    async def _report(self, entry: _Running, sort: str, write: Any) -> None:
-        still_ours = await self._store.write_or_keep(write, key=(sort, entry.job.id))
+    async def _report(self, entry: _Running, write: Any, **fields: Any) -> None:
+        """Write one of the handler's reports for its attempt, fenced; at most the latest of
+        each sort is kept through a store fault."""
+        fenced = partial(write, job_id=entry.job.id, fence=self._fence(entry.job), **fields)
+        still_ours = await self._store.write_or_keep(fenced, key=(write.__name__, entry.job.id))
         if still_ours is False and entry.outcome is None:
             entry.stop(LOST)
 
@@ -655,52 +658,14 @@ class Pool:
             entry.progressed = True
             self._monitor.send_nowait(ProgressStarted(at=self._clock.now(), kind=entry.job.kind))
         await self._report(
-            entry,
-            "progress",
-            partial(
-                jobs.report_progress,
-                job_id=entry.job.id,
-                fence=self._fence(entry.job),
-                fraction=fraction,
-                message=message,
-                now=self._clock.now(),
-            ),
+            entry, jobs.report_progress, fraction=fraction, message=message, now=self._clock.now()
         )
 
     async def _heartbeat(self, entry: _Running) -> None:
-        await self._report(
-            entry,
-            "heartbeat",
-            partial(
-                jobs.heartbeat,
-                job_id=entry.job.id,
-                fence=self._fence(entry.job),
-                now=self._clock.now(),
-            ),
-        )
+        await self._report(entry, jobs.heartbeat, now=self._clock.now())
 
     async def _process_group(self, entry: _Running, pgid: int, identity: str) -> None:
-        await self._report(
-            entry,
-            "process_group",
-            partial(
-                jobs.record_process_group,
-                job_id=entry.job.id,
-                fence=self._fence(entry.job),
-                pgid=pgid,
-                identity=identity,
-            ),
-        )
+        await self._report(entry, jobs.record_process_group, pgid=pgid, identity=identity)
 
     async def _checkpoint(self, entry: _Running, state: Any) -> None:
-        await self._report(
-            entry,
-            "checkpoint",
-            partial(
-                jobs.save_checkpoint,
-                job_id=entry.job.id,
-                fence=self._fence(entry.job),
-                checkpoint=state,
-                now=self._clock.now(),
-            ),
-        )
+        await self._report(entry, jobs.save_checkpoint, checkpoint=state, now=self._clock.now())

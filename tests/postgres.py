@@ -48,11 +48,12 @@ def in_schema(url: str, schema: str) -> str:
 
 
 @contextlib.contextmanager
-def fresh_schema() -> Iterator[str]:
-    """An empty schema on the test server, dropped afterwards; yields its URL."""
+def fresh_schema(server: str | None = None) -> Iterator[str]:
+    """An empty schema on the test server (or on `server`, a URL), dropped afterwards; yields
+    its URL."""
     import psycopg
 
-    url = server_url()
+    url = server or server_url()
     schema = f"t_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(f"CREATE SCHEMA {schema}")

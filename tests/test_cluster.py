@@ -16,6 +16,7 @@ from jobwarden.actors.messages import HealthQuery, PoolStatistics
 from jobwarden.mailbox import ask
 from jobwarden.store import jobs, nodes
 from tests.conftest import EPOCH, Daemon
+from tests.test_cluster_store import queue_and_claim
 
 pytestmark = pytest.mark.both_stores
 
@@ -136,20 +137,9 @@ async def test_the_jobs_of_a_node_that_stops_renewing_are_recovered_within_its_l
     # The other node's job: submitted and claimed there (this daemon's scheduler never heard
     # of it).
     store = daemon.handle.store
-    new = jobs.NewJob(
-        kind="sleepy",
-        user="bob",
-        payload_json='{"seconds": 1}',
-        priority=0,
-        idempotency_key=None,
-        max_attempts=4,
+    job = await queue_and_claim(
+        store, dead, now=daemon.now, kind="sleepy", payload='{"seconds": 1}'
     )
-    (admitted,) = await store.write(partial(jobs.insert_many, batch=[new], now=daemon.now))
-    job = admitted.job
-    claimed = await store.write(
-        partial(jobs.claim, capacity={"sleepy": 1}, total=1, node=dead, now=daemon.now)
-    )
-    assert [j.id for j in claimed.jobs] == [job.id]
     lease_ends = daemon.now + LEASE
     done = await daemon.wait_done(job.id)
     assert (done.status, done.attempt) == ("done", 2)

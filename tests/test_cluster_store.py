@@ -30,17 +30,22 @@ async def register(store: Store, now: float = 0.0) -> int:
     return await store.write(partial(nodes.register, host="h", pid=1, now=now, lease=LEASE))
 
 
-async def queue_and_claim(store: Store, node: int, *, now: float = 1.0) -> jobs.JobView:
+async def queue_and_claim(
+    store: Store, node: int, *, now: float = 1.0, kind: str = "k", payload: str = "{}"
+) -> jobs.JobView:
+    """A job submitted and claimed by `node`, as that node's daemon would."""
     new = jobs.NewJob(
-        kind="k",
+        kind=kind,
         user="alice",
-        payload_json="{}",
+        payload_json=payload,
         priority=0,
         idempotency_key=None,
         max_attempts=4,
     )
     await store.write(partial(jobs.insert_many, batch=[new], now=now))
-    claimed = await store.write(partial(jobs.claim, capacity={"k": 1}, total=1, node=node, now=now))
+    claimed = await store.write(
+        partial(jobs.claim, capacity={kind: 1}, total=1, node=node, now=now)
+    )
     (job,) = claimed.jobs
     return job
 

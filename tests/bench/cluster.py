@@ -27,7 +27,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -44,7 +43,7 @@ from tests.bench.admin_load import (  # noqa: E402
     pipeline_submit,
 )
 from tests.bench.harness import ServeProcess, percentile, shares  # noqa: E402
-from tests.postgres import in_schema  # noqa: E402
+from tests.postgres import fresh_schema  # noqa: E402
 
 SCRIPT = REPO_ROOT / ".ci" / "postgres"
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -65,18 +64,6 @@ def durable_server() -> Iterator[str]:
     finally:
         subprocess.run([str(SCRIPT), "stop", str(directory)], check=False, capture_output=True)
         subprocess.run(["rm", "-rf", str(directory)], check=False)
-
-
-@contextlib.contextmanager
-def fresh_schema(server: str) -> Iterator[str]:
-    schema = f"bench_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(server, autocommit=True) as conn:
-        conn.execute(f"CREATE SCHEMA {schema}")
-    try:
-        yield in_schema(server, schema)
-    finally:
-        with psycopg.connect(server, autocommit=True) as conn:
-            conn.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
 @contextlib.contextmanager
