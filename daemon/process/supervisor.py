@@ -534,6 +534,15 @@ class Supervisor:
             await trio.sleep(STATUS_INTERVAL)
 
 
+def _leaves(group: BaseExceptionGroup[Any]) -> list[BaseException]:
+    """The exceptions of a group, however deep the nurseries nested them."""
+    return [
+        leaf
+        for exc in group.exceptions
+        for leaf in (_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    ]
+
+
 def serve_main(config_path: Path, overrides: Overrides | None = None) -> int:
     """`jobwarden serve`: run until drained. Exit 0 after a clean stop; 2 when the config
     cannot be used, a listen port among it (systemd is told not to restart on 2); 1 when
@@ -557,10 +566,10 @@ def serve_main(config_path: Path, overrides: Overrides | None = None) -> int:
     try:
         trio.run(supervisor.run)
     except* ConfigError as group:
-        refusals += [f"{config_path}: {exc}" for exc in group.exceptions]
+        refusals += [f"{config_path}: {exc}" for exc in _leaves(group)]
         code = 2
     except* StartupError as group:
-        refusals += [str(exc) for exc in group.exceptions]
+        refusals += [str(exc) for exc in _leaves(group)]
         code = code or 1
     for refusal in refusals:
         log.error("jobwarden could not start", error=refusal)

@@ -330,11 +330,13 @@ class Store:
             )
             thread.start()
         try:
-            async with trio.open_nursery() as nursery:
-                if store._tail is not None:
-                    await nursery.start(store._tail.run)
+            if store._tail is None:
                 yield store
-                nursery.cancel_scope.cancel()
+            else:
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(store._tail.run)
+                    yield store
+                    nursery.cancel_scope.cancel()
         finally:
             if thread is not None:
                 store._queue.put(_STOP)
