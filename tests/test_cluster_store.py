@@ -4,6 +4,8 @@ Times are wall seconds passed in, as the daemon passes its clock's."""
 
 from __future__ import annotations
 
+import collections
+import threading
 from functools import partial
 
 import pytest
@@ -331,3 +333,35 @@ async def test_each_daemons_hub_carries_every_daemons_events_in_seq_order_once(s
 async def _write_many(engine: Store, count: int, into: list[Event]) -> None:
     for n in range(count):
         await engine.write(partial(_progress_event, fraction=n / count, into=into))
+
+
+async def test_a_write_that_two_daemons_deadlock_on_is_run_again_not_failed(store):
+    """Two daemons' writes take two users' rows in opposite orders, each holding the first
+    while it waits for the second: one is the database's victim. It runs again once the
+    other's transaction has committed, and both land."""
+    if postgres.current_url is None:
+        pytest.skip("one daemon per SQLite file: no other daemon's locks to wait on")
+    await insert_jobs(store, 2)  # creates user0 and user1
+    both_hold_one = threading.Barrier(2, timeout=10)
+    runs = collections.Counter()
+
+    def cross(conn, events, *, first: str, second: str) -> None:
+        runs[first] += 1
+        conn.execute("UPDATE users SET spent = spent + 1 WHERE name = ?", (first,))
+        if runs[first] == 1:
+            both_hold_one.wait()
+        conn.execute("UPDATE users SET spent = spent + 1 WHERE name = ?", (second,))
+
+    async with (
+        Store.open(postgres.current_url, hub=EventHub()) as one,
+        Store.open(postgres.current_url, hub=EventHub()) as other,
+        trio.open_nursery() as nursery,
+    ):
+        nursery.start_soon(one.write, partial(cross, first="user0", second="user1"))
+        nursery.start_soon(other.write, partial(cross, first="user1", second="user0"))
+    spent = await store.read(
+        lambda conn: dict(conn.execute("SELECT name, spent FROM users ORDER BY name").fetchall())
+    )
+    assert spent == {"user0": 2, "user1": 2}
+    # At least one was a victim (with a lock wait bound, both can be) and ran again.
+    assert max(runs.values()) > 1

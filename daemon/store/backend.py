@@ -45,6 +45,11 @@ class Backend(Protocol):
         """The database, not the statement, failed: no write can succeed until it is mended."""
         ...
 
+    def is_retryable(self, exc: BaseException) -> bool:
+        """The database gave up on the statement to let another transaction through (a
+        deadlock's victim): the write succeeds if run again in a new transaction."""
+        ...
+
     def fault_code(self, exc: BaseException) -> str:
         """STORAGE_FULL, STORAGE_UNAVAILABLE (the server cannot be reached) or STORAGE_ERROR."""
         ...
@@ -77,6 +82,11 @@ class Backend(Protocol):
     def listen(self, target: str, notified: Callable[[], None], stopping: Any) -> None:
         """Run on a thread of its own until `stopping` (a threading.Event) is set: call
         `notified` each time another daemon commits events."""
+        ...
+
+    def try_lock(self, conn: Any, name: str) -> bool:
+        """Take the lock `name` until the transaction ends, if nobody holds it; never wait
+        (True where one writer has the database)."""
         ...
 
     def skip_locked(self, table: str) -> str:

@@ -399,13 +399,17 @@ class Store:
         self._kept = []
         done: list[PendingWrite[Any]] = []
         fault = None
-        if grouped:
+        while grouped:
             try:
-                self._transact(grouped)
-                done += grouped
+                again = self._transact(grouped)
             except self._backend.DatabaseError as exc:
                 fault = self._store_error("database write failed", exc)
                 done += self._after_fault(grouped, fault)
+                break
+            done += [write for write in grouped if write not in again]
+            # Chosen as a deadlock's victim: run again once this commit has released what
+            # the other transaction waited for.
+            grouped = again
         for write in handed:
             if write.solo:
                 try:
@@ -422,11 +426,15 @@ class Store:
         self.writes += len(handed)
         return done, fault
 
-    def _transact(self, grouped: list[PendingWrite[Any]]) -> None:
+    def _transact(self, grouped: list[PendingWrite[Any]]) -> list[PendingWrite[Any]]:
         """One transaction, each write in its own savepoint, so that one that raises fails
-        alone; a database that fails fails them all."""
+        alone; a database that fails fails them all. Returns the writes to run again in a
+        transaction of their own: those the database gave up on to break a deadlock with
+        another daemon's transaction (a lock wait in one write of a batch holding the
+        locks of the others); they changed nothing here."""
         conn = self._writer
         assert conn is not None
+        again = []
         self._backend.begin_write(conn)
         for write in grouped:
             conn.execute("SAVEPOINT w")
@@ -437,7 +445,11 @@ class Store:
                 if self._backend.is_fault(exc):
                     raise
                 conn.execute("ROLLBACK TO w")
-                write.error, write.events, write.rows = exc, [], []
+                write.result, write.events, write.rows = None, [], []
+                if self._backend.is_retryable(exc):
+                    again.append(write)
+                else:
+                    write.error = exc
             conn.execute("RELEASE w")
         insert_events(
             conn,
@@ -445,6 +457,7 @@ class Store:
             [row for write in grouped for row in write.rows],
         )
         conn.execute("COMMIT")
+        return again
 
     def _after_fault(
         self, grouped: list[PendingWrite[Any]], error: StoreError

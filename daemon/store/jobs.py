@@ -495,23 +495,14 @@ def _cap_by_cluster_limits(
     conn: sqlite3.Connection, free: dict[str, int], limits: dict[str, int]
 ) -> bool:
     """Lower each limited kind's room to its limit less the jobs of the kind running on every
-    daemon. The count is taken under the kind's row lock in `kind_claims`, held to the commit,
-    so two daemons never both fill the last slot. A kind whose row another claim holds gets
-    no room this time; returns whether one did."""
+    daemon. The count is taken under a lock of the kind held to the commit, so two daemons
+    never both fill the last slot. A kind another claim holds gets no room this time: a
+    claim never waits (a lock wait inside a group-commit batch, which holds the locks of its
+    other writes, could deadlock with another daemon's). Returns whether one was held."""
     contended = False
     backend = backend_of(conn)
     for kind in sorted(set(limits) & {kind for kind, room in free.items() if room > 0}):
-        _ensure_row(
-            conn,
-            "SELECT 1 FROM kind_claims WHERE kind = ?",
-            "INSERT INTO kind_claims (kind) VALUES (?) ON CONFLICT (kind) DO NOTHING",
-            (kind,),
-        )
-        held = conn.execute(
-            f"SELECT kind FROM kind_claims WHERE kind = ?{backend.skip_locked('kind_claims')}",
-            (kind,),
-        ).fetchall()
-        if not held:
+        if not backend.try_lock(conn, f"claim:{kind}"):
             free[kind] = 0
             contended = True
             continue
@@ -522,29 +513,13 @@ def _cap_by_cluster_limits(
     return contended
 
 
-def _ensure_row(conn: sqlite3.Connection, find: str, insert: str, key: tuple[str]) -> None:
-    """Insert a row a claim locks, the first time only: an upsert on a row another daemon's
-    transaction is changing waits for that transaction, and a claim must never wait."""
-    if conn.execute(find, key).fetchone() is None:
-        conn.execute(insert, key)
-
-
 def _advance_fair_clock(conn: sqlite3.Connection, tag: int) -> None:
     """New users' first jobs start at the tag being dispatched, so they queue one round behind
     nobody's backlog. It only moves forward: a retried job keeps its old tag. A claim on
-    another daemon moving it at the same moment is left to do so, not waited for."""
-    _ensure_row(
-        conn,
-        "SELECT 1 FROM settings WHERE key = ?",
-        "INSERT INTO settings (key, value) VALUES (?, '0') ON CONFLICT (key) DO NOTHING",
-        (FAIR_CLOCK,),
-    )
-    row = conn.execute(
-        f"SELECT value FROM settings WHERE key = ?{backend_of(conn).skip_locked('settings')}",
-        (FAIR_CLOCK,),
-    ).fetchone()
-    if row is not None and tag > msgspec.json.decode(row[0]):
-        conn.execute("UPDATE settings SET value = ? WHERE key = ?", (dump_json(tag), FAIR_CLOCK))
+    another daemon moving it at the same moment is left to do so, not waited for: every
+    writer of it holds the lock, so the write below never waits either."""
+    if backend_of(conn).try_lock(conn, FAIR_CLOCK) and tag > get_setting(conn, FAIR_CLOCK, 0):
+        set_setting(conn, [], FAIR_CLOCK, tag)
 
 
 def _qualified(columns: str) -> str:

@@ -184,6 +184,7 @@ def connect(url: str, synchronous: str) -> Connection:
         "SELECT set_config('synchronous_commit', %s, false)",
         ("off" if synchronous == "OFF" else "on",),
     )
+    raw.execute("SELECT set_config('lock_timeout', %s, false)", (LOCK_WAIT,))
     return Connection(raw)
 
 
@@ -226,6 +227,20 @@ def is_fault(exc: BaseException) -> bool:
     return state == _READ_ONLY or (state[:2] in _FAULT_CLASSES and state not in _NOT_FAULTS)
 
 
+# The longest a statement waits for a row lock another daemon's transaction holds. Every write
+# of a group-commit batch keeps its locks until the commit, so two daemons' batches can wait
+# on each other; PostgreSQL finds such a deadlock only after deadlock_timeout (1 s), and a
+# write that waited this long is run again after its batch commits instead (is_retryable).
+LOCK_WAIT = "100ms"
+# A deadlock's victim, a serialization failure, a lock not had within LOCK_WAIT: the write may
+# simply run again in a new transaction.
+_RETRYABLE = frozenset({"40P01", "40001", "55P03"})
+
+
+def is_retryable(exc: BaseException) -> bool:
+    return _sqlstate(exc) in _RETRYABLE
+
+
 def is_disconnect(exc: BaseException) -> bool:
     if not isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
         return False
@@ -261,6 +276,8 @@ def order_events(conn: Connection) -> None:
     step before it, so held for the insert and the commit only) makes the seq order the
     commit order across every daemon. A transaction that rolls back leaves a gap, which no
     reader waits on. The NOTIFY is delivered at the commit, to every daemon's tail."""
+    # Waited for as long as it takes: its holder only inserts events and commits.
+    conn.raw.execute("SELECT set_config('lock_timeout', '0', true)")
     conn.raw.execute("SELECT pg_advisory_xact_lock(%s)", (EVENT_ORDER_LOCK,))
     conn.raw.execute(f"NOTIFY {EVENTS_CHANNEL}")
 
@@ -278,6 +295,12 @@ def listen(url: str, notified: Callable[[], None], stopping: Any) -> None:
                         notified()
         except psycopg.Error:
             stopping.wait(LISTEN_RETRY)
+
+
+def try_lock(conn: Connection, name: str) -> bool:
+    """A transaction-scoped advisory lock, taken only if free: no row to create first (an
+    upsert of a row another transaction is inserting waits for it)."""
+    return conn.raw.execute("SELECT pg_try_advisory_xact_lock(hashtext(%s))", (name,)).fetchone()[0]
 
 
 def skip_locked(table: str) -> str:

@@ -93,15 +93,20 @@ def apply_each(
     called, to forget what they left in memory), then applied again in a savepoint each, so
     that only the failing ones fail. A savepoint per item from the start would cost more than
     the items: SQLite copies every page a savepoint changes first. A database that fails
-    (disk full, I/O error) fails every item alike: that is raised, for the engine to handle.
+    (disk full, I/O error) fails every item alike, and a deadlock's victim is the whole
+    write's to run again: those are raised, for the engine to handle.
     """
-    is_fault = backend_of(conn).is_fault
+    backend = backend_of(conn)
+
+    def for_the_engine(exc: Exception) -> bool:
+        return backend.is_fault(exc) or backend.is_retryable(exc)
+
     mark = len(events)
     conn.execute("SAVEPOINT batch")
     try:
         results: list[T | Exception] = [apply_one(item) for item in items]
     except Exception as exc:
-        if is_fault(exc):
+        if for_the_engine(exc):
             raise
         conn.execute("ROLLBACK TO batch")
         del events[mark:]
@@ -117,7 +122,7 @@ def apply_each(
         try:
             results.append(apply_one(item))
         except Exception as exc:
-            if is_fault(exc):
+            if for_the_engine(exc):
                 raise
             conn.execute("ROLLBACK TO item")
             del events[mark:]

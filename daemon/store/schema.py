@@ -178,9 +178,6 @@ MIGRATIONS: list[str] = [
     -- that attempt must match.
     ALTER TABLE jobs ADD COLUMN node INTEGER;
     CREATE INDEX jobs_running_node ON jobs(node) WHERE status = 'running';
-    -- One row per kind with a limit on its running jobs: a claim locks it while it counts
-    -- them, so the daemons sharing the database keep the limit together.
-    CREATE TABLE kind_claims (kind TEXT PRIMARY KEY);
     """,
 ]
 

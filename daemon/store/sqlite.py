@@ -122,6 +122,16 @@ def listen(target: str, notified: Callable[[], None], stopping: Any) -> None:
     """One daemon per file: there are no others to hear."""
 
 
+def is_retryable(exc: BaseException) -> bool:
+    """One writer holds the database: no transaction waits on another's locks."""
+    return False
+
+
+def try_lock(conn: Connection, name: str) -> bool:
+    """One writer at a time: its write transaction holds the whole database already."""
+    return True
+
+
 def skip_locked(table: str) -> str:
     """One writer at a time: a write transaction holds the whole database already."""
     return ""

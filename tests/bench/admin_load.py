@@ -51,8 +51,12 @@ class _SubmitReply(msgspec.Struct):
 _decode_reply = msgspec.json.Decoder(_SubmitReply).decode
 
 
-def _submit_line(request_id: int) -> bytes:
-    return b'{"id":%d,"cmd":"submit","args":{"kind":"%s"}}\n' % (request_id, NOOP_KIND.encode())
+def _submit_line(request_id: int, user: str = "local") -> bytes:
+    return b'{"id":%d,"cmd":"submit","args":{"kind":"%s","user":"%s"}}\n' % (
+        request_id,
+        NOOP_KIND.encode(),
+        user.encode(),
+    )
 
 
 async def _read_replies(
@@ -74,8 +78,9 @@ async def _read_replies(
         received += len(lines)
 
 
-async def pipeline_submit(socket_path: Path, count: int) -> None:
-    """Submit `count` jobs on one connection, keeping up to WINDOW requests in flight."""
+async def pipeline_submit(socket_path: Path, count: int, user: str = "local") -> None:
+    """Submit `count` jobs for `user` on one connection, keeping up to WINDOW requests in
+    flight."""
     free = trio.Semaphore(WINDOW)
     async with (
         await trio.open_unix_socket(str(socket_path)) as stream,
@@ -89,7 +94,8 @@ async def pipeline_submit(socket_path: Path, count: int) -> None:
             while sent + batch < count and free.value > 0:
                 free.acquire_nowait()
                 batch += 1
-            await stream.send_all(b"".join(map(_submit_line, range(sent, sent + batch))))
+            lines = (_submit_line(request_id, user) for request_id in range(sent, sent + batch))
+            await stream.send_all(b"".join(lines))
             sent += batch
 
 

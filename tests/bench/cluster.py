@@ -100,7 +100,9 @@ def pg_throughput(server: str, daemons: int, jobs: int) -> float:
             async with trio.open_nursery() as nursery:
                 for index, count in enumerate(shares(jobs, CONNECTIONS)):
                     socket = cluster[index % daemons].socket_path
-                    nursery.start_soon(pipeline_submit, socket, count)
+                    # A user per connection: one user's row, which every job of theirs
+                    # updates (daily count, credits), would make every daemon wait on it.
+                    nursery.start_soon(pipeline_submit, socket, count, f"user{index}")
 
         first_submit_at = time.time()
         trio.run(submit_all)
