@@ -52,7 +52,6 @@ class EventTail:
         # This daemon's committed events not yet published, by seq.
         self._own: dict[int, Event] = {}
         self._wake = trio.Event()
-        self.reads = 0
 
     def committed(self, events: list[Event]) -> None:
         """This daemon's events, once committed (called on the trio thread)."""
@@ -100,16 +99,19 @@ class EventTail:
             if self._watermark + 1 in self._own:
                 self._publish_own_run()
                 continue
-            self.reads += 1
+            # This daemon's next event, as known before the read: committed before it began.
+            next_own = min(self._own, default=None)
             page = await self._store.read(partial(events_since, since=self._watermark, limit=PAGE))
             if page:
                 self._publish_read(page)
                 continue
-            if not self._own:
+            if next_own is None:
                 return
-            # Nothing committed between the watermark and this daemon's next event: the seqs
-            # between were a transaction that rolled back.
-            self._watermark = min(self._own) - 1
+            # The read began after `next_own` committed, so it saw every seq below it that will
+            # ever exist: those it did not see were a transaction that rolled back. (An event
+            # of ours delivered during the read proves nothing of the kind: the read may have
+            # begun before the others' events below it committed.)
+            self._watermark = max(self._watermark, next_own - 1)
 
     def _publish_own_run(self) -> None:
         run = []
