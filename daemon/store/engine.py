@@ -406,7 +406,7 @@ class Store:
                 fault = self._store_error("database write failed", exc)
                 done += self._after_fault(grouped, fault)
                 break
-            done += [write for write in grouped if write not in again]
+            done += [write for write in grouped if all(write is not late for late in again)]
             # Chosen as a deadlock's victim: run again once this commit has released what
             # the other transaction waited for.
             grouped = again
