@@ -147,6 +147,8 @@ class DaemonProcess:
         # The SQLite file; None when the daemon runs on PostgreSQL.
         path = self.config["store"].get("path")
         self.db_path = directory / path if path else None
+        # What the store is: the file, or the PostgreSQL URL.
+        self.database = str(self.db_path) if path else self.config["store"]["url"]
         self.serve_options = serve_options
         self.process: subprocess.Popen[bytes] | None = None
         # Every log line of every run, in order; non-JSON lines are kept under "raw".
