@@ -123,7 +123,10 @@ class DaemonProcess:
 
     def __init__(self, directory: Path, config: Mapping[str, Any] | None = None) -> None:
         merged = merge(DEFAULT_CONFIG, config or {})
-        if postgres.current_url is not None and merged["store"] == DEFAULT_CONFIG["store"]:
+        if "url" in merged["store"]:
+            # A URL replaces the file: [store] takes one of them.
+            merged["store"] = {k: v for k, v in merged["store"].items() if k != "path"}
+        elif postgres.current_url is not None and merged["store"] == DEFAULT_CONFIG["store"]:
             # A test running on PostgreSQL: its schema instead of the file.
             merged["store"] = {"url": postgres.current_url}
         config_path = directory / "config.toml"
