@@ -152,11 +152,14 @@ def copy_database(source: str | Path, target: str | Path) -> None:
     """A consistent copy of the database as it is committed now, by SQLite's online backup:
     what a `kill -9` at this instant would leave on disk. The source is opened read-only, so a
     path with no database behind it is an error rather than a new, empty one."""
+    with contextlib.closing(sqlite3.connect(target)) as copy:
+        back_up_into(source, copy)
+
+
+def back_up_into(source: str | Path, copy: Connection) -> None:
+    """SQLite's online backup of the database at `source`, opened read-only, into `copy`."""
     read_only = f"{Path(source).resolve().as_uri()}?mode=ro"
-    with (
-        contextlib.closing(sqlite3.connect(read_only, uri=True)) as origin,
-        contextlib.closing(sqlite3.connect(target)) as copy,
-    ):
+    with contextlib.closing(sqlite3.connect(read_only, uri=True)) as origin:
         origin.backup(copy)
 
 
