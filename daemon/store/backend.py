@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from jobwarden.config import is_database_url, redacted_url
+from jobwarden.config import is_database_url
 from jobwarden.store import sqlite
 
 
@@ -89,11 +89,6 @@ def backend_of(conn: Any) -> Backend:
     """The backend of a connection: a PostgreSQL connection names its own; a plain
     sqlite3 connection (a tool's or a test's) is SQLite's."""
     return getattr(conn, "backend", sqlite)
-
-
-def redacted(target: str) -> str:
-    """The database as it may be shown and logged: a URL without its password."""
-    return redacted_url(target)
 
 
 def redacted_error(exc: BaseException, target: str) -> str:

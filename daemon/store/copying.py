@@ -17,9 +17,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from jobwarden.config import redacted_url
 from jobwarden.errors import ConfigError
 from jobwarden.store import postgres, sqlite
-from jobwarden.store.backend import redacted, redacted_error
+from jobwarden.store.backend import redacted_error
 from jobwarden.store.rows import placeholders
 from jobwarden.store.schema import migrate
 
@@ -38,7 +39,7 @@ def copy_to_postgres(source: str | Path, target: str) -> dict[str, int]:
         if found:
             schema = copy.raw.execute("SELECT current_schema()").fetchone()[0]
             raise ConfigError(
-                f"the schema {schema} of {redacted(target)} is not empty (it holds "
+                f"the schema {schema} of {redacted_url(target)} is not empty (it holds "
                 f"{', '.join(found)}); copy into an empty schema"
             )
         migrate(copy)
@@ -74,7 +75,7 @@ def _opened(target: str) -> Iterator[postgres.Connection]:
         conn = postgres.connect(target, "NORMAL")
     except postgres.DatabaseError as exc:
         raise ConfigError(
-            f"cannot open the database {redacted(target)}: {redacted_error(exc, target)}"
+            f"cannot open the database {redacted_url(target)}: {redacted_error(exc, target)}"
         ) from None
     with contextlib.closing(conn):
         yield conn

@@ -43,6 +43,7 @@ import structlog
 import trio
 
 from jobwarden.clock import WallClock
+from jobwarden.config import redacted_url
 from jobwarden.errors import ConfigError, StartupError, StoreError
 from jobwarden.hub import EventHub
 from jobwarden.store import backend as backends
@@ -317,7 +318,7 @@ class Store:
                 # A server that refuses the URL (its host, user, password or database): a
                 # config to mend, which a restart does not (exit 2).
                 raise ConfigError(
-                    f"store.url: cannot open the database {backends.redacted(path)}: {why}"
+                    f"store.url: cannot open the database {redacted_url(path)}: {why}"
                 ) from None
             raise StartupError(f"cannot open the database {path}: {why}") from None
         thread = None
