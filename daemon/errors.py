@@ -10,7 +10,15 @@ import uuid
 from jobwarden.wire.views import ErrorBody
 
 RETRYABLE_CODES = frozenset(
-    {"RATE_LIMITED", "DAILY_LIMIT", "QUEUE_FULL", "DRAINING", "STORAGE_FULL", "STORAGE_ERROR"}
+    {
+        "RATE_LIMITED",
+        "DAILY_LIMIT",
+        "QUEUE_FULL",
+        "DRAINING",
+        "STORAGE_FULL",
+        "STORAGE_ERROR",
+        "STORAGE_UNAVAILABLE",
+    }
 )
 # The HTTP meaning of each request code, for listeners that speak HTTP and for reports.
 HTTP_STATUS = {
@@ -26,10 +34,12 @@ HTTP_STATUS = {
     "QUEUE_FULL": 503,
     "DRAINING": 503,
     "BUDGET_EXHAUSTED": 503,
-    # The database cannot take writes: the disk is full (507 Insufficient Storage), or the
-    # file is read-only, failing or damaged (503).
+    # The database cannot take writes: the disk is full (507 Insufficient Storage), the
+    # file is read-only, failing or damaged (503), or the database server cannot be reached
+    # (503: PostgreSQL restarting, say).
     "STORAGE_FULL": 507,
     "STORAGE_ERROR": 503,
+    "STORAGE_UNAVAILABLE": 503,
     "INTERNAL": 500,
 }
 

@@ -117,6 +117,13 @@ def database(request: pytest.FixtureRequest) -> Iterator[str]:
             postgres.current_url = None
 
 
+@pytest.fixture
+def store_target(tmp_path: Path) -> str:
+    """The database a test opens a Store on: a file, or the PostgreSQL schema of a
+    `both_stores` test's PostgreSQL run."""
+    return postgres.current_url or str(tmp_path / "jw.db")
+
+
 def make_config(tmp_path: Path, extra: str, *, max_concurrent_jobs: int = 2) -> Config:
     base = BASE_CONFIG.format(max_concurrent_jobs=max_concurrent_jobs)
     if postgres.current_url is not None and "[store]" not in extra:
@@ -140,9 +147,10 @@ def opened_database(target: str) -> Iterator[Any]:
 class Daemon:
     """An in-process daemon with an inline store (no threads), so virtual time is exact."""
 
-    def __init__(self, handle: DaemonHandle, done: trio.Event) -> None:
+    def __init__(self, handle: DaemonHandle, done: trio.Event, admin_socket: str = "") -> None:
         self.handle = handle
         self.stopped = done
+        self.admin_socket = admin_socket
 
     @property
     def now(self) -> float:
@@ -227,6 +235,6 @@ def start_daemon(nursery: trio.Nursery, tmp_path: Path):
                 done.set()
 
         handle = await nursery.start(run)
-        return Daemon(handle, done)
+        return Daemon(handle, done, str(config.path(config.admin.socket)))
 
     return start

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import subprocess
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -102,3 +104,13 @@ def own_cluster(directory: Path) -> Iterator[Cluster]:
         yield cluster
     finally:
         cluster.stop()
+
+
+def own_cluster_in_temp() -> Iterator[Cluster]:
+    """`own_cluster` on a directory of its own, removed after: not under pytest's tmp_path,
+    where the server's user cannot reach and its socket's path would be too long."""
+    directory = Path(tempfile.mkdtemp(prefix="jw-pg-"))
+    try:
+        yield from own_cluster(directory)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)

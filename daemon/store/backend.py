@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
+from urllib.parse import parse_qs, unquote, urlsplit
 
-from jobwarden.config import is_database_url, redacted_url
+from jobwarden.config import is_database_url
 from jobwarden.store import sqlite
 
 
@@ -120,6 +121,13 @@ def backend_of(conn: Any) -> Backend:
     return getattr(conn, "backend", sqlite)
 
 
-def redacted(target: str) -> str:
-    """The database as it may be shown and logged: a URL without its password."""
-    return redacted_url(target)
+def redacted_error(exc: BaseException, target: str) -> str:
+    """An error's text without the URL's password, should the driver have quoted it."""
+    text = str(exc).strip()
+    if not is_url(target):
+        return text
+    parts = urlsplit(target)
+    secrets = [parts.password or "", *parse_qs(parts.query).get("password", [])]
+    for secret in {*secrets, *map(unquote, secrets)} - {""}:
+        text = text.replace(secret, "***")
+    return text

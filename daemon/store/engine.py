@@ -43,7 +43,8 @@ import structlog
 import trio
 
 from jobwarden.clock import WallClock
-from jobwarden.errors import StartupError, StoreError
+from jobwarden.config import redacted_url
+from jobwarden.errors import ConfigError, StartupError, StoreError
 from jobwarden.hub import EventHub
 from jobwarden.store import backend as backends
 from jobwarden.store.jobs import set_setting
@@ -317,11 +318,16 @@ class Store:
             store._reader = backend.connect_reader(path, synchronous, store._writer)
         except BaseException as exc:
             store._close_connections()
-            if isinstance(exc, backend.DatabaseError | OSError):
-                raise StartupError(
-                    f"cannot open the database {backends.redacted(path)}: {exc}"
+            if not isinstance(exc, backend.DatabaseError | OSError):
+                raise
+            why = backends.redacted_error(exc, path)
+            if backends.is_url(path):
+                # A server that refuses the URL (its host, user, password or database): a
+                # config to mend, which a restart does not (exit 2).
+                raise ConfigError(
+                    f"store.url: cannot open the database {redacted_url(path)}: {why}"
                 ) from None
-            raise
+            raise StartupError(f"cannot open the database {path}: {why}") from None
         thread = None
         if threaded:
             token = trio.lowlevel.current_trio_token()

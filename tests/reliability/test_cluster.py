@@ -13,9 +13,7 @@ import collections
 import contextlib
 import json
 import os
-import shutil
 import signal
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -184,13 +182,8 @@ def test_a_watcher_on_one_daemon_sees_every_event_of_a_job_another_runs(shared_u
 
 @pytest.fixture
 def server() -> Iterator[postgres.Cluster]:
-    """A PostgreSQL of the test's own, to stop and start (not under tmp_path: the server's
-    user must reach it, and its socket's path must stay short)."""
-    directory = Path(tempfile.mkdtemp(prefix="jw-pg-"))
-    try:
-        yield from postgres.own_cluster(directory)
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
+    """A PostgreSQL of the test's own, to stop and start."""
+    yield from postgres.own_cluster_in_temp()
 
 
 def test_postgresql_stopped_and_started_under_running_daemons_loses_nothing_acknowledged(
