@@ -54,11 +54,14 @@ class EventTail:
         self._wake = trio.Event()
 
     def committed(self, events: list[Event]) -> None:
-        """This daemon's events, once committed (called on the trio thread)."""
+        """This daemon's events, once committed (called on the trio thread). Those that follow
+        the watermark are published now, before the writer's caller goes on, as where the
+        daemon is the only writer; the others wait for the tail to read what comes first."""
         for event in events:
             if event.seq > self._watermark:
                 self._own[event.seq] = event
-        if events:
+        self._publish_own_run()
+        if self._own:
             self._wake.set()
 
     def wake(self) -> None:
@@ -96,12 +99,13 @@ class EventTail:
 
     async def _catch_up(self) -> None:
         while True:
-            if self._watermark + 1 in self._own:
-                self._publish_own_run()
+            if self._publish_own_run():
                 continue
             # This daemon's next event, as known before the read: committed before it began.
             next_own = min(self._own, default=None)
             page = await self._store.read(partial(events_since, since=self._watermark, limit=PAGE))
+            # Our own events published meanwhile are not published twice.
+            page = [event for event in page if event.seq > self._watermark]
             if page:
                 self._publish_read(page)
                 continue
@@ -113,12 +117,15 @@ class EventTail:
             # begun before the others' events below it committed.)
             self._watermark = max(self._watermark, next_own - 1)
 
-    def _publish_own_run(self) -> None:
+    def _publish_own_run(self) -> bool:
+        """Publish this daemon's events that follow the watermark; whether there were any."""
         run = []
         while self._watermark + 1 in self._own:
             self._watermark += 1
             run.append(self._own.pop(self._watermark))
-        self._hub.publish(run)
+        if run:
+            self._hub.publish(run)
+        return bool(run)
 
     def _publish_read(self, page: list[Event]) -> None:
         foreign = []
