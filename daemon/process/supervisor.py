@@ -21,6 +21,7 @@ import fcntl
 import math
 import os
 import signal
+import socket
 import sys
 from collections.abc import Callable
 from functools import partial
@@ -121,6 +122,20 @@ def lock_database(db_path: Path) -> int:
     return fd
 
 
+def process_runs(pid: int) -> bool:
+    """Whether a process of this pid runs here (this daemon's own pid is a previous
+    incarnation's, before it registered)."""
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def lock_holder(file: os.stat_result) -> int | None:
     """The pid that holds a flock on `file`, as Linux lists it in /proc/locks; None where
     that is not known (another system, a pid outside our namespace)."""
@@ -189,8 +204,9 @@ class Supervisor:
                 threaded=self._threaded_store,
                 clock=clock,
             ) as store:
-                if lock_fd is not None:
-                    await self._recover(store, clock, redacted_url(database))
+                await self._recover(
+                    store, clock, redacted_url(database), locked=lock_fd is not None
+                )
                 node, registered = await NodeKeeper.register(store, clock, config)
                 if registered and lock_fd is not None:
                     # The database is locked to this daemon: other nodes' rows are daemons
@@ -202,20 +218,32 @@ class Supervisor:
                 os.close(lock_fd)
             use_clock(None)
 
-    async def _recover(self, store: Store, clock: WallClock, database: str) -> None:
+    async def _recover(
+        self, store: Store, clock: WallClock, database: str, *, locked: bool
+    ) -> None:
         """Jobs a crash left `running` go back to the queue, once what is left of their
-        commands has been ended: a command's children may outlive a crash. Only on a store
-        locked to this daemon (SQLite), where every running job is a crashed daemon's; where
-        several share the database, the daemon holding the maintenance role recovers the jobs
-        of nodes whose lease ran out (process/cluster.py). On a store that
+        commands has been ended: a command's children may outlive a crash. On a store
+        `locked` to this daemon (SQLite) every running job is a crashed daemon's. Where several
+        share the database, only those of this host's daemons whose process is gone (a
+        restart after a crash); the other dead daemons' jobs are the maintenance role's once
+        their lease runs out (process/cluster.py). On a store that
         takes no writes (a full disk) the daemon starts all the same, read-only: the recovery
         is kept, and committed ahead of every other write once the store takes writes again,
         so no job is dispatched before it."""
-        leftovers = await end_leftover_groups(await store.read(jobs.running_process_groups))
-        recover = partial(
-            jobs.recover_running,
-            now=clock.now(),
-            crash_loop_after=self._config.daemon.crash_loop_after,
+        now, crash_loop_after = clock.now(), self._config.daemon.crash_loop_after
+        if locked:
+            dead = None
+            recover = partial(jobs.recover_running, now=now, crash_loop_after=crash_loop_after)
+        else:
+            here = await store.read(partial(nodes.on_host, host=socket.gethostname()))
+            dead = [node for node, pid in here if not process_runs(pid)]
+            if not dead:
+                return
+            recover = partial(
+                nodes.recover_nodes, nodes=dead, now=now, crash_loop_after=crash_loop_after
+            )
+        leftovers = await end_leftover_groups(
+            await store.read(partial(jobs.running_process_groups, nodes=dead))
         )
         try:
             recovered = await store.write(recover)

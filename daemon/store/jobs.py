@@ -986,12 +986,19 @@ def get_setting(conn: sqlite3.Connection, key: str, default: Any = None) -> Any:
     return default if row is None else msgspec.json.decode(row[0])
 
 
-def running_process_groups(conn: sqlite3.Connection) -> list[ProcessGroup]:
-    """The process groups recorded for running jobs: after a crash, what may be left."""
-    rows = conn.execute(
+def running_process_groups(
+    conn: sqlite3.Connection, nodes: list[int] | None = None
+) -> list[ProcessGroup]:
+    """The process groups recorded for running jobs (of `nodes`; None: of all): after a
+    crash, what may be left."""
+    sql = (
         "SELECT id, process_group, process_identity FROM jobs "
         "WHERE status = 'running' AND process_group IS NOT NULL"
     )
+    if nodes is None:
+        rows = conn.execute(sql)
+    else:
+        rows = conn.execute(f"{sql} AND node IN ({placeholders(nodes)})", nodes)
     return [ProcessGroup(*row) for row in rows]
 
 

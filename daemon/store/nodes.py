@@ -21,7 +21,7 @@ from typing import NamedTuple
 import msgspec
 
 from jobwarden.store.jobs import recover_running
-from jobwarden.store.rows import Events
+from jobwarden.store.rows import Events, placeholders
 
 MAINTENANCE = "maintenance"
 
@@ -129,6 +129,21 @@ def recover_expired(
     return Recovered(dead, counts["recovered"], counts["crash_loop"], kinds)
 
 
+def recover_nodes(
+    conn: sqlite3.Connection,
+    events: Events,
+    *,
+    nodes: list[int],
+    now: float,
+    crash_loop_after: int,
+) -> dict[str, int]:
+    """Nodes known dead (a daemon of this host whose process is gone): their running jobs
+    go back to the queue, as recover_expired does, without waiting for their leases."""
+    counts = recover_running(conn, events, now=now, crash_loop_after=crash_loop_after, nodes=nodes)
+    conn.execute(f"DELETE FROM nodes WHERE id IN ({placeholders(nodes)})", nodes)
+    return counts
+
+
 def forget_others(conn: sqlite3.Connection, events: Events, *, node: int) -> None:
     """On a store only one daemon can open (SQLite): every other node row is a daemon that
     has stopped, whose jobs the start-up recovery has just requeued."""
@@ -137,6 +152,14 @@ def forget_others(conn: sqlite3.Connection, events: Events, *, node: int) -> Non
 
 
 # -- queries (read connection) --------------------------------------------------------------
+
+
+def on_host(conn: sqlite3.Connection, *, host: str) -> list[tuple[int, int]]:
+    """The nodes registered from `host`: (id, pid) each."""
+    return [
+        (node, pid)
+        for node, pid in conn.execute("SELECT id, pid FROM nodes WHERE host = ?", (host,))
+    ]
 
 
 def next_id(conn: sqlite3.Connection) -> int:
