@@ -229,7 +229,7 @@ class Schedules:
             log.warning(
                 "schedule slots missed and not run",
                 schedule=name,
-                missed=due.missed,
+                at_least=due.missed,
                 catch_up=schedule.catch_up,
             )
         for slot in due.fire:

@@ -644,6 +644,11 @@ def _check_schedule(name: str, schedule: ScheduleSection, kinds: dict[str, KindS
         raise ConfigError(f"{where}.kind: no kind '{schedule.kind}' (known: {known})")
     if not 0 < len(schedule.user) <= 64 or not schedule.user.isprintable():
         raise ConfigError(f"{where}.user: expected 1 to 64 printable characters")
+    if schedule.catch_up == "all" and schedule.overlap == "skip":
+        raise ConfigError(
+            f'{where}.catch_up: "all" runs the missed slots together, and overlap = "skip" '
+            'would skip all but the first; set overlap = "queue", or catch_up = "latest"'
+        )
 
 
 def _check_listeners(config: Config) -> None:
