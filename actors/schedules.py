@@ -170,8 +170,17 @@ class Schedules:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
+        announced = False
         while not self._stopped:
             wake_at = await self._round()
+            if self._synced and not announced:
+                # Each due slot of the start is decided by now: fired, skipped or found fired.
+                log.info(
+                    "schedules running",
+                    schedules=len(self._config.schedules),
+                    paused=len(self._paused),
+                )
+                announced = True
             self._wake = trio.Event()
             with trio.move_on_at(self._clock.deadline_for(wake_at)):
                 await self._wake.wait()
