@@ -17,9 +17,10 @@ from jobwarden.actors.messages import ScheduleAction
 from jobwarden.actors.schedules import ON_TIME, Slots, check_schedules
 from jobwarden.config import load_config_text
 from jobwarden.errors import ConfigError, RequestError
+from jobwarden.hub import EventHub
 from jobwarden.mailbox import ask
 from jobwarden.process.supervisor import Reload
-from jobwarden.store import jobs
+from jobwarden.store import Store, jobs, schedules
 from jobwarden.wire.views import JobView
 from tests.conftest import BASE_CONFIG, EPOCH
 
@@ -401,3 +402,43 @@ async def test_reload_adds_changes_and_removes_schedules(autojump_clock, start_d
     await daemon.handle.control.send(Reload())
     await trio.sleep(2 * HOUR)
     assert len(await runs_of(daemon, "b")) == 5
+
+
+async def test_of_two_daemons_on_one_database_the_first_to_insert_fires_the_slot(tmp_path):
+    path = tmp_path / "jw.db"
+    new = jobs.NewJob(
+        kind="noop",
+        user="schedules",
+        payload_json="{}",
+        priority=0,
+        idempotency_key=None,
+        max_attempts=1,
+        schedule="s",
+    )
+    fire = partial(
+        schedules.fire,
+        schedule="s",
+        slot=EPOCH,
+        new=new,
+        skip_if_active=False,
+        quota=jobs.NO_QUOTA,
+        now=EPOCH + 1,
+    )
+    results = []
+
+    async def fire_from(store: Store) -> None:
+        results.append(await store.write(fire))
+
+    async with (
+        Store.open(path, hub=EventHub()) as first,
+        Store.open(path, hub=EventHub()) as second,
+    ):
+        await first.write(partial(schedules.sync, specs={"s": "* * * * * UTC"}, now=0.0))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fire_from, first)
+            nursery.start_soon(fire_from, second)
+        listed = await first.read(
+            partial(jobs.list_jobs, statuses=None, kind=None, user=None, limit=10)
+        )
+    assert sorted(type(result).__name__ for result in results) == ["Admitted", "NoneType"]
+    assert [job.schedule for job in listed] == ["s"]
