@@ -389,7 +389,10 @@ class Admission:
         """Fire one slot of a schedule (None: a trigger): the guards in memory, then the
         store's `schedules.fire`, which inserts the job and the slot's row in one transaction.
         A guard's refusal is recorded there as the slot's reason to make no job."""
-        schedule = self._config.schedules[name]
+        schedule = self._config.schedules.get(name)
+        if schedule is None:
+            # Removed by a reload while its round was under way.
+            return None
         now = self._clock.now()
         submission = Submit(
             kind=schedule.kind,

@@ -52,6 +52,14 @@ def test_slots_follow_the_cron_expression():
     ]
 
 
+# The days clocks change, spring and autumn, on both sides of the Atlantic.
+CHANGE_DAYS = [
+    pytest.param(BERLIN, (2026, 3, 29), id="berlin-spring"),
+    pytest.param(BERLIN, (2026, 10, 25), id="berlin-autumn"),
+    pytest.param(NEW_YORK, (2026, 3, 8), id="new-york-spring"),
+    pytest.param(NEW_YORK, (2026, 11, 1), id="new-york-autumn"),
+]
+
 # A fixed time of day runs once on each day the clocks change: in the hour spring skips at the
 # first minute after it, in the hour autumn repeats the first time only.
 FIXED_TIME_DAYS = [
@@ -82,15 +90,7 @@ def test_a_fixed_time_has_one_slot_on_a_day_the_clocks_change(cron, zone, day, e
     assert [local(slot, zone) for slot in that_day] == [expected]
 
 
-@pytest.mark.parametrize(
-    ("zone", "day"),
-    [
-        pytest.param(BERLIN, (2026, 3, 29), id="berlin-spring"),
-        pytest.param(BERLIN, (2026, 10, 25), id="berlin-autumn"),
-        pytest.param(NEW_YORK, (2026, 3, 8), id="new-york-spring"),
-        pytest.param(NEW_YORK, (2026, 11, 1), id="new-york-autumn"),
-    ],
-)
+@pytest.mark.parametrize(("zone", "day"), CHANGE_DAYS)
 def test_an_interval_keeps_its_pace_in_real_time_across_a_change(zone, day):
     start = at(zone, *day)
     slots = list(
@@ -242,15 +242,7 @@ async def test_the_daemon_runs_a_fixed_time_once_on_a_day_the_clocks_change(
     assert (await daemon.wait_done(runs[0].id)).status == "done"
 
 
-@pytest.mark.parametrize(
-    ("zone", "day"),
-    [
-        pytest.param(BERLIN, (2026, 3, 29), id="berlin-spring"),
-        pytest.param(BERLIN, (2026, 10, 25), id="berlin-autumn"),
-        pytest.param(NEW_YORK, (2026, 3, 8), id="new-york-spring"),
-        pytest.param(NEW_YORK, (2026, 11, 1), id="new-york-autumn"),
-    ],
-)
+@pytest.mark.parametrize(("zone", "day"), CHANGE_DAYS)
 async def test_the_daemon_keeps_an_intervals_pace_across_a_change(
     autojump_clock, start_daemon, zone, day
 ):

@@ -115,3 +115,14 @@ def test_the_cli_pauses_resumes_and_triggers_a_schedule(daemons):
     unknown = run_jobwarden("schedules", "trigger", "tock", cwd=daemon.directory)
     assert unknown.returncode == 2
     assert "no schedule 'tock'" in unknown.stderr
+
+
+def test_check_config_names_the_schedule_and_key_of_a_bad_payload(tmp_path):
+    config = tmp_path / "config.toml"
+    config.write_text(
+        '[kinds.typed]\nhandler = "tests.handlers:typed"\n'
+        '[schedules.hourly]\ncron = "0 * * * *"\nkind = "typed"\npayload = {n = "three"}\n'
+    )
+    checked = run_jobwarden("check-config", str(config), cwd=tmp_path)
+    assert checked.returncode == 2
+    assert "schedules.hourly.payload: payload.n: Expected `int`, got `str`" in checked.stderr
