@@ -156,6 +156,8 @@ class Schedules:
         self._wake = trio.Event()
         self._synced = False
         self._stopped = False
+        # A store fault refused a write: slots are tried again every RETRY_AFTER meanwhile.
+        self._waiting_for_store = False
 
     def reconfigure(self, config: Config) -> None:
         self._config = config
@@ -192,7 +194,7 @@ class Schedules:
             try:
                 await self._sync(now)
             except StoreError as exc:
-                log.warning("schedules wait for the store to take writes", error=str(exc))
+                self._store_refused(exc)
                 return now + RETRY_AFTER
         wake_at = math.inf
         for name, schedule in self._config.schedules.items():
@@ -219,6 +221,7 @@ class Schedules:
         self._after = {name: self._taken_up_at(states[name]) for name in schedules_now}
         self._paused = {name for name, state in states.items() if state.paused}
         self._synced = True
+        self._waiting_for_store = False
 
     def _taken_up_at(self, state: schedules.ScheduleState) -> float:
         """Where a schedule's slots are taken up: after its latest decided slot, and never
@@ -234,7 +237,7 @@ class Schedules:
             catch_up=schedule.catch_up,
             max_catch_up=schedule.max_catch_up,
         )
-        if due.missed:
+        if due.missed and not self._waiting_for_store:
             log.warning(
                 "schedule slots missed and not run",
                 schedule=name,
@@ -245,16 +248,23 @@ class Schedules:
             try:
                 result = await self._fire(name, slot)
             except StoreError as exc:
-                log.warning("schedule slot waits for the store", schedule=name, error=str(exc))
+                self._store_refused(exc)
                 return True
             except Exception as exc:
                 # Not the disk's fault, so trying again would fail again: the slot is let go.
                 log.error("schedule slot failed", schedule=name, slot=slot, error=str(exc))
                 result = None
             self._after[name] = slot
+            self._waiting_for_store = False
             _log_fired(name, slot, result)
         self._after[name] = now
         return False
+
+    def _store_refused(self, exc: StoreError) -> None:
+        """Said once, not at every try: the store's own fault is logged and alerted on."""
+        if not self._waiting_for_store:
+            log.warning("schedules wait for the store to take writes", error=str(exc))
+        self._waiting_for_store = True
 
     def _next(self, name: str) -> float | None:
         if name in self._paused or self._stopped:

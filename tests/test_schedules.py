@@ -434,3 +434,19 @@ async def test_of_two_daemons_on_one_database_the_first_to_insert_fires_the_slot
         )
     assert sorted(type(result).__name__ for result in results) == ["Admitted", "NoneType"]
     assert [job.schedule for job in listed] == ["s"]
+
+
+async def test_a_slot_the_store_refused_fires_once_it_takes_writes_again(
+    autojump_clock, start_daemon
+):
+    daemon = await start_daemon(
+        KINDS + QUIET + schedule_table("five", "*/5 * * * *"), clock_epoch=EPOCH + 10
+    )
+    await trio.sleep(280)
+    # A read-only database file, until the store's probe opens it again (see test_store_health).
+    daemon.handle.store._writer.execute("PRAGMA query_only = 1")
+    await trio.sleep(55)
+    assert daemon.handle.store.health.fault is None
+    runs = await runs_of(daemon, "five")
+    assert len(runs) == 1
+    assert EPOCH + 300 < runs[0].created_at <= EPOCH + 300 + 10
