@@ -168,7 +168,7 @@ class Admission:
         self._rates: dict[str, float] = {}
         self._slowed_until: dict[str, float] = {}
         self._schedules = Schedules(
-            config=config, store=store, clock=clock, fire=self._fire_schedule
+            config=config, store=store, clock=clock, metrics=metrics, fire=self._fire_schedule
         )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

@@ -35,6 +35,7 @@ from jobwarden.actors.handlers import validate_payload
 from jobwarden.clock import WallClock
 from jobwarden.config import Config, ScheduleSection
 from jobwarden.errors import ConfigError, RequestError, StoreError
+from jobwarden.metrics import Metrics
 from jobwarden.store import Engine, schedules
 from jobwarden.store.jobs import Admitted, Refused
 from jobwarden.wire.views import JobView
@@ -143,10 +144,13 @@ class Schedules:
     """The configured schedules: when each fires next, firing them, and the operator's
     pause, resume, trigger and listing. `fire` is admission's: guards, then the store."""
 
-    def __init__(self, *, config: Config, store: Engine, clock: WallClock, fire: Fire) -> None:
+    def __init__(
+        self, *, config: Config, store: Engine, clock: WallClock, metrics: Metrics, fire: Fire
+    ) -> None:
         self._config = config
         self._store = store
         self._clock = clock
+        self._metrics = metrics
         self._fire = fire
         self._slots: dict[str, Slots] = {}
         # Slots up to this moment are decided, per schedule.
@@ -244,6 +248,7 @@ class Schedules:
                 at_least=due.missed,
                 catch_up=schedule.catch_up,
             )
+            self._metrics.schedule_slots.labels(name, "missed").inc(due.missed)
         for slot in due.fire:
             try:
                 result = await self._fire(name, slot)
@@ -256,9 +261,22 @@ class Schedules:
                 result = None
             self._after[name] = slot
             self._waiting_for_store = False
-            _log_fired(name, slot, result)
+            self._count(name, slot, result)
         self._after[name] = now
         return False
+
+    def _count(self, name: str, slot: float, result: Admitted | Refused | None) -> None:
+        match result:
+            case Admitted(job=job):
+                self._metrics.schedule_slots.labels(name, "fired").inc()
+                log.info("schedule fired", schedule=name, slot=slot, job=job.id)
+            case Refused(code=code, message=message):
+                self._metrics.schedule_slots.labels(name, "skipped").inc()
+                log.info("schedule slot skipped", schedule=name, slot=slot, code=code, why=message)
+            case None:
+                # Another daemon, or this one before a restart, decided it; or it is paused
+                # there: that daemon counted it.
+                pass
 
     def _store_refused(self, exc: StoreError) -> None:
         """Said once, not at every try: the store's own fault is logged and alerted on."""
@@ -311,6 +329,7 @@ class Schedules:
                 result.code, f"schedule '{name}': {result.message}", retry_after=result.retry_after
             )
         assert isinstance(result, Admitted), "a trigger is always decided"
+        self._metrics.schedule_slots.labels(name, "fired").inc()
         log.info("schedule triggered", schedule=name, job=result.job.id)
         return result.job
 
@@ -344,14 +363,3 @@ class Schedules:
                 }
             )
         return listed
-
-
-def _log_fired(name: str, slot: float, result: Admitted | Refused | None) -> None:
-    match result:
-        case Admitted(job=job):
-            log.info("schedule fired", schedule=name, slot=slot, job=job.id)
-        case Refused(code=code, message=message):
-            log.info("schedule slot skipped", schedule=name, slot=slot, code=code, why=message)
-        case None:
-            # Another daemon, or this one before a restart, decided it; or it is paused there.
-            pass

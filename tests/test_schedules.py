@@ -223,6 +223,12 @@ async def runs_of(daemon, schedule: str) -> list[JobView]:
     return sorted((job for job in listed if job.schedule == schedule), key=lambda job: job.id)
 
 
+def slots_counted(daemon, schedule: str, outcome: str) -> float | None:
+    return daemon.handle.metrics.registry.get_sample_value(
+        "jobwarden_schedule_slots_total", {"schedule": schedule, "outcome": outcome}
+    )
+
+
 async def operator(daemon, action: str, name: str | None = None):
     return await ask(daemon.handle.admission, ScheduleAction, action=action, name=name)
 
@@ -269,6 +275,9 @@ async def test_overlap_skip_skips_a_slot_while_the_previous_run_is_active(
         listed["last"].skipped == f"CONFLICT: its previous run, job {runs[0].id}, is still running"
     )
     assert listed["next"] == EPOCH + 4 * HOUR
+    assert slots_counted(daemon, "hourly", "fired") == 1
+    assert slots_counted(daemon, "hourly", "skipped") == 2
+    assert slots_counted(daemon, "hourly", "missed") == 0
 
 
 async def test_overlap_queue_runs_every_slot(autojump_clock, start_daemon):
@@ -297,6 +306,7 @@ async def test_catch_up_after_downtime(autojump_clock, start_daemon, catch_up, e
     await trio.sleep(1)
     runs = await runs_of(daemon, "five")
     assert len(runs) == 1 + expected
+    assert slots_counted(daemon, "five", "missed") >= 1
     [listed] = await operator(daemon, "list")
     if expected:
         assert listed["last"].slot == EPOCH + HOUR

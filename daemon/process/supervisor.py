@@ -87,6 +87,7 @@ class DaemonHandle(msgspec.Struct):
     monitor: trio.MemorySendChannel[Any]
     breaker: trio.MemorySendChannel[Any]
     ledger: trio.MemorySendChannel[Any]
+    metrics: Metrics
     http_port: int | None
     websocket_port: int | None
 
@@ -365,6 +366,7 @@ class Supervisor:
                     monitor=monitor_tx,
                     breaker=breaker_tx,
                     ledger=ledger_tx,
+                    metrics=metrics,
                     http_port=http_port,
                     websocket_port=websocket_port,
                 )
