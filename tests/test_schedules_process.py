@@ -117,12 +117,15 @@ def test_the_cli_pauses_resumes_and_triggers_a_schedule(daemons):
     assert "no schedule 'tock'" in unknown.stderr
 
 
-def test_check_config_names_the_schedule_and_key_of_a_bad_payload(tmp_path):
+@pytest.mark.parametrize("command", ["check-config", "serve"])
+def test_a_bad_payload_fails_start_up_naming_the_schedule_and_key(tmp_path, command):
     config = tmp_path / "config.toml"
     config.write_text(
         '[kinds.typed]\nhandler = "tests.handlers:typed"\n'
         '[schedules.hourly]\ncron = "0 * * * *"\nkind = "typed"\npayload = {n = "three"}\n'
     )
-    checked = run_jobwarden("check-config", str(config), cwd=tmp_path)
-    assert checked.returncode == 2
-    assert "schedules.hourly.payload: payload.n: Expected `int`, got `str`" in checked.stderr
+    refused = run_jobwarden(
+        command, *(["--config"] if command == "serve" else []), str(config), cwd=tmp_path
+    )
+    assert refused.returncode == 2
+    assert "schedules.hourly.payload: payload.n: Expected `int`, got `str`" in refused.stderr
