@@ -20,6 +20,12 @@ finished job when a client sends it again, or one that finished within
 store applies to it. Nor does the rate limit: a keyed submission of a rate-limited user takes
 its token only after a read of the store has found no such job, batched like the inserts.
 
+Recurring schedules (actors/schedules.py) fire from a task of admission: each run is a
+submission the daemon makes itself, through the same guards in memory and the same insert,
+but for the user's rate limit and the [limits] defaults meant for what users submit (the
+daily job count, a new user's credits); the user's own limits and credits still apply.
+`ScheduleAction` lists, pauses, resumes and triggers them.
+
 Adaptive shedding (seed 002): once the queue is past `limits.shed_at` of its limit, the store
 says for each accepted job whether its user holds more than a fair share of the queue; such a
 user's bucket refills at `shed_rate_factor` of their rate for a minute, so the heaviest writers
@@ -46,15 +52,18 @@ from jobwarden.actors.messages import (
     JobQueued,
     Reconfigure,
     Requeue,
+    ScheduleAction,
     StopAdmitting,
     Submit,
     UserRate,
 )
+from jobwarden.actors.schedules import Schedules
 from jobwarden.clock import WallClock
 from jobwarden.config import Config, format_size, parse_rate
 from jobwarden.errors import RequestError, StoreError
+from jobwarden.mailbox import ReplySlot
 from jobwarden.metrics import Metrics
-from jobwarden.store import Engine, jobs, users
+from jobwarden.store import Engine, jobs, schedules, users
 from jobwarden.store.jobs import Admitted, NewJob, Quota, Refused
 
 log = structlog.get_logger("admission")
@@ -158,11 +167,15 @@ class Admission:
         # Users' own rates (per second), where they differ from the default.
         self._rates: dict[str, float] = {}
         self._slowed_until: dict[str, float] = {}
+        self._schedules = Schedules(
+            config=config, store=store, clock=clock, metrics=metrics, fire=self._fire_schedule
+        )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         for name, rate in (await self._store.read(users.own_rates)).items():
             self._rates[name] = parse_rate(rate)
         async with self._inbox, self._scheduler, trio.open_nursery() as nursery:
+            nursery.start_soon(self._schedules.run)
             task_status.started()
             async for first in self._inbox:
                 accepted: list[Checked] = []
@@ -176,10 +189,14 @@ class Admission:
                                 accepted.append(checked)
                         case Requeue():
                             nursery.start_soon(self._requeue, msg)
+                        case ScheduleAction():
+                            nursery.start_soon(self._schedule_action, msg)
                         case StopAdmitting():
                             self._draining = True
+                            self._schedules.stop()
                         case Reconfigure(config=config):
                             self._config = config
+                            self._schedules.reconfigure(config)
                             self._calendar = BudgetCalendar(config.limits.day_zone(config.budget))
                         case BudgetState():
                             self._budget = msg
@@ -367,6 +384,79 @@ class Admission:
                     continue
             left.append(checked)
         return left
+
+    async def _fire_schedule(self, name: str, slot: float | None) -> Admitted | Refused | None:
+        """Fire one slot of a schedule (None: a trigger): the guards in memory, then the
+        store's `schedules.fire`, which inserts the job and the slot's row in one transaction.
+        A guard's refusal is recorded there as the slot's reason to make no job."""
+        schedule = self._config.schedules.get(name)
+        if schedule is None:
+            # Removed by a reload while its round was under way.
+            return None
+        now = self._clock.now()
+        submission = Submit(
+            kind=schedule.kind,
+            payload=schedule.payload,
+            user=schedule.user,
+            priority=schedule.priority,
+            reply=ReplySlot(),
+        )
+        new: NewJob | Refused
+        try:
+            payload_json = check_submit(
+                self._config,
+                submission,
+                draining=self._draining,
+                budget=self._budget,
+                now=now,
+                total_memory=self._total_memory,
+            )
+        except RequestError as exc:
+            new = Refused(exc.body.code, exc.body.message, exc.body.retry_after)
+        else:
+            new = NewJob(
+                kind=schedule.kind,
+                user=schedule.user,
+                payload_json=payload_json,
+                priority=self._config.kinds[schedule.kind].priority
+                if schedule.priority is None
+                else schedule.priority,
+                idempotency_key=None,
+                max_attempts=self._config.retry_policy(schedule.kind).max_attempts,
+                schedule=name,
+            )
+        # The operator's schedule, not a user's request: the [limits] defaults for what users
+        # submit do not apply, the user's own limits and credits and the queue's depth do.
+        quota = msgspec.structs.replace(
+            self._quota(now), daily_jobs=0, default_credits=None, create_users=True, shed_depth=0
+        )
+        result = await self._store.write(
+            partial(
+                schedules.fire,
+                schedule=name,
+                slot=slot,
+                new=new,
+                skip_if_active=schedule.overlap == "skip",
+                quota=quota,
+                now=now,
+            )
+        )
+        if isinstance(result, Admitted):
+            await self._scheduler.send(JobQueued(kind=schedule.kind))
+        return result
+
+    async def _schedule_action(self, msg: ScheduleAction) -> None:
+        try:
+            match msg.action:
+                case "list":
+                    msg.reply.set(await self._schedules.overview())
+                case "trigger":
+                    msg.reply.set(await self._schedules.trigger(str(msg.name)))
+                case "pause" | "resume":
+                    paused = msg.action == "pause"
+                    msg.reply.set(await self._schedules.pause(str(msg.name), paused=paused))
+        except Exception as exc:
+            msg.reply.fail(exc)
 
     async def _requeue(self, msg: Requeue) -> None:
         if self._draining:

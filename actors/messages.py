@@ -52,6 +52,15 @@ class StopAdmitting(msgspec.Struct):
     pass
 
 
+class ScheduleAction(msgspec.Struct):
+    """An operator's word on the recurring schedules: list them, or pause, resume or
+    trigger the one named."""
+
+    action: Literal["list", "pause", "resume", "trigger"]
+    reply: ReplySlot[Any]
+    name: str | None = None
+
+
 class UserRate(msgspec.Struct):
     """A user's own rate limit changed ("30/min", "off"); None: back to the default."""
 
@@ -296,7 +305,9 @@ class PoolStatistics(msgspec.Struct):
     reply: ReplySlot[dict[str, Any]]
 
 
-AdmissionMessage = Submit | Requeue | StopAdmitting | Reconfigure | BudgetState | UserRate
+AdmissionMessage = (
+    Submit | Requeue | StopAdmitting | Reconfigure | BudgetState | UserRate | ScheduleAction
+)
 
 
 SchedulerMessage = (

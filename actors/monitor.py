@@ -67,7 +67,7 @@ from jobwarden.config import Config, format_duration
 from jobwarden.errors import StoreError, error_body
 from jobwarden.mailbox import ReplySlot, ask, receive_by
 from jobwarden.metrics import Metrics
-from jobwarden.store import Engine, jobs
+from jobwarden.store import Engine, jobs, schedules
 from jobwarden.store.engine import StoreState
 from jobwarden.store.monitor import find_candidates, stuck_rows
 from jobwarden.system import SystemLoad
@@ -199,14 +199,13 @@ class Monitor:
         if stuck > self._config.monitor.stuck_alert:
             self._alert("stuck_jobs", f"{stuck} jobs stuck now", count=stuck)
         await self._check_failure_rate(now)
+        before = now - self._config.monitor.retain_finished
         try:
             pruned = await self._store.write(
-                partial(
-                    jobs.prune_finished,
-                    before=now - self._config.monitor.retain_finished,
-                    batch=self._config.monitor.prune_batch,
-                )
+                partial(jobs.prune_finished, before=before, batch=self._config.monitor.prune_batch)
             )
+            # The schedules' runs go with the jobs they made.
+            await self._store.write(partial(schedules.prune_runs, before=before))
         except StoreError:
             return  # the next tick tries again, once the store takes writes
         if pruned:

@@ -8,6 +8,7 @@ that silently ignores a misspelt threshold runs with a limit nobody chose.
 from __future__ import annotations
 
 import ast
+import datetime
 import functools
 import importlib
 import json
@@ -23,6 +24,7 @@ from types import UnionType
 from typing import Annotated, Any, Literal, Union
 
 import msgspec
+from cronsim import CronSim, CronSimError
 
 from jobwarden.errors import ConfigError
 
@@ -355,6 +357,30 @@ class BudgetSection(Section):
     timezone: str = "UTC"
 
 
+# Who owns a schedule's runs when its table names no `user`.
+SCHEDULE_USER = "schedules"
+
+
+class ScheduleSection(Section):
+    """A recurring job: a run of `kind` with `payload` at each slot of `cron` in `timezone`."""
+
+    # Five fields: minute, hour, day of month, month, day of week (Debian cron's meaning).
+    cron: str
+    kind: str
+    payload: Any = msgspec.field(default_factory=dict)
+    timezone: str = "UTC"
+    # The user the runs belong to: their jobs, their credits and their own limits.
+    user: str = SCHEDULE_USER
+    # Unset: the kind's priority.
+    priority: Annotated[int, msgspec.Meta(ge=-100, le=100)] | None = None
+    # skip: a slot whose previous run is still queued or running is skipped; queue: it runs too.
+    overlap: Literal["skip", "queue"] = "skip"
+    # After downtime: none of the missed slots run, the latest one, or each (at most
+    # max_catch_up of them, the latest).
+    catch_up: Literal["none", "latest", "all"] = "latest"
+    max_catch_up: PositiveInt = 100
+
+
 class Overrides(msgspec.Struct, frozen=True, kw_only=True):
     """What `jobwarden serve`'s flags set over the file, at start-up and at every reload."""
 
@@ -397,6 +423,7 @@ class Config(Section):
     limits: LimitsSection = msgspec.field(default_factory=LimitsSection)
     services: dict[str, ServiceSection] = msgspec.field(default_factory=dict)
     kinds: dict[str, KindSection] = msgspec.field(default_factory=dict)
+    schedules: dict[str, ScheduleSection] = msgspec.field(default_factory=dict)
     # Where relative paths resolve: the config file's directory.
     base_dir: str = "."
 
@@ -588,6 +615,42 @@ def _check_kind(name: str, kind: KindSection) -> None:
     _check_command_payload(kind, where)
 
 
+def check_cron(expression: str) -> None:
+    """Raises ValueError saying what is wrong with a five-field cron expression."""
+    fields = expression.split()
+    if len(fields) != 5:
+        raise ValueError(
+            f"expected five fields (minute hour day-of-month month day-of-week) like "
+            f'"*/5 * * * *", got {len(fields)} in "{expression}"'
+        )
+    try:
+        # Parsing is all the constructor does with the moment; any fixed one will do.
+        CronSim(expression, datetime.datetime(2000, 1, 1))
+    except CronSimError as exc:
+        raise ValueError(f'{exc} in "{expression}"') from None
+
+
+def _check_schedule(name: str, schedule: ScheduleSection, kinds: dict[str, KindSection]) -> None:
+    where = f"schedules.{name}"
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
+        raise ConfigError(f"{where}: a schedule name uses letters, digits, '_', '.', '-' only")
+    try:
+        check_cron(schedule.cron)
+    except ValueError as exc:
+        raise ConfigError(f"{where}.cron: {exc}") from None
+    _check_timezone(schedule.timezone, f"{where}.timezone")
+    if schedule.kind not in kinds:
+        known = ", ".join(sorted(kinds)) or "none"
+        raise ConfigError(f"{where}.kind: no kind '{schedule.kind}' (known: {known})")
+    if not 0 < len(schedule.user) <= 64 or not schedule.user.isprintable():
+        raise ConfigError(f"{where}.user: expected 1 to 64 printable characters")
+    if schedule.catch_up == "all" and schedule.overlap == "skip":
+        raise ConfigError(
+            f'{where}.catch_up: "all" runs the missed slots together, and overlap = "skip" '
+            'would skip all but the first; set overlap = "queue", or catch_up = "latest"'
+        )
+
+
 def _check_listeners(config: Config) -> None:
     for key, listen in (
         ("http.listen", config.http.listen),
@@ -621,6 +684,12 @@ def load_config_text(text: str, *, base_dir: str | os.PathLike[str] = ".") -> Co
             if service not in services:
                 known = ", ".join(sorted(services)) or "none"
                 raise ConfigError(f"kinds.{name}.services: no service '{service}' (known: {known})")
+    schedules = {
+        name: _convert(table, ScheduleSection, f"schedules.{name}")
+        for name, table in _tables(raw.pop("schedules", {}), "schedules").items()
+    }
+    for name, schedule in schedules.items():
+        _check_schedule(name, schedule, kinds)
     if "base_dir" in raw:
         raise ConfigError("base_dir: unknown key")
     config = _convert(raw, Config, "")
@@ -633,7 +702,9 @@ def load_config_text(text: str, *, base_dir: str | os.PathLike[str] = ".") -> Co
     _check_timezone(config.budget.timezone, "budget.timezone")
     if config.limits.timezone:
         _check_timezone(config.limits.timezone, "limits.timezone")
-    return msgspec.structs.replace(config, kinds=kinds, services=services, base_dir=str(base_dir))
+    return msgspec.structs.replace(
+        config, kinds=kinds, services=services, schedules=schedules, base_dir=str(base_dir)
+    )
 
 
 def _tables(value: Any, key: str) -> dict[str, Any]:

@@ -160,6 +160,7 @@ def start_daemon(nursery: trio.Nursery, tmp_path: Path):
         config_path: Path | None = None,
         notifier: SystemdNotifier | None = None,
         sample_system: Callable[[], SystemLoad] | None = None,
+        clock_epoch: float = EPOCH,
     ) -> Daemon:
         if config_path is not None:
             config = load_config(config_path)
@@ -170,7 +171,7 @@ def start_daemon(nursery: trio.Nursery, tmp_path: Path):
             config_path=config_path,
             notifier=notifier,
             threaded_store=False,
-            clock_epoch=EPOCH,
+            clock_epoch=clock_epoch,
             # The machine running the tests is not the one the test imagines.
             sample_system=sample_system or idle_machine,
         )

@@ -191,6 +191,7 @@ def _print_job_in_full(data: dict[str, Any]) -> None:
             ("started", when(job.started_at, now) if job.started_at else None),
             ("finished", when(job.finished_at, now) if job.finished_at else None),
             ("idempotency key", job.idempotency_key),
+            ("schedule", job.schedule),
             ("payload", json_text(job.payload)),
             ("checkpoint", json_text(job.checkpoint) if job.checkpoint is not None else None),
             ("result", json_text(job.result) if job.result is not None else None),

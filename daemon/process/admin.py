@@ -83,6 +83,7 @@ from jobwarden.wire.admin import (
     Reply,
     ResumeRequest,
     RetryRequest,
+    SchedulesRequest,
     ShowRequest,
     ShutdownRequest,
     StatusRequest,
@@ -453,6 +454,10 @@ class AdminServer:
                 return await self._budget(args)
             case UsersRequest(args=args):
                 return await self._users(args)
+            case SchedulesRequest(args=args) if args.action == "list":
+                return {"schedules": await commands.schedules()}
+            case SchedulesRequest(args=args):
+                return await commands.schedule_action(args.action, args.name)
         raise AssertionError(f"{type(request).__name__} is streamed, not answered")
 
     async def _pause_or_resume(self, message: type[Pause | Resume], kind: str | None) -> Any:

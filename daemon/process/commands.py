@@ -7,7 +7,7 @@ limits; everything else they ask of this module, so a fix lands in every door at
   with it (the path of a wrong argument, the known commands for an unknown one);
 - `Commands`: submit, jobs, show, cancel and watch for a `Caller`, who is the operator (every
   job) or one user (their own jobs only: anyone else's is as absent as one that never was),
-  and the health snapshot;
+  the health snapshot, and the operator's recurring schedules (list, pause, resume, trigger);
 - `answer`: decode a request and respond to it, never raising: what fails is its error;
 - `error_reply`: an exception as the error a client is sent;
 - `Refusals`: every refusal counted in metrics, and logged without letting a client flood
@@ -36,7 +36,7 @@ import msgspec
 import structlog
 import trio
 
-from jobwarden.actors.messages import CancelJob, Explain, HealthQuery, Submit
+from jobwarden.actors.messages import CancelJob, Explain, HealthQuery, ScheduleAction, Submit
 from jobwarden.config import name_path
 from jobwarden.errors import RequestError, StoreError, error_body
 from jobwarden.hub import EventHub
@@ -378,6 +378,21 @@ class Commands:
                 await send(event)
                 last = event.seq
             return last if sub.overflowed else None
+
+    async def schedules(self) -> list[dict[str, Any]]:
+        """Every recurring schedule with its state, next slot and latest run (the operator's)."""
+        listed: list[dict[str, Any]] = await ask(self._admission, ScheduleAction, action="list")
+        return listed
+
+    async def schedule_action(self, action: str, name: str | None) -> dict[str, Any]:
+        """Pause, resume or trigger one schedule (the operator's): the schedule as it is
+        then, or for a trigger the job it made."""
+        if not name:
+            raise RequestError("INVALID_REQUEST", f"schedules {action}: name a schedule")
+        answer = await ask(self._admission, ScheduleAction, action=action, name=name)
+        if action == "trigger":
+            return {"job": answer}
+        return {"schedule": answer}
 
     async def health(self, *, by_kind: bool = False) -> dict[str, Any]:
         """The monitor's snapshot; `by_kind` adds the job counts by status and kind."""

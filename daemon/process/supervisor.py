@@ -45,6 +45,7 @@ from jobwarden.actors.monitor import Monitor
 from jobwarden.actors.pool import Pool
 from jobwarden.actors.processes import end_leftover_groups
 from jobwarden.actors.scheduler import Scheduler
+from jobwarden.actors.schedules import check_schedules
 from jobwarden.clock import WallClock
 from jobwarden.config import Config, Overrides, check_handlers, load_config
 from jobwarden.errors import ConfigError, StartupError, StoreError
@@ -86,6 +87,7 @@ class DaemonHandle(msgspec.Struct):
     monitor: trio.MemorySendChannel[Any]
     breaker: trio.MemorySendChannel[Any]
     ledger: trio.MemorySendChannel[Any]
+    metrics: Metrics
     http_port: int | None
     websocket_port: int | None
 
@@ -364,6 +366,7 @@ class Supervisor:
                     monitor=monitor_tx,
                     breaker=breaker_tx,
                     ledger=ledger_tx,
+                    metrics=metrics,
                     http_port=http_port,
                     websocket_port=websocket_port,
                 )
@@ -434,6 +437,7 @@ class Supervisor:
         try:
             new = self._overrides.apply(load_config(self._config_path))
             check_handlers(new)
+            check_schedules(new)
         except ConfigError as exc:
             log.error("reload rejected; keeping the running config", error=str(exc))
             self._notifier.ready("ready (reload rejected)")
@@ -446,7 +450,12 @@ class Supervisor:
         for actor in self._channels:
             await actor.send(Reconfigure(config=new))
         self._admin.reconfigure(new)
-        log.info("config reloaded", path=str(self._config_path), kinds=sorted(new.kinds))
+        log.info(
+            "config reloaded",
+            path=str(self._config_path),
+            kinds=sorted(new.kinds),
+            schedules=sorted(new.schedules),
+        )
         self._notifier.ready("ready")
 
     async def _watch_signals(self, control: trio.MemorySendChannel[Any]) -> None:
@@ -506,6 +515,7 @@ def serve_main(config_path: Path, overrides: Overrides | None = None) -> int:
     try:
         config = overrides.apply(load_config(config_path))
         check_handlers(config)
+        check_schedules(config)
     except ConfigError as exc:
         print(f"jobwarden: {exc}", file=sys.stderr)
         return 2

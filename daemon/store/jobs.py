@@ -46,6 +46,8 @@ class NewJob(msgspec.Struct, frozen=True):
     max_attempts: int
     # The client's own id for this submission, the same each time it sends it again.
     submission_id: str | None = None
+    # The recurring schedule that makes this job, if one does.
+    schedule: str | None = None
 
 
 class Quota(msgspec.Struct, frozen=True, kw_only=True):
@@ -250,9 +252,9 @@ def _insert(
         )
     tag = max(user.last_tag + 1, fair_clock)
     cursor = conn.execute(
-        "INSERT INTO jobs (kind, user, status, priority, payload, idempotency_key, submission_id,"
-        " max_attempts, created_at, updated_at, available_at, fair_tag, credits)"
-        " VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        'INSERT INTO jobs (kind, "user", status, priority, payload, idempotency_key, submission_id,'
+        " max_attempts, created_at, updated_at, available_at, fair_tag, credits, schedule)"
+        " VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             new.kind,
             new.user,
@@ -266,6 +268,7 @@ def _insert(
             now,
             tag,
             price,
+            new.schedule,
         ),
     )
     # Built here, not read back: RETURNING would cost more than the INSERT itself.
@@ -281,6 +284,7 @@ def _insert(
         updated_at=now,
         available_at=now,
         idempotency_key=new.idempotency_key,
+        schedule=new.schedule,
         payload=msgspec.json.decode(new.payload_json),
     )
     add_event(events, job, "status", now, {"status": "queued", "attempt": 0})

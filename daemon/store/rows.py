@@ -29,15 +29,15 @@ def load_json(text: str | None) -> Any:
 
 
 JOB_COLUMNS = (
-    "id, kind, user, status, priority, attempt, max_attempts, created_at, updated_at, "
+    'id, kind, "user", status, priority, attempt, max_attempts, created_at, updated_at, '
     "available_at, started_at, finished_at, progress, message, reason, idempotency_key, "
-    "result, error, payload, checkpoint"
+    "schedule, result, error, payload, checkpoint"
 )
 LIST_COLUMNS = JOB_COLUMNS.replace(", payload, checkpoint", "")
 
 
 def job_from_row(row: Sequence[Any]) -> JobView:
-    full = len(row) > 18
+    full = len(row) > 19
     return JobView(
         id=row[0],
         kind=row[1],
@@ -55,10 +55,11 @@ def job_from_row(row: Sequence[Any]) -> JobView:
         message=row[13],
         reason=row[14],
         idempotency_key=row[15],
-        result=load_json(row[16]),
-        error=None if row[17] is None else _decode_error.decode(row[17]),
-        payload=load_json(row[18]) if full else None,
-        checkpoint=load_json(row[19]) if full else None,
+        schedule=row[16],
+        result=load_json(row[17]),
+        error=None if row[18] is None else _decode_error.decode(row[18]),
+        payload=load_json(row[19]) if full else None,
+        checkpoint=load_json(row[20]) if full else None,
     )
 
 

@@ -152,6 +152,35 @@ MIGRATIONS: list[str] = [
     ALTER TABLE jobs ADD COLUMN process_group INTEGER;
     ALTER TABLE jobs ADD COLUMN process_identity TEXT;
     """,
+    """
+    -- Recurring schedules: what a restart, and every daemon on the database, must agree on.
+    CREATE TABLE schedules (
+        name TEXT PRIMARY KEY,
+        -- The cron and time zone its slots follow: a change starts it afresh from now.
+        spec TEXT NOT NULL,
+        paused INTEGER NOT NULL DEFAULT 0,
+        -- No slot at or before this runs: when it was first seen, changed or resumed.
+        since REAL NOT NULL,
+        changed_at REAL NOT NULL
+    );
+    -- One row per slot a schedule has decided, run or skipped, and per trigger (slot NULL):
+    -- the unique (schedule, slot) makes each slot fire once, whoever inserts it first.
+    CREATE TABLE schedule_runs (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        schedule TEXT NOT NULL,
+        slot REAL,
+        at REAL NOT NULL,
+        job_id INTEGER,
+        -- Why the slot made no job (its previous run still active, a guard's refusal).
+        skipped TEXT
+    );
+    CREATE UNIQUE INDEX schedule_runs_slot ON schedule_runs(schedule, slot);
+    CREATE INDEX schedule_runs_latest ON schedule_runs(schedule, id);
+    -- The schedule a job was made by; its active runs, for overlap = "skip".
+    ALTER TABLE jobs ADD COLUMN schedule TEXT;
+    CREATE INDEX jobs_schedule_active ON jobs(schedule)
+        WHERE schedule IS NOT NULL AND status IN ('queued', 'running');
+    """,
 ]
 
 

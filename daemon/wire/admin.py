@@ -93,6 +93,13 @@ class BudgetArgs(Args):
     monthly_usd: Annotated[float, msgspec.Meta(ge=0)] | None = None
 
 
+class ScheduleArgs(Args):
+    """`list` every schedule; `pause`, `resume` or `trigger` (one run now) the one named."""
+
+    action: Literal["list", "pause", "resume", "trigger"] = "list"
+    name: str | None = None
+
+
 NonNegative = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 
 
@@ -229,6 +236,13 @@ class UsersRequest(Request, tag="users"):
     args: UsersArgs = msgspec.field(default_factory=UsersArgs)
 
 
+class SchedulesRequest(Request, tag="schedules"):
+    """List the recurring schedules with their next and latest runs; pause, resume or
+    trigger one."""
+
+    args: ScheduleArgs = msgspec.field(default_factory=ScheduleArgs)
+
+
 AdminRequest = (
     PingRequest
     | SubmitRequest
@@ -248,6 +262,7 @@ AdminRequest = (
     | LedgerRequest
     | BudgetRequest
     | UsersRequest
+    | SchedulesRequest
 )
 COMMANDS = tuple(sorted(request.__struct_config__.tag for request in get_args(AdminRequest)))
 request_decoder = msgspec.json.Decoder(AdminRequest)

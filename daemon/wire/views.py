@@ -71,6 +71,8 @@ class JobView(msgspec.Struct, omit_defaults=True):
     message: str | None = None
     reason: str | None = None
     idempotency_key: str | None = None
+    # The recurring schedule that made the job, if one did.
+    schedule: str | None = None
     result: Any = None
     error: ErrorBody | None = None
     payload: Any = None
