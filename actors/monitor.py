@@ -43,6 +43,7 @@ from jobwarden.actors.messages import (
     MonitorMessage,
     PoolStatistics,
     ProgressStarted,
+    QueueChanged,
     RaiseAlert,
     Reconfigure,
     Recover,
@@ -284,6 +285,8 @@ class Monitor:
             # The rule fires again on a later check, once the store takes writes.
             log.warning("rule could not act", job=finding.job, rule=finding.rule, error=str(exc))
             return None
+        # Jobs that run after it whatever its outcome may start now.
+        await self._scheduler.send(QueueChanged())
         self._count_recovered(finding.rule)
         return None
 

@@ -31,13 +31,14 @@ def load_json(text: str | None) -> Any:
 JOB_COLUMNS = (
     "id, kind, user, status, priority, attempt, max_attempts, created_at, updated_at, "
     "available_at, started_at, finished_at, progress, message, reason, idempotency_key, "
-    "result, error, payload, checkpoint"
+    "result, error, run_at, after_ids, after_any, held, tags, payload, checkpoint"
 )
 LIST_COLUMNS = JOB_COLUMNS.replace(", payload, checkpoint", "")
+_LIST_WIDTH = len(LIST_COLUMNS.split(","))
 
 
 def job_from_row(row: Sequence[Any]) -> JobView:
-    full = len(row) > 18
+    full = len(row) > _LIST_WIDTH
     return JobView(
         id=row[0],
         kind=row[1],
@@ -57,8 +58,13 @@ def job_from_row(row: Sequence[Any]) -> JobView:
         idempotency_key=row[15],
         result=load_json(row[16]),
         error=None if row[17] is None else _decode_error.decode(row[17]),
-        payload=load_json(row[18]) if full else None,
-        checkpoint=load_json(row[19]) if full else None,
+        run_at=row[18],
+        after=load_json(row[19]) or [],
+        after_any=bool(row[20]),
+        held=bool(row[21]),
+        tags=load_json(row[22]) or [],
+        payload=load_json(row[23]) if full else None,
+        checkpoint=load_json(row[24]) if full else None,
     )
 
 

@@ -152,6 +152,39 @@ MIGRATIONS: list[str] = [
     ALTER TABLE jobs ADD COLUMN process_group INTEGER;
     ALTER TABLE jobs ADD COLUMN process_identity TEXT;
     """,
+    """
+    -- What a job waits for besides its turn (docs/scheduling.md). Dispatch takes a queued
+    -- job only when available_at has come, held = 0, after_pending = 0 and its user's
+    -- held = 0. run_at: when the submitter asked it to start (NULL: at once); available_at
+    -- carries it until the first attempt, and the SLA counts from it.
+    ALTER TABLE jobs ADD COLUMN run_at REAL;
+    -- Tags as a JSON list, for the job's views; job_tags finds the jobs with a tag.
+    ALTER TABLE jobs ADD COLUMN tags TEXT;
+    -- 1: held by an operator until released.
+    ALTER TABLE jobs ADD COLUMN held INTEGER NOT NULL DEFAULT 0;
+    -- The jobs it runs after (a JSON list), whether it runs after they end however they end,
+    -- and how many of them have not ended yet: the write that ends one counts it down.
+    ALTER TABLE jobs ADD COLUMN after_ids TEXT;
+    ALTER TABLE jobs ADD COLUMN after_any INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE jobs ADD COLUMN after_pending INTEGER NOT NULL DEFAULT 0;
+    -- 1: the user's queued jobs wait until released (unlike disabled, which refuses new ones).
+    ALTER TABLE users ADD COLUMN held INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE job_tags (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        job_id INTEGER NOT NULL,
+        tag TEXT NOT NULL
+    );
+    CREATE INDEX job_tags_tag ON job_tags(tag, job_id);
+    CREATE INDEX job_tags_job ON job_tags(job_id);
+    CREATE TABLE job_deps (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        job_id INTEGER NOT NULL,
+        after_id INTEGER NOT NULL
+    );
+    -- The jobs waiting for one that ends.
+    CREATE INDEX job_deps_after ON job_deps(after_id);
+    CREATE INDEX job_deps_job ON job_deps(job_id);
+    """,
 ]
 
 
