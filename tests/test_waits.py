@@ -8,28 +8,11 @@ from datetime import UTC, datetime
 import pytest
 import trio
 
-from jobwarden.actors.messages import Explain
 from jobwarden.errors import RequestError
-from jobwarden.mailbox import ask
-from jobwarden.wire.views import JobView
 from tests.conftest import EPOCH
 from tests.test_admin import ask_admin
+from tests.test_guards import KINDS, explained
 from tests.test_websocket import add_user, connect, url_of
-
-KINDS = """
-[kinds.noop]
-handler = "tests.handlers:noop"
-
-[kinds.sleepy]
-handler = "tests.handlers:sleepy"
-timeout = "1h"
-max_attempts = 1
-"""
-
-
-async def reason(daemon, job: JobView) -> str:
-    job = await daemon.job(job.id)
-    return (await ask(daemon.handle.scheduler, Explain, jobs=[job]))[job.id].reason
 
 
 async def refusal(daemon, kind: str = "noop", **options: object) -> tuple[str, str]:
@@ -50,7 +33,7 @@ async def test_a_delayed_job_waits_scheduled_and_starts_at_its_time(autojump_clo
     job = await daemon.submit("noop", {}, delay="10m")
     assert job.run_at == job.available_at == job.created_at + 600
     # EPOCH is 2027-01-15 08:00:00 UTC; the daemon's day zone is UTC by default.
-    assert await reason(daemon, job) == "scheduled for 08:10:00 UTC"
+    assert await explained(daemon, job) == "scheduled for 08:10:00 UTC"
     done = await daemon.wait_done(job.id)
     assert done.status == "done"
     assert done.started_at == job.created_at + 600
@@ -62,7 +45,7 @@ async def test_a_run_at_on_another_day_says_the_date_and_one_in_the_past_runs_no
     daemon = await start_daemon(KINDS)
     tomorrow = datetime.fromtimestamp(EPOCH + 86400 + 3600, UTC).isoformat()
     later = await daemon.submit("noop", {}, run_at=tomorrow)
-    assert await reason(daemon, later) == "scheduled for 2027-01-16 09:00:00 UTC"
+    assert await explained(daemon, later) == "scheduled for 2027-01-16 09:00:00 UTC"
     past = datetime.fromtimestamp(EPOCH - 3600, UTC).isoformat().replace("+00:00", "Z")
     now = await daemon.submit("noop", {}, run_at=past)
     assert now.run_at is None and now.available_at == now.created_at
@@ -167,7 +150,7 @@ async def test_a_held_job_waits_until_released(autojump_clock, start_daemon):
     assert held["data"]["job"]["held"] is True
     await trio.sleep(3600)
     assert (await daemon.job(job.id)).status == "queued"
-    assert await reason(daemon, job) == "held by an operator"
+    assert await explained(daemon, job) == "held by an operator"
     released_at = daemon.now
     await ask_admin(daemon, "release", job=job.id)
     done = await daemon.wait_done(job.id)
@@ -204,7 +187,7 @@ async def test_a_user_on_hold_keeps_their_jobs_waiting_while_others_run(
     assert (await daemon.wait_done(other.id)).status == "done"
     await trio.sleep(3600)
     assert (await daemon.job(waiting.id)).status == "queued"
-    assert await reason(daemon, waiting) == "user alice on hold"
+    assert await explained(daemon, waiting) == "user alice on hold"
     released_at = daemon.now
     await ask_admin(daemon, "users", action="release", name="alice")
     assert (await daemon.wait_done(waiting.id)).started_at == released_at
@@ -230,7 +213,7 @@ async def test_a_dependent_waits_for_its_job_and_starts_when_it_is_done(
     first = await daemon.submit("sleepy", {"seconds": 60})
     second = await daemon.submit("noop", {}, after=[first.id])
     assert second.after == [first.id]
-    assert await reason(daemon, second) == f"waiting for job {first.id}"
+    assert await explained(daemon, second) == f"waiting for job {first.id}"
     first_done = await daemon.wait_done(first.id)
     second_done = await daemon.wait_done(second.id)
     assert second_done.status == "done"
@@ -278,7 +261,7 @@ async def test_a_dependent_is_retried_after_its_dependency(autojump_clock, start
     )
     await ask_admin(daemon, "retry", job=first.id)
     await ask_admin(daemon, "retry", job=second.id)
-    assert await reason(daemon, second) == f"waiting for job {first.id}"
+    assert await explained(daemon, second) == f"waiting for job {first.id}"
     # The retried dependency fails again: so does its retried dependent.
     assert (await daemon.wait_done(second.id)).error.code == "DEPENDENCY_FAILED"
 

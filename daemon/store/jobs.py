@@ -263,7 +263,7 @@ def _insert(
     available_at = now if new.run_at is None else new.run_at
     tag = max(user.last_tag + 1, fair_clock)
     cursor = conn.execute(
-        "INSERT INTO jobs (kind, user, status, priority, payload, idempotency_key, submission_id,"
+        'INSERT INTO jobs (kind, "user", status, priority, payload, idempotency_key, submission_id,'
         " max_attempts, created_at, updated_at, available_at, fair_tag, credits, run_at, tags,"
         " after_ids, after_any, after_pending)"
         " VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -332,7 +332,7 @@ def _after_pending(conn: sqlite3.Connection, new: NewJob) -> int | Refused:
     ones that have failed or were canceled (it would never run). Only existing jobs can be
     named, so no cycle can be made."""
     rows = conn.execute(
-        f"SELECT id, user, status FROM jobs WHERE id IN ({placeholders(new.after)})", new.after
+        f'SELECT id, "user", status FROM jobs WHERE id IN ({placeholders(new.after)})', new.after
     ).fetchall()
     found = {job_id: status for job_id, user, status in rows if user == new.user}
     unknown = [job_id for job_id in new.after if job_id not in found]
@@ -455,11 +455,11 @@ def claim(
         # (status, available_at) index and sorts every due row: 17 ms a round at 100k queued.
         rows = conn.execute(
             f"SELECT {_qualified(JOB_COLUMNS)}, jobs.fair_tag, users.max_running "
-            f"FROM jobs INDEXED BY jobs_order LEFT JOIN users ON users.name = jobs.user "
+            f'FROM jobs INDEXED BY jobs_order LEFT JOIN users ON users.name = jobs."user" '
             f"WHERE jobs.status = 'queued' AND jobs.available_at <= ? "
             f"AND jobs.held = 0 AND jobs.after_pending = 0 AND COALESCE(users.held, 0) = 0 "
             f"AND jobs.kind IN ({placeholders(kinds)}) "
-            f"AND jobs.user NOT IN ({placeholders(full_users)}) "
+            f'AND jobs."user" NOT IN ({placeholders(full_users)}) '
             f"ORDER BY jobs.priority DESC, jobs.fair_tag, jobs.id LIMIT ?",
             (now, *kinds, *full_users, total),
         ).fetchall()
@@ -1002,7 +1002,7 @@ def list_jobs(
         clauses.append("kind = ?")
         params.append(kind)
     if user is not None:
-        clauses.append("user = ?")
+        clauses.append('"user" = ?')
         params.append(user)
     if tag is not None:
         clauses.append("id IN (SELECT job_id FROM job_tags WHERE tag = ?)")
@@ -1043,7 +1043,7 @@ def events_since(
 # Positions are counted no further than this; a job deeper in the queue shows this bound.
 POSITION_HORIZON = 100_000
 QUEUED_COLUMNS = (
-    "id, kind, user, status, priority, attempt, max_attempts, created_at, updated_at, "
+    'id, kind, "user", status, priority, attempt, max_attempts, created_at, updated_at, '
     "available_at, held"
 )
 

@@ -29,7 +29,7 @@ def load_json(text: str | None) -> Any:
 
 
 JOB_COLUMNS = (
-    "id, kind, user, status, priority, attempt, max_attempts, created_at, updated_at, "
+    'id, kind, "user", status, priority, attempt, max_attempts, created_at, updated_at, '
     "available_at, started_at, finished_at, progress, message, reason, idempotency_key, "
     "result, error, run_at, after_ids, after_any, held, tags, payload, checkpoint"
 )
