@@ -301,17 +301,17 @@ def _insert(
         available_at=available_at,
         idempotency_key=new.idempotency_key,
         payload=msgspec.json.decode(new.payload_json),
-        run_at=new.run_at,
-        after=list(new.after),
-        after_any=new.after_any,
-        tags=list(new.tags),
     )
+    # Only when given, as job_from_row does: most jobs have none of these.
+    job.run_at = new.run_at
     if new.after:
+        job.after, job.after_any = list(new.after), new.after_any
         conn.executemany(
             "INSERT INTO job_deps (job_id, after_id) VALUES (?, ?)",
             [(job.id, after_id) for after_id in new.after],
         )
     if new.tags:
+        job.tags = list(new.tags)
         conn.executemany(
             "INSERT INTO job_tags (job_id, tag) VALUES (?, ?)", [(job.id, tag) for tag in new.tags]
         )
@@ -552,18 +552,22 @@ def _transition(
     if not changed:
         return None
     # Read back rather than RETURNING: in SQLite 3.40 that costs twice an UPDATE and a SELECT.
+    # Whether jobs wait for this one, in the same statement: most jobs have none waiting.
     row = conn.execute(
-        f"SELECT {JOB_COLUMNS}, credits FROM jobs WHERE id = ?", (job_id,)
+        f"SELECT {JOB_COLUMNS}, credits, "
+        "EXISTS (SELECT 1 FROM job_deps WHERE job_deps.after_id = jobs.id) "
+        "FROM jobs WHERE id = ?",
+        (job_id,),
     ).fetchone()
     job = job_from_row(row)
-    credits = row[-1]
+    credits, awaited = row[-2], row[-1]
     if status in TERMINAL_STATUSES and credits:
         _settle_credits(conn, job.id, job.user, credits, refund=status != "done")
     data = {"status": status, "attempt": job.attempt, **(detail or {})}
     if reason is not None:
         data["reason"] = reason
     add_event(events, job, "status", now, data)
-    if settle_dependents and status in TERMINAL_STATUSES:
+    if awaited and settle_dependents and status in TERMINAL_STATUSES:
         _settle_dependents(conn, events, job.id, status, now)
     return job
 

@@ -35,11 +35,13 @@ JOB_COLUMNS = (
 )
 LIST_COLUMNS = JOB_COLUMNS.replace(", payload, checkpoint", "")
 _LIST_WIDTH = len(LIST_COLUMNS.split(","))
+# run_at, after_ids, after_any, held, tags of a job that waits for nothing but its turn.
+_WAITS_FOR_NOTHING = (None, None, 0, 0, None)
 
 
 def job_from_row(row: Sequence[Any]) -> JobView:
     full = len(row) > _LIST_WIDTH
-    return JobView(
+    job = JobView(
         id=row[0],
         kind=row[1],
         user=row[2],
@@ -58,14 +60,18 @@ def job_from_row(row: Sequence[Any]) -> JobView:
         idempotency_key=row[15],
         result=load_json(row[16]),
         error=None if row[17] is None else _decode_error.decode(row[17]),
-        run_at=row[18],
-        after=load_json(row[19]) or [],
-        after_any=bool(row[20]),
-        held=bool(row[21]),
-        tags=load_json(row[22]) or [],
         payload=load_json(row[23]) if full else None,
         checkpoint=load_json(row[24]) if full else None,
     )
+    # Most jobs have none of these: setting them only when given keeps dispatch's cost per
+    # job where it was.
+    if tuple(row[18:23]) != _WAITS_FOR_NOTHING:
+        job.run_at = row[18]
+        job.after = load_json(row[19]) or []
+        job.after_any = bool(row[20])
+        job.held = bool(row[21])
+        job.tags = load_json(row[22]) or []
+    return job
 
 
 def placeholders(values: Iterable[Any]) -> str:
