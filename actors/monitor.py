@@ -427,14 +427,15 @@ class Monitor:
         """One snapshot for /health, `jobwarden status` and the metrics scrape."""
         counts = await self._store.read(jobs.counts_by_status)
         depth = await self._store.read(jobs.queued_by_kind)
-        oldest = await self._store.read(jobs.oldest_queued_created_at)
+        oldest = await self._store.read(jobs.oldest_queued_since)
         snapshot = await self._scheduler_snapshot()
         now = self._clock.now()
         health = {
             **self._daemon_status(),
             "jobs": {status: counts.get(status, 0) for status in STATUSES},
             "queue_depth": depth,
-            "oldest_queued_seconds": None if oldest is None else round(now - oldest, 3),
+            # A job submitted to start later is not waiting before its time.
+            "oldest_queued_seconds": None if oldest is None else round(max(0.0, now - oldest), 3),
             "running": snapshot["running"],
             "max_concurrent_jobs": snapshot["max_concurrent_jobs"],
             "paused": snapshot["paused"],

@@ -95,6 +95,13 @@ async def test_the_horizon_is_a_config_key(autojump_clock, start_daemon):
     assert (await daemon.submit("noop", {}, delay="1h")).run_at is not None
 
 
+async def test_a_job_before_its_time_does_not_age_the_queue(autojump_clock, start_daemon):
+    daemon = await start_daemon(KINDS)
+    await daemon.submit("noop", {}, delay="2h")
+    await trio.sleep(3600)
+    assert (await ask_admin(daemon, "status"))["data"]["oldest_queued_seconds"] == 0
+
+
 async def test_show_on_the_admin_socket_says_when_a_delayed_job_starts(
     autojump_clock, start_daemon
 ):

@@ -1214,5 +1214,8 @@ def counts_by_status_and_kind(conn: sqlite3.Connection) -> dict[tuple[str, str],
     return {(status, kind): n for status, kind, n in rows}
 
 
-def oldest_queued_created_at(conn: sqlite3.Connection) -> float | None:
-    return conn.execute("SELECT MIN(created_at) FROM jobs WHERE status = 'queued'").fetchone()[0]
+def oldest_queued_since(conn: sqlite3.Connection) -> float | None:
+    """When the longest-waiting queued job was to start: its submission, or its run_at."""
+    return conn.execute(
+        "SELECT MIN(COALESCE(run_at, created_at)) FROM jobs WHERE status = 'queued'"
+    ).fetchone()[0]
