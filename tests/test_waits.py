@@ -202,6 +202,17 @@ async def test_a_user_on_hold_keeps_their_jobs_waiting_while_others_run(
     assert reply["error"]["code"] == "NOT_FOUND"
 
 
+async def test_a_job_retried_while_its_user_is_on_hold_waits_too(autojump_clock, start_daemon):
+    daemon = await start_daemon(KINDS)
+    job = await daemon.submit("sleepy", {"seconds": 1, "fail": True}, user="alice")
+    await daemon.wait_done(job.id)
+    await ask_admin(daemon, "users", action="hold", name="alice")
+    await ask_admin(daemon, "retry", job=job.id)
+    await trio.sleep(3600)
+    assert (await daemon.job(job.id)).status == "queued"
+    assert await explained(daemon, job) == "user alice on hold"
+
+
 async def test_a_held_job_is_not_failed_for_waiting_too_long(autojump_clock, start_daemon):
     daemon = await start_daemon(KINDS + '\n[monitor]\nqueued_timeout = "5m"\n')
     job = await daemon.submit("noop", {}, delay="1m")

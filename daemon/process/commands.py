@@ -365,7 +365,7 @@ class Commands:
     async def hold_user(self, name: str, *, held: bool) -> users.UserView:
         """The operator holds a user's queued jobs (they wait, `user NAME on hold`; new ones
         are accepted and wait too) or releases them."""
-        user = await self._store.write(partial(users.update, name=name, held=held))
+        user = await self._store.write(partial(users.hold, name=name, held=held))
         if user is None:
             raise RequestError("NOT_FOUND", f"no user '{name}'")
         log.info("user held" if held else "user released", user=name)

@@ -16,7 +16,9 @@ import msgspec
 from jobwarden.errors import new_error_id
 from jobwarden.store.rows import (
     JOB_COLUMNS,
+    JOB_HELD,
     LIST_COLUMNS,
+    USER_HELD,
     Events,
     add_event,
     apply_each,
@@ -108,7 +110,9 @@ class Submitter:
     """A user's row as one batch of submissions sees it: read once, written back once."""
 
     def __init__(self, row: tuple[Any, ...], day: str, *, created: bool) -> None:
-        credits, self.daily_limit, disabled, stored_day, day_count, self.last_tag = row
+        credits, self.daily_limit, disabled, stored_day, day_count, self.last_tag, held = row
+        # On hold: their new jobs are queued held too.
+        self.held = bool(held)
         self.credits: int | None = credits
         self.disabled = bool(disabled)
         self.today: int = day_count if stored_day == day else 0
@@ -117,7 +121,7 @@ class Submitter:
         self.changed = False
 
 
-_SUBMITTER_COLUMNS = "credits, daily_limit, disabled, day, day_count, fair_tag"
+_SUBMITTER_COLUMNS = "credits, daily_limit, disabled, day, day_count, fair_tag, held"
 
 
 def _submitter(
@@ -265,8 +269,8 @@ def _insert(
     cursor = conn.execute(
         'INSERT INTO jobs (kind, "user", status, priority, payload, idempotency_key, submission_id,'
         " max_attempts, created_at, updated_at, available_at, fair_tag, credits, run_at, tags,"
-        " after_ids, after_any, after_pending)"
-        " VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " after_ids, after_any, after_pending, held)"
+        " VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             new.kind,
             new.user,
@@ -285,6 +289,7 @@ def _insert(
             dump_json(list(new.after)) if new.after else None,
             int(new.after_any),
             pending,
+            USER_HELD if user.held else 0,
         ),
     )
     # Built here, not read back: RETURNING would cost more than the INSERT itself.
@@ -457,6 +462,8 @@ def claim(
             f"SELECT {_qualified(JOB_COLUMNS)}, jobs.fair_tag, users.max_running "
             f'FROM jobs INDEXED BY jobs_order LEFT JOIN users ON users.name = jobs."user" '
             f"WHERE jobs.status = 'queued' AND jobs.available_at <= ? "
+            # The first two name jobs_order's condition; users.held decides a user's hold (a
+            # job retried or recovered while its user is held is back without its copy).
             f"AND jobs.held = 0 AND jobs.after_pending = 0 AND COALESCE(users.held, 0) = 0 "
             f"AND jobs.kind IN ({placeholders(kinds)}) "
             f'AND jobs."user" NOT IN ({placeholders(full_users)}) '
@@ -746,8 +753,9 @@ def set_held(
     """An operator's hold on a queued job, or its release: a `status` event (reason HELD or
     RELEASED) when it changes. The job as it is now; None if there is no such job."""
     changed = conn.execute(
-        "UPDATE jobs SET held = ?, updated_at = ? WHERE id = ? AND status = 'queued' AND held = ?",
-        (int(held), now, job_id, int(not held)),
+        f"UPDATE jobs SET held = held {'|' if held else '-'} {JOB_HELD}, updated_at = ? "
+        f"WHERE id = ? AND status = 'queued' AND (held & {JOB_HELD}) = ?",
+        (now, job_id, 0 if held else JOB_HELD),
     ).rowcount
     job = get_job(conn, job_id)
     if changed and job is not None:
@@ -1044,11 +1052,13 @@ def events_since(
     ]
 
 
+# The rows of the dispatch order (the partial index jobs_order), named as its definition does.
+_IN_ORDER = "status = 'queued' AND held = 0 AND after_pending = 0"
 # Positions are counted no further than this; a job deeper in the queue shows this bound.
 POSITION_HORIZON = 100_000
 QUEUED_COLUMNS = (
     'id, kind, "user", status, priority, attempt, max_attempts, created_at, updated_at, '
-    "available_at, held"
+    "available_at"
 )
 
 
@@ -1074,26 +1084,28 @@ def queue_positions(
         if row is None:
             continue
         kind, priority, tag = row
+        # Counted among the jobs in the dispatch order: a held job, or one waiting for others,
+        # is ahead of nobody.
         ahead = (
             conn.execute(
                 "SELECT COUNT(*) FROM (SELECT 1 FROM jobs INDEXED BY jobs_order"
-                " WHERE status = 'queued' AND priority > ? LIMIT ?)",
+                f" WHERE {_IN_ORDER} AND priority > ? LIMIT ?)",
                 (priority, POSITION_HORIZON),
             ).fetchone()[0]
             + conn.execute(
-                "SELECT COUNT(*) FROM (SELECT 1 FROM jobs WHERE status = 'queued' AND priority = ?"
+                f"SELECT COUNT(*) FROM (SELECT 1 FROM jobs WHERE {_IN_ORDER} AND priority = ?"
                 " AND (fair_tag, id) < (?, ?) LIMIT ?)",
                 (priority, tag, job_id, POSITION_HORIZON),
             ).fetchone()[0]
         )
         kind_ahead = (
             conn.execute(
-                "SELECT COUNT(*) FROM (SELECT 1 FROM jobs WHERE kind = ? AND status = 'queued'"
+                f"SELECT COUNT(*) FROM (SELECT 1 FROM jobs WHERE kind = ? AND {_IN_ORDER}"
                 " AND priority > ? LIMIT ?)",
                 (kind, priority, POSITION_HORIZON),
             ).fetchone()[0]
             + conn.execute(
-                "SELECT COUNT(*) FROM (SELECT 1 FROM jobs WHERE kind = ? AND status = 'queued'"
+                f"SELECT COUNT(*) FROM (SELECT 1 FROM jobs WHERE kind = ? AND {_IN_ORDER}"
                 " AND priority = ? AND (fair_tag, id) < (?, ?) LIMIT ?)",
                 (kind, priority, tag, job_id, POSITION_HORIZON),
             ).fetchone()[0]
@@ -1110,7 +1122,7 @@ def queue_head(
 ) -> list[tuple[JobView, tuple[int, int, int, int]]]:
     """The first `limit` queued jobs in dispatch order, each with its place."""
     rows = conn.execute(
-        f"SELECT {QUEUED_COLUMNS} FROM jobs INDEXED BY jobs_order WHERE status = 'queued' "
+        f"SELECT {QUEUED_COLUMNS} FROM jobs INDEXED BY jobs_order WHERE {_IN_ORDER} "
         "ORDER BY priority DESC, fair_tag, id LIMIT ?",
         (limit,),
     ).fetchall()
@@ -1120,7 +1132,7 @@ def queue_head(
     in_kind: dict[str, int] = {}
     head = []
     for index, row in enumerate(rows):
-        job = JobView(*row[:-1], held=bool(row[-1]))
+        job = JobView(*row)
         in_kind[job.kind] = in_kind.get(job.kind, 0) + 1
         if job.kind not in totals:
             totals[job.kind] = _queued_count(conn, job.kind)

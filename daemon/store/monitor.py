@@ -42,7 +42,7 @@ class Candidates(msgspec.Struct):
 
 
 _ROW_COLUMNS = ", ".join(f"jobs.{field}" for field in Row._fields[:-1]) + (
-    ", jobs.held = 1 OR jobs.after_pending > 0 OR COALESCE(users.held, 0) = 1"
+    ", jobs.held != 0 OR jobs.after_pending > 0 OR COALESCE(users.held, 0) = 1"
 )
 _ROWS = f'SELECT {_ROW_COLUMNS} FROM jobs LEFT JOIN users ON users.name = jobs."user"'
 

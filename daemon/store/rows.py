@@ -33,6 +33,9 @@ JOB_COLUMNS = (
     "available_at, started_at, finished_at, progress, message, reason, idempotency_key, "
     "result, error, run_at, after_ids, after_any, held, tags, payload, checkpoint"
 )
+# The bits of jobs.held: an operator's hold of the job, and a copy of its user's hold.
+JOB_HELD = 1
+USER_HELD = 2
 LIST_COLUMNS = JOB_COLUMNS.replace(", payload, checkpoint", "")
 _LIST_WIDTH = len(LIST_COLUMNS.split(","))
 # run_at, after_ids, after_any, held, tags of a job that waits for nothing but its turn.
@@ -69,7 +72,8 @@ def job_from_row(row: Sequence[Any]) -> JobView:
         job.run_at = row[18]
         job.after = load_json(row[19]) or []
         job.after_any = bool(row[20])
-        job.held = bool(row[21])
+        # The user's hold is shown with the user.
+        job.held = bool(row[21] & JOB_HELD)
         job.tags = load_json(row[22]) or []
     return job
 

@@ -160,7 +160,8 @@ MIGRATIONS: list[str] = [
     ALTER TABLE jobs ADD COLUMN run_at REAL;
     -- Tags as a JSON list, for the job's views; job_tags finds the jobs with a tag.
     ALTER TABLE jobs ADD COLUMN tags TEXT;
-    -- 1: held by an operator until released.
+    -- Bits: 1 held by an operator until released, 2 its user is on hold (users.held, which
+    -- decides; this copy keeps such jobs out of the dispatch index).
     ALTER TABLE jobs ADD COLUMN held INTEGER NOT NULL DEFAULT 0;
     -- The jobs it runs after (a JSON list), whether it runs after they end however they end,
     -- and how many of them have not ended yet: the write that ends one counts it down.
@@ -169,6 +170,12 @@ MIGRATIONS: list[str] = [
     ALTER TABLE jobs ADD COLUMN after_pending INTEGER NOT NULL DEFAULT 0;
     -- 1: the user's queued jobs wait until released (unlike disabled, which refuses new ones).
     ALTER TABLE users ADD COLUMN held INTEGER NOT NULL DEFAULT 0;
+    -- The dispatch order holds only jobs that nothing but time or their turn keeps waiting:
+    -- a hold or a dependency can keep many jobs waiting, and the claim would walk them all.
+    -- Queries name these conditions literally, which is what lets SQLite use it.
+    DROP INDEX jobs_order;
+    CREATE INDEX jobs_order ON jobs(priority DESC, fair_tag, id)
+        WHERE status = 'queued' AND held = 0 AND after_pending = 0;
     CREATE TABLE job_tags (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
         job_id INTEGER NOT NULL,

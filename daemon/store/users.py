@@ -15,7 +15,7 @@ from typing import Any
 
 import msgspec
 
-from jobwarden.store.rows import Events, placeholders
+from jobwarden.store.rows import USER_HELD, Events, placeholders
 
 TOKEN_PREFIX = "jw_"
 # The largest balance a user may hold: the largest INTEGER a column holds.
@@ -191,6 +191,19 @@ def running_limits(conn: sqlite3.Connection, names: list[str]) -> dict[str, int 
         names,
     ).fetchall()
     return dict(rows)
+
+
+def hold(conn: sqlite3.Connection, events: Events, *, name: str, held: bool) -> UserView | None:
+    """Hold a user's queued jobs, or release them; None when there is no such user. The user's
+    row decides; a bit of each queued job's `held` copies it, which keeps them out of the
+    dispatch order while held."""
+    user = update(conn, events, name=name, held=held)
+    if user is not None:
+        change = f"held | {USER_HELD}" if held else f"held & ~{USER_HELD}"
+        conn.execute(
+            f"UPDATE jobs SET held = {change} WHERE \"user\" = ? AND status = 'queued'", (name,)
+        )
+    return user
 
 
 def on_hold(conn: sqlite3.Connection, names: list[str]) -> set[str]:
