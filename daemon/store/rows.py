@@ -38,8 +38,6 @@ JOB_HELD = 1
 USER_HELD = 2
 LIST_COLUMNS = JOB_COLUMNS.replace(", payload, checkpoint", "")
 _LIST_WIDTH = len(LIST_COLUMNS.split(","))
-# run_at, after_ids, after_any, held, tags of a job that waits for nothing but its turn.
-_WAITS_FOR_NOTHING = (None, None, 0, 0, None)
 
 
 def job_from_row(row: Sequence[Any]) -> JobView:
@@ -68,7 +66,8 @@ def job_from_row(row: Sequence[Any]) -> JobView:
     )
     # Most jobs have none of these: setting them only when given keeps dispatch's cost per
     # job where it was.
-    if tuple(row[18:23]) != _WAITS_FOR_NOTHING:
+    # run_at, after_ids (after_any goes with it), held, tags.
+    if row[18] is not None or row[19] is not None or row[21] or row[22] is not None:
         job.run_at = row[18]
         job.after = load_json(row[19]) or []
         job.after_any = bool(row[20])
