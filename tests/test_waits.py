@@ -52,6 +52,12 @@ async def test_a_run_at_on_another_day_says_the_date_and_one_in_the_past_runs_no
     assert (await daemon.wait_done(now.id)).started_at == now.created_at
 
 
+async def test_the_scheduled_time_is_told_in_the_days_zone(autojump_clock, start_daemon):
+    daemon = await start_daemon(KINDS + '\n[budget]\ntimezone = "Europe/Berlin"\n')
+    job = await daemon.submit("noop", {}, delay="10m")
+    assert await explained(daemon, job) == "scheduled for 09:10:00 CET"
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [
