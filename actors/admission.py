@@ -35,7 +35,9 @@ are slowed first and light users keep going.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterator
+from datetime import datetime
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -59,7 +61,7 @@ from jobwarden.actors.messages import (
 )
 from jobwarden.actors.schedules import Schedules
 from jobwarden.clock import WallClock
-from jobwarden.config import Config, format_size, parse_rate
+from jobwarden.config import Config, format_duration, format_size, parse_duration, parse_rate
 from jobwarden.errors import RequestError, StoreError
 from jobwarden.mailbox import ReplySlot
 from jobwarden.metrics import Metrics
@@ -76,6 +78,11 @@ MAX_BATCH = 512
 SHED_FOR = 60.0
 # Buckets kept before full ones (which a new bucket equals) are dropped.
 MAX_BUCKETS = 10_000
+# Tags: a few short words a job is found by (`jobs --tag`), never metric labels.
+MAX_TAGS = 8
+TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,31}")
+# Jobs one job may run after.
+MAX_AFTER = 32
 
 
 def check_submit(
@@ -139,6 +146,69 @@ def check_submit(
             f"has {format_size(total_memory)} of memory in total: it could never start",
         )
     return payload_json.decode()
+
+
+class Waits(NamedTuple):
+    """What a submission waits for besides its turn, checked."""
+
+    run_at: float | None
+    tags: tuple[str, ...]
+    after: tuple[int, ...]
+
+
+def check_waits(config: Config, msg: Submit, *, now: float) -> Waits:
+    """A submission's start time, tags and dependencies, or INVALID_REQUEST naming the field.
+    A start time that has passed is now (None); one beyond `admission.max_delay` is refused."""
+    if msg.run_at is not None and msg.delay is not None:
+        raise RequestError("INVALID_REQUEST", "give run_at or delay, not both")
+    start = None
+    if msg.run_at is not None:
+        start = _parse_time(msg.run_at)
+    elif msg.delay is not None:
+        try:
+            delay = parse_duration(msg.delay)
+        except ValueError as exc:
+            raise RequestError("INVALID_REQUEST", f"delay: {exc}") from None
+        if math.isinf(delay):
+            raise RequestError("INVALID_REQUEST", 'delay: expected a duration like "10m"')
+        start = now + delay
+    horizon = config.admission.max_delay
+    if start is not None and start - now > horizon:
+        field = "run_at" if msg.run_at is not None else "delay"
+        raise RequestError(
+            "INVALID_REQUEST",
+            f"{field}: at most {format_duration(horizon)} ahead (admission.max_delay)",
+        )
+    tags = tuple(dict.fromkeys(msg.tags or ()))
+    if len(tags) > MAX_TAGS:
+        raise RequestError("INVALID_REQUEST", f"tags: at most {MAX_TAGS}, got {len(tags)}")
+    for tag in tags:
+        if not TAG.fullmatch(tag):
+            raise RequestError(
+                "INVALID_REQUEST",
+                f"tags: {tag[:40]!r} is not 1 to 32 letters, digits and _.:- "
+                "(starting with a letter or digit)",
+            )
+    after = tuple(dict.fromkeys(msg.after or ()))
+    if len(after) > MAX_AFTER:
+        raise RequestError("INVALID_REQUEST", f"after: at most {MAX_AFTER} jobs, got {len(after)}")
+    if msg.after_any and not after:
+        raise RequestError("INVALID_REQUEST", "after_any needs after: the jobs to run after")
+    return Waits(start if start is not None and start > now else None, tags, after)
+
+
+def _parse_time(text: str) -> float:
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        moment = None
+    if moment is None or moment.tzinfo is None:
+        raise RequestError(
+            "INVALID_REQUEST",
+            f"run_at: expected an RFC 3339 time with its offset, like 2026-12-01T12:00:00Z, "
+            f"got {text[:40]!r}",
+        )
+    return moment.timestamp()
 
 
 class Admission:
@@ -238,6 +308,7 @@ class Admission:
                 total_memory=self._total_memory,
                 store_fault=self._store.health.error(),
             )
+            waits = check_waits(self._config, msg, now=now)
             if not owes_token:
                 self._take_token(msg.user, now)
         except RequestError as exc:
@@ -252,6 +323,10 @@ class Admission:
             idempotency_key=msg.idempotency_key,
             max_attempts=self._config.retry_policy(msg.kind).max_attempts,
             submission_id=msg.submission_id,
+            run_at=waits.run_at,
+            tags=waits.tags,
+            after=waits.after,
+            after_any=msg.after_any,
         )
         return Checked(msg, new, owes_token)
 

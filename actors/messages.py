@@ -39,6 +39,13 @@ class Submit(msgspec.Struct):
     priority: int | None = None
     idempotency_key: str | None = None
     submission_id: str | None = None
+    # When to start (an RFC 3339 time, or a duration from now; at most one), its tags, and
+    # the jobs it runs after (see docs/scheduling.md).
+    run_at: str | None = None
+    delay: str | None = None
+    tags: list[str] | None = None
+    after: list[int] | None = None
+    after_any: bool = False
 
 
 class Requeue(msgspec.Struct):
@@ -70,6 +77,11 @@ class UserRate(msgspec.Struct):
 
 class JobQueued(msgspec.Struct):
     kind: str
+
+
+class QueueChanged(msgspec.Struct):
+    """What queued jobs wait for changed outside dispatch (a hold or its release, a queued
+    job's end that jobs ran after): some may start now, and others wait for a new reason."""
 
 
 class JobsEnded(msgspec.Struct):
@@ -312,6 +324,7 @@ AdmissionMessage = (
 
 SchedulerMessage = (
     JobQueued
+    | QueueChanged
     | JobsEnded
     | Pause
     | Resume

@@ -43,6 +43,7 @@ from jobwarden.actors.messages import (
     MonitorMessage,
     PoolStatistics,
     ProgressStarted,
+    QueueChanged,
     RaiseAlert,
     Reconfigure,
     Recover,
@@ -283,6 +284,8 @@ class Monitor:
             # The rule fires again on a later check, once the store takes writes.
             log.warning("rule could not act", job=finding.job, rule=finding.rule, error=str(exc))
             return None
+        # Jobs that run after it whatever its outcome may start now.
+        await self._scheduler.send(QueueChanged())
         self._count_recovered(finding.rule)
         return None
 
@@ -423,14 +426,15 @@ class Monitor:
         """One snapshot for /health, `jobwarden status` and the metrics scrape."""
         counts = await self._store.read(jobs.counts_by_status)
         depth = await self._store.read(jobs.queued_by_kind)
-        oldest = await self._store.read(jobs.oldest_queued_created_at)
+        oldest = await self._store.read(jobs.oldest_queued_since)
         snapshot = await self._scheduler_snapshot()
         now = self._clock.now()
         health = {
             **self._daemon_status(),
             "jobs": {status: counts.get(status, 0) for status in STATUSES},
             "queue_depth": depth,
-            "oldest_queued_seconds": None if oldest is None else round(now - oldest, 3),
+            # A job submitted to start later is not waiting before its time.
+            "oldest_queued_seconds": None if oldest is None else round(max(0.0, now - oldest), 3),
             "running": snapshot["running"],
             "max_concurrent_jobs": snapshot["max_concurrent_jobs"],
             "paused": snapshot["paused"],

@@ -1,8 +1,9 @@
 """Scheduler: decides what runs next, and says why everything else waits.
 
-Consumes `JobQueued` (admission), `JobsEnded` (pool), `Pause`/`Resume`/`SchedulerSnapshot`/`Explain`
-(admin), `ServiceState` (breaker), `BudgetState` (ledger), `StopDispatch`/`Reconfigure`, each
-`SystemLoad` sample and each change of the store's health, `StoreState` (supervisor).
+Consumes `JobQueued` (admission), `QueueChanged` (holds, queued jobs that ended), `JobsEnded`
+(pool), `Pause`/`Resume`/`SchedulerSnapshot`/`Explain` (admin), `ServiceState` (breaker),
+`BudgetState` (ledger), `StopDispatch`/`Reconfigure`, each `SystemLoad` sample and each
+change of the store's health, `StoreState` (supervisor).
 Produces `RunJobs` for the pool, and `position` events through the store. Its decisions (free
 capacity, load, waiting reasons) are plain functions in actors/dispatch.py.
 
@@ -55,6 +56,7 @@ from jobwarden.actors.messages import (
     JobsEnded,
     Pause,
     PauseState,
+    QueueChanged,
     Reconfigure,
     Resume,
     RunJobs,
@@ -163,7 +165,7 @@ class Scheduler:
 
     async def _handle(self, msg: SchedulerMessage) -> None:
         match msg:
-            case JobQueued():
+            case JobQueued() | QueueChanged():
                 self._dirty = True
             case JobsEnded(slots=slots):
                 for kind, user in slots:
@@ -335,8 +337,11 @@ class Scheduler:
     async def _waiting_infos(
         self, placed: list[tuple[JobView, tuple[int, int, int, int]]], state: WaitState
     ) -> dict[int, WaitingInfo]:
-        limits = await self._store.read(
-            partial(users.running_limits, names=sorted({job.user for job, _ in placed}))
+        names = sorted({job.user for job, _ in placed})
+        limits = await self._store.read(partial(users.running_limits, names=names))
+        on_hold = await self._store.read(partial(users.on_hold, names=names))
+        waiting_for = await self._store.read(
+            partial(jobs.unended_dependencies, job_ids=[job.id for job, _ in placed])
         )
         zone = self._zone()
         return {
@@ -349,6 +354,8 @@ class Scheduler:
                     user_limit=limits.get(job.user),
                     position=place,
                     zone=zone,
+                    user_held=job.user in on_hold,
+                    waiting_for=waiting_for.get(job.id),
                 ),
             )
             for job, place in placed

@@ -167,6 +167,8 @@ class AdmissionSection(Section):
     # A finished job's idempotency key returns that job for this long after it finished;
     # 0: the key starts a new job as soon as its job has finished.
     idempotency_window: Duration = Duration(0)
+    # How far ahead a job may be submitted to start (run_at, delay); further is refused.
+    max_delay: Duration = Duration(30 * 86400)
 
 
 class LogSection(Section):

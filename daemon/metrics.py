@@ -57,7 +57,9 @@ class Metrics:
         )
         self.running = Gauge("jobwarden_running_jobs", "Jobs running now", registry=r)
         self.oldest_queued = Gauge(
-            "jobwarden_oldest_queued_seconds", "Age of the oldest queued job", registry=r
+            "jobwarden_oldest_queued_seconds",
+            "How long the oldest queued job has waited since it was to start",
+            registry=r,
         )
         self.memory_used = Gauge(
             "jobwarden_memory_used_ratio", "Share of system memory in use, 0-1", registry=r

@@ -236,6 +236,40 @@ def test_submit_with_a_known_idempotency_key_reports_the_existing_job(daemon, jo
     assert daemon.requests[0]["args"]["idempotency_key"] == "book-7"
 
 
+def test_submit_sends_its_start_time_tags_and_dependencies(daemon, jobwarden, capsys):
+    daemon.replies["submit"] = {"job": job_view(), "existing": False}
+
+    code = jobwarden(
+        "submit", "pdf", "{}", "--run-at", "2026-12-01T06:00:00Z", "--tag", "a,b", "--tag", "c",
+        "--after", "3,4", "--after", "5", "--after-any",
+    )  # fmt: skip
+
+    assert code == 0
+    assert daemon.requests[0]["args"] == {
+        "kind": "pdf",
+        "payload": {},
+        "run_at": "2026-12-01T06:00:00Z",
+        "tags": ["a", "b", "c"],
+        "after": [3, 4, 5],
+        "after_any": True,
+    }
+
+
+@pytest.mark.parametrize(
+    ("options", "complaint"),
+    [
+        (["--run-at", "2026-12-01T06:00:00Z", "--delay", "1m"], "not allowed with argument"),
+        (["--after", "3,x"], "--after: expected a positive integer, got 'x'"),
+    ],
+)
+def test_submit_refuses_what_it_cannot_send(daemon, jobwarden, capsys, options, complaint):
+    code = jobwarden("submit", "pdf", "{}", *options)
+
+    assert code == 2
+    assert complaint in capsys.readouterr().err
+    assert daemon.requests == []
+
+
 @pytest.mark.parametrize(
     ("payload", "complaint"),
     [

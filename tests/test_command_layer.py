@@ -20,8 +20,8 @@ from tests.test_http import get
 from tests.test_websocket import KINDS, Frames, add_user, open_frames
 
 KNOWN_COMMANDS = (
-    "breaker, breakers, budget, cancel, drain, jobs, ledger, pause, ping, resume, retry, "
-    "schedules, show, shutdown, status, stuck, submit, users, watch"
+    "breaker, breakers, budget, cancel, drain, hold, jobs, ledger, pause, ping, release, resume, "
+    "retry, schedules, show, shutdown, status, stuck, submit, users, watch"
 )
 
 # -- decoding --------------------------------------------------------------------------------

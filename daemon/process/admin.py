@@ -75,11 +75,13 @@ from jobwarden.wire.admin import (
     CancelRequest,
     DrainRequest,
     EventLine,
+    HoldRequest,
     JobsRequest,
     LedgerArgs,
     LedgerRequest,
     PauseRequest,
     PingRequest,
+    ReleaseRequest,
     Reply,
     ResumeRequest,
     RetryRequest,
@@ -418,7 +420,12 @@ class AdminServer:
                 return {"job": job, "existing": existing}
             case JobsRequest(args=args):
                 found = await commands.jobs(
-                    OPERATOR, status=args.status, kind=args.kind, user=args.user, limit=args.limit
+                    OPERATOR,
+                    status=args.status,
+                    kind=args.kind,
+                    user=args.user,
+                    tag=args.tag,
+                    limit=args.limit,
                 )
                 return {"jobs": found, "waiting": await commands.waiting(found)}
             case ShowRequest(args=args):
@@ -428,6 +435,10 @@ class AdminServer:
                 return {"job": await commands.cancel(OPERATOR, args.job)}
             case RetryRequest(args=args):
                 return {"job": await ask(self._admission, Requeue, job_id=args.job)}
+            case HoldRequest(args=args):
+                return {"job": await commands.hold(args.job, held=True)}
+            case ReleaseRequest(args=args):
+                return {"job": await commands.hold(args.job, held=False)}
             case PauseRequest(args=args):
                 return await self._pause_or_resume(Pause, args.kind)
             case ResumeRequest(args=args):
@@ -552,6 +563,8 @@ class AdminServer:
                 )
             case "disable" | "enable":
                 user = await self._update_user(name, disabled=args.action == "disable")
+            case "hold" | "release":
+                user = await self._commands.hold_user(name, held=args.action == "hold")
         if user is None:
             raise RequestError("NOT_FOUND", f"no user '{name}'")
         if args.action in ENDS_SESSIONS:

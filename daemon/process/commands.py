@@ -7,7 +7,8 @@ limits; everything else they ask of this module, so a fix lands in every door at
   with it (the path of a wrong argument, the known commands for an unknown one);
 - `Commands`: submit, jobs, show, cancel and watch for a `Caller`, who is the operator (every
   job) or one user (their own jobs only: anyone else's is as absent as one that never was),
-  the health snapshot, and the operator's recurring schedules (list, pause, resume, trigger);
+  the operator's holds (of a job, of a user's jobs), the health snapshot, and the operator's
+  recurring schedules (list, pause, resume, trigger);
 - `answer`: decode a request and respond to it, never raising: what fails is its error;
 - `error_reply`: an exception as the error a client is sent;
 - `Refusals`: every refusal counted in metrics, and logged without letting a client flood
@@ -36,14 +37,22 @@ import msgspec
 import structlog
 import trio
 
-from jobwarden.actors.messages import CancelJob, Explain, HealthQuery, ScheduleAction, Submit
+from jobwarden.actors.messages import (
+    CancelJob,
+    Explain,
+    HealthQuery,
+    QueueChanged,
+    ScheduleAction,
+    Submit,
+)
+from jobwarden.clock import WallClock
 from jobwarden.config import name_path
 from jobwarden.errors import RequestError, StoreError, error_body
 from jobwarden.hub import EventHub
 from jobwarden.logs import clip
 from jobwarden.mailbox import ask
 from jobwarden.metrics import Metrics
-from jobwarden.store import jobs
+from jobwarden.store import jobs, users
 from jobwarden.store.engine import Store
 from jobwarden.wire.admin import COMMANDS, request_decoder
 from jobwarden.wire.views import (
@@ -229,6 +238,11 @@ class NewJob(Protocol):
     priority: int | None
     idempotency_key: str | None
     submission_id: str | None
+    run_at: str | None
+    delay: str | None
+    tags: list[str] | None
+    after: list[int] | None
+    after_any: bool
 
 
 class Shown(NamedTuple):
@@ -249,12 +263,13 @@ class WatchStart(NamedTuple):
 
 
 class Commands:
-    """Submit, jobs, show, cancel, watch and health, for any listener."""
+    """Submit, jobs, show, cancel, hold, watch and health, for any listener."""
 
     def __init__(
         self,
         *,
         store: Store,
+        clock: WallClock,
         hub: EventHub,
         admission: trio.MemorySendChannel[Any],
         scheduler: trio.MemorySendChannel[Any],
@@ -262,6 +277,7 @@ class Commands:
         monitor: trio.MemorySendChannel[Any],
     ) -> None:
         self._store = store
+        self._clock = clock
         self._hub = hub
         self._admission = admission
         self._scheduler = scheduler
@@ -281,6 +297,11 @@ class Commands:
             priority=new.priority,
             idempotency_key=new.idempotency_key,
             submission_id=new.submission_id,
+            run_at=new.run_at,
+            delay=new.delay,
+            tags=new.tags,
+            after=new.after,
+            after_any=new.after_any,
         )
         return job, existing
 
@@ -291,9 +312,11 @@ class Commands:
         status: list[JobStatus] | None = None,
         kind: str | None = None,
         user: str | None = None,
+        tag: str | None = None,
         limit: int,
     ) -> list[JobView]:
-        """The caller's jobs (the operator's: every user's, or `user`'s), newest first."""
+        """The caller's jobs (the operator's: every user's, or `user`'s), newest first; with
+        `tag`, only those tagged so."""
         if not 0 < limit <= caller.max_listed:
             raise RequestError(
                 "INVALID_REQUEST", f"jobs: limit must be within 1..{caller.max_listed}"
@@ -305,6 +328,7 @@ class Commands:
                 kind=kind,
                 user=caller.whose_jobs(user),
                 limit=limit,
+                tag=tag,
             )
         )
 
@@ -325,7 +349,36 @@ class Commands:
     async def cancel(self, caller: Caller, job_id: int) -> JobView:
         await self._job(caller, job_id)
         job: JobView = await ask(self._pool, CancelJob, job_id=job_id)
+        # A queued job's end frees no slot, yet jobs that run after it may start now.
+        await self._scheduler.send(QueueChanged())
         return job
+
+    async def hold(self, job_id: int, *, held: bool) -> JobView:
+        """The operator holds a queued job (it waits, `held by an operator`) or releases it."""
+        job = await self._store.write(
+            partial(jobs.set_held, job_id=job_id, held=held, now=self._clock.now())
+        )
+        if job is None:
+            raise RequestError("NOT_FOUND", f"no job {job_id}")
+        if job.status != "queued":
+            verb = "held" if held else "released"
+            raise RequestError(
+                "INVALID_REQUEST",
+                f"job {job_id} is {job.status}; only a queued job is {verb}",
+            )
+        # Either changes what runs next, and why the others wait.
+        await self._scheduler.send(QueueChanged())
+        return job
+
+    async def hold_user(self, name: str, *, held: bool) -> users.UserView:
+        """The operator holds a user's queued jobs (they wait, `user NAME on hold`; new ones
+        are accepted and wait too) or releases them."""
+        user = await self._store.write(partial(users.hold, name=name, held=held))
+        if user is None:
+            raise RequestError("NOT_FOUND", f"no user '{name}'")
+        log.info("user held" if held else "user released", user=name)
+        await self._scheduler.send(QueueChanged())
+        return user
 
     async def start_watch(
         self, caller: Caller, *, job: int | None, since: int | None

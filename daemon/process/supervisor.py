@@ -289,6 +289,7 @@ class Supervisor:
         # What a request means, shared by every listener.
         commands = Commands(
             store=store,
+            clock=clock,
             hub=hub,
             admission=admission_tx.clone(),
             scheduler=scheduler_tx.clone(),

@@ -16,7 +16,9 @@ import msgspec
 from jobwarden.errors import new_error_id
 from jobwarden.store.rows import (
     JOB_COLUMNS,
+    JOB_HELD,
     LIST_COLUMNS,
+    USER_HELD,
     Events,
     add_event,
     apply_each,
@@ -48,6 +50,12 @@ class NewJob(msgspec.Struct, frozen=True):
     submission_id: str | None = None
     # The recurring schedule that makes this job, if one does.
     schedule: str | None = None
+    # When to start it (None: now); what it is tagged with; the jobs it runs after, and
+    # whether it runs however they end (see docs/scheduling.md).
+    run_at: float | None = None
+    tags: tuple[str, ...] = ()
+    after: tuple[int, ...] = ()
+    after_any: bool = False
 
 
 class Quota(msgspec.Struct, frozen=True, kw_only=True):
@@ -104,7 +112,9 @@ class Submitter:
     """A user's row as one batch of submissions sees it: read once, written back once."""
 
     def __init__(self, row: tuple[Any, ...], day: str, *, created: bool) -> None:
-        credits, self.daily_limit, disabled, stored_day, day_count, self.last_tag = row
+        credits, self.daily_limit, disabled, stored_day, day_count, self.last_tag, held = row
+        # On hold: their new jobs are queued held too.
+        self.held = bool(held)
         self.credits: int | None = credits
         self.disabled = bool(disabled)
         self.today: int = day_count if stored_day == day else 0
@@ -113,7 +123,7 @@ class Submitter:
         self.changed = False
 
 
-_SUBMITTER_COLUMNS = "credits, daily_limit, disabled, day, day_count, fair_tag"
+_SUBMITTER_COLUMNS = "credits, daily_limit, disabled, day, day_count, fair_tag, held"
 
 
 def _submitter(
@@ -250,11 +260,19 @@ def _insert(
             "INSUFFICIENT_CREDITS",
             f"a {new.kind} job costs {price} credits; user '{new.user}' has {user.credits}",
         )
+    pending = 0
+    if new.after:
+        waits = _after_pending(conn, new)
+        if isinstance(waits, Refused):
+            return waits
+        pending = waits
+    available_at = now if new.run_at is None else new.run_at
     tag = max(user.last_tag + 1, fair_clock)
     cursor = conn.execute(
         'INSERT INTO jobs (kind, "user", status, priority, payload, idempotency_key, submission_id,'
-        " max_attempts, created_at, updated_at, available_at, fair_tag, credits, schedule)"
-        " VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " max_attempts, created_at, updated_at, available_at, fair_tag, credits, run_at, tags,"
+        " after_ids, after_any, after_pending, held, schedule)"
+        " VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             new.kind,
             new.user,
@@ -265,9 +283,15 @@ def _insert(
             new.max_attempts,
             now,
             now,
-            now,
+            available_at,
             tag,
             price,
+            new.run_at,
+            dump_json(list(new.tags)) if new.tags else None,
+            dump_json(list(new.after)) if new.after else None,
+            int(new.after_any),
+            pending,
+            USER_HELD if user.held else 0,
             new.schedule,
         ),
     )
@@ -282,11 +306,24 @@ def _insert(
         max_attempts=new.max_attempts,
         created_at=now,
         updated_at=now,
-        available_at=now,
+        available_at=available_at,
         idempotency_key=new.idempotency_key,
         schedule=new.schedule,
         payload=msgspec.json.decode(new.payload_json),
     )
+    # Only when given, as job_from_row does: most jobs have none of these.
+    job.run_at = new.run_at
+    if new.after:
+        job.after, job.after_any = list(new.after), new.after_any
+        conn.executemany(
+            "INSERT INTO job_deps (job_id, after_id) VALUES (?, ?)",
+            [(job.id, after_id) for after_id in new.after],
+        )
+    if new.tags:
+        job.tags = list(new.tags)
+        conn.executemany(
+            "INSERT INTO job_tags (job_id, tag) VALUES (?, ?)", [(job.id, tag) for tag in new.tags]
+        )
     add_event(events, job, "status", now, {"status": "queued", "attempt": 0})
     # Only once the job is in: a failed insert leaves the user as it was.
     if user.credits is not None:
@@ -296,6 +333,32 @@ def _insert(
     user.fresh = False
     user.changed = True
     return Admitted(job, False, heavy=_holds_more_than_fair_share(conn, new.user, quota))
+
+
+def _after_pending(conn: sqlite3.Connection, new: NewJob) -> int | Refused:
+    """How many of the jobs a submission runs after have not ended yet; INVALID_REQUEST
+    naming the ids that are no job of its user's, or, unless it runs after any outcome, the
+    ones that have failed or were canceled (it would never run). Only existing jobs can be
+    named, so no cycle can be made."""
+    rows = conn.execute(
+        f'SELECT id, "user", status FROM jobs WHERE id IN ({placeholders(new.after)})', new.after
+    ).fetchall()
+    found = {job_id: status for job_id, user, status in rows if user == new.user}
+    unknown = [job_id for job_id in new.after if job_id not in found]
+    if unknown:
+        return Refused("INVALID_REQUEST", f"after: no job {_ids(unknown)} of user '{new.user}'")
+    ended_badly = [job_id for job_id in new.after if found[job_id] in ("failed", "canceled")]
+    if ended_badly and not new.after_any:
+        return Refused(
+            "INVALID_REQUEST",
+            f"after: job {_ids(ended_badly)} has {found[ended_badly[0]]}, so this job would "
+            "never run; retry it first, or submit with after_any",
+        )
+    return sum(1 for job_id in new.after if found[job_id] in ("queued", "running"))
+
+
+def _ids(job_ids: list[int]) -> str:
+    return ", ".join(str(job_id) for job_id in job_ids)
 
 
 def _queued_up_to(conn: sqlite3.Connection, limit: int, kind: str | None = None) -> int:
@@ -401,10 +464,13 @@ def claim(
         # (status, available_at) index and sorts every due row: 17 ms a round at 100k queued.
         rows = conn.execute(
             f"SELECT {_qualified(JOB_COLUMNS)}, jobs.fair_tag, users.max_running "
-            f"FROM jobs INDEXED BY jobs_order LEFT JOIN users ON users.name = jobs.user "
+            f'FROM jobs INDEXED BY jobs_order LEFT JOIN users ON users.name = jobs."user" '
             f"WHERE jobs.status = 'queued' AND jobs.available_at <= ? "
+            # The first two name jobs_order's condition; users.held decides a user's hold (a
+            # job retried or recovered while its user is held is back without its copy).
+            f"AND jobs.held = 0 AND jobs.after_pending = 0 AND COALESCE(users.held, 0) = 0 "
             f"AND jobs.kind IN ({placeholders(kinds)}) "
-            f"AND jobs.user NOT IN ({placeholders(full_users)}) "
+            f'AND jobs."user" NOT IN ({placeholders(full_users)}) '
             f"ORDER BY jobs.priority DESC, jobs.fair_tag, jobs.id LIMIT ?",
             (now, *kinds, *full_users, total),
         ).fetchall()
@@ -476,10 +542,12 @@ def _transition(
     now: float,
     sets: dict[str, Any] | None = None,
     detail: dict[str, Any] | None = None,
+    settle_dependents: bool = True,
 ) -> JobView | None:
     """Move a job to `status` if it is in one of the `expect` statuses; None if it is not.
 
-    The event carries the new status, the reason, the attempt and any `detail`.
+    The event carries the new status, the reason, the attempt and any `detail`. A job that
+    ends settles the jobs waiting for it (unless the caller does so itself).
     """
     columns = {"status": status, "reason": reason, **(sets or {})}
     assignments = ", ".join(
@@ -495,18 +563,80 @@ def _transition(
     if not changed:
         return None
     # Read back rather than RETURNING: in SQLite 3.40 that costs twice an UPDATE and a SELECT.
+    # Whether jobs wait for this one, in the same statement: most jobs have none waiting.
     row = conn.execute(
-        f"SELECT {JOB_COLUMNS}, credits FROM jobs WHERE id = ?", (job_id,)
+        f"SELECT {JOB_COLUMNS}, credits, "
+        "EXISTS (SELECT 1 FROM job_deps WHERE job_deps.after_id = jobs.id) "
+        "FROM jobs WHERE id = ?",
+        (job_id,),
     ).fetchone()
     job = job_from_row(row)
-    credits = row[-1]
+    credits, awaited = row[-2], row[-1]
     if status in TERMINAL_STATUSES and credits:
         _settle_credits(conn, job.id, job.user, credits, refund=status != "done")
     data = {"status": status, "attempt": job.attempt, **(detail or {})}
     if reason is not None:
         data["reason"] = reason
     add_event(events, job, "status", now, data)
+    if awaited and settle_dependents and status in TERMINAL_STATUSES:
+        _settle_dependents(conn, events, job.id, status, now)
     return job
+
+
+# The jobs a dependent waits for: those of its dependencies that have not ended.
+_UNENDED_DEPENDENCIES = (
+    "SELECT COUNT(*) FROM job_deps JOIN jobs AS dependency ON dependency.id = job_deps.after_id "
+    "WHERE job_deps.job_id = jobs.id AND dependency.status IN ('queued', 'running')"
+)
+
+
+def _settle_dependents(
+    conn: sqlite3.Connection, events: Events, job_id: int, status: str, now: float
+) -> None:
+    """In the write that ends a job: the queued jobs that run after it count it as ended
+    (one whose count reaches 0 may be dispatched), or, when it failed or was canceled and
+    they do not run after any outcome, fail DEPENDENCY_FAILED, and so on down the chain."""
+    ended = [(job_id, status)]
+    while ended:
+        ended_id, outcome = ended.pop()
+        dependents = conn.execute(
+            "SELECT jobs.id, jobs.after_any FROM job_deps JOIN jobs ON jobs.id = job_deps.job_id "
+            "WHERE job_deps.after_id = ? AND jobs.status = 'queued'",
+            (ended_id,),
+        ).fetchall()
+        released = [job for job, after_any in dependents if outcome == "done" or after_any]
+        if released:
+            # Counted from the rows, not down by one: a dependency retried by an operator may
+            # end more than once.
+            conn.execute(
+                f"UPDATE jobs SET after_pending = ({_UNENDED_DEPENDENCIES}) "
+                f"WHERE id IN ({placeholders(released)})",
+                released,
+            )
+        for dependent, after_any in dependents:
+            if outcome == "done" or after_any:
+                continue
+            error = ErrorBody(
+                code="DEPENDENCY_FAILED",
+                message=f"job {ended_id}, which this job runs after, "
+                + ("failed" if outcome == "failed" else "was canceled"),
+                retryable=False,
+                error_id=new_error_id(),
+            )
+            failed = _transition(
+                conn,
+                events,
+                dependent,
+                expect=("queued",),
+                status="failed",
+                reason=error.code,
+                now=now,
+                sets={"finished_at": now, "error": dump_json(error)},
+                detail={"error": msgspec.to_builtins(error)},
+                settle_dependents=False,
+            )
+            if failed is not None:
+                ended.append((dependent, "failed"))
 
 
 def _settle_credits(
@@ -621,6 +751,23 @@ def requeue_unspent(
     )
 
 
+def set_held(
+    conn: sqlite3.Connection, events: Events, job_id: int, *, held: bool, now: float
+) -> JobView | None:
+    """An operator's hold on a queued job, or its release: a `status` event (reason HELD or
+    RELEASED) when it changes. The job as it is now; None if there is no such job."""
+    changed = conn.execute(
+        f"UPDATE jobs SET held = held {'|' if held else '-'} {JOB_HELD}, updated_at = ? "
+        f"WHERE id = ? AND status = 'queued' AND (held & {JOB_HELD}) = ?",
+        (now, job_id, 0 if held else JOB_HELD),
+    ).rowcount
+    job = get_job(conn, job_id)
+    if changed and job is not None:
+        data = {"status": "queued", "reason": "HELD" if held else "RELEASED"}
+        add_event(events, job, "status", now, {**data, "attempt": job.attempt})
+    return job
+
+
 def requeue_manual(
     conn: sqlite3.Connection,
     events: Events,
@@ -646,6 +793,21 @@ def requeue_manual(
             "CONFLICT",
             f"job {job_id}'s idempotency key '{holder[2]}' belongs to job {holder[0]} "
             f"({holder[1]}) now; retry job {job_id} once that one has finished",
+        )
+    ended_badly = conn.execute(
+        "SELECT dependency.id, dependency.status FROM jobs AS retried "
+        "JOIN job_deps ON job_deps.job_id = retried.id "
+        "JOIN jobs AS dependency ON dependency.id = job_deps.after_id "
+        "WHERE retried.id = ? AND retried.status IN ('failed', 'canceled') "
+        "AND retried.after_any = 0 AND dependency.status IN ('failed', 'canceled') "
+        "ORDER BY dependency.id LIMIT 1",
+        (job_id,),
+    ).fetchone()
+    if ended_badly is not None:
+        return Refused(
+            "CONFLICT",
+            f"job {job_id} runs after job {ended_badly[0]}, which has {ended_badly[1]}; "
+            f"retry job {ended_badly[0]} first",
         )
     row = conn.execute(
         "SELECT users.credits, users.name FROM jobs JOIN users ON users.name = jobs.user "
@@ -675,6 +837,8 @@ def requeue_manual(
             "finished_at": None,
             "error": None,
             "credits": credits,
+            # It waits again for those of its dependencies that have not ended.
+            "after_pending": SQL(f"({_UNENDED_DEPENDENCIES})"),
         },
     )
 
@@ -734,6 +898,8 @@ def prune_finished(conn: sqlite3.Connection, events: Events, *, before: float, b
     ]
     if ids:
         conn.execute(f"DELETE FROM events WHERE job_id IN ({placeholders(ids)})", ids)
+        conn.execute(f"DELETE FROM job_tags WHERE job_id IN ({placeholders(ids)})", ids)
+        conn.execute(f"DELETE FROM job_deps WHERE job_id IN ({placeholders(ids)})", ids)
         conn.execute(f"DELETE FROM jobs WHERE id IN ({placeholders(ids)})", ids)
     return len(ids)
 
@@ -786,6 +952,7 @@ def recover_running(
                 now,
                 {"status": "failed", "reason": "CRASH_LOOP", "error": msgspec.to_builtins(error)},
             )
+            _settle_dependents(conn, events, job_id, "failed", now)
             counts["crash_loop"] += 1
             continue
         conn.execute(
@@ -841,6 +1008,7 @@ def list_jobs(
     kind: str | None,
     user: str | None,
     limit: int,
+    tag: str | None = None,
 ) -> list[JobView]:
     clauses, params = [], []
     if statuses:
@@ -850,8 +1018,11 @@ def list_jobs(
         clauses.append("kind = ?")
         params.append(kind)
     if user is not None:
-        clauses.append("user = ?")
+        clauses.append('"user" = ?')
         params.append(user)
+    if tag is not None:
+        clauses.append("id IN (SELECT job_id FROM job_tags WHERE tag = ?)")
+        params.append(tag)
     where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
     rows = conn.execute(
         f"SELECT {LIST_COLUMNS} FROM jobs {where} ORDER BY id DESC LIMIT ?", (*params, limit)
@@ -885,10 +1056,13 @@ def events_since(
     ]
 
 
+# The rows of the dispatch order (the partial index jobs_order), named as its definition does.
+_IN_ORDER = "status = 'queued' AND held = 0 AND after_pending = 0"
 # Positions are counted no further than this; a job deeper in the queue shows this bound.
 POSITION_HORIZON = 100_000
 QUEUED_COLUMNS = (
-    "id, kind, user, status, priority, attempt, max_attempts, created_at, updated_at, available_at"
+    'id, kind, "user", status, priority, attempt, max_attempts, created_at, updated_at, '
+    "available_at"
 )
 
 
@@ -914,26 +1088,28 @@ def queue_positions(
         if row is None:
             continue
         kind, priority, tag = row
+        # Counted among the jobs in the dispatch order: a held job, or one waiting for others,
+        # is ahead of nobody.
         ahead = (
             conn.execute(
                 "SELECT COUNT(*) FROM (SELECT 1 FROM jobs INDEXED BY jobs_order"
-                " WHERE status = 'queued' AND priority > ? LIMIT ?)",
+                f" WHERE {_IN_ORDER} AND priority > ? LIMIT ?)",
                 (priority, POSITION_HORIZON),
             ).fetchone()[0]
             + conn.execute(
-                "SELECT COUNT(*) FROM (SELECT 1 FROM jobs WHERE status = 'queued' AND priority = ?"
+                f"SELECT COUNT(*) FROM (SELECT 1 FROM jobs WHERE {_IN_ORDER} AND priority = ?"
                 " AND (fair_tag, id) < (?, ?) LIMIT ?)",
                 (priority, tag, job_id, POSITION_HORIZON),
             ).fetchone()[0]
         )
         kind_ahead = (
             conn.execute(
-                "SELECT COUNT(*) FROM (SELECT 1 FROM jobs WHERE kind = ? AND status = 'queued'"
+                f"SELECT COUNT(*) FROM (SELECT 1 FROM jobs WHERE kind = ? AND {_IN_ORDER}"
                 " AND priority > ? LIMIT ?)",
                 (kind, priority, POSITION_HORIZON),
             ).fetchone()[0]
             + conn.execute(
-                "SELECT COUNT(*) FROM (SELECT 1 FROM jobs WHERE kind = ? AND status = 'queued'"
+                f"SELECT COUNT(*) FROM (SELECT 1 FROM jobs WHERE kind = ? AND {_IN_ORDER}"
                 " AND priority = ? AND (fair_tag, id) < (?, ?) LIMIT ?)",
                 (kind, priority, tag, job_id, POSITION_HORIZON),
             ).fetchone()[0]
@@ -950,7 +1126,7 @@ def queue_head(
 ) -> list[tuple[JobView, tuple[int, int, int, int]]]:
     """The first `limit` queued jobs in dispatch order, each with its place."""
     rows = conn.execute(
-        f"SELECT {QUEUED_COLUMNS} FROM jobs INDEXED BY jobs_order WHERE status = 'queued' "
+        f"SELECT {QUEUED_COLUMNS} FROM jobs INDEXED BY jobs_order WHERE {_IN_ORDER} "
         "ORDER BY priority DESC, fair_tag, id LIMIT ?",
         (limit,),
     ).fetchall()
@@ -966,6 +1142,23 @@ def queue_head(
             totals[job.kind] = _queued_count(conn, job.kind)
         head.append((job, (index + 1, totals[None], in_kind[job.kind], totals[job.kind])))
     return head
+
+
+def unended_dependencies(conn: sqlite3.Connection, job_ids: list[int]) -> dict[int, list[int]]:
+    """For each of `job_ids` that runs after jobs still queued or running: their ids."""
+    if not job_ids:
+        return {}
+    rows = conn.execute(
+        "SELECT job_deps.job_id, job_deps.after_id FROM job_deps "
+        "JOIN jobs ON jobs.id = job_deps.after_id "
+        f"WHERE job_deps.job_id IN ({placeholders(job_ids)}) "
+        "AND jobs.status IN ('queued', 'running') ORDER BY job_deps.job_id, job_deps.after_id",
+        job_ids,
+    ).fetchall()
+    waiting: dict[int, list[int]] = {}
+    for job_id, after_id in rows:
+        waiting.setdefault(job_id, []).append(after_id)
+    return waiting
 
 
 def add_position_events(
@@ -1037,5 +1230,8 @@ def counts_by_status_and_kind(conn: sqlite3.Connection) -> dict[tuple[str, str],
     return {(status, kind): n for status, kind, n in rows}
 
 
-def oldest_queued_created_at(conn: sqlite3.Connection) -> float | None:
-    return conn.execute("SELECT MIN(created_at) FROM jobs WHERE status = 'queued'").fetchone()[0]
+def oldest_queued_since(conn: sqlite3.Connection) -> float | None:
+    """When the longest-waiting queued job was to start: its submission, or its run_at."""
+    return conn.execute(
+        "SELECT MIN(COALESCE(run_at, created_at)) FROM jobs WHERE status = 'queued'"
+    ).fetchone()[0]

@@ -181,6 +181,46 @@ MIGRATIONS: list[str] = [
     CREATE INDEX jobs_schedule_active ON jobs(schedule)
         WHERE schedule IS NOT NULL AND status IN ('queued', 'running');
     """,
+    """
+    -- What a job waits for besides its turn (docs/scheduling.md). Dispatch takes a queued
+    -- job only when available_at has come, held = 0, after_pending = 0 and its user's
+    -- held = 0. run_at: when the submitter asked it to start (NULL: at once); available_at
+    -- carries it until the first attempt, and the SLA counts from it.
+    ALTER TABLE jobs ADD COLUMN run_at REAL;
+    -- Tags as a JSON list, for the job's views; job_tags finds the jobs with a tag.
+    ALTER TABLE jobs ADD COLUMN tags TEXT;
+    -- Bits: 1 held by an operator until released, 2 its user is on hold (users.held, which
+    -- decides; this copy keeps such jobs out of the dispatch index).
+    ALTER TABLE jobs ADD COLUMN held INTEGER NOT NULL DEFAULT 0;
+    -- The jobs it runs after (a JSON list), whether it runs after they end however they end,
+    -- and how many of them have not ended yet: the write that ends one counts it down.
+    ALTER TABLE jobs ADD COLUMN after_ids TEXT;
+    ALTER TABLE jobs ADD COLUMN after_any INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE jobs ADD COLUMN after_pending INTEGER NOT NULL DEFAULT 0;
+    -- 1: the user's queued jobs wait until released (unlike disabled, which refuses new ones).
+    ALTER TABLE users ADD COLUMN held INTEGER NOT NULL DEFAULT 0;
+    -- The dispatch order holds only jobs that nothing but time or their turn keeps waiting:
+    -- a hold or a dependency can keep many jobs waiting, and the claim would walk them all.
+    -- Queries name these conditions literally, which is what lets SQLite use it.
+    DROP INDEX jobs_order;
+    CREATE INDEX jobs_order ON jobs(priority DESC, fair_tag, id)
+        WHERE status = 'queued' AND held = 0 AND after_pending = 0;
+    CREATE TABLE job_tags (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        job_id INTEGER NOT NULL,
+        tag TEXT NOT NULL
+    );
+    CREATE INDEX job_tags_tag ON job_tags(tag, job_id);
+    CREATE INDEX job_tags_job ON job_tags(job_id);
+    CREATE TABLE job_deps (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        job_id INTEGER NOT NULL,
+        after_id INTEGER NOT NULL
+    );
+    -- The jobs waiting for one that ends.
+    CREATE INDEX job_deps_after ON job_deps(after_id);
+    CREATE INDEX job_deps_job ON job_deps(job_id);
+    """,
 ]
 
 

@@ -47,12 +47,20 @@ class SubmitArgs(Args):
     # A client's own id for this submission, the same each time it sends it again.
     submission_id: str | None = None
     user: str = "local"
+    # When to start: an RFC 3339 time, or a duration from now like "10m" (at most one).
+    run_at: str | None = None
+    delay: str | None = None
+    tags: list[str] | None = None
+    # Jobs of the same user this one runs after; after_any: whether they fail or not.
+    after: list[StoredInt] | None = None
+    after_any: bool = False
 
 
 class JobsArgs(Args):
     status: list[JobStatus] | None = None
     kind: str | None = None
     user: str | None = None
+    tag: str | None = None
     limit: StoredInt = 50
 
 
@@ -105,9 +113,12 @@ NonNegative = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 
 class UsersArgs(Args):
     """`list`, `show`, `add`, `set`, `credits` (change by a signed amount), `disable`,
-    `enable`, `token` (a new token; the old one stops working)."""
+    `enable`, `token` (a new token; the old one stops working), `hold` (their queued jobs
+    wait), `release`."""
 
-    action: Literal["list", "show", "add", "set", "credits", "disable", "enable", "token"] = "list"
+    action: Literal[
+        "list", "show", "add", "set", "credits", "disable", "enable", "token", "hold", "release"
+    ] = "list"
     name: str | None = None
     # add/set: the balance; "unlimited" turns the credit check off for this user.
     credits: NonNegative | Literal["unlimited"] | None = None
@@ -160,6 +171,18 @@ class CancelRequest(Request, tag="cancel"):
 
 class RetryRequest(Request, tag="retry"):
     """Queue a finished job again."""
+
+    args: JobArgs
+
+
+class HoldRequest(Request, tag="hold"):
+    """Hold a queued job until it is released."""
+
+    args: JobArgs
+
+
+class ReleaseRequest(Request, tag="release"):
+    """Release a held job."""
 
     args: JobArgs
 
@@ -250,6 +273,8 @@ AdminRequest = (
     | ShowRequest
     | CancelRequest
     | RetryRequest
+    | HoldRequest
+    | ReleaseRequest
     | PauseRequest
     | ResumeRequest
     | DrainRequest

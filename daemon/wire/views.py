@@ -77,6 +77,13 @@ class JobView(msgspec.Struct, omit_defaults=True):
     error: ErrorBody | None = None
     payload: Any = None
     checkpoint: Any = None
+    # What it waits for besides its turn (docs/scheduling.md): the time it was submitted to
+    # start at, the jobs it runs after (and whether whatever their outcome), an operator's hold.
+    run_at: float | None = None
+    after: list[int] = []
+    after_any: bool = False
+    held: bool = False
+    tags: list[str] = []
 
 
 class Event(msgspec.Struct, omit_defaults=True):

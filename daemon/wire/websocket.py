@@ -29,6 +29,13 @@ class WsSubmit(WsOp, tag="submit"):
     # The client's own id for this submission, the same each time it sends it again: a
     # resend whose job has finished meanwhile gets that job, not a second one.
     submission_id: str | None = None
+    # When to start: an RFC 3339 time, or a duration from now like "10m" (at most one).
+    run_at: str | None = None
+    delay: str | None = None
+    tags: list[str] | None = None
+    # The user's own jobs this one runs after; after_any: whether they fail or not.
+    after: list[StoredInt] | None = None
+    after_any: bool = False
 
 
 class WsWatch(WsOp, tag="watch"):
@@ -52,6 +59,7 @@ class WsCancel(WsOp, tag="cancel"):
 class WsJobs(WsOp, tag="jobs"):
     status: list[JobStatus] | None = None
     kind: str | None = None
+    tag: str | None = None
     limit: StoredInt = 50
 
 
