@@ -138,9 +138,6 @@ def routes(context: Context) -> list[BaseRoute]:
     async def retry(request: Request) -> Any:
         return await commands.retry(_job_id(request))
 
-    def pause_or_resume(act: Callable[[str | None], Awaitable[Any]]) -> Handler:
-        return operator(lambda request: act(request.query_params.get("kind")))
-
     def breaker(action: str) -> Handler:
         return operator(
             lambda request: commands.breaker(
@@ -195,8 +192,8 @@ def routes(context: Context) -> list[BaseRoute]:
         route("/v1/jobs/{id}/events", GET=events),
         route("/v1/jobs/{id}/retry", POST=operator(retry)),
         route("/v1/status", GET=operator(lambda request: commands.health())),
-        route("/v1/pause", POST=pause_or_resume(commands.pause)),
-        route("/v1/resume", POST=pause_or_resume(commands.resume)),
+        route("/v1/pause", POST=operator(lambda r: commands.pause(r.query_params.get("kind")))),
+        route("/v1/resume", POST=operator(lambda r: commands.resume(r.query_params.get("kind")))),
         route(
             "/v1/stuck",
             GET=operator(lambda request: commands.stuck(dry_run=True)),
