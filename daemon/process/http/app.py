@@ -168,8 +168,12 @@ class Guard:
         response_started = False
         body = _Body(receive, self._context.settings.max_body_bytes)
 
+        client_gone = False
+
         async def timed_send(message: Message) -> None:
-            nonlocal response_started
+            nonlocal response_started, client_gone
+            if client_gone:
+                return
             if message["type"] == "http.response.start":
                 response_started = True
                 seconds = trio.current_time() - started
@@ -179,10 +183,18 @@ class Guard:
                     # A body left unread cannot be skipped on a kept-alive connection.
                     headers.append((b"connection", b"close"))
                 message = {**message, "headers": headers}
-            if message["type"] == "http.response.body" and not message.get("more_body", False):
-                await body.discard_while(send(message))
-            else:
-                await send(message)
+            try:
+                if message["type"] == "http.response.body" and not message.get("more_body"):
+                    await body.discard_while(send(message))
+                else:
+                    await send(message)
+            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+                # The client went away: the rest of the answer has no one to go to.
+                client_gone = True
+            except trio.BusyResourceError:
+                # Hypercorn closes a connection the client ended (send_eof) without its send
+                # lock, so it can meet our send: the connection is over just the same.
+                client_gone = True
 
         try:
             try:
