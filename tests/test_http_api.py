@@ -280,14 +280,24 @@ def test_events_stream_as_sse_and_resume_after_the_last_event_id(api):
     assert [int(frame["id"]) for frame in sse_frames(resumed.text)] == seqs[1:]
 
 
-def test_an_idle_event_stream_sends_keep_alive_comments(daemons):
-    api = start_api(daemons, {"http": {"keepalive": "100ms"}})
+def test_an_idle_event_stream_sends_keep_alive_comments_and_waits_are_not_slow_requests(
+    daemons,
+):
+    api = start_api(daemons, {"http": {"keepalive": "100ms"}, "monitor": {"slow_request": "1s"}})
     judy = api.user("judy")
     job = api.submit(judy, "hang")
     with api.http.stream("GET", f"/v1/jobs/{job['id']}/events", headers=judy) as stream:
         lines = stream.iter_lines()
-        seen = [next(lines) for _ in range(12)]
-    assert ": keep-alive" in seen
+        seen = [next(lines) for _ in range(32)]
+    assert seen.count(": keep-alive") >= 10  # a second and more of them
+    waited = api.http.get(f"/v1/jobs/{job['id']}/result?wait=1500ms", headers=judy)
+    assert waited.status_code == 202
+
+    # Both took longer than monitor.slow_request, on purpose: neither is logged as slow. The
+    # log is in order, so once a later refusal is there, a slow request line would be too.
+    api.http.get("/v1/jobs/1", headers={"Authorization": "Bearer jw_marker"})
+    api.daemon.wait_for_log(lambda line: line.get("code") == "UNAUTHENTICATED")
+    assert [line for line in api.daemon.logs() if "slow request" in line["event"]] == []
 
 
 # -- refusals with their HTTP statuses and headers ---------------------------------------------

@@ -44,6 +44,8 @@ encoder = msgspec.json.Encoder()
 # Codes a client should come back from later, and after how long when the refusal itself
 # does not say: a queue that is full or a daemon that drains is worth a retry in a second.
 RETRY_LATER = {429, 503, 507}
+# Set in a request's scope by a route that waits on purpose (long-poll, event stream).
+LONG_BY_DESIGN = "jobwarden.long_by_design"
 DEFAULT_RETRY_AFTER = 1
 
 
@@ -224,7 +226,9 @@ class Guard:
             route = scope.get("route")
             name = route.path if isinstance(route, Route) else "other"
             seconds = trio.current_time() - started
-            self._context.metrics.request_done("http", seconds, self._context.slow, path=name)
+            # A long-poll or an event stream is slow by design: timed, but not logged as slow.
+            slow = (math.inf, math.inf) if scope.get(LONG_BY_DESIGN) else self._context.slow
+            self._context.metrics.request_done("http", seconds, slow, path=name)
 
     async def _refuse(self, scope: Scope, error: ErrorBody, send: Send) -> None:
         path = scope.get("path", "")
