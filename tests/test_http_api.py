@@ -367,6 +367,10 @@ def test_guards_answer_429_402_and_503_with_retry_after(daemons):
     assert (full.status_code, error_of(full)["code"]) == (503, "QUEUE_FULL")
     assert int(full.headers["retry-after"]) >= 1
 
+    metrics = api.http.get("/metrics").text
+    for code in ("RATE_LIMITED", "INSUFFICIENT_CREDITS", "QUEUE_FULL"):
+        assert f'jobwarden_requests_refused_total{{code="{code}",listener="http"}} 1.0' in metrics
+
     with api.daemon.client() as admin:
         admin.call("drain")
     draining = api.http.post("/v1/jobs", json={"kind": "quick"}, headers=api.operator)
