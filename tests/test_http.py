@@ -379,3 +379,35 @@ async def test_an_event_stream_read_too_slowly_is_told_to_resync(start_daemon):
     # The first event was being written when the rest came: two fit the buffer, two did not.
     assert [frame.splitlines()[0] for frame in frames] == ["id: 1", "id: 2", "id: 3", "id: 3"]
     assert frames[-1] == 'id: 3\nevent: resync\ndata: {"since": 3}'
+
+
+async def test_a_request_that_fails_is_a_500_with_its_error_id_and_the_listener_goes_on(nursery):
+    from jobwarden.process.http import HttpServer
+
+    class BrokenCommands:
+        async def health(self, *, by_kind: bool = False) -> dict:
+            raise RuntimeError("the snapshot broke")
+
+    server = HttpServer(
+        listen="127.0.0.1:0",
+        store=None,  # neither /health nor /healthz touches the store
+        commands=BrokenCommands(),
+        metrics=Metrics(),
+        daemon_status=dict,
+        slow_request=60.0,
+        very_slow_request=60.0,
+    )
+    port = await nursery.start(server.run)
+    with capture_logs() as logs:
+        status, body = await get(port, "/health")
+    error = json.loads(body)
+    assert (status, error["code"], error["technical_message"]) == (
+        500,
+        "INTERNAL",
+        "the snapshot broke",
+    )
+    failures = [entry for entry in logs if entry["log_level"] == "error"]
+    assert [(e["event"], e["error_id"]) for e in failures] == [
+        ("request failed", error["error_id"])
+    ]
+    assert await get(port, "/healthz") == (200, b'{"ok":true}\n')
