@@ -3,6 +3,7 @@ headers and bodies as an application sees them."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 from collections.abc import Iterator
@@ -74,6 +75,28 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
 @pytest.fixture
 def daemons(tmp_path: Path) -> Iterator[DaemonFactory]:
     yield from daemon_factory(tmp_path)
+
+
+@contextlib.contextmanager
+def post_by_hand(api: Api, rest: str) -> Iterator[socket.socket]:
+    """A connection that sent POST /v1/jobs as the operator, its other headers and whatever of
+    a body are in `rest`: what a client library never sends."""
+    port = api.daemon.logs("jobwarden ready")[-1]["http_port"]
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        head = (
+            f"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nAuthorization: {api.operator['Authorization']}"
+        )
+        sock.sendall(f"{head}\r\n{rest}".encode())
+        yield sock
+
+
+def answer_of(sock: socket.socket) -> tuple[bytes, bytes]:
+    """The head and body of the answer, read until the daemon closes the connection."""
+    answer = b""
+    while chunk := sock.recv(65536):
+        answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return head, body
 
 
 def error_of(response: httpx.Response) -> dict:
@@ -317,18 +340,9 @@ def test_405_says_which_methods_a_path_has_and_404_is_the_common_shape(api):
 
 def test_413_is_decided_from_content_length_before_the_body_is_read(daemons):
     api = start_api(daemons, {"http": {"max_body_bytes": 1000}})
-    port = api.daemon.logs("jobwarden ready")[-1]["http_port"]
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(
-            "POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            f"Authorization: {api.operator['Authorization']}\r\n"
-            "Content-Length: 1000000000\r\n\r\n".encode()
-        )
-        # Not a byte of the body is sent: the answer comes anyway.
-        answer = b""
-        while chunk := sock.recv(65536):
-            answer += chunk
-    head, _, body = answer.partition(b"\r\n\r\n")
+    # Not a byte of the body is sent: the answer comes anyway.
+    with post_by_hand(api, "Content-Length: 1000000000\r\n\r\n") as sock:
+        head, body = answer_of(sock)
     assert head.startswith(b"HTTP/1.1 413")
     assert b"connection: close" in head.lower()
     assert json.loads(body)["code"] == "PAYLOAD_TOO_LARGE"
@@ -442,22 +456,13 @@ def test_the_openapi_document_is_valid_and_names_every_route(api):
 
 def test_a_body_that_does_not_arrive_in_time_is_408_and_requests_over_the_cap_503(daemons):
     api = start_api(daemons, {"http": {"body_timeout": "300ms", "max_requests": 1}})
-    port = api.daemon.logs("jobwarden ready")[-1]["http_port"]
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(
-            "POST /v1/jobs HTTP/1.1\r\nHost: x\r\n"
-            f"Authorization: {api.operator['Authorization']}\r\n"
-            'Content-Length: 100\r\n\r\n{"kind": '.encode()
-        )
+    with post_by_hand(api, 'Content-Length: 100\r\n\r\n{"kind": ') as sock:
         # The request holds the one slot while its body is awaited: another is refused.
         with httpx.Client(base_url=str(api.http.base_url), timeout=10) as other:
             busy = other.get("/v1/jobs", headers=api.operator)
-        answer = b""
-        while chunk := sock.recv(65536):
-            answer += chunk
+        head, body = answer_of(sock)
     assert (busy.status_code, error_of(busy)["code"]) == (503, "QUEUE_FULL")
     assert busy.headers["retry-after"] == "1"
-    head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 408")
     assert json.loads(body)["code"] == "REQUEST_TIMEOUT"
     # The slot is free again.
