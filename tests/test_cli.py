@@ -34,13 +34,6 @@ from tests.process import daemon_env, jobwarden_command
 NOW = time.time()
 
 
-@pytest.fixture(autouse=True)
-def the_cli_reads_the_clock_at_now(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Ages and "in 1m" are printed against NOW, however long after this module was imported
-    the test runs (a busy machine ran the suite for more than 30 s before it got here)."""
-    monkeypatch.setattr(time, "time", lambda: NOW)
-
-
 class FakeDaemon:
     """Serves the admin protocol from canned replies on a Unix socket, in a thread.
 
