@@ -21,7 +21,7 @@ from tests.test_websocket import KINDS, Frames, add_user, open_frames
 
 KNOWN_COMMANDS = (
     "breaker, breakers, budget, cancel, drain, hold, jobs, ledger, pause, ping, release, resume, "
-    "retry, schedules, show, shutdown, status, stuck, submit, users, watch"
+    "retry, schedules, show, shutdown, status, stuck, submit, tokens, users, watch"
 )
 
 # -- decoding --------------------------------------------------------------------------------

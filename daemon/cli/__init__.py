@@ -1,6 +1,6 @@
 """The `jobwarden` command: run the daemon, or talk to a running one over its admin socket.
 
-One module per command group (server, jobs, kinds, schedules, breakers, costs, users,
+One module per command group (server, jobs, kinds, schedules, breakers, costs, users, tokens,
 loadtest, completion), each adding its commands to the parser; `output` is how every reply is
 printed, `arguments` what a user may type, `connection` how a command reaches the daemon,
 `watching` how jobs are followed.
@@ -29,6 +29,7 @@ from jobwarden.cli import (
     loadtest,
     schedules,
     server,
+    tokens,
     users,
 )
 from jobwarden.cli.arguments import Parser, UsageError, global_options
@@ -49,7 +50,18 @@ from jobwarden.wire.views import ErrorBody
 # Replies that blame the request rather than the daemon.
 USAGE_ERROR_CODES = frozenset({"INVALID_REQUEST", "NOT_FOUND"})
 # In the order `jobwarden --help` lists their commands.
-COMMAND_GROUPS = (server, jobs, kinds, schedules, breakers, costs, users, loadtest, completion)
+COMMAND_GROUPS = (
+    server,
+    jobs,
+    kinds,
+    schedules,
+    breakers,
+    costs,
+    users,
+    tokens,
+    loadtest,
+    completion,
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -166,6 +166,7 @@ class Supervisor:
         self._draining = False
         self._ready = False
         self._websocket: WebSocketServer | None = None
+        self._http: HttpServer | None = None
 
     async def run(
         self, *, task_status: trio.TaskStatus[DaemonHandle] = trio.TASK_STATUS_IGNORED
@@ -288,22 +289,20 @@ class Supervisor:
         )
         # What a request means, shared by every listener.
         commands = Commands(
-            store=store,
-            clock=clock,
+            **actor,
             hub=hub,
             admission=admission_tx.clone(),
             scheduler=scheduler_tx.clone(),
             pool=pool_tx.clone(),
             monitor=monitor_tx.clone(),
-        )
-        self._admin = AdminServer(
-            **actor,
-            commands=commands,
-            admission=admission_tx.clone(),
-            scheduler=scheduler_tx.clone(),
-            monitor=monitor_tx.clone(),
             breaker=breaker_tx.clone(),
             ledger=ledger_tx.clone(),
+        )
+        self._commands = commands
+        self._admin = AdminServer(
+            config=config,
+            commands=commands,
+            scheduler=scheduler_tx.clone(),
             supervisor=control_tx.clone(),
             metrics=metrics,
         )
@@ -321,8 +320,9 @@ class Supervisor:
             await nursery.start(self._admin.run)
             http_port = None
             if config.http.listen:
-                http = HttpServer(
+                self._http = HttpServer(
                     listen=config.http.listen,
+                    settings=config.http,
                     store=store,
                     commands=commands,
                     metrics=metrics,
@@ -330,7 +330,7 @@ class Supervisor:
                     slow_request=config.monitor.slow_request,
                     very_slow_request=config.monitor.very_slow_request,
                 )
-                http_port = await nursery.start(http.run)
+                http_port = await nursery.start(self._http.run)
             websocket_port = None
             if config.websocket.listen:
                 self._websocket = WebSocketServer(
@@ -375,6 +375,8 @@ class Supervisor:
             await self._control(control_rx)
             if self._websocket is not None:
                 await self._websocket.close_all("daemon stopping")
+            if self._http is not None:
+                await self._http.close()
             nursery.cancel_scope.cancel()
         log.info("jobwarden stopped")
 
@@ -451,6 +453,7 @@ class Supervisor:
         for actor in self._channels:
             await actor.send(Reconfigure(config=new))
         self._admin.reconfigure(new)
+        self._commands.reconfigure(new)
         log.info(
             "config reloaded",
             path=str(self._config_path),

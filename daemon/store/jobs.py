@@ -1009,8 +1009,13 @@ def list_jobs(
     user: str | None,
     limit: int,
     tag: str | None = None,
+    before: int | None = None,
 ) -> list[JobView]:
+    """Jobs newest first; `before`: only those with a smaller id (the next page's cursor)."""
     clauses, params = [], []
+    if before is not None:
+        clauses.append("id < ?")
+        params.append(before)
     if statuses:
         clauses.append(f"status IN ({placeholders(statuses)})")
         params.extend(statuses)

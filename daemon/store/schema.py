@@ -221,6 +221,16 @@ MIGRATIONS: list[str] = [
     CREATE INDEX job_deps_after ON job_deps(after_id);
     CREATE INDEX job_deps_job ON job_deps(job_id);
     """,
+    """
+    -- Operator tokens for the HTTP API: what the admin socket may do, by Bearer token. Only
+    -- the token's SHA-256 is kept; revoking one deletes its row.
+    CREATE TABLE operator_tokens (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        name TEXT NOT NULL UNIQUE,
+        token_hash TEXT NOT NULL UNIQUE,
+        created_at REAL NOT NULL
+    );
+    """,
 ]
 
 

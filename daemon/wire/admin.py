@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal, get_args
 
 import msgspec
 
-from jobwarden.wire.views import ErrorBody, JobStatus, RequestId, StoredInt
+from jobwarden.wire.views import ErrorBody, JobStatus, RequestId, StoredInt, Submission
 
 
 class Reply(msgspec.Struct, omit_defaults=True):
@@ -39,21 +39,9 @@ class NoArgs(Args):
     pass
 
 
-class SubmitArgs(Args):
-    kind: str
-    payload: Any = msgspec.field(default_factory=dict)
-    priority: StoredInt | None = None
-    idempotency_key: str | None = None
-    # A client's own id for this submission, the same each time it sends it again.
-    submission_id: str | None = None
+class SubmitArgs(Submission):
+    # Whose job it is: the operator submits on anyone's behalf.
     user: str = "local"
-    # When to start: an RFC 3339 time, or a duration from now like "10m" (at most one).
-    run_at: str | None = None
-    delay: str | None = None
-    tags: list[str] | None = None
-    # Jobs of the same user this one runs after; after_any: whether they fail or not.
-    after: list[StoredInt] | None = None
-    after_any: bool = False
 
 
 class JobsArgs(Args):
@@ -128,6 +116,13 @@ class UsersArgs(Args):
     daily_limit: NonNegative | None = None
     rate: str | None = None
     max_running: NonNegative | None = None
+
+
+class TokensArgs(Args):
+    """`list`, `add` (a new operator token for the HTTP API, shown once), `revoke`."""
+
+    action: Literal["list", "add", "revoke"] = "list"
+    name: str | None = None
 
 
 # One request type per command: `cmd` is the tag, `args` that command's own arguments, so one
@@ -266,6 +261,12 @@ class SchedulesRequest(Request, tag="schedules"):
     args: ScheduleArgs = msgspec.field(default_factory=ScheduleArgs)
 
 
+class TokensRequest(Request, tag="tokens"):
+    """List, add or revoke operator tokens."""
+
+    args: TokensArgs = msgspec.field(default_factory=TokensArgs)
+
+
 AdminRequest = (
     PingRequest
     | SubmitRequest
@@ -288,6 +289,7 @@ AdminRequest = (
     | BudgetRequest
     | UsersRequest
     | SchedulesRequest
+    | TokensRequest
 )
 COMMANDS = tuple(sorted(request.__struct_config__.tag for request in get_args(AdminRequest)))
 request_decoder = msgspec.json.Decoder(AdminRequest)
