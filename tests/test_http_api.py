@@ -482,3 +482,26 @@ def test_event_streams_end_cleanly_when_the_daemon_stops(daemons):
         rest = [line for line in lines if line.startswith("data: ")]
     assert api.daemon.wait() == 0
     assert [json.loads(line[6:])["data"]["reason"] for line in rest] == ["INTERRUPTED"]
+
+
+def test_delays_tags_and_holds_work_over_http_as_on_the_other_doors(api):
+    alice = api.user("dora")
+    later = api.submit(alice, "quick", payload={"seconds": 0}, delay="1h", tags=["nightly"])
+    assert later["run_at"] > later["created_at"] + 3500
+    tagged = api.http.get("/v1/jobs?tag=nightly", headers=alice).json()["jobs"]
+    assert [job["id"] for job in tagged] == [later["id"]]
+    response = api.http.post(f"/v1/jobs/{later['id']}/hold", headers=api.operator)
+    assert response.status_code == 200, response.text
+    shown = api.http.get(f"/v1/jobs/{later['id']}", headers=alice).json()
+    assert shown["job"]["held"] is True
+    assert shown["waiting"]["reason"] == "held by an operator"
+    # A user's token may not release it: the operator's route.
+    assert api.http.post(f"/v1/jobs/{later['id']}/release", headers=alice).status_code == 403
+    released = api.http.post(f"/v1/jobs/{later['id']}/release", headers=api.operator)
+    assert (released.status_code, released.json().get("held", False)) == (200, False)
+    api.http.post(f"/v1/jobs/{later['id']}/cancel", headers=alice)
+    on_hold = api.http.post("/v1/users/dora/hold", headers=api.operator)
+    assert (on_hold.status_code, on_hold.json()["user"]["held"]) == (200, True)
+    assert api.http.get("/v1/schedules", headers=api.operator).json() == {"schedules": []}
+    missing = api.http.post("/v1/schedules/nightly/trigger", headers=api.operator)
+    assert missing.status_code == 404
