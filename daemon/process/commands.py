@@ -384,6 +384,18 @@ class Commands:
         health: dict[str, Any] = await ask(self._monitor, HealthQuery, by_kind=by_kind)
         return health
 
+    async def overview(self) -> dict[str, Any]:
+        """The health snapshot with what the dashboard's overview adds: the configured kinds,
+        the jobs by status and kind (as [status, kind, count] rows), the jobs finished in each
+        span of the last hour, and the alerts of the last hour."""
+        overview: dict[str, Any] = await ask(
+            self._monitor, HealthQuery, by_kind=True, last_hour=True
+        )
+        overview["by_status_kind"] = [
+            [status, kind, n] for (status, kind), n in sorted(overview["by_status_kind"].items())
+        ]
+        return overview
+
     async def _job(self, caller: Caller, job_id: int) -> JobView:
         return _seen_by(
             caller, await self._store.read(partial(jobs.get_job, job_id=job_id)), job_id
