@@ -1,0 +1,33 @@
+// Users: credits, limits and today's usage.
+
+import { get } from "../api.js";
+import { fill, h, table } from "../dom.js";
+
+export const title = "Users";
+export const operatorOnly = true;
+
+export async function mount(page, _route, app) {
+  const load = async () => {
+    const { users } = await get("/v1/users");
+    fill(page, h("h1", {}, "Users"), render(users));
+  };
+  await load();
+  app.onShown(() => load().catch(() => {}));
+}
+
+const orDefault = (value) => (value === null || value === undefined ? "default" : value);
+
+function render(users) {
+  return table(`${users.length} users`, ["User", "Credits", "Reserved", "Spent", "Jobs today", "Daily limit", "Rate", "Running at most", "State"],
+    users.map((user) => [
+      h("a", { href: `#/jobs?user=${encodeURIComponent(user.name)}` }, user.name),
+      user.credits === null || user.credits === undefined ? "unlimited" : user.credits,
+      user.reserved,
+      user.spent,
+      user.jobs_today,
+      orDefault(user.daily_limit),
+      orDefault(user.rate),
+      orDefault(user.max_running),
+      user.disabled ? "disabled" : "enabled",
+    ]));
+}
