@@ -66,6 +66,7 @@ from jobwarden.mailbox import ask
 from jobwarden.metrics import Metrics
 from jobwarden.store import jobs, tokens, users
 from jobwarden.store.engine import Store
+from jobwarden.store.ledger import job_spend
 from jobwarden.wire.admin import (
     COMMANDS,
     BreakerArgs,
@@ -440,6 +441,11 @@ class Commands:
             [status, kind, n] for (status, kind), n in sorted(overview["by_status_kind"].items())
         ]
         return overview
+
+    async def job_cost(self, caller: Caller, job_id: int) -> float:
+        """What the job's external calls have cost so far, in USD."""
+        await self._job(caller, job_id)
+        return await self._store.read(partial(job_spend, job_id=job_id))
 
     async def wait_final(self, caller: Caller, job_id: int, *, timeout: float) -> JobView:
         """The job once it is final (done, failed, canceled), or as it is after `timeout`

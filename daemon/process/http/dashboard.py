@@ -4,6 +4,7 @@
 /ui/       the page (ui/index.html); the person logs in there with a user or operator token
 /ui/static/{file}   its scripts and stylesheet (ui/), plain files, no build step
 /ui/api/session     who the token names: {"name", "operator"}
+/ui/api/jobs/{id}/cost   what the job's calls have cost so far: {"usd"}
 /ui/api/overview    (operator) the health snapshot with the kinds, jobs by status and kind,
                     the jobs finished in each five minutes of the last hour, and the alerts
 
@@ -102,6 +103,11 @@ def routes(context: Context) -> list[BaseRoute]:
             {"name": "operator" if operator else caller.user, "operator": operator}
         )
 
+    async def job_cost(request: Request) -> Response:
+        caller = await caller_of(request, context.store)
+        job_id = request.path_params["id"]
+        return json_response({"usd": await context.commands.job_cost(caller, job_id)})
+
     async def overview(request: Request) -> Response:
         await operator_of(request, context.store)
         return json_response(await context.commands.overview())
@@ -113,4 +119,5 @@ def routes(context: Context) -> list[BaseRoute]:
         route("/ui/static/{name:path}", GET=static),
         route("/ui/api/session", GET=session),
         route("/ui/api/overview", GET=overview),
+        route("/ui/api/jobs/{id:int}/cost", GET=job_cost),
     ]

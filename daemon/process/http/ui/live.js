@@ -1,7 +1,8 @@
 // Server-Sent Events read with fetch, not EventSource: EventSource cannot send the
 // Authorization header. A stream reconnects after a break, resuming from the last event id
 // it saw (Last-Event-ID), so nothing is missed; it stops while the tab is hidden and resumes
-// where it was when the tab is shown again.
+// where it was when the tab is shown again. A reader too slow for its events is sent
+// `resync` with the id to resume after, and the stream ends: reconnecting resumes there.
 
 import { headers } from "./api.js";
 
@@ -10,11 +11,10 @@ const RETRY_MOST = 15000;
 
 export class LiveStream {
   /** Follow the SSE stream at `path`; `onEvent(name, data, id)` for each event. */
-  constructor(path, onEvent, { onState = () => {}, onResync = () => {} } = {}) {
+  constructor(path, onEvent, { onState = () => {} } = {}) {
     this.path = path;
     this.onEvent = onEvent;
     this.onState = onState;
-    this.onResync = onResync;
     this.lastId = null;
     this.abort = null;
     this.closed = false;
@@ -89,14 +89,13 @@ export class LiveStream {
       else if (field === "id") id = value;
     }
     if (id !== null) this.lastId = id;
-    if (!data.length) return;
+    if (!data.length || name === "resync") return;
     let parsed;
     try {
       parsed = JSON.parse(data.join("\n"));
     } catch {
       return;
     }
-    if (name === "resync") this.onResync(parsed);
-    else this.onEvent(name, parsed, id);
+    this.onEvent(name, parsed, id);
   }
 }

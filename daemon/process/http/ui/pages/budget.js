@@ -17,7 +17,7 @@ export async function mount(page, _route, app) {
   };
   await load();
   let timer = null;
-  app.live("/ui/api/events", (_name, event) => {
+  app.live("/v1/events", (_name, event) => {
     if (event.type === "cost") timer ??= setTimeout(() => { timer = null; load().catch(() => {}); }, 2000);
   });
   app.onShown(() => load().catch(() => {}));

@@ -20,23 +20,23 @@ export function progressBar(job) {
 }
 
 export async function mount(page, { id }, app) {
-  let shown = await get(`/v1/jobs/${encodeURIComponent(id)}`);
-  const events = shown.events || [];
-  let cost = jobCost(events);
+  const path = `/v1/jobs/${encodeURIComponent(id)}`;
+  const costPath = `/ui/api/jobs/${encodeURIComponent(id)}/cost`;
+  let [shown, { usd: cost }] = await Promise.all([get(path), get(costPath)]);
+  const events = shown.events;
   const draw = () => fill(page, ...render(shown, events, cost, app, reload));
   const reload = async () => {
-    const fresh = await get(`/v1/jobs/${encodeURIComponent(id)}`);
-    shown = { ...fresh, events: undefined };
+    [shown, { usd: cost }] = await Promise.all([get(path), get(costPath)]);
     draw();
   };
   draw();
 
-  app.live(`/v1/jobs/${encodeURIComponent(id)}/events`, (type, event) => {
-    if (!event || event.job !== shown.job.id) return;
-    if (!events.some((seen) => seen.seq === event.seq)) {
-      events.push(event);
-      if (events.length > EVENTS_SHOWN) events.shift();
-    }
+  // Events after the newest one shown: the page already has the ones before.
+  const since = events.length ? events[events.length - 1].seq : 0;
+  app.live(`${path}/events?since=${since}`, (_type, event) => {
+    if (events.some((seen) => seen.seq === event.seq)) return;
+    events.push(event);
+    if (events.length > EVENTS_SHOWN) events.shift();
     switch (event.type) {
       case "progress":
         shown.job = { ...shown.job, progress: event.data.fraction, message: event.data.message ?? shown.job.message };
@@ -56,12 +56,6 @@ export async function mount(page, { id }, app) {
     }
   });
   app.onShown(() => reload().catch(() => {}));
-}
-
-function jobCost(events) {
-  let cost = null;
-  for (const event of events) if (event.type === "cost") cost = event.data.job_usd;
-  return cost;
 }
 
 function render(shown, events, cost, app, reload) {
@@ -89,7 +83,7 @@ function render(shown, events, cost, app, reload) {
     ["Started", when(job.started_at)],
     ["Finished", when(job.finished_at)],
     ["Ran for", job.started_at ? duration((job.finished_at || Date.now() / 1000) - job.started_at) : "–"],
-    ["Cost so far", h("span", { id: "job-cost" }, money(cost ?? 0))],
+    ["Cost so far", h("span", { id: "job-cost" }, money(cost))],
   ];
   return [
     h("p", {}, h("a", { href: "#/jobs" }, "← Jobs")),

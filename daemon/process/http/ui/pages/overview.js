@@ -19,7 +19,7 @@ export async function mount(page, _route, app) {
   const reloadSoon = () => {
     timer ??= setTimeout(() => { timer = null; load().catch(() => {}); }, RELOAD_EVERY_MS);
   };
-  app.live("/ui/api/events", reloadSoon);
+  app.live("/v1/events", reloadSoon);
   app.onShown(reloadSoon);
 }
 
