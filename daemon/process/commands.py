@@ -338,8 +338,10 @@ class Commands:
         kind: str | None = None,
         user: str | None = None,
         limit: int,
+        before: int | None = None,
     ) -> list[JobView]:
-        """The caller's jobs (the operator's: every user's, or `user`'s), newest first."""
+        """The caller's jobs (the operator's: every user's, or `user`'s), newest first;
+        `before`: only those older than that job id."""
         if not 0 < limit <= caller.max_listed:
             raise RequestError(
                 "INVALID_REQUEST", f"jobs: limit must be within 1..{caller.max_listed}"
@@ -351,6 +353,7 @@ class Commands:
                 kind=kind,
                 user=caller.whose_jobs(user),
                 limit=limit,
+                before=before,
             )
         )
 

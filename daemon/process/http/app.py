@@ -63,6 +63,17 @@ class Context:
 
 
 RouteGroup = Callable[[Context], Iterable[BaseRoute]]
+
+
+class Exchange:
+    """One request, as the refusals know it: its first refusal is logged, the rest counted."""
+
+
+def exchange_of(scope: Scope) -> Exchange:
+    exchange: Exchange = scope.setdefault("jobwarden.exchange", Exchange())
+    return exchange
+
+
 Handler = Callable[[Request], Awaitable[Response]]
 
 
@@ -98,7 +109,7 @@ def build_app(context: Context, groups: Iterable[RouteGroup]) -> ASGIApp:
     async def refused(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestError | StoreError)
         body = error_reply(exc, listener="http")
-        context.refusals.refused(body, connection=request, path=request.url.path)
+        context.refusals.refused(body, connection=exchange_of(request.scope), path=request.url.path)
         return error_response(body)
 
     async def http_exception(request: Request, exc: Exception) -> Response:
@@ -114,14 +125,14 @@ def build_app(context: Context, groups: Iterable[RouteGroup]) -> ASGIApp:
             body = error_body("NOT_FOUND", f"no such path: {request.url.path}")
         else:
             body = error_body("INVALID_REQUEST", exc.detail)
-        context.refusals.refused(body, connection=request, path=request.url.path)
+        context.refusals.refused(body, connection=exchange_of(request.scope), path=request.url.path)
         response = error_response(body, dict(exc.headers or {}))
         response.status_code = exc.status_code
         return response
 
     async def failed(request: Request, exc: Exception) -> Response:
         body = error_reply(exc, listener="http")
-        context.refusals.refused(body, connection=request)
+        context.refusals.refused(body, connection=exchange_of(request.scope))
         request.scope["jobwarden.logged"] = True
         return error_response(body)
 
@@ -198,7 +209,8 @@ class Guard:
     async def _refuse(
         self, scope: Scope, body: ErrorBody, send: Send, *, close: bool = False
     ) -> None:
-        self._context.refusals.refused(body, connection=scope, path=scope.get("path", ""))
+        path = scope.get("path", "")
+        self._context.refusals.refused(body, connection=exchange_of(scope), path=path)
         # A body left unread cannot be skipped on a kept-alive connection: close it instead.
         headers = {"Connection": "close"} if close else None
         response = error_response(body, headers)
