@@ -79,6 +79,16 @@ class Browser:
     def find_all(self, css: str) -> list[Any]:
         return self.driver.find_elements(By.CSS_SELECTOR, css)
 
+    def click(self, css: str) -> None:
+        """Click the element `css` finds, found again if the page redrew it meanwhile (a live
+        update replaces what it shows)."""
+
+        def clicked() -> bool:
+            self.find(css).click()
+            return True
+
+        self.wait_until(clicked, f"{css} to click")
+
     def text(self, css: str) -> str:
         return self.find(css).text
 

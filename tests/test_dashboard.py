@@ -111,7 +111,7 @@ def test_the_jobs_list_filters_by_status_and_pages_through_older_jobs(dashboard,
     browser.go("#/jobs?status=done")
     browser.wait_until(lambda: len(job_ids_listed(browser)) == 50, "a page of 50 jobs")
     first_page = job_ids_listed(browser)
-    browser.find("a[rel=next]").click()
+    browser.click("a[rel=next]")
     browser.wait_until(lambda: job_ids_listed(browser) == set(done) - first_page, "the rest")
 
 
@@ -144,7 +144,7 @@ def test_pressing_cancel_cancels_the_running_job(dashboard, browser):
     browser.go(f"#/jobs/{job_id}")
     browser.wait_for("#job-status", "running")
 
-    browser.find("#cancel").click()
+    browser.click("#cancel")
     browser.driver.switch_to.alert.accept()
 
     browser.wait_for("#job-status", "canceled")
@@ -159,7 +159,7 @@ def test_an_operator_retries_a_failed_job_from_its_page(dashboard, browser):
     error_id = dashboard.job(job_id)["error"]["error_id"]
     assert error_id in browser.text("#job-error")
 
-    browser.find("#retry").click()
+    browser.click("#retry")
 
     # The job runs again (and fails again, as its payload asks): the page lists the retry.
     browser.wait_for("#job-events", "MANUAL_RETRY")
@@ -173,13 +173,13 @@ def test_a_tripped_breaker_shows_open_and_raises_an_alert_on_the_overview(dashbo
     browser.go("#/breakers")
     browser.wait_for("#state-images", "closed")
 
-    browser.find("#trip-images").click()
+    browser.click("#trip-images")
 
     browser.wait_for("#state-images", "open")
     browser.go("#/")
     browser.wait_for("#alerts", "breaker_images")
     browser.go("#/breakers")
-    browser.find("#reset-images").click()
+    browser.click("#reset-images")
     browser.wait_for("#state-images", "closed")
 
 
@@ -191,7 +191,7 @@ def test_the_overview_counts_jobs_by_kind_and_pauses_a_kind(dashboard, browser):
     browser.wait_for("#tile-running", "2 of 4")
     browser.wait_for("#tile-failure-rate", "100.0%")
 
-    browser.find("#pause-quick").click()
+    browser.click("#pause-quick")
     browser.wait_for("#resume-quick")
     queued = dashboard.submit("quick", {"seconds": 0})
 
@@ -227,11 +227,11 @@ def test_a_wrong_token_is_refused_with_a_reason_and_logging_out_forgets_the_toke
 ):
     browser.open(f"{dashboard.url}/ui/")
     browser.wait_for("#token").send_keys("jw_not-a-token")
-    browser.find("form.login button[type=submit]").click()
+    browser.click("form.login button[type=submit]")
     browser.wait_for("#login-problem", "not valid")
 
     browser.log_in(dashboard.url, dashboard.tokens["bob"])
-    browser.find("#logout").click()
+    browser.click("#logout")
     browser.wait_for("#token")
     assert browser.script("return sessionStorage.length") == 0
 

@@ -115,12 +115,13 @@ def routes(context: Context) -> list[BaseRoute]:
         return json_response(body, 200 if final else 202)
 
     async def events(request: Request) -> Response:
+        """One job's events, or (no id in the path) every job's the caller may see."""
         caller = await caller_of(request, store)
         since = request.headers.get("last-event-id") or request.query_params.get("since")
         return await event_stream(
             context,
             caller,
-            _job_id(request),
+            _job_id(request) if "id" in request.path_params else None,
             since=None if since is None else _whole_number(since, "Last-Event-ID", 0),
         )
 
@@ -190,6 +191,7 @@ def routes(context: Context) -> list[BaseRoute]:
         route("/v1/jobs/{id}/cancel", POST=cancel),
         route("/v1/jobs/{id}/result", GET=result),
         route("/v1/jobs/{id}/events", GET=events),
+        route("/v1/events", GET=events),
         route("/v1/jobs/{id}/retry", POST=operator(retry)),
         route("/v1/status", GET=operator(lambda request: commands.health())),
         route("/v1/pause", POST=operator(lambda r: commands.pause(r.query_params.get("kind")))),

@@ -92,7 +92,7 @@ export function say(message, isError = false) {
 }
 
 function showLiveState(state) {
-  const words = { live: "● live", reconnecting: "reconnecting…", paused: "paused" };
+  const words = { live: "● live", reconnecting: "reconnecting…", paused: "paused", ended: "" };
   liveState.textContent = words[state] || "";
   liveState.dataset.state = state;
 }

@@ -10,11 +10,14 @@ const RETRY_FIRST = 1000;
 const RETRY_MOST = 15000;
 
 export class LiveStream {
-  /** Follow the SSE stream at `path`; `onEvent(name, data, id)` for each event. */
-  constructor(path, onEvent, { onState = () => {} } = {}) {
+  /** Follow the SSE stream at `path`; `onEvent(name, data, id)` for each event. When the
+   * server ends the stream, it is followed again only if `resumes()` says so (a finished
+   * job's stream ends for good, until `start()` again). */
+  constructor(path, onEvent, { onState = () => {}, resumes = () => true } = {}) {
     this.path = path;
     this.onEvent = onEvent;
     this.onState = onState;
+    this.resumes = resumes;
     this.lastId = null;
     this.abort = null;
     this.closed = false;
@@ -50,6 +53,11 @@ export class LiveStream {
         this.onState("live");
         wait = RETRY_FIRST;
         await this.read(response.body, signal);
+        if (!signal.aborted && !this.resumes()) {
+          this.abort = null;
+          this.onState("ended");
+          return;
+        }
       } catch (error) {
         if (signal.aborted) return;
       }

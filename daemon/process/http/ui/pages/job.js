@@ -8,6 +8,7 @@ import { badge, duration, fill, h, json, money, when } from "../dom.js";
 export const title = "Job";
 export const operatorOnly = false;
 const ACTIVE = new Set(["queued", "running"]);
+const FINAL = new Set(["done", "failed", "canceled"]);
 const EVENTS_SHOWN = 50;
 
 /** A progress bar for a job, with its fraction as text for screen readers. */
@@ -24,16 +25,20 @@ export async function mount(page, { id }, app) {
   const costPath = `/ui/api/jobs/${encodeURIComponent(id)}/cost`;
   let [shown, { usd: cost }] = await Promise.all([get(path), get(costPath)]);
   const events = shown.events;
+  // Whether the job is final: its stream then ends, and is followed again on a retry.
+  let final = !ACTIVE.has(shown.job.status);
   const draw = () => fill(page, ...render(shown, events, cost, app, reload));
   const reload = async () => {
     [shown, { usd: cost }] = await Promise.all([get(path), get(costPath)]);
+    final = !ACTIVE.has(shown.job.status);
+    if (!final) stream.start();
     draw();
   };
   draw();
 
   // Events after the newest one shown: the page already has the ones before.
   const since = events.length ? events[events.length - 1].seq : 0;
-  app.live(`${path}/events?since=${since}`, (_type, event) => {
+  const stream = app.live(`${path}/events?since=${since}`, (_type, event) => {
     if (events.some((seen) => seen.seq === event.seq)) return;
     events.push(event);
     if (events.length > EVENTS_SHOWN) events.shift();
@@ -52,9 +57,10 @@ export async function mount(page, { id }, app) {
         break;
       default:
         // A status change: the job's row has its result or error, read it whole.
+        final = FINAL.has(event.data.status);
         reload().catch(() => draw());
     }
-  });
+  }, { resumes: () => !final });
   app.onShown(() => reload().catch(() => {}));
 }
 
