@@ -121,8 +121,11 @@ class Browser:
     def screenshot(self, name: str, size: tuple[int, int]) -> Path:
         """Save the page at `size` as <name>.png in SCREENSHOTS; the path."""
         self.driver.set_window_size(*size)
-        # Let the page lay itself out at the new size before the picture.
-        self.script("return new Promise((done) => requestAnimationFrame(() => done()))")
+        # From the top of the page, laid out at the new size.
+        self.script(
+            "window.scrollTo(0, 0);"
+            "return new Promise((done) => requestAnimationFrame(() => done()))"
+        )
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)
         path = SCREENSHOTS / f"{name}.png"
         self.driver.save_screenshot(str(path))

@@ -16,6 +16,7 @@ from tests.process import DaemonFactory, DaemonProcess, daemon_factory
 
 CONFIG = {
     "daemon": {"max_concurrent_jobs": 4},
+    "budget": {"daily_usd": 1.0},
     "kinds": {
         "quick": {"handler": "tests.handlers:sleepy", "max_attempts": 1},
         "steps": {"handler": "tests.handlers:stepper", "timeout": "5m"},
@@ -183,13 +184,24 @@ def test_a_tripped_breaker_shows_open_and_raises_an_alert_on_the_overview(dashbo
     browser.wait_for("#state-images", "closed")
 
 
-def test_the_overview_counts_jobs_by_kind_and_pauses_a_kind(dashboard, browser):
-    for _ in range(2):
-        dashboard.submit("hangs", {})
-    dashboard.submit("quick", {"fail": True})
+def test_the_overview_counts_jobs_by_kind_spend_and_failures_and_pauses_a_kind(
+    dashboard, browser
+):
+    finished = [dashboard.submit("quick", {"seconds": 0}) for _ in range(6)]
+    finished += [dashboard.submit("caller", {"service": "images", "seconds": 0}) for _ in range(3)]
+    finished.append(dashboard.submit("quick", {"fail": True}))
     browser.log_in(dashboard.url, dashboard.operator)
+    browser.wait_until(
+        lambda: all(dashboard.job(job)["status"] in ("done", "failed") for job in finished),
+        "every job finished",
+    )
+    running = [dashboard.submit("hangs", {}) for _ in range(2)]
+
     browser.wait_for("#tile-running", "2 of 4")
-    browser.wait_for("#tile-failure-rate", "100.0%")
+    browser.wait_for("#tile-done", "9")
+    browser.wait_for("#tile-failure-rate", "10.0%")
+    # Three image calls at $0.04 of a $1.00 day.
+    browser.wait_for("#budget-today", "$0.12 of $1.00")
 
     browser.click("#pause-quick")
     browser.wait_for("#resume-quick")
@@ -197,6 +209,7 @@ def test_the_overview_counts_jobs_by_kind_and_pauses_a_kind(dashboard, browser):
 
     browser.wait_for("#tile-queued", "1")
     assert dashboard.job(queued)["status"] == "queued"
+    assert all(dashboard.job(job)["status"] == "running" for job in running)
     browser.screenshot("overview-laptop", LAPTOP)
     browser.screenshot("overview-phone", PHONE)
 

@@ -41,7 +41,8 @@ export function table(caption, headers, rows) {
 
 export function money(usd) {
   if (usd === null || usd === undefined) return "–";
-  return usd < 1 && usd > 0 ? `$${usd.toFixed(4)}` : `$${usd.toFixed(2)}`;
+  // Cents, or up to four decimals for what a single call costs ($0.0035).
+  return `$${usd.toFixed(4).replace(/0{1,2}$/, "")}`;
 }
 
 export function ago(epochSeconds) {

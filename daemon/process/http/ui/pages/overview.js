@@ -52,7 +52,7 @@ function render(health, app, reload) {
           ],
         }),
         h("p", { class: "legend" }, h("span", { class: "key done" }), " done ", h("span", { class: "key failed" }), " failed")),
-      h("section", { class: "card", "aria-labelledby": "budget-title" },
+      h("section", { class: "card", "aria-labelledby": "budget-title", id: "budget-today" },
         h("h2", { id: "budget-title" }, "Budget today"),
         budget.daily_usd
           ? gauge({
