@@ -184,9 +184,7 @@ def test_a_tripped_breaker_shows_open_and_raises_an_alert_on_the_overview(dashbo
     browser.wait_for("#state-images", "closed")
 
 
-def test_the_overview_counts_jobs_by_kind_spend_and_failures_and_pauses_a_kind(
-    dashboard, browser
-):
+def test_the_overview_counts_jobs_by_kind_spend_and_failures_and_pauses_a_kind(dashboard, browser):
     finished = [dashboard.submit("quick", {"seconds": 0}) for _ in range(6)]
     finished += [dashboard.submit("caller", {"service": "images", "seconds": 0}) for _ in range(3)]
     finished.append(dashboard.submit("quick", {"fail": True}))
@@ -246,6 +244,19 @@ def test_a_wrong_token_is_refused_with_a_reason_and_logging_out_forgets_the_toke
     browser.log_in(dashboard.url, dashboard.tokens["bob"])
     browser.click("#logout")
     browser.wait_for("#token")
+    assert browser.script("return sessionStorage.length") == 0
+
+
+def test_a_user_whose_token_is_replaced_is_asked_to_log_in_again(dashboard, browser):
+    browser.log_in(dashboard.url, dashboard.tokens["alice"])
+    browser.go("#/jobs")
+    browser.wait_for("#jobs-list table")
+
+    with dashboard.daemon.client() as admin:
+        admin.call("users", action="token", name="alice")
+    dashboard.submit("quick", {"seconds": 0})
+
+    browser.wait_for("#login-problem", "no longer valid")
     assert browser.script("return sessionStorage.length") == 0
 
 

@@ -20,6 +20,11 @@ export const token = {
   clear: () => sessionStorage.removeItem(TOKEN_KEY),
 };
 
+/** Tell the page the token was refused (401): wherever that happens, the person logs in again. */
+export function tokenRefused() {
+  window.dispatchEvent(new Event("jobwarden:token-refused"));
+}
+
 export function headers(extra = {}) {
   return { Authorization: `Bearer ${token.get()}`, ...extra };
 }
@@ -39,6 +44,7 @@ export async function call(method, path, body) {
   } catch {
     data = { message: text.slice(0, 200) };
   }
+  if (response.status === 401) tokenRefused();
   if (!response.ok) throw new ApiError(response.status, data.error || data);
   return data;
 }

@@ -12,6 +12,7 @@ import * as jobs from "./pages/jobs.js";
 import * as overview from "./pages/overview.js";
 import * as users from "./pages/users.js";
 
+const TOKEN_GONE = "Your token is no longer valid: replaced, revoked, or its user disabled.";
 const PAGES = { overview, jobs, job, breakers, budget, users };
 const view = document.getElementById("view");
 const nav = document.getElementById("nav");
@@ -68,7 +69,7 @@ class App {
       say(`${button.textContent}: done`);
       await done?.();
     } catch (error) {
-      say(describe(error), true);
+      if (!(error instanceof ApiError && error.status === 401)) say(describe(error), true);
     } finally {
       button.disabled = false;
     }
@@ -124,8 +125,9 @@ async function show() {
   try {
     await module.mount(body, { id, params }, app);
   } catch (error) {
-    if (error instanceof ApiError && error.status === 401) return logout("Your token is no longer valid.");
-    fill(body, h("p", { class: "error" }, describe(error)));
+    if (!(error instanceof ApiError && error.status === 401)) {
+      fill(body, h("p", { class: "error" }, describe(error)));
+    }
   }
 }
 
@@ -183,6 +185,8 @@ async function start() {
 
 document.getElementById("logout").addEventListener("click", () => logout("Logged out."));
 window.addEventListener("hashchange", () => { if (app) show(); });
+// A token refused anywhere once logged in (replaced, revoked, its user disabled): log in again.
+window.addEventListener("jobwarden:token-refused", () => { if (app) logout(TOKEN_GONE); });
 document.addEventListener("visibilitychange", () => {
   if (!app) return;
   if (document.hidden) app.pause();
@@ -191,7 +195,7 @@ document.addEventListener("visibilitychange", () => {
 
 if (token.get()) {
   start().catch((error) => {
-    if (error instanceof ApiError && error.status === 401) logout("Your token is no longer valid.");
+    if (error instanceof ApiError && error.status === 401) logout(TOKEN_GONE);
     else login(describe(error));
   });
 } else {

@@ -4,7 +4,7 @@
 // where it was when the tab is shown again. A reader too slow for its events is sent
 // `resync` with the id to resume after, and the stream ends: reconnecting resumes there.
 
-import { headers } from "./api.js";
+import { headers, tokenRefused } from "./api.js";
 
 const RETRY_FIRST = 1000;
 const RETRY_MOST = 15000;
@@ -49,6 +49,12 @@ export class LiveStream {
         const extra = { Accept: "text/event-stream" };
         if (this.lastId !== null) extra["Last-Event-ID"] = this.lastId;
         const response = await fetch(this.path, { headers: headers(extra), signal });
+        if (response.status === 401) {
+          // The token works no more: following again would only be refused again.
+          this.close();
+          tokenRefused();
+          return;
+        }
         if (!response.ok) throw new Error(`HTTP ${response.status}`);
         this.onState("live");
         wait = RETRY_FIRST;
