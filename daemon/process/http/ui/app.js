@@ -41,6 +41,17 @@ class App {
     return stream;
   }
 
+  /** Call `load` again after events of every job (those `wanted` keeps), at most once in
+   * `everyMs`, and when the tab is shown again: for pages that show figures, not events. */
+  reloadOnEvents(load, { everyMs = 1000, wanted = () => true } = {}) {
+    let timer = null;
+    const reloadSoon = () => {
+      timer ??= setTimeout(() => { timer = null; load().catch(() => {}); }, everyMs);
+    };
+    this.live("/v1/events", (_name, event) => { if (wanted(event)) reloadSoon(); });
+    this.onShown(reloadSoon);
+  }
+
   /** Call `refresh` when the tab is shown again, to catch up what changed meanwhile. */
   onShown(refresh) {
     this.refreshers.push(refresh);

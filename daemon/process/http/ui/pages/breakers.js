@@ -12,8 +12,7 @@ export async function mount(page, _route, app) {
     fill(page, h("h1", {}, "Breakers"), render(circuits, app, load));
   };
   await load();
-  app.live("/v1/events", (_name, event) => { if (event.type === "breaker") load().catch(() => {}); });
-  app.onShown(() => load().catch(() => {}));
+  app.reloadOnEvents(load, { wanted: (event) => event.type === "breaker" });
 }
 
 function render(circuits, app, reload) {

@@ -16,11 +16,7 @@ export async function mount(page, _route, app) {
     fill(page, ...render(budget, reports));
   };
   await load();
-  let timer = null;
-  app.live("/v1/events", (_name, event) => {
-    if (event.type === "cost") timer ??= setTimeout(() => { timer = null; load().catch(() => {}); }, 2000);
-  });
-  app.onShown(() => load().catch(() => {}));
+  app.reloadOnEvents(load, { everyMs: 2000, wanted: (event) => event.type === "cost" });
 }
 
 function render(budget, [dayService, dayUser, monthService, monthUser]) {

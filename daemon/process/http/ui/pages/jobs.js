@@ -1,5 +1,5 @@
 // Jobs: filter by status, kind and (operators) user, find one by id, page through older ones.
-// Any event of the jobs in view reloads the list, at most once a second.
+// Any event of the caller's jobs reloads the list, at most once a second.
 
 import { get, query } from "../api.js";
 import { ago, badge, fill, h, table } from "../dom.js";
@@ -9,7 +9,6 @@ export const title = "Jobs";
 export const operatorOnly = false;
 const STATUSES = ["queued", "running", "done", "failed", "canceled"];
 const PAGE_SIZE = 50;
-const RELOAD_EVERY_MS = 1000;
 
 export async function mount(page, { params }, app) {
   const list = h("div", { id: "jobs-list" });
@@ -20,13 +19,7 @@ export async function mount(page, { params }, app) {
     fill(list, jobsTable(found.jobs, app), pager(params, found.next_cursor));
   };
   await load();
-
-  let timer = null;
-  const reloadSoon = () => {
-    timer ??= setTimeout(() => { timer = null; load().catch(() => {}); }, RELOAD_EVERY_MS);
-  };
-  app.live("/v1/events", reloadSoon);
-  app.onShown(reloadSoon);
+  app.reloadOnEvents(load);
 }
 
 function filters(params, app) {

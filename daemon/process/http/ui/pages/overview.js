@@ -7,7 +7,6 @@ import { bar, columns, gauge } from "../charts.js";
 
 export const title = "Overview";
 export const operatorOnly = true;
-const RELOAD_EVERY_MS = 2000;
 
 export async function mount(page, _route, app) {
   const load = async () => {
@@ -15,12 +14,7 @@ export async function mount(page, _route, app) {
     fill(page, ...render(health, app, load));
   };
   await load();
-  let timer = null;
-  const reloadSoon = () => {
-    timer ??= setTimeout(() => { timer = null; load().catch(() => {}); }, RELOAD_EVERY_MS);
-  };
-  app.live("/v1/events", reloadSoon);
-  app.onShown(reloadSoon);
+  app.reloadOnEvents(load, { everyMs: 2000 });
 }
 
 function render(health, app, reload) {

@@ -12,7 +12,8 @@ export async function mount(page, _route, app) {
     fill(page, h("h1", {}, "Users"), render(users));
   };
   await load();
-  app.onShown(() => load().catch(() => {}));
+  // Credits and the day's counts change as jobs are submitted and finish.
+  app.reloadOnEvents(load, { everyMs: 2000, wanted: (event) => event.type === "status" });
 }
 
 const orDefault = (value) => (value === null || value === undefined ? "default" : value);
