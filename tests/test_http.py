@@ -284,3 +284,54 @@ async def test_how_long_a_circuit_has_not_been_closed(mock_clock, start_daemon):
     samples = await scrape(port)
     assert samples[("jobwarden_breaker_not_closed_seconds", paid)] == 0
     assert samples[("jobwarden_breaker_state", paid)] == 0
+
+
+async def test_an_event_stream_read_too_slowly_is_told_to_resync(start_daemon):
+    from jobwarden.config import HttpSection
+    from jobwarden.process.commands import OPERATOR, Commands, Refusals
+    from jobwarden.process.http.app import Context
+    from jobwarden.process.http.events import EventStream
+    from jobwarden.wire.views import Event
+
+    daemon = await start_daemon(KINDS)
+    handle = daemon.handle
+    # Only the store and the hub serve a stream; the actors' channels are never asked.
+    actors = dict.fromkeys(("admission", "scheduler", "pool", "monitor", "breaker", "ledger"))
+    commands = Commands(
+        config=None, clock=handle.clock, store=handle.store, hub=handle.hub, **actors
+    )
+    context = Context(
+        store=handle.store,
+        commands=commands,
+        metrics=Metrics(),
+        settings=HttpSection(queue=2),
+        daemon_status=dict,
+        slow=(60.0, 60.0),
+        refusals=Refusals("http", Metrics()),
+    )
+    client_reads = trio.Event()
+    received: list[bytes] = []
+
+    async def send(message: dict) -> None:
+        if message.get("body"):
+            await client_reads.wait()  # a client that stopped reading: the socket is full
+        received.append(message.get("body", b""))
+
+    async def receive() -> dict:
+        await trio.sleep_forever()
+
+    job = 999_999  # no stored events: everything comes live from the hub
+    stream = EventStream(context, OPERATOR, job, since=0)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(stream, {"type": "http"}, receive, send)
+        await trio.testing.wait_all_tasks_blocked()
+        for seq in range(1, 6):
+            handle.hub.publish(
+                [Event(seq=seq, job=job, user="u", kind="quick", type="progress", at=0, data={})]
+            )
+            await trio.testing.wait_all_tasks_blocked()
+        client_reads.set()
+    frames = b"".join(received).decode().strip().split("\n\n")
+    # The first event was being written when the rest came: two fit the buffer, two did not.
+    assert [frame.splitlines()[0] for frame in frames] == ["id: 1", "id: 2", "id: 3", "id: 3"]
+    assert frames[-1] == 'id: 3\nevent: resync\ndata: {"since": 3}'

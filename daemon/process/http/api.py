@@ -21,7 +21,7 @@ from starlette.routing import BaseRoute
 from jobwarden.config import name_path, parse_duration
 from jobwarden.errors import RequestError
 from jobwarden.process.http import openapi
-from jobwarden.process.http.app import Context, json_response, route
+from jobwarden.process.http.app import LONG_BY_DESIGN, Context, Handler, json_response, route
 from jobwarden.process.http.auth import caller_of, operator_of
 from jobwarden.process.http.events import event_stream
 from jobwarden.wire.admin import BreakerArgs, BudgetArgs, LedgerArgs, UsersArgs
@@ -44,7 +44,6 @@ from jobwarden.wire.views import (
 )
 
 B = TypeVar("B", bound=msgspec.Struct)
-Handler = Callable[[Request], Awaitable[Response]]
 
 # The largest id a job can have (a signed 64-bit INTEGER): a larger one names no job.
 MAX_JOB_ID = 2**63 - 1
@@ -108,6 +107,7 @@ def routes(context: Context) -> list[BaseRoute]:
     async def result(request: Request) -> Response:
         caller = await caller_of(request, store)
         job_id = _job_id(request)
+        request.scope[LONG_BY_DESIGN] = True
         wait = min(_duration(request.query_params.get("wait"), "wait"), settings.max_wait)
         job = await commands.wait_final(caller, job_id, timeout=wait)
         final = job.status in TERMINAL_STATUSES
@@ -118,6 +118,7 @@ def routes(context: Context) -> list[BaseRoute]:
         """One job's events, or (no id in the path) every job's the caller may see."""
         caller = await caller_of(request, store)
         since = request.headers.get("last-event-id") or request.query_params.get("since")
+        request.scope[LONG_BY_DESIGN] = True
         return await event_stream(
             context,
             caller,
