@@ -211,6 +211,11 @@ def test_the_overview_counts_jobs_by_kind_spend_and_failures_and_pauses_a_kind(d
     browser.screenshot("overview-laptop", LAPTOP)
     browser.screenshot("overview-phone", PHONE)
 
+    # The queued job's own page says where it stands and why it waits.
+    browser.go(f"#/jobs/{queued}")
+    browser.wait_for("#job-waiting", "Position 1 of 1")
+    assert "paused" in browser.text("#job-waiting")
+
 
 def test_the_live_stream_pauses_while_the_tab_is_hidden(dashboard, browser):
     job_id = dashboard.submit("steps", {"steps": 4, "step_seconds": 0.5})
