@@ -200,6 +200,11 @@ def test_the_overview_counts_jobs_by_kind_spend_and_failures_and_pauses_a_kind(d
     browser.wait_for("#tile-failure-rate", "10.0%")
     # Three image calls at $0.04 of a $1.00 day.
     browser.wait_for("#budget-today", "$0.12 of $1.00")
+    browser.go("#/budget")
+    browser.wait_for("main", "Today by service: $0.12")
+    assert "Today by user: $0.12" in browser.text("main")
+    browser.screenshot("budget-laptop", LAPTOP)
+    browser.go("#/")
 
     browser.click("#pause-quick")
     browser.wait_for("#resume-quick")
@@ -263,6 +268,23 @@ def test_a_user_whose_token_is_replaced_is_asked_to_log_in_again(dashboard, brow
 
     browser.wait_for("#login-problem", "no longer valid")
     assert browser.script("return sessionStorage.length") == 0
+
+
+def test_the_users_page_shows_credits_limits_and_todays_jobs(dashboard, browser):
+    with dashboard.daemon.client() as admin:
+        admin.call("users", action="set", name="bob", credits=5, daily_limit=20)
+    dashboard.submit("quick", {"seconds": 0})
+    browser.log_in(dashboard.url, dashboard.operator)
+    browser.go("#/users")
+
+    def row(name: str) -> list[str]:
+        cells = browser.find_all(f"main tbody tr:has(a[href='#/jobs?user={name}']) td")
+        return [cell.text for cell in cells]
+
+    # User, credits, reserved, spent, jobs today, daily limit, rate, running at most, state.
+    browser.wait_until(lambda: row("alice")[4] == "1", "alice's job today")
+    assert row("alice")[1:3] == ["unlimited", "0"]
+    assert row("bob") == ["bob", "5", "0", "0", "0", "20", "default", "default", "enabled"]
 
 
 def test_every_page_fits_a_phone_screen(dashboard, browser):

@@ -34,7 +34,7 @@ function render(budget, [dayService, dayUser, monthService, monthUser]) {
         h("p", { class: "tile-value", id: "projection" }, money(budget.month_projection_usd)),
         h("p", { class: "muted" }, "This month's spend so far, scaled to the whole month."),
         h("p", {}, `Reserved by calls in flight: ${money(budget.reserved)}`))),
-    h("div", { class: "grid" },
+    h("div", { class: "grid pairs" },
       spendTable("Today by service", "service", dayService),
       spendTable("Today by user", "user", dayUser),
       spendTable("This month by service", "service", monthService),
@@ -43,6 +43,7 @@ function render(budget, [dayService, dayUser, monthService, monthUser]) {
 }
 
 function spendTable(caption, by, report) {
-  return table(`${caption}: ${money(report.usd)}`, [by, "Calls", "Failed", "Spend"],
+  const heading = by === "service" ? "Service" : "User";
+  return table(`${caption}: ${money(report.usd)}`, [heading, "Calls", "Failed", "Spend"],
     report.groups.map((group) => [group[by], group.calls, group.failed, money(group.usd)]));
 }

@@ -23,9 +23,10 @@ function render(users) {
     users.map((user) => [
       h("a", { href: `#/jobs?user=${encodeURIComponent(user.name)}` }, user.name),
       user.credits === null || user.credits === undefined ? "unlimited" : user.credits,
-      user.reserved,
+      // Left out of the answer when 0.
+      user.reserved ?? 0,
       user.spent,
-      user.jobs_today,
+      user.jobs_today ?? 0,
       orDefault(user.daily_limit),
       orDefault(user.rate),
       orDefault(user.max_running),
