@@ -101,7 +101,7 @@ def test_a_new_job_appears_in_the_list_without_a_reload(dashboard, browser):
     assert browser.script("return window.notReloaded") is True
 
 
-def test_the_jobs_list_filters_by_status_and_pages_through_older_jobs(dashboard, browser):
+def test_the_jobs_list_filters_pages_and_finds_a_job_by_id(dashboard, browser):
     failed = dashboard.submit("quick", {"fail": True})
     done = [dashboard.submit("quick", {"seconds": 0}) for _ in range(55)]
     browser.log_in(dashboard.url, dashboard.operator)
@@ -114,6 +114,10 @@ def test_the_jobs_list_filters_by_status_and_pages_through_older_jobs(dashboard,
     first_page = job_ids_listed(browser)
     browser.click("a[rel=next]")
     browser.wait_until(lambda: job_ids_listed(browser) == set(done) - first_page, "the rest")
+
+    browser.find("#find-id").send_keys(str(failed))
+    browser.click("#find-id + button")
+    browser.wait_for("h1", f"Job #{failed}")
 
 
 def test_a_progress_bar_moves_live_until_the_job_is_done(dashboard, browser):
