@@ -367,6 +367,10 @@ def test_guards_answer_429_402_and_503_with_retry_after(daemons):
     assert (full.status_code, error_of(full)["code"]) == (503, "QUEUE_FULL")
     assert int(full.headers["retry-after"]) >= 1
 
+    metrics = api.http.get("/metrics").text
+    for code in ("RATE_LIMITED", "INSUFFICIENT_CREDITS", "QUEUE_FULL"):
+        assert f'jobwarden_requests_refused_total{{code="{code}",listener="http"}} 1.0' in metrics
+
     with api.daemon.client() as admin:
         admin.call("drain")
     draining = api.http.post("/v1/jobs", json={"kind": "quick"}, headers=api.operator)
@@ -434,3 +438,42 @@ def test_the_openapi_document_is_valid_and_names_every_route(api):
     assert submit["requestBody"]["content"]["application/json"]["schema"] == {
         "$ref": "#/components/schemas/SubmitBody"
     }
+
+
+def test_a_body_that_does_not_arrive_in_time_is_408_and_requests_over_the_cap_503(daemons):
+    api = start_api(daemons, {"http": {"body_timeout": "300ms", "max_requests": 1}})
+    port = api.daemon.logs("jobwarden ready")[-1]["http_port"]
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(
+            "POST /v1/jobs HTTP/1.1\r\nHost: x\r\n"
+            f"Authorization: {api.operator['Authorization']}\r\n"
+            'Content-Length: 100\r\n\r\n{"kind": '.encode()
+        )
+        # The request holds the one slot while its body is awaited: another is refused.
+        with httpx.Client(base_url=str(api.http.base_url), timeout=10) as other:
+            busy = other.get("/v1/jobs", headers=api.operator)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert (busy.status_code, error_of(busy)["code"]) == (503, "QUEUE_FULL")
+    assert busy.headers["retry-after"] == "1"
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408")
+    assert json.loads(body)["code"] == "REQUEST_TIMEOUT"
+    # The slot is free again.
+    assert api.http.get("/v1/jobs", headers=api.operator).status_code == 200
+
+
+def test_event_streams_end_cleanly_when_the_daemon_stops(daemons):
+    api = start_api(daemons, {"daemon": {"shutdown_grace": "200ms"}})
+    job = api.submit(api.operator, "hang")
+    with api.http.stream("GET", f"/v1/jobs/{job['id']}/events", headers=api.operator) as stream:
+        lines = stream.iter_lines()
+        while '"status":"running"' not in next(lines):
+            pass
+        api.daemon.terminate()
+        # The last event comes, and the stream ends with its final chunk (an abrupt close would
+        # raise here), rather than waiting on for events that never come.
+        rest = [line for line in lines if line.startswith("data: ")]
+    assert api.daemon.wait() == 0
+    assert [json.loads(line[6:])["data"]["reason"] for line in rest] == ["INTERRUPTED"]

@@ -171,6 +171,21 @@ class Guard:
         body = _Body(receive, self._context.settings.max_body_bytes)
 
         client_gone = False
+        observed = False
+
+        def observe() -> None:
+            """Time the request once: as its last message goes out (the client may hear the
+            connection close before anything after that runs), or when it ends without one."""
+            nonlocal observed
+            if observed:
+                return
+            observed = True
+            route = scope.get("route")
+            name = route.path if isinstance(route, Route) else "other"
+            seconds = trio.current_time() - started
+            # A long-poll or an event stream is slow by design: timed, but not logged as slow.
+            slow = (math.inf, math.inf) if scope.get(LONG_BY_DESIGN) else self._context.slow
+            self._context.metrics.request_done("http", seconds, slow, path=name)
 
         async def timed_send(message: Message) -> None:
             nonlocal response_started, client_gone
@@ -187,6 +202,7 @@ class Guard:
                 message = {**message, "headers": headers}
             try:
                 if message["type"] == "http.response.body" and not message.get("more_body"):
+                    observe()
                     await body.discard_while(send(message))
                 else:
                     await send(message)
@@ -223,12 +239,7 @@ class Guard:
                 return
             await self._refuse(scope, error_reply(exc, listener="http"), timed_send)
         finally:
-            route = scope.get("route")
-            name = route.path if isinstance(route, Route) else "other"
-            seconds = trio.current_time() - started
-            # A long-poll or an event stream is slow by design: timed, but not logged as slow.
-            slow = (math.inf, math.inf) if scope.get(LONG_BY_DESIGN) else self._context.slow
-            self._context.metrics.request_done("http", seconds, slow, path=name)
+            observe()
 
     async def _refuse(self, scope: Scope, error: ErrorBody, send: Send) -> None:
         path = scope.get("path", "")

@@ -32,6 +32,9 @@ log = structlog.get_logger("http")
 
 # In-flight requests get this long to finish once the listener closes.
 CLOSE_TIMEOUT = 2.0
+# A connection that sends no (further) request for this long is closed: idle clients do not
+# hold sockets, and the cap on requests at once bounds the rest.
+KEEP_ALIVE_TIMEOUT = 5.0
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
@@ -111,6 +114,7 @@ class HttpServer:
         config.accesslog = None
         config.include_server_header = False
         config.graceful_timeout = CLOSE_TIMEOUT
+        config.keep_alive_timeout = KEEP_ALIVE_TIMEOUT
         try:
             async with trio.open_nursery() as nursery:
 
