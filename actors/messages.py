@@ -286,6 +286,9 @@ class HealthQuery(msgspec.Struct):
     reply: ReplySlot[dict[str, Any]]
     # Also count jobs by (status, kind) for the metrics scrape.
     by_kind: bool = False
+    # Also the configured kinds and the jobs finished in each span of the last hour, for the
+    # dashboard's overview.
+    last_hour: bool = False
 
 
 class CancelJob(msgspec.Struct):

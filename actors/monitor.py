@@ -83,6 +83,11 @@ PRUNE_AGAIN_AFTER = 1.0
 # ordinary lateness from counting.
 PAUSE_PROBE = 1.0
 PAUSE_TOLERANCE = 1.0
+# The health snapshot lists the alerts of the last hour, the latest RECENT_ALERTS at most.
+RECENT_ALERTS = 20
+ALERTS_SHOWN_FOR = 3600.0
+# The dashboard's hour of finished jobs, counted in spans of this many seconds.
+LAST_HOUR_SPAN = 300.0
 GIB = 1024**3
 MIB = 1024**2
 
@@ -128,6 +133,8 @@ class Monitor:
         self._pauses: list[Pause] = []
         self._history: deque[tuple[float, int, int]] = deque()
         self._alerted_at: dict[str, float] = {}
+        # The latest alerts raised, for the health snapshot (the dashboard shows them).
+        self._alerts: deque[dict[str, Any]] = deque(maxlen=RECENT_ALERTS)
         self._wal_clean = False
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -169,8 +176,8 @@ class Monitor:
                 self._jobs_running.set()
             case ProgressStarted(at=at, kind=kind):
                 self._next_rule = min(self._next_rule, progress_deadline(self._config, kind, at))
-            case HealthQuery(reply=reply, by_kind=by_kind):
-                reply.set(await self.health(by_kind=by_kind))
+            case HealthQuery(reply=reply, by_kind=by_kind, last_hour=last_hour):
+                reply.set(await self.health(by_kind=by_kind, last_hour=last_hour))
             case Reconfigure(config=config):
                 self._config = config
                 self._next_tick = -math.inf
@@ -381,6 +388,7 @@ class Monitor:
             return
         self._alerted_at[name] = now
         log.warning("alert", alert=name, message=message, **data)
+        self._alerts.append({"alert": name, "message": message, "at": now})
         command = self._config.monitor.alert_command
         if command:
             payload = {"alert": name, "message": message, "at": now, **data}
@@ -422,8 +430,9 @@ class Monitor:
                 return
             self._wal_clean = True
 
-    async def health(self, *, by_kind: bool = False) -> dict[str, Any]:
-        """One snapshot for /health, `jobwarden status` and the metrics scrape."""
+    async def health(self, *, by_kind: bool = False, last_hour: bool = False) -> dict[str, Any]:
+        """One snapshot for /health, `jobwarden status`, the metrics scrape and (`last_hour`)
+        the dashboard's overview."""
         counts = await self._store.read(jobs.counts_by_status)
         depth = await self._store.read(jobs.queued_by_kind)
         oldest = await self._store.read(jobs.oldest_queued_since)
@@ -448,9 +457,26 @@ class Monitor:
             "breakers": await ask(self._breaker, BreakerSnapshot),
             "budget": await ask(self._ledger, BudgetQuery),
             "store": self._store.health.view(),
+            "alerts": [alert for alert in self._alerts if now - alert["at"] <= ALERTS_SHOWN_FOR],
         }
         if by_kind:
             health["by_status_kind"] = await self._store.read(jobs.counts_by_status_and_kind)
+        if last_hour:
+            health["kinds"] = sorted(self._config.kinds)
+            # Spans on the clock's five minutes, the last one the one now runs in.
+            spans = int(3600 // LAST_HOUR_SPAN)
+            current = math.floor(now / LAST_HOUR_SPAN) * LAST_HOUR_SPAN
+            health["finished_last_hour"] = {
+                "span_seconds": LAST_HOUR_SPAN,
+                "spans": await self._store.read(
+                    partial(
+                        jobs.finished_per_span,
+                        since=current - (spans - 1) * LAST_HOUR_SPAN,
+                        width=LAST_HOUR_SPAN,
+                        spans=spans,
+                    )
+                ),
+            }
         return health
 
 

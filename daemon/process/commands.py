@@ -69,6 +69,7 @@ from jobwarden.mailbox import ask
 from jobwarden.metrics import Metrics
 from jobwarden.store import jobs, tokens, users
 from jobwarden.store.engine import Store
+from jobwarden.store.ledger import job_spend
 from jobwarden.wire.admin import (
     COMMANDS,
     BreakerArgs,
@@ -490,6 +491,23 @@ class Commands:
         """The monitor's snapshot; `by_kind` adds the job counts by status and kind."""
         health: dict[str, Any] = await ask(self._monitor, HealthQuery, by_kind=by_kind)
         return health
+
+    async def overview(self) -> dict[str, Any]:
+        """The health snapshot with what the dashboard's overview adds: the configured kinds,
+        the jobs by status and kind (as [status, kind, count] rows), the jobs finished in each
+        span of the last hour, and the alerts of the last hour."""
+        overview: dict[str, Any] = await ask(
+            self._monitor, HealthQuery, by_kind=True, last_hour=True
+        )
+        overview["by_status_kind"] = [
+            [status, kind, n] for (status, kind), n in sorted(overview["by_status_kind"].items())
+        ]
+        return overview
+
+    async def job_cost(self, caller: Caller, job_id: int) -> float:
+        """What the job's external calls have cost so far, in USD."""
+        await self._job(caller, job_id)
+        return await self._store.read(partial(job_spend, job_id=job_id))
 
     async def wait_final(self, caller: Caller, job_id: int, *, timeout: float) -> JobView:
         """The job once it is final (done, failed, canceled), or as it is after `timeout`

@@ -20,9 +20,7 @@ def record_entry(conn: sqlite3.Connection, events: Events, *, entry: tuple) -> N
     )
     job_id, user, kind, service, units, usd, ok, at, _, _, overrun_usd = entry
     if job_id:
-        job_usd = conn.execute(
-            "SELECT SUM(usd) FROM ledger WHERE job_id = ?", (job_id,)
-        ).fetchone()[0]
+        job_usd = job_spend(conn, job_id=job_id)
         data = {
             "service": service,
             "units": units,
@@ -38,6 +36,12 @@ def spent(conn: sqlite3.Connection, *, day: str, month: str) -> tuple[float, flo
     today = conn.execute("SELECT COALESCE(SUM(usd), 0) FROM ledger WHERE day = ?", (day,))
     this_month = conn.execute("SELECT COALESCE(SUM(usd), 0) FROM ledger WHERE month = ?", (month,))
     return today.fetchone()[0], this_month.fetchone()[0]
+
+
+def job_spend(conn: sqlite3.Connection, *, job_id: int) -> float:
+    """What a job's calls have cost so far, over all its attempts."""
+    row = conn.execute("SELECT COALESCE(SUM(usd), 0) FROM ledger WHERE job_id = ?", (job_id,))
+    return row.fetchone()[0]
 
 
 def report(conn: sqlite3.Connection, *, period: str, by: str) -> dict[str, Any]:

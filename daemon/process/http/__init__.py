@@ -6,6 +6,7 @@
 - `auth.py` — who a request's Bearer token names: a user, or an operator.
 - `probes.py` — /healthz, /readyz, /health, /metrics.
 - `api.py` — the /v1 JSON API for applications and operators.
+- `dashboard.py` — the dashboard: the page in ui/ and what it reads besides /v1.
 """
 
 from jobwarden.process.http.server import HttpServer, open_listeners, parse_listen

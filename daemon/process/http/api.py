@@ -116,13 +116,14 @@ def routes(context: Context) -> list[BaseRoute]:
         return json_response(body, 200 if final else 202)
 
     async def events(request: Request) -> Response:
+        """One job's events, or (no id in the path) every job's the caller may see."""
         caller = await caller_of(request, store)
         since = request.headers.get("last-event-id") or request.query_params.get("since")
         request.scope[LONG_BY_DESIGN] = True
         return await event_stream(
             context,
             caller,
-            _job_id(request),
+            _job_id(request) if "id" in request.path_params else None,
             since=None if since is None else _whole_number(since, "Last-Event-ID", 0),
         )
 
@@ -203,6 +204,7 @@ def routes(context: Context) -> list[BaseRoute]:
         route("/v1/jobs/{id}/cancel", POST=cancel),
         route("/v1/jobs/{id}/result", GET=result),
         route("/v1/jobs/{id}/events", GET=events),
+        route("/v1/events", GET=events),
         route("/v1/jobs/{id}/retry", POST=operator(retry)),
         route("/v1/jobs/{id}/hold", POST=hold(True)),
         route("/v1/jobs/{id}/release", POST=hold(False)),

@@ -1,4 +1,5 @@
-"""A job's events as Server-Sent Events: `GET /v1/jobs/{id}/events`.
+"""A job's events as Server-Sent Events: `GET /v1/jobs/{id}/events`; every job's the caller
+may see (a user's own, the operator's all, breaker changes too): `GET /v1/events`.
 
 Each event is sent as
 
@@ -8,12 +9,13 @@ Each event is sent as
 
 A client that reconnects sends the last `id` it got as `Last-Event-ID` (EventSource does so by
 itself) and gets every event after it, each once, from the command layer's `follow`: the
-stored events first, then live ones. Without one, the job's whole history comes first.
+stored events first, then live ones. Without one, the job's whole history comes first (every
+job's stream: the events from now on).
 
-The stream ends after a status event that leaves the job final (done, failed, canceled), or
-when the daemon stops. A client that reads slower than its events come falls behind the hub's
-buffer (`http.queue` events): it is sent `event: resync` with the seq to resume after as its
-`id`, and the stream ends; reconnecting resumes there. With nothing to send for
+A job's stream ends after a status event that leaves the job final (done, failed, canceled);
+any stream ends when the daemon stops. A client that reads slower than its events come falls
+behind the hub's buffer (`http.queue` events): it is sent `event: resync` with the seq to
+resume after as its `id`, and the stream ends; reconnecting resumes there. With nothing to send for
 `http.keepalive`, a comment line keeps proxies from closing the stream.
 """
 
@@ -54,9 +56,9 @@ def resync_frame(since: int) -> bytes:
 
 
 class EventStream:
-    """The ASGI response that streams one job's events to one client."""
+    """The ASGI response that streams one job's events (job None: every job's) to one client."""
 
-    def __init__(self, context: Context, caller: Caller, job: int, since: int) -> None:
+    def __init__(self, context: Context, caller: Caller, job: int | None, since: int) -> None:
         self._context = context
         self._caller = caller
         self._job = job
@@ -84,7 +86,8 @@ class EventStream:
     async def _stream(self, done: trio.CancelScope) -> None:
         async def send_event(event: Event) -> None:
             await self._write(frame(event))
-            if event.type == "status" and event.data.get("status") in TERMINAL_STATUSES:
+            final = event.type == "status" and event.data.get("status") in TERMINAL_STATUSES
+            if final and self._job is not None:
                 done.cancel()
 
         resume = await self._context.commands.follow(
@@ -117,9 +120,10 @@ class EventStream:
 
 
 async def event_stream(
-    context: Context, caller: Caller, job: int, *, since: int | None
+    context: Context, caller: Caller, job: int | None, *, since: int | None
 ) -> EventStream:
-    """The stream of `job`'s events after `since` (None: all of them), once the caller is
-    known to see the job (NOT_FOUND otherwise, before anything is streamed)."""
+    """The stream of `job`'s events (None: every job's the caller sees) after `since` (None:
+    a job's from its start, every job's from now), once the caller is known to see the job
+    (NOT_FOUND otherwise, before anything is streamed)."""
     start = await context.commands.start_watch(caller, job=job, since=since)
     return EventStream(context, caller, job, start.since)

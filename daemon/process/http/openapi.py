@@ -79,6 +79,14 @@ OPERATIONS = (
         query=(("since", "resume after this seq (the Last-Event-ID header wins)"),),
         stream=True,
     ),
+    Operation(
+        "get",
+        "/v1/events",
+        "Every job's events the caller sees (an operator's: breakers' too) as Server-Sent "
+        "Events, from now or after Last-Event-ID",
+        query=(("since", "resume after this seq (the Last-Event-ID header wins)"),),
+        stream=True,
+    ),
     Operation("post", "/v1/jobs/{id}/retry", "Queue a finished job again", operator=True),
     Operation("post", "/v1/jobs/{id}/hold", "Hold a queued job until released", operator=True),
     Operation("post", "/v1/jobs/{id}/release", "Release a held job", operator=True),

@@ -24,7 +24,7 @@ from jobwarden.errors import ConfigError
 from jobwarden.logs import clip
 from jobwarden.metrics import Metrics
 from jobwarden.process.commands import Commands, Refusals
-from jobwarden.process.http import api, probes
+from jobwarden.process.http import api, dashboard, probes
 from jobwarden.process.http.app import Context, RouteGroup, build_app
 from jobwarden.store.engine import Store
 
@@ -101,7 +101,7 @@ class HttpServer:
             slow=(slow_request, very_slow_request),
             refusals=Refusals("http", metrics),
         )
-        self._app = build_app(self._context, [probes.routes, api.routes, *groups])
+        self._app = build_app(self._context, [probes.routes, api.routes, dashboard.routes, *groups])
         self._finished = trio.Event()
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
