@@ -5,7 +5,7 @@ Consumes `Submit` and `Requeue` from the listeners, `UserRate` from the admin `u
 `JobQueued` for the scheduler.
 
 The guards run in two places. Here, in memory: draining, a store that takes no writes
-(`STORAGE_FULL`/`STORAGE_ERROR`, as the engine's health says), budget, kind, payload size and
+(a `STORAGE_` code, as the engine's health says), budget, kind, payload size and
 schema, a kind's memory requirement this machine can never meet (its total memory, as the
 daemon's one sampler read it at start), and the per-user rate limit (a `TokenBucket` on trio's
 clock; buckets may be lost on restart, as a rate is about the last minute). In the store,

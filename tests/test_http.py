@@ -27,6 +27,8 @@ from jobwarden.process.supervisor import Reload
 from jobwarden.wire.views import STATUSES, Event
 from tests.conftest import BASE_CONFIG, NO_LIMITS, Daemon
 
+pytestmark = pytest.mark.both_stores
+
 KINDS = """
 [services.paid]
 price_usd = 0.5

@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 import msgspec
 
 from jobwarden.errors import new_error_id
+from jobwarden.store.backend import backend_of
 from jobwarden.store.rows import (
     JOB_COLUMNS,
     JOB_HELD,
@@ -268,10 +269,11 @@ def _insert(
         pending = waits
     available_at = now if new.run_at is None else new.run_at
     tag = max(user.last_tag + 1, fair_clock)
-    cursor = conn.execute(
-        'INSERT INTO jobs (kind, "user", status, priority, payload, idempotency_key, submission_id,'
-        " max_attempts, created_at, updated_at, available_at, fair_tag, credits, run_at, tags,"
-        " after_ids, after_any, after_pending, held, schedule)"
+    [job_id] = backend_of(conn).insert_ids(
+        conn,
+        'INSERT INTO jobs (kind, "user", status, priority, payload, idempotency_key,'
+        " submission_id, max_attempts, created_at, updated_at, available_at, fair_tag, credits,"
+        " run_at, tags, after_ids, after_any, after_pending, held, schedule)"
         " VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             new.kind,
@@ -294,10 +296,12 @@ def _insert(
             USER_HELD if user.held else 0,
             new.schedule,
         ),
+        "id",
+        1,
     )
-    # Built here, not read back: RETURNING would cost more than the INSERT itself.
+    # Built here, not read back: in SQLite, RETURNING would cost more than the INSERT itself.
     job = JobView(
-        id=cursor.lastrowid,
+        id=job_id,
         kind=new.kind,
         user=new.user,
         status="queued",
@@ -370,7 +374,7 @@ def _queued_up_to(conn: sqlite3.Connection, limit: int, kind: str | None = None)
     else:
         sql = "SELECT 1 FROM jobs WHERE kind = ? AND status = 'queued' LIMIT ?"
         params = (kind, limit)
-    return conn.execute(f"SELECT COUNT(*) FROM ({sql})", params).fetchone()[0]
+    return conn.execute(f"SELECT COUNT(*) FROM ({sql}) AS counted", params).fetchone()[0]
 
 
 def _queue_full(conn: sqlite3.Connection, kind: str, quota: Quota, now: float) -> Refused | None:
@@ -460,6 +464,8 @@ def claim(
     highest_tag = 0
     while total > 0 and allowed:
         kinds = sorted(allowed)
+        # PostgreSQL takes no empty list after IN.
+        but_users = f'AND jobs."user" NOT IN ({placeholders(full_users)}) ' if full_users else ""
         # Walk the dispatch order and stop at `total` rows. Left to itself, SQLite picks the
         # (status, available_at) index and sorts every due row: 17 ms a round at 100k queued.
         rows = conn.execute(
@@ -469,8 +475,7 @@ def claim(
             # The first two name jobs_order's condition; users.held decides a user's hold (a
             # job retried or recovered while its user is held is back without its copy).
             f"AND jobs.held = 0 AND jobs.after_pending = 0 AND COALESCE(users.held, 0) = 0 "
-            f"AND jobs.kind IN ({placeholders(kinds)}) "
-            f'AND jobs."user" NOT IN ({placeholders(full_users)}) '
+            f"AND jobs.kind IN ({placeholders(kinds)}) {but_users}"
             f"ORDER BY jobs.priority DESC, jobs.fair_tag, jobs.id LIMIT ?",
             (now, *kinds, *full_users, total),
         ).fetchall()
@@ -854,7 +859,7 @@ def report_progress(
 ) -> bool:
     cursor = conn.execute(
         "UPDATE jobs SET progress = ?, message = ?, heartbeat_at = ?, updated_at = ?, "
-        "progress_at = CASE WHEN progress IS ? AND progress_at IS NOT NULL "
+        "progress_at = CASE WHEN progress = ? AND progress_at IS NOT NULL "
         "THEN progress_at ELSE ? END "
         "WHERE id = ? AND status = 'running' RETURNING user, kind",
         (fraction, message, now, now, fraction, now, job_id),
@@ -1098,24 +1103,24 @@ def queue_positions(
         ahead = (
             conn.execute(
                 "SELECT COUNT(*) FROM (SELECT 1 FROM jobs INDEXED BY jobs_order"
-                f" WHERE {_IN_ORDER} AND priority > ? LIMIT ?)",
+                f" WHERE {_IN_ORDER} AND priority > ? LIMIT ?) AS ahead",
                 (priority, POSITION_HORIZON),
             ).fetchone()[0]
             + conn.execute(
                 f"SELECT COUNT(*) FROM (SELECT 1 FROM jobs WHERE {_IN_ORDER} AND priority = ?"
-                " AND (fair_tag, id) < (?, ?) LIMIT ?)",
+                " AND (fair_tag, id) < (?, ?) LIMIT ?) AS ahead",
                 (priority, tag, job_id, POSITION_HORIZON),
             ).fetchone()[0]
         )
         kind_ahead = (
             conn.execute(
                 f"SELECT COUNT(*) FROM (SELECT 1 FROM jobs WHERE kind = ? AND {_IN_ORDER}"
-                " AND priority > ? LIMIT ?)",
+                " AND priority > ? LIMIT ?) AS ahead",
                 (kind, priority, POSITION_HORIZON),
             ).fetchone()[0]
             + conn.execute(
                 f"SELECT COUNT(*) FROM (SELECT 1 FROM jobs WHERE kind = ? AND {_IN_ORDER}"
-                " AND priority = ? AND (fair_tag, id) < (?, ?) LIMIT ?)",
+                " AND priority = ? AND (fair_tag, id) < (?, ?) LIMIT ?) AS ahead",
                 (kind, priority, tag, job_id, POSITION_HORIZON),
             ).fetchone()[0]
         )

@@ -14,7 +14,7 @@ def record_entry(conn: sqlite3.Connection, events: Events, *, entry: tuple) -> N
     """A ledger row and, for a job's call, a `cost` event with the job's running total, so
     its watchers see what it spends as it spends it."""
     conn.execute(
-        "INSERT INTO ledger (job_id, user, kind, service, units, usd, ok, at, day, month, "
+        'INSERT INTO ledger (job_id, "user", kind, service, units, usd, ok, at, day, month, '
         "overrun_usd) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         entry,
     )
@@ -47,7 +47,7 @@ def job_spend(conn: sqlite3.Connection, *, job_id: int) -> float:
 def report(conn: sqlite3.Connection, *, period: str, by: str) -> dict[str, Any]:
     """A day's (YYYY-MM-DD) or a month's (YYYY-MM) calls and spend, grouped `by` service,
     user or kind, the costliest group first."""
-    column = {"service": "service", "user": "user", "kind": "kind"}[by]
+    column = {"service": "service", "user": '"user"', "kind": "kind"}[by]
     where = "day = ?" if len(period) == 10 else "month = ?"
     groups = conn.execute(
         f"SELECT {column}, COUNT(*), SUM(1 - ok), SUM(units), SUM(usd) FROM ledger "
