@@ -80,7 +80,10 @@ def job_from_row(row: Sequence[Any]) -> JobView:
 
 
 def placeholders(values: Iterable[Any]) -> str:
-    return ", ".join("?" for _ in values)
+    """The `?`s of an IN list. An empty list is `NULL`, which no value is IN: PostgreSQL
+    refuses `IN ()`, which SQLite takes. (A NOT IN must not be built from an empty list:
+    NOT IN (NULL) is true of no row.)"""
+    return ", ".join("?" for _ in values) or "NULL"
 
 
 def each(
