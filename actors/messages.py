@@ -52,13 +52,6 @@ class StopAdmitting(msgspec.Struct):
     pass
 
 
-class UserRate(msgspec.Struct):
-    """A user's own rate limit changed ("30/min", "off"); None: back to the default."""
-
-    user: str
-    rate: str | None
-
-
 class JobQueued(msgspec.Struct):
     kind: str
 
@@ -296,7 +289,7 @@ class PoolStatistics(msgspec.Struct):
     reply: ReplySlot[dict[str, Any]]
 
 
-AdmissionMessage = Submit | Requeue | StopAdmitting | Reconfigure | BudgetState | UserRate
+AdmissionMessage = Submit | Requeue | StopAdmitting | Reconfigure | BudgetState
 
 
 SchedulerMessage = (

@@ -47,7 +47,6 @@ from jobwarden.actors.messages import (
     RunRules,
     SchedulerSnapshot,
     SetBudget,
-    UserRate,
 )
 from jobwarden.clock import WallClock
 from jobwarden.config import Config, format_duration, parse_rate
@@ -552,8 +551,6 @@ class AdminServer:
         if args.action in ENDS_SESSIONS:
             # What the old token opened ends with it, as a disabled user's sessions do.
             self._commands.sessions.revoke(name, ENDS_SESSIONS[args.action])
-        if args.rate is not None:
-            await self._admission.send(UserRate(user=name, rate=args.rate))
         reply: dict[str, Any] = {"user": self._with_today(user)}
         if token is not None:
             reply["token"] = token

@@ -62,6 +62,13 @@ def job_from_row(row: Sequence[Any]) -> JobView:
     )
 
 
+def row_lock(conn: Connection) -> str:
+    """The phrase that ends a SELECT to lock the rows it reads until the transaction ends, so
+    that two daemons cannot both decide on the same guard row: none on SQLite, whose one
+    writer holds the whole database for its transaction; ` FOR UPDATE` on PostgreSQL."""
+    return "" if isinstance(conn, Connection) else " FOR UPDATE"
+
+
 def placeholders(values: Iterable[Any]) -> str:
     return ", ".join("?" for _ in values)
 

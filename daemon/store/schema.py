@@ -152,6 +152,15 @@ MIGRATIONS: list[str] = [
     ALTER TABLE jobs ADD COLUMN process_group INTEGER;
     ALTER TABLE jobs ADD COLUMN process_identity TEXT;
     """,
+    """
+    -- Guards every daemon on the database shares (docs/guards.md). A user's rate bucket, as
+    -- its last take left it (NULL: full), and until when adaptive shedding slows the user.
+    ALTER TABLE users ADD COLUMN bucket_tokens REAL;
+    ALTER TABLE users ADD COLUMN bucket_at REAL;
+    ALTER TABLE users ADD COLUMN slowed_until REAL;
+    -- The row a batch of submissions locks before it counts the queue (store/jobs.py).
+    INSERT INTO settings (key, value) VALUES ('queue_guard', '0') ON CONFLICT DO NOTHING;
+    """,
 ]
 
 

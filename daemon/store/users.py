@@ -184,8 +184,3 @@ def running_limits(conn: sqlite3.Connection, names: list[str]) -> dict[str, int 
         names,
     ).fetchall()
     return dict(rows)
-
-
-def own_rates(conn: sqlite3.Connection) -> dict[str, str]:
-    """The users with a rate limit of their own, and that rate."""
-    return dict(conn.execute("SELECT name, rate FROM users WHERE rate IS NOT NULL").fetchall())

@@ -1,0 +1,108 @@
+"""Guards that hold for every daemon on one database, not per daemon.
+
+Two whole daemons run in this process on one database, each with its own store, its own
+actors and its own admin socket: what one decides, the other must see in the rows when it
+decides. On SQLite the two share one file (WAL), which a daemon would normally refuse (it
+locks the file); the fixture lifts that lock, and keeps both started before any job exists,
+so neither recovers the other's running jobs at its start. Set JOBWARDEN_TEST_POSTGRES_URL to
+run the same tests on PostgreSQL once its backend is in.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import partial
+from pathlib import Path
+
+import msgspec
+import pytest
+import trio
+
+from jobwarden.errors import RequestError
+from jobwarden.process import supervisor
+from jobwarden.store import users
+from jobwarden.store.users import UserLimits
+from tests.conftest import make_config
+from tests.test_guards import KINDS, limits
+
+POSTGRES_URL = os.environ.get("JOBWARDEN_TEST_POSTGRES_URL")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Where the two daemons keep their one store: a [store] table for both configs."""
+    if request.param == "postgresql":
+        if POSTGRES_URL is None:
+            pytest.skip("set JOBWARDEN_TEST_POSTGRES_URL to run the cluster guards on PostgreSQL")
+        return f'[store]\nurl = "{POSTGRES_URL}"\n'
+    # Each daemon locks its database file so that a second one cannot dispatch it; here two
+    # share it on purpose.
+    monkeypatch.setattr(supervisor, "lock_database", lambda path: os.open(os.devnull, os.O_RDONLY))
+    return f'[store]\npath = "{tmp_path / "shared.db"}"\n'
+
+
+@pytest.fixture
+def start_cluster(start_daemon, tmp_path: Path, database: str):
+    """Start two daemons on the one database, each on a directory (and sockets) of its own."""
+
+    async def start(extra: str, *, max_concurrent_jobs: int = 2) -> list:
+        daemons = []
+        for name in ("a", "b"):
+            home = tmp_path / name
+            home.mkdir()
+            config = make_config(home, extra, max_concurrent_jobs=max_concurrent_jobs)
+            shared = msgspec.toml.decode(database.encode())["store"]
+            config = msgspec.structs.replace(
+                config, store=msgspec.structs.replace(config.store, **shared)
+            )
+            daemons.append(await start_daemon(config=config))
+        return daemons
+
+    return start
+
+
+async def submitted(daemon, **options) -> str:
+    """ "accepted", or the code the daemon refused the submission with."""
+    try:
+        await daemon.submit("noop", **options)
+    except RequestError as exc:
+        return exc.body.code
+    return "accepted"
+
+
+async def test_a_user_limited_to_10_a_minute_gets_10_of_30_spread_over_two_daemons(
+    autojump_clock, start_cluster
+):
+    a, b = await start_cluster(limits(rate='"10/min"', burst=10) + KINDS)
+    answers = [await submitted((a, b)[n % 2], user="alice") for n in range(30)]
+    assert answers.count("accepted") == 10
+    assert set(answers) == {"accepted", "RATE_LIMITED"}
+    # The bucket refills once for the two: a token every 6 s, whichever daemon takes it.
+    await trio.sleep(6.0)
+    assert [await submitted(b, user="alice"), await submitted(a, user="alice")] == [
+        "accepted",
+        "RATE_LIMITED",
+    ]
+
+
+async def test_a_rate_an_operator_sets_on_one_daemon_holds_on_the_other(
+    autojump_clock, start_cluster
+):
+    a, b = await start_cluster(limits(rate='"10/min"', burst=10) + KINDS)
+    await a.handle.store.write(
+        partial(
+            users.create,
+            name="batch",
+            credits=None,
+            limits=UserLimits(),
+            token_hash=None,
+            now=a.now,
+        )
+    )
+    await a.handle.store.write(partial(users.update, name="batch", limits=UserLimits(rate="off")))
+    answers = [await submitted(b, user="batch") for _ in range(15)]
+    assert answers == ["accepted"] * 15
+    await b.handle.store.write(partial(users.update, name="batch", limits=UserLimits(rate="1/h")))
+    # A full bucket of 10 (the burst), spread over both, then a token an hour.
+    answers = [await submitted((a, b)[n % 2], user="batch") for n in range(11)]
+    assert answers == ["accepted"] * 10 + ["RATE_LIMITED"]
