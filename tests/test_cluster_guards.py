@@ -18,12 +18,16 @@ import msgspec
 import pytest
 import trio
 
+from jobwarden.actors.messages import BreakerTrip, Pause, Resume
 from jobwarden.errors import RequestError
+from jobwarden.mailbox import ask
 from jobwarden.process import supervisor
 from jobwarden.store import users
 from jobwarden.store.users import UserLimits
+from jobwarden.wire.views import TERMINAL_STATUSES, JobView
 from tests.conftest import make_config
-from tests.test_guards import KINDS, limits
+from tests.test_breaker import SERVICE_KINDS
+from tests.test_guards import KINDS, explained, limits
 
 POSTGRES_URL = os.environ.get("JOBWARDEN_TEST_POSTGRES_URL")
 
@@ -59,6 +63,14 @@ def start_cluster(start_daemon, tmp_path: Path, database: str):
         return daemons
 
     return start
+
+
+async def finished(daemon, job_id: int) -> JobView:
+    """The job once it has finished, on whichever daemon ran it: read from the store, since a
+    daemon's watchers hear only of its own commits (the cluster's events are another part)."""
+    while (job := await daemon.job(job_id)).status not in TERMINAL_STATUSES:
+        await trio.sleep(0.5)
+    return job
 
 
 async def submitted(daemon, **options) -> str:
@@ -106,3 +118,38 @@ async def test_a_rate_an_operator_sets_on_one_daemon_holds_on_the_other(
     # A full bucket of 10 (the burst), spread over both, then a token an hour.
     answers = [await submitted((a, b)[n % 2], user="batch") for n in range(11)]
     assert answers == ["accepted"] * 10 + ["RATE_LIMITED"]
+
+
+async def test_a_pause_on_one_daemon_pauses_the_other_and_a_resume_there_resumes_both(
+    autojump_clock, start_cluster
+):
+    a, b = await start_cluster(limits() + KINDS)
+    await ask(a.handle.scheduler, Pause, kind="noop")
+    # b's own pause of another kind keeps a's: each change is made to the state as stored.
+    await ask(b.handle.scheduler, Pause, kind="sleepy")
+    held = [await daemon.submit("noop") for daemon in (a, b)]
+    await trio.sleep(60)
+    assert [(await b.job(job.id)).status for job in held] == ["queued", "queued"]
+    assert await explained(b, held[1]) == "kind noop paused"
+    assert await ask(a.handle.scheduler, Resume, kind="sleepy") == {
+        "paused": ["noop"],
+        "all": False,
+    }
+    await ask(b.handle.scheduler, Resume, kind="noop")
+    for job in held:
+        assert (await finished(a, job.id)).status == "done"
+
+
+async def test_a_breaker_tripped_on_one_daemon_holds_the_kinds_jobs_on_the_other(
+    autojump_clock, start_cluster
+):
+    a, b = await start_cluster(limits() + SERVICE_KINDS.format(max_concurrent=10))
+    opened = await ask(a.handle.breaker, BreakerTrip, service="flaky")
+    job = await b.submit("needs_flaky", {"service": "flaky", "seconds": 1})
+    await trio.sleep(30)
+    assert (await b.job(job.id)).status == "queued"
+    assert (await explained(b, job)).startswith("service flaky unavailable until")
+    # Its recovery time over, the circuit lets jobs through again on either daemon.
+    final = await finished(b, job.id)
+    assert final.status == "done"
+    assert final.started_at == opened["open_until"]

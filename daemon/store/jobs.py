@@ -896,6 +896,25 @@ def set_setting(conn: sqlite3.Connection, events: Events, key: str, value: Any) 
     )
 
 
+def update_setting(
+    conn: sqlite3.Connection,
+    events: Events,
+    *,
+    key: str,
+    change: Callable[[Any], Any],
+    default: Any = None,
+) -> Any:
+    """Change a setting as it is stored now, in one transaction with its row locked, so two
+    daemons' changes (a pause of one kind here, of another there) both land; returns the new
+    value. `change` is a plain function of the old value."""
+    row = conn.execute(
+        f"SELECT value FROM settings WHERE key = ?{row_lock(conn)}", (key,)
+    ).fetchone()
+    value = change(default if row is None else msgspec.json.decode(row[0]))
+    set_setting(conn, events, key, value)
+    return value
+
+
 # -- queries (read connection) --------------------------------------------------------------
 
 

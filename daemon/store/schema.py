@@ -160,6 +160,9 @@ MIGRATIONS: list[str] = [
     ALTER TABLE users ADD COLUMN slowed_until REAL;
     -- The row a batch of submissions locks before it counts the queue (store/jobs.py).
     INSERT INTO settings (key, value) VALUES ('queue_guard', '0') ON CONFLICT DO NOTHING;
+    -- The paused kinds, there to be locked by whoever changes them (store/jobs.py).
+    INSERT INTO settings (key, value) VALUES ('paused', '{"kinds":[],"all":false}')
+        ON CONFLICT DO NOTHING;
     """,
 ]
 
