@@ -157,9 +157,10 @@ class ServiceState(msgspec.Struct):
 
 class Reservation(msgspec.Struct, frozen=True):
     """A call's worst case, held against the budget until the call settles. The call is
-    booked at the terms it was reserved at, whatever a reload changes meanwhile."""
+    booked at the terms it was reserved at, whatever a reload changes meanwhile. `id`: its
+    row in the store; None for a free call, which holds nothing."""
 
-    id: int
+    id: int | None
     job: int | None
     user: str
     kind: str

@@ -18,7 +18,8 @@ import msgspec
 import pytest
 import trio
 
-from jobwarden.actors.messages import BreakerTrip, Pause, Resume
+from jobwarden.actors.ledger import STOPPED_RECHECK
+from jobwarden.actors.messages import BreakerTrip, BudgetQuery, Pause, Resume, SetBudget
 from jobwarden.errors import RequestError
 from jobwarden.mailbox import ask
 from jobwarden.process import supervisor
@@ -28,6 +29,7 @@ from jobwarden.wire.views import TERMINAL_STATUSES, JobView
 from tests.conftest import make_config
 from tests.test_breaker import SERVICE_KINDS
 from tests.test_guards import KINDS, explained, limits
+from tests.test_ledger import metered
 
 POSTGRES_URL = os.environ.get("JOBWARDEN_TEST_POSTGRES_URL")
 
@@ -153,3 +155,55 @@ async def test_a_breaker_tripped_on_one_daemon_holds_the_kinds_jobs_on_the_other
     final = await finished(b, job.id)
     assert final.status == "done"
     assert final.started_at == opened["open_until"]
+
+
+def booked_usd(subscription) -> float:
+    usd = 0.0
+    while True:
+        try:
+            event = subscription.events.receive_nowait()
+        except trio.WouldBlock:
+            return usd
+        if event.type == "cost":
+            usd += event.data["usd"]
+
+
+async def spent_in_ledger(daemon) -> float:
+    return await daemon.handle.store.read(
+        lambda conn: conn.execute("SELECT COALESCE(SUM(usd), 0) FROM ledger").fetchone()[0]
+    )
+
+
+async def test_200_priced_calls_at_once_over_two_daemons_never_spend_past_the_daily_budget(
+    autojump_clock, start_cluster
+):
+    # $0.01 a call, 200 calls ($2) against $1 a day: 200 jobs of one call, each daemon free
+    # to run 100 of them at once.
+    a, b = await start_cluster(limits() + metered(daily=1), max_concurrent_jobs=100)
+    work = {"service": "tokens", "units": [1]}
+    await ask(a.handle.scheduler, Pause, kind=None)
+    fanouts = [await (a, b)[n % 2].submit("fanout", work) for n in range(200)]
+    with (
+        a.handle.hub.subscribe(buffer=10_000) as on_a,
+        b.handle.hub.subscribe(buffer=10_000) as on_b,
+    ):
+        # Each daemon hears of the resume (another's wake-up is the cluster's part): both
+        # start ten jobs at once.
+        for daemon in (a, b):
+            await ask(daemon.handle.scheduler, Resume, kind=None)
+        await trio.sleep(120)
+        # A daemon's hub carries its own commits: the calls each daemon booked.
+        booked = [booked_usd(on_a), booked_usd(on_b)]
+    assert all(usd > 0 for usd in booked)
+    assert sum(booked) == pytest.approx(await spent_in_ledger(a))
+    assert 0.5 < sum(booked) <= 1.0 + 1e-9
+    assert all([(await ask(d.handle.ledger, BudgetQuery))["stopped"] for d in (a, b)])
+    # An operator raises the limit on one daemon: the other takes it up too, and every job
+    # finishes within the new limit.
+    await ask(a.handle.ledger, SetBudget, daily_usd=3.0, monthly_usd=None)
+    for job in fanouts:
+        assert (await finished(b, job.id)).status == "done"
+    # b reads the stored limits again while it is stopped.
+    await trio.sleep(STOPPED_RECHECK)
+    assert not (await ask(b.handle.ledger, BudgetQuery))["stopped"]
+    assert await spent_in_ledger(b) <= 3.0 + 1e-9

@@ -163,6 +163,20 @@ MIGRATIONS: list[str] = [
     -- The paused kinds, there to be locked by whoever changes them (store/jobs.py).
     INSERT INTO settings (key, value) VALUES ('paused', '{"kinds":[],"all":false}')
         ON CONFLICT DO NOTHING;
+    -- The spend of each budget day ('YYYY-MM-DD') and month ('YYYY-MM'), grown by each
+    -- booking: the rows a reservation locks and the totals it checks (store/ledger.py).
+    CREATE TABLE budget_spend (period TEXT PRIMARY KEY, usd REAL NOT NULL);
+    INSERT INTO budget_spend (period, usd) SELECT day, SUM(usd) FROM ledger GROUP BY day;
+    INSERT INTO budget_spend (period, usd) SELECT month, SUM(usd) FROM ledger GROUP BY month;
+    -- Each call's worst case until it is booked, held by one daemon under a lease it renews.
+    CREATE TABLE budget_reservations (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        holder TEXT NOT NULL,
+        job_id INTEGER,
+        service TEXT NOT NULL,
+        usd REAL NOT NULL,
+        expires_at REAL NOT NULL
+    );
     """,
 ]
 
