@@ -9,12 +9,21 @@ Each service has a `Circuit` (actors/circuit.py: when calls are refused, when pr
 `Gate` (actors/bucket.py: its concurrency and rate limits); permits wait in order until both
 let them through. Open circuits are stored, so a restart does not hammer a provider that was
 down.
+
+Every daemon on the database shares each circuit's state through its row. Before it grants
+waiting permits, the breaker reads the rows and takes up a change another daemon made since
+its own last one (opened: calls here fail fast too; closed: a reset or a probe's success). A
+half-open circuit's probes go from one daemon only: the one whose `take_probe` update found the
+probe free (or its holder's probe deadline past); the others refuse calls meanwhile, as a
+half-open circuit refuses calls beyond its probes. Failures are counted by each daemon for the
+calls it makes. The concurrency and rate limits are still this daemon's own.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+import uuid
 from collections import deque
 from functools import partial
 from typing import Any
@@ -39,10 +48,10 @@ from jobwarden.actors.messages import (
 )
 from jobwarden.clock import WallClock
 from jobwarden.config import Config, ServiceSection, format_duration
-from jobwarden.errors import RequestError, ServiceUnavailable
+from jobwarden.errors import RequestError, ServiceUnavailable, StoreError
 from jobwarden.mailbox import ReplySlot, receive_by
 from jobwarden.store import Engine
-from jobwarden.store.breakers import load_breakers, save_breaker
+from jobwarden.store.breakers import load_breakers, save_breaker, take_probe
 
 log = structlog.get_logger("breaker")
 
@@ -59,6 +68,8 @@ class _Service:
         self.retry_at = math.inf
         self.calls = 0
         self.failures = 0
+        # The stored circuit's version this daemon last wrote or took up.
+        self.seen_version = 0
 
     def reconfigure(self, spec: ServiceSection, now: float) -> None:
         in_flight = self.gate.in_flight
@@ -88,17 +99,22 @@ class Breaker:
         self._alerts = alerts
         self._ids = itertools.count(1)
         self._services: dict[str, _Service] = {}
+        # Names this daemon as a half-open circuit's prober in the store.
+        self._holder = uuid.uuid4().hex
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         stored = await self._store.read(load_breakers)
         self._build(self._config)
-        for name, (state, open_until) in stored.items():
+        for name, circuit in stored.items():
             service = self._services.get(name)
-            if service is not None and state != "closed" and open_until is not None:
+            if service is None:
+                continue
+            service.seen_version = circuit.version
+            if circuit.state != "closed" and circuit.open_until is not None:
                 # Down when we stopped: stay open for the rest of its recovery time.
                 service.circuit.state = "open"
-                service.circuit.open_until = open_until
-                log.info("breaker restored open", service=name, until=open_until)
+                service.circuit.open_until = circuit.open_until
+                log.info("breaker restored open", service=name, until=circuit.open_until)
         async with self._inbox, self._scheduler, self._alerts:
             for service in self._services.values():
                 await self._tell_scheduler(service)
@@ -173,6 +189,7 @@ class Breaker:
             case BreakerReset() | BreakerTrip():
                 await self._operator(msg)
             case BreakerSnapshot(reply=reply):
+                await self._follow_stored()
                 reply.set({name: self._view(s) for name, s in self._services.items()})
             case Reconfigure(config=config):
                 self._config = config
@@ -206,8 +223,39 @@ class Breaker:
         await self._changed(service, before)
         msg.reply.set(self._view(service))
 
+    async def _follow_stored(self) -> None:
+        """Take up what another daemon decided for a circuit since this one last wrote or
+        read it: calls here then fail fast too, or flow again."""
+        stored = await self._store.read(load_breakers)
+        now = self._clock.now()
+        for name, circuit in stored.items():
+            service = self._services.get(name)
+            if service is None or circuit.version <= service.seen_version:
+                continue
+            service.seen_version = circuit.version
+            before = service.circuit.state
+            if circuit.state != before:
+                service.circuit.adopt(circuit.state, circuit.open_until, now)  # type: ignore[arg-type]
+                await self._changed(service, before, ours=False)
+
+    async def _may_probe(self, service: _Service, now: float) -> bool:
+        """Whether this daemon holds the half-open circuit's probe in the store."""
+        take = partial(
+            take_probe,
+            service=service.name,
+            holder=self._holder,
+            until=now + service.spec.timeout,
+            now=now,
+        )
+        try:
+            return await self._store.write(take)
+        except StoreError:
+            return False  # unknown who probes: refused, as a call beyond the probes is
+
     async def _advance(self) -> None:
         """Expire probes, move open circuits on, and grant what the gates allow now."""
+        if any(service.waiting for service in self._services.values()):
+            await self._follow_stored()
         now = self._clock.now()
         trio_now = trio.current_time()
         for service in self._services.values():
@@ -218,6 +266,11 @@ class Breaker:
             while service.waiting:
                 permit, permit_id = service.waiting[0]
                 decision = service.circuit.admit(now, permit_id)
+                probe = decision is not None and service.circuit.state == "half_open"
+                if probe and not await self._may_probe(service, now):
+                    # Another daemon probes the service: its verdict comes through the row.
+                    service.circuit.abandon(permit_id)
+                    decision = None
                 if decision is None:
                     service.waiting.popleft()
                     permit.reply.fail(ServiceUnavailable(service.name, service.circuit.open_until))
@@ -233,7 +286,9 @@ class Breaker:
                 service.granted[permit_id] = (permit.reply, token)
                 permit.reply.set(token)
 
-    async def _changed(self, service: _Service, before: State) -> None:
+    async def _changed(self, service: _Service, before: State, *, ours: bool = True) -> None:
+        """A circuit changed: logged and told to the scheduler; stored (with an alert when it
+        opened) if this daemon decided it, rather than took it up from the row."""
         after = service.circuit.state
         if after == before:
             return
@@ -245,14 +300,17 @@ class Breaker:
             before=before,
             after=after,
             open_until=until,
+            decided_here=ours,
         )
-        # Kept while the store takes no writes: the latest state is written when it does.
-        await self._store.write_or_keep(
-            partial(save_breaker, service=service.name, state=after, open_until=until, now=now),
-            key=("breaker", service.name),
-        )
+        if ours:
+            service.seen_change = now
+            # Kept while the store takes no writes: the latest state is written when it does.
+            await self._store.write_or_keep(
+                partial(save_breaker, service=service.name, state=after, open_until=until, now=now),
+                key=("breaker", service.name),
+            )
         await self._tell_scheduler(service)
-        if after == "open":
+        if after == "open" and ours:
             await self._alerts.send(
                 RaiseAlert(
                     name=f"breaker_{service.name}",

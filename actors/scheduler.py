@@ -108,9 +108,9 @@ def claim_where_allowed(
     daemon on the database, then the claim within the capacity they leave."""
     paused = msgspec.convert(jobs.get_setting(conn, PAUSED_SETTING) or {}, PauseState)
     open_services = {
-        service: until
-        for service, (state, until) in load_breakers(conn).items()
-        if state == "open" and until is not None and until > now
+        service: circuit.open_until
+        for service, circuit in load_breakers(conn).items()
+        if circuit.state == "open" and circuit.open_until is not None and circuit.open_until > now
     }
     total, capacity = free_capacity(config, running, paused, set(open_services), load)
     claimed = None

@@ -19,7 +19,14 @@ import pytest
 import trio
 
 from jobwarden.actors.ledger import STOPPED_RECHECK
-from jobwarden.actors.messages import BreakerTrip, BudgetQuery, Pause, Resume, SetBudget
+from jobwarden.actors.messages import (
+    BreakerSnapshot,
+    BreakerTrip,
+    BudgetQuery,
+    Pause,
+    Resume,
+    SetBudget,
+)
 from jobwarden.errors import RequestError
 from jobwarden.mailbox import ask
 from jobwarden.process import supervisor
@@ -207,3 +214,36 @@ async def test_200_priced_calls_at_once_over_two_daemons_never_spend_past_the_da
     await trio.sleep(STOPPED_RECHECK)
     assert not (await ask(b.handle.ledger, BudgetQuery))["stopped"]
     assert await spent_in_ledger(b) <= 3.0 + 1e-9
+
+
+async def test_a_call_on_one_daemon_fails_fast_while_another_holds_the_circuit_open(
+    autojump_clock, start_cluster
+):
+    a, b = await start_cluster(limits() + SERVICE_KINDS.format(max_concurrent=10))
+    await ask(a.handle.breaker, BreakerTrip, service="flaky")
+    # A kind that does not name the service runs, and its call is refused at once.
+    job = await b.submit("caller", {"service": "flaky", "seconds": 5})
+    final = await finished(b, job.id)
+    assert final.error.code == "SERVICE_UNAVAILABLE"
+    assert final.finished_at == final.started_at
+    assert (await ask(b.handle.breaker, BreakerSnapshot))["flaky"]["state"] == "open"
+
+
+async def test_one_daemon_probes_a_half_open_circuit_and_its_success_closes_it_for_both(
+    autojump_clock, start_cluster
+):
+    a, b = await start_cluster(
+        limits() + SERVICE_KINDS.format(max_concurrent=10), max_concurrent_jobs=1
+    )
+    opened = await ask(a.handle.breaker, BreakerTrip, service="flaky")
+    await trio.sleep(opened["open_until"] - a.now)
+    await ask(a.handle.scheduler, Pause, kind=None)
+    calls = [await d.submit("caller", {"service": "flaky", "seconds": 5}) for d in (a, b)]
+    for daemon in (a, b):  # one job each: a slot apiece
+        await ask(daemon.handle.scheduler, Resume, kind=None)
+    outcomes = sorted([(await finished(a, job.id)).status for job in calls])
+    # One probe went; the other daemon's call was refused meanwhile, as a call beyond the
+    # probes of a half-open circuit is.
+    assert outcomes == ["done", "failed"]
+    for daemon in (a, b):
+        assert (await ask(daemon.handle.breaker, BreakerSnapshot))["flaky"]["state"] == "closed"

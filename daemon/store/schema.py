@@ -168,6 +168,11 @@ MIGRATIONS: list[str] = [
     CREATE TABLE budget_spend (period TEXT PRIMARY KEY, usd REAL NOT NULL);
     INSERT INTO budget_spend (period, usd) SELECT day, SUM(usd) FROM ledger GROUP BY day;
     INSERT INTO budget_spend (period, usd) SELECT month, SUM(usd) FROM ledger GROUP BY month;
+    -- The one daemon that probes a half-open circuit, and until when (store/breakers.py).
+    ALTER TABLE breakers ADD COLUMN probe_holder TEXT;
+    ALTER TABLE breakers ADD COLUMN probe_until REAL;
+    -- Counts the changes written, for the daemons that take them up.
+    ALTER TABLE breakers ADD COLUMN version INTEGER NOT NULL DEFAULT 0;
     -- Each call's worst case until it is booked, held by one daemon under a lease it renews.
     CREATE TABLE budget_reservations (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
