@@ -4,9 +4,9 @@ Consumes `Submit` and `Requeue` from the listeners, `BudgetState` from the ledge
 `StopAdmitting`/`Reconfigure` from the supervisor. Produces `JobQueued` for the scheduler.
 
 The guards run in two places. Here, in memory, the checks of the request and of this daemon:
-draining, a store that takes no writes (`STORAGE_FULL`/`STORAGE_ERROR`, as the engine's health
-says), budget, kind, payload size and schema, a kind's memory requirement this machine can
-never meet (its total memory, as the daemon's one sampler read it at start). In the store,
+draining, a store that takes no writes (a `STORAGE_` code, as the engine's health says),
+budget, kind, payload size and schema, a kind's memory requirement this machine can never meet
+(its total memory, as the daemon's one sampler read it at start). In the store,
 inside the transaction that inserts the job, the guards that count, so they survive restarts
 and hold for every daemon on the database: user exists and is enabled, the per-user rate limit
 (a `TokenBucket` applied to the bucket kept in the user's row; the user's own rate is read

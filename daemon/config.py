@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from types import UnionType
 from typing import Annotated, Any, Literal, Union
+from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
 
@@ -133,11 +134,51 @@ class DaemonSection(Section):
     crash_loop_after: PositiveInt = 3
 
 
+DEFAULT_DATABASE = "var/jobwarden.db"
+# A [store] url in one of these schemes runs the store on PostgreSQL.
+DATABASE_URL_SCHEMES = ("postgresql", "postgres")
+
+
+def is_database_url(target: str) -> bool:
+    return urlsplit(target).scheme in DATABASE_URL_SCHEMES
+
+
+def redacted_url(target: str) -> str:
+    """A database URL as it may be shown and logged: its password, in the user part or as a
+    parameter, replaced by ***. A file path is returned as it is."""
+    if "://" not in target:
+        return target
+    parts = urlsplit(target)
+    netloc = parts.netloc
+    if parts.password is not None:
+        host = netloc.rsplit("@", 1)[1]
+        netloc = f"{parts.username or ''}:***@{host}"
+    query = re.sub(r"password=[^&]*", "password=***", parts.query)
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
 class StoreSection(Section):
-    path: str = "var/jobwarden.db"
+    # The SQLite database file (the default: var/jobwarden.db) ...
+    path: str = ""
+    # ... or a PostgreSQL database instead: postgresql://user[:password]@host[:port]/dbname
+    # (libpq's URL, parameters such as ?host=/run/postgresql or &sslmode=require included).
+    url: str = ""
     synchronous: Literal["OFF", "NORMAL", "FULL", "EXTRA"] = "NORMAL"
     # Upper bound on writes folded into one transaction by group commit.
     max_batch: PositiveInt = 1000
+
+    def __post_init__(self) -> None:
+        if self.url and self.path:
+            raise ValueError(
+                "path, url: set one of them, not both (path: an SQLite file; url: a "
+                "postgresql:// URL)"
+            )
+        if self.url and not is_database_url(self.url):
+            raise ValueError(
+                f"url: expected a postgresql:// or postgres:// URL, got '{redacted_url(self.url)}'"
+            )
+        if not self.url and not self.path:
+            msgspec.structs.force_setattr(self, "path", DEFAULT_DATABASE)
 
 
 class AdminSection(Section):
@@ -402,6 +443,10 @@ class Config(Section):
 
     def path(self, relative: str) -> Path:
         return Path(self.base_dir, relative).resolve()
+
+    def database(self) -> str:
+        """Where the store is: the [store] url, or the file its path names."""
+        return self.store.url or str(self.path(self.store.path))
 
     def rule(self, kind: str, name: str) -> float:
         """A monitor threshold for a kind: its own, else the [monitor] default (sla: off)."""

@@ -15,6 +15,8 @@ from jobwarden.mailbox import ReplySlot
 from jobwarden.store import jobs
 from tests.conftest import EPOCH
 
+pytestmark = pytest.mark.both_stores
+
 SPEC = BreakerSpec(
     failures=5,
     error_rate=0.10,

@@ -4,8 +4,8 @@ Two whole daemons run in this process on one database, each with its own store, 
 actors and its own admin socket: what one decides, the other must see in the rows when it
 decides. On SQLite the two share one file (WAL), which a daemon would normally refuse (it
 locks the file); the fixture lifts that lock, and keeps both started before any job exists,
-so neither recovers the other's running jobs at its start. Set JOBWARDEN_TEST_POSTGRES_URL to
-run the same tests on PostgreSQL once its backend is in.
+so neither recovers the other's running jobs at its start. With JOBWARDEN_TEST_POSTGRES set
+they run on PostgreSQL too (the module is marked `both_stores`), both daemons in one schema.
 """
 
 from __future__ import annotations
@@ -38,25 +38,19 @@ from tests.test_breaker import SERVICE_KINDS
 from tests.test_guards import KINDS, explained, limits
 from tests.test_ledger import metered
 
-POSTGRES_URL = os.environ.get("JOBWARDEN_TEST_POSTGRES_URL")
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """Where the two daemons keep their one store: a [store] table for both configs."""
-    if request.param == "postgresql":
-        if POSTGRES_URL is None:
-            pytest.skip("set JOBWARDEN_TEST_POSTGRES_URL to run the cluster guards on PostgreSQL")
-        return f'[store]\nurl = "{POSTGRES_URL}"\n'
-    # Each daemon locks its database file so that a second one cannot dispatch it; here two
-    # share it on purpose.
-    monkeypatch.setattr(supervisor, "lock_database", lambda path: os.open(os.devnull, os.O_RDONLY))
-    return f'[store]\npath = "{tmp_path / "shared.db"}"\n'
+pytestmark = pytest.mark.both_stores
 
 
 @pytest.fixture
-def start_cluster(start_daemon, tmp_path: Path, database: str):
-    """Start two daemons on the one database, each on a directory (and sockets) of its own."""
+def start_cluster(start_daemon, tmp_path: Path, database: str, monkeypatch: pytest.MonkeyPatch):
+    """Start two daemons on the one database, each on a directory (and sockets) of its own.
+    On PostgreSQL make_config names the test's schema; on SQLite both get one file."""
+    if database == "sqlite":
+        # Each daemon locks its database file so that a second one cannot dispatch it; here
+        # two share it on purpose.
+        monkeypatch.setattr(
+            supervisor, "lock_database", lambda path: os.open(os.devnull, os.O_RDONLY)
+        )
 
     async def start(extra: str, *, max_concurrent_jobs: int = 2) -> list:
         daemons = []
@@ -64,10 +58,9 @@ def start_cluster(start_daemon, tmp_path: Path, database: str):
             home = tmp_path / name
             home.mkdir()
             config = make_config(home, extra, max_concurrent_jobs=max_concurrent_jobs)
-            shared = msgspec.toml.decode(database.encode())["store"]
-            config = msgspec.structs.replace(
-                config, store=msgspec.structs.replace(config.store, **shared)
-            )
+            if database == "sqlite":
+                shared = msgspec.structs.replace(config.store, path=str(tmp_path / "shared.db"))
+                config = msgspec.structs.replace(config, store=shared)
             daemons.append(await start_daemon(config=config))
         return daemons
 

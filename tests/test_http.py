@@ -8,6 +8,7 @@ import json
 import socket
 import sys
 
+import pytest
 import trio
 import trio.testing
 from prometheus_client.parser import text_string_to_metric_families
@@ -20,6 +21,8 @@ from jobwarden.process.admin import Stop
 from jobwarden.process.supervisor import Reload
 from jobwarden.wire.views import STATUSES
 from tests.conftest import BASE_CONFIG, NO_LIMITS
+
+pytestmark = pytest.mark.both_stores
 
 KINDS = """
 [services.paid]

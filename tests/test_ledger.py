@@ -21,6 +21,8 @@ from jobwarden.errors import RequestError
 from jobwarden.mailbox import ReplySlot
 from tests.conftest import EPOCH
 
+pytestmark = pytest.mark.both_stores
+
 # EPOCH is 2027-01-15 08:00 UTC: the next budget day starts 16 h in.
 NEXT_MIDNIGHT = 16 * 3600
 
@@ -132,7 +134,9 @@ async def test_twenty_jobs_against_a_budget_for_ten_calls(autojump_clock, start_
         assert (final.status, final.attempt) == ("done", 1)
         assert final.started_at - EPOCH == NEXT_MIDNIGHT
     days = await daemon.handle.store.read(
-        lambda conn: conn.execute("SELECT day, COUNT(*) FROM ledger GROUP BY day").fetchall()
+        lambda conn: conn.execute(
+            "SELECT day, COUNT(*) FROM ledger GROUP BY day ORDER BY day"
+        ).fetchall()
     )
     assert days == [("2027-01-15", 10), ("2027-01-16", 10)]
 

@@ -18,6 +18,8 @@ from jobwarden.store import jobs
 from jobwarden.store.monitor import Candidates, Row, StuckRow
 from tests.conftest import EPOCH
 
+pytestmark = pytest.mark.both_stores
+
 KINDS = """
 [monitor]
 interval = "30s"

@@ -343,6 +343,8 @@ def _shutdown(args: argparse.Namespace) -> int:
 
 def _backup(args: argparse.Namespace) -> int:
     config = load_config(find_config(args.config))
+    if config.store.url:
+        raise ConfigError("backup copies an SQLite database; back a PostgreSQL one up with pg_dump")
     database = config.path(config.store.path)
     target = Path(args.path)
     # A file of our own first, so the copy is never readable by more than its owner, and a

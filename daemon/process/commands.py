@@ -423,8 +423,8 @@ async def answer(
 
 def error_reply(exc: Exception, *, listener: str) -> ErrorBody:
     """The error a client is sent for a request that raised `exc`: a refusal's own; a store
-    that takes no writes, STORAGE_FULL or STORAGE_ERROR; anything else is the daemon's fault,
-    INTERNAL, with an error_id that finds its one log line."""
+    that takes no writes, STORAGE_FULL, STORAGE_ERROR or STORAGE_UNAVAILABLE; anything else is
+    the daemon's fault, INTERNAL, with an error_id that finds its one log line."""
     if isinstance(exc, RequestError):
         return exc.body
     if isinstance(exc, StoreError):

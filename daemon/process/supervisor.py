@@ -46,7 +46,7 @@ from jobwarden.actors.pool import Pool
 from jobwarden.actors.processes import end_leftover_groups
 from jobwarden.actors.scheduler import Scheduler
 from jobwarden.clock import WallClock
-from jobwarden.config import Config, Overrides, check_handlers, load_config
+from jobwarden.config import Config, Overrides, check_handlers, load_config, redacted_url
 from jobwarden.errors import ConfigError, StartupError, StoreError
 from jobwarden.hub import EventHub
 from jobwarden.logs import configure_logging, use_clock
@@ -172,25 +172,28 @@ class Supervisor:
         clock = WallClock(self._clock_epoch)
         self._clock = clock
         use_clock(clock)
-        db_path = config.path(config.store.path)
-        lock_fd = lock_database(db_path)
+        database = config.database()
+        # One daemon per SQLite file. A PostgreSQL database takes no file lock: several
+        # daemons on one database are a cluster (docs/operations.md says what holds there).
+        lock_fd = None if config.store.url else lock_database(Path(database))
         hub = EventHub()
         try:
             async with Store.open(
-                db_path,
+                database,
                 hub=hub,
                 synchronous=config.store.synchronous,
                 max_batch=config.store.max_batch,
                 threaded=self._threaded_store,
                 clock=clock,
             ) as store:
-                await self._recover(store, clock, db_path)
+                await self._recover(store, clock, redacted_url(database))
                 await self._run_actors(store, hub, clock, task_status)
         finally:
-            os.close(lock_fd)
+            if lock_fd is not None:
+                os.close(lock_fd)
             use_clock(None)
 
-    async def _recover(self, store: Store, clock: WallClock, db_path: Path) -> None:
+    async def _recover(self, store: Store, clock: WallClock, database: str) -> None:
         """Jobs a crash left `running` go back to the queue, once what is left of their
         commands has been ended: a command's children may outlive a crash. On a store that
         takes no writes (a full disk) the daemon starts all the same, read-only: the recovery
@@ -208,14 +211,14 @@ class Supervisor:
             store.hand_over(recover, keep=True)
             log.error(
                 "start-up recovery waits for the store to take writes; starting read-only",
-                database=str(db_path),
+                database=database,
                 code=exc.code,
                 error=str(exc),
             )
             return
         log.info(
             "start-up recovery done",
-            database=str(db_path),
+            database=database,
             leftover_processes_ended=leftovers,
             **recovered,
         )

@@ -17,6 +17,7 @@ import msgspec
 
 from jobwarden.config import parse_rate
 from jobwarden.errors import new_error_id
+from jobwarden.store.backend import backend_of
 from jobwarden.store.rows import (
     JOB_COLUMNS,
     LIST_COLUMNS,
@@ -333,9 +334,10 @@ def _insert(
             f"a {new.kind} job costs {price} credits; user '{new.user}' has {user.credits}",
         )
     tag = max(user.last_tag + 1, fair_clock)
-    cursor = conn.execute(
-        "INSERT INTO jobs (kind, user, status, priority, payload, idempotency_key, submission_id,"
-        " max_attempts, created_at, updated_at, available_at, fair_tag, credits)"
+    [job_id] = backend_of(conn).insert_ids(
+        conn,
+        'INSERT INTO jobs (kind, "user", status, priority, payload, idempotency_key,'
+        " submission_id, max_attempts, created_at, updated_at, available_at, fair_tag, credits)"
         " VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             new.kind,
@@ -351,10 +353,12 @@ def _insert(
             tag,
             price,
         ),
+        "id",
+        1,
     )
-    # Built here, not read back: RETURNING would cost more than the INSERT itself.
+    # Built here, not read back: in SQLite, RETURNING would cost more than the INSERT itself.
     job = JobView(
-        id=cursor.lastrowid,
+        id=job_id,
         kind=new.kind,
         user=new.user,
         status="queued",
@@ -390,7 +394,7 @@ def _queued_up_to(conn: sqlite3.Connection, limit: int, kind: str | None = None)
     else:
         sql = "SELECT 1 FROM jobs WHERE kind = ? AND status = 'queued' LIMIT ?"
         params = (kind, limit)
-    return conn.execute(f"SELECT COUNT(*) FROM ({sql})", params).fetchone()[0]
+    return conn.execute(f"SELECT COUNT(*) FROM ({sql}) AS counted", params).fetchone()[0]
 
 
 def _queue_full(conn: sqlite3.Connection, kind: str, quota: Quota, now: float) -> Refused | None:
@@ -481,14 +485,15 @@ def claim(
     highest_tag = 0
     while total > 0 and allowed:
         kinds = sorted(allowed)
+        # PostgreSQL takes no empty list after IN.
+        but_users = f'AND jobs."user" NOT IN ({placeholders(full_users)}) ' if full_users else ""
         # Walk the dispatch order and stop at `total` rows. Left to itself, SQLite picks the
         # (status, available_at) index and sorts every due row: 17 ms a round at 100k queued.
         rows = conn.execute(
             f"SELECT {_qualified(JOB_COLUMNS)}, jobs.fair_tag, users.max_running "
-            f"FROM jobs INDEXED BY jobs_order LEFT JOIN users ON users.name = jobs.user "
+            f'FROM jobs INDEXED BY jobs_order LEFT JOIN users ON users.name = jobs."user" '
             f"WHERE jobs.status = 'queued' AND jobs.available_at <= ? "
-            f"AND jobs.kind IN ({placeholders(kinds)}) "
-            f"AND jobs.user NOT IN ({placeholders(full_users)}) "
+            f"AND jobs.kind IN ({placeholders(kinds)}) {but_users}"
             f"ORDER BY jobs.priority DESC, jobs.fair_tag, jobs.id LIMIT ?",
             (now, *kinds, *full_users, total),
         ).fetchall()
@@ -774,7 +779,7 @@ def report_progress(
 ) -> bool:
     cursor = conn.execute(
         "UPDATE jobs SET progress = ?, message = ?, heartbeat_at = ?, updated_at = ?, "
-        "progress_at = CASE WHEN progress IS ? AND progress_at IS NOT NULL "
+        "progress_at = CASE WHEN progress = ? AND progress_at IS NOT NULL "
         "THEN progress_at ELSE ? END "
         "WHERE id = ? AND status = 'running' RETURNING user, kind",
         (fraction, message, now, now, fraction, now, job_id),
@@ -1020,24 +1025,24 @@ def queue_positions(
         ahead = (
             conn.execute(
                 "SELECT COUNT(*) FROM (SELECT 1 FROM jobs INDEXED BY jobs_order"
-                " WHERE status = 'queued' AND priority > ? LIMIT ?)",
+                " WHERE status = 'queued' AND priority > ? LIMIT ?) AS ahead",
                 (priority, POSITION_HORIZON),
             ).fetchone()[0]
             + conn.execute(
                 "SELECT COUNT(*) FROM (SELECT 1 FROM jobs WHERE status = 'queued' AND priority = ?"
-                " AND (fair_tag, id) < (?, ?) LIMIT ?)",
+                " AND (fair_tag, id) < (?, ?) LIMIT ?) AS ahead",
                 (priority, tag, job_id, POSITION_HORIZON),
             ).fetchone()[0]
         )
         kind_ahead = (
             conn.execute(
                 "SELECT COUNT(*) FROM (SELECT 1 FROM jobs WHERE kind = ? AND status = 'queued'"
-                " AND priority > ? LIMIT ?)",
+                " AND priority > ? LIMIT ?) AS ahead",
                 (kind, priority, POSITION_HORIZON),
             ).fetchone()[0]
             + conn.execute(
                 "SELECT COUNT(*) FROM (SELECT 1 FROM jobs WHERE kind = ? AND status = 'queued'"
-                " AND priority = ? AND (fair_tag, id) < (?, ?) LIMIT ?)",
+                " AND priority = ? AND (fair_tag, id) < (?, ?) LIMIT ?) AS ahead",
                 (kind, priority, tag, job_id, POSITION_HORIZON),
             ).fetchone()[0]
         )

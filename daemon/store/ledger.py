@@ -125,7 +125,7 @@ def spent(conn: sqlite3.Connection, *, day: str, month: str) -> tuple[float, flo
 def report(conn: sqlite3.Connection, *, period: str, by: str) -> dict[str, Any]:
     """A day's (YYYY-MM-DD) or a month's (YYYY-MM) calls and spend, grouped `by` service,
     user or kind, the costliest group first."""
-    column = {"service": "service", "user": "user", "kind": "kind"}[by]
+    column = {"service": "service", "user": '"user"', "kind": "kind"}[by]
     where = "day = ?" if len(period) == 10 else "month = ?"
     groups = conn.execute(
         f"SELECT {column}, COUNT(*), SUM(1 - ok), SUM(units), SUM(usd) FROM ledger "

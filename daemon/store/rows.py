@@ -8,7 +8,8 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from jobwarden.store.sqlite import Connection, is_fault
+from jobwarden.store.backend import backend_of
+from jobwarden.store.sqlite import Connection
 from jobwarden.wire.views import ErrorBody, Event, JobView
 
 T = TypeVar("T")
@@ -66,7 +67,7 @@ def row_lock(conn: Connection) -> str:
     """The phrase that ends a SELECT to lock the rows it reads until the transaction ends, so
     that two daemons cannot both decide on the same guard row: none on SQLite, whose one
     writer holds the whole database for its transaction; ` FOR UPDATE` on PostgreSQL."""
-    return "" if isinstance(conn, Connection) else " FOR UPDATE"
+    return " FOR UPDATE" if backend_of(conn).NAME == "postgresql" else ""
 
 
 def placeholders(values: Iterable[Any]) -> str:
@@ -101,6 +102,7 @@ def apply_each(
     the items: SQLite copies every page a savepoint changes first. A database that fails
     (disk full, I/O error) fails every item alike: that is raised, for the engine to handle.
     """
+    is_fault = backend_of(conn).is_fault
     mark = len(events)
     conn.execute("SAVEPOINT batch")
     try:
@@ -151,13 +153,14 @@ def insert_events(conn: Connection, events: Events) -> None:
     """Insert a write's event rows in multi-row statements and give each its seq.
 
     One statement per event would cost a SQLite step each, and each step gives the GIL away
-    and waits to get it back from the trio thread. Rows one INSERT adds to an AUTOINCREMENT
-    table are numbered consecutively, and this thread is the only writer.
+    and waits to get it back from the trio thread. The backend says which seq each row got.
     """
+    backend = backend_of(conn)
     for start in range(0, len(events), EVENT_ROWS_PER_INSERT):
         chunk = events[start : start + EVENT_ROWS_PER_INSERT]
-        cursor = conn.execute(
-            "INSERT INTO events (job_id, user, kind, type, at, data) VALUES "
+        seqs = backend.insert_ids(
+            conn,
+            'INSERT INTO events (job_id, "user", kind, type, at, data) VALUES '
             + ", ".join(["(?, ?, ?, ?, ?, ?)"] * len(chunk)),
             [
                 value
@@ -171,7 +174,8 @@ def insert_events(conn: Connection, events: Events) -> None:
                     dump_json(event.data),
                 )
             ],
+            "seq",
+            len(chunk),
         )
-        first = cursor.lastrowid - len(chunk) + 1
-        for offset, event in enumerate(chunk):
-            event.seq = first + offset
+        for event, seq in zip(chunk, seqs, strict=True):
+            event.seq = seq

@@ -2,13 +2,17 @@
 
 A database records the version it is at; opening it runs the migrations it has not had, each
 in its own transaction. A migration is never edited once released: a change is a new one. The
-statements are SQLite's (see sqlite.py for what another backend writes differently).
+statements are SQLite's; PostgreSQL runs them as postgres.py translates them, so a new
+migration keeps to what both take: the types INTEGER, REAL and TEXT, a surrogate key as
+`id INTEGER PRIMARY KEY AUTOINCREMENT`, booleans as INTEGER 0/1, plain and partial indexes.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from jobwarden.errors import StartupError
-from jobwarden.store import sqlite
+from jobwarden.store.backend import backend_of
 
 MIGRATIONS: list[str] = [
     """
@@ -186,14 +190,15 @@ MIGRATIONS: list[str] = [
 ]
 
 
-def migrate(conn: sqlite.Connection) -> int:
+def migrate(conn: Any) -> int:
     """Bring the database to the newest schema version; returns that version."""
-    version = sqlite.schema_version(conn)
+    backend = backend_of(conn)
+    version = backend.schema_version(conn)
     if version > len(MIGRATIONS):
         raise StartupError(
             f"database schema version {version} is newer than this jobwarden knows "
             f"({len(MIGRATIONS)}); upgrade jobwarden"
         )
     for number in range(version, len(MIGRATIONS)):
-        sqlite.migrate_to(conn, number + 1, MIGRATIONS[number])
+        backend.migrate_to(conn, number + 1, MIGRATIONS[number])
     return len(MIGRATIONS)

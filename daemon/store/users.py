@@ -121,12 +121,14 @@ def update(
         sets.append("credits = ?")
         values.append(credits)
     elif credits_delta is not None:
-        # SQLite turns an INTEGER sum past 2**63 - 1 into a REAL; the balance stops there.
+        # The bound is checked on a sum that cannot overflow (REAL in SQLite, NUMERIC in
+        # PostgreSQL): the balance stops at MAX_CREDITS, and at 0.
         sets.append(
             "credits = CASE WHEN credits IS NULL THEN NULL"
-            f" ELSE MAX(0, MIN(credits + ?, {MAX_CREDITS})) END"
+            f" WHEN credits + 0.0 + ? >= {MAX_CREDITS} THEN {MAX_CREDITS}"
+            " WHEN credits + ? < 0 THEN 0 ELSE credits + ? END"
         )
-        values.append(credits_delta)
+        values.extend([credits_delta] * 3)
     if limits is not None:
         for column in ("daily_limit", "rate", "max_running"):
             value = getattr(limits, column)
