@@ -13,24 +13,31 @@ from __future__ import annotations
 import os
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
 import trio
 
-from jobwarden.actors.ledger import STOPPED_RECHECK
+from jobwarden.actors.bucket import TokenBucket
+from jobwarden.actors.budget import BudgetCalendar, Limits
+from jobwarden.actors.ledger import STOPPED_RECHECK, OverBudget, Reserved, reserve_within_budget
 from jobwarden.actors.messages import (
     BreakerSnapshot,
     BreakerTrip,
     BudgetQuery,
     Pause,
+    Reservation,
     Resume,
     SetBudget,
 )
 from jobwarden.errors import RequestError
+from jobwarden.hub import EventHub
 from jobwarden.mailbox import ask
 from jobwarden.process import supervisor
-from jobwarden.store import users
+from jobwarden.store import Store, jobs, users
+from jobwarden.store import ledger as ledger_rows
+from jobwarden.store.jobs import Admitted, NewJob, Quota, Refused
 from jobwarden.store.users import UserLimits
 from jobwarden.wire.views import TERMINAL_STATUSES, JobView
 from tests.conftest import make_config
@@ -240,3 +247,122 @@ async def test_one_daemon_probes_a_half_open_circuit_and_its_success_closes_it_f
     assert outcomes == ["done", "failed"]
     for daemon in (a, b):
         assert (await ask(daemon.handle.breaker, BreakerSnapshot))["flaky"]["state"] == "closed"
+
+
+# -- two stores writing at once ---------------------------------------------------------------
+# The daemons above share one trio thread, so their transactions take turns. Here two stores
+# on one database write from their own threads at the same time, as two daemons' would: the
+# row locks (PostgreSQL) and the one writer (SQLite) must decide each guard alone.
+
+NOW = 1_800_000_000.0
+
+
+def booked(at: float, *, usd: float) -> tuple:
+    """A ledger entry as the ledger books one (job, user, kind, service, units, usd, ok, at,
+    day, month, overrun_usd)."""
+    day = BudgetCalendar("UTC").day(at)
+    return (None, "alice", "fanout", "tokens", 1.0, usd, 1, at, day, day[:7], 0.0)
+
+
+async def side_by_side(store_target: str, first: Any | None, writes: list) -> list:
+    """`first` alone (if any), then each write handed to one of two stores in turn, all at
+    once; their results in order. `first` makes the rows the writes contend for: a row being
+    created makes a second creator wait for the first's commit, and the contest would be no
+    test."""
+    results: list = [None] * len(writes)
+    async with (
+        Store.open(store_target, hub=EventHub()) as one,
+        Store.open(store_target, hub=EventHub()) as two,
+    ):
+        if first is not None:
+            await one.write(first)
+
+        async def run(index: int) -> None:
+            results[index] = await (one, two)[index % 2].write(writes[index])
+
+        async with trio.open_nursery() as nursery:
+            for index in range(len(writes)):
+                nursery.start_soon(run, index)
+    return results
+
+
+async def test_submissions_through_two_stores_at_once_take_one_users_bucket_once(store_target):
+    quota = Quota(rate=10 / 60, burst=10, bucket=TokenBucket, day="2027-01-15")
+    new = NewJob(
+        kind="noop",
+        user="alice",
+        payload_json="{}",
+        priority=0,
+        idempotency_key=None,
+        max_attempts=1,
+    )
+    writes = [partial(jobs.insert_many, batch=[new], now=NOW, quota=quota) for _ in range(30)]
+    alice = partial(
+        users.create, name="alice", credits=None, limits=UserLimits(), token_hash=None, now=NOW
+    )
+    batches = await side_by_side(store_target, alice, writes)
+    results = [result for batch in batches for result in batch]
+    assert sum(isinstance(result, Admitted) for result in results) == 10
+    assert {result.code for result in results if isinstance(result, Refused)} == {"RATE_LIMITED"}
+
+
+async def test_reservations_through_two_stores_at_once_never_pass_the_daily_limit(store_target):
+    # 200 calls of $0.01 against $1 a day: exactly 100 fit.
+    calendar = BudgetCalendar("UTC")
+    call = Reservation(
+        id=None,
+        job=None,
+        user="alice",
+        kind="fanout",
+        service="tokens",
+        units=1.0,
+        usd=0.01,
+        price_usd=0.01,
+        failures_billed=False,
+    )
+    writes = [
+        partial(
+            reserve_within_budget,
+            reservation=call,
+            holder=f"daemon-{n % 2}",
+            calendar=calendar,
+            default_limits=Limits(daily_usd=1.0, monthly_usd=0.0),
+            now=NOW,
+        )
+        for n in range(200)
+    ]
+    # The spend rows of the day and the month, as the first booking of the day leaves them.
+    spend_rows = partial(ledger_rows.book, entry=booked(NOW, usd=0.0), reservation_id=None)
+    results = await side_by_side(store_target, spend_rows, writes)
+    assert sum(isinstance(result, Reserved) for result in results) == 100
+    assert {result.which for result in results if isinstance(result, OverBudget)} == {"daily"}
+
+
+async def test_submissions_through_two_stores_at_once_fill_the_queue_to_its_depth_only(
+    store_target,
+):
+    quota = Quota(max_queued=10, day="2027-01-15")
+    writes = [
+        partial(
+            jobs.insert_many,
+            batch=[
+                NewJob(
+                    kind="noop",
+                    user=f"user{n}",
+                    payload_json="{}",
+                    priority=0,
+                    idempotency_key=None,
+                    max_attempts=1,
+                )
+            ],
+            now=NOW,
+            quota=quota,
+        )
+        for n in range(30)
+    ]
+    first = partial(jobs.set_setting, key="first", value=0)
+    results = [
+        result for batch in await side_by_side(store_target, first, writes) for result in batch
+    ]
+    assert sum(isinstance(result, Admitted) for result in results) == 10
+    assert {result.code for result in results if isinstance(result, Refused)} == {"QUEUE_FULL"}
