@@ -366,3 +366,24 @@ async def test_submissions_through_two_stores_at_once_fill_the_queue_to_its_dept
     ]
     assert sum(isinstance(result, Admitted) for result in results) == 10
     assert {result.code for result in results if isinstance(result, Refused)} == {"QUEUE_FULL"}
+
+
+async def test_one_key_submitted_through_two_stores_at_once_makes_one_job(store_target):
+    keyed = NewJob(
+        kind="noop",
+        user="alice",
+        payload_json="{}",
+        priority=0,
+        idempotency_key="book-7",
+        max_attempts=1,
+    )
+    writes = [partial(jobs.insert_many, batch=[keyed], now=NOW) for _ in range(20)]
+    alice = partial(
+        users.create, name="alice", credits=None, limits=UserLimits(), token_hash=None, now=NOW
+    )
+    results = [
+        result for batch in await side_by_side(store_target, alice, writes) for result in batch
+    ]
+    assert all(isinstance(result, Admitted) for result in results)
+    assert len({result.job.id for result in results}) == 1
+    assert sum(not result.existing for result in results) == 1
