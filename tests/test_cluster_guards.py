@@ -10,6 +10,7 @@ they run on PostgreSQL too (the module is marked `both_stores`), both daemons in
 
 from __future__ import annotations
 
+import itertools
 import os
 from functools import partial
 from pathlib import Path
@@ -387,3 +388,23 @@ async def test_one_key_submitted_through_two_stores_at_once_makes_one_job(store_
     assert all(isinstance(result, Admitted) for result in results)
     assert len({result.job.id for result in results}) == 1
     assert sum(not result.existing for result in results) == 1
+
+
+async def test_a_services_concurrency_limit_holds_for_the_calls_of_both_daemons(
+    autojump_clock, start_cluster
+):
+    # At most 2 calls to the service at once, for the two daemons together; each daemon has
+    # 4 slots and starts 4 jobs that call it for 10 s.
+    a, b = await start_cluster(
+        limits() + SERVICE_KINDS.format(max_concurrent=2), max_concurrent_jobs=4
+    )
+    await ask(a.handle.scheduler, Pause, kind=None)
+    calls = [await d.submit("caller", {"service": "flaky", "seconds": 10}) for d in (a, b) * 4]
+    for daemon in (a, b):
+        await ask(daemon.handle.scheduler, Resume, kind=None)
+    ended = [(await finished(a, job.id)).finished_at for job in calls]
+    # Each call took its 10 s just before its job finished.
+    moments = sorted([(end - 10, +1) for end in ended] + [(end, -1) for end in ended])
+    at_once = max(itertools.accumulate(change for _, change in moments))
+    assert at_once == 2
+    assert max(ended) - min(ended) >= 30

@@ -177,6 +177,16 @@ MIGRATIONS: list[str] = [
     ALTER TABLE breakers ADD COLUMN probe_until REAL;
     -- Counts the changes written, for the daemons that take them up.
     ALTER TABLE breakers ADD COLUMN version INTEGER NOT NULL DEFAULT 0;
+    -- A service's limits for every daemon: its rate bucket, and its calls in flight, each
+    -- held until it ends or its lease runs out (store/breakers.py).
+    CREATE TABLE service_limits (service TEXT PRIMARY KEY, tokens REAL, updated_at REAL);
+    CREATE TABLE service_calls (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        service TEXT NOT NULL,
+        holder TEXT NOT NULL,
+        expires_at REAL NOT NULL
+    );
+    CREATE INDEX service_calls_service ON service_calls(service, expires_at);
     -- Each call's worst case until it is booked, held by one daemon under a lease it renews.
     CREATE TABLE budget_reservations (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
