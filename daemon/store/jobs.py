@@ -118,7 +118,7 @@ class ProcessGroup(NamedTuple):
 FAIR_CLOCK = "fair_clock"
 # The settings row a batch of submissions locks before it counts the queue, so that two
 # daemons' batches cannot both find room for the last job (PostgreSQL; SQLite's one writer
-# holds the whole database already).
+# holds the whole database already). It holds nothing else.
 QUEUE_GUARD = "queue_guard"
 # Completions counted back this far to estimate when a full queue has room again.
 COMPLETION_WINDOW = 300.0
@@ -183,7 +183,7 @@ def _lock_guards(conn: sqlite3.Connection, batch: list[NewJob], quota: Quota) ->
     if not lock:
         return
     if quota.max_queued or any(quota.kind_max_queued.values()):
-        conn.execute(f"SELECT key FROM settings WHERE key = ?{lock}", (QUEUE_GUARD,)).fetchall()
+        _locked_setting(conn, QUEUE_GUARD, 0)
     names = sorted({new.user for new in batch})
     conn.execute(
         f"SELECT name FROM users WHERE name IN ({placeholders(names)}) ORDER BY name{lock}",
@@ -912,12 +912,22 @@ def update_setting(
     """Change a setting as it is stored now, in one transaction with its row locked, so two
     daemons' changes (a pause of one kind here, of another there) both land; returns the new
     value. `change` is a plain function of the old value."""
+    value = change(_locked_setting(conn, key, default))
+    set_setting(conn, events, key, value)
+    return value
+
+
+def _locked_setting(conn: sqlite3.Connection, key: str, default: Any) -> Any:
+    """A setting's value, its row locked until the transaction ends (made with `default`
+    first if it is missing: a row that does not exist yet cannot be locked)."""
+    conn.execute(
+        "INSERT INTO settings (key, value) VALUES (?, ?) ON CONFLICT DO NOTHING",
+        (key, dump_json(default)),
+    )
     row = conn.execute(
         f"SELECT value FROM settings WHERE key = ?{row_lock(conn)}", (key,)
     ).fetchone()
-    value = change(default if row is None else msgspec.json.decode(row[0]))
-    set_setting(conn, events, key, value)
-    return value
+    return msgspec.json.decode(row[0])
 
 
 # -- queries (read connection) --------------------------------------------------------------

@@ -162,11 +162,6 @@ MIGRATIONS: list[str] = [
     ALTER TABLE users ADD COLUMN bucket_tokens REAL;
     ALTER TABLE users ADD COLUMN bucket_at REAL;
     ALTER TABLE users ADD COLUMN slowed_until REAL;
-    -- The row a batch of submissions locks before it counts the queue (store/jobs.py).
-    INSERT INTO settings (key, value) VALUES ('queue_guard', '0') ON CONFLICT DO NOTHING;
-    -- The paused kinds, there to be locked by whoever changes them (store/jobs.py).
-    INSERT INTO settings (key, value) VALUES ('paused', '{"kinds":[],"all":false}')
-        ON CONFLICT DO NOTHING;
     -- The spend of each budget day ('YYYY-MM-DD') and month ('YYYY-MM'), grown by each
     -- booking: the rows a reservation locks and the totals it checks (store/ledger.py).
     CREATE TABLE budget_spend (period TEXT PRIMARY KEY, usd REAL NOT NULL);
