@@ -1,24 +1,23 @@
 """Admission: the only way a job enters the queue.
 
-Consumes `Submit` and `Requeue` from the listeners, `UserRate` from the admin `users` commands,
-`BudgetState` from the ledger and `StopAdmitting`/`Reconfigure` from the supervisor. Produces
-`JobQueued` for the scheduler.
+Consumes `Submit` and `Requeue` from the listeners, `BudgetState` from the ledger and
+`StopAdmitting`/`Reconfigure` from the supervisor. Produces `JobQueued` for the scheduler.
 
-The guards run in two places. Here, in memory: draining, a store that takes no writes
-(a `STORAGE_` code, as the engine's health says), budget, kind, payload size and
-schema, a kind's memory requirement this machine can never meet (its total memory, as the
-daemon's one sampler read it at start), and the per-user rate limit (a `TokenBucket` on trio's
-clock; buckets may be lost on restart, as a rate is about the last minute). In the store,
-inside the transaction that inserts the job, so they survive restarts and never race a refund:
-user exists and is enabled, daily job limit, queue depth (global and per kind), credits
-(reserved there, spent or refunded when the job ends). The store commits the job before the
-caller hears "accepted".
+The guards run in two places. Here, in memory, the checks of the request and of this daemon:
+draining, a store that takes no writes (a `STORAGE_` code, as the engine's health says),
+budget, kind, payload size and schema, a kind's memory requirement this machine can never meet
+(its total memory, as the daemon's one sampler read it at start). In the store,
+inside the transaction that inserts the job, the guards that count, so they survive restarts
+and hold for every daemon on the database: user exists and is enabled, the per-user rate limit
+(a `TokenBucket` applied to the bucket kept in the user's row; the user's own rate is read
+there too, so `users set --rate` holds everywhere at once), daily job limit, queue depth
+(global and per kind), credits (reserved there, spent or refunded when the job ends). The
+store commits the job before the caller hears "accepted".
 
 Idempotency: a submission whose key holds a job (the user's active job with that key, its own
 finished job when a client sends it again, or one that finished within
 `admission.idempotency_window`) gets that job, or CONFLICT for other work, and no guard of the
-store applies to it. Nor does the rate limit: a keyed submission of a rate-limited user takes
-its token only after a read of the store has found no such job, batched like the inserts.
+store applies to it, the rate limit included: the store looks for the job first.
 
 Recurring schedules (actors/schedules.py) fire from a task of admission: each run is a
 submission the daemon makes itself, through the same guards in memory and the same insert,
@@ -27,9 +26,9 @@ daily job count, a new user's credits); the user's own limits and credits still 
 `ScheduleAction` lists, pauses, resumes and triggers them.
 
 Adaptive shedding (seed 002): once the queue is past `limits.shed_at` of its limit, the store
-says for each accepted job whether its user holds more than a fair share of the queue; such a
-user's bucket refills at `shed_rate_factor` of their rate for a minute, so the heaviest writers
-are slowed first and light users keep going.
+marks a user who holds more than a fair share of the queue as slowed for a minute: their
+bucket refills at `shed_rate_factor` of their rate, so the heaviest writers are slowed first
+and light users keep going.
 """
 
 from __future__ import annotations
@@ -57,15 +56,14 @@ from jobwarden.actors.messages import (
     ScheduleAction,
     StopAdmitting,
     Submit,
-    UserRate,
 )
 from jobwarden.actors.schedules import Schedules
 from jobwarden.clock import WallClock
-from jobwarden.config import Config, format_duration, format_size, parse_duration, parse_rate
+from jobwarden.config import Config, format_duration, format_size, parse_duration
 from jobwarden.errors import RequestError, StoreError
 from jobwarden.mailbox import ReplySlot
 from jobwarden.metrics import Metrics
-from jobwarden.store import Engine, jobs, schedules, users
+from jobwarden.store import Engine, jobs, schedules
 from jobwarden.store.jobs import Admitted, NewJob, Quota, Refused
 
 log = structlog.get_logger("admission")
@@ -76,8 +74,6 @@ _encoder = msgspec.json.Encoder()
 MAX_BATCH = 512
 # How long a user found above their fair share of a nearly full queue stays slowed.
 SHED_FOR = 60.0
-# Buckets kept before full ones (which a new bucket equals) are dropped.
-MAX_BUCKETS = 10_000
 # Tags: a few short words a job is found by (`jobs --tag`), never metric labels.
 MAX_TAGS = 8
 TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,31}")
@@ -233,17 +229,11 @@ class Admission:
         self._budget = BudgetState(stopped=False)
         self._calendar = BudgetCalendar(config.limits.day_zone(config.budget))
         self._total_memory = total_memory
-        self._buckets: dict[str, TokenBucket] = {}
-        # Users' own rates (per second), where they differ from the default.
-        self._rates: dict[str, float] = {}
-        self._slowed_until: dict[str, float] = {}
         self._schedules = Schedules(
             config=config, store=store, clock=clock, metrics=metrics, fire=self._fire_schedule
         )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        for name, rate in (await self._store.read(users.own_rates)).items():
-            self._rates[name] = parse_rate(rate)
         async with self._inbox, self._scheduler, trio.open_nursery() as nursery:
             nursery.start_soon(self._schedules.run)
             task_status.started()
@@ -270,11 +260,6 @@ class Admission:
                             self._calendar = BudgetCalendar(config.limits.day_zone(config.budget))
                         case BudgetState():
                             self._budget = msg
-                        case UserRate(user=user, rate=rate):
-                            if rate is None:
-                                self._rates.pop(user, None)
-                            else:
-                                self._rates[user] = parse_rate(rate)
                 if accepted:
                     nursery.start_soon(self._insert, accepted)
             nursery.cancel_scope.cancel()
@@ -294,23 +279,17 @@ class Admission:
         msg.reply.fail(exc)
 
     def _check(self, msg: Submit) -> Checked | None:
-        now = self._clock.now()
-        # A keyed submission may repeat a job, which costs no token: it takes its token once
-        # the store has said it does not (see _answer_repeats).
-        owes_token = msg.idempotency_key is not None and not math.isinf(self._rate(msg.user))
         try:
             payload_json = check_submit(
                 self._config,
                 msg,
                 draining=self._draining,
                 budget=self._budget,
-                now=now,
+                now=self._clock.now(),
                 total_memory=self._total_memory,
                 store_fault=self._store.health.error(),
             )
-            waits = check_waits(self._config, msg, now=now)
-            if not owes_token:
-                self._take_token(msg.user, now)
+            waits = check_waits(self._config, msg, now=self._clock.now())
         except RequestError as exc:
             self._refuse(msg, exc)
             return None
@@ -328,37 +307,7 @@ class Admission:
             after=waits.after,
             after_any=msg.after_any,
         )
-        return Checked(msg, new, owes_token)
-
-    def _rate(self, user: str) -> float:
-        return self._rates.get(user, self._config.limits.rate)
-
-    def _take_token(self, user: str, now: float) -> None:
-        limits = self._config.limits
-        rate = self._rate(user)
-        if math.isinf(rate):
-            return
-        slowed = self._slowed_until.get(user, -math.inf) > now
-        if slowed:
-            rate *= limits.shed_rate_factor
-        if len(self._buckets) > MAX_BUCKETS:
-            self._buckets = {
-                name: bucket for name, bucket in self._buckets.items() if not bucket.full(now)
-            }
-        bucket = self._buckets.get(user)
-        if bucket is None:
-            bucket = self._buckets[user] = TokenBucket(rate=rate, burst=limits.burst, now=now)
-        # The user may have been slowed, re-rated or reloaded since their last submission.
-        bucket.rate, bucket.burst = rate, limits.burst
-        wait = bucket.take(now)
-        if wait:
-            why = " (slowed: you hold more than a fair share of a nearly full queue)"
-            raise RequestError(
-                "RATE_LIMITED",
-                f"user '{user}' may submit {_per_minute(rate)} jobs a minute"
-                + (why if slowed else ""),
-                retry_after=round(wait, 3),
-            )
+        return Checked(msg, new)
 
     def _quota(self, now: float) -> Quota:
         limits = self._config.limits
@@ -372,6 +321,11 @@ class Admission:
             kind_max_queued={name: kind.max_queued for name, kind in kinds.items()},
             kind_credits={name: kind.credits for name, kind in kinds.items()},
             shed_depth=math.ceil(limits.max_queued * limits.shed_at),
+            rate=limits.rate,
+            burst=limits.burst,
+            bucket=TokenBucket,
+            shed_rate_factor=limits.shed_rate_factor,
+            shed_for=SHED_FOR,
         )
 
     def _refused(self, refused: Refused, now: float) -> RequestError:
@@ -381,10 +335,6 @@ class Admission:
         return RequestError(refused.code, refused.message, retry_after=retry_after)
 
     async def _insert(self, accepted: list[Checked]) -> None:
-        if any(checked.owes_token for checked in accepted):
-            accepted = await self._answer_repeats(accepted)
-            if not accepted:
-                return
         now = self._clock.now()
         write = partial(
             jobs.insert_many,
@@ -406,13 +356,9 @@ class Admission:
             match result:
                 case Admitted(job=job, existing=True):
                     msg.reply.set((job, True))
-                case Admitted(job=job, heavy=heavy):
+                case Admitted(job=job):
                     msg.reply.set((job, False))
                     queued_kinds.add(job.kind)
-                    if heavy:
-                        self._slowed_until[msg.user] = now + SHED_FOR
-                    else:
-                        self._slowed_until.pop(msg.user, None)
                 case Refused():
                     self._refuse(msg, self._refused(result, now))
                 case StoreError():
@@ -422,43 +368,6 @@ class Admission:
                     msg.reply.fail(RequestError("INTERNAL", "the job could not be stored"))
         for kind in sorted(queued_kinds):
             await self._scheduler.send(JobQueued(kind=kind))
-
-    async def _answer_repeats(self, accepted: list[Checked]) -> list[Checked]:
-        """Answer the submissions that owe a token and repeat a job (or conflict with one)
-        from one read of the store; the others take their token now. What is left goes on to
-        the insert, which looks for repeats again in its transaction: a job may have been
-        made or finished since this read."""
-        owing = [checked.new for checked in accepted if checked.owes_token]
-        read = partial(
-            jobs.find_repeats,
-            batch=owing,
-            now=self._clock.now(),
-            idempotency_window=self._config.admission.idempotency_window,
-        )
-        try:
-            repeats = iter(await self._store.read(read))
-        except Exception as exc:
-            # The insert's own lookup still answers repeats; they cost a token meanwhile.
-            log.warning("looking up repeated submissions failed", error=str(exc))
-            repeats = iter([None] * len(owing))
-        now = self._clock.now()
-        left = []
-        for checked in accepted:
-            if checked.owes_token:
-                repeat = next(repeats)
-                if isinstance(repeat, Admitted):
-                    checked.msg.reply.set((repeat.job, True))
-                    continue
-                if isinstance(repeat, Refused):
-                    self._refuse(checked.msg, self._refused(repeat, now))
-                    continue
-                try:
-                    self._take_token(checked.msg.user, now)
-                except RequestError as exc:
-                    self._refuse(checked.msg, exc)
-                    continue
-            left.append(checked)
-        return left
 
     async def _fire_schedule(self, name: str, slot: float | None) -> Admitted | Refused | None:
         """Fire one slot of a schedule (None: a trigger): the guards in memory, then the
@@ -500,10 +409,16 @@ class Admission:
                 max_attempts=self._config.retry_policy(schedule.kind).max_attempts,
                 schedule=name,
             )
-        # The operator's schedule, not a user's request: the [limits] defaults for what users
-        # submit do not apply, the user's own limits and credits and the queue's depth do.
+        # The operator's schedule, not a user's request: no rate bucket (its cron is its rate)
+        # and not the [limits] defaults for what users submit; the user's own daily limit and
+        # credits and the queue's depth apply.
         quota = msgspec.structs.replace(
-            self._quota(now), daily_jobs=0, default_credits=None, create_users=True, shed_depth=0
+            self._quota(now),
+            daily_jobs=0,
+            default_credits=None,
+            create_users=True,
+            shed_depth=0,
+            bucket=None,
         )
         result = await self._store.write(
             partial(
@@ -577,12 +492,7 @@ class Admission:
 
 
 class Checked(NamedTuple):
-    """A submission that passed the guards in memory, and whether it owes a rate token."""
+    """A submission that passed the guards in memory."""
 
     msg: Submit
     new: NewJob
-    owes_token: bool
-
-
-def _per_minute(rate: float) -> str:
-    return f"{rate * 60:g}"

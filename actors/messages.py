@@ -68,13 +68,6 @@ class ScheduleAction(msgspec.Struct):
     name: str | None = None
 
 
-class UserRate(msgspec.Struct):
-    """A user's own rate limit changed ("30/min", "off"); None: back to the default."""
-
-    user: str
-    rate: str | None
-
-
 class JobQueued(msgspec.Struct):
     kind: str
 
@@ -185,9 +178,10 @@ class ServiceState(msgspec.Struct):
 
 class Reservation(msgspec.Struct, frozen=True):
     """A call's worst case, held against the budget until the call settles. The call is
-    booked at the terms it was reserved at, whatever a reload changes meanwhile."""
+    booked at the terms it was reserved at, whatever a reload changes meanwhile. `id`: its
+    row in the store; None for a free call, which holds nothing."""
 
-    id: int
+    id: int | None
     job: int | None
     user: str
     kind: str
@@ -320,9 +314,7 @@ class PoolStatistics(msgspec.Struct):
     reply: ReplySlot[dict[str, Any]]
 
 
-AdmissionMessage = (
-    Submit | Requeue | StopAdmitting | Reconfigure | BudgetState | UserRate | ScheduleAction
-)
+AdmissionMessage = Submit | Requeue | StopAdmitting | Reconfigure | BudgetState | ScheduleAction
 
 
 SchedulerMessage = (

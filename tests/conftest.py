@@ -213,10 +213,11 @@ def start_daemon(nursery: trio.Nursery, tmp_path: Path):
         notifier: SystemdNotifier | None = None,
         sample_system: Callable[[], SystemLoad] | None = None,
         clock_epoch: float = EPOCH,
+        config: Config | None = None,
     ) -> Daemon:
-        if config_path is not None:
+        if config is None and config_path is not None:
             config = load_config(config_path)
-        else:
+        elif config is None:
             config = make_config(tmp_path, extra, max_concurrent_jobs=max_concurrent_jobs)
         supervisor = Supervisor(
             config,

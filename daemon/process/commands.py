@@ -58,7 +58,6 @@ from jobwarden.actors.messages import (
     ScheduleAction,
     SetBudget,
     Submit,
-    UserRate,
 )
 from jobwarden.clock import WallClock
 from jobwarden.config import Config, name_path, parse_rate
@@ -652,8 +651,6 @@ class Commands:
         if args.action in ENDS_SESSIONS:
             # What the old token opened ends with it, as a disabled user's sessions do.
             self.sessions.revoke(name, ENDS_SESSIONS[args.action])
-        if args.rate is not None:
-            await self._admission.send(UserRate(user=name, rate=args.rate))
         reply: dict[str, Any] = {"user": self._with_today(user)}
         if token is not None:
             reply["token"] = token

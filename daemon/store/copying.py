@@ -27,7 +27,13 @@ from jobwarden.store.schema import migrate
 # Rows read and written at a time: memory stays flat however large the history.
 BATCH = 5000
 # The tables whose surrogate key is an identity column on PostgreSQL, and that key.
-IDENTITY_KEYS = {"jobs": "id", "events": "seq", "ledger": "id"}
+IDENTITY_KEYS = {
+    "jobs": "id",
+    "events": "seq",
+    "ledger": "id",
+    "budget_reservations": "id",
+    "service_calls": "id",
+}
 
 
 def copy_to_postgres(source: str | Path, target: str) -> dict[str, int]:

@@ -8,11 +8,14 @@ nothing and says so, instead of corrupting a job's history.
 
 from __future__ import annotations
 
+import math
 import sqlite3
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple, Protocol
 
 import msgspec
 
+from jobwarden.config import parse_rate
 from jobwarden.errors import new_error_id
 from jobwarden.store.backend import backend_of
 from jobwarden.store.rows import (
@@ -26,6 +29,7 @@ from jobwarden.store.rows import (
     dump_json,
     job_from_row,
     placeholders,
+    row_lock,
 )
 from jobwarden.wire.views import TERMINAL_STATUSES, ErrorBody, Event, JobView
 
@@ -59,9 +63,20 @@ class NewJob(msgspec.Struct, frozen=True):
     after_any: bool = False
 
 
+class TakesTokens(Protocol):
+    """A token bucket (actors/bucket.py's `TokenBucket`): the policy the store applies to a
+    user's stored bucket, inside the transaction that inserts their job."""
+
+    tokens: float
+    updated: float
+
+    def take(self, now: float) -> float: ...
+
+
 class Quota(msgspec.Struct, frozen=True, kw_only=True):
     """The guards checked inside the transaction that inserts a job, so they hold across
-    restarts and never race the refunds other actors write. The defaults check nothing."""
+    restarts, for every daemon on the database, and never race the refunds other actors
+    write. The defaults check nothing."""
 
     # Today in the limits' time zone: the daily count restarts when it changes.
     day: str = ""
@@ -75,6 +90,14 @@ class Quota(msgspec.Struct, frozen=True, kw_only=True):
     # Above this many queued jobs, each admission says whether its user holds more than a
     # fair share of the queue (adaptive shedding); 0: never.
     shed_depth: int = 0
+    # The rate limit: tokens a second for a user without a rate of their own (inf: off), the
+    # bucket's size, and the bucket's policy; a user found above their fair share refills at
+    # `shed_rate_factor` of their rate for `shed_for` seconds.
+    rate: float = math.inf
+    burst: float = 1.0
+    bucket: Callable[..., TakesTokens] | None = None
+    shed_rate_factor: float = 1.0
+    shed_for: float = 0.0
 
 
 NO_QUOTA = Quota()
@@ -83,8 +106,6 @@ NO_QUOTA = Quota()
 class Admitted(msgspec.Struct):
     job: JobView
     existing: bool
-    # The user holds more than their fair share of a queue past the shedding depth.
-    heavy: bool = False
 
 
 class Refused(msgspec.Struct):
@@ -105,6 +126,10 @@ class ProcessGroup(NamedTuple):
 
 
 FAIR_CLOCK = "fair_clock"
+# The settings row a batch of submissions locks before it counts the queue, so that two
+# daemons' batches cannot both find room for the last job (PostgreSQL; SQLite's one writer
+# holds the whole database already). It holds nothing else.
+QUEUE_GUARD = "queue_guard"
 # Completions counted back this far to estimate when a full queue has room again.
 COMPLETION_WINDOW = 300.0
 
@@ -113,9 +138,14 @@ class Submitter:
     """A user's row as one batch of submissions sees it: read once, written back once."""
 
     def __init__(self, row: tuple[Any, ...], day: str, *, created: bool) -> None:
-        credits, self.daily_limit, disabled, stored_day, day_count, self.last_tag, held = row
+        credits, self.daily_limit, disabled, stored_day, day_count, self.last_tag = row[:6]
+        self.rate: str | None = row[6]
+        # The rate bucket as it was left (None: full), and until when the user is slowed.
+        self.bucket_tokens: float | None = row[7]
+        self.bucket_at: float | None = row[8]
+        self.slowed_until: float | None = row[9]
         # On hold: their new jobs are queued held too.
-        self.held = bool(held)
+        self.held = bool(row[10])
         self.credits: int | None = credits
         self.disabled = bool(disabled)
         self.today: int = day_count if stored_day == day else 0
@@ -124,7 +154,10 @@ class Submitter:
         self.changed = False
 
 
-_SUBMITTER_COLUMNS = "credits, daily_limit, disabled, day, day_count, fair_tag, held"
+_SUBMITTER_COLUMNS = (
+    "credits, daily_limit, disabled, day, day_count, fair_tag, rate, bucket_tokens, bucket_at,"
+    " slowed_until, held"
+)
 
 
 def _submitter(
@@ -136,25 +169,81 @@ def _submitter(
 ) -> Submitter | Refused:
     if name in seen:
         return seen[name]
-    row = conn.execute(f"SELECT {_SUBMITTER_COLUMNS} FROM users WHERE name = ?", (name,)).fetchone()
+    select = f"SELECT {_SUBMITTER_COLUMNS} FROM users WHERE name = ?{row_lock(conn)}"
+    row = conn.execute(select, (name,)).fetchone()
     created = row is None
     if created:
         if not quota.create_users:
             return Refused("FORBIDDEN", f"no user '{name}'; add it with `jobwarden users add`")
-        row = conn.execute(
-            f"INSERT INTO users (name, credits, created_at) VALUES (?, ?, ?) "
-            f"RETURNING {_SUBMITTER_COLUMNS}",
+        # Another daemon may create the same user meanwhile: its row is the one to use.
+        conn.execute(
+            "INSERT INTO users (name, credits, created_at) VALUES (?, ?, ?) "
+            "ON CONFLICT (name) DO NOTHING",
             (name, quota.default_credits, now),
-        ).fetchall()[0]
+        )
+        row = conn.execute(select, (name,)).fetchone()
     seen[name] = Submitter(row, quota.day, created=created)
     return seen[name]
 
 
+def _lock_guards(conn: sqlite3.Connection, batch: list[NewJob], quota: Quota) -> None:
+    """Where the database lets writers run side by side (PostgreSQL), lock what a batch's
+    guards read and change before it reads them: the queue's guard row when a depth limit
+    holds, then its users' rows by name. Every batch takes them in that one order, so two
+    daemons' batches wait for each other instead of each waiting for the other's lock."""
+    lock = row_lock(conn)
+    if not lock:
+        return
+    if quota.max_queued or any(quota.kind_max_queued.values()):
+        _locked_setting(conn, QUEUE_GUARD, 0)
+    names = sorted({new.user for new in batch})
+    conn.execute(
+        f"SELECT name FROM users WHERE name IN ({placeholders(names)}) ORDER BY name{lock}",
+        names,
+    ).fetchall()
+
+
+def _take_token(user: Submitter, name: str, quota: Quota, now: float) -> Refused | None:
+    """A token from the user's stored rate bucket, or RATE_LIMITED with when one is back."""
+    rate = quota.rate if user.rate is None else parse_rate(user.rate)
+    if quota.bucket is None or math.isinf(rate):
+        return None
+    slowed = user.slowed_until is not None and user.slowed_until > now
+    if slowed:
+        rate *= quota.shed_rate_factor
+    # Built at the rate in force now: a user slowed, re-rated or reloaded since their last
+    # submission refills at this one.
+    bucket = quota.bucket(rate=rate, burst=quota.burst, now=now)
+    if user.bucket_at is not None and user.bucket_tokens is not None:
+        bucket.tokens, bucket.updated = user.bucket_tokens, user.bucket_at
+    wait = bucket.take(now)
+    user.bucket_tokens, user.bucket_at = bucket.tokens, bucket.updated
+    user.changed = True
+    if not wait:
+        return None
+    why = " (slowed: you hold more than a fair share of a nearly full queue)" if slowed else ""
+    return Refused(
+        "RATE_LIMITED",
+        f"user '{name}' may submit {rate * 60:g} jobs a minute{why}",
+        retry_after=round(wait, 3),
+    )
+
+
 def _save_submitters(conn: sqlite3.Connection, seen: dict[str, Submitter], day: str) -> None:
     conn.executemany(
-        "UPDATE users SET credits = ?, day = ?, day_count = ?, fair_tag = ? WHERE name = ?",
+        "UPDATE users SET credits = ?, day = ?, day_count = ?, fair_tag = ?, bucket_tokens = ?,"
+        " bucket_at = ?, slowed_until = ? WHERE name = ?",
         [
-            (user.credits, day, user.today, user.last_tag, name)
+            (
+                user.credits,
+                day,
+                user.today,
+                user.last_tag,
+                user.bucket_tokens,
+                user.bucket_at,
+                user.slowed_until,
+                name,
+            )
             for name, user in seen.items()
             if user.changed
         ],
@@ -219,14 +308,6 @@ def _same_json(a: Any, b: Any) -> bool:
     return msgspec.json.encode(a, order="sorted") == msgspec.json.encode(b, order="sorted")
 
 
-def find_repeats(
-    conn: sqlite3.Connection, *, batch: list[NewJob], now: float, idempotency_window: float
-) -> list[Admitted | Refused | None]:
-    """For each keyed submission, the job it repeats (or its CONFLICT), as `insert_many`
-    would answer it; a read, so admission can answer a repeat before spending a rate token."""
-    return [_repeat(conn, new, now, idempotency_window) for new in batch]
-
-
 def _insert(
     conn: sqlite3.Connection,
     events: Events,
@@ -247,6 +328,9 @@ def _insert(
         return user
     if user.disabled:
         return Refused("FORBIDDEN", f"user '{new.user}' is disabled")
+    refused = _take_token(user, new.user, quota, now)
+    if refused is not None:
+        return refused
     limit = quota.daily_jobs if user.daily_limit is None else user.daily_limit
     if limit and user.today >= limit:
         return Refused(
@@ -336,7 +420,10 @@ def _insert(
     user.last_tag = tag
     user.fresh = False
     user.changed = True
-    return Admitted(job, False, heavy=_holds_more_than_fair_share(conn, new.user, quota))
+    # Only the latest verdict counts: a user no longer above their share refills at full rate.
+    heavy = _holds_more_than_fair_share(conn, new.user, quota)
+    user.slowed_until = now + quota.shed_for if heavy else None
+    return Admitted(job, False)
 
 
 def _after_pending(conn: sqlite3.Connection, new: NewJob) -> int | Refused:
@@ -426,6 +513,7 @@ def insert_many(
     """Insert a batch of submissions in one write; one that the database refuses is answered
     with its error while the others are accepted. A finished job's key returns that job for
     `idempotency_window` seconds after it finished."""
+    _lock_guards(conn, batch, quota)
     fair_clock = get_setting(conn, FAIR_CLOCK, 0)
     seen: dict[str, Submitter] = {}
 
@@ -982,6 +1070,35 @@ def set_setting(conn: sqlite3.Connection, events: Events, key: str, value: Any) 
         "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
         (key, dump_json(value)),
     )
+
+
+def update_setting(
+    conn: sqlite3.Connection,
+    events: Events,
+    *,
+    key: str,
+    change: Callable[[Any], Any],
+    default: Any = None,
+) -> Any:
+    """Change a setting as it is stored now, in one transaction with its row locked, so two
+    daemons' changes (a pause of one kind here, of another there) both land; returns the new
+    value. `change` is a plain function of the old value."""
+    value = change(_locked_setting(conn, key, default))
+    set_setting(conn, events, key, value)
+    return value
+
+
+def _locked_setting(conn: sqlite3.Connection, key: str, default: Any) -> Any:
+    """A setting's value, its row locked until the transaction ends (made with `default`
+    first if it is missing: a row that does not exist yet cannot be locked)."""
+    conn.execute(
+        "INSERT INTO settings (key, value) VALUES (?, ?) ON CONFLICT DO NOTHING",
+        (key, dump_json(default)),
+    )
+    row = conn.execute(
+        f"SELECT value FROM settings WHERE key = ?{row_lock(conn)}", (key,)
+    ).fetchone()
+    return msgspec.json.decode(row[0])
 
 
 # -- queries (read connection) --------------------------------------------------------------

@@ -79,6 +79,13 @@ def job_from_row(row: Sequence[Any]) -> JobView:
     return job
 
 
+def row_lock(conn: Connection) -> str:
+    """The phrase that ends a SELECT to lock the rows it reads until the transaction ends, so
+    that two daemons cannot both decide on the same guard row: none on SQLite, whose one
+    writer holds the whole database for its transaction; ` FOR UPDATE` on PostgreSQL."""
+    return " FOR UPDATE" if backend_of(conn).NAME == "postgresql" else ""
+
+
 def placeholders(values: Iterable[Any]) -> str:
     """The `?`s of an IN list. An empty list is `NULL`, which no value is IN: PostgreSQL
     refuses `IN ()`, which SQLite takes. (A NOT IN must not be built from an empty list:

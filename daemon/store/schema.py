@@ -235,6 +235,42 @@ MIGRATIONS: list[str] = [
         created_at REAL NOT NULL
     );
     """,
+    """
+    -- Guards every daemon on the database shares (docs/guards.md). A user's rate bucket, as
+    -- its last take left it (NULL: full), and until when adaptive shedding slows the user.
+    ALTER TABLE users ADD COLUMN bucket_tokens REAL;
+    ALTER TABLE users ADD COLUMN bucket_at REAL;
+    ALTER TABLE users ADD COLUMN slowed_until REAL;
+    -- The spend of each budget day ('YYYY-MM-DD') and month ('YYYY-MM'), grown by each
+    -- booking: the rows a reservation locks and the totals it checks (store/ledger.py).
+    CREATE TABLE budget_spend (period TEXT PRIMARY KEY, usd REAL NOT NULL);
+    INSERT INTO budget_spend (period, usd) SELECT day, SUM(usd) FROM ledger GROUP BY day;
+    INSERT INTO budget_spend (period, usd) SELECT month, SUM(usd) FROM ledger GROUP BY month;
+    -- The one daemon that probes a half-open circuit, and until when (store/breakers.py).
+    ALTER TABLE breakers ADD COLUMN probe_holder TEXT;
+    ALTER TABLE breakers ADD COLUMN probe_until REAL;
+    -- Counts the changes written, for the daemons that take them up.
+    ALTER TABLE breakers ADD COLUMN version INTEGER NOT NULL DEFAULT 0;
+    -- A service's limits for every daemon: its rate bucket, and its calls in flight, each
+    -- held until it ends or its lease runs out (store/breakers.py).
+    CREATE TABLE service_limits (service TEXT PRIMARY KEY, tokens REAL, updated_at REAL);
+    CREATE TABLE service_calls (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        service TEXT NOT NULL,
+        holder TEXT NOT NULL,
+        expires_at REAL NOT NULL
+    );
+    CREATE INDEX service_calls_service ON service_calls(service, expires_at);
+    -- Each call's worst case until it is booked, held by one daemon under a lease it renews.
+    CREATE TABLE budget_reservations (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        holder TEXT NOT NULL,
+        job_id INTEGER,
+        service TEXT NOT NULL,
+        usd REAL NOT NULL,
+        expires_at REAL NOT NULL
+    );
+    """,
 ]
 
 

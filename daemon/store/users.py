@@ -216,8 +216,3 @@ def on_hold(conn: sqlite3.Connection, names: list[str]) -> set[str]:
         f"SELECT name FROM users WHERE held = 1 AND name IN ({placeholders(names)})", names
     ).fetchall()
     return {row[0] for row in rows}
-
-
-def own_rates(conn: sqlite3.Connection) -> dict[str, str]:
-    """The users with a rate limit of their own, and that rate."""
-    return dict(conn.execute("SELECT name, rate FROM users WHERE rate IS NOT NULL").fetchall())
