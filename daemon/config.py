@@ -287,8 +287,20 @@ def check_listen(listen: str) -> None:
 
 
 class HttpSection(Section):
-    # "host:port" for /healthz, /readyz, /health and /metrics; "" turns the listener off.
+    # "host:port" for the probes, /metrics and the /v1 API; "" turns the listener off.
     listen: str = "127.0.0.1:8766"
+    # Requests served at once; more are refused with 503 QUEUE_FULL and Retry-After.
+    max_requests: PositiveInt = 1000
+    # A larger request body is refused with 413, from its Content-Length before it is read.
+    max_body_bytes: PositiveInt = 1024 * 1024
+    # A request body must have arrived within this.
+    body_timeout: Duration = Duration(10)
+    # The longest `GET /v1/jobs/{id}/result?wait=` may wait for a job to finish.
+    max_wait: Duration = Duration(60)
+    # An event stream with nothing to send sends a comment this often, so proxies keep it.
+    keepalive: Duration = Duration(15)
+    # Events buffered for one event stream: a client reading slower is told to resync.
+    queue: PositiveInt = 256
 
 
 class WebSocketSection(Section):

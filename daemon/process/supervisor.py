@@ -164,6 +164,7 @@ class Supervisor:
         self._draining = False
         self._ready = False
         self._websocket: WebSocketServer | None = None
+        self._http: HttpServer | None = None
 
     async def run(
         self, *, task_status: trio.TaskStatus[DaemonHandle] = trio.TASK_STATUS_IGNORED
@@ -318,8 +319,9 @@ class Supervisor:
             await nursery.start(self._admin.run)
             http_port = None
             if config.http.listen:
-                http = HttpServer(
+                self._http = HttpServer(
                     listen=config.http.listen,
+                    settings=config.http,
                     store=store,
                     commands=commands,
                     metrics=metrics,
@@ -327,7 +329,7 @@ class Supervisor:
                     slow_request=config.monitor.slow_request,
                     very_slow_request=config.monitor.very_slow_request,
                 )
-                http_port = await nursery.start(http.run)
+                http_port = await nursery.start(self._http.run)
             websocket_port = None
             if config.websocket.listen:
                 self._websocket = WebSocketServer(
@@ -371,6 +373,8 @@ class Supervisor:
             await self._control(control_rx)
             if self._websocket is not None:
                 await self._websocket.close_all("daemon stopping")
+            if self._http is not None:
+                await self._http.close()
             nursery.cancel_scope.cancel()
         log.info("jobwarden stopped")
 

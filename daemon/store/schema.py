@@ -152,6 +152,16 @@ MIGRATIONS: list[str] = [
     ALTER TABLE jobs ADD COLUMN process_group INTEGER;
     ALTER TABLE jobs ADD COLUMN process_identity TEXT;
     """,
+    """
+    -- Operator tokens for the HTTP API: what the admin socket may do, by Bearer token. Only
+    -- the token's SHA-256 is kept; revoking one deletes its row.
+    CREATE TABLE operator_tokens (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        name TEXT NOT NULL UNIQUE,
+        token_hash TEXT NOT NULL UNIQUE,
+        created_at REAL NOT NULL
+    );
+    """,
 ]
 
 
