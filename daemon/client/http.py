@@ -47,8 +47,29 @@ RECONNECT_MAX = 5.0
 # A submission that is refused for a retryable reason without a Retry-After waits this long.
 DEFAULT_RETRY_AFTER = 1.0
 
+
+class Outcome(msgspec.Struct):
+    """A job's status and, once it is final, its result or error (GET /v1/jobs/{id}/result)."""
+
+    id: int
+    status: str
+    result: Any = None
+    error: ErrorBody | None = None
+
+
+class _Shown(msgspec.Struct):
+    job: JobView
+
+
+class _Page(msgspec.Struct):
+    jobs: list[JobView]
+    next_cursor: str | None = None
+
+
 _views = msgspec.json.Decoder(JobView)
-_page = msgspec.json.Decoder(dict[str, Any])
+_shown = msgspec.json.Decoder(_Shown)
+_page = msgspec.json.Decoder(_Page)
+_outcomes = msgspec.json.Decoder(Outcome)
 _error = msgspec.json.Decoder(dict[str, ErrorBody])
 _event = msgspec.json.Decoder(Event)
 
@@ -73,20 +94,21 @@ class Refused(DaemonError):
 class JobFailed(Exception):
     """The job ended failed: its error's code, message and error_id (to find it in the log)."""
 
-    def __init__(self, job: JobView) -> None:
-        error = job.error or ErrorBody(code="FAILED", message="the job failed", retryable=False)
-        super().__init__(f"job {job.id} failed: {error.code}: {error.message}")
-        self.job = job
+    def __init__(self, job_id: int, error: ErrorBody | None) -> None:
+        error = error or ErrorBody(code="FAILED", message="the job failed", retryable=False)
+        super().__init__(f"job {job_id} failed: {error.code}: {error.message}")
+        self.job_id = job_id
         self.code = error.code
+        self.error_message = error.message
         self.error_id = error.error_id
 
 
 class JobCanceled(Exception):
     """The job was canceled before it finished."""
 
-    def __init__(self, job: JobView) -> None:
-        super().__init__(f"job {job.id} was canceled")
-        self.job = job
+    def __init__(self, job_id: int) -> None:
+        super().__init__(f"job {job_id} was canceled")
+        self.job_id = job_id
 
 
 # What the client decides, shared by Client and AsyncClient.
@@ -109,6 +131,9 @@ def _submission(
     # A key of our own when the caller gave none: sending the submission again after a
     # dropped connection then finds the job the first one made.
     body["idempotency_key"] = idempotency_key or f"client-{uuid.uuid4().hex}"
+    # The same for every sending of this submission: one sent again after its job finished
+    # gets that job, not a second one.
+    body["submission_id"] = uuid.uuid4().hex
     if priority is not None:
         body["priority"] = priority
     if tags is not None:
@@ -148,13 +173,13 @@ def _poll_seconds(deadline: float | None, now: float) -> float:
     return RESULT_POLL if deadline is None else max(0.0, min(RESULT_POLL, deadline - now))
 
 
-def _outcome(view: JobView) -> Any:
+def _outcome(outcome: Outcome) -> Any:
     """A final job's result, or the exception its end calls for."""
-    if view.status == "failed":
-        raise JobFailed(view)
-    if view.status == "canceled":
-        raise JobCanceled(view)
-    return view.result
+    if outcome.status == "failed":
+        raise JobFailed(outcome.id, outcome.error)
+    if outcome.status == "canceled":
+        raise JobCanceled(outcome.id)
+    return outcome.result
 
 
 def _unreachable(url: str, exc: httpx.TransportError) -> DaemonUnreachable:
@@ -162,14 +187,23 @@ def _unreachable(url: str, exc: httpx.TransportError) -> DaemonUnreachable:
 
 
 def _list_params(
-    status: str | None, kind: str | None, tag: str | None, limit: int | None, cursor: str | None
-) -> dict[str, str]:
+    status: str | list[str] | None,
+    kind: str | None,
+    tag: str | None,
+    limit: int | None,
+    cursor: str | None,
+) -> dict[str, Any]:
     given = {"status": status, "kind": kind, "tag": tag, "limit": limit, "cursor": cursor}
-    return {name: str(value) for name, value in given.items() if value is not None}
+    # A list of statuses goes as the parameter repeated (?status=queued&status=running).
+    return {name: value for name, value in given.items() if value is not None}
 
 
 def _next_wait(wait: float) -> float:
     return min(RECONNECT_MAX, max(RECONNECT_FIRST, wait * 2))
+
+
+class _Resync(Exception):
+    """The daemon ended an event stream because its reader fell behind."""
 
 
 @dataclass
@@ -188,8 +222,11 @@ class _Stream:
         return headers
 
     def take(self, sse: httpx_sse.ServerSentEvent) -> Event | None:
-        """The event an SSE message carries, once: None for keep-alives and repeats."""
-        if not sse.data or sse.event not in ("", "message", "event"):
+        """The event an SSE message carries, once: None for repeats. Raises _Resync when the
+        daemon cut the stream off for reading too slowly: reconnect after the last seq."""
+        if sse.event == "resync":
+            raise _Resync
+        if not sse.data:
             return None
         event = _event.decode(sse.data)
         if self.last_seq is not None and event.seq <= self.last_seq:
@@ -224,12 +261,13 @@ class Job:
         """Wait until the job is final and return its result; raise JobFailed or JobCanceled
         if it ended so, TimeoutError if `timeout` seconds pass first."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while self.view.status not in TERMINAL_STATUSES:
+        outcome = Outcome(self.id, self.view.status, self.view.result, self.view.error)
+        while outcome.status not in TERMINAL_STATUSES:
             wait = _poll_seconds(deadline, time.monotonic())
             if deadline is not None and wait <= 0:
-                raise TimeoutError(f"job {self.id} is still {self.view.status}")
-            self.view = self.client._result_poll(self.id, wait)
-        return _outcome(self.view)
+                raise TimeoutError(f"job {self.id} is still {outcome.status}")
+            outcome = self.client._result_poll(self.id, wait)
+        return _outcome(outcome)
 
     def events(self, since: int | None = None) -> Iterator[Event]:
         """Every event of the job after `since` (all by default), until it is final."""
@@ -264,12 +302,13 @@ class AsyncJob:
         """Wait until the job is final and return its result; raise JobFailed or JobCanceled
         if it ended so, TimeoutError if `timeout` seconds pass first."""
         deadline = None if timeout is None else anyio.current_time() + timeout
-        while self.view.status not in TERMINAL_STATUSES:
+        outcome = Outcome(self.id, self.view.status, self.view.result, self.view.error)
+        while outcome.status not in TERMINAL_STATUSES:
             wait = _poll_seconds(deadline, anyio.current_time())
             if deadline is not None and wait <= 0:
-                raise TimeoutError(f"job {self.id} is still {self.view.status}")
-            self.view = await self.client._result_poll(self.id, wait)
-        return _outcome(self.view)
+                raise TimeoutError(f"job {self.id} is still {outcome.status}")
+            outcome = await self.client._result_poll(self.id, wait)
+        return _outcome(outcome)
 
     def events(self, since: int | None = None) -> AsyncIterator[Event]:
         """Every event of the job after `since` (all by default), until it is final."""
@@ -346,12 +385,12 @@ class Client:
             return Job(self, _views.decode(response.content), existing=response.status_code == 200)
 
     def get(self, job_id: int) -> Job:
-        return Job(self, _views.decode(self._request("GET", f"/v1/jobs/{job_id}").content))
+        return Job(self, _shown.decode(self._request("GET", f"/v1/jobs/{job_id}").content).job)
 
     def jobs(
         self,
         *,
-        status: str | None = None,
+        status: str | list[str] | None = None,
         kind: str | None = None,
         tag: str | None = None,
         limit: int | None = None,
@@ -361,23 +400,23 @@ class Client:
         while True:
             params = _list_params(status, kind, tag, limit, cursor)
             page = _page.decode(self._request("GET", "/v1/jobs", params=params).content)
-            for view in msgspec.convert(page["jobs"], list[JobView]):
+            for view in page.jobs:
                 yield Job(self, view)
-            cursor = page.get("next_cursor")
+            cursor = page.next_cursor
             if not cursor:
                 return
 
     def _cancel(self, job_id: int) -> JobView:
         return _views.decode(self._request("POST", f"/v1/jobs/{job_id}/cancel").content)
 
-    def _result_poll(self, job_id: int, wait: float) -> JobView:
+    def _result_poll(self, job_id: int, wait: float) -> Outcome:
         response = self._request(
             "GET",
             f"/v1/jobs/{job_id}/result",
             params={"wait": f"{wait:.3f}s"},
             timeout=wait + self._http.timeout.read,
         )
-        return _views.decode(response.content)
+        return _outcomes.decode(response.content)
 
     def _events(self, job_id: int, since: int | None) -> Iterator[Event]:
         stream = _Stream(since)
@@ -400,7 +439,7 @@ class Client:
                             yield event
                             if _ends(event):
                                 return
-            except httpx.TransportError:
+            except (httpx.TransportError, _Resync):
                 pass
             # The stream ended before the job did: the daemon restarted or the network broke.
             time.sleep(wait)
@@ -474,12 +513,12 @@ class AsyncClient:
 
     async def get(self, job_id: int) -> AsyncJob:
         response = await self._request("GET", f"/v1/jobs/{job_id}")
-        return AsyncJob(self, _views.decode(response.content))
+        return AsyncJob(self, _shown.decode(response.content).job)
 
     async def jobs(
         self,
         *,
-        status: str | None = None,
+        status: str | list[str] | None = None,
         kind: str | None = None,
         tag: str | None = None,
         limit: int | None = None,
@@ -490,9 +529,9 @@ class AsyncClient:
             params = _list_params(status, kind, tag, limit, cursor)
             response = await self._request("GET", "/v1/jobs", params=params)
             page = _page.decode(response.content)
-            for view in msgspec.convert(page["jobs"], list[JobView]):
+            for view in page.jobs:
                 yield AsyncJob(self, view)
-            cursor = page.get("next_cursor")
+            cursor = page.next_cursor
             if not cursor:
                 return
 
@@ -500,14 +539,14 @@ class AsyncClient:
         response = await self._request("POST", f"/v1/jobs/{job_id}/cancel")
         return _views.decode(response.content)
 
-    async def _result_poll(self, job_id: int, wait: float) -> JobView:
+    async def _result_poll(self, job_id: int, wait: float) -> Outcome:
         response = await self._request(
             "GET",
             f"/v1/jobs/{job_id}/result",
             params={"wait": f"{wait:.3f}s"},
             timeout=wait + self._http.timeout.read,
         )
-        return _views.decode(response.content)
+        return _outcomes.decode(response.content)
 
     async def _events(self, job_id: int, since: int | None) -> AsyncIterator[Event]:
         stream = _Stream(since)
@@ -532,7 +571,7 @@ class AsyncClient:
                             yield event
                             if _ends(event):
                                 return
-            except httpx.TransportError:
+            except (httpx.TransportError, _Resync):
                 pass
             await anyio.sleep(wait)
             wait = _next_wait(wait)
