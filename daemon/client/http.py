@@ -59,6 +59,8 @@ class Outcome(msgspec.Struct):
 
 class _Shown(msgspec.Struct):
     job: JobView
+    # The job's latest events, newest last.
+    events: list[Event] = msgspec.field(default_factory=list)
 
 
 class _Page(msgspec.Struct):
@@ -208,18 +210,29 @@ class _Resync(Exception):
 
 @dataclass
 class _Stream:
-    """Where an event stream resumes after a reconnection."""
+    """Where a job's event stream resumes after a reconnection, and where it ends: at the
+    job's final status as it stands, not at a failure that a retry has since superseded."""
 
-    last_seq: int | None
+    last_seq: int
+    # The job as it was read before the stream began: final or not, and its newest event.
+    final_when_read: bool
+    newest_when_read: int
+
+    @classmethod
+    def of(cls, shown: _Shown, since: int | None) -> _Stream:
+        newest = max((event.seq for event in shown.events), default=0)
+        final = shown.job.status in TERMINAL_STATUSES
+        return cls(last_seq=since or 0, final_when_read=final, newest_when_read=newest)
 
     def params(self) -> dict[str, str]:
-        return {} if self.last_seq is None else {"since": str(self.last_seq)}
+        return {"since": str(self.last_seq)}
 
     def headers(self, token: str) -> dict[str, str]:
-        headers = {**_headers(token), "Accept": "text/event-stream"}
-        if self.last_seq is not None:
-            headers["Last-Event-ID"] = str(self.last_seq)
-        return headers
+        return {
+            **_headers(token),
+            "Accept": "text/event-stream",
+            "Last-Event-ID": str(self.last_seq),
+        }
 
     def take(self, sse: httpx_sse.ServerSentEvent) -> Event | None:
         """The event an SSE message carries, once: None for repeats. Raises _Resync when the
@@ -229,10 +242,16 @@ class _Stream:
         if not sse.data:
             return None
         event = _event.decode(sse.data)
-        if self.last_seq is not None and event.seq <= self.last_seq:
+        if event.seq <= self.last_seq:
             return None
         self.last_seq = event.seq
         return event
+
+    def ends_with(self, event: Event) -> bool:
+        if self.final_when_read:
+            # Final already: its history up to then is all there is to tell.
+            return event.seq >= self.newest_when_read
+        return event.seq > self.newest_when_read and _is_final(event)
 
 
 class Job:
@@ -419,7 +438,8 @@ class Client:
         return _outcomes.decode(response.content)
 
     def _events(self, job_id: int, since: int | None) -> Iterator[Event]:
-        stream = _Stream(since)
+        shown = _shown.decode(self._request("GET", f"/v1/jobs/{job_id}").content)
+        stream = _Stream.of(shown, since)
         wait = 0.0
         while True:
             try:
@@ -437,7 +457,7 @@ class Client:
                         if event is not None:
                             wait = 0.0
                             yield event
-                            if _ends(event):
+                            if stream.ends_with(event):
                                 return
             except (httpx.TransportError, _Resync):
                 pass
@@ -549,7 +569,8 @@ class AsyncClient:
         return _outcomes.decode(response.content)
 
     async def _events(self, job_id: int, since: int | None) -> AsyncIterator[Event]:
-        stream = _Stream(since)
+        shown = _shown.decode((await self._request("GET", f"/v1/jobs/{job_id}")).content)
+        stream = _Stream.of(shown, since)
         wait = 0.0
         while True:
             try:
@@ -569,7 +590,7 @@ class AsyncClient:
                         if event is not None:
                             wait = 0.0
                             yield event
-                            if _ends(event):
+                            if stream.ends_with(event):
                                 return
             except (httpx.TransportError, _Resync):
                 pass
@@ -585,6 +606,5 @@ def _checked_stream(response: httpx.Response) -> None:
         _checked(response)
 
 
-def _ends(event: Event) -> bool:
-    """The job's last event: a status event into a final status."""
+def _is_final(event: Event) -> bool:
     return event.type == "status" and event.data.get("status") in TERMINAL_STATUSES
