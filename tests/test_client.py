@@ -179,8 +179,10 @@ def test_a_plain_sync_script_gets_its_result(api: Api, tmp_path: Path) -> None:
 
 def test_the_cli_submits_and_watches_over_the_http_api(api: Api, tmp_path: Path) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "jobwarden.cli", "submit", "quick", '{"seconds": 0.01}']
-        + ["--url", api.url, "--watch", "--json"],
+        [
+            *(sys.executable, "-m", "jobwarden.cli", "submit", "quick", '{"seconds": 0.01}'),
+            *("--url", api.url, "--watch", "--json"),
+        ],
         capture_output=True,
         text=True,
         env={**daemon_env(), "JOBWARDEN_TOKEN": api.token},
