@@ -1,6 +1,6 @@
 """The `jobwarden` command: run the daemon, or talk to a running one over its admin socket.
 
-One module per command group (server, jobs, kinds, breakers, costs, users, loadtest,
+One module per command group (server, jobs, kinds, breakers, costs, users, tokens, loadtest,
 completion), each adding its commands to the parser; `output` is how every reply is printed,
 `arguments` what a user may type, `connection` how a command reaches the daemon, `watching`
 how jobs are followed.
@@ -20,7 +20,17 @@ import sys
 from collections.abc import Sequence
 
 from jobwarden import __version__
-from jobwarden.cli import breakers, completion, costs, jobs, kinds, loadtest, server, users
+from jobwarden.cli import (
+    breakers,
+    completion,
+    costs,
+    jobs,
+    kinds,
+    loadtest,
+    server,
+    tokens,
+    users,
+)
 from jobwarden.cli.arguments import Parser, UsageError, global_options
 from jobwarden.cli.output import (
     EXIT_CLOSED_PIPE,
@@ -39,7 +49,7 @@ from jobwarden.wire.views import ErrorBody
 # Replies that blame the request rather than the daemon.
 USAGE_ERROR_CODES = frozenset({"INVALID_REQUEST", "NOT_FOUND"})
 # In the order `jobwarden --help` lists their commands.
-COMMAND_GROUPS = (server, jobs, kinds, breakers, costs, users, loadtest, completion)
+COMMAND_GROUPS = (server, jobs, kinds, breakers, costs, users, tokens, loadtest, completion)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -287,21 +287,20 @@ class Supervisor:
         )
         # What a request means, shared by every listener.
         commands = Commands(
-            store=store,
+            **actor,
             hub=hub,
             admission=admission_tx.clone(),
             scheduler=scheduler_tx.clone(),
             pool=pool_tx.clone(),
             monitor=monitor_tx.clone(),
-        )
-        self._admin = AdminServer(
-            **actor,
-            commands=commands,
-            admission=admission_tx.clone(),
-            scheduler=scheduler_tx.clone(),
-            monitor=monitor_tx.clone(),
             breaker=breaker_tx.clone(),
             ledger=ledger_tx.clone(),
+        )
+        self._commands = commands
+        self._admin = AdminServer(
+            config=config,
+            commands=commands,
+            scheduler=scheduler_tx.clone(),
             supervisor=control_tx.clone(),
             metrics=metrics,
         )
@@ -450,6 +449,7 @@ class Supervisor:
         for actor in self._channels:
             await actor.send(Reconfigure(config=new))
         self._admin.reconfigure(new)
+        self._commands.reconfigure(new)
         log.info("config reloaded", path=str(self._config_path), kinds=sorted(new.kinds))
         self._notifier.ready("ready")
 

@@ -837,8 +837,13 @@ def list_jobs(
     kind: str | None,
     user: str | None,
     limit: int,
+    before: int | None = None,
 ) -> list[JobView]:
+    """Jobs newest first; `before`: only those with a smaller id (the next page's cursor)."""
     clauses, params = [], []
+    if before is not None:
+        clauses.append("id < ?")
+        params.append(before)
     if statuses:
         clauses.append(f"status IN ({placeholders(statuses)})")
         params.extend(statuses)
@@ -846,7 +851,7 @@ def list_jobs(
         clauses.append("kind = ?")
         params.append(kind)
     if user is not None:
-        clauses.append("user = ?")
+        clauses.append('"user" = ?')
         params.append(user)
     where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
     rows = conn.execute(

@@ -112,6 +112,13 @@ class UsersArgs(Args):
     max_running: NonNegative | None = None
 
 
+class TokensArgs(Args):
+    """`list`, `add` (a new operator token for the HTTP API, shown once), `revoke`."""
+
+    action: Literal["list", "add", "revoke"] = "list"
+    name: str | None = None
+
+
 # One request type per command: `cmd` is the tag, `args` that command's own arguments, so one
 # decode gives a typed request (and a typo in either is an error). A command whose arguments
 # all have defaults may leave `args` out.
@@ -229,6 +236,12 @@ class UsersRequest(Request, tag="users"):
     args: UsersArgs = msgspec.field(default_factory=UsersArgs)
 
 
+class TokensRequest(Request, tag="tokens"):
+    """List, add or revoke operator tokens."""
+
+    args: TokensArgs = msgspec.field(default_factory=TokensArgs)
+
+
 AdminRequest = (
     PingRequest
     | SubmitRequest
@@ -248,6 +261,7 @@ AdminRequest = (
     | LedgerRequest
     | BudgetRequest
     | UsersRequest
+    | TokensRequest
 )
 COMMANDS = tuple(sorted(request.__struct_config__.tag for request in get_args(AdminRequest)))
 request_decoder = msgspec.json.Decoder(AdminRequest)

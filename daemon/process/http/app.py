@@ -63,6 +63,17 @@ class Context:
 
 
 RouteGroup = Callable[[Context], Iterable[BaseRoute]]
+
+
+class Exchange:
+    """One request, as the refusals know it: its first refusal is logged, the rest counted."""
+
+
+def exchange_of(scope: Scope) -> Exchange:
+    exchange: Exchange = scope.setdefault("jobwarden.exchange", Exchange())
+    return exchange
+
+
 Handler = Callable[[Request], Awaitable[Response]]
 
 
@@ -98,14 +109,16 @@ def build_app(context: Context, groups: Iterable[RouteGroup]) -> ASGIApp:
     async def refused(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestError | StoreError)
         body = error_reply(exc, listener="http")
-        context.refusals.refused(body, connection=request, path=request.url.path)
+        context.refusals.refused(body, connection=exchange_of(request.scope), path=request.url.path)
         return error_response(body)
 
     async def http_exception(request: Request, exc: Exception) -> Response:
         # The router's own refusals: no route (404), or a method the path has not (405).
         assert isinstance(exc, HTTPException)
+        headers = dict(exc.headers or {})
         if exc.status_code == 405:
-            allowed = (exc.headers or {}).get("Allow", "")
+            allowed = ", ".join(sorted(headers.get("Allow", "").split(", ")))
+            headers["Allow"] = allowed
             body = error_body(
                 "METHOD_NOT_ALLOWED",
                 f"{request.method} is not allowed on {request.url.path} (allowed: {allowed})",
@@ -114,14 +127,14 @@ def build_app(context: Context, groups: Iterable[RouteGroup]) -> ASGIApp:
             body = error_body("NOT_FOUND", f"no such path: {request.url.path}")
         else:
             body = error_body("INVALID_REQUEST", exc.detail)
-        context.refusals.refused(body, connection=request, path=request.url.path)
-        response = error_response(body, dict(exc.headers or {}))
+        context.refusals.refused(body, connection=exchange_of(request.scope), path=request.url.path)
+        response = error_response(body, headers)
         response.status_code = exc.status_code
         return response
 
     async def failed(request: Request, exc: Exception) -> Response:
         body = error_reply(exc, listener="http")
-        context.refusals.refused(body, connection=request)
+        context.refusals.refused(body, connection=exchange_of(request.scope))
         request.scope["jobwarden.logged"] = True
         return error_response(body)
 
@@ -153,16 +166,35 @@ class Guard:
             return
         started = trio.current_time()
         response_started = False
+        body = _Body(receive, self._context.settings.max_body_bytes)
+
+        client_gone = False
 
         async def timed_send(message: Message) -> None:
-            nonlocal response_started
+            nonlocal response_started, client_gone
+            if client_gone:
+                return
             if message["type"] == "http.response.start":
                 response_started = True
                 seconds = trio.current_time() - started
                 headers = list(message.get("headers", []))
                 headers.append((b"x-response-time", f"{seconds * 1000:.1f}ms".encode()))
+                if not body.complete:
+                    # A body left unread cannot be skipped on a kept-alive connection.
+                    headers.append((b"connection", b"close"))
                 message = {**message, "headers": headers}
-            await send(message)
+            try:
+                if message["type"] == "http.response.body" and not message.get("more_body"):
+                    await body.discard_while(send(message))
+                else:
+                    await send(message)
+            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+                # The client went away: the rest of the answer has no one to go to.
+                client_gone = True
+            except trio.BusyResourceError:
+                # Hypercorn closes a connection the client ended (send_eof) without its send
+                # lock, so it can meet our send: the connection is over just the same.
+                client_gone = True
 
         try:
             try:
@@ -174,39 +206,34 @@ class Guard:
                 limit = self._context.settings.max_body_bytes
                 length = _content_length(scope)
                 if length is not None and length > limit:
-                    body = error_body(
+                    error = error_body(
                         "PAYLOAD_TOO_LARGE",
                         f"the body is {length} bytes; at most {limit} are accepted",
                     )
-                    await self._refuse(scope, body, timed_send, close=True)
+                    await self._refuse(scope, error, timed_send)
                     return
-                await self._app(scope, _limited(receive, limit), timed_send)
+                await self._app(scope, body.receive, timed_send)
         except Exception as exc:
             if scope.get("jobwarden.logged"):
                 return
             if response_started:
                 log_failure("http response failed", exc, path=scope.get("path", ""))
                 return
-            body = error_reply(exc, listener="http")
-            await self._refuse(scope, body, timed_send)
+            await self._refuse(scope, error_reply(exc, listener="http"), timed_send)
         finally:
             route = scope.get("route")
             name = route.path if isinstance(route, Route) else "other"
             seconds = trio.current_time() - started
             self._context.metrics.request_done("http", seconds, self._context.slow, path=name)
 
-    async def _refuse(
-        self, scope: Scope, body: ErrorBody, send: Send, *, close: bool = False
-    ) -> None:
-        self._context.refusals.refused(body, connection=scope, path=scope.get("path", ""))
-        # A body left unread cannot be skipped on a kept-alive connection: close it instead.
-        headers = {"Connection": "close"} if close else None
-        response = error_response(body, headers)
+    async def _refuse(self, scope: Scope, error: ErrorBody, send: Send) -> None:
+        path = scope.get("path", "")
+        self._context.refusals.refused(error, connection=exchange_of(scope), path=path)
+        await error_response(error)(scope, _no_body, send)
 
-        async def ignore_body() -> Message:
-            return {"type": "http.disconnect"}
 
-        await response(scope, ignore_body, send)
+async def _no_body() -> Message:
+    return {"type": "http.disconnect"}
 
 
 def _content_length(scope: Scope) -> int | None:
@@ -219,21 +246,44 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
-def _limited(receive: Receive, limit: int) -> Receive:
-    """`receive`, cut off with PAYLOAD_TOO_LARGE once the body grows past `limit` bytes (a body
-    sent in chunks, without a Content-Length, is read only that far)."""
-    received = 0
+class _Body:
+    """A request's body as the app receives it: cut off with PAYLOAD_TOO_LARGE once it grows
+    past `limit` bytes (a body sent in chunks, without a Content-Length, is read only that
+    far), and whether it has all arrived."""
 
-    async def receive_within_limit() -> Message:
-        nonlocal received
-        message = await receive()
+    def __init__(self, receive: Receive, limit: int) -> None:
+        self._receive = receive
+        self._limit = limit
+        self._received = 0
+        self.complete = False
+
+    async def receive(self) -> Message:
+        message = await self._receive()
         if message["type"] == "http.request":
-            received += len(message.get("body", b""))
-            if received > limit:
+            self._received += len(message.get("body", b""))
+            if self._received > self._limit:
                 raise RequestError(
                     "PAYLOAD_TOO_LARGE",
-                    f"the body grew past {limit} bytes; at most that many are accepted",
+                    f"the body grew past {self._limit} bytes; at most that many are accepted",
                 )
+            self.complete = not message.get("more_body", False)
+        else:
+            self.complete = True
         return message
 
-    return receive_within_limit
+    async def discard_while(self, sending: Awaitable[None]) -> None:
+        """Await `sending` (a response's last message) while the body not read is thrown
+        away: Hypercorn ends a response by queueing a disconnect behind the body, and a body
+        the app left unread would fill that queue, so the last message would never go."""
+        if self.complete:
+            await sending
+            return
+        async with trio.open_nursery() as nursery:
+
+            async def discard() -> None:
+                while (await self._receive())["type"] == "http.request":
+                    pass
+
+            nursery.start_soon(discard)
+            await sending
+            nursery.cancel_scope.cancel()
