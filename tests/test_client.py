@@ -31,6 +31,10 @@ CONFIG: dict[str, Any] = {
 }
 
 
+# A user's own rate with no burst: the second submission within the rate's interval waits.
+ONE_AT_A_TIME = {**CONFIG, "limits": {"burst": 1}}
+
+
 class Api:
     """A running daemon's HTTP API and a user's token for it."""
 
@@ -101,7 +105,7 @@ def test_the_same_idempotency_key_gives_the_same_job(api: Api) -> None:
 
 
 def test_a_refusal_raises_refused_with_code_and_retry_after(daemons: DaemonFactory) -> None:
-    api = Api(daemons(CONFIG), rate="1/min")
+    api = Api(daemons(ONE_AT_A_TIME), rate="1/min")
     with Client(api.url, api.token) as client:
         client.submit("quick", {"seconds": 0})
         with pytest.raises(Refused) as refused:
@@ -113,7 +117,7 @@ def test_a_refusal_raises_refused_with_code_and_retry_after(daemons: DaemonFacto
 
 def test_wait_if_limited_honours_retry_after(daemons: DaemonFactory) -> None:
     # One token a second: the second submission waits about a second, then goes in.
-    api = Api(daemons(CONFIG), rate="60/min")
+    api = Api(daemons(ONE_AT_A_TIME), rate="60/min")
     with Client(api.url, api.token) as client:
         jobs = [
             client.submit("quick", {"seconds": 0}, wait_if_limited=True, limited_timeout=30)

@@ -72,7 +72,7 @@ _views = msgspec.json.Decoder(JobView)
 _shown = msgspec.json.Decoder(_Shown)
 _page = msgspec.json.Decoder(_Page)
 _outcomes = msgspec.json.Decoder(Outcome)
-_error = msgspec.json.Decoder(dict[str, ErrorBody])
+_error = msgspec.json.Decoder(ErrorBody)
 _event = msgspec.json.Decoder(Event)
 
 
@@ -148,8 +148,8 @@ def _checked(response: httpx.Response) -> httpx.Response:
     if response.is_success:
         return response
     try:
-        error = _error.decode(response.content)["error"]
-    except (msgspec.ValidationError, msgspec.DecodeError, KeyError):
+        error = _error.decode(response.content)
+    except (msgspec.ValidationError, msgspec.DecodeError):
         error = ErrorBody(
             code="INTERNAL" if response.status_code >= 500 else "INVALID_REQUEST",
             message=f"HTTP {response.status_code} without an error body",
