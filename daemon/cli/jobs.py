@@ -18,7 +18,14 @@ from jobwarden.cli.arguments import (
     subcommand,
     words,
 )
-from jobwarden.cli.connection import call, client, over_websocket, websocket_options
+from jobwarden.cli.connection import (
+    call,
+    client,
+    http_client,
+    over_http,
+    over_websocket,
+    websocket_options,
+)
 from jobwarden.cli.output import (
     EXIT_OK,
     clock,
@@ -35,6 +42,7 @@ from jobwarden.cli.output import (
 )
 from jobwarden.cli.watching import (
     describe_event,
+    follow_over_http,
     follow_over_websocket,
     job_view,
     waiting_text,
@@ -130,6 +138,8 @@ def add_commands(commands: Subcommands) -> None:
 
 
 def _submit(args: argparse.Namespace) -> int:
+    if over_http(args):
+        return _submit_over_http(args)
     if args.url:
         return over_websocket(args, _submit_over_websocket)
     with client(args) as admin:
@@ -150,6 +160,20 @@ def _submit(args: argparse.Namespace) -> int:
         if not args.watch:
             return EXIT_OK
         return watch_job(admin, data["job"]["id"], as_json=args.json)
+
+
+def _submit_over_http(args: argparse.Namespace) -> int:
+    with http_client(args) as api:
+        job = api.submit(
+            args.kind,
+            args.payload,
+            priority=args.priority,
+            idempotency_key=args.idempotency_key,
+        )
+        _print_submitted(args, {"job": msgspec.to_builtins(job.view), "existing": job.existing})
+        if not args.watch:
+            return EXIT_OK
+        return follow_over_http(job, as_json=args.json)
 
 
 async def _submit_over_websocket(websocket: WebSocketClient, args: argparse.Namespace) -> int:
@@ -270,6 +294,9 @@ def _print_job_in_full(data: dict[str, Any]) -> None:
 
 
 def _watch(args: argparse.Namespace) -> int:
+    if over_http(args):
+        with http_client(args) as api:
+            return follow_over_http(api.get(args.job), as_json=args.json)
     if args.url:
         return over_websocket(args, _watch_over_websocket)
     with client(args) as admin:
