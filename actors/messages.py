@@ -39,6 +39,7 @@ class Submit(msgspec.Struct):
     priority: int | None = None
     idempotency_key: str | None = None
     submission_id: str | None = None
+    webhook: str | None = None
 
 
 class Requeue(msgspec.Struct):

@@ -229,6 +229,7 @@ class NewJob(Protocol):
     priority: int | None
     idempotency_key: str | None
     submission_id: str | None
+    webhook: str | None
 
 
 class Shown(NamedTuple):
@@ -281,6 +282,7 @@ class Commands:
             priority=new.priority,
             idempotency_key=new.idempotency_key,
             submission_id=new.submission_id,
+            webhook=new.webhook,
         )
         return job, existing
 

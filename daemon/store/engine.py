@@ -46,6 +46,7 @@ from jobwarden.store import sqlite
 from jobwarden.store.jobs import set_setting
 from jobwarden.store.rows import Events, insert_events
 from jobwarden.store.schema import migrate
+from jobwarden.store.webhooks import queue_deliveries
 from jobwarden.wire.views import Event
 
 log = structlog.get_logger("store")
@@ -67,6 +68,13 @@ PROBE_MAX = 30.0
 # the store would flap between taking writes and refusing them.
 PROBE_SETTING = "store_probe"
 PROBE_ROOM = 64 * 1024
+
+
+def _record_events(conn: sqlite.Connection, events: Events) -> None:
+    """A write's event rows, and in the same transaction what a final status owes: its
+    webhook's delivery."""
+    insert_events(conn, events)
+    queue_deliveries(conn, events)
 
 
 class StoreFault(msgspec.Struct, frozen=True):
@@ -388,7 +396,7 @@ class Store:
             if write.solo:
                 try:
                     write.result = write.apply(self._writer, write.events)
-                    insert_events(self._writer, write.events)
+                    _record_events(self._writer, write.events)
                 except sqlite.DatabaseError as exc:
                     write.error = StoreError(
                         f"database maintenance failed: {exc}", full=sqlite.is_full(exc)
@@ -408,7 +416,7 @@ class Store:
             conn.execute("SAVEPOINT w")
             try:
                 write.result = write.apply(conn, write.events)
-                insert_events(conn, write.events)
+                _record_events(conn, write.events)
             except Exception as exc:
                 if sqlite.is_fault(exc):
                     raise

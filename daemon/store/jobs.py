@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 import msgspec
 
 from jobwarden.errors import new_error_id
+from jobwarden.store import webhooks
 from jobwarden.store.rows import (
     JOB_COLUMNS,
     LIST_COLUMNS,
@@ -46,6 +47,8 @@ class NewJob(msgspec.Struct, frozen=True):
     max_attempts: int
     # The client's own id for this submission, the same each time it sends it again.
     submission_id: str | None = None
+    # Where to tell of the job's final status (store/webhooks.py).
+    webhook: str | None = None
 
 
 class Quota(msgspec.Struct, frozen=True, kw_only=True):
@@ -284,6 +287,8 @@ def _insert(
         payload=msgspec.json.decode(new.payload_json),
     )
     add_event(events, job, "status", now, {"status": "queued", "attempt": 0})
+    if new.webhook is not None:
+        webhooks.remember(conn, job.id, new.webhook)
     # Only once the job is in: a failed insert leaves the user as it was.
     if user.credits is not None:
         user.credits -= price

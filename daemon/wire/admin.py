@@ -47,6 +47,8 @@ class SubmitArgs(Args):
     # A client's own id for this submission, the same each time it sends it again.
     submission_id: str | None = None
     user: str = "local"
+    # An http(s) URL on a host the config allows: told of the job's final status.
+    webhook: str | None = None
 
 
 class JobsArgs(Args):

@@ -29,6 +29,8 @@ class WsSubmit(WsOp, tag="submit"):
     # The client's own id for this submission, the same each time it sends it again: a
     # resend whose job has finished meanwhile gets that job, not a second one.
     submission_id: str | None = None
+    # An http(s) URL on a host the config allows: told of the job's final status.
+    webhook: str | None = None
 
 
 class WsWatch(WsOp, tag="watch"):
