@@ -108,6 +108,7 @@ class WebSocketClient:
         *,
         priority: int | None = None,
         idempotency_key: str | None = None,
+        webhook: str | None = None,
     ) -> Accepted:
         """Submit a job. Without an idempotency key one is made up. Each call also sends a
         new submission id, so that the submit sent again after a reconnection finds the job
@@ -121,6 +122,7 @@ class WebSocketClient:
             priority=priority,
             idempotency_key=idempotency_key or f"client-{uuid.uuid4().hex}",
             submission_id=uuid.uuid4().hex,
+            webhook=webhook,
         )
         return msgspec.convert({**reply["job"], "existing": reply["existing"]}, Accepted)
 

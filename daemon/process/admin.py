@@ -87,6 +87,7 @@ from jobwarden.wire.admin import (
     ShutdownRequest,
     StatusRequest,
     StuckRequest,
+    WebhooksRequest,
     SubmitRequest,
     UsersArgs,
     UsersRequest,
@@ -443,6 +444,11 @@ class AdminServer:
             case StuckRequest(args=args):
                 findings = await ask(self._monitor, RunRules, dry_run=args.dry_run)
                 return {"dry_run": args.dry_run, "findings": findings}
+            case WebhooksRequest(args=args):
+                deliveries = await commands.webhook_deliveries(
+                    OPERATOR, job_id=args.job, pending=args.pending, limit=args.limit
+                )
+                return {"deliveries": deliveries}
             case BreakersRequest():
                 return await ask(self._breaker, BreakerSnapshot)
             case BreakerRequest(args=args):

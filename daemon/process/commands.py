@@ -43,8 +43,9 @@ from jobwarden.hub import EventHub
 from jobwarden.logs import clip
 from jobwarden.mailbox import ask
 from jobwarden.metrics import Metrics
-from jobwarden.store import jobs
+from jobwarden.store import jobs, webhooks
 from jobwarden.store.engine import Store
+from jobwarden.store.webhooks import Delivery
 from jobwarden.wire.admin import COMMANDS, request_decoder
 from jobwarden.wire.views import (
     MAX_DEPTH,
@@ -380,6 +381,22 @@ class Commands:
                 await send(event)
                 last = event.seq
             return last if sub.overflowed else None
+
+    async def webhook_deliveries(
+        self, caller: Caller, *, job_id: int | None, pending: bool, limit: int
+    ) -> list[Delivery]:
+        """Webhook deliveries, newest first: one job's (the caller's), or all the operator's."""
+        if not 0 < limit <= caller.max_listed:
+            raise RequestError(
+                "INVALID_REQUEST", f"webhooks: limit must be within 1..{caller.max_listed}"
+            )
+        if job_id is not None:
+            await self._job(caller, job_id)
+        elif caller.user is not None:
+            raise RequestError("INVALID_REQUEST", "webhooks: name the job")
+        return await self._store.read(
+            partial(webhooks.list_deliveries, job_id=job_id, pending=pending, limit=limit)
+        )
 
     async def health(self, *, by_kind: bool = False) -> dict[str, Any]:
         """The monitor's snapshot; `by_kind` adds the job counts by status and kind."""
