@@ -260,9 +260,7 @@ def _job_detail(job: JobView) -> str:
 
 
 def _webhooks(args: argparse.Namespace) -> int:
-    found = call(
-        args, "webhooks", job=args.job, pending=args.pending, limit=args.limit or 50
-    )
+    found = call(args, "webhooks", job=args.job, pending=args.pending, limit=args.limit or 50)
     return print_reply(args, found, _print_deliveries)
 
 

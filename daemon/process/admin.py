@@ -87,11 +87,11 @@ from jobwarden.wire.admin import (
     ShutdownRequest,
     StatusRequest,
     StuckRequest,
-    WebhooksRequest,
     SubmitRequest,
     UsersArgs,
     UsersRequest,
     WatchRequest,
+    WebhooksRequest,
     encode_line,
 )
 from jobwarden.wire.views import ErrorBody, Event
