@@ -66,9 +66,10 @@ from jobwarden.hub import EventHub
 from jobwarden.logs import clip
 from jobwarden.mailbox import ask
 from jobwarden.metrics import Metrics
-from jobwarden.store import jobs, tokens, users
+from jobwarden.store import jobs, tokens, users, webhooks
 from jobwarden.store.engine import Store
 from jobwarden.store.ledger import job_spend
+from jobwarden.store.webhooks import Delivery
 from jobwarden.wire.admin import (
     COMMANDS,
     BreakerArgs,
@@ -269,6 +270,7 @@ class NewJob(Protocol):
     tags: list[str] | None
     after: list[int] | None
     after_any: bool
+    webhook: str | None
 
 
 class Shown(NamedTuple):
@@ -339,6 +341,7 @@ class Commands:
             tags=new.tags,
             after=new.after,
             after_any=new.after_any,
+            webhook=new.webhook,
         )
         return job, existing
 
@@ -485,6 +488,22 @@ class Commands:
         if action == "trigger":
             return {"job": answer}
         return {"schedule": answer}
+
+    async def webhook_deliveries(
+        self, caller: Caller, *, job_id: int | None, pending: bool, limit: int
+    ) -> list[Delivery]:
+        """Webhook deliveries, newest first: one job's (the caller's), or all the operator's."""
+        if not 0 < limit <= caller.max_listed:
+            raise RequestError(
+                "INVALID_REQUEST", f"webhooks: limit must be within 1..{caller.max_listed}"
+            )
+        if job_id is not None:
+            await self._job(caller, job_id)
+        elif caller.user is not None:
+            raise RequestError("INVALID_REQUEST", "webhooks: name the job")
+        return await self._store.read(
+            partial(webhooks.list_deliveries, job_id=job_id, pending=pending, limit=limit)
+        )
 
     async def health(self, *, by_kind: bool = False) -> dict[str, Any]:
         """The monitor's snapshot; `by_kind` adds the job counts by status and kind."""
