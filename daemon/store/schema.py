@@ -270,7 +270,6 @@ MIGRATIONS: list[str] = [
         usd REAL NOT NULL,
         expires_at REAL NOT NULL
     );
-    );
     """,
     """
     -- Where to tell an application that its job is final (the submission's webhook URL).
