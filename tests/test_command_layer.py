@@ -23,7 +23,7 @@ pytestmark = pytest.mark.both_stores
 
 KNOWN_COMMANDS = (
     "breaker, breakers, budget, cancel, drain, hold, jobs, ledger, pause, ping, release, resume, "
-    "retry, schedules, show, shutdown, status, stuck, submit, tokens, users, watch"
+    "retry, schedules, show, shutdown, status, stuck, submit, tokens, users, watch, webhooks"
 )
 
 # -- decoding --------------------------------------------------------------------------------
