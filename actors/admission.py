@@ -1,37 +1,45 @@
 """Admission: the only way a job enters the queue.
 
-Consumes `Submit` and `Requeue` from the listeners, `UserRate` from the admin `users` commands,
-`BudgetState` from the ledger and `StopAdmitting`/`Reconfigure` from the supervisor. Produces
-`JobQueued` for the scheduler.
+Consumes `Submit` and `Requeue` from the listeners, `BudgetState` from the ledger and
+`StopAdmitting`/`Reconfigure` from the supervisor. Produces `JobQueued` for the scheduler.
 
-The guards run in two places. Here, in memory: draining, a store that takes no writes
-(a `STORAGE_` code, as the engine's health says), budget, kind, payload size and
-schema, a kind's memory requirement this machine can never meet (its total memory, as the
-daemon's one sampler read it at start), and the per-user rate limit (a `TokenBucket` on trio's
-clock; buckets may be lost on restart, as a rate is about the last minute). In the store,
-inside the transaction that inserts the job, so they survive restarts and never race a refund:
-user exists and is enabled, daily job limit, queue depth (global and per kind), credits
-(reserved there, spent or refunded when the job ends). The store commits the job before the
-caller hears "accepted".
+The guards run in two places. Here, in memory, the checks of the request and of this daemon:
+draining, a store that takes no writes (a `STORAGE_` code, as the engine's health says),
+budget, kind, payload size and schema, a kind's memory requirement this machine can never meet
+(its total memory, as the daemon's one sampler read it at start). In the store,
+inside the transaction that inserts the job, the guards that count, so they survive restarts
+and hold for every daemon on the database: user exists and is enabled, the per-user rate limit
+(a `TokenBucket` applied to the bucket kept in the user's row; the user's own rate is read
+there too, so `users set --rate` holds everywhere at once), daily job limit, queue depth
+(global and per kind), credits (reserved there, spent or refunded when the job ends). The
+store commits the job before the caller hears "accepted".
 
 Idempotency: a submission whose key holds a job (the user's active job with that key, its own
 finished job when a client sends it again, or one that finished within
 `admission.idempotency_window`) gets that job, or CONFLICT for other work, and no guard of the
-store applies to it. Nor does the rate limit: a keyed submission of a rate-limited user takes
-its token only after a read of the store has found no such job, batched like the inserts.
+store applies to it, the rate limit included: the store looks for the job first.
+
+Recurring schedules (actors/schedules.py) fire from a task of admission: each run is a
+submission the daemon makes itself, through the same guards in memory and the same insert,
+but for the user's rate limit and the [limits] defaults meant for what users submit (the
+daily job count, a new user's credits); the user's own limits and credits still apply.
+`ScheduleAction` lists, pauses, resumes and triggers them.
 
 Adaptive shedding (seed 002): once the queue is past `limits.shed_at` of its limit, the store
-says for each accepted job whether its user holds more than a fair share of the queue; such a
-user's bucket refills at `shed_rate_factor` of their rate for a minute, so the heaviest writers
-are slowed first and light users keep going.
+marks a user who holds more than a fair share of the queue as slowed for a minute: their
+bucket refills at `shed_rate_factor` of their rate, so the heaviest writers are slowed first
+and light users keep going.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterator
+from datetime import datetime
 from functools import partial
 from typing import Any, NamedTuple
+from urllib.parse import urlsplit
 
 import msgspec
 import structlog
@@ -46,15 +54,17 @@ from jobwarden.actors.messages import (
     JobQueued,
     Reconfigure,
     Requeue,
+    ScheduleAction,
     StopAdmitting,
     Submit,
-    UserRate,
 )
+from jobwarden.actors.schedules import Schedules
 from jobwarden.clock import WallClock
-from jobwarden.config import Config, format_size, parse_rate
+from jobwarden.config import Config, format_duration, format_size, parse_duration
 from jobwarden.errors import RequestError, StoreError
+from jobwarden.mailbox import ReplySlot
 from jobwarden.metrics import Metrics
-from jobwarden.store import Engine, jobs, users
+from jobwarden.store import Engine, jobs, schedules
 from jobwarden.store.jobs import Admitted, NewJob, Quota, Refused
 
 log = structlog.get_logger("admission")
@@ -65,8 +75,11 @@ _encoder = msgspec.json.Encoder()
 MAX_BATCH = 512
 # How long a user found above their fair share of a nearly full queue stays slowed.
 SHED_FOR = 60.0
-# Buckets kept before full ones (which a new bucket equals) are dropped.
-MAX_BUCKETS = 10_000
+# Tags: a few short words a job is found by (`jobs --tag`), never metric labels.
+MAX_TAGS = 8
+TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,31}")
+# Jobs one job may run after.
+MAX_AFTER = 32
 
 
 def check_submit(
@@ -121,6 +134,8 @@ def check_submit(
             raise RequestError("INVALID_REQUEST", f"{name} must be 1 to 200 characters")
     if msg.submission_id is not None and msg.idempotency_key is None:
         raise RequestError("INVALID_REQUEST", "submission_id needs an idempotency_key")
+    if msg.webhook is not None:
+        check_webhook(msg.webhook, config.webhooks.allowed_hosts)
     if msg.priority is not None and not -100 <= msg.priority <= 100:
         raise RequestError("INVALID_REQUEST", "priority must be within -100..100")
     if kind.min_memory is not None and kind.min_memory > total_memory:
@@ -130,6 +145,96 @@ def check_submit(
             f"has {format_size(total_memory)} of memory in total: it could never start",
         )
     return payload_json.decode()
+
+
+class Waits(NamedTuple):
+    """What a submission waits for besides its turn, checked."""
+
+    run_at: float | None
+    tags: tuple[str, ...]
+    after: tuple[int, ...]
+
+
+def check_waits(config: Config, msg: Submit, *, now: float) -> Waits:
+    """A submission's start time, tags and dependencies, or INVALID_REQUEST naming the field.
+    A start time that has passed is now (None); one beyond `admission.max_delay` is refused."""
+    if msg.run_at is not None and msg.delay is not None:
+        raise RequestError("INVALID_REQUEST", "give run_at or delay, not both")
+    start = None
+    if msg.run_at is not None:
+        start = _parse_time(msg.run_at)
+    elif msg.delay is not None:
+        try:
+            delay = parse_duration(msg.delay)
+        except ValueError as exc:
+            raise RequestError("INVALID_REQUEST", f"delay: {exc}") from None
+        if math.isinf(delay):
+            raise RequestError("INVALID_REQUEST", 'delay: expected a duration like "10m"')
+        start = now + delay
+    horizon = config.admission.max_delay
+    if start is not None and start - now > horizon:
+        field = "run_at" if msg.run_at is not None else "delay"
+        raise RequestError(
+            "INVALID_REQUEST",
+            f"{field}: at most {format_duration(horizon)} ahead (admission.max_delay)",
+        )
+    tags = tuple(dict.fromkeys(msg.tags or ()))
+    if len(tags) > MAX_TAGS:
+        raise RequestError("INVALID_REQUEST", f"tags: at most {MAX_TAGS}, got {len(tags)}")
+    for tag in tags:
+        if not TAG.fullmatch(tag):
+            raise RequestError(
+                "INVALID_REQUEST",
+                f"tags: {tag[:40]!r} is not 1 to 32 letters, digits and _.:- "
+                "(starting with a letter or digit)",
+            )
+    after = tuple(dict.fromkeys(msg.after or ()))
+    if len(after) > MAX_AFTER:
+        raise RequestError("INVALID_REQUEST", f"after: at most {MAX_AFTER} jobs, got {len(after)}")
+    if msg.after_any and not after:
+        raise RequestError("INVALID_REQUEST", "after_any needs after: the jobs to run after")
+    return Waits(start if start is not None and start > now else None, tags, after)
+
+
+def _parse_time(text: str) -> float:
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        moment = None
+    if moment is None or moment.tzinfo is None:
+        raise RequestError(
+            "INVALID_REQUEST",
+            f"run_at: expected an RFC 3339 time with its offset, like 2026-12-01T12:00:00Z, "
+            f"got {text[:40]!r}",
+        )
+    return moment.timestamp()
+
+
+def check_webhook(url: str, allowed_hosts: list[str]) -> None:
+    """A webhook URL jobwarden may POST to: http(s), on a host the config allows (the daemon
+    must not become a way to reach hosts an application could not reach itself)."""
+    if not allowed_hosts:
+        raise RequestError(
+            "INVALID_REQUEST",
+            "webhook: webhooks are off on this daemon (its webhooks.allowed_hosts is empty)",
+        )
+    if len(url) > 2000:
+        raise RequestError("INVALID_REQUEST", "webhook: a URL of at most 2000 characters")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        parts, port = None, None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise RequestError("INVALID_REQUEST", "webhook: expected an http:// or https:// URL")
+    if parts.username is not None or parts.password is not None:
+        raise RequestError("INVALID_REQUEST", "webhook: a URL without user or password")
+    host = parts.hostname
+    if host not in allowed_hosts and f"{host}:{port}" not in allowed_hosts:
+        raise RequestError(
+            "INVALID_REQUEST",
+            f"webhook: host '{host}' is not in the config's webhooks.allowed_hosts",
+        )
 
 
 class Admission:
@@ -154,15 +259,13 @@ class Admission:
         self._budget = BudgetState(stopped=False)
         self._calendar = BudgetCalendar(config.limits.day_zone(config.budget))
         self._total_memory = total_memory
-        self._buckets: dict[str, TokenBucket] = {}
-        # Users' own rates (per second), where they differ from the default.
-        self._rates: dict[str, float] = {}
-        self._slowed_until: dict[str, float] = {}
+        self._schedules = Schedules(
+            config=config, store=store, clock=clock, metrics=metrics, fire=self._fire_schedule
+        )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        for name, rate in (await self._store.read(users.own_rates)).items():
-            self._rates[name] = parse_rate(rate)
         async with self._inbox, self._scheduler, trio.open_nursery() as nursery:
+            nursery.start_soon(self._schedules.run)
             task_status.started()
             async for first in self._inbox:
                 accepted: list[Checked] = []
@@ -176,18 +279,17 @@ class Admission:
                                 accepted.append(checked)
                         case Requeue():
                             nursery.start_soon(self._requeue, msg)
+                        case ScheduleAction():
+                            nursery.start_soon(self._schedule_action, msg)
                         case StopAdmitting():
                             self._draining = True
+                            self._schedules.stop()
                         case Reconfigure(config=config):
                             self._config = config
+                            self._schedules.reconfigure(config)
                             self._calendar = BudgetCalendar(config.limits.day_zone(config.budget))
                         case BudgetState():
                             self._budget = msg
-                        case UserRate(user=user, rate=rate):
-                            if rate is None:
-                                self._rates.pop(user, None)
-                            else:
-                                self._rates[user] = parse_rate(rate)
                 if accepted:
                     nursery.start_soon(self._insert, accepted)
             nursery.cancel_scope.cancel()
@@ -207,22 +309,17 @@ class Admission:
         msg.reply.fail(exc)
 
     def _check(self, msg: Submit) -> Checked | None:
-        now = self._clock.now()
-        # A keyed submission may repeat a job, which costs no token: it takes its token once
-        # the store has said it does not (see _answer_repeats).
-        owes_token = msg.idempotency_key is not None and not math.isinf(self._rate(msg.user))
         try:
             payload_json = check_submit(
                 self._config,
                 msg,
                 draining=self._draining,
                 budget=self._budget,
-                now=now,
+                now=self._clock.now(),
                 total_memory=self._total_memory,
                 store_fault=self._store.health.error(),
             )
-            if not owes_token:
-                self._take_token(msg.user, now)
+            waits = check_waits(self._config, msg, now=self._clock.now())
         except RequestError as exc:
             self._refuse(msg, exc)
             return None
@@ -235,38 +332,13 @@ class Admission:
             idempotency_key=msg.idempotency_key,
             max_attempts=self._config.retry_policy(msg.kind).max_attempts,
             submission_id=msg.submission_id,
+            run_at=waits.run_at,
+            tags=waits.tags,
+            after=waits.after,
+            after_any=msg.after_any,
+            webhook=msg.webhook,
         )
-        return Checked(msg, new, owes_token)
-
-    def _rate(self, user: str) -> float:
-        return self._rates.get(user, self._config.limits.rate)
-
-    def _take_token(self, user: str, now: float) -> None:
-        limits = self._config.limits
-        rate = self._rate(user)
-        if math.isinf(rate):
-            return
-        slowed = self._slowed_until.get(user, -math.inf) > now
-        if slowed:
-            rate *= limits.shed_rate_factor
-        if len(self._buckets) > MAX_BUCKETS:
-            self._buckets = {
-                name: bucket for name, bucket in self._buckets.items() if not bucket.full(now)
-            }
-        bucket = self._buckets.get(user)
-        if bucket is None:
-            bucket = self._buckets[user] = TokenBucket(rate=rate, burst=limits.burst, now=now)
-        # The user may have been slowed, re-rated or reloaded since their last submission.
-        bucket.rate, bucket.burst = rate, limits.burst
-        wait = bucket.take(now)
-        if wait:
-            why = " (slowed: you hold more than a fair share of a nearly full queue)"
-            raise RequestError(
-                "RATE_LIMITED",
-                f"user '{user}' may submit {_per_minute(rate)} jobs a minute"
-                + (why if slowed else ""),
-                retry_after=round(wait, 3),
-            )
+        return Checked(msg, new)
 
     def _quota(self, now: float) -> Quota:
         limits = self._config.limits
@@ -280,6 +352,11 @@ class Admission:
             kind_max_queued={name: kind.max_queued for name, kind in kinds.items()},
             kind_credits={name: kind.credits for name, kind in kinds.items()},
             shed_depth=math.ceil(limits.max_queued * limits.shed_at),
+            rate=limits.rate,
+            burst=limits.burst,
+            bucket=TokenBucket,
+            shed_rate_factor=limits.shed_rate_factor,
+            shed_for=SHED_FOR,
         )
 
     def _refused(self, refused: Refused, now: float) -> RequestError:
@@ -289,10 +366,6 @@ class Admission:
         return RequestError(refused.code, refused.message, retry_after=retry_after)
 
     async def _insert(self, accepted: list[Checked]) -> None:
-        if any(checked.owes_token for checked in accepted):
-            accepted = await self._answer_repeats(accepted)
-            if not accepted:
-                return
         now = self._clock.now()
         write = partial(
             jobs.insert_many,
@@ -314,13 +387,9 @@ class Admission:
             match result:
                 case Admitted(job=job, existing=True):
                     msg.reply.set((job, True))
-                case Admitted(job=job, heavy=heavy):
+                case Admitted(job=job):
                     msg.reply.set((job, False))
                     queued_kinds.add(job.kind)
-                    if heavy:
-                        self._slowed_until[msg.user] = now + SHED_FOR
-                    else:
-                        self._slowed_until.pop(msg.user, None)
                 case Refused():
                     self._refuse(msg, self._refused(result, now))
                 case StoreError():
@@ -331,42 +400,84 @@ class Admission:
         for kind in sorted(queued_kinds):
             await self._scheduler.send(JobQueued(kind=kind))
 
-    async def _answer_repeats(self, accepted: list[Checked]) -> list[Checked]:
-        """Answer the submissions that owe a token and repeat a job (or conflict with one)
-        from one read of the store; the others take their token now. What is left goes on to
-        the insert, which looks for repeats again in its transaction: a job may have been
-        made or finished since this read."""
-        owing = [checked.new for checked in accepted if checked.owes_token]
-        read = partial(
-            jobs.find_repeats,
-            batch=owing,
-            now=self._clock.now(),
-            idempotency_window=self._config.admission.idempotency_window,
-        )
-        try:
-            repeats = iter(await self._store.read(read))
-        except Exception as exc:
-            # The insert's own lookup still answers repeats; they cost a token meanwhile.
-            log.warning("looking up repeated submissions failed", error=str(exc))
-            repeats = iter([None] * len(owing))
+    async def _fire_schedule(self, name: str, slot: float | None) -> Admitted | Refused | None:
+        """Fire one slot of a schedule (None: a trigger): the guards in memory, then the
+        store's `schedules.fire`, which inserts the job and the slot's row in one transaction.
+        A guard's refusal is recorded there as the slot's reason to make no job."""
+        schedule = self._config.schedules.get(name)
+        if schedule is None:
+            # Removed by a reload while its round was under way.
+            return None
         now = self._clock.now()
-        left = []
-        for checked in accepted:
-            if checked.owes_token:
-                repeat = next(repeats)
-                if isinstance(repeat, Admitted):
-                    checked.msg.reply.set((repeat.job, True))
-                    continue
-                if isinstance(repeat, Refused):
-                    self._refuse(checked.msg, self._refused(repeat, now))
-                    continue
-                try:
-                    self._take_token(checked.msg.user, now)
-                except RequestError as exc:
-                    self._refuse(checked.msg, exc)
-                    continue
-            left.append(checked)
-        return left
+        submission = Submit(
+            kind=schedule.kind,
+            payload=schedule.payload,
+            user=schedule.user,
+            priority=schedule.priority,
+            reply=ReplySlot(),
+        )
+        new: NewJob | Refused
+        try:
+            payload_json = check_submit(
+                self._config,
+                submission,
+                draining=self._draining,
+                budget=self._budget,
+                now=now,
+                total_memory=self._total_memory,
+            )
+        except RequestError as exc:
+            new = Refused(exc.body.code, exc.body.message, exc.body.retry_after)
+        else:
+            new = NewJob(
+                kind=schedule.kind,
+                user=schedule.user,
+                payload_json=payload_json,
+                priority=self._config.kinds[schedule.kind].priority
+                if schedule.priority is None
+                else schedule.priority,
+                idempotency_key=None,
+                max_attempts=self._config.retry_policy(schedule.kind).max_attempts,
+                schedule=name,
+            )
+        # The operator's schedule, not a user's request: no rate bucket (its cron is its rate)
+        # and not the [limits] defaults for what users submit; the user's own daily limit and
+        # credits and the queue's depth apply.
+        quota = msgspec.structs.replace(
+            self._quota(now),
+            daily_jobs=0,
+            default_credits=None,
+            create_users=True,
+            shed_depth=0,
+            bucket=None,
+        )
+        result = await self._store.write(
+            partial(
+                schedules.fire,
+                schedule=name,
+                slot=slot,
+                new=new,
+                skip_if_active=schedule.overlap == "skip",
+                quota=quota,
+                now=now,
+            )
+        )
+        if isinstance(result, Admitted):
+            await self._scheduler.send(JobQueued(kind=schedule.kind))
+        return result
+
+    async def _schedule_action(self, msg: ScheduleAction) -> None:
+        try:
+            match msg.action:
+                case "list":
+                    msg.reply.set(await self._schedules.overview())
+                case "trigger":
+                    msg.reply.set(await self._schedules.trigger(str(msg.name)))
+                case "pause" | "resume":
+                    paused = msg.action == "pause"
+                    msg.reply.set(await self._schedules.pause(str(msg.name), paused=paused))
+        except Exception as exc:
+            msg.reply.fail(exc)
 
     async def _requeue(self, msg: Requeue) -> None:
         if self._draining:
@@ -412,12 +523,7 @@ class Admission:
 
 
 class Checked(NamedTuple):
-    """A submission that passed the guards in memory, and whether it owes a rate token."""
+    """A submission that passed the guards in memory."""
 
     msg: Submit
     new: NewJob
-    owes_token: bool
-
-
-def _per_minute(rate: float) -> str:
-    return f"{rate * 60:g}"

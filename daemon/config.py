@@ -8,6 +8,7 @@ that silently ignores a misspelt threshold runs with a limit nobody chose.
 from __future__ import annotations
 
 import ast
+import datetime
 import functools
 import importlib
 import json
@@ -24,6 +25,7 @@ from typing import Annotated, Any, Literal, Union
 from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
+from cronsim import CronSim, CronSimError
 
 from jobwarden.errors import ConfigError
 
@@ -213,6 +215,8 @@ class AdmissionSection(Section):
     # A finished job's idempotency key returns that job for this long after it finished;
     # 0: the key starts a new job as soon as its job has finished.
     idempotency_window: Duration = Duration(0)
+    # How far ahead a job may be submitted to start (run_at, delay); further is refused.
+    max_delay: Duration = Duration(30 * 86400)
 
 
 class LogSection(Section):
@@ -335,8 +339,48 @@ def check_listen(listen: str) -> None:
 
 
 class HttpSection(Section):
-    # "host:port" for /healthz, /readyz, /health and /metrics; "" turns the listener off.
+    # "host:port" for the probes, /metrics and the /v1 API; "" turns the listener off.
     listen: str = "127.0.0.1:8766"
+    # Requests served at once; more are refused with 503 QUEUE_FULL and Retry-After.
+    max_requests: PositiveInt = 1000
+    # A larger request body is refused with 413, from its Content-Length before it is read.
+    max_body_bytes: PositiveInt = 1024 * 1024
+    # A request body must have arrived within this.
+    body_timeout: Duration = Duration(10)
+    # The longest `GET /v1/jobs/{id}/result?wait=` may wait for a job to finish.
+    max_wait: Duration = Duration(60)
+    # An event stream with nothing to send sends a comment this often, so proxies keep it.
+    keepalive: Duration = Duration(15)
+    # Events buffered for one event stream: a client reading slower is told to resync.
+    queue: PositiveInt = 256
+
+
+class WebhooksSection(Section):
+    """Where and how jobwarden tells an application that its job is final (a submission's
+    `webhook` URL): only to the hosts listed, signed with `secret`."""
+
+    # Host names (or "host:port") a webhook URL may point at; [] refuses every webhook.
+    allowed_hosts: list[str] = msgspec.field(default_factory=list)
+    # The key of each delivery's HMAC-SHA256 signature; required once a host is allowed.
+    secret: str = ""
+    # How long one delivery waits for the receiver's answer.
+    timeout: Duration = Duration(10)
+    # A failed delivery is tried again after these waits (the last repeats) until max_attempts.
+    backoff: list[Duration] = msgspec.field(
+        default_factory=lambda: [Duration(d) for d in (5, 30, 120, 600, 1800, 3600)]
+    )
+    max_attempts: PositiveInt = 12
+    # Deliveries sent at once.
+    max_in_flight: PositiveInt = 8
+
+    def __post_init__(self) -> None:
+        if self.allowed_hosts and len(self.secret) < 16:
+            raise ValueError(
+                "secret: webhooks need a signing secret of at least 16 characters "
+                "once allowed_hosts lists a host"
+            )
+        if not self.backoff:
+            raise ValueError("backoff: expected at least one duration")
 
 
 class WebSocketSection(Section):
@@ -403,6 +447,30 @@ class BudgetSection(Section):
     timezone: str = "UTC"
 
 
+# Who owns a schedule's runs when its table names no `user`.
+SCHEDULE_USER = "schedules"
+
+
+class ScheduleSection(Section):
+    """A recurring job: a run of `kind` with `payload` at each slot of `cron` in `timezone`."""
+
+    # Five fields: minute, hour, day of month, month, day of week (Debian cron's meaning).
+    cron: str
+    kind: str
+    payload: Any = msgspec.field(default_factory=dict)
+    timezone: str = "UTC"
+    # The user the runs belong to: their jobs, their credits and their own limits.
+    user: str = SCHEDULE_USER
+    # Unset: the kind's priority.
+    priority: Annotated[int, msgspec.Meta(ge=-100, le=100)] | None = None
+    # skip: a slot whose previous run is still queued or running is skipped; queue: it runs too.
+    overlap: Literal["skip", "queue"] = "skip"
+    # After downtime: none of the missed slots run, the latest one, or each (at most
+    # max_catch_up of them, the latest).
+    catch_up: Literal["none", "latest", "all"] = "latest"
+    max_catch_up: PositiveInt = 100
+
+
 class Overrides(msgspec.Struct, frozen=True, kw_only=True):
     """What `jobwarden serve`'s flags set over the file, at start-up and at every reload."""
 
@@ -442,10 +510,12 @@ class Config(Section):
     monitor: MonitorSection = msgspec.field(default_factory=MonitorSection)
     http: HttpSection = msgspec.field(default_factory=HttpSection)
     websocket: WebSocketSection = msgspec.field(default_factory=WebSocketSection)
+    webhooks: WebhooksSection = msgspec.field(default_factory=WebhooksSection)
     budget: BudgetSection = msgspec.field(default_factory=BudgetSection)
     limits: LimitsSection = msgspec.field(default_factory=LimitsSection)
     services: dict[str, ServiceSection] = msgspec.field(default_factory=dict)
     kinds: dict[str, KindSection] = msgspec.field(default_factory=dict)
+    schedules: dict[str, ScheduleSection] = msgspec.field(default_factory=dict)
     # Where relative paths resolve: the config file's directory.
     base_dir: str = "."
 
@@ -641,6 +711,42 @@ def _check_kind(name: str, kind: KindSection) -> None:
     _check_command_payload(kind, where)
 
 
+def check_cron(expression: str) -> None:
+    """Raises ValueError saying what is wrong with a five-field cron expression."""
+    fields = expression.split()
+    if len(fields) != 5:
+        raise ValueError(
+            f"expected five fields (minute hour day-of-month month day-of-week) like "
+            f'"*/5 * * * *", got {len(fields)} in "{expression}"'
+        )
+    try:
+        # Parsing is all the constructor does with the moment; any fixed one will do.
+        CronSim(expression, datetime.datetime(2000, 1, 1))
+    except CronSimError as exc:
+        raise ValueError(f'{exc} in "{expression}"') from None
+
+
+def _check_schedule(name: str, schedule: ScheduleSection, kinds: dict[str, KindSection]) -> None:
+    where = f"schedules.{name}"
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
+        raise ConfigError(f"{where}: a schedule name uses letters, digits, '_', '.', '-' only")
+    try:
+        check_cron(schedule.cron)
+    except ValueError as exc:
+        raise ConfigError(f"{where}.cron: {exc}") from None
+    _check_timezone(schedule.timezone, f"{where}.timezone")
+    if schedule.kind not in kinds:
+        known = ", ".join(sorted(kinds)) or "none"
+        raise ConfigError(f"{where}.kind: no kind '{schedule.kind}' (known: {known})")
+    if not 0 < len(schedule.user) <= 64 or not schedule.user.isprintable():
+        raise ConfigError(f"{where}.user: expected 1 to 64 printable characters")
+    if schedule.catch_up == "all" and schedule.overlap == "skip":
+        raise ConfigError(
+            f'{where}.catch_up: "all" runs the missed slots together, and overlap = "skip" '
+            'would skip all but the first; set overlap = "queue", or catch_up = "latest"'
+        )
+
+
 def _check_listeners(config: Config) -> None:
     for key, listen in (
         ("http.listen", config.http.listen),
@@ -674,6 +780,12 @@ def load_config_text(text: str, *, base_dir: str | os.PathLike[str] = ".") -> Co
             if service not in services:
                 known = ", ".join(sorted(services)) or "none"
                 raise ConfigError(f"kinds.{name}.services: no service '{service}' (known: {known})")
+    schedules = {
+        name: _convert(table, ScheduleSection, f"schedules.{name}")
+        for name, table in _tables(raw.pop("schedules", {}), "schedules").items()
+    }
+    for name, schedule in schedules.items():
+        _check_schedule(name, schedule, kinds)
     if "base_dir" in raw:
         raise ConfigError("base_dir: unknown key")
     config = _convert(raw, Config, "")
@@ -691,7 +803,9 @@ def load_config_text(text: str, *, base_dir: str | os.PathLike[str] = ".") -> Co
     _check_timezone(config.budget.timezone, "budget.timezone")
     if config.limits.timezone:
         _check_timezone(config.limits.timezone, "limits.timezone")
-    return msgspec.structs.replace(config, kinds=kinds, services=services, base_dir=str(base_dir))
+    return msgspec.structs.replace(
+        config, kinds=kinds, services=services, schedules=schedules, base_dir=str(base_dir)
+    )
 
 
 def _tables(value: Any, key: str) -> dict[str, Any]:

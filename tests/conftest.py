@@ -212,17 +212,19 @@ def start_daemon(nursery: trio.Nursery, tmp_path: Path):
         config_path: Path | None = None,
         notifier: SystemdNotifier | None = None,
         sample_system: Callable[[], SystemLoad] | None = None,
+        clock_epoch: float = EPOCH,
+        config: Config | None = None,
     ) -> Daemon:
-        if config_path is not None:
+        if config is None and config_path is not None:
             config = load_config(config_path)
-        else:
+        elif config is None:
             config = make_config(tmp_path, extra, max_concurrent_jobs=max_concurrent_jobs)
         supervisor = Supervisor(
             config,
             config_path=config_path,
             notifier=notifier,
             threaded_store=False,
-            clock_epoch=EPOCH,
+            clock_epoch=clock_epoch,
             # The machine running the tests is not the one the test imagines.
             sample_system=sample_system or idle_machine,
         )

@@ -22,8 +22,8 @@ from tests.test_websocket import KINDS, Frames, add_user, open_frames
 pytestmark = pytest.mark.both_stores
 
 KNOWN_COMMANDS = (
-    "breaker, breakers, budget, cancel, drain, jobs, ledger, pause, ping, resume, retry, show, "
-    "shutdown, status, stuck, submit, users, watch"
+    "breaker, breakers, budget, cancel, drain, hold, jobs, ledger, pause, ping, release, resume, "
+    "retry, schedules, show, shutdown, status, stuck, submit, tokens, users, watch, webhooks"
 )
 
 # -- decoding --------------------------------------------------------------------------------

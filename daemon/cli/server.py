@@ -214,9 +214,13 @@ def _print_system_steps(written: dict[str, Any]) -> None:
 
 def _check_config(args: argparse.Namespace) -> int:
     path = Path(args.path) if args.path else find_config(args.config)
+    # Imported here so that talking to a daemon never loads the actors.
+    from jobwarden.actors.schedules import check_schedules
+
     config = load_config(path)
     try:
         check_handlers(config)
+        check_schedules(config)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
     kinds = list(config.kinds)

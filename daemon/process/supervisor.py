@@ -47,6 +47,7 @@ from jobwarden.actors.monitor import Monitor
 from jobwarden.actors.pool import Pool
 from jobwarden.actors.processes import end_leftover_groups
 from jobwarden.actors.scheduler import Scheduler
+from jobwarden.actors.schedules import check_schedules
 from jobwarden.clock import WallClock
 from jobwarden.config import Config, Overrides, check_handlers, load_config, redacted_url
 from jobwarden.errors import ConfigError, StartupError, StoreError
@@ -60,6 +61,7 @@ from jobwarden.process.cluster import NodeKeeper
 from jobwarden.process.commands import Commands
 from jobwarden.process.http import HttpServer
 from jobwarden.process.systemd import SystemdNotifier
+from jobwarden.process.webhooks import WebhookSender
 from jobwarden.process.websocket import WebSocketServer
 from jobwarden.store import jobs, nodes
 from jobwarden.store.engine import Store, StoreState
@@ -90,6 +92,7 @@ class DaemonHandle(msgspec.Struct):
     monitor: trio.MemorySendChannel[Any]
     breaker: trio.MemorySendChannel[Any]
     ledger: trio.MemorySendChannel[Any]
+    metrics: Metrics
     http_port: int | None
     websocket_port: int | None
 
@@ -182,6 +185,7 @@ class Supervisor:
         self._draining = False
         self._ready = False
         self._websocket: WebSocketServer | None = None
+        self._http: HttpServer | None = None
 
     async def run(
         self, *, task_status: trio.TaskStatus[DaemonHandle] = trio.TASK_STATUS_IGNORED
@@ -346,21 +350,20 @@ class Supervisor:
         )
         # What a request means, shared by every listener.
         commands = Commands(
-            store=store,
+            **actor,
             hub=hub,
             admission=admission_tx.clone(),
             scheduler=scheduler_tx.clone(),
             pool=pool_tx.clone(),
             monitor=monitor_tx.clone(),
-        )
-        self._admin = AdminServer(
-            **actor,
-            commands=commands,
-            admission=admission_tx.clone(),
-            scheduler=scheduler_tx.clone(),
-            monitor=monitor_tx.clone(),
             breaker=breaker_tx.clone(),
             ledger=ledger_tx.clone(),
+        )
+        self._commands = commands
+        self._admin = AdminServer(
+            config=config,
+            commands=commands,
+            scheduler=scheduler_tx.clone(),
             supervisor=control_tx.clone(),
             metrics=metrics,
         )
@@ -379,8 +382,9 @@ class Supervisor:
             await nursery.start(self._admin.run)
             http_port = None
             if config.http.listen:
-                http = HttpServer(
+                self._http = HttpServer(
                     listen=config.http.listen,
+                    settings=config.http,
                     store=store,
                     commands=commands,
                     metrics=metrics,
@@ -388,7 +392,7 @@ class Supervisor:
                     slow_request=config.monitor.slow_request,
                     very_slow_request=config.monitor.very_slow_request,
                 )
-                http_port = await nursery.start(http.run)
+                http_port = await nursery.start(self._http.run)
             websocket_port = None
             if config.websocket.listen:
                 self._websocket = WebSocketServer(
@@ -400,6 +404,9 @@ class Supervisor:
                     very_slow_request=config.monitor.very_slow_request,
                 )
                 websocket_port = await nursery.start(self._websocket.run)
+            if config.webhooks.allowed_hosts:
+                sender = WebhookSender(settings=config.webhooks, store=store, hub=hub, clock=clock)
+                await nursery.start(sender.run)
             nursery.start_soon(self._watch_signals, control_tx.clone())
             await nursery.start(self._notifier.run_watchdog)
             nursery.start_soon(self._report_status, scheduler_tx)
@@ -426,6 +433,7 @@ class Supervisor:
                     monitor=monitor_tx,
                     breaker=breaker_tx,
                     ledger=ledger_tx,
+                    metrics=metrics,
                     http_port=http_port,
                     websocket_port=websocket_port,
                 )
@@ -433,6 +441,8 @@ class Supervisor:
             await self._control(control_rx)
             if self._websocket is not None:
                 await self._websocket.close_all("daemon stopping")
+            if self._http is not None:
+                await self._http.close()
             nursery.cancel_scope.cancel()
         await keeper.leave()
         log.info("jobwarden stopped")
@@ -497,6 +507,7 @@ class Supervisor:
         try:
             new = self._overrides.apply(load_config(self._config_path))
             check_handlers(new)
+            check_schedules(new)
         except ConfigError as exc:
             log.error("reload rejected; keeping the running config", error=str(exc))
             self._notifier.ready("ready (reload rejected)")
@@ -510,7 +521,13 @@ class Supervisor:
         for actor in self._channels:
             await actor.send(Reconfigure(config=new))
         self._admin.reconfigure(new)
-        log.info("config reloaded", path=str(self._config_path), kinds=sorted(new.kinds))
+        self._commands.reconfigure(new)
+        log.info(
+            "config reloaded",
+            path=str(self._config_path),
+            kinds=sorted(new.kinds),
+            schedules=sorted(new.schedules),
+        )
         self._notifier.ready("ready")
 
     async def _watch_signals(self, control: trio.MemorySendChannel[Any]) -> None:
@@ -579,6 +596,7 @@ def serve_main(config_path: Path, overrides: Overrides | None = None) -> int:
     try:
         config = overrides.apply(load_config(config_path))
         check_handlers(config)
+        check_schedules(config)
     except ConfigError as exc:
         print(f"jobwarden: {exc}", file=sys.stderr)
         return 2

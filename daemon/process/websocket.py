@@ -362,7 +362,7 @@ class _Session:
                 return WsCanceled(id=op.id, job=await commands.cancel(self.caller, op.job))
             case WsJobs():
                 found = await commands.jobs(
-                    self.caller, status=op.status, kind=op.kind, limit=op.limit
+                    self.caller, status=op.status, kind=op.kind, tag=op.tag, limit=op.limit
                 )
                 return WsJobList(id=op.id, jobs=found)
         raise AssertionError(f"no answer for {type(op).__name__}")

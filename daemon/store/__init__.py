@@ -15,7 +15,8 @@ What it owns, by module:
   that fail one item at a time);
 - the statements, grouped by what they serve: `jobs` (transitions, the queue, events,
   settings), `users`, `ledger` (booked calls, totals, reports), `breakers` (circuit states),
-  `monitor` (the rows the monitor's rules look at), `reports` (the load test's report).
+  `monitor` (the rows the monitor's rules look at), `reports` (the load test's report),
+  `schedules` (recurring schedules: their pauses, and one row per slot each has fired).
 
 Callers hand the engine functions of these modules, `store.write(partial(jobs.finish, ...))`
 and `store.read(jobs.counts_by_status)`; none above the store holds SQL of its own. A write is

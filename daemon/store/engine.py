@@ -52,6 +52,7 @@ from jobwarden.store.rows import EventRow, Events, event_rows, insert_events
 from jobwarden.store.schema import migrate
 from jobwarden.store.sqlite import IN_MEMORY
 from jobwarden.store.tail import EventTail
+from jobwarden.store.webhooks import queue_deliveries
 from jobwarden.wire.views import Event
 
 log = structlog.get_logger("store")
@@ -421,8 +422,10 @@ class Store:
                 try:
                     write.result = write.apply(self._writer, write.events)
                     if write.events:
-                        # Its events in a transaction of their own, ordered as any other's.
+                        # Its events in a transaction of their own, ordered as any other's,
+                        # with what a final status owes: its webhook's delivery.
                         self._backend.begin_write(self._writer)
+                        queue_deliveries(self._writer, write.events)
                         insert_events(self._writer, write.events, event_rows(write.events))
                         self._writer.execute("COMMIT")
                 except self._backend.DatabaseError as exc:
@@ -447,6 +450,9 @@ class Store:
             try:
                 write.result = write.apply(conn, write.events)
                 write.rows = event_rows(write.events)
+                # In the write's savepoint, beside the status it tells of; the events
+                # themselves are numbered last, under the order lock (insert_events).
+                queue_deliveries(conn, write.events)
             except Exception as exc:
                 if self._backend.is_fault(exc):
                     raise

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal, get_args
 
 import msgspec
 
-from jobwarden.wire.views import ErrorBody, JobStatus, RequestId, StoredInt
+from jobwarden.wire.views import ErrorBody, JobStatus, RequestId, StoredInt, Submission
 
 
 class Reply(msgspec.Struct, omit_defaults=True):
@@ -39,13 +39,8 @@ class NoArgs(Args):
     pass
 
 
-class SubmitArgs(Args):
-    kind: str
-    payload: Any = msgspec.field(default_factory=dict)
-    priority: StoredInt | None = None
-    idempotency_key: str | None = None
-    # A client's own id for this submission, the same each time it sends it again.
-    submission_id: str | None = None
+class SubmitArgs(Submission):
+    # Whose job it is: the operator submits on anyone's behalf.
     user: str = "local"
 
 
@@ -53,6 +48,7 @@ class JobsArgs(Args):
     status: list[JobStatus] | None = None
     kind: str | None = None
     user: str | None = None
+    tag: str | None = None
     limit: StoredInt = 50
 
 
@@ -75,6 +71,13 @@ class StuckArgs(Args):
     dry_run: bool = False
 
 
+class WebhooksArgs(Args):
+    job: StoredInt | None = None
+    # Only deliveries not yet made (due, or given up).
+    pending: bool = False
+    limit: StoredInt = 50
+
+
 class BreakerArgs(Args):
     service: str
     action: Literal["reset", "trip"]
@@ -93,14 +96,24 @@ class BudgetArgs(Args):
     monthly_usd: Annotated[float, msgspec.Meta(ge=0)] | None = None
 
 
+class ScheduleArgs(Args):
+    """`list` every schedule; `pause`, `resume` or `trigger` (one run now) the one named."""
+
+    action: Literal["list", "pause", "resume", "trigger"] = "list"
+    name: str | None = None
+
+
 NonNegative = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 
 
 class UsersArgs(Args):
     """`list`, `show`, `add`, `set`, `credits` (change by a signed amount), `disable`,
-    `enable`, `token` (a new token; the old one stops working)."""
+    `enable`, `token` (a new token; the old one stops working), `hold` (their queued jobs
+    wait), `release`."""
 
-    action: Literal["list", "show", "add", "set", "credits", "disable", "enable", "token"] = "list"
+    action: Literal[
+        "list", "show", "add", "set", "credits", "disable", "enable", "token", "hold", "release"
+    ] = "list"
     name: str | None = None
     # add/set: the balance; "unlimited" turns the credit check off for this user.
     credits: NonNegative | Literal["unlimited"] | None = None
@@ -110,6 +123,13 @@ class UsersArgs(Args):
     daily_limit: NonNegative | None = None
     rate: str | None = None
     max_running: NonNegative | None = None
+
+
+class TokensArgs(Args):
+    """`list`, `add` (a new operator token for the HTTP API, shown once), `revoke`."""
+
+    action: Literal["list", "add", "revoke"] = "list"
+    name: str | None = None
 
 
 # One request type per command: `cmd` is the tag, `args` that command's own arguments, so one
@@ -157,6 +177,18 @@ class RetryRequest(Request, tag="retry"):
     args: JobArgs
 
 
+class HoldRequest(Request, tag="hold"):
+    """Hold a queued job until it is released."""
+
+    args: JobArgs
+
+
+class ReleaseRequest(Request, tag="release"):
+    """Release a held job."""
+
+    args: JobArgs
+
+
 class PauseRequest(Request, tag="pause"):
     """Hold a kind's queued jobs (no kind: every kind's)."""
 
@@ -199,6 +231,12 @@ class StuckRequest(Request, tag="stuck"):
     args: StuckArgs = msgspec.field(default_factory=StuckArgs)
 
 
+class WebhooksRequest(Request, tag="webhooks"):
+    """Webhook deliveries, newest first: a job's, or those not yet made."""
+
+    args: WebhooksArgs = msgspec.field(default_factory=WebhooksArgs)
+
+
 class BreakersRequest(Request, tag="breakers"):
     """Every service's circuit."""
 
@@ -229,6 +267,19 @@ class UsersRequest(Request, tag="users"):
     args: UsersArgs = msgspec.field(default_factory=UsersArgs)
 
 
+class SchedulesRequest(Request, tag="schedules"):
+    """List the recurring schedules with their next and latest runs; pause, resume or
+    trigger one."""
+
+    args: ScheduleArgs = msgspec.field(default_factory=ScheduleArgs)
+
+
+class TokensRequest(Request, tag="tokens"):
+    """List, add or revoke operator tokens."""
+
+    args: TokensArgs = msgspec.field(default_factory=TokensArgs)
+
+
 AdminRequest = (
     PingRequest
     | SubmitRequest
@@ -236,6 +287,8 @@ AdminRequest = (
     | ShowRequest
     | CancelRequest
     | RetryRequest
+    | HoldRequest
+    | ReleaseRequest
     | PauseRequest
     | ResumeRequest
     | DrainRequest
@@ -243,11 +296,14 @@ AdminRequest = (
     | StatusRequest
     | WatchRequest
     | StuckRequest
+    | WebhooksRequest
     | BreakersRequest
     | BreakerRequest
     | LedgerRequest
     | BudgetRequest
     | UsersRequest
+    | SchedulesRequest
+    | TokensRequest
 )
 COMMANDS = tuple(sorted(request.__struct_config__.tag for request in get_args(AdminRequest)))
 request_decoder = msgspec.json.Decoder(AdminRequest)

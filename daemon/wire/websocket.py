@@ -12,7 +12,7 @@ from typing import Any, Literal, get_args
 
 import msgspec
 
-from jobwarden.wire.views import ErrorBody, JobStatus, JobView, RequestId, StoredInt
+from jobwarden.wire.views import ErrorBody, JobStatus, JobView, RequestId, StoredInt, Submission
 
 WatchKey = int | Literal["all"]
 
@@ -21,14 +21,11 @@ class WsOp(msgspec.Struct, tag_field="op", forbid_unknown_fields=True, kw_only=T
     id: RequestId = None
 
 
-class WsSubmit(WsOp, tag="submit"):
-    kind: str
-    payload: Any = msgspec.field(default_factory=dict)
-    priority: StoredInt | None = None
-    idempotency_key: str | None = None
-    # The client's own id for this submission, the same each time it sends it again: a
-    # resend whose job has finished meanwhile gets that job, not a second one.
-    submission_id: str | None = None
+class WsSubmit(Submission, tag_field="op", tag="submit"):
+    """A submission as the token's user. Not a WsOp subclass (a Struct takes its fields from
+    one base), so it carries the op's `id` itself."""
+
+    id: RequestId = None
 
 
 class WsWatch(WsOp, tag="watch"):
@@ -52,6 +49,7 @@ class WsCancel(WsOp, tag="cancel"):
 class WsJobs(WsOp, tag="jobs"):
     status: list[JobStatus] | None = None
     kind: str | None = None
+    tag: str | None = None
     limit: StoredInt = 50
 
 
