@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from jobwarden.hub import EventHub
-from jobwarden.store import Store, jobs, nodes
+from jobwarden.store import Store, jobs, nodes, webhooks
 from jobwarden.wire.views import ErrorBody, Event
 from tests import postgres
 
@@ -365,3 +365,46 @@ async def test_a_write_that_two_daemons_deadlock_on_is_run_again_not_failed(stor
     assert spent == {"user0": 2, "user1": 2}
     # At least one was a victim (with a lock wait bound, both can be) and ran again.
     assert max(runs.values()) > 1
+
+
+async def test_daemons_taking_due_webhook_deliveries_at_once_take_each_once_and_never_wait(store):
+    """One daemon's sender leases two of four due deliveries and keeps its transaction open
+    until the other's sender has taken its share: the other takes the two left, at once."""
+    if postgres.current_url is None:
+        pytest.skip("one daemon per SQLite file: no other daemon's sender")
+
+    def owed(conn, events) -> None:
+        for job_id in range(1, 5):
+            conn.execute(
+                "INSERT INTO webhook_deliveries (job_id, url, status, created_at, next_at)"
+                " VALUES (?, 'http://hook', 'done', 1.0, 1.0)",
+                (job_id,),
+            )
+
+    await store.write(owed)
+    first_holds, second_took = threading.Event(), threading.Event()
+    taken: dict[str, object] = {}
+
+    def take_and_hold(conn, events):
+        taken["first"] = webhooks.take_due(conn, events, now=10.0, lease=60.0, limit=2)
+        first_holds.set()
+        taken["second_was_kept_waiting"] = not second_took.wait(timeout=5)
+
+    async def take_meanwhile(engine: Store) -> None:
+        await trio.to_thread.run_sync(first_holds.wait)
+        taken["second"] = await engine.write(
+            partial(webhooks.take_due, now=10.0, lease=60.0, limit=4)
+        )
+        second_took.set()
+
+    async with (
+        Store.open(postgres.current_url, hub=EventHub()) as one,
+        Store.open(postgres.current_url, hub=EventHub()) as other,
+        trio.open_nursery() as nursery,
+    ):
+        nursery.start_soon(one.write, take_and_hold)
+        nursery.start_soon(take_meanwhile, other)
+    assert taken["second_was_kept_waiting"] is False
+    first = [delivery.job_id for delivery in taken["first"]]
+    second = [delivery.job_id for delivery in taken["second"]]
+    assert sorted(first + second) == [1, 2, 3, 4]
