@@ -11,6 +11,7 @@ fault) asks `backend_of(conn)`.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from typing import Any, Protocol
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -60,6 +61,11 @@ class Backend(Protocol):
         ...
 
     def checkpoint_wal(self, conn: Any) -> None: ...
+
+    def migrating(self, conn: Any) -> AbstractContextManager[None]:
+        """Held while the schema is read and brought up to date, so that daemons starting
+        at once on a new database migrate it once (the others wait, then find it done)."""
+        ...
 
     def schema_version(self, conn: Any) -> int: ...
 

@@ -33,10 +33,11 @@ A connection of its own (`connect`) can run LISTEN, outside the engine's two.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from jobwarden.errors import StartupError
@@ -312,6 +313,22 @@ def checkpoint_wal(conn: Connection) -> None:
 
 
 # -- schema ------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def migrating(conn: Connection) -> Iterator[None]:
+    """A lock on the schema's migration, held by the connection's session (each migration
+    commits on its own) and let go when done, or when a daemon dies with its connection.
+    Without it, daemons starting at once on a new schema each ran the first migration, and
+    all but one failed to start on a table that existed."""
+    key = ("jobwarden migrate",)
+    conn.raw.execute("SELECT pg_advisory_lock(hashtext(%s || current_schema()))", key)
+    try:
+        yield
+    finally:
+        # A connection lost meanwhile has let go of the lock with its session.
+        with contextlib.suppress(DatabaseError):
+            conn.raw.execute("SELECT pg_advisory_unlock(hashtext(%s || current_schema()))", key)
 
 
 def schema_version(conn: Connection) -> int:

@@ -323,12 +323,15 @@ MIGRATIONS: list[str] = [
 def migrate(conn: Any) -> int:
     """Bring the database to the newest schema version; returns that version."""
     backend = backend_of(conn)
-    version = backend.schema_version(conn)
-    if version > len(MIGRATIONS):
-        raise StartupError(
-            f"database schema version {version} is newer than this jobwarden knows "
-            f"({len(MIGRATIONS)}); upgrade jobwarden"
-        )
-    for number in range(version, len(MIGRATIONS)):
-        backend.migrate_to(conn, number + 1, MIGRATIONS[number])
+    # The version is read under the lock: a daemon that waited for another's migration finds
+    # the schema up to date.
+    with backend.migrating(conn):
+        version = backend.schema_version(conn)
+        if version > len(MIGRATIONS):
+            raise StartupError(
+                f"database schema version {version} is newer than this jobwarden knows "
+                f"({len(MIGRATIONS)}); upgrade jobwarden"
+            )
+        for number in range(version, len(MIGRATIONS)):
+            backend.migrate_to(conn, number + 1, MIGRATIONS[number])
     return len(MIGRATIONS)

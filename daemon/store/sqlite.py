@@ -137,6 +137,12 @@ def checkpoint_wal(conn: Connection) -> None:
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
 
 
+@contextlib.contextmanager
+def migrating(conn: Connection) -> Iterator[None]:
+    """One daemon per file: it holds the file's lock before it opens the store."""
+    yield
+
+
 def schema_version(conn: Connection) -> int:
     return conn.execute("PRAGMA user_version").fetchone()[0]
 

@@ -16,6 +16,7 @@ import os
 import signal
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -178,6 +179,22 @@ def test_a_watcher_on_one_daemon_sees_every_event_of_a_job_another_runs(shared_u
         ]
     assert seen == stored
     assert len(stored) > 12  # queued, running, 12 progress, done
+
+
+def test_three_daemons_started_at_once_on_a_new_schema_all_serve(shared_url, daemons):
+    on_url = merge(CLUSTER_CONFIG, {"store": {"url": shared_url, "path": ""}})
+    cluster = [daemons(on_url, name=f"node{index}", start=False) for index in range(3)]
+    # Each start returns once its daemon is ready, or raises if it exited before.
+    with ThreadPoolExecutor(len(cluster)) as starting:
+        list(starting.map(lambda daemon: daemon.start(), cluster))
+    with cluster[0].client() as client:
+        assert len(client.call("status")["nodes"]) == 3
+    with database(shared_url) as conn:
+        # Migrated once: the version row is written by each migration that runs.
+        assert conn.execute("SELECT COUNT(*) FROM schema_version").fetchone()[0] == 1
+    for daemon in cluster:
+        assert daemon.stop() == 0
+        assert errors_logged(daemon) == []
 
 
 @pytest.fixture
