@@ -24,6 +24,7 @@ from jobwarden.actors.bucket import TokenBucket
 from jobwarden.actors.budget import BudgetCalendar, Limits
 from jobwarden.actors.ledger import STOPPED_RECHECK, OverBudget, Reserved, reserve_within_budget
 from jobwarden.actors.messages import (
+    BreakerReset,
     BreakerSnapshot,
     BreakerTrip,
     BudgetQuery,
@@ -163,6 +164,21 @@ async def test_a_breaker_tripped_on_one_daemon_holds_the_kinds_jobs_on_the_other
     final = await finished(b, job.id)
     assert final.status == "done"
     assert final.started_at == opened["open_until"]
+
+
+async def test_a_breaker_tripped_on_one_daemon_is_reset_from_the_other(
+    autojump_clock, start_cluster
+):
+    a, b = await start_cluster(limits() + SERVICE_KINDS.format(max_concurrent=10))
+    opened = await ask(a.handle.breaker, BreakerTrip, service="flaky")
+    job = await b.submit("needs_flaky", {"service": "flaky", "seconds": 1})
+    await trio.sleep(30)
+    # b never saw the circuit open itself: its reset still closes the stored one.
+    reset = await ask(b.handle.breaker, BreakerReset, service="flaky")
+    assert reset["state"] == "closed"
+    final = await finished(b, job.id)
+    assert final.status == "done"
+    assert final.started_at < opened["open_until"]
 
 
 def booked_calls(subscription) -> dict[int, tuple[int, float]]:

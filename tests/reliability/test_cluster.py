@@ -275,15 +275,6 @@ def test_a_paused_daemon_cannot_finish_the_jobs_taken_from_it(shared_url, daemon
     assert held <= recovered
 
 
-# The breaker's state and the rate buckets are decided in the store for every daemon on the
-# branch `guards`; these two run once it is merged.
-NEEDS_GUARDS = pytest.mark.skip(
-    reason="needs the guards branch (breaker state and rate buckets in the store): enable "
-    "once it is merged"
-)
-
-
-@NEEDS_GUARDS
 def test_a_breaker_tripped_on_one_daemon_holds_its_kinds_on_all_three(shared_url, daemons):
     guarded = {
         "services": {"provider": {"breaker": {"failures": 3, "recovery": "1h"}}},
@@ -306,7 +297,6 @@ def test_a_breaker_tripped_on_one_daemon_holds_its_kinds_on_all_three(shared_url
     follow_jobs(cluster[1], until=lambda progress: held <= progress.finished)
 
 
-@NEEDS_GUARDS
 def test_a_user_limited_to_10_a_minute_gets_10_of_30_across_three_daemons(shared_url, daemons):
     limited = {"limits": {"rate": "10/m", "burst": 10}}
     cluster = start_cluster(daemons, shared_url, limited)
