@@ -20,11 +20,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from jobwarden.errors import AdminError
 from tests import postgres
-from tests.process import DaemonFactory, DaemonProcess, daemon_factory, merge
+from tests.process import DaemonFactory, DaemonProcess, daemon_factory, merge, run_jobwarden
 from tests.test_integration import (
     GENEROUS_DEADLINE,
     Connection,
@@ -36,6 +37,7 @@ from tests.test_integration import (
 # The shortest lease a config takes: a dead daemon's jobs are back in the queue within it
 # and a third (the maintenance role looks every third of a lease).
 LEASE = 3.0
+SLEEPY = {"handler": "tests.handlers:sleepy"}
 CLUSTER_CONFIG: dict[str, Any] = {
     "daemon": {"max_concurrent_jobs": 8, "crash_loop_after": 1000},
     "cluster": {"lease": f"{LEASE:g}s"},
@@ -193,6 +195,42 @@ def test_three_daemons_started_at_once_on_a_new_schema_all_serve(shared_url, dae
         # Migrated once: the version row is written by each migration that runs.
         assert conn.execute("SELECT COUNT(*) FROM schema_version").fetchone()[0] == 1
     for daemon in cluster:
+        assert daemon.stop() == 0
+        assert errors_logged(daemon) == []
+
+
+def test_a_job_running_on_another_daemon_is_canceled_over_the_http_api(shared_url, daemons):
+    # node0 runs one job at a time and is kept busy by a kind only it knows: the job
+    # submitted to it runs on node1.
+    shared = {"store": {"url": shared_url, "path": ""}, "kinds": {"slow": SLEEPY}}
+    busy_config = {"daemon": {"max_concurrent_jobs": 1}, "kinds": {"busy": SLEEPY}}
+    entry = daemons(merge(CLUSTER_CONFIG, merge(shared, busy_config)), name="node0")
+    runner = daemons(merge(CLUSTER_CONFIG, shared), name="node1")
+    added = run_jobwarden(
+        "tokens", "add", "--operator", "ci", "--config", str(entry.config_path), cwd=entry.directory
+    )
+    assert added.returncode == 0, added.stderr
+    token = next(line.split()[-1] for line in added.stdout.splitlines() if line.startswith("token"))
+    port = entry.logs("jobwarden ready")[-1]["http_port"]
+    with httpx.Client(
+        base_url=f"http://127.0.0.1:{port}",
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=30,
+    ) as http:
+        busy = http.post("/v1/jobs", json={"kind": "busy", "payload": {"seconds": 60}}).json()
+        follow_jobs(entry, until=lambda progress: busy["id"] in progress.running)
+        job = http.post("/v1/jobs", json={"kind": "slow", "payload": {"seconds": 60}}).json()
+        follow_jobs(entry, until=lambda progress: job["id"] in progress.running)
+        with runner.client() as client:
+            runner_node = client.call("status")["node"]
+        with database(shared_url) as conn:
+            ran_on = conn.execute("SELECT node FROM jobs WHERE id = %s", (job["id"],)).fetchone()
+        assert ran_on == (runner_node,)
+        assert http.post(f"/v1/jobs/{job['id']}/cancel").status_code == 200
+        final = http.get(f"/v1/jobs/{job['id']}/result?wait=20s")
+        assert (final.status_code, final.json()["status"]) == (200, "canceled")
+        assert http.post(f"/v1/jobs/{busy['id']}/cancel").status_code == 200
+    for daemon in (entry, runner):
         assert daemon.stop() == 0
         assert errors_logged(daemon) == []
 
