@@ -48,6 +48,7 @@ from jobwarden.actors.messages import (
     Requeue,
     StopAdmitting,
     Submit,
+    SubmitMany,
     UserRate,
 )
 from jobwarden.clock import WallClock
@@ -55,7 +56,8 @@ from jobwarden.config import Config, format_size, parse_rate
 from jobwarden.errors import RequestError, StoreError
 from jobwarden.metrics import Metrics
 from jobwarden.store import Engine, jobs, users
-from jobwarden.store.jobs import Admitted, NewJob, Quota, Refused
+from jobwarden.store.jobs import Admitted, BatchRefused, NewJob, Quota, Refused
+from jobwarden.wire.views import ErrorBody
 
 log = structlog.get_logger("admission")
 
@@ -174,6 +176,16 @@ class Admission:
                             checked = self._check(msg)
                             if checked is not None:
                                 accepted.append(checked)
+                        case SubmitMany(items=items) if self._batch_fits(msg):
+                            if msg.atomic:
+                                nursery.start_soon(self._insert_all_or_none, msg)
+                                continue
+                            # The items join this round's one store write.
+                            for item in items:
+                                checked = self._check(item)
+                                if checked is not None:
+                                    accepted.append(checked)
+                            msg.reply.set(None)
                         case Requeue():
                             nursery.start_soon(self._requeue, msg)
                         case StopAdmitting():
@@ -212,22 +224,27 @@ class Admission:
         # the store has said it does not (see _answer_repeats).
         owes_token = msg.idempotency_key is not None and not math.isinf(self._rate(msg.user))
         try:
-            payload_json = check_submit(
-                self._config,
-                msg,
-                draining=self._draining,
-                budget=self._budget,
-                now=now,
-                total_memory=self._total_memory,
-                store_fault=self._store.health.error(),
-            )
+            new = self._checked(msg, now)
             if not owes_token:
                 self._take_token(msg.user, now)
         except RequestError as exc:
             self._refuse(msg, exc)
             return None
+        return Checked(msg, new, owes_token)
+
+    def _checked(self, msg: Submit, now: float) -> NewJob:
+        """The job `msg` asks for, once the guards in memory but the rate let it through."""
+        payload_json = check_submit(
+            self._config,
+            msg,
+            draining=self._draining,
+            budget=self._budget,
+            now=now,
+            total_memory=self._total_memory,
+            store_fault=self._store.health.error(),
+        )
         kind = self._config.kinds[msg.kind]
-        new = NewJob(
+        return NewJob(
             kind=msg.kind,
             user=msg.user,
             payload_json=payload_json,
@@ -236,7 +253,19 @@ class Admission:
             max_attempts=self._config.retry_policy(msg.kind).max_attempts,
             submission_id=msg.submission_id,
         )
-        return Checked(msg, new, owes_token)
+
+    def _batch_fits(self, batch: SubmitMany) -> bool:
+        """Whether a batch has 1 to max_batch_items items; it is refused as a whole if not."""
+        limit = self._config.admission.max_batch_items
+        if 0 < len(batch.items) <= limit:
+            return True
+        error = RequestError(
+            "INVALID_REQUEST",
+            f"submit_many: a batch has 1 to {limit} items, this one has {len(batch.items)}",
+        )
+        self._metrics.rejected.labels(error.body.code).inc()
+        batch.reply.fail(error)
+        return False
 
     def _rate(self, user: str) -> float:
         return self._rates.get(user, self._config.limits.rate)
@@ -368,6 +397,58 @@ class Admission:
             left.append(checked)
         return left
 
+    def _give_back(self, user: str, tokens: int) -> None:
+        """Return rate tokens taken for submissions that were not made after all."""
+        bucket = self._buckets.get(user)
+        if bucket is not None:
+            bucket.tokens = min(bucket.burst, bucket.tokens + tokens)
+
+    async def _insert_all_or_none(self, batch: SubmitMany) -> None:
+        """An atomic batch: every item passes the guards (in memory, then in the store, in
+        one write) or none is submitted, and the batch fails with the first refusal, named by
+        its item's index. Each item takes its rate token, keyed or not (the tokens go back
+        when the batch is refused): a repeat is known only inside the write."""
+        now = self._clock.now()
+        taken: dict[str, int] = {}
+        try:
+            news = []
+            for index, item in enumerate(batch.items):
+                try:
+                    news.append(self._checked(item, now))
+                    self._take_token(item.user, now)
+                except RequestError as exc:
+                    raise _item_error(index, exc.body) from None
+                taken[item.user] = taken.get(item.user, 0) + 1
+            write = partial(
+                jobs.insert_all_or_none,
+                batch=news,
+                now=now,
+                quota=self._quota(now),
+                idempotency_window=self._config.admission.idempotency_window,
+            )
+            try:
+                admitted = await self._store.write(write)
+            except BatchRefused as exc:
+                if isinstance(exc.refusal, Refused):
+                    body = self._refused(exc.refusal, now).body
+                else:
+                    log.error("a batch item failed in the store", error=str(exc.refusal))
+                    body = RequestError("INTERNAL", "the job could not be stored").body
+                raise _item_error(exc.index, body) from None
+            except StoreError as exc:
+                raise exc.refusal() from None
+        except RequestError as exc:
+            for user, count in taken.items():
+                self._give_back(user, count)
+            self._metrics.rejected.labels(exc.body.code).inc()
+            batch.reply.fail(exc)
+            return
+        for item, result in zip(batch.items, admitted, strict=True):
+            item.reply.set((result.job, result.existing))
+        batch.reply.set(None)
+        for kind in sorted({result.job.kind for result in admitted if not result.existing}):
+            await self._scheduler.send(JobQueued(kind=kind))
+
     async def _requeue(self, msg: Requeue) -> None:
         if self._draining:
             msg.reply.fail(RequestError("DRAINING", "the daemon is shutting down"))
@@ -417,6 +498,16 @@ class Checked(NamedTuple):
     msg: Submit
     new: NewJob
     owes_token: bool
+
+
+def _item_error(index: int, body: ErrorBody) -> RequestError:
+    """An item's refusal as its whole batch's: the same code, the item named."""
+    return RequestError(
+        body.code,
+        f"item {index}: {body.message}",
+        retryable=body.retryable,
+        retry_after=body.retry_after,
+    )
 
 
 def _per_minute(rate: float) -> str:

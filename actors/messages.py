@@ -41,6 +41,18 @@ class Submit(msgspec.Struct):
     submission_id: str | None = None
 
 
+class SubmitMany(msgspec.Struct):
+    """A batch of submissions that goes to the store as one write, so it commits at once.
+    Each item's own reply says what became of it; `atomic`: every item is accepted, or all
+    fail with the first refusal, which names its item."""
+
+    items: list[Submit]
+    # Filled once the items are on their way (each then answered in its own reply), or
+    # failed when the batch as a whole is refused: too many items, or an atomic refusal.
+    reply: ReplySlot[None]
+    atomic: bool = False
+
+
 class Requeue(msgspec.Struct):
     """An operator's retry of a failed or canceled job."""
 
@@ -296,7 +308,9 @@ class PoolStatistics(msgspec.Struct):
     reply: ReplySlot[dict[str, Any]]
 
 
-AdmissionMessage = Submit | Requeue | StopAdmitting | Reconfigure | BudgetState | UserRate
+AdmissionMessage = (
+    Submit | SubmitMany | Requeue | StopAdmitting | Reconfigure | BudgetState | UserRate
+)
 
 
 SchedulerMessage = (

@@ -165,6 +165,8 @@ class AdmissionSection(Section):
     # A finished job's idempotency key returns that job for this long after it finished;
     # 0: the key starts a new job as soon as its job has finished.
     idempotency_window: Duration = Duration(0)
+    # Items one `submit_many` may carry; the listener's frame limit bounds its bytes too.
+    max_batch_items: PositiveInt = 1000
 
 
 class LogSection(Section):

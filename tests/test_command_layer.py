@@ -21,7 +21,7 @@ from tests.test_websocket import KINDS, Frames, add_user, open_frames
 
 KNOWN_COMMANDS = (
     "breaker, breakers, budget, cancel, drain, jobs, ledger, pause, ping, resume, retry, show, "
-    "shutdown, status, stuck, submit, users, watch"
+    "shutdown, status, stuck, submit, submit_many, users, watch"
 )
 
 # -- decoding --------------------------------------------------------------------------------

@@ -359,9 +359,9 @@ async def test_a_watch_unwatched_at_once_is_still_answered_before_its_unwatched(
         (
             '{"op": "fly", "id": 7}',
             7,
-            "unknown op 'fly' (known: cancel, jobs, submit, unwatch, watch)",
+            "unknown op 'fly' (known: cancel, jobs, submit, submit_many, unwatch, watch)",
         ),
-        ('{"id": "x"}', "x", "no op (known: cancel, jobs, submit, unwatch, watch)"),
+        ('{"id": "x"}', "x", "no op (known: cancel, jobs, submit, submit_many, unwatch, watch)"),
         (
             '{"op": "watch", "id": 7, "job": "one"}',
             7,

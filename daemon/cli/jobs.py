@@ -8,7 +8,13 @@ from typing import Any
 
 import msgspec
 
-from jobwarden.cli.arguments import Subcommands, json_object, positive_int, statuses, subcommand
+from jobwarden.cli.arguments import Subcommands, positive_int, statuses, subcommand
+from jobwarden.cli.batches import (
+    add_file_options,
+    check_file_options,
+    payload_argument,
+    submit_file,
+)
 from jobwarden.cli.connection import call, client, over_websocket, websocket_options
 from jobwarden.cli.output import (
     EXIT_OK,
@@ -38,14 +44,18 @@ from jobwarden.wire.views import STATUSES, JobView
 
 
 def add_commands(commands: Subcommands) -> None:
-    submit = subcommand(commands, "submit", _submit, "submit a job and print its id")
+    submit = subcommand(
+        commands, "submit", _submit, "submit a job and print its id, or many from a file"
+    )
     submit.add_argument("kind", metavar="KIND")
     submit.add_argument(
         "payload",
         metavar="PAYLOAD_JSON",
-        type=json_object,
-        help="a JSON object, e.g. '{\"n\": 1}'",
+        nargs="?",
+        type=payload_argument,
+        help="a JSON object, e.g. '{\"n\": 1}'; @PATH reads it from a file, - from stdin",
     )
+    add_file_options(submit)
     submit.add_argument("--priority", type=int, metavar="N", help="overrides the kind's priority")
     submit.add_argument(
         "--idempotency-key",
@@ -56,6 +66,13 @@ def add_commands(commands: Subcommands) -> None:
     submit.add_argument("--user", metavar="U", help="submit on behalf of this user")
     submit.add_argument("--watch", action="store_true", help="then watch it until it finishes")
     websocket_options(submit)
+    check_connection = submit.get_default("check")
+
+    def check_submit(args: argparse.Namespace) -> None:
+        check_file_options(args)
+        check_connection(args)
+
+    submit.set_defaults(check=check_submit)
 
     jobs = subcommand(commands, "jobs", _jobs, "list jobs, newest first")
     jobs.add_argument(
@@ -93,6 +110,8 @@ def add_commands(commands: Subcommands) -> None:
 
 
 def _submit(args: argparse.Namespace) -> int:
+    if args.file is not None:
+        return submit_file(args)
     if args.url:
         return over_websocket(args, _submit_over_websocket)
     with client(args) as admin:

@@ -8,13 +8,17 @@ application that uses it does not load the daemon.
 from jobwarden.client.admin import AdminClient
 from jobwarden.client.websocket import Accepted, Watch, WebSocketClient, connect
 from jobwarden.errors import AdminError, DaemonError, DaemonUnreachable
+from jobwarden.wire.views import BatchItem, BatchResult, ItemResult
 
 __all__ = [
     "Accepted",
     "AdminClient",
     "AdminError",
+    "BatchItem",
+    "BatchResult",
     "DaemonError",
     "DaemonUnreachable",
+    "ItemResult",
     "Watch",
     "WebSocketClient",
     "connect",

@@ -34,7 +34,15 @@ from trio_websocket import (
 )
 
 from jobwarden.errors import DaemonError, DaemonUnreachable
-from jobwarden.wire.views import TERMINAL_STATUSES, ErrorBody, Event, JobStatus, JobView
+from jobwarden.wire.views import (
+    TERMINAL_STATUSES,
+    BatchItem,
+    BatchResult,
+    ErrorBody,
+    Event,
+    JobStatus,
+    JobView,
+)
 from jobwarden.wire.websocket import WatchKey
 
 # Waits between reconnection attempts: the first at once, then doubling up to the last.
@@ -123,6 +131,25 @@ class WebSocketClient:
             submission_id=uuid.uuid4().hex,
         )
         return msgspec.convert({**reply["job"], "existing": reply["existing"]}, Accepted)
+
+    async def submit_many(self, items: list[BatchItem], *, atomic: bool = False) -> BatchResult:
+        """Submit many jobs in one request, committed at once: each item's result in order
+        (its job, or its refusal); `atomic`: all or none (DaemonError names the item that
+        refused the batch). As with `submit`, an item without a key gets one made up, and
+        each a new submission id, so a batch sent again after a reconnection makes no job
+        twice."""
+        sent = [
+            msgspec.structs.replace(
+                item,
+                idempotency_key=item.idempotency_key or f"client-{uuid.uuid4().hex}",
+                submission_id=uuid.uuid4().hex,
+            )
+            for item in items
+        ]
+        reply = await self._request(
+            op="submit_many", items=msgspec.to_builtins(sent), atomic=atomic
+        )
+        return msgspec.convert(reply, BatchResult)
 
     async def cancel(self, job_id: int) -> JobView:
         reply = await self._request(op="cancel", job=job_id)

@@ -87,6 +87,7 @@ from jobwarden.wire.admin import (
     ShutdownRequest,
     StatusRequest,
     StuckRequest,
+    SubmitManyRequest,
     SubmitRequest,
     UsersArgs,
     UsersRequest,
@@ -415,6 +416,8 @@ class AdminServer:
             case SubmitRequest(args=args):
                 job, existing = await commands.submit(args.user, args)
                 return {"job": job, "existing": existing}
+            case SubmitManyRequest(args=args):
+                return await commands.submit_many(args.user, args.items, atomic=args.atomic)
             case JobsRequest(args=args):
                 found = await commands.jobs(
                     OPERATOR, status=args.status, kind=args.kind, user=args.user, limit=args.limit

@@ -36,20 +36,23 @@ import msgspec
 import structlog
 import trio
 
-from jobwarden.actors.messages import CancelJob, Explain, HealthQuery, Submit
+from jobwarden.actors.messages import CancelJob, Explain, HealthQuery, Submit, SubmitMany
 from jobwarden.config import name_path
 from jobwarden.errors import RequestError, StoreError, error_body
 from jobwarden.hub import EventHub
 from jobwarden.logs import clip
-from jobwarden.mailbox import ask
+from jobwarden.mailbox import ReplySlot, ask
 from jobwarden.metrics import Metrics
 from jobwarden.store import jobs
 from jobwarden.store.engine import Store
 from jobwarden.wire.admin import COMMANDS, request_decoder
 from jobwarden.wire.views import (
     MAX_DEPTH,
+    BatchItem,
+    BatchResult,
     ErrorBody,
     Event,
+    ItemResult,
     JobStatus,
     JobView,
     RequestId,
@@ -283,6 +286,35 @@ class Commands:
             submission_id=new.submission_id,
         )
         return job, existing
+
+    async def submit_many(
+        self, user: str, items: list[BatchItem], *, atomic: bool = False
+    ) -> BatchResult:
+        """Admit a batch of jobs for `user` in one store write, so it commits at once: each
+        item's result in the items' order (its job, or its refusal); `atomic`: all items are
+        accepted, or the batch is refused with the first refusal, which names its item."""
+        submits = [
+            Submit(
+                kind=item.kind,
+                payload=item.payload,
+                user=user,
+                reply=ReplySlot(),
+                priority=item.priority,
+                idempotency_key=item.idempotency_key,
+                submission_id=item.submission_id,
+            )
+            for item in items
+        ]
+        await ask(self._admission, SubmitMany, items=submits, atomic=atomic)
+        results = []
+        for submit in submits:
+            try:
+                job, existing = await submit.reply.wait()
+            except RequestError as exc:
+                results.append(ItemResult(error=exc.body))
+            else:
+                results.append(ItemResult(job=job, existing=existing))
+        return BatchResult.of(results)
 
     async def jobs(
         self,

@@ -73,6 +73,8 @@ from jobwarden.wire.websocket import (
     WsReply,
     WsResync,
     WsSubmit,
+    WsSubmitMany,
+    WsSubmitted,
     WsUnwatch,
     WsUnwatched,
     WsWatch,
@@ -354,6 +356,9 @@ class _Session:
             case WsSubmit():
                 job, existing = await commands.submit(self.user, op)
                 return WsAccepted(id=op.id, job=job, existing=existing)
+            case WsSubmitMany():
+                batch = await commands.submit_many(self.user, op.items, atomic=op.atomic)
+                return WsSubmitted.of(op.id, batch)
             case WsWatch():
                 return await self._watch(op)
             case WsUnwatch():

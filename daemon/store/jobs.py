@@ -372,6 +372,39 @@ def insert_many(
     return results
 
 
+class BatchRefused(Exception):
+    """An all-or-none batch met a refusal: the item at `index` (0-based) was refused (a
+    guard's `Refused`) or failed (an exception). Raised to roll the whole write back."""
+
+    def __init__(self, index: int, refusal: Refused | Exception) -> None:
+        super().__init__(f"item {index} refused")
+        self.index = index
+        self.refusal = refusal
+
+
+def insert_all_or_none(
+    conn: sqlite3.Connection,
+    events: Events,
+    *,
+    batch: list[NewJob],
+    now: float,
+    quota: Quota = NO_QUOTA,
+    idempotency_window: float = 0.0,
+) -> list[Admitted]:
+    """Insert every submission of `batch`, or none: the first one refused raises
+    BatchRefused, and the engine rolls back the write (its savepoint) with every row and
+    user count the others changed."""
+    results = insert_many(
+        conn, events, batch=batch, now=now, quota=quota, idempotency_window=idempotency_window
+    )
+    admitted = []
+    for index, result in enumerate(results):
+        if not isinstance(result, Admitted):
+            raise BatchRefused(index, result)
+        admitted.append(result)
+    return admitted
+
+
 def claim(
     conn: sqlite3.Connection,
     events: Events,

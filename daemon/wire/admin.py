@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal, get_args
 
 import msgspec
 
-from jobwarden.wire.views import ErrorBody, JobStatus, RequestId, StoredInt
+from jobwarden.wire.views import BatchItem, ErrorBody, JobStatus, RequestId, StoredInt
 
 
 class Reply(msgspec.Struct, omit_defaults=True):
@@ -46,6 +46,13 @@ class SubmitArgs(Args):
     idempotency_key: str | None = None
     # A client's own id for this submission, the same each time it sends it again.
     submission_id: str | None = None
+    user: str = "local"
+
+
+class SubmitManyArgs(Args):
+    items: list[BatchItem]
+    # All items or none: the first refusal refuses the batch, naming its item.
+    atomic: bool = False
     user: str = "local"
 
 
@@ -131,6 +138,12 @@ class SubmitRequest(Request, tag="submit"):
     """A job for `args.user`: `{job, existing}`."""
 
     args: SubmitArgs
+
+
+class SubmitManyRequest(Request, tag="submit_many"):
+    """Jobs for `args.user` in one commit: `{accepted, existing, refused, results}`."""
+
+    args: SubmitManyArgs
 
 
 class JobsRequest(Request, tag="jobs"):
@@ -232,6 +245,7 @@ class UsersRequest(Request, tag="users"):
 AdminRequest = (
     PingRequest
     | SubmitRequest
+    | SubmitManyRequest
     | JobsRequest
     | ShowRequest
     | CancelRequest

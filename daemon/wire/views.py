@@ -97,3 +97,37 @@ class Event(msgspec.Struct, omit_defaults=True):
     type: Literal["status", "progress", "breaker", "position", "cost"]
     at: float
     data: dict[str, Any]
+
+
+class BatchItem(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """One submission of a batch (`submit_many`), with its own options."""
+
+    kind: str
+    payload: Any = msgspec.field(default_factory=dict)
+    priority: StoredInt | None = None
+    idempotency_key: str | None = None
+    submission_id: str | None = None
+
+
+class ItemResult(msgspec.Struct, omit_defaults=True):
+    """What became of one item of a batch: its job (existing: an earlier job its key
+    holds), or its refusal in the common error shape."""
+
+    job: JobView | None = None
+    existing: bool = False
+    error: ErrorBody | None = None
+
+
+class BatchResult(msgspec.Struct):
+    """A batch's answer: one result per item, in the items' order, and their counts."""
+
+    accepted: int
+    existing: int
+    refused: int
+    results: list[ItemResult]
+
+    @classmethod
+    def of(cls, results: list[ItemResult]) -> BatchResult:
+        existing = sum(1 for result in results if result.existing)
+        refused = sum(1 for result in results if result.error is not None)
+        return cls(len(results) - existing - refused, existing, refused, results)

@@ -1,9 +1,9 @@
 """The WebSocket: JSON text frames.
 
 A client sends ops `{"op", "id"?, ...}`; each is answered by one frame with the same id
-(`accepted`, `watching`, `unwatched`, `canceled`, `jobs` or `error`). A watch pushes its events
-as frames of their own type (`status`, `progress`, `position`, ...), each with `watch`, `seq`
-and `job`, and a watch that fell behind ends with `resync`.
+(`accepted`, `submitted`, `watching`, `unwatched`, `canceled`, `jobs` or `error`). A watch
+pushes its events as frames of their own type (`status`, `progress`, `position`, ...), each
+with `watch`, `seq` and `job`, and a watch that fell behind ends with `resync`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,16 @@ from typing import Any, Literal, get_args
 
 import msgspec
 
-from jobwarden.wire.views import ErrorBody, JobStatus, JobView, RequestId, StoredInt
+from jobwarden.wire.views import (
+    BatchItem,
+    BatchResult,
+    ErrorBody,
+    ItemResult,
+    JobStatus,
+    JobView,
+    RequestId,
+    StoredInt,
+)
 
 WatchKey = int | Literal["all"]
 
@@ -29,6 +38,13 @@ class WsSubmit(WsOp, tag="submit"):
     # The client's own id for this submission, the same each time it sends it again: a
     # resend whose job has finished meanwhile gets that job, not a second one.
     submission_id: str | None = None
+
+
+class WsSubmitMany(WsOp, tag="submit_many"):
+    """Jobs in one commit, each item with its own options; `atomic`: all or none."""
+
+    items: list[BatchItem]
+    atomic: bool = False
 
 
 class WsWatch(WsOp, tag="watch"):
@@ -55,7 +71,7 @@ class WsJobs(WsOp, tag="jobs"):
     limit: StoredInt = 50
 
 
-WsOps = WsSubmit | WsWatch | WsUnwatch | WsCancel | WsJobs
+WsOps = WsSubmit | WsSubmitMany | WsWatch | WsUnwatch | WsCancel | WsJobs
 WS_OPS = tuple(sorted(op.__struct_config__.tag for op in get_args(WsOps)))
 ws_op_decoder = msgspec.json.Decoder(WsOps)
 
@@ -67,6 +83,19 @@ class WsReply(msgspec.Struct, tag_field="type", omit_defaults=True, kw_only=True
 class WsAccepted(WsReply, tag="accepted"):
     job: JobView
     existing: bool
+
+
+class WsSubmitted(WsReply, tag="submitted"):
+    """A batch's answer, as BatchResult has it: one result per item, and their counts."""
+
+    accepted: int
+    existing: int
+    refused: int
+    results: list[ItemResult]
+
+    @classmethod
+    def of(cls, request_id: RequestId, batch: BatchResult) -> WsSubmitted:
+        return cls(id=request_id, **msgspec.structs.asdict(batch))
 
 
 class WsWatching(WsReply, tag="watching"):
