@@ -46,6 +46,7 @@ from jobwarden.actors.messages import (
     JobQueued,
     Reconfigure,
     Requeue,
+    RequeueMatching,
     StopAdmitting,
     Submit,
     SubmitMany,
@@ -57,7 +58,7 @@ from jobwarden.errors import RequestError, StoreError
 from jobwarden.metrics import Metrics
 from jobwarden.store import Engine, jobs, users
 from jobwarden.store.jobs import Admitted, BatchRefused, NewJob, Quota, Refused
-from jobwarden.wire.views import ErrorBody
+from jobwarden.wire.views import BulkOutcome, ErrorBody
 
 log = structlog.get_logger("admission")
 
@@ -188,6 +189,8 @@ class Admission:
                             msg.reply.set(None)
                         case Requeue():
                             nursery.start_soon(self._requeue, msg)
+                        case RequeueMatching():
+                            nursery.start_soon(self._requeue_matching, msg)
                         case StopAdmitting():
                             self._draining = True
                         case Reconfigure(config=config):
@@ -448,6 +451,44 @@ class Admission:
         batch.reply.set(None)
         for kind in sorted({result.job.kind for result in admitted if not result.existing}):
             await self._scheduler.send(JobQueued(kind=kind))
+
+    async def _requeue_matching(self, msg: RequeueMatching) -> None:
+        """Retry every failed or canceled job the filter matches, BULK_BATCH a write."""
+        if self._draining:
+            msg.reply.fail(RequestError("DRAINING", "the daemon is shutting down"))
+            return
+        outcome = BulkOutcome(action="retry", dry_run=False, matched=0)
+        after_id = 0
+        more = True
+        while more:
+            policies = {
+                name: (self._config.retry_policy(name).max_attempts, kind.credits)
+                for name, kind in self._config.kinds.items()
+            }
+            try:
+                batch = await self._store.write(
+                    partial(
+                        jobs.requeue_matching,
+                        job_filter=msg.job_filter,
+                        now=self._clock.now(),
+                        after_id=after_id,
+                        limit=jobs.BULK_BATCH,
+                        policies=policies,
+                    )
+                )
+            except StoreError as exc:
+                # What was retried so far stays retried; the operator runs it again later.
+                msg.reply.fail(exc.refusal())
+                return
+            after_id, more = batch.last_id, batch.more
+            outcome.changed += len(batch.changed)
+            outcome.ids += [job.id for job in batch.changed][: msg.show - len(outcome.ids)]
+            for code, count in batch.refused.items():
+                outcome.refused[code] = outcome.refused.get(code, 0) + count
+            for kind in sorted({job.kind for job in batch.changed}):
+                await self._scheduler.send(JobQueued(kind=kind))
+        outcome.matched = outcome.changed + sum(outcome.refused.values())
+        msg.reply.set(outcome)
 
     async def _requeue(self, msg: Requeue) -> None:
         if self._draining:

@@ -16,7 +16,7 @@ from jobwarden.config import Config
 from jobwarden.mailbox import ReplySlot
 from jobwarden.store.engine import StoreState
 from jobwarden.system import SystemLoad
-from jobwarden.wire.views import ErrorBody, JobView
+from jobwarden.wire.views import BulkOutcome, ErrorBody, JobFilter, JobView
 
 
 class Reconfigure(msgspec.Struct):
@@ -58,6 +58,16 @@ class Requeue(msgspec.Struct):
 
     job_id: int
     reply: ReplySlot[JobView]
+
+
+class RequeueMatching(msgspec.Struct):
+    """An operator's retry of every failed or canceled job `job_filter` matches, a bounded
+    batch per store write; the reply says how many were queued again and which (the
+    first `show`), and how many could not be, by code."""
+
+    job_filter: JobFilter
+    show: int
+    reply: ReplySlot[BulkOutcome]
 
 
 class StopAdmitting(msgspec.Struct):
@@ -309,7 +319,14 @@ class PoolStatistics(msgspec.Struct):
 
 
 AdmissionMessage = (
-    Submit | SubmitMany | Requeue | StopAdmitting | Reconfigure | BudgetState | UserRate
+    Submit
+    | SubmitMany
+    | Requeue
+    | RequeueMatching
+    | StopAdmitting
+    | Reconfigure
+    | BudgetState
+    | UserRate
 )
 
 

@@ -1389,3 +1389,65 @@ def test_zsh_loads_the_completion_for_jobwarden(completion_scripts, tmp_path):
         check=True,
     )
     assert loaded.stdout.strip() == "_jobwarden"
+
+
+# -- bulk actions ----------------------------------------------------------------------------
+
+
+def bulk_outcome(action: str, dry_run: bool, matched: int, ids: list[int], **more: object) -> dict:
+    return {"action": action, "dry_run": dry_run, "matched": matched, "ids": ids, **more}
+
+
+def test_the_cli_without_a_terminal_needs_yes(daemon, jobwarden, capsys, monkeypatch):
+    daemon.replies["retry_many"] = lambda args: bulk_outcome(
+        "retry", args.get("dry_run", False), 2, [4, 9], changed=0 if args.get("dry_run") else 2
+    )
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    code = jobwarden("retry", "--status", "failed", "--code", "SERVICE_FAILED", "--since", "1h")
+    assert code == 2
+    assert "add --yes to run it" in capsys.readouterr().err
+    assert [r["args"]["dry_run"] for r in daemon.requests] == [True]
+    assert daemon.requests[0]["args"]["filter"] == {
+        "status": ["failed"],
+        "code": "SERVICE_FAILED",
+        "since": 3600.0,
+    }
+
+    assert jobwarden("retry", "--status", "failed", "--dry-run") == 0
+    assert capsys.readouterr().out == "2 jobs match: 4, 9\n"
+    assert jobwarden("retry", "--status", "failed", "--yes") == 0
+    assert capsys.readouterr().out == "2 jobs queued again: 4, 9\n"
+    assert [r["args"].get("dry_run") for r in daemon.requests[1:]] == [True, True, None]
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize(("answer", "code", "acted"), [("y\n", 0, True), ("\n", 1, False)])
+def test_the_cli_asks_on_a_terminal(
+    daemon,
+    jobwarden,
+    capsys,
+    monkeypatch,
+    answer,
+    code,
+    acted,
+):
+    daemon.replies["cancel_many"] = lambda args: bulk_outcome(
+        "cancel", args.get("dry_run", False), 3, [1, 2], changed=3, refused={}
+    )
+    monkeypatch.setattr("sys.stdin", Terminal(answer))
+    assert jobwarden("cancel", "--kind", "render", "--show", "2") == code
+    out = capsys.readouterr().out
+    assert out.startswith("3 jobs match: 1, 2 and 1 more\ncancel 3 jobs? [y/N] ")
+    assert len(daemon.requests) == (2 if acted else 1)
+
+
+def test_the_cli_takes_a_job_or_a_filter(daemon, jobwarden, capsys):
+    assert jobwarden("cancel") == 2
+    assert "give a JOB, or a filter" in capsys.readouterr().err
+    assert jobwarden("cancel", "7", "--kind", "x") == 2
+    assert "not both" in capsys.readouterr().err
+    assert daemon.requests == []

@@ -15,6 +15,7 @@ from jobwarden.cli.batches import (
     payload_argument,
     submit_file,
 )
+from jobwarden.cli.bulk import add_filter_options, check_target, run_bulk
 from jobwarden.cli.connection import call, client, over_websocket, websocket_options
 from jobwarden.cli.output import (
     EXIT_OK,
@@ -86,14 +87,17 @@ def add_commands(commands: Subcommands) -> None:
     jobs.add_argument("--user", metavar="U")
     jobs.add_argument("--limit", type=positive_int, metavar="N", help="at most N jobs (50)")
 
+    subcommand(commands, "show", _show, "show a job with its latest events").add_argument(
+        "job", type=positive_int, metavar="JOB"
+    )
     for name, run, summary in (
-        ("show", _show, "show a job with its latest events"),
-        ("cancel", _cancel, "cancel a job"),
-        ("retry", _retry, "queue a failed or canceled job again"),
+        ("cancel", _cancel, "cancel a job, or every job a filter matches"),
+        ("retry", _retry, "queue a failed or canceled job again, or every one a filter matches"),
     ):
-        subcommand(commands, name, run, summary).add_argument(
-            "job", type=positive_int, metavar="JOB"
-        )
+        command = subcommand(commands, name, run, summary)
+        command.add_argument("job", nargs="?", type=positive_int, metavar="JOB")
+        add_filter_options(command, name)
+        command.set_defaults(check=check_target)
 
     watch = subcommand(commands, "watch", _watch, "follow a job's progress until it finishes")
     target = watch.add_mutually_exclusive_group(required=True)
@@ -239,10 +243,14 @@ async def _watch_over_websocket(websocket: WebSocketClient, args: argparse.Names
 
 
 def _cancel(args: argparse.Namespace) -> int:
+    if args.job is None:
+        return run_bulk(args, "cancel")
     return print_reply(args, call(args, "cancel", job=args.job), _print_job_line)
 
 
 def _retry(args: argparse.Namespace) -> int:
+    if args.job is None:
+        return run_bulk(args, "retry")
     return print_reply(args, call(args, "retry", job=args.job), _print_job_line)
 
 

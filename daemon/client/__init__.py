@@ -8,7 +8,7 @@ application that uses it does not load the daemon.
 from jobwarden.client.admin import AdminClient
 from jobwarden.client.websocket import Accepted, Watch, WebSocketClient, connect
 from jobwarden.errors import AdminError, DaemonError, DaemonUnreachable
-from jobwarden.wire.views import BatchItem, BatchResult, ItemResult
+from jobwarden.wire.views import BatchItem, BatchResult, BulkOutcome, ItemResult, JobFilter
 
 __all__ = [
     "Accepted",
@@ -16,9 +16,11 @@ __all__ = [
     "AdminError",
     "BatchItem",
     "BatchResult",
+    "BulkOutcome",
     "DaemonError",
     "DaemonUnreachable",
     "ItemResult",
+    "JobFilter",
     "Watch",
     "WebSocketClient",
     "connect",

@@ -38,8 +38,10 @@ from jobwarden.wire.views import (
     TERMINAL_STATUSES,
     BatchItem,
     BatchResult,
+    BulkOutcome,
     ErrorBody,
     Event,
+    JobFilter,
     JobStatus,
     JobView,
 )
@@ -154,6 +156,19 @@ class WebSocketClient:
     async def cancel(self, job_id: int) -> JobView:
         reply = await self._request(op="cancel", job=job_id)
         return msgspec.convert(reply["job"], JobView)
+
+    async def cancel_many(
+        self, job_filter: JobFilter, *, dry_run: bool = False, show: int = 20
+    ) -> BulkOutcome:
+        """Cancel every queued or running job of yours that `job_filter` matches (`dry_run`:
+        only say how many and which, the first `show` ids)."""
+        reply = await self._request(
+            op="cancel_many",
+            filter=msgspec.to_builtins(job_filter),
+            dry_run=dry_run,
+            show=show,
+        )
+        return msgspec.convert(reply["outcome"], BulkOutcome)
 
     async def jobs(
         self, *, status: list[JobStatus] | None = None, kind: str | None = None, limit: int = 50

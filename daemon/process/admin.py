@@ -72,6 +72,7 @@ from jobwarden.wire.admin import (
     BreakersRequest,
     BudgetArgs,
     BudgetRequest,
+    CancelManyRequest,
     CancelRequest,
     DrainRequest,
     EventLine,
@@ -82,6 +83,7 @@ from jobwarden.wire.admin import (
     PingRequest,
     Reply,
     ResumeRequest,
+    RetryManyRequest,
     RetryRequest,
     ShowRequest,
     ShutdownRequest,
@@ -430,6 +432,12 @@ class AdminServer:
                 return {"job": await commands.cancel(OPERATOR, args.job)}
             case RetryRequest(args=args):
                 return {"job": await ask(self._admission, Requeue, job_id=args.job)}
+            case CancelManyRequest(args=args):
+                return await commands.cancel_many(
+                    OPERATOR, args.filter, dry_run=args.dry_run, show=args.show
+                )
+            case RetryManyRequest(args=args):
+                return await commands.retry_many(args.filter, dry_run=args.dry_run, show=args.show)
             case PauseRequest(args=args):
                 return await self._pause_or_resume(Pause, args.kind)
             case ResumeRequest(args=args):

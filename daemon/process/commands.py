@@ -30,13 +30,21 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Generic, NamedTuple, Protocol, TypeVar
+from typing import Any, Generic, Literal, NamedTuple, Protocol, TypeVar
 
 import msgspec
 import structlog
 import trio
 
-from jobwarden.actors.messages import CancelJob, Explain, HealthQuery, Submit, SubmitMany
+from jobwarden.actors.messages import (
+    CancelJob,
+    Explain,
+    HealthQuery,
+    RequeueMatching,
+    Submit,
+    SubmitMany,
+)
+from jobwarden.clock import WallClock
 from jobwarden.config import name_path
 from jobwarden.errors import RequestError, StoreError, error_body
 from jobwarden.hub import EventHub
@@ -50,9 +58,11 @@ from jobwarden.wire.views import (
     MAX_DEPTH,
     BatchItem,
     BatchResult,
+    BulkOutcome,
     ErrorBody,
     Event,
     ItemResult,
+    JobFilter,
     JobStatus,
     JobView,
     RequestId,
@@ -72,6 +82,11 @@ PAGE = 1000
 # Jobs one `jobs` may list: an operator's scripts page through more than a user's screen.
 MAX_LISTED_BY_OPERATOR = 10_000
 MAX_LISTED_BY_USER = 1000
+# Ids a bulk action's answer lists, unless asked for another number.
+BULK_SHOWN = 20
+# Statuses each bulk action applies to.
+CANCELABLE = ("queued", "running")
+RETRYABLE = ("failed", "canceled")
 # Refusals logged one by one per listener and minute (each connection's first); the rest
 # are summed up in one line a minute.
 REFUSAL_LINES_PER_MINUTE = 20
@@ -259,6 +274,7 @@ class Commands:
         *,
         store: Store,
         hub: EventHub,
+        clock: WallClock,
         admission: trio.MemorySendChannel[Any],
         scheduler: trio.MemorySendChannel[Any],
         pool: trio.MemorySendChannel[Any],
@@ -266,6 +282,7 @@ class Commands:
     ) -> None:
         self._store = store
         self._hub = hub
+        self._clock = clock
         self._admission = admission
         self._scheduler = scheduler
         self._pool = pool
@@ -315,6 +332,87 @@ class Commands:
             else:
                 results.append(ItemResult(job=job, existing=existing))
         return BatchResult.of(results)
+
+    async def cancel_many(
+        self, caller: Caller, job_filter: JobFilter, *, dry_run: bool, show: int = BULK_SHOWN
+    ) -> BulkOutcome:
+        """Cancel every queued or running job of the caller's that `job_filter` matches (or,
+        `dry_run`, say how many and which). Queued ones go a bounded batch per store write;
+        running ones are stopped by the pool, all at once."""
+        job_filter, statuses = _bulk_scope(caller, job_filter, CANCELABLE, "cancel", show)
+        if dry_run:
+            return await self._dry_run("cancel", job_filter, statuses, show)
+        outcome = BulkOutcome(action="cancel", dry_run=False, matched=0)
+        if "queued" in statuses:
+            after_id, more = 0, True
+            while more:
+                batch = await self._store.write(
+                    partial(
+                        jobs.cancel_matching,
+                        job_filter=job_filter,
+                        now=self._clock.now(),
+                        after_id=after_id,
+                        limit=jobs.BULK_BATCH,
+                    )
+                )
+                after_id, more = batch.last_id, batch.more
+                _count_changed(outcome, [job.id for job in batch.changed], show)
+        if "running" in statuses:
+            running = await self._store.read(
+                partial(
+                    jobs.matching_ids,
+                    job_filter=job_filter,
+                    statuses=["running"],
+                    now=self._clock.now(),
+                )
+            )
+            stopped: list[int] = []
+
+            async def stop(job_id: int) -> None:
+                try:
+                    await ask(self._pool, CancelJob, job_id=job_id)
+                except RequestError as exc:
+                    outcome.refused[exc.body.code] = outcome.refused.get(exc.body.code, 0) + 1
+                else:
+                    stopped.append(job_id)
+
+            async with trio.open_nursery() as nursery:
+                for job_id in running:
+                    nursery.start_soon(stop, job_id)
+            _count_changed(outcome, sorted(stopped), show)
+        outcome.matched = outcome.changed + sum(outcome.refused.values())
+        return outcome
+
+    async def retry_many(
+        self, job_filter: JobFilter, *, dry_run: bool, show: int = BULK_SHOWN
+    ) -> BulkOutcome:
+        """Queue again every failed or canceled job `job_filter` matches (or, `dry_run`, say
+        how many and which): the operator's, a bounded batch per store write."""
+        job_filter, statuses = _bulk_scope(OPERATOR, job_filter, RETRYABLE, "retry", show)
+        if dry_run:
+            return await self._dry_run("retry", job_filter, statuses, show)
+        outcome: BulkOutcome = await ask(
+            self._admission, RequeueMatching, job_filter=job_filter, show=show
+        )
+        return outcome
+
+    async def _dry_run(
+        self,
+        action: Literal["cancel", "retry"],
+        job_filter: JobFilter,
+        statuses: list[str],
+        show: int,
+    ) -> BulkOutcome:
+        matched = await self._store.read(
+            partial(
+                jobs.count_matching,
+                job_filter=job_filter,
+                statuses=statuses,
+                now=self._clock.now(),
+                first=show,
+            )
+        )
+        return BulkOutcome(action=action, dry_run=True, matched=matched.count, ids=matched.first)
 
     async def jobs(
         self,
@@ -616,6 +714,38 @@ class ConnectionCap:
             yield
         finally:
             self._taken -= 1
+
+
+def _bulk_scope(
+    caller: Caller,
+    job_filter: JobFilter,
+    applies_to: tuple[str, ...],
+    action: str,
+    show: int,
+) -> tuple[JobFilter, list[str]]:
+    """The filter as the caller may use it (a user's: their own jobs only), and the
+    statuses the action takes among those it names. A filter that names nothing would take
+    every job: it is refused, as is one whose statuses the action never changes."""
+    if job_filter.is_empty():
+        raise RequestError(
+            "INVALID_REQUEST",
+            f"{action}: give at least one filter (status, kind, user, code, since, older_than)",
+        )
+    if not 0 <= show <= MAX_LISTED_BY_OPERATOR:
+        raise RequestError(
+            "INVALID_REQUEST", f"{action}: show must be within 0..{MAX_LISTED_BY_OPERATOR}"
+        )
+    statuses = [s for s in applies_to if job_filter.status is None or s in job_filter.status]
+    if not statuses:
+        raise RequestError(
+            "INVALID_REQUEST", f"{action} applies to {' or '.join(applies_to)} jobs only"
+        )
+    return msgspec.structs.replace(job_filter, user=caller.whose_jobs(job_filter.user)), statuses
+
+
+def _count_changed(outcome: BulkOutcome, ids: list[int], show: int) -> None:
+    outcome.changed += len(ids)
+    outcome.ids += ids[: show - len(outcome.ids)]
 
 
 def _seen_by(caller: Caller, job: JobView | None, job_id: int) -> JobView:

@@ -288,6 +288,7 @@ class Supervisor:
         commands = Commands(
             store=store,
             hub=hub,
+            clock=clock,
             admission=admission_tx.clone(),
             scheduler=scheduler_tx.clone(),
             pool=pool_tx.clone(),

@@ -65,6 +65,8 @@ from jobwarden.wire.websocket import (
     WsAccepted,
     WsCancel,
     WsCanceled,
+    WsCanceledMany,
+    WsCancelMany,
     WsError,
     WsEvent,
     WsJobList,
@@ -365,6 +367,11 @@ class _Session:
                 return self._unwatch(op)
             case WsCancel():
                 return WsCanceled(id=op.id, job=await commands.cancel(self.caller, op.job))
+            case WsCancelMany():
+                outcome = await commands.cancel_many(
+                    self.caller, op.filter, dry_run=op.dry_run, show=op.show
+                )
+                return WsCanceledMany(id=op.id, outcome=outcome)
             case WsJobs():
                 found = await commands.jobs(
                     self.caller, status=op.status, kind=op.kind, limit=op.limit

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal, get_args
 
 import msgspec
 
-from jobwarden.wire.views import BatchItem, ErrorBody, JobStatus, RequestId, StoredInt
+from jobwarden.wire.views import BatchItem, ErrorBody, JobFilter, JobStatus, RequestId, StoredInt
 
 
 class Reply(msgspec.Struct, omit_defaults=True):
@@ -65,6 +65,14 @@ class JobsArgs(Args):
 
 class JobArgs(Args):
     job: StoredInt
+
+
+class BulkArgs(Args):
+    filter: JobFilter
+    # Say how many and which jobs would be taken, change nothing.
+    dry_run: bool = False
+    # Ids listed in the answer, lowest first.
+    show: Annotated[int, msgspec.Meta(ge=0)] = 20
 
 
 class KindArgs(Args):
@@ -170,6 +178,18 @@ class RetryRequest(Request, tag="retry"):
     args: JobArgs
 
 
+class CancelManyRequest(Request, tag="cancel_many"):
+    """Cancel every queued or running job the filter matches (or, dry run, count them)."""
+
+    args: BulkArgs
+
+
+class RetryManyRequest(Request, tag="retry_many"):
+    """Queue again every failed or canceled job the filter matches (or count them)."""
+
+    args: BulkArgs
+
+
 class PauseRequest(Request, tag="pause"):
     """Hold a kind's queued jobs (no kind: every kind's)."""
 
@@ -250,6 +270,8 @@ AdminRequest = (
     | ShowRequest
     | CancelRequest
     | RetryRequest
+    | CancelManyRequest
+    | RetryManyRequest
     | PauseRequest
     | ResumeRequest
     | DrainRequest

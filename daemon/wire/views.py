@@ -131,3 +131,33 @@ class BatchResult(msgspec.Struct):
         existing = sum(1 for result in results if result.existing)
         refused = sum(1 for result in results if result.error is not None)
         return cls(len(results) - existing - refused, existing, refused, results)
+
+
+class JobFilter(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
+    """Which jobs a bulk action (cancel_many, retry_many) takes: every field given must
+    match. `code` is the reason a job's status carries (a failed job's error code); `since`
+    keeps jobs whose status changed within that many seconds, `older_than` jobs created
+    longer ago than that."""
+
+    status: list[JobStatus] | None = None
+    kind: str | None = None
+    user: str | None = None
+    code: str | None = None
+    since: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    older_than: Annotated[float, msgspec.Meta(gt=0)] | None = None
+
+    def is_empty(self) -> bool:
+        return self == JobFilter()
+
+
+class BulkOutcome(msgspec.Struct, kw_only=True):
+    """What a bulk action did, or with `dry_run` would do: how many jobs it matched and
+    changed, the first of their ids, and how many matched but could not be changed, by
+    code (CHANGED: the job moved on meanwhile)."""
+
+    action: Literal["cancel", "retry"]
+    dry_run: bool
+    matched: int
+    changed: int = 0
+    ids: list[int] = msgspec.field(default_factory=list)
+    refused: dict[str, int] = msgspec.field(default_factory=dict)

@@ -8,15 +8,17 @@ with `watch`, `seq` and `job`, and a watch that fell behind ends with `resync`.
 
 from __future__ import annotations
 
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import msgspec
 
 from jobwarden.wire.views import (
     BatchItem,
     BatchResult,
+    BulkOutcome,
     ErrorBody,
     ItemResult,
+    JobFilter,
     JobStatus,
     JobView,
     RequestId,
@@ -65,13 +67,22 @@ class WsCancel(WsOp, tag="cancel"):
     job: StoredInt
 
 
+class WsCancelMany(WsOp, tag="cancel_many"):
+    """Cancel every queued or running job of the user's that the filter matches (or, dry
+    run, count them): the filter's user is always the user's own."""
+
+    filter: JobFilter
+    dry_run: bool = False
+    show: Annotated[int, msgspec.Meta(ge=0)] = 20
+
+
 class WsJobs(WsOp, tag="jobs"):
     status: list[JobStatus] | None = None
     kind: str | None = None
     limit: StoredInt = 50
 
 
-WsOps = WsSubmit | WsSubmitMany | WsWatch | WsUnwatch | WsCancel | WsJobs
+WsOps = WsSubmit | WsSubmitMany | WsWatch | WsUnwatch | WsCancel | WsCancelMany | WsJobs
 WS_OPS = tuple(sorted(op.__struct_config__.tag for op in get_args(WsOps)))
 ws_op_decoder = msgspec.json.Decoder(WsOps)
 
@@ -114,6 +125,10 @@ class WsUnwatched(WsReply, tag="unwatched"):
 
 class WsCanceled(WsReply, tag="canceled"):
     job: JobView
+
+
+class WsCanceledMany(WsReply, tag="canceled_many"):
+    outcome: BulkOutcome
 
 
 class WsJobList(WsReply, tag="jobs"):
