@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import sqlite3
 from collections.abc import Callable
 from functools import partial
@@ -15,6 +16,7 @@ from jobwarden.actors.messages import Submit
 from jobwarden.config import Config, load_config, load_config_text
 from jobwarden.mailbox import ReplySlot
 from jobwarden.process.admin import Stop
+from jobwarden.process.commands import Commands
 from jobwarden.process.supervisor import DaemonHandle, Supervisor
 from jobwarden.process.systemd import SystemdNotifier
 from jobwarden.store import jobs
@@ -103,6 +105,21 @@ class Daemon:
     @property
     def now(self) -> float:
         return self.handle.clock.now()
+
+    @functools.cached_property
+    def commands(self) -> Commands:
+        """The command layer, as the daemon's listeners have it."""
+        handle = self.handle
+        return Commands(
+            store=handle.store,
+            hub=handle.hub,
+            clock=handle.clock,
+            job_logs=handle.job_logs,
+            admission=handle.admission,
+            scheduler=handle.scheduler,
+            pool=handle.pool,
+            monitor=handle.monitor,
+        )
 
     async def submit(self, kind: str, payload: object = None, **options: object) -> JobView:
         reply: ReplySlot[tuple[JobView, bool]] = ReplySlot()

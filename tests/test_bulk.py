@@ -10,7 +10,7 @@ import trio
 from jobwarden.actors.messages import CancelJob, Pause
 from jobwarden.errors import RequestError
 from jobwarden.mailbox import ask
-from jobwarden.process.commands import OPERATOR, Caller, Commands
+from jobwarden.process.commands import OPERATOR, Caller
 from jobwarden.store import jobs
 from jobwarden.wire.views import BatchItem, JobFilter
 from tests.test_websocket import Frames, add_user, open_frames
@@ -24,20 +24,6 @@ handler = "tests.handlers:sleepy"
 """
 
 
-def commands_of(daemon) -> Commands:
-    """The command layer on an in-process daemon, as its listeners have it."""
-    handle = daemon.handle
-    return Commands(
-        store=handle.store,
-        hub=handle.hub,
-        clock=handle.clock,
-        admission=handle.admission,
-        scheduler=handle.scheduler,
-        pool=handle.pool,
-        monitor=handle.monitor,
-    )
-
-
 async def failed_job(daemon, **payload: object) -> int:
     job = await daemon.submit("failing", {"seconds": 0, "fail": True, **payload})
     assert (await daemon.wait_done(job.id)).reason == "TEST_FAILURE"
@@ -46,7 +32,7 @@ async def failed_job(daemon, **payload: object) -> int:
 
 async def test_retry_by_code_and_age_takes_only_the_recent_failures(autojump_clock, start_daemon):
     daemon = await start_daemon(KINDS)
-    commands = commands_of(daemon)
+    commands = daemon.commands
     old = [await failed_job(daemon) for _ in range(2)]
     await trio.sleep(7200)
     recent = [await failed_job(daemon) for _ in range(3)]
@@ -75,7 +61,7 @@ async def test_cancel_of_many_queued_jobs_lets_other_writes_in_between(
 ):
     count = 3 * jobs.BULK_BATCH
     daemon = await start_daemon(f"[admission]\nmax_batch_items = {count}\n" + KINDS)
-    commands = commands_of(daemon)
+    commands = daemon.commands
     await ask(daemon.handle.scheduler, Pause, kind="noop")
     await commands.submit_many("alice", [BatchItem(kind="noop")] * count)
     submitted, canceled = [], []
@@ -115,7 +101,7 @@ async def test_a_filter_that_would_take_everything_or_nothing_is_refused(
 ):
     daemon = await start_daemon(KINDS)
     with pytest.raises(RequestError) as caught:
-        await commands_of(daemon).cancel_many(OPERATOR, job_filter, dry_run=False)
+        await daemon.commands.cancel_many(OPERATOR, job_filter, dry_run=False)
     assert caught.value.body.code == "INVALID_REQUEST"
     assert caught.value.body.message.startswith(message)
 
@@ -124,7 +110,7 @@ async def test_a_running_job_that_matches_is_stopped(autojump_clock, start_daemo
     daemon = await start_daemon(KINDS)
     running = await daemon.submit("failing", {"seconds": 3600})
     await daemon.wait_status(running.id, {"running"})
-    outcome = await commands_of(daemon).cancel_many(
+    outcome = await daemon.commands.cancel_many(
         Caller(user="alice"), JobFilter(kind="failing"), dry_run=False
     )
     assert (outcome.changed, outcome.ids) == (1, [running.id])

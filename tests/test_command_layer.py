@@ -20,8 +20,8 @@ from tests.test_http import get
 from tests.test_websocket import KINDS, Frames, add_user, open_frames
 
 KNOWN_COMMANDS = (
-    "breaker, breakers, budget, cancel, cancel_many, drain, jobs, ledger, pause, ping, resume, "
-    "retry, retry_many, show, shutdown, status, stuck, submit, submit_many, users, watch"
+    "breaker, breakers, budget, cancel, cancel_many, drain, jobs, ledger, logs, pause, ping, "
+    "resume, retry, retry_many, show, shutdown, status, stuck, submit, submit_many, users, watch"
 )
 
 # -- decoding --------------------------------------------------------------------------------

@@ -48,7 +48,7 @@ price_usd = 0.1
 """
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-KNOWN_OPS = "cancel, cancel_many, jobs, submit, submit_many, unwatch, watch"
+KNOWN_OPS = "cancel, cancel_many, jobs, logs, submit, submit_many, unwatch, watch"
 
 
 async def add_user(daemon, name: str) -> str:

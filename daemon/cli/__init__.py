@@ -20,7 +20,17 @@ import sys
 from collections.abc import Sequence
 
 from jobwarden import __version__
-from jobwarden.cli import breakers, completion, costs, jobs, kinds, loadtest, server, users
+from jobwarden.cli import (
+    breakers,
+    completion,
+    costs,
+    jobs,
+    kinds,
+    loadtest,
+    logs,
+    server,
+    users,
+)
 from jobwarden.cli.arguments import Parser, UsageError, global_options
 from jobwarden.cli.output import (
     EXIT_CLOSED_PIPE,
@@ -39,7 +49,7 @@ from jobwarden.wire.views import ErrorBody
 # Replies that blame the request rather than the daemon.
 USAGE_ERROR_CODES = frozenset({"INVALID_REQUEST", "NOT_FOUND"})
 # In the order `jobwarden --help` lists their commands.
-COMMAND_GROUPS = (server, jobs, kinds, breakers, costs, users, loadtest, completion)
+COMMAND_GROUPS = (server, jobs, logs, kinds, breakers, costs, users, loadtest, completion)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

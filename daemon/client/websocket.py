@@ -44,6 +44,7 @@ from jobwarden.wire.views import (
     JobFilter,
     JobStatus,
     JobView,
+    LogLine,
 )
 from jobwarden.wire.websocket import WatchKey
 
@@ -169,6 +170,12 @@ class WebSocketClient:
             show=show,
         )
         return msgspec.convert(reply["outcome"], BulkOutcome)
+
+    async def logs(self, job_id: int, *, after: int = 0) -> tuple[int, list[LogLine]]:
+        """Up to 1000 of the job's log lines after line id `after`, and how many older
+        lines were dropped to keep its log in bounds."""
+        reply = await self._request(op="logs", job=job_id, after=after)
+        return reply["dropped"], msgspec.convert(reply["lines"], list[LogLine])
 
     async def jobs(
         self, *, status: list[JobStatus] | None = None, kind: str | None = None, limit: int = 50

@@ -79,6 +79,9 @@ from jobwarden.wire.admin import (
     JobsRequest,
     LedgerArgs,
     LedgerRequest,
+    LogEnd,
+    LogLineMessage,
+    LogsRequest,
     PauseRequest,
     PingRequest,
     Reply,
@@ -96,7 +99,7 @@ from jobwarden.wire.admin import (
     WatchRequest,
     encode_line,
 )
-from jobwarden.wire.views import ErrorBody, Event
+from jobwarden.wire.views import ErrorBody, Event, LogLine
 
 log = structlog.get_logger("admin")
 
@@ -397,6 +400,9 @@ class AdminServer:
         if isinstance(request, WatchRequest):
             await self._watch(connection, request)
             return None
+        if isinstance(request, LogsRequest) and request.args.follow:
+            await self._follow_logs(connection, request)
+            return None
         started = trio.current_time()
         data = await self._answer(request)
         self._observe(request.__struct_config__.tag, trio.current_time() - started)
@@ -432,6 +438,9 @@ class AdminServer:
                 return {"job": await commands.cancel(OPERATOR, args.job)}
             case RetryRequest(args=args):
                 return {"job": await ask(self._admission, Requeue, job_id=args.job)}
+            case LogsRequest(args=args):
+                page = await commands.logs(OPERATOR, args.job, after=args.after)
+                return {"dropped": page.dropped, "lines": page.lines}
             case CancelManyRequest(args=args):
                 return await commands.cancel_many(
                     OPERATOR, args.filter, dry_run=args.dry_run, show=args.show
@@ -579,6 +588,28 @@ class AdminServer:
         if user.day != BudgetCalendar(zone).day(self._clock.now()):
             return msgspec.structs.replace(user, jobs_today=0)
         return user
+
+    async def _follow_logs(self, connection: _Connection, request: LogsRequest) -> None:
+        """Answer `following`, then send the job's lines as they come and `ended` once it
+        is final; a client that stops sending ends the follow, as it ends a watch."""
+        args = request.args
+        first = await self._commands.logs(OPERATOR, args.job, after=args.after, limit=1)
+        await connection.send(
+            Reply(id=request.id, ok=True, data={"following": args.job, "dropped": first.dropped})
+        )
+
+        async def send(line: LogLine) -> None:
+            await connection.send(LogLineMessage(id=request.id, log=line))
+
+        with trio.CancelScope() as follow:
+            connection.watches.add(follow)
+            if connection.input_closed:
+                follow.cancel()
+            try:
+                job = await self._commands.follow_logs(OPERATOR, send, args.job, after=args.after)
+                await connection.send(LogEnd(id=request.id, ended=job))
+            finally:
+                connection.watches.discard(follow)
 
     async def _watch(self, connection: _Connection, request: WatchRequest) -> None:
         """Replay from the store after `since`, then follow live; a watcher that falls behind

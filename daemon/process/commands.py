@@ -36,6 +36,7 @@ import msgspec
 import structlog
 import trio
 
+from jobwarden.actors.joblogs import JobLogs
 from jobwarden.actors.messages import (
     CancelJob,
     Explain,
@@ -47,15 +48,17 @@ from jobwarden.actors.messages import (
 from jobwarden.clock import WallClock
 from jobwarden.config import name_path
 from jobwarden.errors import RequestError, StoreError, error_body
-from jobwarden.hub import EventHub
+from jobwarden.hub import EventHub, Subscription
 from jobwarden.logs import clip
 from jobwarden.mailbox import ReplySlot, ask
 from jobwarden.metrics import Metrics
-from jobwarden.store import jobs
+from jobwarden.store import joblogs, jobs
 from jobwarden.store.engine import Store
+from jobwarden.store.joblogs import JobLog
 from jobwarden.wire.admin import COMMANDS, request_decoder
 from jobwarden.wire.views import (
     MAX_DEPTH,
+    TERMINAL_STATUSES,
     BatchItem,
     BatchResult,
     BulkOutcome,
@@ -65,6 +68,7 @@ from jobwarden.wire.views import (
     JobFilter,
     JobStatus,
     JobView,
+    LogLine,
     RequestId,
     nesting_depth_exceeds,
 )
@@ -87,6 +91,10 @@ BULK_SHOWN = 20
 # Statuses each bulk action applies to.
 CANCELABLE = ("queued", "running")
 RETRYABLE = ("failed", "canceled")
+# Log lines one read (and one `logs` answer) carries at most.
+LOG_PAGE = 1000
+# Events of a followed job buffered between reads of its log: only a wake-up.
+LOG_WAKEUPS = 16
 # Refusals logged one by one per listener and minute (each connection's first); the rest
 # are summed up in one line a minute.
 REFUSAL_LINES_PER_MINUTE = 20
@@ -275,6 +283,7 @@ class Commands:
         store: Store,
         hub: EventHub,
         clock: WallClock,
+        job_logs: JobLogs,
         admission: trio.MemorySendChannel[Any],
         scheduler: trio.MemorySendChannel[Any],
         pool: trio.MemorySendChannel[Any],
@@ -283,6 +292,7 @@ class Commands:
         self._store = store
         self._hub = hub
         self._clock = clock
+        self._job_logs = job_logs
         self._admission = admission
         self._scheduler = scheduler
         self._pool = pool
@@ -508,6 +518,69 @@ class Commands:
                 await send(event)
                 last = event.seq
             return last if sub.overflowed else None
+
+    async def logs(
+        self, caller: Caller, job_id: int, *, after: int = 0, limit: int = LOG_PAGE
+    ) -> JobLog:
+        """A page of the job's log: its lines after line id `after`, oldest first, and how
+        many older lines were dropped to keep it within its size."""
+        if not 0 < limit <= LOG_PAGE:
+            raise RequestError("INVALID_REQUEST", f"logs: limit must be within 1..{LOG_PAGE}")
+        await self._job(caller, job_id)
+        page = await self._store.read(
+            partial(joblogs.read, job_id=job_id, after=after, limit=limit)
+        )
+        if page is None:
+            raise RequestError("NOT_FOUND", f"no job {job_id}")
+        return page
+
+    async def follow_logs(
+        self,
+        caller: Caller,
+        send: Callable[[LogLine], Awaitable[None]],
+        job_id: int,
+        *,
+        after: int = 0,
+    ) -> JobView:
+        """Send the job's lines after `after`, then each new one as it is written, until
+        the job is final and every line of it is sent; returns the job as it ended. The job
+        is read before its lines: its outcome is written after its last lines, so a job
+        found final has all its lines in the read that follows."""
+        while True:
+            # Status events wake the follower at the job's end; flushes, for new lines.
+            with self._hub.subscribe(job=job_id, buffer=LOG_WAKEUPS) as sub:
+                while not sub.overflowed:
+                    flushes = self._job_logs.flushes
+                    job = await self._job(caller, job_id)
+                    while True:
+                        page = await self.logs(caller, job_id, after=after)
+                        for line in page.lines:
+                            await send(line)
+                            after = line.id
+                        if len(page.lines) < LOG_PAGE:
+                            break
+                    if job.status in TERMINAL_STATUSES:
+                        return job
+                    await self._lines_or_event(sub, flushes)
+
+    async def _lines_or_event(self, sub: Subscription, flushes: int) -> None:
+        """Wait for a flush of log lines after the `flushes`-th, or an event of the job."""
+        async with trio.open_nursery() as nursery:
+
+            async def event() -> None:
+                with contextlib.suppress(trio.EndOfChannel, trio.WouldBlock):
+                    await sub.events.receive()
+                    # The events themselves are not needed: the store is read again.
+                    while True:
+                        sub.events.receive_nowait()
+                nursery.cancel_scope.cancel()
+
+            async def flushed() -> None:
+                await self._job_logs.wait_flushed(flushes)
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(event)
+            nursery.start_soon(flushed)
 
     async def health(self, *, by_kind: bool = False) -> dict[str, Any]:
         """The monitor's snapshot; `by_kind` adds the job counts by status and kind."""

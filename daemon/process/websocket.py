@@ -59,7 +59,7 @@ from jobwarden.process.http import open_listeners
 from jobwarden.store import users
 from jobwarden.store.engine import Store
 from jobwarden.wire.admin import encoder
-from jobwarden.wire.views import ErrorBody, Event, JobView
+from jobwarden.wire.views import ErrorBody, Event, JobView, LogLine
 from jobwarden.wire.websocket import (
     WatchKey,
     WsAccepted,
@@ -71,6 +71,10 @@ from jobwarden.wire.websocket import (
     WsEvent,
     WsJobList,
     WsJobs,
+    WsLogEnd,
+    WsLogLine,
+    WsLogPage,
+    WsLogs,
     WsOp,
     WsReply,
     WsResync,
@@ -372,12 +376,26 @@ class _Session:
                     self.caller, op.filter, dry_run=op.dry_run, show=op.show
                 )
                 return WsCanceledMany(id=op.id, outcome=outcome)
+            case WsLogs():
+                return await self._logs(op)
             case WsJobs():
                 found = await commands.jobs(
                     self.caller, status=op.status, kind=op.kind, limit=op.limit
                 )
                 return WsJobList(id=op.id, jobs=found)
         raise AssertionError(f"no answer for {type(op).__name__}")
+
+    async def _logs(self, op: WsLogs) -> WsReply:
+        page = await self.commands.logs(self.caller, op.job, after=op.after)
+        if not op.follow:
+            return WsLogPage(id=op.id, job=op.job, dropped=page.dropped, lines=page.lines)
+        await self.send(WsLogPage(id=op.id, job=op.job, dropped=page.dropped, lines=[]))
+
+        async def send(line: LogLine) -> None:
+            await self.send(WsLogLine(id=op.id, job=op.job, line=line))
+
+        job = await self.commands.follow_logs(self.caller, send, op.job, after=op.after)
+        return WsLogEnd(id=op.id, job=job)
 
     async def _watch(self, op: WsWatch) -> None:
         """Answer `watching` and start the watch's task, which sends its events after it."""

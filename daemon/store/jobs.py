@@ -896,6 +896,7 @@ def prune_finished(conn: sqlite3.Connection, events: Events, *, before: float, b
     ]
     if ids:
         conn.execute(f"DELETE FROM events WHERE job_id IN ({placeholders(ids)})", ids)
+        conn.execute(f"DELETE FROM job_logs WHERE job_id IN ({placeholders(ids)})", ids)
         conn.execute(f"DELETE FROM jobs WHERE id IN ({placeholders(ids)})", ids)
     return len(ids)
 

@@ -13,7 +13,16 @@ from typing import Annotated, Any, Literal, get_args
 
 import msgspec
 
-from jobwarden.wire.views import BatchItem, ErrorBody, JobFilter, JobStatus, RequestId, StoredInt
+from jobwarden.wire.views import (
+    BatchItem,
+    ErrorBody,
+    JobFilter,
+    JobStatus,
+    JobView,
+    LogLine,
+    RequestId,
+    StoredInt,
+)
 
 
 class Reply(msgspec.Struct, omit_defaults=True):
@@ -26,6 +35,20 @@ class Reply(msgspec.Struct, omit_defaults=True):
 class EventLine(msgspec.Struct):
     id: str | int | None
     event: Any
+
+
+class LogLineMessage(msgspec.Struct):
+    """A followed job's new log line."""
+
+    id: str | int | None
+    log: LogLine
+
+
+class LogEnd(msgspec.Struct):
+    """A followed job is final and every line of its log was sent."""
+
+    id: str | int | None
+    ended: JobView
 
 
 # Arguments per command, decoded with forbid_unknown_fields so a typo is an error.
@@ -73,6 +96,14 @@ class BulkArgs(Args):
     dry_run: bool = False
     # Ids listed in the answer, lowest first.
     show: Annotated[int, msgspec.Meta(ge=0)] = 20
+
+
+class LogsArgs(Args):
+    job: StoredInt
+    # Lines after this line id (0: from the first kept).
+    after: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)] = 0
+    # Then new lines as they come, until the job is final.
+    follow: bool = False
 
 
 class KindArgs(Args):
@@ -190,6 +221,13 @@ class RetryManyRequest(Request, tag="retry_many"):
     args: BulkArgs
 
 
+class LogsRequest(Request, tag="logs"):
+    """A job's log: `{dropped, lines}`; with `follow`, `{following, dropped}`, then
+    `{"id", "log": line}` lines as they come, and `{"id", "ended": job}` once it is final."""
+
+    args: LogsArgs
+
+
 class PauseRequest(Request, tag="pause"):
     """Hold a kind's queued jobs (no kind: every kind's)."""
 
@@ -271,6 +309,7 @@ AdminRequest = (
     | CancelRequest
     | RetryRequest
     | CancelManyRequest
+    | LogsRequest
     | RetryManyRequest
     | PauseRequest
     | ResumeRequest

@@ -161,3 +161,14 @@ class BulkOutcome(msgspec.Struct, kw_only=True):
     changed: int = 0
     ids: list[int] = msgspec.field(default_factory=list)
     refused: dict[str, int] = msgspec.field(default_factory=dict)
+
+
+class LogLine(msgspec.Struct):
+    """One line of a job's log: `stream` is "stdout" or "stderr" (a command's), or "log" (a
+    python handler's ctx.log or logging); the text is clipped and has no control characters."""
+
+    id: int
+    attempt: int
+    at: float
+    stream: str
+    line: str

@@ -21,6 +21,7 @@ from jobwarden.wire.views import (
     JobFilter,
     JobStatus,
     JobView,
+    LogLine,
     RequestId,
     StoredInt,
 )
@@ -76,13 +77,22 @@ class WsCancelMany(WsOp, tag="cancel_many"):
     show: Annotated[int, msgspec.Meta(ge=0)] = 20
 
 
+class WsLogs(WsOp, tag="logs"):
+    """A job's log lines after line id `after`; `follow`: `log` frames as they come, then
+    `log_end` once the job is final (the op is in flight until then)."""
+
+    job: StoredInt
+    after: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)] = 0
+    follow: bool = False
+
+
 class WsJobs(WsOp, tag="jobs"):
     status: list[JobStatus] | None = None
     kind: str | None = None
     limit: StoredInt = 50
 
 
-WsOps = WsSubmit | WsSubmitMany | WsWatch | WsUnwatch | WsCancel | WsCancelMany | WsJobs
+WsOps = WsSubmit | WsSubmitMany | WsWatch | WsUnwatch | WsCancel | WsCancelMany | WsLogs | WsJobs
 WS_OPS = tuple(sorted(op.__struct_config__.tag for op in get_args(WsOps)))
 ws_op_decoder = msgspec.json.Decoder(WsOps)
 
@@ -129,6 +139,22 @@ class WsCanceled(WsReply, tag="canceled"):
 
 class WsCanceledMany(WsReply, tag="canceled_many"):
     outcome: BulkOutcome
+
+
+class WsLogPage(WsReply, tag="logs"):
+    job: int
+    # Older lines dropped to keep the log within its size.
+    dropped: int
+    lines: list[LogLine]
+
+
+class WsLogLine(WsReply, tag="log"):
+    job: int
+    line: LogLine
+
+
+class WsLogEnd(WsReply, tag="log_end"):
+    job: JobView
 
 
 class WsJobList(WsReply, tag="jobs"):
