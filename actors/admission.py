@@ -177,12 +177,14 @@ class Admission:
                             checked = self._check(msg)
                             if checked is not None:
                                 accepted.append(checked)
-                        case SubmitMany(items=items) if self._batch_fits(msg):
+                        case SubmitMany():
+                            if not self._batch_fits(msg):
+                                continue
                             if msg.atomic:
                                 nursery.start_soon(self._insert_all_or_none, msg)
                                 continue
                             # The items join this round's one store write.
-                            for item in items:
+                            for item in msg.items:
                                 checked = self._check(item)
                                 if checked is not None:
                                     accepted.append(checked)

@@ -9,18 +9,20 @@ import sqlite3
 import subprocess
 from functools import partial
 
+import msgspec
 import pytest
 import trio
 
 from jobwarden.actors.messages import Submit, SubmitMany
+from jobwarden.client import connect
 from jobwarden.errors import RequestError
 from jobwarden.mailbox import ReplySlot, ask
 from jobwarden.store import jobs
-from jobwarden.wire.views import ErrorBody, JobView
-from tests.process import daemon_env, daemon_factory, jobwarden_command
+from jobwarden.wire.views import BatchItem, ErrorBody, JobFilter, JobView
+from tests.process import daemon_factory, run_jobwarden
 from tests.test_admin import ask_admin
 from tests.test_guards import KINDS, limits
-from tests.test_websocket import Frames, add_user, open_frames
+from tests.test_websocket import Frames, add_user, open_frames, url_of
 
 
 async def submit_many(
@@ -168,14 +170,16 @@ def daemons(tmp_path):
 def test_a_thousand_lines_from_stdin_land_in_one_commit_that_survives_kill_9(daemons):
     daemon = daemons({"kinds": {"quick": {"handler": "tests.handlers:sleepy"}}})
     lines = "".join(json.dumps({"seconds": 0, "n": n}) + "\n" for n in range(1000))
-    done = subprocess.run(
-        jobwarden_command("submit", "quick", "--file", "-", "--socket", str(daemon.socket_path)),
-        input=lines,
-        env=daemon_env(),
-        capture_output=True,
-        text=True,
+    done = run_jobwarden(
+        "submit",
+        "quick",
+        "--file",
+        "-",
+        "--socket",
+        str(daemon.socket_path),
+        cwd=daemon.directory,
         timeout=60,
-        check=False,
+        stdin=lines,
     )
     assert (done.returncode, done.stdout) == (0, "submitted 1,000 jobs, 0 refused\n")
     daemon.kill9()
@@ -196,14 +200,7 @@ def test_the_cli_reports_each_refused_line_and_an_atomic_refusal_by_line(daemons
     socket = ["--socket", str(daemon.socket_path)]
 
     def run(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            jobwarden_command(*args, *socket),
-            env=daemon_env(),
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        return run_jobwarden(*args, *socket, cwd=daemon.directory, timeout=60)
 
     atomic = run("submit", "quick", "--file", str(jobs_file), "--atomic", "--user", "u1")
     assert atomic.returncode == 1
@@ -232,14 +229,27 @@ def test_a_single_payload_from_a_file_or_stdin(daemons, tmp_path):
         (["@" + str(payload)], None, "file"),
         (["-"], '{"seconds": 0, "from": "stdin"}', "stdin"),
     ):
-        done = subprocess.run(
-            jobwarden_command("submit", "quick", *args, *socket),
-            input=stdin,
-            env=daemon_env(),
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
+        done = run_jobwarden(
+            "submit", "quick", *args, *socket, cwd=daemon.directory, timeout=60, stdin=stdin
         )
         assert done.returncode == 0, done.stderr
         assert json.loads(done.stdout)["job"]["payload"]["from"] == source
+
+
+async def test_the_python_client_submits_a_batch_and_previews_a_bulk_cancel(start_daemon):
+    daemon = await start_daemon(KINDS)
+    token = await add_user(daemon, "erin")
+    items = [BatchItem(kind="sleepy", payload={"seconds": 3600, "n": n}) for n in range(3)]
+    with trio.fail_after(10):
+        async with connect(url_of(daemon), token) as client:
+            batch = await client.submit_many([*items, BatchItem(kind="nope")])
+            again = await client.submit_many(
+                [msgspec.structs.replace(items[0], idempotency_key="k")] * 2, atomic=True
+            )
+            canceled = await client.cancel_many(JobFilter(kind="sleepy"), dry_run=True)
+    assert (batch.accepted, batch.refused) == (3, 1)
+    assert [result.job.payload["n"] for result in batch.results[:3]] == [0, 1, 2]
+    assert batch.results[3].error.code == "INVALID_REQUEST"
+    assert again.results[1].existing and again.results[1].job == again.results[0].job
+    # The batch's three and the one its resend did not double.
+    assert (canceled.dry_run, canceled.matched) == (True, 4)

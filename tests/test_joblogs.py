@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import sqlite3
-import subprocess
 from functools import partial
 
 import pytest
@@ -17,7 +16,7 @@ from jobwarden.errors import RequestError
 from jobwarden.process.commands import OPERATOR, Caller
 from jobwarden.store import joblogs, jobs
 from jobwarden.wire.views import LogLine
-from tests.process import daemon_env, daemon_factory, jobwarden_command
+from tests.process import daemon_factory, run_jobwarden
 from tests.test_websocket import Frames, add_user, open_frames
 
 KINDS = """
@@ -164,13 +163,8 @@ def test_a_commands_output_and_stderr_with_the_cli(daemons):
         job = admin.call("submit", kind="shell", payload={})["job"]["id"]
         follow = list(admin.follow_logs(job))
     assert follow[-1]["ended"]["status"] == "done"
-    done = subprocess.run(
-        jobwarden_command("logs", str(job), "--socket", str(daemon.socket_path)),
-        env=daemon_env(),
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
+    done = run_jobwarden(
+        "logs", str(job), "--socket", str(daemon.socket_path), cwd=daemon.directory
     )
     assert done.returncode == 0, done.stderr
     shown = [line.split(" ", 1)[1] for line in done.stdout.splitlines()]

@@ -16,11 +16,11 @@ from typing import Any
 
 import msgspec
 
-from jobwarden.cli.arguments import UsageError, statuses, whole_number
+from jobwarden.cli.arguments import UsageError, add_status_option, whole_number
 from jobwarden.cli.connection import client
 from jobwarden.cli.output import EXIT_FAILED, EXIT_OK, count, print_json
 from jobwarden.config import parse_duration
-from jobwarden.wire.views import STATUSES, BulkOutcome, JobFilter
+from jobwarden.wire.views import BulkOutcome, JobFilter
 
 VERBS = {"cancel": "canceled", "retry": "queued again"}
 FILTER_OPTIONS = ("status", "kind", "user", "code", "since", "older_than")
@@ -39,13 +39,7 @@ def duration(text: str) -> float:
 def add_filter_options(command: argparse.ArgumentParser, action: str) -> None:
     """The filter that takes the place of JOB, and how the bulk action is confirmed."""
     group = command.add_argument_group(f"{action} every job that matches (instead of JOB)")
-    group.add_argument(
-        "--status",
-        action="extend",
-        type=statuses,
-        metavar="S",
-        help=f"only these statuses, repeatable or comma separated ({', '.join(STATUSES)})",
-    )
+    add_status_option(group)
     group.add_argument("--kind", metavar="K")
     group.add_argument("--user", metavar="U")
     group.add_argument("--code", metavar="CODE", help="the reason of its status: an error code")

@@ -8,7 +8,12 @@ from typing import Any
 
 import msgspec
 
-from jobwarden.cli.arguments import Subcommands, positive_int, statuses, subcommand
+from jobwarden.cli.arguments import (
+    Subcommands,
+    add_status_option,
+    positive_int,
+    subcommand,
+)
 from jobwarden.cli.batches import (
     add_file_options,
     check_file_options,
@@ -41,7 +46,7 @@ from jobwarden.cli.watching import (
     watch_job,
 )
 from jobwarden.client import WebSocketClient
-from jobwarden.wire.views import STATUSES, JobView
+from jobwarden.wire.views import JobView
 
 
 def add_commands(commands: Subcommands) -> None:
@@ -76,13 +81,7 @@ def add_commands(commands: Subcommands) -> None:
     submit.set_defaults(check=check_submit)
 
     jobs = subcommand(commands, "jobs", _jobs, "list jobs, newest first")
-    jobs.add_argument(
-        "--status",
-        action="extend",
-        type=statuses,
-        metavar="S",
-        help=f"only these statuses, repeatable or comma separated ({', '.join(STATUSES)})",
-    )
+    add_status_option(jobs)
     jobs.add_argument("--kind", metavar="K")
     jobs.add_argument("--user", metavar="U")
     jobs.add_argument("--limit", type=positive_int, metavar="N", help="at most N jobs (50)")

@@ -16,6 +16,7 @@ replies are not read for as long: the max_connections slots cannot be held by si
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import grp
 import math
@@ -24,6 +25,7 @@ import pwd
 import re
 import socket
 import struct
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -217,6 +219,19 @@ class _Connection:
             finally:
                 self._reading = None
         return None
+
+    @contextlib.contextmanager
+    def streaming(self) -> Iterator[None]:
+        """The context of a stream (a watch, a followed log), which ends when the client
+        stops sending."""
+        with trio.CancelScope() as stream:
+            self.watches.add(stream)
+            if self.input_closed:
+                stream.cancel()
+            try:
+                yield
+            finally:
+                self.watches.discard(stream)
 
     def begin(self) -> None:
         self._busy += 1
@@ -601,15 +616,9 @@ class AdminServer:
         async def send(line: LogLine) -> None:
             await connection.send(LogLineMessage(id=request.id, log=line))
 
-        with trio.CancelScope() as follow:
-            connection.watches.add(follow)
-            if connection.input_closed:
-                follow.cancel()
-            try:
-                job = await self._commands.follow_logs(OPERATOR, send, args.job, after=args.after)
-                await connection.send(LogEnd(id=request.id, ended=job))
-            finally:
-                connection.watches.discard(follow)
+        with connection.streaming():
+            job = await self._commands.follow_logs(OPERATOR, send, args.job, after=args.after)
+            await connection.send(LogEnd(id=request.id, ended=job))
 
     async def _watch(self, connection: _Connection, request: WatchRequest) -> None:
         """Replay from the store after `since`, then follow live; a watcher that falls behind
@@ -628,15 +637,9 @@ class AdminServer:
         async def send(event: Event) -> None:
             await connection.send(EventLine(id=request.id, event=event))
 
-        with trio.CancelScope() as watch:
-            connection.watches.add(watch)
-            if connection.input_closed:
-                watch.cancel()
-            try:
-                resume: int | None = since
-                while resume is not None:
-                    resume = await self._commands.follow(
-                        OPERATOR, send, since=resume, job=args.job, user=args.user
-                    )
-            finally:
-                connection.watches.discard(watch)
+        with connection.streaming():
+            resume: int | None = since
+            while resume is not None:
+                resume = await self._commands.follow(
+                    OPERATOR, send, since=resume, job=args.job, user=args.user
+                )

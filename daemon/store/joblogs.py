@@ -14,6 +14,9 @@ import msgspec
 from jobwarden.store.rows import Events
 from jobwarden.wire.views import LogLine
 
+# Old lines read at a time while making room.
+DROP_PAGE = 256
+
 
 class NewLine(msgspec.Struct, frozen=True, array_like=True):
     """A line to keep, as the pool collected it (already clipped and made printable)."""
@@ -65,17 +68,21 @@ def append(
 
 
 def _drop_oldest(conn: sqlite3.Connection, job_id: int, excess: int) -> None:
-    """Drop a job's oldest lines until `excess` bytes are freed."""
-    freed, dropped, last_id = 0, 0, None
-    rows = conn.execute(
-        "SELECT id, size FROM job_logs WHERE job_id = ? ORDER BY id", (job_id,)
-    ).fetchall()
-    for line_id, size in rows:
-        if freed >= excess:
+    """Drop a job's oldest lines until `excess` bytes are freed, reading only as many."""
+    freed, dropped, last_id = 0, 0, 0
+    while freed < excess:
+        rows = conn.execute(
+            "SELECT id, size FROM job_logs WHERE job_id = ? AND id > ? ORDER BY id LIMIT ?",
+            (job_id, last_id, DROP_PAGE),
+        ).fetchall()
+        if not rows:
             break
-        freed += size
-        dropped += 1
-        last_id = line_id
+        for line_id, size in rows:
+            freed += size
+            dropped += 1
+            last_id = line_id
+            if freed >= excess:
+                break
     conn.execute("DELETE FROM job_logs WHERE job_id = ? AND id <= ?", (job_id, last_id))
     conn.execute(
         "UPDATE jobs SET log_bytes = log_bytes - ?, log_dropped = log_dropped + ? WHERE id = ?",

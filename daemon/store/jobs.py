@@ -382,21 +382,11 @@ class BatchRefused(Exception):
         self.refusal = refusal
 
 
-def insert_all_or_none(
-    conn: sqlite3.Connection,
-    events: Events,
-    *,
-    batch: list[NewJob],
-    now: float,
-    quota: Quota = NO_QUOTA,
-    idempotency_window: float = 0.0,
-) -> list[Admitted]:
-    """Insert every submission of `batch`, or none: the first one refused raises
-    BatchRefused, and the engine rolls back the write (its savepoint) with every row and
-    user count the others changed."""
-    results = insert_many(
-        conn, events, batch=batch, now=now, quota=quota, idempotency_window=idempotency_window
-    )
+def insert_all_or_none(conn: sqlite3.Connection, events: Events, **batch: Any) -> list[Admitted]:
+    """`insert_many(**batch)` for every submission of the batch, or none: the first one
+    refused raises BatchRefused, and the engine rolls back the write (its savepoint) with
+    every row and user count the others changed."""
+    results = insert_many(conn, events, **batch)
     admitted = []
     for index, result in enumerate(results):
         if not isinstance(result, Admitted):
