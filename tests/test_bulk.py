@@ -136,3 +136,17 @@ async def test_a_websocket_user_bulk_cancels_only_their_own_jobs(start_daemon):
     assert reply["outcome"]["ids"] == [hers.id]
     assert (await daemon.job(hers.id)).status == "canceled"
     assert (await daemon.job(his.id)).status == "queued"
+
+
+async def test_a_retry_the_store_refuses_is_counted_by_code(autojump_clock, start_daemon):
+    daemon = await start_daemon(KINDS)
+    failed = await daemon.submit("failing", {"seconds": 0, "fail": True}, idempotency_key="k")
+    await daemon.wait_done(failed.id)
+    other = await failed_job(daemon)
+    await ask(daemon.handle.scheduler, Pause, kind="failing")
+    # The key is the active job's now: the failed one may not come back beside it.
+    await daemon.submit("failing", {"seconds": 1}, idempotency_key="k")
+    outcome = await daemon.commands.retry_many(JobFilter(kind="failing"), dry_run=False)
+    assert (outcome.matched, outcome.changed, outcome.ids) == (2, 1, [other])
+    assert outcome.refused == {"CONFLICT": 1}
+    assert (await daemon.job(failed.id)).status == "failed"

@@ -1454,3 +1454,34 @@ def test_the_cli_takes_a_job_or_a_filter(daemon, jobwarden, capsys):
     assert jobwarden("cancel", "7", "--kind", "x") == 2
     assert "not both" in capsys.readouterr().err
     assert daemon.requests == []
+
+
+# -- logs ------------------------------------------------------------------------------------
+
+
+def log_line(line_id: int, line: str, stream: str = "stdout") -> dict[str, Any]:
+    return {"id": line_id, "attempt": 1, "at": NOW, "stream": stream, "line": line}
+
+
+def test_logs_says_how_many_lines_were_dropped_and_pages_through_the_rest(
+    daemon, jobwarden, capsys
+):
+    pages = {0: [log_line(n, f"line {n}") for n in range(1, 1001)], 1000: [log_line(1001, "last")]}
+    daemon.replies["logs"] = lambda args: {"dropped": 180, "lines": pages[args.get("after", 0)]}
+
+    assert jobwarden("logs", "12") == 0
+
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "[180 lines dropped]"
+    assert out[1] == f"{clock(NOW)} stdout line 1"
+    assert out[-1] == f"{clock(NOW)} stdout last"
+    assert [r["args"]["after"] for r in daemon.requests] == [0, 1000]
+
+
+def test_logs_never_sends_a_control_character_to_the_terminal(daemon, jobwarden, capsys):
+    # Whatever the daemon sends: the CLI makes sure of it.
+    daemon.replies["logs"] = {"dropped": 0, "lines": [log_line(1, "\x1b]0;owned\x07", "stderr")]}
+
+    assert jobwarden("logs", "12") == 0
+
+    assert capsys.readouterr().out == f"{clock(NOW)} stderr \\x1b]0;owned\\x07\n"

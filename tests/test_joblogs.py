@@ -163,11 +163,13 @@ def test_a_commands_output_and_stderr_with_the_cli(daemons):
         job = admin.call("submit", kind="shell", payload={})["job"]["id"]
         follow = list(admin.follow_logs(job))
     assert follow[-1]["ended"]["status"] == "done"
-    done = run_jobwarden(
-        "logs", str(job), "--socket", str(daemon.socket_path), cwd=daemon.directory
-    )
+    socket = ["--socket", str(daemon.socket_path)]
+    done = run_jobwarden("logs", str(job), *socket, cwd=daemon.directory)
     assert done.returncode == 0, done.stderr
     shown = [line.split(" ", 1)[1] for line in done.stdout.splitlines()]
     # The protocol lines drive the job; the rest is its log, in the order each stream wrote it.
     assert sorted(shown) == sorted(["stdout started", "stderr oops", "stdout \\x1b[31mred"])
     assert "\x1b" not in done.stdout
+    followed = run_jobwarden("logs", str(job), "-f", *socket, cwd=daemon.directory)
+    assert followed.stdout.splitlines()[:3] == done.stdout.splitlines()
+    assert followed.stdout.splitlines()[3:] == [f"[job {job} done]"]

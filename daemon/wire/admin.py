@@ -62,13 +62,9 @@ class NoArgs(Args):
     pass
 
 
-class SubmitArgs(Args):
-    kind: str
-    payload: Any = msgspec.field(default_factory=dict)
-    priority: StoredInt | None = None
-    idempotency_key: str | None = None
-    # A client's own id for this submission, the same each time it sends it again.
-    submission_id: str | None = None
+class SubmitArgs(BatchItem):
+    """A submission's options (those a batch's items take too), and whose job it is."""
+
     user: str = "local"
 
 

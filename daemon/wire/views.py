@@ -100,12 +100,14 @@ class Event(msgspec.Struct, omit_defaults=True):
 
 
 class BatchItem(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """One submission of a batch (`submit_many`), with its own options."""
+    """One submission with its own options: an item of a batch (`submit_many`), and the
+    options of a single admin `submit` too."""
 
     kind: str
     payload: Any = msgspec.field(default_factory=dict)
     priority: StoredInt | None = None
     idempotency_key: str | None = None
+    # A client's own id for this submission, the same each time it sends it again.
     submission_id: str | None = None
 
 
