@@ -442,6 +442,9 @@ class Admission:
                 raise _item_error(exc.index, body) from None
             except StoreError as exc:
                 raise exc.refusal() from None
+            except Exception as exc:
+                log.error("a batch failed in the store", error=str(exc), count=len(news))
+                raise RequestError("INTERNAL", "the jobs could not be stored") from None
         except RequestError as exc:
             for user, count in taken.items():
                 self._give_back(user, count)

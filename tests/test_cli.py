@@ -116,9 +116,6 @@ def jobwarden(daemon: FakeDaemon) -> Callable[..., int]:
 
 
 def job_view(**fields: Any) -> dict[str, Any]:
-    # Made 90 s ago as of now, not as of the module's import: a table shows its AGE as "1m"
-    # however long the suite ran before this test.
-    now = time.time()
     view = {
         "id": 12,
         "kind": "pdf",
@@ -127,9 +124,9 @@ def job_view(**fields: Any) -> dict[str, Any]:
         "priority": 0,
         "attempt": 0,
         "max_attempts": 4,
-        "created_at": now - 90,
-        "updated_at": now,
-        "available_at": now - 90,
+        "created_at": NOW - 90,
+        "updated_at": NOW,
+        "available_at": NOW - 90,
         "payload": {"pages": 8},
     }
     view.update(fields)
