@@ -253,3 +253,18 @@ async def test_the_python_client_submits_a_batch_and_previews_a_bulk_cancel(star
     assert again.results[1].existing and again.results[1].job == again.results[0].job
     # The batch's three and the one its resend did not double.
     assert (canceled.dry_run, canceled.matched) == (True, 4)
+
+
+async def test_an_atomic_batch_the_store_fails_on_is_internal_and_admission_goes_on(
+    autojump_clock, start_daemon, monkeypatch
+):
+    daemon = await start_daemon(KINDS)
+
+    def broken(conn, events, **batch):
+        raise RuntimeError("a bug in the write")
+
+    monkeypatch.setattr(jobs, "insert_all_or_none", broken)
+    with pytest.raises(RequestError) as caught:
+        await submit_many(daemon, [{"kind": "noop"}], atomic=True)
+    assert caught.value.body.code == "INTERNAL"
+    assert (await daemon.submit("noop")).status == "queued"
