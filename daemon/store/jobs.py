@@ -466,6 +466,21 @@ def matching_ids(
     return [row[0] for row in conn.execute(f"SELECT id FROM jobs WHERE {where}", params)]
 
 
+def _matching_page(
+    conn: sqlite3.Connection,
+    job_filter: JobFilter,
+    statuses: list[str],
+    now: float,
+    after_id: int,
+    limit: int,
+) -> list[tuple[int, str]]:
+    """(id, kind) of up to `limit` matching jobs, from the lowest id above `after_id`."""
+    where, params = _filter_where(job_filter, statuses, now, after_id)
+    return conn.execute(
+        f"SELECT id, kind FROM jobs WHERE {where} ORDER BY id LIMIT ?", (*params, limit)
+    ).fetchall()
+
+
 def cancel_matching(
     conn: sqlite3.Connection,
     events: Events,
@@ -477,19 +492,13 @@ def cancel_matching(
 ) -> BulkBatch:
     """Cancel up to `limit` queued jobs that match, from the lowest id above `after_id`.
     Running ones are the pool's to stop."""
-    where, params = _filter_where(job_filter, ["queued"], now, after_id)
-    ids = [
-        row[0]
-        for row in conn.execute(
-            f"SELECT id FROM jobs WHERE {where} ORDER BY id LIMIT ?", (*params, limit)
-        )
-    ]
+    rows = _matching_page(conn, job_filter, ["queued"], now, after_id, limit)
     changed = [
         job
-        for job_id in ids
+        for job_id, _ in rows
         if (job := cancel(conn, events, job_id, now=now, expect=("queued",))) is not None
     ]
-    return BulkBatch(changed, {}, ids[-1] if ids else after_id, len(ids) == limit)
+    return BulkBatch(changed, {}, rows[-1][0] if rows else after_id, len(rows) == limit)
 
 
 def requeue_matching(
@@ -505,10 +514,7 @@ def requeue_matching(
     """An operator's retry (requeue_manual) of up to `limit` failed or canceled jobs that
     match, from the lowest id above `after_id`. `policies`: each configured kind's
     (max_attempts, credits); a job of a kind no longer configured stays as it is."""
-    where, params = _filter_where(job_filter, ["failed", "canceled"], now, after_id)
-    rows = conn.execute(
-        f"SELECT id, kind FROM jobs WHERE {where} ORDER BY id LIMIT ?", (*params, limit)
-    ).fetchall()
+    rows = _matching_page(conn, job_filter, ["failed", "canceled"], now, after_id, limit)
     changed: list[JobView] = []
     refused: dict[str, int] = {}
     for job_id, kind in rows:
