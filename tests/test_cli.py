@@ -441,7 +441,10 @@ def test_jobs_rejects_an_unknown_status(daemon, jobwarden, capsys):
     assert "expected statuses from queued, running" in capsys.readouterr().err
 
 
-def test_jobs_prints_an_aligned_table(daemon, jobwarden, capsys):
+def test_jobs_prints_an_aligned_table(daemon, jobwarden, capsys, monkeypatch):
+    # The ages are counted from the CLI's clock: held at the time the job views were made, so
+    # a slow run reaching this test late still sees their age as a minute and a half.
+    monkeypatch.setattr(time, "time", lambda: NOW)
     daemon.replies["jobs"] = {
         "jobs": [
             job_view(id=13, status="running", attempt=2, progress=0.38, message="page 3/8"),
