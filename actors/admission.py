@@ -1,35 +1,44 @@
 """Admission: the only way a job enters the queue.
 
-Consumes `Submit` and `Requeue` from the listeners, `UserRate` from the admin `users` commands,
-`BudgetState` from the ledger and `StopAdmitting`/`Reconfigure` from the supervisor. Produces
-`JobQueued` for the scheduler.
+Consumes `Submit`, `SubmitMany` (a batch: its items join the round's write, or with `atomic`
+go in one write all or none), `Requeue` and `RequeueMatching` (a bulk retry by filter) from the
+listeners, `BudgetState` from the ledger and `StopAdmitting`/`Reconfigure` from the supervisor.
+Produces `JobQueued` for the scheduler.
 
-The guards run in two places. Here, in memory: draining, a store that takes no writes
-(`STORAGE_FULL`/`STORAGE_ERROR`, as the engine's health says), budget, kind, payload size and
-schema, a kind's memory requirement this machine can never meet (its total memory, as the
-daemon's one sampler read it at start), and the per-user rate limit (a `TokenBucket` on trio's
-clock; buckets may be lost on restart, as a rate is about the last minute). In the store,
-inside the transaction that inserts the job, so they survive restarts and never race a refund:
-user exists and is enabled, daily job limit, queue depth (global and per kind), credits
-(reserved there, spent or refunded when the job ends). The store commits the job before the
-caller hears "accepted".
+The guards run in two places. Here, in memory, the checks of the request and of this daemon:
+draining, a store that takes no writes (a `STORAGE_` code, as the engine's health says),
+budget, kind, payload size and schema, a kind's memory requirement this machine can never meet
+(its total memory, as the daemon's one sampler read it at start). In the store,
+inside the transaction that inserts the job, the guards that count, so they survive restarts
+and hold for every daemon on the database: user exists and is enabled, the per-user rate limit
+(a `TokenBucket` applied to the bucket kept in the user's row; the user's own rate is read
+there too, so `users set --rate` holds everywhere at once), daily job limit, queue depth
+(global and per kind), credits (reserved there, spent or refunded when the job ends). The
+store commits the job before the caller hears "accepted".
 
 Idempotency: a submission whose key holds a job (the user's active job with that key, its own
 finished job when a client sends it again, or one that finished within
 `admission.idempotency_window`) gets that job, or CONFLICT for other work, and no guard of the
-store applies to it. Nor does the rate limit: a keyed submission of a rate-limited user takes
-its token only after a read of the store has found no such job, batched like the inserts.
+store applies to it, the rate limit included: the store looks for the job first.
+
+Recurring schedules (actors/schedules.py) fire from a task of admission: each run is a
+submission the daemon makes itself, through the same guards in memory and the same insert,
+but for the user's rate limit and the [limits] defaults meant for what users submit (the
+daily job count, a new user's credits); the user's own limits and credits still apply.
+`ScheduleAction` lists, pauses, resumes and triggers them.
 
 Adaptive shedding (seed 002): once the queue is past `limits.shed_at` of its limit, the store
-says for each accepted job whether its user holds more than a fair share of the queue; such a
-user's bucket refills at `shed_rate_factor` of their rate for a minute, so the heaviest writers
-are slowed first and light users keep going.
+marks a user who holds more than a fair share of the queue as slowed for a minute: their
+bucket refills at `shed_rate_factor` of their rate, so the heaviest writers are slowed first
+and light users keep going.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterator
+from datetime import datetime
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -47,16 +56,18 @@ from jobwarden.actors.messages import (
     Reconfigure,
     Requeue,
     RequeueMatching,
+    ScheduleAction,
     StopAdmitting,
     Submit,
     SubmitMany,
-    UserRate,
 )
+from jobwarden.actors.schedules import Schedules
 from jobwarden.clock import WallClock
-from jobwarden.config import Config, format_size, parse_rate
+from jobwarden.config import Config, format_duration, format_size, parse_duration
 from jobwarden.errors import RequestError, StoreError
+from jobwarden.mailbox import ReplySlot
 from jobwarden.metrics import Metrics
-from jobwarden.store import Engine, jobs, users
+from jobwarden.store import Engine, jobs, schedules
 from jobwarden.store.jobs import Admitted, BatchRefused, NewJob, Quota, Refused
 from jobwarden.wire.views import BulkOutcome, ErrorBody
 
@@ -68,8 +79,11 @@ _encoder = msgspec.json.Encoder()
 MAX_BATCH = 512
 # How long a user found above their fair share of a nearly full queue stays slowed.
 SHED_FOR = 60.0
-# Buckets kept before full ones (which a new bucket equals) are dropped.
-MAX_BUCKETS = 10_000
+# Tags: a few short words a job is found by (`jobs --tag`), never metric labels.
+MAX_TAGS = 8
+TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,31}")
+# Jobs one job may run after.
+MAX_AFTER = 32
 
 
 def check_submit(
@@ -135,6 +149,69 @@ def check_submit(
     return payload_json.decode()
 
 
+class Waits(NamedTuple):
+    """What a submission waits for besides its turn, checked."""
+
+    run_at: float | None
+    tags: tuple[str, ...]
+    after: tuple[int, ...]
+
+
+def check_waits(config: Config, msg: Submit, *, now: float) -> Waits:
+    """A submission's start time, tags and dependencies, or INVALID_REQUEST naming the field.
+    A start time that has passed is now (None); one beyond `admission.max_delay` is refused."""
+    if msg.run_at is not None and msg.delay is not None:
+        raise RequestError("INVALID_REQUEST", "give run_at or delay, not both")
+    start = None
+    if msg.run_at is not None:
+        start = _parse_time(msg.run_at)
+    elif msg.delay is not None:
+        try:
+            delay = parse_duration(msg.delay)
+        except ValueError as exc:
+            raise RequestError("INVALID_REQUEST", f"delay: {exc}") from None
+        if math.isinf(delay):
+            raise RequestError("INVALID_REQUEST", 'delay: expected a duration like "10m"')
+        start = now + delay
+    horizon = config.admission.max_delay
+    if start is not None and start - now > horizon:
+        field = "run_at" if msg.run_at is not None else "delay"
+        raise RequestError(
+            "INVALID_REQUEST",
+            f"{field}: at most {format_duration(horizon)} ahead (admission.max_delay)",
+        )
+    tags = tuple(dict.fromkeys(msg.tags or ()))
+    if len(tags) > MAX_TAGS:
+        raise RequestError("INVALID_REQUEST", f"tags: at most {MAX_TAGS}, got {len(tags)}")
+    for tag in tags:
+        if not TAG.fullmatch(tag):
+            raise RequestError(
+                "INVALID_REQUEST",
+                f"tags: {tag[:40]!r} is not 1 to 32 letters, digits and _.:- "
+                "(starting with a letter or digit)",
+            )
+    after = tuple(dict.fromkeys(msg.after or ()))
+    if len(after) > MAX_AFTER:
+        raise RequestError("INVALID_REQUEST", f"after: at most {MAX_AFTER} jobs, got {len(after)}")
+    if msg.after_any and not after:
+        raise RequestError("INVALID_REQUEST", "after_any needs after: the jobs to run after")
+    return Waits(start if start is not None and start > now else None, tags, after)
+
+
+def _parse_time(text: str) -> float:
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        moment = None
+    if moment is None or moment.tzinfo is None:
+        raise RequestError(
+            "INVALID_REQUEST",
+            f"run_at: expected an RFC 3339 time with its offset, like 2026-12-01T12:00:00Z, "
+            f"got {text[:40]!r}",
+        )
+    return moment.timestamp()
+
+
 class Admission:
     def __init__(
         self,
@@ -157,15 +234,13 @@ class Admission:
         self._budget = BudgetState(stopped=False)
         self._calendar = BudgetCalendar(config.limits.day_zone(config.budget))
         self._total_memory = total_memory
-        self._buckets: dict[str, TokenBucket] = {}
-        # Users' own rates (per second), where they differ from the default.
-        self._rates: dict[str, float] = {}
-        self._slowed_until: dict[str, float] = {}
+        self._schedules = Schedules(
+            config=config, store=store, clock=clock, metrics=metrics, fire=self._fire_schedule
+        )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        for name, rate in (await self._store.read(users.own_rates)).items():
-            self._rates[name] = parse_rate(rate)
         async with self._inbox, self._scheduler, trio.open_nursery() as nursery:
+            nursery.start_soon(self._schedules.run)
             task_status.started()
             async for first in self._inbox:
                 accepted: list[Checked] = []
@@ -193,18 +268,17 @@ class Admission:
                             nursery.start_soon(self._requeue, msg)
                         case RequeueMatching():
                             nursery.start_soon(self._requeue_matching, msg)
+                        case ScheduleAction():
+                            nursery.start_soon(self._schedule_action, msg)
                         case StopAdmitting():
                             self._draining = True
+                            self._schedules.stop()
                         case Reconfigure(config=config):
                             self._config = config
+                            self._schedules.reconfigure(config)
                             self._calendar = BudgetCalendar(config.limits.day_zone(config.budget))
                         case BudgetState():
                             self._budget = msg
-                        case UserRate(user=user, rate=rate):
-                            if rate is None:
-                                self._rates.pop(user, None)
-                            else:
-                                self._rates[user] = parse_rate(rate)
                 if accepted:
                     nursery.start_soon(self._insert, accepted)
             nursery.cancel_scope.cancel()
@@ -224,21 +298,16 @@ class Admission:
         msg.reply.fail(exc)
 
     def _check(self, msg: Submit) -> Checked | None:
-        now = self._clock.now()
-        # A keyed submission may repeat a job, which costs no token: it takes its token once
-        # the store has said it does not (see _answer_repeats).
-        owes_token = msg.idempotency_key is not None and not math.isinf(self._rate(msg.user))
         try:
-            new = self._checked(msg, now)
-            if not owes_token:
-                self._take_token(msg.user, now)
+            new = self._checked(msg, self._clock.now())
         except RequestError as exc:
             self._refuse(msg, exc)
             return None
-        return Checked(msg, new, owes_token)
+        return Checked(msg, new)
 
     def _checked(self, msg: Submit, now: float) -> NewJob:
-        """The job `msg` asks for, once the guards in memory but the rate let it through."""
+        """The job `msg` asks for, once the guards in memory let it through (the rest are
+        the store's, inside the write)."""
         payload_json = check_submit(
             self._config,
             msg,
@@ -248,6 +317,7 @@ class Admission:
             total_memory=self._total_memory,
             store_fault=self._store.health.error(),
         )
+        waits = check_waits(self._config, msg, now=now)
         kind = self._config.kinds[msg.kind]
         return NewJob(
             kind=msg.kind,
@@ -257,6 +327,10 @@ class Admission:
             idempotency_key=msg.idempotency_key,
             max_attempts=self._config.retry_policy(msg.kind).max_attempts,
             submission_id=msg.submission_id,
+            run_at=waits.run_at,
+            tags=waits.tags,
+            after=waits.after,
+            after_any=msg.after_any,
         )
 
     def _batch_fits(self, batch: SubmitMany) -> bool:
@@ -272,36 +346,6 @@ class Admission:
         batch.reply.fail(error)
         return False
 
-    def _rate(self, user: str) -> float:
-        return self._rates.get(user, self._config.limits.rate)
-
-    def _take_token(self, user: str, now: float) -> None:
-        limits = self._config.limits
-        rate = self._rate(user)
-        if math.isinf(rate):
-            return
-        slowed = self._slowed_until.get(user, -math.inf) > now
-        if slowed:
-            rate *= limits.shed_rate_factor
-        if len(self._buckets) > MAX_BUCKETS:
-            self._buckets = {
-                name: bucket for name, bucket in self._buckets.items() if not bucket.full(now)
-            }
-        bucket = self._buckets.get(user)
-        if bucket is None:
-            bucket = self._buckets[user] = TokenBucket(rate=rate, burst=limits.burst, now=now)
-        # The user may have been slowed, re-rated or reloaded since their last submission.
-        bucket.rate, bucket.burst = rate, limits.burst
-        wait = bucket.take(now)
-        if wait:
-            why = " (slowed: you hold more than a fair share of a nearly full queue)"
-            raise RequestError(
-                "RATE_LIMITED",
-                f"user '{user}' may submit {_per_minute(rate)} jobs a minute"
-                + (why if slowed else ""),
-                retry_after=round(wait, 3),
-            )
-
     def _quota(self, now: float) -> Quota:
         limits = self._config.limits
         kinds = self._config.kinds
@@ -314,6 +358,11 @@ class Admission:
             kind_max_queued={name: kind.max_queued for name, kind in kinds.items()},
             kind_credits={name: kind.credits for name, kind in kinds.items()},
             shed_depth=math.ceil(limits.max_queued * limits.shed_at),
+            rate=limits.rate,
+            burst=limits.burst,
+            bucket=TokenBucket,
+            shed_rate_factor=limits.shed_rate_factor,
+            shed_for=SHED_FOR,
         )
 
     def _refused(self, refused: Refused, now: float) -> RequestError:
@@ -323,10 +372,6 @@ class Admission:
         return RequestError(refused.code, refused.message, retry_after=retry_after)
 
     async def _insert(self, accepted: list[Checked]) -> None:
-        if any(checked.owes_token for checked in accepted):
-            accepted = await self._answer_repeats(accepted)
-            if not accepted:
-                return
         now = self._clock.now()
         write = partial(
             jobs.insert_many,
@@ -348,13 +393,9 @@ class Admission:
             match result:
                 case Admitted(job=job, existing=True):
                     msg.reply.set((job, True))
-                case Admitted(job=job, heavy=heavy):
+                case Admitted(job=job):
                     msg.reply.set((job, False))
                     queued_kinds.add(job.kind)
-                    if heavy:
-                        self._slowed_until[msg.user] = now + SHED_FOR
-                    else:
-                        self._slowed_until.pop(msg.user, None)
                 case Refused():
                     self._refuse(msg, self._refused(result, now))
                 case StoreError():
@@ -365,65 +406,98 @@ class Admission:
         for kind in sorted(queued_kinds):
             await self._scheduler.send(JobQueued(kind=kind))
 
-    async def _answer_repeats(self, accepted: list[Checked]) -> list[Checked]:
-        """Answer the submissions that owe a token and repeat a job (or conflict with one)
-        from one read of the store; the others take their token now. What is left goes on to
-        the insert, which looks for repeats again in its transaction: a job may have been
-        made or finished since this read."""
-        owing = [checked.new for checked in accepted if checked.owes_token]
-        read = partial(
-            jobs.find_repeats,
-            batch=owing,
-            now=self._clock.now(),
-            idempotency_window=self._config.admission.idempotency_window,
-        )
-        try:
-            repeats = iter(await self._store.read(read))
-        except Exception as exc:
-            # The insert's own lookup still answers repeats; they cost a token meanwhile.
-            log.warning("looking up repeated submissions failed", error=str(exc))
-            repeats = iter([None] * len(owing))
+    async def _fire_schedule(self, name: str, slot: float | None) -> Admitted | Refused | None:
+        """Fire one slot of a schedule (None: a trigger): the guards in memory, then the
+        store's `schedules.fire`, which inserts the job and the slot's row in one transaction.
+        A guard's refusal is recorded there as the slot's reason to make no job."""
+        schedule = self._config.schedules.get(name)
+        if schedule is None:
+            # Removed by a reload while its round was under way.
+            return None
         now = self._clock.now()
-        left = []
-        for checked in accepted:
-            if checked.owes_token:
-                repeat = next(repeats)
-                if isinstance(repeat, Admitted):
-                    checked.msg.reply.set((repeat.job, True))
-                    continue
-                if isinstance(repeat, Refused):
-                    self._refuse(checked.msg, self._refused(repeat, now))
-                    continue
-                try:
-                    self._take_token(checked.msg.user, now)
-                except RequestError as exc:
-                    self._refuse(checked.msg, exc)
-                    continue
-            left.append(checked)
-        return left
+        submission = Submit(
+            kind=schedule.kind,
+            payload=schedule.payload,
+            user=schedule.user,
+            priority=schedule.priority,
+            reply=ReplySlot(),
+        )
+        new: NewJob | Refused
+        try:
+            payload_json = check_submit(
+                self._config,
+                submission,
+                draining=self._draining,
+                budget=self._budget,
+                now=now,
+                total_memory=self._total_memory,
+            )
+        except RequestError as exc:
+            new = Refused(exc.body.code, exc.body.message, exc.body.retry_after)
+        else:
+            new = NewJob(
+                kind=schedule.kind,
+                user=schedule.user,
+                payload_json=payload_json,
+                priority=self._config.kinds[schedule.kind].priority
+                if schedule.priority is None
+                else schedule.priority,
+                idempotency_key=None,
+                max_attempts=self._config.retry_policy(schedule.kind).max_attempts,
+                schedule=name,
+            )
+        # The operator's schedule, not a user's request: no rate bucket (its cron is its rate)
+        # and not the [limits] defaults for what users submit; the user's own daily limit and
+        # credits and the queue's depth apply.
+        quota = msgspec.structs.replace(
+            self._quota(now),
+            daily_jobs=0,
+            default_credits=None,
+            create_users=True,
+            shed_depth=0,
+            bucket=None,
+        )
+        result = await self._store.write(
+            partial(
+                schedules.fire,
+                schedule=name,
+                slot=slot,
+                new=new,
+                skip_if_active=schedule.overlap == "skip",
+                quota=quota,
+                now=now,
+            )
+        )
+        if isinstance(result, Admitted):
+            await self._scheduler.send(JobQueued(kind=schedule.kind))
+        return result
 
-    def _give_back(self, user: str, tokens: int) -> None:
-        """Return rate tokens taken for submissions that were not made after all."""
-        bucket = self._buckets.get(user)
-        if bucket is not None:
-            bucket.tokens = min(bucket.burst, bucket.tokens + tokens)
+    async def _schedule_action(self, msg: ScheduleAction) -> None:
+        try:
+            match msg.action:
+                case "list":
+                    msg.reply.set(await self._schedules.overview())
+                case "trigger":
+                    msg.reply.set(await self._schedules.trigger(str(msg.name)))
+                case "pause" | "resume":
+                    paused = msg.action == "pause"
+                    msg.reply.set(await self._schedules.pause(str(msg.name), paused=paused))
+        except Exception as exc:
+            msg.reply.fail(exc)
 
     async def _insert_all_or_none(self, batch: SubmitMany) -> None:
         """An atomic batch: every item passes the guards (in memory, then in the store, in
         one write) or none is submitted, and the batch fails with the first refusal, named by
-        its item's index. Each item takes its rate token, keyed or not (the tokens go back
-        when the batch is refused): a repeat is known only inside the write."""
+        its item's index. The rate tokens the items took in the store go back with the
+        write's rollback."""
         now = self._clock.now()
-        taken: dict[str, int] = {}
         try:
             news = []
             for index, item in enumerate(batch.items):
                 try:
                     news.append(self._checked(item, now))
-                    self._take_token(item.user, now)
                 except RequestError as exc:
                     raise _item_error(index, exc.body) from None
-                taken[item.user] = taken.get(item.user, 0) + 1
             write = partial(
                 jobs.insert_all_or_none,
                 batch=news,
@@ -446,8 +520,6 @@ class Admission:
                 log.error("a batch failed in the store", error=str(exc), count=len(news))
                 raise RequestError("INTERNAL", "the jobs could not be stored") from None
         except RequestError as exc:
-            for user, count in taken.items():
-                self._give_back(user, count)
             self._metrics.rejected.labels(exc.body.code).inc()
             batch.reply.fail(exc)
             return
@@ -539,11 +611,10 @@ class Admission:
 
 
 class Checked(NamedTuple):
-    """A submission that passed the guards in memory, and whether it owes a rate token."""
+    """A submission that passed the guards in memory."""
 
     msg: Submit
     new: NewJob
-    owes_token: bool
 
 
 def _item_error(index: int, body: ErrorBody) -> RequestError:
@@ -554,7 +625,3 @@ def _item_error(index: int, body: ErrorBody) -> RequestError:
         retryable=body.retryable,
         retry_after=body.retry_after,
     )
-
-
-def _per_minute(rate: float) -> str:
-    return f"{rate * 60:g}"

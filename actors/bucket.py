@@ -1,7 +1,8 @@
 """The one token bucket, and a service's gate built on it.
 
-Three limits are token buckets: a user's submission rate (admission), a service's call rate
-(the breaker's `Gate`) and a WebSocket connection's op rate. Each is a `TokenBucket` driven by
+Three limits are token buckets: a user's submission rate (admission's, applied by the store to
+the user's row), a service's call rate (the breaker's `Gate`, applied by the store to the
+service's row) and a WebSocket connection's op rate. Each is a `TokenBucket` driven by
 explicit times, so it is tested without a clock.
 
 Refills leave float dust. A clock reading is exact only to its last bit (2.4e-7 s at 1.8e9
@@ -57,7 +58,9 @@ class TokenBucket:
 
 
 class Gate:
-    """A service's concurrency limit and rate limit, on trio's clock."""
+    """A service's concurrency limit and rate limit, as plain code over explicit (wall) times.
+    The store applies it to every daemon's calls in flight (`in_flight`) and to the service's
+    stored bucket, in the transaction that takes a call's place."""
 
     def __init__(self, spec: ServiceSection, now: float) -> None:
         self.max_concurrent = spec.max_concurrent or math.inf
@@ -79,6 +82,3 @@ class Gate:
                 return now + wait
         self.in_flight += 1
         return None
-
-    def release(self) -> None:
-        self.in_flight -= 1

@@ -1,5 +1,6 @@
 """The circuit of one external service: CLOSED, OPEN, HALF_OPEN, as plain code over explicit
-times (the breaker actor drives it and stores its state).
+times (the breaker actor drives it, stores its state, and takes up what other daemons on the
+database decided).
 
 CLOSED -> OPEN after `failures` consecutive failures, or an error rate above `error_rate`
 over `window` once `min_calls` were seen. OPEN refuses at once until `recovery` has passed,
@@ -90,6 +91,13 @@ class Circuit:
         if self.state == "open" and self.open_until is not None:
             return self.open_until
         return min(self.probes.values(), default=math.inf)
+
+    def adopt(self, state: State, open_until: float | None, now: float) -> None:
+        """Take up a state another daemon decided: it opened the circuit, or closed it (a
+        reset, its probes' success). An open one whose recovery time has passed is half-open."""
+        self._become(state, now)
+        self.open_until = None if state == "closed" else open_until
+        self.advance(now)
 
     def trip(self, now: float) -> None:
         self._open(now)

@@ -63,14 +63,25 @@ def explain(
     user_limit: int | None,
     position: tuple[int, int, int, int],
     zone: ZoneInfo,
+    user_held: bool = False,
+    waiting_for: list[int] | None = None,
 ) -> str:
-    """The one reason a queued job is not running, the most direct first."""
+    """The one reason a queued job is not running, the most direct first: what only an
+    operator or another job ends (a hold, a dependency), then time, then the daemon's state.
+    `waiting_for`: the jobs it runs after that have not ended."""
     kind = config.kinds.get(job.kind)
+    if job.held:
+        return "held by an operator"
+    if user_held:
+        return f"user {job.user} on hold"
+    if waiting_for:
+        more = f" and {len(waiting_for) - 1} more" if len(waiting_for) > 1 else ""
+        return f"waiting for job {waiting_for[0]}{more}"
     if job.available_at > state.now:
-        until = datetime.fromtimestamp(job.available_at, zone).strftime("%H:%M:%S")
         if job.attempt:
+            until = datetime.fromtimestamp(job.available_at, zone).strftime("%H:%M:%S")
             return f"backoff until {until} (attempt {job.attempt + 1} of {job.max_attempts})"
-        return f"not before {until}"
+        return f"scheduled for {wall_time(job.available_at, state.now, zone)}"
     if kind is None:
         return f"kind {job.kind} is not configured"
     if not state.dispatching:
@@ -107,6 +118,14 @@ def explain(
         return f"no free slot for {job.kind} ({of_kind} of {kind.max_concurrent} running)"
     place, queued = position[0], position[1]
     return f"{TURN_REASON} {place} of {queued}"
+
+
+def wall_time(at: float, now: float, zone: ZoneInfo) -> str:
+    """A moment as a person reads it: the time and the zone, with the date unless today."""
+    moment = datetime.fromtimestamp(at, zone)
+    if moment.date() == datetime.fromtimestamp(now, zone).date():
+        return moment.strftime("%H:%M:%S %Z")
+    return moment.strftime("%Y-%m-%d %H:%M:%S %Z")
 
 
 def free_capacity(

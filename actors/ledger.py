@@ -6,13 +6,19 @@ Produces `BudgetState` for admission and the scheduler, and alerts for the monit
 
 A call first reserves its worst case: its declared most units (the service's `max_units`,
 or the call's own `units=`) at the service's price. The reservation is refused when the day's
-(or month's) spend plus every open reservation plus this one would pass the limit. One actor
-decides every reservation in turn, so however many jobs call at once, their reservations
-together never pass the limit, and neither does spend while each call stays within what it
-reserved. A refusal is the emergency stop: admission answers BUDGET_EXHAUSTED, the scheduler
-holds dispatch, and the job whose call was refused goes back to the queue to wait, its
-checkpoint kept. The stop lifts at the next budget day (midnight in `budget.timezone`), when
-an operator raises the limit, or on `budget resume`.
+(or month's) spend plus every open reservation plus this one would pass the limit. The store
+decides it, for every daemon on the database: in one transaction that locks the day's and the
+month's spend rows, reads the limits as stored (`budget set`, `budget resume`), sums the open
+reservations and inserts this one (`reserve_within_budget`). So however many jobs call at once
+on however many daemons, their reservations together never pass the limit, and neither does
+spend while each call stays within what it reserved. A reservation is held under a lease this
+daemon renews; if it dies mid-call, its reservations stop counting when the lease runs out.
+
+A refusal is the emergency stop: admission answers BUDGET_EXHAUSTED, the scheduler holds
+dispatch, and the job whose call was refused goes back to the queue to wait, its checkpoint
+kept. The stop lifts at the next budget day (midnight in `budget.timezone`), when an operator
+raises the limit, or on `budget resume`; on this daemon at once, on the others when they next
+read the stored limits (every `STOPPED_RECHECK` while they are stopped).
 
 Settling writes one ledger row per call, with the units actually used; a failed call costs
 nothing unless the service bills failures. A call that used more than it reserved is booked
@@ -25,10 +31,10 @@ projection are plain code in actors/budget.py.
 
 from __future__ import annotations
 
-import itertools
 import math
+import uuid
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 import structlog
@@ -64,12 +70,83 @@ from jobwarden.errors import BudgetExhausted, RequestError, StoreError
 from jobwarden.mailbox import ReplySlot, receive_by
 from jobwarden.metrics import Metrics
 from jobwarden.store import Engine, jobs
-from jobwarden.store.ledger import record_entry, report, spent
+from jobwarden.store import ledger as rows
+from jobwarden.store.rows import Events
 
 log = structlog.get_logger("ledger")
 
 LIMITS_SETTING = "budget_limits"
 OVERRIDE_SETTING = "budget_override_day"
+# A reservation's lease, renewed every third of it while this daemon lives: a daemon that dies
+# mid-call holds its reservations this long at most.
+RESERVATION_LEASE = 60.0
+# While the budget is stopped, how often the limits an operator may have changed on another
+# daemon (`budget set`, `budget resume`) are read again.
+STOPPED_RECHECK = 10.0
+
+
+class Reserved(NamedTuple):
+    """A reservation the store granted: its row, and the spend it saw (every daemon's)."""
+
+    id: int
+    spent_day: float
+    spent_month: float
+
+
+class OverBudget(NamedTuple):
+    """A reservation the store refused: the limit it would pass, when that limit resets."""
+
+    which: str
+    until: float
+    spent_day: float
+    spent_month: float
+
+
+def stored_limits(conn: Any, default: Limits) -> tuple[Limits, bool, str | None]:
+    """The limits in force for every daemon: an operator's (`budget set`, and True) or the
+    config's; and the day an operator's `budget resume` overrides them for."""
+    stored = jobs.get_setting(conn, LIMITS_SETTING)
+    limits = default if stored is None else msgspec.convert(stored, Limits)
+    return limits, stored is not None, jobs.get_setting(conn, OVERRIDE_SETTING)
+
+
+def reserve_within_budget(
+    conn: Any,
+    events: Events,
+    *,
+    reservation: Reservation,
+    holder: str,
+    calendar: BudgetCalendar,
+    default_limits: Limits,
+    now: float,
+) -> Reserved | OverBudget:
+    """Run in the store's transaction, with the day's and month's spend rows locked: the
+    reservation is inserted unless the spend, every open reservation and it would pass a
+    limit as stored now (an operator's override for the day lifts them)."""
+    day, month = calendar.day(now), calendar.month(now)
+    spent_day, spent_month = rows.lock_spend(conn, day=day, month=month)
+    limits, _, override_day = stored_limits(conn, default_limits)
+    if override_day != day:
+        over = over_limit(
+            limits,
+            calendar,
+            spent_day=spent_day,
+            spent_month=spent_month,
+            committed=rows.reserved(conn, now=now) + reservation.usd,
+            now=now,
+        )
+        if over is not None:
+            return OverBudget(*over, spent_day, spent_month)
+    reservation_id = rows.add_reservation(
+        conn,
+        holder=holder,
+        job_id=reservation.job,
+        service=reservation.service,
+        usd=reservation.usd,
+        now=now,
+        expires_at=now + RESERVATION_LEASE,
+    )
+    return Reserved(reservation_id, spent_day, spent_month)
 
 
 class Ledger:
@@ -92,8 +169,12 @@ class Ledger:
         self._alerts = alerts
         self._metrics = metrics
         self._calendar = BudgetCalendar(config.budget.timezone)
-        self._ids = itertools.count(1)
-        self._reserved: dict[int, Reservation] = {}
+        # Names this daemon's reservations in the store, for their lease.
+        self._holder = uuid.uuid4().hex
+        # This daemon's open reservations, whose lease it renews.
+        self._held: set[int] = set()
+        self._renew_at = math.inf
+        self._recheck_at = math.inf
         self._limits = Limits(config.budget.daily_usd, config.budget.monthly_usd)
         # `budget set` wins over the config file, across restarts and reloads.
         self._limits_set_by_operator = False
@@ -106,26 +187,64 @@ class Ledger:
         self._spent_month = 0.0
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        stored = await self._store.read(partial(jobs.get_setting, key=LIMITS_SETTING))
-        if stored is not None:
-            self._limits = msgspec.convert(stored, Limits)
-            self._limits_set_by_operator = True
-        self._override_day = await self._store.read(partial(jobs.get_setting, key=OVERRIDE_SETTING))
+        self._limits, self._limits_set_by_operator, self._override_day = await self._store.read(
+            partial(stored_limits, default=self._limits)
+        )
         await self._roll_over()
-        async with self._inbox, self._alerts:
+        async with self._inbox, self._alerts, trio.open_nursery() as nursery:
             task_status.started()
             while True:
-                boundary = self._clock.deadline_for(self._calendar.next_day(self._clock.now()))
+                boundary = min(
+                    self._clock.deadline_for(self._calendar.next_day(self._clock.now())),
+                    self._renew_at,
+                    self._recheck_at,
+                )
                 try:
                     msg = await receive_by(self._inbox, boundary)
                 except trio.EndOfChannel:
                     break
                 if msg is None:
-                    await self._roll_over()
+                    await self._on_time()
+                elif isinstance(msg, Reserve):
+                    # Reservations are store writes: taken side by side, they share commits.
+                    nursery.start_soon(self._reserve, msg)
                 else:
                     await self._handle(msg)
+            nursery.cancel_scope.cancel()
         for listener in self._listeners:
             await listener.aclose()
+
+    async def _on_time(self) -> None:
+        """A new budget day, a lease to renew, or (stopped) the stored limits to read again."""
+        await self._roll_over()
+        now = trio.current_time()
+        if now >= self._renew_at:
+            self._renew_at = now + RESERVATION_LEASE / 3 if self._held else math.inf
+            if self._held:
+                expires_at = self._clock.now() + RESERVATION_LEASE
+                # A store that takes no writes meanwhile lets the leases run: what they hold
+                # stops counting, which a call booked later then passes at most by its cost.
+                await self._store.write_or_keep(
+                    partial(rows.renew, holder=self._holder, expires_at=expires_at),
+                    key=("renew", self._holder),
+                )
+        if now >= self._recheck_at:
+            self._recheck_at = math.inf
+            await self._follow_operators()
+
+    async def _follow_operators(self) -> None:
+        """Take up what an operator changed on any daemon: stored limits, or an override."""
+        limits, by_operator, override_day = await self._store.read(
+            partial(stored_limits, default=self._limits)
+        )
+        if by_operator and limits != self._limits:
+            self._limits, self._limits_set_by_operator = limits, True
+            await self._limits_changed()
+        if override_day == self._day and self._override_day != override_day:
+            self._override_day = override_day
+            await self._set_stop(BudgetState(stopped=False))
+        if self._stop.stopped:
+            self._recheck_at = trio.current_time() + STOPPED_RECHECK
 
     async def _roll_over(self) -> None:
         """A new budget day (or month): reload what was spent, lift a stop that has expired."""
@@ -137,7 +256,7 @@ class Ledger:
             log.info("new budget day", day=day, spent_yesterday=round(self._spent_day, 6))
         self._day, self._month = day, month
         self._spent_day, self._spent_month = await self._store.read(
-            partial(spent, day=day, month=month)
+            partial(rows.spent, day=day, month=month)
         )
         self._alerted = {f for f in self._config.budget.alert_at if self._fraction() >= f}
         if self._stop.stopped and self._stop.until is not None and now >= self._stop.until:
@@ -155,13 +274,17 @@ class Ledger:
             case Reserve():
                 await self._reserve(msg)
             case Settle(reservation=reservation, units=units, ok=ok, reply=reply):
-                self._reserved.pop(reservation.id, None)
+                self._held.discard(reservation.id)  # type: ignore[arg-type]
                 billed = ok or reservation.failures_billed
                 usd = await self._record(reservation, units, ok=ok, billed=billed)
                 await self._stop_if_reached()
                 reply.set(usd)
             case Release(reservation=reservation):
-                self._reserved.pop(reservation.id, None)
+                if reservation.id is not None:
+                    self._held.discard(reservation.id)
+                    await self._store.write_or_keep(
+                        partial(rows.release, reservation_id=reservation.id)
+                    )
             case Charge(reply=reply):
                 if not is_units(msg.units):
                     reply.fail(
@@ -182,7 +305,13 @@ class Ledger:
                 await self._stop_if_reached()
                 reply.set(usd)
             case BudgetQuery(reply=reply):
-                reply.set(self._view())
+                # Other daemons may have booked meanwhile; spend they took to a limit stops
+                # this one's budget too.
+                self._spent_day, self._spent_month = await self._store.read(
+                    partial(rows.spent, day=self._day, month=self._month)
+                )
+                await self._stop_if_reached()
+                reply.set(await self._view())
             case SetBudget(daily_usd=daily, monthly_usd=monthly, reply=reply):
                 limits = Limits(
                     self._limits.daily_usd if daily is None else daily,
@@ -195,7 +324,7 @@ class Ledger:
                 self._limits_set_by_operator = True
                 log.warning("budget limits set by an operator", **msgspec.to_builtins(self._limits))
                 await self._limits_changed()
-                reply.set(self._view())
+                reply.set(await self._view())
             case ResumeBudget(reply=reply):
                 if not await self._save_setting(OVERRIDE_SETTING, self._day, reply):
                     return
@@ -206,7 +335,7 @@ class Ledger:
                     spent_today=round(self._spent_day, 6),
                 )
                 await self._set_stop(BudgetState(stopped=False))
-                reply.set(self._view())
+                reply.set(await self._view())
             case LedgerReport(period=period, by=by, reply=reply):
                 reply.set(await self._report(period, by))
             case Reconfigure(config=config):
@@ -233,7 +362,7 @@ class Ledger:
             known = ", ".join(sorted(self._config.services)) or "none"
             raise RequestError("INVALID_REQUEST", f"no service '{service}' (known: {known})")
         return Reservation(
-            id=next(self._ids),
+            id=None,
             job=job,
             user=user,
             kind=kind,
@@ -250,24 +379,53 @@ class Ledger:
         except RequestError as exc:
             msg.reply.fail(exc)
             return
-        if reservation.usd > 0:
-            if self._stop.stopped:
-                msg.reply.fail(self._refusal())
-                return
-            over = self._over_limit(reservation.usd)
-            if over is not None:
-                await self._stop_for(*over)
-                msg.reply.fail(self._refusal())
-                return
-        self._reserved[reservation.id] = reservation
-        msg.reply.set(reservation)
+        if reservation.usd <= 0:
+            msg.reply.set(reservation)  # a free call holds nothing
+            return
+        if self._stop.stopped:
+            msg.reply.fail(self._refusal())
+            return
+        now = self._clock.now()
+        try:
+            decided = await self._store.write(
+                partial(
+                    reserve_within_budget,
+                    reservation=reservation,
+                    holder=self._holder,
+                    calendar=self._calendar,
+                    default_limits=Limits(
+                        self._config.budget.daily_usd, self._config.budget.monthly_usd
+                    ),
+                    now=now,
+                )
+            )
+        except StoreError as exc:
+            # Unchecked, the call is not made: its job waits for budget, attempt not spent.
+            msg.reply.fail(
+                BudgetExhausted(
+                    f"the budget cannot be checked: {exc}",
+                    now + self._store.health.retry_after(),
+                )
+            )
+            return
+        if self._day == self._calendar.day(now):
+            # Every daemon's spend, as the store saw it: for the alerts and the view.
+            self._spent_day, self._spent_month = decided.spent_day, decided.spent_month
+        if isinstance(decided, OverBudget):
+            await self._stop_for(decided.which, decided.until)
+            msg.reply.fail(self._refusal())
+            return
+        if not self._held:
+            self._renew_at = trio.current_time() + RESERVATION_LEASE / 3
+        self._held.add(decided.id)
+        msg.reply.set(msgspec.structs.replace(reservation, id=decided.id))
 
     async def _limits_changed(self) -> None:
         """A lowered limit that the spend has reached stops the budget; a stop whose limit is
         no longer reached ends."""
         if await self._stop_if_reached():
             return
-        if self._stop.stopped and self._over_limit(0.0) is None:
+        if self._stop.stopped and await self._over_limit(0.0) is None:
             await self._set_stop(BudgetState(stopped=False))
 
     async def _stop_if_reached(self) -> bool:
@@ -288,16 +446,18 @@ class Ledger:
         await self._stop_for(*reached)
         return True
 
-    def _over_limit(self, extra: float) -> tuple[str, float] | None:
-        """Which limit `extra` more would cross, and when that limit resets; None if none."""
+    async def _over_limit(self, extra: float) -> tuple[str, float] | None:
+        """Which limit `extra` more than the spend and every open reservation would cross,
+        and when that limit resets; None if none."""
         if self._override_day == self._day:
             return None
+        reserved = await self._store.read(partial(rows.reserved, now=self._clock.now()))
         return over_limit(
             self._limits,
             self._calendar,
             spent_day=self._spent_day,
             spent_month=self._spent_month,
-            committed=sum(r.usd for r in self._reserved.values()) + extra,
+            committed=reserved + extra,
             now=self._clock.now(),
         )
 
@@ -325,8 +485,11 @@ class Ledger:
         self._stop = state
         if state.stopped:
             log.error("budget emergency stop", reason=state.reason, until=state.until)
+            # An operator on another daemon may lift it: the stored limits are read again.
+            self._recheck_at = trio.current_time() + STOPPED_RECHECK
         else:
             log.warning("budget stop lifted")
+            self._recheck_at = math.inf
         for listener in self._listeners:
             await listener.send(state)
 
@@ -352,11 +515,16 @@ class Ledger:
             self._calendar.month(now),
             overrun_usd,
         )
-        # The call was made: its cost is booked even while the store takes no writes.
-        await self._store.write_or_keep(partial(record_entry, entry=entry))
+        book = partial(rows.book, entry=entry, reservation_id=reservation.id)
+        try:
+            # The totals it answers count every daemon's bookings.
+            self._spent_day, self._spent_month = await self._store.write(book)
+        except StoreError:
+            # The call was made: its cost is booked when the store takes writes again.
+            self._store.hand_over(book, keep=True)
+            self._spent_day += usd
+            self._spent_month += usd
         self._metrics.spend.labels(reservation.service).inc(usd)
-        self._spent_day += usd
-        self._spent_month += usd
         if overrun_usd > EPSILON:
             await self._alert_overrun(reservation, units, overrun_usd)
         await self._check_alerts()
@@ -399,9 +567,10 @@ class Ledger:
                     )
                 )
 
-    def _view(self) -> dict[str, Any]:
+    async def _view(self) -> dict[str, Any]:
         now = self._clock.now()
-        reserved = sum(r.usd for r in self._reserved.values())
+        # Every daemon's open reservations, as stored now.
+        reserved = await self._store.read(partial(rows.reserved, now=now))
         daily, monthly = self._limits.daily_usd, self._limits.monthly_usd
         return {
             "day": self._day,
@@ -422,7 +591,7 @@ class Ledger:
         }
 
     async def _report(self, period: str, by: str) -> dict[str, Any]:
-        result = await self._store.read(partial(report, period=period, by=by))
+        result = await self._store.read(partial(rows.report, period=period, by=by))
         if len(period) == 7:
             now = self._clock.now()
             if period == self._calendar.month(now):

@@ -39,6 +39,13 @@ class Submit(msgspec.Struct):
     priority: int | None = None
     idempotency_key: str | None = None
     submission_id: str | None = None
+    # When to start (an RFC 3339 time, or a duration from now; at most one), its tags, and
+    # the jobs it runs after (see docs/scheduling.md).
+    run_at: str | None = None
+    delay: str | None = None
+    tags: list[str] | None = None
+    after: list[int] | None = None
+    after_any: bool = False
 
 
 class SubmitMany(msgspec.Struct):
@@ -74,15 +81,22 @@ class StopAdmitting(msgspec.Struct):
     pass
 
 
-class UserRate(msgspec.Struct):
-    """A user's own rate limit changed ("30/min", "off"); None: back to the default."""
+class ScheduleAction(msgspec.Struct):
+    """An operator's word on the recurring schedules: list them, or pause, resume or
+    trigger the one named."""
 
-    user: str
-    rate: str | None
+    action: Literal["list", "pause", "resume", "trigger"]
+    reply: ReplySlot[Any]
+    name: str | None = None
 
 
 class JobQueued(msgspec.Struct):
     kind: str
+
+
+class QueueChanged(msgspec.Struct):
+    """What queued jobs wait for changed outside dispatch (a hold or its release, a queued
+    job's end that jobs ran after): some may start now, and others wait for a new reason."""
 
 
 class JobsEnded(msgspec.Struct):
@@ -186,9 +200,10 @@ class ServiceState(msgspec.Struct):
 
 class Reservation(msgspec.Struct, frozen=True):
     """A call's worst case, held against the budget until the call settles. The call is
-    booked at the terms it was reserved at, whatever a reload changes meanwhile."""
+    booked at the terms it was reserved at, whatever a reload changes meanwhile. `id`: its
+    row in the store; None for a free call, which holds nothing."""
 
-    id: int
+    id: int | None
     job: int | None
     user: str
     kind: str
@@ -287,6 +302,9 @@ class HealthQuery(msgspec.Struct):
     reply: ReplySlot[dict[str, Any]]
     # Also count jobs by (status, kind) for the metrics scrape.
     by_kind: bool = False
+    # Also the configured kinds and the jobs finished in each span of the last hour, for the
+    # dashboard's overview.
+    last_hour: bool = False
 
 
 class CancelJob(msgspec.Struct):
@@ -326,12 +344,13 @@ AdmissionMessage = (
     | StopAdmitting
     | Reconfigure
     | BudgetState
-    | UserRate
+    | ScheduleAction
 )
 
 
 SchedulerMessage = (
     JobQueued
+    | QueueChanged
     | JobsEnded
     | Pause
     | Resume

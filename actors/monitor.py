@@ -43,6 +43,7 @@ from jobwarden.actors.messages import (
     MonitorMessage,
     PoolStatistics,
     ProgressStarted,
+    QueueChanged,
     RaiseAlert,
     Reconfigure,
     Recover,
@@ -67,7 +68,7 @@ from jobwarden.config import Config, format_duration
 from jobwarden.errors import StoreError, error_body
 from jobwarden.mailbox import ReplySlot, ask, receive_by
 from jobwarden.metrics import Metrics
-from jobwarden.store import Engine, jobs
+from jobwarden.store import Engine, jobs, schedules
 from jobwarden.store.engine import StoreState
 from jobwarden.store.monitor import find_candidates, stuck_rows
 from jobwarden.system import SystemLoad
@@ -82,6 +83,11 @@ PRUNE_AGAIN_AFTER = 1.0
 # ordinary lateness from counting.
 PAUSE_PROBE = 1.0
 PAUSE_TOLERANCE = 1.0
+# The health snapshot lists the alerts of the last hour, the latest RECENT_ALERTS at most.
+RECENT_ALERTS = 20
+ALERTS_SHOWN_FOR = 3600.0
+# The dashboard's hour of finished jobs, counted in spans of this many seconds.
+LAST_HOUR_SPAN = 300.0
 GIB = 1024**3
 MIB = 1024**2
 
@@ -127,6 +133,8 @@ class Monitor:
         self._pauses: list[Pause] = []
         self._history: deque[tuple[float, int, int]] = deque()
         self._alerted_at: dict[str, float] = {}
+        # The latest alerts raised, for the health snapshot (the dashboard shows them).
+        self._alerts: deque[dict[str, Any]] = deque(maxlen=RECENT_ALERTS)
         self._wal_clean = False
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -168,8 +176,8 @@ class Monitor:
                 self._jobs_running.set()
             case ProgressStarted(at=at, kind=kind):
                 self._next_rule = min(self._next_rule, progress_deadline(self._config, kind, at))
-            case HealthQuery(reply=reply, by_kind=by_kind):
-                reply.set(await self.health(by_kind=by_kind))
+            case HealthQuery(reply=reply, by_kind=by_kind, last_hour=last_hour):
+                reply.set(await self.health(by_kind=by_kind, last_hour=last_hour))
             case Reconfigure(config=config):
                 self._config = config
                 self._next_tick = -math.inf
@@ -199,14 +207,13 @@ class Monitor:
         if stuck > self._config.monitor.stuck_alert:
             self._alert("stuck_jobs", f"{stuck} jobs stuck now", count=stuck)
         await self._check_failure_rate(now)
+        before = now - self._config.monitor.retain_finished
         try:
             pruned = await self._store.write(
-                partial(
-                    jobs.prune_finished,
-                    before=now - self._config.monitor.retain_finished,
-                    batch=self._config.monitor.prune_batch,
-                )
+                partial(jobs.prune_finished, before=before, batch=self._config.monitor.prune_batch)
             )
+            # The schedules' runs go with the jobs they made.
+            await self._store.write(partial(schedules.prune_runs, before=before))
         except StoreError:
             return  # the next tick tries again, once the store takes writes
         if pruned:
@@ -284,6 +291,8 @@ class Monitor:
             # The rule fires again on a later check, once the store takes writes.
             log.warning("rule could not act", job=finding.job, rule=finding.rule, error=str(exc))
             return None
+        # Jobs that run after it whatever its outcome may start now.
+        await self._scheduler.send(QueueChanged())
         self._count_recovered(finding.rule)
         return None
 
@@ -379,6 +388,7 @@ class Monitor:
             return
         self._alerted_at[name] = now
         log.warning("alert", alert=name, message=message, **data)
+        self._alerts.append({"alert": name, "message": message, "at": now})
         command = self._config.monitor.alert_command
         if command:
             payload = {"alert": name, "message": message, "at": now, **data}
@@ -420,18 +430,20 @@ class Monitor:
                 return
             self._wal_clean = True
 
-    async def health(self, *, by_kind: bool = False) -> dict[str, Any]:
-        """One snapshot for /health, `jobwarden status` and the metrics scrape."""
+    async def health(self, *, by_kind: bool = False, last_hour: bool = False) -> dict[str, Any]:
+        """One snapshot for /health, `jobwarden status`, the metrics scrape and (`last_hour`)
+        the dashboard's overview."""
         counts = await self._store.read(jobs.counts_by_status)
         depth = await self._store.read(jobs.queued_by_kind)
-        oldest = await self._store.read(jobs.oldest_queued_created_at)
+        oldest = await self._store.read(jobs.oldest_queued_since)
         snapshot = await self._scheduler_snapshot()
         now = self._clock.now()
         health = {
             **self._daemon_status(),
             "jobs": {status: counts.get(status, 0) for status in STATUSES},
             "queue_depth": depth,
-            "oldest_queued_seconds": None if oldest is None else round(now - oldest, 3),
+            # A job submitted to start later is not waiting before its time.
+            "oldest_queued_seconds": None if oldest is None else round(max(0.0, now - oldest), 3),
             "running": snapshot["running"],
             "max_concurrent_jobs": snapshot["max_concurrent_jobs"],
             "paused": snapshot["paused"],
@@ -445,9 +457,26 @@ class Monitor:
             "breakers": await ask(self._breaker, BreakerSnapshot),
             "budget": await ask(self._ledger, BudgetQuery),
             "store": self._store.health.view(),
+            "alerts": [alert for alert in self._alerts if now - alert["at"] <= ALERTS_SHOWN_FOR],
         }
         if by_kind:
             health["by_status_kind"] = await self._store.read(jobs.counts_by_status_and_kind)
+        if last_hour:
+            health["kinds"] = sorted(self._config.kinds)
+            # Spans on the clock's five minutes, the last one the one now runs in.
+            spans = int(3600 // LAST_HOUR_SPAN)
+            current = math.floor(now / LAST_HOUR_SPAN) * LAST_HOUR_SPAN
+            health["finished_last_hour"] = {
+                "span_seconds": LAST_HOUR_SPAN,
+                "spans": await self._store.read(
+                    partial(
+                        jobs.finished_per_span,
+                        since=current - (spans - 1) * LAST_HOUR_SPAN,
+                        width=LAST_HOUR_SPAN,
+                        spans=spans,
+                    )
+                ),
+            }
         return health
 
 

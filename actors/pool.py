@@ -202,7 +202,7 @@ class Pool:
                         self._monitor.send_nowait(
                             JobsStarted(
                                 at=self._clock.now(),
-                                jobs=[(job.kind, job.created_at) for job in claimed],
+                                jobs=[(job.kind, job.run_at or job.created_at) for job in claimed],
                             )
                         )
                     case CancelJob():

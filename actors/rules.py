@@ -3,9 +3,11 @@
 Thresholds per kind, with [monitor] defaults:
 1. stuck: running with no heartbeat (progress, checkpoint, ctx.heartbeat) for `stuck_after`;
 2. stall: running, has reported progress, and it has not changed for `stall_after`;
-3. sla: queued or running and older than the kind's `sla` -> failed SLA_BREACH;
-4. queued_timeout: eligible to run (backoff over, kind not held on purpose) yet not started for
-   `queued_timeout` -> failed QUEUED_TIMEOUT.
+3. sla: queued or running and older than the kind's `sla` (counted from its `run_at`, for a
+   job submitted to start later) -> failed SLA_BREACH;
+4. queued_timeout: eligible to run (backoff over, kind not held on purpose, the job not held
+   nor waiting for jobs it runs after) yet not started for `queued_timeout` -> failed
+   QUEUED_TIMEOUT.
 Rules 1 and 2 stop the handler and then follow the kind's retry policy: requeue with backoff
 while attempts remain, else fail STUCK_TIMEOUT. Time the daemon itself was not running (stopped,
 a paused VM, a loop blocked) is credited to rules 1 and 2: a job cannot report while nothing
@@ -77,7 +79,7 @@ def _clocks(config: Config, job: Row, pauses: Sequence[Pause]) -> _Clocks:
         )
     return _Clocks(
         last_beat=last_beat,
-        sla=job.created_at + config.rule(job.kind, "sla"),
+        sla=job.asked_for + config.rule(job.kind, "sla"),
         stuck=last_beat + config.rule(job.kind, "stuck_after") + paused_since(pauses, last_beat),
         stall=stall,
     )
@@ -140,8 +142,10 @@ def evaluate(
     for job in found.queued:
         sla = config.rule(job.kind, "sla")
         queued_timeout = config.rule(job.kind, "queued_timeout")
-        waits_by_choice = all_held or job.kind in held or job.kind not in config.kinds
-        if now - job.created_at >= sla:
+        waits_by_choice = (
+            all_held or job.held_back or job.kind in held or job.kind not in config.kinds
+        )
+        if now - job.asked_for >= sla:
             findings.append(_sla_breach(job, now, sla))
         elif not waits_by_choice and now - job.available_at >= queued_timeout:
             detail = f"waiting for a slot for {format_duration(round(now - job.available_at))}"
@@ -159,7 +163,7 @@ def evaluate(
 
 
 def _sla_breach(job: Row, now: float, sla: float) -> Finding:
-    age = format_duration(round(now - job.created_at))
+    age = format_duration(round(now - job.asked_for))
     detail = f"{age} old, over its SLA of {format_duration(sla)}"
     return Finding(job.id, job.kind, job.status, "sla", "fail SLA_BREACH", detail)
 

@@ -1,8 +1,9 @@
 """Scheduler: decides what runs next, and says why everything else waits.
 
-Consumes `JobQueued` (admission), `JobsEnded` (pool), `Pause`/`Resume`/`SchedulerSnapshot`/`Explain`
-(admin), `ServiceState` (breaker), `BudgetState` (ledger), `StopDispatch`/`Reconfigure`, each
-`SystemLoad` sample and each change of the store's health, `StoreState` (supervisor).
+Consumes `JobQueued` (admission), `QueueChanged` (holds, queued jobs that ended), `JobsEnded`
+(pool), `Pause`/`Resume`/`SchedulerSnapshot`/`Explain` (admin), `ServiceState` (breaker),
+`BudgetState` (ledger), `StopDispatch`/`Reconfigure`, each `SystemLoad` sample and each
+change of the store's health, `StoreState` (supervisor).
 Produces `RunJobs` for the pool, and `position` events through the store. Its decisions (free
 capacity, load, waiting reasons) are plain functions in actors/dispatch.py.
 
@@ -16,10 +17,14 @@ the global `max_concurrent_jobs`. Nothing starts while the budget is stopped, th
 drains, the store takes no writes (it could not record the claim), or memory or CPU use is
 above its limit (in the latest sample, taken every `limits.sample_every`).
 
-The queue stays in SQLite; each dispatch round claims just enough rows for the free slots in
-one store write, so memory does not grow with the queue. Between rounds the scheduler sleeps
-until a message arrives (a new sample among them, which starts a round while load holds jobs
-back), a backoff ends or an open circuit's recovery time comes.
+The queue stays in the store; each dispatch round claims just enough rows for the free slots in
+one store write, so memory does not grow with the queue. That write first reads the pauses and
+the open circuits as they are stored now, so that a pause or a breaker of any daemon on the
+database holds the jobs here too, decided in the transaction that claims; the scheduler keeps
+what it read for `explain` and for its wake-ups. A change made by another daemon is seen at the
+next round: any message wakes one (a cluster's wake-up sends `JobQueued`). Between rounds the
+scheduler sleeps until a message arrives (a new sample among them, which starts a round while
+load holds jobs back), a backoff ends or an open circuit's recovery time comes.
 
 Positions: at most every `limits.position_every`, when anything changed, the head of the queue
 (`limits.position_head` jobs in dispatch order) is read and each job whose position or reason
@@ -55,6 +60,7 @@ from jobwarden.actors.messages import (
     JobsEnded,
     Pause,
     PauseState,
+    QueueChanged,
     Reconfigure,
     Resume,
     RunJobs,
@@ -69,13 +75,78 @@ from jobwarden.config import Config
 from jobwarden.errors import StoreError
 from jobwarden.mailbox import ReplySlot
 from jobwarden.store import Engine, jobs, users
+from jobwarden.store.breakers import load_breakers
 from jobwarden.store.engine import StoreState
+from jobwarden.store.rows import Events
 from jobwarden.system import SystemLoad
 from jobwarden.wire.views import JobView
 
 log = structlog.get_logger("scheduler")
 
 PAUSED_SETTING = "paused"
+
+
+class Claimed(msgspec.Struct):
+    """A dispatch round's write: the pauses and open circuits it found stored, the capacity
+    they left, and what it claimed within that (None: nothing could start)."""
+
+    paused: PauseState
+    open_services: dict[str, float]
+    capacity: dict[str, int]
+    claimed: jobs.ClaimResult | None
+
+
+def claim_where_allowed(
+    conn: Any,
+    events: Events,
+    *,
+    config: Config,
+    running: dict[str, int],
+    running_by_user: dict[str, int],
+    load: SystemLoad,
+    now: float,
+) -> Claimed:
+    """Run in the store's transaction: the pauses and open circuits as stored now, by any
+    daemon on the database, then the claim within the capacity they leave."""
+    paused = msgspec.convert(jobs.get_setting(conn, PAUSED_SETTING) or {}, PauseState)
+    open_services = {
+        service: circuit.open_until
+        for service, circuit in load_breakers(conn).items()
+        if circuit.state == "open" and circuit.open_until is not None and circuit.open_until > now
+    }
+    total, capacity = free_capacity(config, running, paused, set(open_services), load)
+    claimed = None
+    if capacity:
+        claimed = jobs.claim(
+            conn,
+            events,
+            capacity=capacity,
+            total=total,
+            now=now,
+            running_by_user=running_by_user,
+            max_running_per_user=config.limits.max_running_per_user,
+        )
+    return Claimed(paused, open_services, capacity, claimed)
+
+
+def pause(state: Any, kind: str | None) -> Any:
+    """The stored pause state with `kind` (None: every kind) paused."""
+    paused = msgspec.convert(state, PauseState)
+    if kind is None:
+        paused = PauseState(kinds=paused.kinds, all=True)
+    elif kind not in paused.kinds:
+        paused = PauseState(kinds=[*paused.kinds, kind], all=paused.all)
+    return msgspec.to_builtins(paused)
+
+
+def resume(state: Any, kind: str | None) -> Any:
+    """The stored pause state with `kind` (None: every kind, and all) resumed."""
+    paused = msgspec.convert(state, PauseState)
+    if kind is None:
+        return msgspec.to_builtins(PauseState())
+    return msgspec.to_builtins(
+        PauseState(kinds=[k for k in paused.kinds if k != kind], all=paused.all)
+    )
 
 
 class Scheduler:
@@ -163,7 +234,7 @@ class Scheduler:
 
     async def _handle(self, msg: SchedulerMessage) -> None:
         match msg:
-            case JobQueued():
+            case JobQueued() | QueueChanged():
                 self._dirty = True
             case JobsEnded(slots=slots):
                 for kind, user in slots:
@@ -175,25 +246,11 @@ class Scheduler:
                         self._running_by_user.pop(user, None)
                 self._dirty = True
             case Pause(kind=kind, reply=reply):
-                previous = self._paused
-                if kind is None:
-                    self._paused = PauseState(kinds=self._paused.kinds, all=True)
-                elif kind not in self._paused.kinds:
-                    self._paused = PauseState(
-                        kinds=[*self._paused.kinds, kind], all=self._paused.all
-                    )
-                if await self._save_paused(previous, reply):
+                if await self._change_pause(partial(pause, kind=kind), reply):
                     self._positions_stale.set()
                     reply.set(self._pause_view())
             case Resume(kind=kind, reply=reply):
-                previous = self._paused
-                if kind is None:
-                    self._paused = PauseState()
-                else:
-                    self._paused = PauseState(
-                        kinds=[k for k in self._paused.kinds if k != kind], all=self._paused.all
-                    )
-                if await self._save_paused(previous, reply):
+                if await self._change_pause(partial(resume, kind=kind), reply):
                     self._dirty = True
                     reply.set(self._pause_view())
             case StopDispatch():
@@ -225,19 +282,23 @@ class Scheduler:
                 self._dirty = True
                 self._positions_stale.set()
 
-    async def _save_paused(self, previous: PauseState, reply: ReplySlot[Any]) -> bool:
-        """Store the pause state; a store that takes no writes refuses the change, which is
-        then undone, so what the operator is told holds after a restart too."""
+    async def _change_pause(self, change: Any, reply: ReplySlot[Any]) -> bool:
+        """Change the stored pause state, which every daemon on the database reads when it
+        claims; a store that takes no writes refuses the change, so what the operator is told
+        holds after a restart too."""
         try:
-            await self._store.write(
+            stored = await self._store.write(
                 partial(
-                    jobs.set_setting, key=PAUSED_SETTING, value=msgspec.to_builtins(self._paused)
+                    jobs.update_setting,
+                    key=PAUSED_SETTING,
+                    change=change,
+                    default=msgspec.to_builtins(PauseState()),
                 )
             )
         except StoreError as exc:
-            self._paused = previous
             reply.fail(exc.refusal())
             return False
+        self._paused = msgspec.convert(stored, PauseState)
         return True
 
     def _pause_view(self) -> dict[str, Any]:
@@ -283,32 +344,36 @@ class Scheduler:
         # does again (a StoreState says so).
         if not self._dispatching or self._budget.stopped or self._store.health.fault:
             return
-        now = self._clock.now()
-        # Past its open_until a circuit lets probes through, so its kinds may run again.
-        open_now = {name for name, until in self._open_services.items() if until > now}
-        total, capacity = free_capacity(
-            self._config, self._running, self._paused, open_now, self._load
-        )
-        # Slots that go unused only for memory or CPU: nothing but the next sample frees them.
-        unloaded = free_capacity(self._config, self._running, self._paused, open_now)[1]
-        self._held_by_load = unloaded != capacity
-        if not capacity:
-            # Nothing can start until a slot frees or a kind resumes; both message us.
+        if sum(self._running.values()) >= self._config.daemon.max_concurrent_jobs:
+            # No slot, whatever is paused: nothing can start until one frees, which messages us.
             self._next_available_at = None
             return
+        now = self._clock.now()
         try:
-            claimed = await self._store.write(
+            # Copies: the write may run on the store's thread while this one moves on.
+            result = await self._store.write(
                 partial(
-                    jobs.claim,
-                    capacity=capacity,
-                    total=total,
+                    claim_where_allowed,
+                    config=self._config,
+                    running=dict(self._running),
+                    running_by_user=dict(self._running_by_user),
+                    load=self._load,
                     now=now,
-                    running_by_user=self._running_by_user,
-                    max_running_per_user=self._config.limits.max_running_per_user,
                 )
             )
         except StoreError:
             # This claim found the fault (the engine logged it): held until a StoreState.
+            return
+        self._paused, self._open_services = result.paused, result.open_services
+        # Slots that go unused only for memory or CPU: nothing but the next sample frees them.
+        unloaded = free_capacity(
+            self._config, self._running, self._paused, set(self._open_services)
+        )[1]
+        self._held_by_load = unloaded != result.capacity
+        claimed = result.claimed
+        if claimed is None:
+            # Nothing can start until a slot frees or a kind resumes; both message us.
+            self._next_available_at = None
             return
         self._next_available_at = claimed.next_available_at
         for job in claimed.jobs:
@@ -335,8 +400,11 @@ class Scheduler:
     async def _waiting_infos(
         self, placed: list[tuple[JobView, tuple[int, int, int, int]]], state: WaitState
     ) -> dict[int, WaitingInfo]:
-        limits = await self._store.read(
-            partial(users.running_limits, names=sorted({job.user for job, _ in placed}))
+        names = sorted({job.user for job, _ in placed})
+        limits = await self._store.read(partial(users.running_limits, names=names))
+        on_hold = await self._store.read(partial(users.on_hold, names=names))
+        waiting_for = await self._store.read(
+            partial(jobs.unended_dependencies, job_ids=[job.id for job, _ in placed])
         )
         zone = self._zone()
         return {
@@ -349,6 +417,8 @@ class Scheduler:
                     user_limit=limits.get(job.user),
                     position=place,
                     zone=zone,
+                    user_held=job.user in on_hold,
+                    waiting_for=waiting_for.get(job.id),
                 ),
             )
             for job, place in placed

@@ -8,6 +8,7 @@ that silently ignores a misspelt threshold runs with a limit nobody chose.
 from __future__ import annotations
 
 import ast
+import datetime
 import functools
 import importlib
 import json
@@ -21,8 +22,10 @@ from collections.abc import Callable
 from pathlib import Path
 from types import UnionType
 from typing import Annotated, Any, Literal, Union
+from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
+from cronsim import CronSim, CronSimError
 
 from jobwarden.errors import ConfigError
 
@@ -133,11 +136,51 @@ class DaemonSection(Section):
     crash_loop_after: PositiveInt = 3
 
 
+DEFAULT_DATABASE = "var/jobwarden.db"
+# A [store] url in one of these schemes runs the store on PostgreSQL.
+DATABASE_URL_SCHEMES = ("postgresql", "postgres")
+
+
+def is_database_url(target: str) -> bool:
+    return urlsplit(target).scheme in DATABASE_URL_SCHEMES
+
+
+def redacted_url(target: str) -> str:
+    """A database URL as it may be shown and logged: its password, in the user part or as a
+    parameter, replaced by ***. A file path is returned as it is."""
+    if "://" not in target:
+        return target
+    parts = urlsplit(target)
+    netloc = parts.netloc
+    if parts.password is not None:
+        host = netloc.rsplit("@", 1)[1]
+        netloc = f"{parts.username or ''}:***@{host}"
+    query = re.sub(r"password=[^&]*", "password=***", parts.query)
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
 class StoreSection(Section):
-    path: str = "var/jobwarden.db"
+    # The SQLite database file (the default: var/jobwarden.db) ...
+    path: str = ""
+    # ... or a PostgreSQL database instead: postgresql://user[:password]@host[:port]/dbname
+    # (libpq's URL, parameters such as ?host=/run/postgresql or &sslmode=require included).
+    url: str = ""
     synchronous: Literal["OFF", "NORMAL", "FULL", "EXTRA"] = "NORMAL"
     # Upper bound on writes folded into one transaction by group commit.
     max_batch: PositiveInt = 1000
+
+    def __post_init__(self) -> None:
+        if self.url and self.path:
+            raise ValueError(
+                "path, url: set one of them, not both (path: an SQLite file; url: a "
+                "postgresql:// URL)"
+            )
+        if self.url and not is_database_url(self.url):
+            raise ValueError(
+                f"url: expected a postgresql:// or postgres:// URL, got '{redacted_url(self.url)}'"
+            )
+        if not self.url and not self.path:
+            msgspec.structs.force_setattr(self, "path", DEFAULT_DATABASE)
 
 
 class AdminSection(Section):
@@ -167,6 +210,8 @@ class AdmissionSection(Section):
     idempotency_window: Duration = Duration(0)
     # Items one `submit_many` may carry; the listener's frame limit bounds its bytes too.
     max_batch_items: PositiveInt = 1000
+    # How far ahead a job may be submitted to start (run_at, delay); further is refused.
+    max_delay: Duration = Duration(30 * 86400)
 
 
 class JobLogsSection(Section):
@@ -307,8 +352,20 @@ def check_listen(listen: str) -> None:
 
 
 class HttpSection(Section):
-    # "host:port" for /healthz, /readyz, /health and /metrics; "" turns the listener off.
+    # "host:port" for the probes, /metrics and the /v1 API; "" turns the listener off.
     listen: str = "127.0.0.1:8766"
+    # Requests served at once; more are refused with 503 QUEUE_FULL and Retry-After.
+    max_requests: PositiveInt = 1000
+    # A larger request body is refused with 413, from its Content-Length before it is read.
+    max_body_bytes: PositiveInt = 1024 * 1024
+    # A request body must have arrived within this.
+    body_timeout: Duration = Duration(10)
+    # The longest `GET /v1/jobs/{id}/result?wait=` may wait for a job to finish.
+    max_wait: Duration = Duration(60)
+    # An event stream with nothing to send sends a comment this often, so proxies keep it.
+    keepalive: Duration = Duration(15)
+    # Events buffered for one event stream: a client reading slower is told to resync.
+    queue: PositiveInt = 256
 
 
 class WebSocketSection(Section):
@@ -375,6 +432,30 @@ class BudgetSection(Section):
     timezone: str = "UTC"
 
 
+# Who owns a schedule's runs when its table names no `user`.
+SCHEDULE_USER = "schedules"
+
+
+class ScheduleSection(Section):
+    """A recurring job: a run of `kind` with `payload` at each slot of `cron` in `timezone`."""
+
+    # Five fields: minute, hour, day of month, month, day of week (Debian cron's meaning).
+    cron: str
+    kind: str
+    payload: Any = msgspec.field(default_factory=dict)
+    timezone: str = "UTC"
+    # The user the runs belong to: their jobs, their credits and their own limits.
+    user: str = SCHEDULE_USER
+    # Unset: the kind's priority.
+    priority: Annotated[int, msgspec.Meta(ge=-100, le=100)] | None = None
+    # skip: a slot whose previous run is still queued or running is skipped; queue: it runs too.
+    overlap: Literal["skip", "queue"] = "skip"
+    # After downtime: none of the missed slots run, the latest one, or each (at most
+    # max_catch_up of them, the latest).
+    catch_up: Literal["none", "latest", "all"] = "latest"
+    max_catch_up: PositiveInt = 100
+
+
 class Overrides(msgspec.Struct, frozen=True, kw_only=True):
     """What `jobwarden serve`'s flags set over the file, at start-up and at every reload."""
 
@@ -418,11 +499,16 @@ class Config(Section):
     limits: LimitsSection = msgspec.field(default_factory=LimitsSection)
     services: dict[str, ServiceSection] = msgspec.field(default_factory=dict)
     kinds: dict[str, KindSection] = msgspec.field(default_factory=dict)
+    schedules: dict[str, ScheduleSection] = msgspec.field(default_factory=dict)
     # Where relative paths resolve: the config file's directory.
     base_dir: str = "."
 
     def path(self, relative: str) -> Path:
         return Path(self.base_dir, relative).resolve()
+
+    def database(self) -> str:
+        """Where the store is: the [store] url, or the file its path names."""
+        return self.store.url or str(self.path(self.store.path))
 
     def rule(self, kind: str, name: str) -> float:
         """A monitor threshold for a kind: its own, else the [monitor] default (sla: off)."""
@@ -609,6 +695,42 @@ def _check_kind(name: str, kind: KindSection) -> None:
     _check_command_payload(kind, where)
 
 
+def check_cron(expression: str) -> None:
+    """Raises ValueError saying what is wrong with a five-field cron expression."""
+    fields = expression.split()
+    if len(fields) != 5:
+        raise ValueError(
+            f"expected five fields (minute hour day-of-month month day-of-week) like "
+            f'"*/5 * * * *", got {len(fields)} in "{expression}"'
+        )
+    try:
+        # Parsing is all the constructor does with the moment; any fixed one will do.
+        CronSim(expression, datetime.datetime(2000, 1, 1))
+    except CronSimError as exc:
+        raise ValueError(f'{exc} in "{expression}"') from None
+
+
+def _check_schedule(name: str, schedule: ScheduleSection, kinds: dict[str, KindSection]) -> None:
+    where = f"schedules.{name}"
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
+        raise ConfigError(f"{where}: a schedule name uses letters, digits, '_', '.', '-' only")
+    try:
+        check_cron(schedule.cron)
+    except ValueError as exc:
+        raise ConfigError(f"{where}.cron: {exc}") from None
+    _check_timezone(schedule.timezone, f"{where}.timezone")
+    if schedule.kind not in kinds:
+        known = ", ".join(sorted(kinds)) or "none"
+        raise ConfigError(f"{where}.kind: no kind '{schedule.kind}' (known: {known})")
+    if not 0 < len(schedule.user) <= 64 or not schedule.user.isprintable():
+        raise ConfigError(f"{where}.user: expected 1 to 64 printable characters")
+    if schedule.catch_up == "all" and schedule.overlap == "skip":
+        raise ConfigError(
+            f'{where}.catch_up: "all" runs the missed slots together, and overlap = "skip" '
+            'would skip all but the first; set overlap = "queue", or catch_up = "latest"'
+        )
+
+
 def _check_listeners(config: Config) -> None:
     for key, listen in (
         ("http.listen", config.http.listen),
@@ -642,6 +764,12 @@ def load_config_text(text: str, *, base_dir: str | os.PathLike[str] = ".") -> Co
             if service not in services:
                 known = ", ".join(sorted(services)) or "none"
                 raise ConfigError(f"kinds.{name}.services: no service '{service}' (known: {known})")
+    schedules = {
+        name: _convert(table, ScheduleSection, f"schedules.{name}")
+        for name, table in _tables(raw.pop("schedules", {}), "schedules").items()
+    }
+    for name, schedule in schedules.items():
+        _check_schedule(name, schedule, kinds)
     if "base_dir" in raw:
         raise ConfigError("base_dir: unknown key")
     config = _convert(raw, Config, "")
@@ -654,7 +782,9 @@ def load_config_text(text: str, *, base_dir: str | os.PathLike[str] = ".") -> Co
     _check_timezone(config.budget.timezone, "budget.timezone")
     if config.limits.timezone:
         _check_timezone(config.limits.timezone, "limits.timezone")
-    return msgspec.structs.replace(config, kinds=kinds, services=services, base_dir=str(base_dir))
+    return msgspec.structs.replace(
+        config, kinds=kinds, services=services, schedules=schedules, base_dir=str(base_dir)
+    )
 
 
 def _tables(value: Any, key: str) -> dict[str, Any]:

@@ -10,7 +10,15 @@ import uuid
 from jobwarden.wire.views import ErrorBody
 
 RETRYABLE_CODES = frozenset(
-    {"RATE_LIMITED", "DAILY_LIMIT", "QUEUE_FULL", "DRAINING", "STORAGE_FULL", "STORAGE_ERROR"}
+    {
+        "RATE_LIMITED",
+        "DAILY_LIMIT",
+        "QUEUE_FULL",
+        "DRAINING",
+        "STORAGE_FULL",
+        "STORAGE_ERROR",
+        "STORAGE_UNAVAILABLE",
+    }
 )
 # The HTTP meaning of each request code, for listeners that speak HTTP and for reports.
 HTTP_STATUS = {
@@ -19,6 +27,8 @@ HTTP_STATUS = {
     "INSUFFICIENT_CREDITS": 402,
     "FORBIDDEN": 403,
     "NOT_FOUND": 404,
+    "METHOD_NOT_ALLOWED": 405,
+    "REQUEST_TIMEOUT": 408,
     "CONFLICT": 409,
     "PAYLOAD_TOO_LARGE": 413,
     "RATE_LIMITED": 429,
@@ -26,10 +36,12 @@ HTTP_STATUS = {
     "QUEUE_FULL": 503,
     "DRAINING": 503,
     "BUDGET_EXHAUSTED": 503,
-    # The database cannot take writes: the disk is full (507 Insufficient Storage), or the
-    # file is read-only, failing or damaged (503).
+    # The database cannot take writes: the disk is full (507 Insufficient Storage), the
+    # file is read-only, failing or damaged (503), or the database server cannot be reached
+    # (503: PostgreSQL restarting, say).
     "STORAGE_FULL": 507,
     "STORAGE_ERROR": 503,
+    "STORAGE_UNAVAILABLE": 503,
     "INTERNAL": 500,
 }
 
@@ -75,22 +87,48 @@ class ConfigError(Exception):
 
 
 class StoreError(Exception):
-    """The database refused a write: the disk is full (`full`), or the file is read-only,
-    failing or damaged. Not the write's fault, and not the request's: a client may try again
-    after `retry_after` seconds, when the store next tries a write of its own."""
+    """The database refused a write: the disk is full (`full`), the database server cannot be
+    reached (`unavailable`), or the file is read-only, failing or damaged. Not the write's
+    fault, and not the request's: a client may try again after `retry_after` seconds, when the
+    store next tries a write of its own."""
 
-    def __init__(self, message: str, *, full: bool, retry_after: float | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        full: bool,
+        unavailable: bool = False,
+        retry_after: float | None = None,
+    ) -> None:
         super().__init__(message)
         self.full = full
+        self.unavailable = unavailable
         self.retry_after = retry_after
+
+    @classmethod
+    def with_code(cls, code: str, message: str, *, retry_after: float | None = None) -> StoreError:
+        """The error for a code that `code` gave before (a fault kept in the store's health)."""
+        return cls(
+            message,
+            full=code == "STORAGE_FULL",
+            unavailable=code == "STORAGE_UNAVAILABLE",
+            retry_after=retry_after,
+        )
 
     @property
     def code(self) -> str:
-        return "STORAGE_FULL" if self.full else "STORAGE_ERROR"
+        if self.full:
+            return "STORAGE_FULL"
+        return "STORAGE_UNAVAILABLE" if self.unavailable else "STORAGE_ERROR"
 
     def refusal(self) -> RequestError:
         """The refusal a client gets for a request that needed this write."""
-        why = "its disk is full" if self.full else "its database file refuses writes"
+        if self.full:
+            why = "its disk is full"
+        elif self.unavailable:
+            why = "its database server cannot be reached"
+        else:
+            why = "its database file refuses writes"
         return RequestError(
             self.code,
             f"the daemon cannot store anything now: {why}; what it already accepted is kept",

@@ -38,6 +38,9 @@ REQUEST_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5)
 OUTCOMES = ("done", "failed", "retry", "canceled", "interrupted", "budget")
 # The monitor's rules (actors/rules.py), which label the jobs it recovered.
 RULES = ("stuck", "stall", "sla", "queued_timeout")
+# What became of a schedule's slot: it made a job, it was skipped (a run still active, a
+# guard's refusal), or it was missed while the daemon was down and catch_up let it go.
+SCHEDULE_OUTCOMES = ("fired", "skipped", "missed")
 
 
 class Metrics:
@@ -54,7 +57,9 @@ class Metrics:
         )
         self.running = Gauge("jobwarden_running_jobs", "Jobs running now", registry=r)
         self.oldest_queued = Gauge(
-            "jobwarden_oldest_queued_seconds", "Age of the oldest queued job", registry=r
+            "jobwarden_oldest_queued_seconds",
+            "How long the oldest queued job has waited since it was to start",
+            registry=r,
         )
         self.memory_used = Gauge(
             "jobwarden_memory_used_ratio", "Share of system memory in use, 0-1", registry=r
@@ -95,6 +100,12 @@ class Metrics:
         self.jobs_stuck = Gauge(
             "jobwarden_jobs_stuck",
             "Jobs stuck now: found stuck or stalled, and not heard from since",
+            registry=r,
+        )
+        self.schedule_slots = Counter(
+            "jobwarden_schedule_slots",
+            "Recurring schedules' slots (and triggers) by outcome: fired, skipped, missed",
+            ["schedule", "outcome"],
             registry=r,
         )
         self.rejected = Counter(
@@ -175,13 +186,17 @@ class Metrics:
             self.stuck_recovered.labels(rule)
 
     def declare(self, config: Config) -> None:
-        """Give every configured kind and service its series at 0; again after a reload."""
+        """Give every configured kind, schedule and service its series at 0; again after a
+        reload."""
         self._kinds = tuple(config.kinds)
         for kind in self._kinds:
             self.duration.labels(kind)
             self.retries.labels(kind)
             for outcome in OUTCOMES:
                 self.processed.labels(kind, outcome)
+        for schedule in config.schedules:
+            for outcome in SCHEDULE_OUTCOMES:
+                self.schedule_slots.labels(schedule, outcome)
         self.breaker_recovery.clear()
         for name, service in config.services.items():
             self.spend.labels(name)

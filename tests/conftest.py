@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import sqlite3
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -20,8 +21,10 @@ from jobwarden.process.commands import Commands
 from jobwarden.process.supervisor import DaemonHandle, Supervisor
 from jobwarden.process.systemd import SystemdNotifier
 from jobwarden.store import jobs
+from jobwarden.store.backend import backend_for
 from jobwarden.system import SystemLoad
 from jobwarden.wire.views import TERMINAL_STATUSES, Event, JobView
+from tests import postgres
 
 EPOCH = 1_800_000_000.0
 GB = 1024**3
@@ -85,8 +88,48 @@ max_cpu_percent = 100
 """
 
 
+STORES = ["sqlite", "postgresql"]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A test marked `both_stores` (or in a module marked so) runs once on each store."""
+    if metafunc.definition.get_closest_marker("both_stores") is not None:
+        if "database" not in metafunc.fixturenames:
+            metafunc.fixturenames.append("database")
+        metafunc.parametrize("database", STORES, indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def database(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The store the test runs on: SQLite, or for a `both_stores` test also PostgreSQL, in a
+    fresh schema of its own that make_config and DaemonProcess put in the [store] they
+    write. A test marked `sqlite_only` skips its PostgreSQL run (say why in the marker)."""
+    store = getattr(request, "param", "sqlite")
+    if store == "sqlite":
+        yield store
+        return
+    only = request.node.get_closest_marker("sqlite_only")
+    if only is not None:
+        pytest.skip(f"SQLite only: {only.args[0] if only.args else ''}")
+    with postgres.fresh_schema() as url:
+        postgres.current_url = url
+        try:
+            yield store
+        finally:
+            postgres.current_url = None
+
+
+@pytest.fixture
+def store_target(tmp_path: Path) -> str:
+    """The database a test opens a Store on: a file, or the PostgreSQL schema of a
+    `both_stores` test's PostgreSQL run."""
+    return postgres.current_url or str(tmp_path / "jw.db")
+
+
 def make_config(tmp_path: Path, extra: str, *, max_concurrent_jobs: int = 2) -> Config:
     base = BASE_CONFIG.format(max_concurrent_jobs=max_concurrent_jobs)
+    if postgres.current_url is not None and "[store]" not in extra:
+        base = base.replace('path = "var/jw.db"', f"url = {json.dumps(postgres.current_url)}")
     if "[limits]" not in extra:
         base += NO_LIMITS
     if "[websocket]" in extra:
@@ -95,12 +138,21 @@ def make_config(tmp_path: Path, extra: str, *, max_concurrent_jobs: int = 2) -> 
     return load_config_text(base + extra, base_dir=tmp_path)
 
 
+@contextlib.contextmanager
+def opened_database(target: str) -> Iterator[Any]:
+    """A connection of the test's own to a store's database (a file or a URL), as the next
+    start would read it."""
+    with contextlib.closing(backend_for(target).connect(target, "NORMAL")) as conn:
+        yield conn
+
+
 class Daemon:
     """An in-process daemon with an inline store (no threads), so virtual time is exact."""
 
-    def __init__(self, handle: DaemonHandle, done: trio.Event) -> None:
+    def __init__(self, handle: DaemonHandle, done: trio.Event, admin_socket: str = "") -> None:
         self.handle = handle
         self.stopped = done
+        self.admin_socket = admin_socket
 
     @property
     def now(self) -> float:
@@ -108,17 +160,21 @@ class Daemon:
 
     @functools.cached_property
     def commands(self) -> Commands:
-        """The command layer, as the daemon's listeners have it."""
+        """A command layer over the daemon's store, hub and actors, as its listeners have
+        one."""
         handle = self.handle
         return Commands(
+            config=None,  # only the operator's commands read it
+            clock=handle.clock,
             store=handle.store,
             hub=handle.hub,
-            clock=handle.clock,
             job_logs=handle.job_logs,
             admission=handle.admission,
             scheduler=handle.scheduler,
             pool=handle.pool,
             monitor=handle.monitor,
+            breaker=handle.breaker,
+            ledger=handle.ledger,
         )
 
     async def submit(self, kind: str, payload: object = None, **options: object) -> JobView:
@@ -137,8 +193,8 @@ class Daemon:
 
     async def job(self, job_id: int) -> JobView:
         if self.stopped.is_set():
-            # The daemon closed its store: read the file as the next start would.
-            with contextlib.closing(sqlite3.connect(self.handle.store.path)) as conn:
+            # The daemon closed its store: read the database as the next start would.
+            with opened_database(self.handle.store.path) as conn:
                 job = jobs.get_job(conn, job_id)
         else:
             job = await self.handle.store.read(partial(jobs.get_job, job_id=job_id))
@@ -177,17 +233,19 @@ def start_daemon(nursery: trio.Nursery, tmp_path: Path):
         config_path: Path | None = None,
         notifier: SystemdNotifier | None = None,
         sample_system: Callable[[], SystemLoad] | None = None,
+        clock_epoch: float = EPOCH,
+        config: Config | None = None,
     ) -> Daemon:
-        if config_path is not None:
+        if config is None and config_path is not None:
             config = load_config(config_path)
-        else:
+        elif config is None:
             config = make_config(tmp_path, extra, max_concurrent_jobs=max_concurrent_jobs)
         supervisor = Supervisor(
             config,
             config_path=config_path,
             notifier=notifier,
             threaded_store=False,
-            clock_epoch=EPOCH,
+            clock_epoch=clock_epoch,
             # The machine running the tests is not the one the test imagines.
             sample_system=sample_system or idle_machine,
         )
@@ -200,6 +258,6 @@ def start_daemon(nursery: trio.Nursery, tmp_path: Path):
                 done.set()
 
         handle = await nursery.start(run)
-        return Daemon(handle, done)
+        return Daemon(handle, done, str(config.path(config.admin.socket)))
 
     return start

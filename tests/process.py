@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from jobwarden.client import AdminClient
+from tests import postgres
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 READY_EVENT = "jobwarden ready"
@@ -126,6 +127,12 @@ class DaemonProcess:
 
     def __init__(self, directory: Path, config: Mapping[str, Any] | None = None) -> None:
         merged = merge(DEFAULT_CONFIG, config or {})
+        if "url" in merged["store"]:
+            # A URL replaces the file: [store] takes one of them.
+            merged["store"] = {k: v for k, v in merged["store"].items() if k != "path"}
+        elif postgres.current_url is not None and merged["store"] == DEFAULT_CONFIG["store"]:
+            # A test running on PostgreSQL: its schema instead of the file.
+            merged["store"] = {"url": postgres.current_url}
         config_path = directory / "config.toml"
         config_path.write_text(toml_text(merged), encoding="utf-8")
         self._prepare(directory, merged, serve_options=["--config", str(config_path)])
@@ -144,7 +151,11 @@ class DaemonProcess:
         self.config = config
         self.config_path = directory / "config.toml"
         self.socket_path = directory / self.config["admin"]["socket"]
-        self.db_path = directory / self.config["store"]["path"]
+        # The SQLite file; None when the daemon runs on PostgreSQL.
+        path = self.config["store"].get("path")
+        self.db_path = directory / path if path else None
+        # What the store is: the file, or the PostgreSQL URL.
+        self.database = str(self.db_path) if path else self.config["store"]["url"]
         self.serve_options = serve_options
         self.process: subprocess.Popen[bytes] | None = None
         # Every log line of every run, in order; non-JSON lines are kept under "raw".

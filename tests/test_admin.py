@@ -10,6 +10,8 @@ import trio
 
 from jobwarden.process.admin import peer_allowed
 
+pytestmark = pytest.mark.both_stores
+
 KINDS = """
 [kinds.stepper]
 handler = "tests.handlers:stepper"
@@ -29,13 +31,9 @@ async def read_lines(stream: trio.SocketStream):
             yield json.loads(line)
 
 
-def admin_socket(daemon) -> str:
-    return daemon.handle.store.path.replace("jw.db", "admin.sock")
-
-
 async def ask_admin(daemon, cmd: str, **args: object) -> dict:
     """One request on a connection of its own, and its reply."""
-    socket_path = admin_socket(daemon)
+    socket_path = daemon.admin_socket
     stream = await trio.open_unix_socket(socket_path)
     async with stream:
         await request_lines(stream, {"id": 1, "cmd": cmd, "args": args})
@@ -47,7 +45,7 @@ async def ask_admin(daemon, cmd: str, **args: object) -> dict:
 async def test_a_watcher_that_stops_reading_still_gets_every_event_once(start_daemon):
     daemon = await start_daemon(KINDS)
     job = await daemon.submit("stepper", {"steps": 1500, "step_seconds": 0})
-    socket_path = admin_socket(daemon)
+    socket_path = daemon.admin_socket
     with trio.fail_after(30):
         stream = await trio.open_unix_socket(socket_path)
         async with stream:
@@ -74,7 +72,7 @@ async def test_a_watcher_that_stops_reading_still_gets_every_event_once(start_da
 
 async def test_requests_on_one_connection_answer_by_id(start_daemon):
     daemon = await start_daemon(KINDS)
-    socket_path = admin_socket(daemon)
+    socket_path = daemon.admin_socket
     with trio.fail_after(10):
         stream = await trio.open_unix_socket(socket_path)
         async with stream:
@@ -114,7 +112,7 @@ def test_peer_rules(uid, gid, group_gid, allowed):
 
 async def test_a_client_that_hangs_up_mid_replies_does_not_hurt_the_daemon(start_daemon):
     daemon = await start_daemon(KINDS)
-    socket_path = admin_socket(daemon)
+    socket_path = daemon.admin_socket
     with trio.fail_after(20):
         for _ in range(3):
             stream = await trio.open_unix_socket(socket_path)
@@ -133,7 +131,7 @@ async def test_a_client_that_hangs_up_mid_replies_does_not_hurt_the_daemon(start
 
 async def test_requests_sent_before_a_half_close_are_still_answered(start_daemon):
     daemon = await start_daemon(KINDS)
-    socket_path = admin_socket(daemon)
+    socket_path = daemon.admin_socket
     with trio.fail_after(10):
         stream = await trio.open_unix_socket(socket_path)
         async with stream:
@@ -157,7 +155,7 @@ async def test_a_watch_sent_with_a_half_close_is_answered_with_its_history(start
     daemon = await start_daemon(KINDS)
     job = await daemon.submit("stepper", {"steps": 0})
     await daemon.wait_done(job.id)
-    socket_path = admin_socket(daemon)
+    socket_path = daemon.admin_socket
     with trio.fail_after(10):
         for _ in range(20):
             stream = await trio.open_unix_socket(socket_path)
@@ -175,7 +173,7 @@ async def test_half_a_line_left_unfinished_is_refused_and_closed_after_line_time
     autojump_clock, start_daemon
 ):
     daemon = await start_daemon(KINDS)
-    socket_path = admin_socket(daemon)
+    socket_path = daemon.admin_socket
     with trio.fail_after(30):
         stream = await trio.open_unix_socket(socket_path)
         async with stream:
@@ -194,7 +192,7 @@ async def test_an_idle_connection_is_closed_after_idle_timeout_but_one_watching_
     autojump_clock, start_daemon
 ):
     daemon = await start_daemon(KINDS)
-    socket_path = admin_socket(daemon)
+    socket_path = daemon.admin_socket
     with trio.fail_after(300):
         idle = await trio.open_unix_socket(socket_path)
         watching = await trio.open_unix_socket(socket_path)
@@ -217,7 +215,7 @@ async def test_a_client_that_takes_no_replies_loses_its_connection_after_idle_ti
     autojump_clock, start_daemon
 ):
     daemon = await start_daemon(KINDS)
-    socket_path = admin_socket(daemon)
+    socket_path = daemon.admin_socket
     with trio.fail_after(600):
         stream = await trio.open_unix_socket(socket_path)
         async with stream:

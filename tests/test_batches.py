@@ -18,7 +18,7 @@ from jobwarden.client import connect
 from jobwarden.errors import RequestError
 from jobwarden.mailbox import ReplySlot, ask
 from jobwarden.store import jobs
-from jobwarden.wire.views import BatchItem, ErrorBody, JobFilter, JobView
+from jobwarden.wire.views import ErrorBody, JobFilter, JobView, Submission
 from tests.process import daemon_factory, run_jobwarden
 from tests.test_admin import ask_admin
 from tests.test_guards import KINDS, limits
@@ -239,10 +239,10 @@ def test_a_single_payload_from_a_file_or_stdin(daemons, tmp_path):
 async def test_the_python_client_submits_a_batch_and_previews_a_bulk_cancel(start_daemon):
     daemon = await start_daemon(KINDS)
     token = await add_user(daemon, "erin")
-    items = [BatchItem(kind="sleepy", payload={"seconds": 3600, "n": n}) for n in range(3)]
+    items = [Submission(kind="sleepy", payload={"seconds": 3600, "n": n}) for n in range(3)]
     with trio.fail_after(10):
         async with connect(url_of(daemon), token) as client:
-            batch = await client.submit_many([*items, BatchItem(kind="nope")])
+            batch = await client.submit_many([*items, Submission(kind="nope")])
             again = await client.submit_many(
                 [msgspec.structs.replace(items[0], idempotency_key="k")] * 2, atomic=True
             )

@@ -12,7 +12,7 @@ from jobwarden.errors import RequestError
 from jobwarden.mailbox import ask
 from jobwarden.process.commands import OPERATOR, Caller
 from jobwarden.store import jobs
-from jobwarden.wire.views import BatchItem, JobFilter
+from jobwarden.wire.views import JobFilter, Submission
 from tests.test_websocket import Frames, add_user, open_frames
 
 KINDS = """
@@ -63,7 +63,7 @@ async def test_cancel_of_many_queued_jobs_lets_other_writes_in_between(
     daemon = await start_daemon(f"[admission]\nmax_batch_items = {count}\n" + KINDS)
     commands = daemon.commands
     await ask(daemon.handle.scheduler, Pause, kind="noop")
-    await commands.submit_many("alice", [BatchItem(kind="noop")] * count)
+    await commands.submit_many("alice", [Submission(kind="noop")] * count)
     submitted, canceled = [], []
 
     async def submit_meanwhile() -> None:

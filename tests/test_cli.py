@@ -116,6 +116,9 @@ def jobwarden(daemon: FakeDaemon) -> Callable[..., int]:
 
 
 def job_view(**fields: Any) -> dict[str, Any]:
+    # 90 s old when the CLI prints its age, however long the suite ran before this test (NOW
+    # is taken as the module is collected).
+    now = time.time()
     view = {
         "id": 12,
         "kind": "pdf",
@@ -124,9 +127,9 @@ def job_view(**fields: Any) -> dict[str, Any]:
         "priority": 0,
         "attempt": 0,
         "max_attempts": 4,
-        "created_at": NOW - 90,
-        "updated_at": NOW,
-        "available_at": NOW - 90,
+        "created_at": now - 90,
+        "updated_at": now,
+        "available_at": now - 90,
         "payload": {"pages": 8},
     }
     view.update(fields)
@@ -234,6 +237,40 @@ def test_submit_with_a_known_idempotency_key_reports_the_existing_job(daemon, jo
 
     assert (code, capsys.readouterr().out) == (0, "existing job 12 (running)\n")
     assert daemon.requests[0]["args"]["idempotency_key"] == "book-7"
+
+
+def test_submit_sends_its_start_time_tags_and_dependencies(daemon, jobwarden, capsys):
+    daemon.replies["submit"] = {"job": job_view(), "existing": False}
+
+    code = jobwarden(
+        "submit", "pdf", "{}", "--run-at", "2026-12-01T06:00:00Z", "--tag", "a,b", "--tag", "c",
+        "--after", "3,4", "--after", "5", "--after-any",
+    )  # fmt: skip
+
+    assert code == 0
+    assert daemon.requests[0]["args"] == {
+        "kind": "pdf",
+        "payload": {},
+        "run_at": "2026-12-01T06:00:00Z",
+        "tags": ["a", "b", "c"],
+        "after": [3, 4, 5],
+        "after_any": True,
+    }
+
+
+@pytest.mark.parametrize(
+    ("options", "complaint"),
+    [
+        (["--run-at", "2026-12-01T06:00:00Z", "--delay", "1m"], "not allowed with argument"),
+        (["--after", "3,x"], "--after: expected a positive integer, got 'x'"),
+    ],
+)
+def test_submit_refuses_what_it_cannot_send(daemon, jobwarden, capsys, options, complaint):
+    code = jobwarden("submit", "pdf", "{}", *options)
+
+    assert code == 2
+    assert complaint in capsys.readouterr().err
+    assert daemon.requests == []
 
 
 @pytest.mark.parametrize(

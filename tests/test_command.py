@@ -11,6 +11,8 @@ import trio
 
 from jobwarden.errors import RequestError
 
+pytestmark = pytest.mark.both_stores
+
 SCRIPT = """
 import json, os, sys, time
 mode = sys.argv[1]

@@ -19,9 +19,12 @@ from tests.test_admin import ask_admin, read_lines, request_lines
 from tests.test_http import get
 from tests.test_websocket import KINDS, Frames, add_user, open_frames
 
+pytestmark = pytest.mark.both_stores
+
 KNOWN_COMMANDS = (
-    "breaker, breakers, budget, cancel, cancel_many, drain, jobs, ledger, logs, pause, ping, "
-    "resume, retry, retry_many, show, shutdown, status, stuck, submit, submit_many, users, watch"
+    "breaker, breakers, budget, cancel, cancel_many, drain, hold, jobs, ledger, logs, pause, ping, "
+    "release, resume, retry, retry_many, schedules, show, shutdown, status, stuck, submit, "
+    "submit_many, tokens, users, watch"
 )
 
 # -- decoding --------------------------------------------------------------------------------
@@ -270,7 +273,7 @@ async def test_a_failure_while_decoding_is_internal_and_the_connection_answers_o
         return real_decode(grammar, data)
 
     monkeypatch.setattr(commands, "decode", decode_failing_on_pings)
-    socket_path = daemon.handle.store.path.replace("jw.db", "admin.sock")
+    socket_path = daemon.admin_socket
     with trio.fail_after(10), capture_logs():
         stream = await trio.open_unix_socket(socket_path)
         async with stream:
@@ -292,7 +295,7 @@ async def test_refusals_are_counted_logged_once_a_connection_and_summed_up_each_
     autojump_clock, alice_and_daemon
 ):
     daemon, token = alice_and_daemon
-    socket_path = daemon.handle.store.path.replace("jw.db", "admin.sock")
+    socket_path = daemon.admin_socket
     # A kind name of 51 KB, as the fuzzer sent: it must not reach the log whole.
     huge_kind = "k" * 51_000
     with trio.fail_after(120), capture_logs() as logs:

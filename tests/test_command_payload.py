@@ -15,6 +15,8 @@ from jobwarden.errors import ConfigError, RequestError
 from tests.process import DaemonProcess, run_jobwarden
 from tests.test_first_run import any_free_port
 
+pytestmark = pytest.mark.both_stores
+
 RENDER = """
 [kinds.render]
 command = ["echo", "{payload.size.width}", "{payload.title}"]

@@ -22,6 +22,8 @@ from jobwarden.store.jobs import ProcessGroup
 from tests.process import DaemonFactory, daemon_factory
 from tests.test_integration import Connection
 
+pytestmark = pytest.mark.both_stores
+
 # The command starts a child of its own, as `sleep 600 & ...` would, and says where both are.
 STARTS_A_CHILD = """
 import json, os, subprocess, sys, time

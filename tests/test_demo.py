@@ -8,6 +8,8 @@ from jobwarden.actors.messages import BreakerTrip
 from jobwarden.errors import RequestError
 from jobwarden.mailbox import ReplySlot
 
+pytestmark = pytest.mark.both_stores
+
 SERVICES = """
 [services.llm]
 price_usd = 0.000338

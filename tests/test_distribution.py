@@ -70,3 +70,13 @@ def test_the_wheel_names_the_jobwarden_command(wheel):
     (entry_points,) = [name for name in wheel.namelist() if name.endswith("/entry_points.txt")]
 
     assert "jobwarden = jobwarden.cli:main" in wheel.read(entry_points).decode()
+
+
+def test_the_wheel_ships_every_file_of_the_dashboard(wheel):
+    ui = REPO_ROOT / "daemon" / "process" / "http" / "ui"
+    files = {str(path.relative_to(ui)) for path in ui.rglob("*") if path.is_file()}
+    assert {"index.html", "app.js", "app.css", "pages/job.js"} <= files
+
+    for name in files:
+        shipped = wheel.read(f"jobwarden/process/http/ui/{name}")
+        assert shipped == (ui / name).read_bytes(), name

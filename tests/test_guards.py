@@ -26,6 +26,8 @@ from jobwarden.system import SystemLoad
 from jobwarden.wire.views import JobView
 from tests.conftest import EPOCH, GB, machine_load
 
+pytestmark = pytest.mark.both_stores
+
 KINDS = """
 [kinds.noop]
 handler = "tests.handlers:noop"

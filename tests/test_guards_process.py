@@ -8,8 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from jobwarden.store.backend import backend_of
+from tests.conftest import opened_database
 from tests.guard_table import reproduce
 from tests.process import DaemonFactory, daemon_factory, run_jobwarden
+
+pytestmark = pytest.mark.both_stores
 
 
 @pytest.fixture
@@ -59,7 +63,13 @@ def test_users_over_the_cli_token_once_credits_and_why_a_job_waits(daemons):
     assert token.startswith("jw_") and len(token) > 40
     shown = run_jobwarden("users", "show", "alice", *config, cwd=cwd)
     assert token not in shown.stdout and "token        set" in shown.stdout
-    assert token not in daemon.db_path.read_bytes().decode("utf-8", "replace")
+    with opened_database(daemon.database) as conn:
+        tables = backend_of(conn).table_names(conn)
+        stored = [conn.execute(f"SELECT * FROM {table}").fetchall() for table in tables]
+    assert token not in repr(stored)
+    if daemon.db_path is not None:
+        # Nor in SQLite's file: freed pages and the write-ahead log included.
+        assert token not in daemon.db_path.read_bytes().decode("utf-8", "replace")
 
     again = run_jobwarden("users", "add", "alice", *config, cwd=cwd)
     assert again.returncode == 2 and "exists already" in again.stderr

@@ -8,18 +8,26 @@ import json
 import socket
 import sys
 
+import pytest
 import trio
 import trio.testing
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
 from jobwarden.actors.messages import BreakerReset, BreakerTrip
+from jobwarden.config import HttpSection
+from jobwarden.errors import RequestError
 from jobwarden.mailbox import ReplySlot
 from jobwarden.metrics import OUTCOMES, RULES, Metrics
 from jobwarden.process.admin import Stop
+from jobwarden.process.commands import OPERATOR, Caller, Refusals
+from jobwarden.process.http.app import Context
+from jobwarden.process.http.events import EventStream
 from jobwarden.process.supervisor import Reload
-from jobwarden.wire.views import STATUSES
+from jobwarden.wire.views import STATUSES, Event
 from tests.conftest import BASE_CONFIG, NO_LIMITS
+
+pytestmark = pytest.mark.both_stores
 
 KINDS = """
 [services.paid]
@@ -284,3 +292,108 @@ async def test_how_long_a_circuit_has_not_been_closed(mock_clock, start_daemon):
     samples = await scrape(port)
     assert samples[("jobwarden_breaker_not_closed_seconds", paid)] == 0
     assert samples[("jobwarden_breaker_state", paid)] == 0
+
+
+async def test_waiting_for_a_job_ends_when_it_is_final_or_at_the_timeout(
+    autojump_clock, start_daemon
+):
+    daemon = await start_daemon(KINDS)
+    commands = daemon.commands
+    job = await daemon.submit("hang")
+
+    started = trio.current_time()
+    waited = await commands.wait_final(OPERATOR, job.id, timeout=30)
+    assert (waited.status, trio.current_time() - started) == ("running", 30)
+
+    async def cancel_in(seconds: float) -> None:
+        await trio.sleep(seconds)
+        await commands.cancel(OPERATOR, job.id)
+
+    started = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(cancel_in, 5)
+        waited = await commands.wait_final(OPERATOR, job.id, timeout=30)
+    assert waited.status == "canceled"
+    assert 5 <= trio.current_time() - started < 6
+
+    # Final already: no wait at all. Someone else's job: as absent as one that never was.
+    started = trio.current_time()
+    assert (await commands.wait_final(OPERATOR, job.id, timeout=30)).status == "canceled"
+    assert trio.current_time() == started
+    with pytest.raises(RequestError, match=f"no job {job.id}"):
+        await commands.wait_final(Caller(user="mallory"), job.id, timeout=30)
+
+
+async def test_an_event_stream_read_too_slowly_is_told_to_resync(start_daemon):
+    daemon = await start_daemon(KINDS)
+    handle = daemon.handle
+    commands = daemon.commands
+    context = Context(
+        store=handle.store,
+        commands=commands,
+        metrics=Metrics(),
+        settings=HttpSection(queue=2),
+        daemon_status=dict,
+        slow=(60.0, 60.0),
+        refusals=Refusals("http", Metrics()),
+    )
+    client_reads = trio.Event()
+    received: list[bytes] = []
+
+    async def send(message: dict) -> None:
+        if message.get("body"):
+            await client_reads.wait()  # a client that stopped reading: the socket is full
+        received.append(message.get("body", b""))
+
+    async def receive() -> dict:
+        await trio.sleep_forever()
+
+    job = 999_999  # no stored events: everything comes live from the hub
+    stream = EventStream(context, OPERATOR, job, since=0)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(stream, {"type": "http"}, receive, send)
+        await trio.testing.wait_all_tasks_blocked()
+        for seq in range(1, 6):
+            handle.hub.publish(
+                [Event(seq=seq, job=job, user="u", kind="quick", type="progress", at=0, data={})]
+            )
+            await trio.testing.wait_all_tasks_blocked()
+        client_reads.set()
+    frames = b"".join(received).decode().strip().split("\n\n")
+    # The first event was being written when the rest came: two fit the buffer, two did not.
+    assert [frame.splitlines()[0] for frame in frames] == ["id: 1", "id: 2", "id: 3", "id: 3"]
+    assert frames[-1] == 'id: 3\nevent: resync\ndata: {"since": 3}'
+
+
+async def test_a_request_that_fails_is_a_500_with_its_error_id_and_the_listener_goes_on(nursery):
+    from jobwarden.process.http import HttpServer
+
+    class BrokenCommands:
+        async def health(self, *, by_kind: bool = False) -> dict:
+            raise RuntimeError("the snapshot broke")
+
+    server = HttpServer(
+        listen="127.0.0.1:0",
+        store=None,  # neither /health nor /healthz touches the store
+        commands=BrokenCommands(),
+        metrics=Metrics(),
+        daemon_status=dict,
+        slow_request=60.0,
+        very_slow_request=60.0,
+    )
+    port = await nursery.start(server.run)
+    with capture_logs() as logs:
+        status, body = await get(port, "/health")
+        # The listener goes on; and by now the failed request's handling is over.
+        assert await get(port, "/healthz") == (200, b'{"ok":true}\n')
+    error = json.loads(body)
+    assert (status, error["code"], error["technical_message"]) == (
+        500,
+        "INTERNAL",
+        "the snapshot broke",
+    )
+    # Logged once, by the error's id.
+    failures = [entry for entry in logs if entry["log_level"] == "error"]
+    assert [(e["event"], e["error_id"]) for e in failures] == [
+        ("request failed", error["error_id"])
+    ]

@@ -20,6 +20,8 @@ from tests.process import DaemonFactory, daemon_factory
 from tests.test_admin import read_lines, request_lines
 from tests.test_websocket import Frames, add_user, bearer, url_of
 
+pytestmark = pytest.mark.both_stores
+
 KINDS = """
 [kinds.noop]
 handler = "tests.handlers:noop"
@@ -94,7 +96,7 @@ def through(request, start_daemon, nursery):
     async def open_door(extra: str = ""):
         daemon = await start_daemon(KINDS + extra)
         if request.param == "admin":
-            path = daemon.handle.store.path.replace("jw.db", "admin.sock")
+            path = daemon.admin_socket
             door: AdminDoor | WebSocketDoor = AdminDoor(await trio.open_unix_socket(path))
         else:
             token = await add_user(daemon, "alice")
@@ -210,7 +212,7 @@ async def test_the_window_ends_and_the_key_starts_a_new_job(autojump_clock, star
 
 async def test_a_retry_of_a_job_whose_key_is_taken_again_is_a_conflict(start_daemon):
     daemon = await start_daemon(KINDS)
-    path = daemon.handle.store.path.replace("jw.db", "admin.sock")
+    path = daemon.admin_socket
     with trio.fail_after(10):
         admin = AdminDoor(await trio.open_unix_socket(path))
         failed = await admin.submit("failing", {"fail": True, "seconds": 0}, idempotency_key="k")

@@ -7,6 +7,7 @@ slow machine; every wait has a deadline so a hung daemon fails the test instead 
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import grp
 import json
@@ -16,7 +17,6 @@ import re
 import shutil
 import signal
 import socket
-import sqlite3
 import stat
 import tempfile
 import threading
@@ -30,7 +30,10 @@ import pytest
 
 from jobwarden.client import AdminError
 from jobwarden.wire.views import TERMINAL_STATUSES
+from tests.conftest import opened_database
 from tests.process import DaemonFactory, DaemonProcess, daemon_factory, run_jobwarden
+
+pytestmark = pytest.mark.both_stores
 
 ERROR_SHAPE = {"code", "message", "retryable", "error_id"}
 # Far longer than any healthy run needs: only a hung or broken daemon ever reaches it.
@@ -198,18 +201,18 @@ def _start_thread(target: Callable[..., None], *args: Any) -> threading.Thread:
 
 
 @contextlib.contextmanager
-def open_database(daemon: DaemonProcess) -> Iterator[sqlite3.Connection]:
-    """The daemon's SQLite file, read directly: what the next start would find."""
+def open_database(daemon: DaemonProcess) -> Iterator[Any]:
+    """The daemon's database, read directly: what the next start would find."""
     assert not daemon.running, "read the database only once the daemon has stopped"
-    with contextlib.closing(sqlite3.connect(daemon.db_path)) as database:
+    with opened_database(daemon.database) as database:
         yield database
 
 
-def job_row(database: sqlite3.Connection, job_id: int) -> dict[str, Any]:
-    database.row_factory = sqlite3.Row
-    row = database.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+def job_row(database: Any, job_id: int) -> dict[str, Any]:
+    cursor = database.execute("SELECT * FROM jobs WHERE id = ?", (job_id,))
+    row = cursor.fetchone()
     assert row is not None, f"job {job_id} is not in the database"
-    return dict(row)
+    return {column[0]: value for column, value in zip(cursor.description, row, strict=True)}
 
 
 def request_line(cmd: Any, **fields: Any) -> bytes:
@@ -294,10 +297,11 @@ def test_kill9_at_random_moments_loses_no_job_and_finishes_each_exactly_once(
     assert errors_logged(daemon) == []
 
     with open_database(daemon) as database:
+        # JSON columns are read here: each store has its own JSON functions.
         rows = {
-            job_id: (status, error_code, attempt, json.loads(payload))
-            for job_id, status, error_code, attempt, payload in database.execute(
-                "SELECT id, status, json_extract(error, '$.code'), attempt, payload FROM jobs"
+            job_id: (status, error and json.loads(error)["code"], attempt, json.loads(payload))
+            for job_id, status, error, attempt, payload in database.execute(
+                "SELECT id, status, error, attempt, payload FROM jobs"
             )
         }
         missing = set(accepted) - set(rows)
@@ -310,24 +314,22 @@ def test_kill9_at_random_moments_loses_no_job_and_finishes_each_exactly_once(
             else:
                 assert status == "done", (job_id, status, error_code)
 
-        terminal_events = dict(
-            database.execute(
-                "SELECT job_id, COUNT(*) FROM events WHERE type = 'status' AND "
-                "json_extract(data, '$.status') IN ('done', 'failed', 'canceled') "
-                "GROUP BY job_id"
-            ).fetchall()
+        status_events = [
+            (job_id, json.loads(data))
+            for job_id, data in database.execute(
+                "SELECT job_id, data FROM events WHERE type = 'status'"
+            )
+        ]
+        terminal_events = collections.Counter(
+            job_id
+            for job_id, data in status_events
+            if data["status"] in ("done", "failed", "canceled")
         )
         finished_twice = {job_id: n for job_id, n in terminal_events.items() if n != 1}
         assert finished_twice == {}, "jobs with more than one terminal status event"
         assert set(terminal_events) == set(rows)
 
-        recovered = [
-            job_id
-            for (job_id,) in database.execute(
-                "SELECT DISTINCT job_id FROM events "
-                "WHERE json_extract(data, '$.reason') = 'RECOVERED'"
-            )
-        ]
+        recovered = {job_id for job_id, data in status_events if data.get("reason") == "RECOVERED"}
         assert recovered, "no kill interrupted a running job, so recovery went untested"
         for job_id in recovered:
             # The run a kill cut short counts as an attempt; the rerun is the next one.
@@ -674,6 +676,7 @@ def test_bad_config_exits_2_naming_the_key(tmp_path, config_text, named_key, com
     assert "jobwarden ready" not in finished.stdout
 
 
+@pytest.mark.sqlite_only("several daemons on one PostgreSQL are a cluster, not refused")
 def test_second_daemon_on_the_same_database_refuses_to_start(daemons):
     first = daemons()
 

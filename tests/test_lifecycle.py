@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import random
-import sqlite3
 from functools import partial
 
 import pytest
@@ -18,7 +16,9 @@ from jobwarden.process.supervisor import Supervisor
 from jobwarden.store import jobs
 from jobwarden.wire.views import JobView
 from tests import handlers
-from tests.conftest import EPOCH, Daemon, idle_machine, make_config
+from tests.conftest import EPOCH, Daemon, idle_machine, make_config, opened_database
+
+pytestmark = pytest.mark.both_stores
 
 KINDS = """
 [kinds.noop]
@@ -362,7 +362,7 @@ async def test_a_job_ending_as_the_daemon_is_torn_down_is_still_recorded(autojum
             job = await daemon.submit("last")
             await trio.sleep_forever()
     assert not handlers.TEARDOWN
-    with contextlib.closing(sqlite3.connect(config.path(config.store.path))) as conn:
+    with opened_database(config.database()) as conn:
         stored = jobs.get_job(conn, job.id)
     assert (stored.status, stored.result) == ("done", {"ended": True})
 

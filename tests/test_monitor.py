@@ -18,6 +18,8 @@ from jobwarden.store import jobs
 from jobwarden.store.monitor import Candidates, Row, StuckRow
 from tests.conftest import EPOCH
 
+pytestmark = pytest.mark.both_stores
+
 KINDS = """
 [monitor]
 interval = "30s"
@@ -246,6 +248,23 @@ def row(status: str, **times: float) -> Row:
         pytest.param(row("running", heartbeat_at=7000), 7200, False, "sla", None, id="sla"),
         pytest.param(row("queued"), 1800, False, "queued_timeout", None, id="queued too long"),
         pytest.param(row("queued"), 1800, True, None, 7200, id="held on purpose"),
+        pytest.param(row("queued", held_back=True), 1800, False, None, None, id="job held"),
+        pytest.param(
+            row("queued", created_at=0, run_at=3600, available_at=3600),
+            7200,
+            True,
+            None,
+            None,
+            id="sla counts from run_at",
+        ),
+        pytest.param(
+            row("queued", created_at=0, run_at=3600, available_at=3600),
+            3600 + 7200,
+            True,
+            "sla",
+            None,
+            id="sla breached after run_at",
+        ),
     ],
 )
 def test_the_rules_are_a_function_of_the_rows_and_the_time(job, now, held, rule, next_check):

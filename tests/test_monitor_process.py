@@ -7,7 +7,6 @@ import json
 import os
 import select
 import signal
-import sqlite3
 import sys
 import time
 import urllib.request
@@ -17,7 +16,10 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.conftest import opened_database
 from tests.process import DaemonFactory, daemon_factory, run_jobwarden
+
+pytestmark = pytest.mark.both_stores
 
 HANG_WITH_A_CHILD = """
 import subprocess, sys, time
@@ -104,10 +106,9 @@ def test_stuck_dry_run_changes_nothing(daemons):
     daemon = daemons({"kinds": {"hang": {"handler": "tests.handlers:hang"}}})
     with daemon.client() as client:
         job = client.call("submit", kind="hang", payload={})["job"]["id"]
-    database = daemon.directory / "var" / "jw.db"
 
     def snapshot() -> list[tuple]:
-        with sqlite3.connect(database) as conn:
+        with opened_database(daemon.database) as conn:
             return (
                 conn.execute("SELECT * FROM jobs").fetchall()
                 + conn.execute("SELECT seq FROM events").fetchall()

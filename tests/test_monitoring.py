@@ -19,6 +19,8 @@ from jobwarden.errors import AdminError
 from jobwarden.metrics import Metrics
 from tests.process import REPO_ROOT, DaemonFactory, daemon_factory
 
+pytestmark = pytest.mark.both_stores
+
 DASHBOARD = REPO_ROOT / "docs" / "grafana" / "jobwarden.json"
 ALERTS = REPO_ROOT / "docs" / "prometheus" / "alerts.yml"
 ALERT_TESTS = REPO_ROOT / "tests" / "alerts_test.yml"

@@ -4,13 +4,15 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import opened_database
 from tests.process import DaemonFactory, daemon_factory, run_jobwarden
+
+pytestmark = pytest.mark.both_stores
 
 FAST_STORYBOOK = {
     "handler": "jobwarden.tools.demo:storybook",
@@ -63,8 +65,8 @@ def follow(daemon, until) -> dict[int, dict]:
 
 
 def ledger_rows(daemon) -> list[tuple]:
-    with sqlite3.connect(daemon.directory / "var" / "jw.db") as conn:
-        return conn.execute("SELECT service, ok, usd FROM ledger").fetchall()
+    with opened_database(daemon.database) as conn:
+        return conn.execute("SELECT service, ok, usd FROM ledger ORDER BY id").fetchall()
 
 
 def test_spend_stops_exactly_at_the_budget_and_jobs_wait(daemons):

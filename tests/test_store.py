@@ -12,8 +12,12 @@ import trio
 from jobwarden.errors import StartupError
 from jobwarden.hub import EventHub
 from jobwarden.store import Store, each, jobs
+from jobwarden.store.backend import backend_for
 from jobwarden.store.schema import MIGRATIONS
 from jobwarden.wire.views import ErrorBody
+from tests.conftest import opened_database
+
+pytestmark = pytest.mark.both_stores
 
 
 def new_job(n: int = 0, key: str | None = None, kind: str = "k") -> jobs.NewJob:
@@ -36,24 +40,24 @@ async def insert_one(store: Store, new: jobs.NewJob, *, now: float) -> jobs.Admi
     return admitted
 
 
-async def test_concurrent_writes_share_commits_and_all_land(tmp_path):
-    async with Store.open(tmp_path / "jw.db", hub=EventHub()) as store:
+async def test_concurrent_writes_share_commits_and_all_land(store_target):
+    async with Store.open(store_target, hub=EventHub()) as store:
         async with trio.open_nursery() as nursery:
             for n in range(500):
                 nursery.start_soon(insert, store, n)
         assert store.writes == 500
         # Writes that waited together committed together.
         assert store.batches < 250
-    with sqlite3.connect(tmp_path / "jw.db") as conn:
+    with opened_database(store_target) as conn:
         assert conn.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 500
         assert conn.execute("SELECT COUNT(*) FROM events").fetchone()[0] == 500
 
 
-async def test_a_failing_write_does_not_spoil_its_batch(tmp_path):
+async def test_a_failing_write_does_not_spoil_its_batch(store_target):
     def broken(conn, events):
         conn.execute("INSERT INTO no_such_table VALUES (1)")
 
-    async with Store.open(tmp_path / "jw.db", hub=EventHub()) as store:
+    async with Store.open(store_target, hub=EventHub()) as store:
         results = {}
 
         async def attempt(name, fn):
@@ -66,14 +70,14 @@ async def test_a_failing_write_does_not_spoil_its_batch(tmp_path):
             nursery.start_soon(attempt, "good-1", partial(jobs.set_setting, key="a", value=1))
             nursery.start_soon(attempt, "bad", broken)
             nursery.start_soon(attempt, "good-2", partial(jobs.set_setting, key="b", value=2))
-        assert isinstance(results["bad"], sqlite3.OperationalError)
+        assert isinstance(results["bad"], backend_for(store_target).DatabaseError)
         assert await store.read(partial(jobs.get_setting, key="a")) == 1
         assert await store.read(partial(jobs.get_setting, key="b")) == 2
 
 
-async def test_events_are_published_only_after_commit_in_seq_order(tmp_path):
+async def test_events_are_published_only_after_commit_in_seq_order(store_target):
     hub = EventHub()
-    async with Store.open(tmp_path / "jw.db", hub=hub) as store:
+    async with Store.open(store_target, hub=hub) as store:
         with hub.subscribe(buffer=100) as sub:
             for n in range(5):
                 await insert(store, n)
@@ -82,16 +86,16 @@ async def test_events_are_published_only_after_commit_in_seq_order(tmp_path):
     assert len(set(seqs)) == 5
 
 
-async def test_idempotency_key_is_per_user(tmp_path):
-    async with Store.open(tmp_path / "jw.db", hub=EventHub()) as store:
+async def test_idempotency_key_is_per_user(store_target):
+    async with Store.open(store_target, hub=EventHub()) as store:
         first = await insert(store, 1, key="x")
         again = await insert_one(store, new_job(1, "x"), now=101.0)
         assert again.existing and again.job.id == first.id
 
 
-async def test_a_refused_submission_does_not_spoil_its_batch(tmp_path):
+async def test_a_refused_submission_does_not_spoil_its_batch(store_target):
     hub = EventHub()
-    async with Store.open(tmp_path / "jw.db", hub=hub) as store:
+    async with Store.open(store_target, hub=hub) as store:
         with hub.subscribe(buffer=100) as sub:
             batch = [
                 new_job(1),
@@ -102,7 +106,8 @@ async def test_a_refused_submission_does_not_spoil_its_batch(tmp_path):
             ]
             results = await store.write(partial(jobs.insert_many, batch=batch, now=100.0))
             published = [sub.events.receive_nowait().job for _ in range(3)]
-        assert isinstance(results[1], sqlite3.IntegrityError)
+        # No kind: the column is NOT NULL.
+        assert isinstance(results[1], backend_for(store_target).DatabaseError)
         first, _, third, fourth, fifth = results
         assert [r.existing for r in (first, third, fourth, fifth)] == [False, False, False, True]
         # The same key twice in one batch: the second gets the first's job.
@@ -111,8 +116,8 @@ async def test_a_refused_submission_does_not_spoil_its_batch(tmp_path):
         assert (await store.read(jobs.counts_by_status)) == {"queued": 3}
 
 
-async def test_guarded_transitions_refuse_the_wrong_status(tmp_path):
-    async with Store.open(tmp_path / "jw.db", hub=EventHub()) as store:
+async def test_guarded_transitions_refuse_the_wrong_status(store_target):
+    async with Store.open(store_target, hub=EventHub()) as store:
         job = await insert(store)
         # Not running yet: finishing it is refused, not applied.
         assert await store.write(partial(jobs.finish, job_id=job.id, result=1, now=1.0)) is None
@@ -125,8 +130,8 @@ async def test_guarded_transitions_refuse_the_wrong_status(tmp_path):
         assert (await store.read(partial(jobs.get_job, job_id=job.id))).result == 1
 
 
-async def test_claim_honours_backoff_and_reports_the_next_deadline(tmp_path):
-    async with Store.open(tmp_path / "jw.db", hub=EventHub()) as store:
+async def test_claim_honours_backoff_and_reports_the_next_deadline(store_target):
+    async with Store.open(store_target, hub=EventHub()) as store:
         job = await insert(store)
         await store.write(partial(jobs.claim, capacity={"k": 1}, total=1, now=100.0))
         error = ErrorBody(code="X", message="x", retryable=True)
@@ -140,8 +145,8 @@ async def test_claim_honours_backoff_and_reports_the_next_deadline(tmp_path):
 
 
 @pytest.mark.parametrize("crashes", [1, 2, 3], ids=lambda n: f"{n}-crashes")
-async def test_recovery_requeues_until_the_crash_loop_limit(tmp_path, crashes):
-    async with Store.open(tmp_path / "jw.db", hub=EventHub()) as store:
+async def test_recovery_requeues_until_the_crash_loop_limit(store_target, crashes):
+    async with Store.open(store_target, hub=EventHub()) as store:
         job = await insert(store)
         for crash in range(crashes):
             started = 1000.0 * (crash + 1)
@@ -158,6 +163,7 @@ async def test_recovery_requeues_until_the_crash_loop_limit(tmp_path, crashes):
         assert (final.status, final.error.code) == ("failed", "CRASH_LOOP")
 
 
+@pytest.mark.sqlite_only("the version is SQLite's PRAGMA user_version")
 async def test_a_newer_schema_is_refused_with_a_clear_error(tmp_path):
     path = tmp_path / "jw.db"
     with sqlite3.connect(path) as conn:
@@ -167,18 +173,17 @@ async def test_a_newer_schema_is_refused_with_a_clear_error(tmp_path):
             pass
 
 
-async def test_reopening_keeps_rows_and_schema(tmp_path):
-    path = tmp_path / "jw.db"
-    async with Store.open(path, hub=EventHub()) as store:
+async def test_reopening_keeps_rows_and_schema(store_target):
+    async with Store.open(store_target, hub=EventHub()) as store:
         job = await insert(store)
-    async with Store.open(path, hub=EventHub(), synchronous="FULL") as store:
+    async with Store.open(store_target, hub=EventHub(), synchronous="FULL") as store:
         again = await store.read(partial(jobs.get_job, job_id=job.id))
     assert msgspec.structs.asdict(again) == msgspec.structs.asdict(job)
 
 
-async def test_each_fails_only_the_write_that_raised(tmp_path):
+async def test_each_fails_only_the_write_that_raised(store_target):
     hub = EventHub()
-    async with Store.open(tmp_path / "jw.db", hub=hub) as store:
+    async with Store.open(store_target, hub=hub) as store:
         queued = [await insert(store, n) for n in range(3)]
         await store.write(partial(jobs.claim, capacity={"k": 3}, total=3, now=200.0))
         with hub.subscribe(buffer=100) as sub:
@@ -205,6 +210,7 @@ def _plan(conn: sqlite3.Connection, sql: str) -> str:
     return " | ".join(row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}"))
 
 
+@pytest.mark.sqlite_only("SQLite's query plans")
 async def test_a_version_4_database_is_migrated_to_partial_queue_indexes(tmp_path):
     """Migration 5 swaps the queue's indexes for ones that hold only queued rows; a database
     written by the previous version keeps its jobs, and the hot queries use the new indexes
@@ -253,18 +259,19 @@ def _insert_row(conn: sqlite3.Connection, status: str, key: str) -> None:
     )
 
 
-async def test_the_database_refuses_a_second_active_job_with_one_key(tmp_path):
+async def test_the_database_refuses_a_second_active_job_with_one_key(store_target):
     """Whatever a writer looked up before (a second daemon on one database, say), two active
     jobs of a user never share a key, while a finished job's key is free for a new one."""
-    async with Store.open(tmp_path / "jw.db", hub=EventHub()) as store:
+    async with Store.open(store_target, hub=EventHub()) as store:
         await store.write(lambda conn, events: _insert_row(conn, "done", "book"))
         await store.write(lambda conn, events: _insert_row(conn, "queued", "book"))
-        with pytest.raises(sqlite3.IntegrityError, match="UNIQUE"):
+        with pytest.raises(backend_for(store_target).DatabaseError, match=r"(?i)unique"):
             await store.write(lambda conn, events: _insert_row(conn, "running", "book"))
         counts = await store.read(jobs.counts_by_status)
     assert counts == {"done": 1, "queued": 1}
 
 
+@pytest.mark.sqlite_only("writes an old SQLite schema by hand")
 async def test_a_database_whose_keys_held_finished_jobs_is_migrated_to_active_keys(tmp_path):
     """Keys used to stay with their job until it was pruned: after the migration, a finished
     job's key starts a new job, and an active job's key still returns that job."""

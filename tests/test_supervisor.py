@@ -15,6 +15,8 @@ from jobwarden.process.supervisor import Reload, lock_database
 from jobwarden.process.systemd import SystemdNotifier
 from tests.conftest import BASE_CONFIG
 
+pytestmark = pytest.mark.both_stores
+
 KIND = '\n[kinds.sleepy]\nhandler = "tests.handlers:sleepy"\n'
 
 

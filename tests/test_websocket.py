@@ -30,6 +30,8 @@ from jobwarden.store import jobs, users
 from jobwarden.wire.views import TERMINAL_STATUSES
 from tests.test_admin import ask_admin
 
+pytestmark = pytest.mark.both_stores
+
 KINDS = """
 [kinds.stepper]
 handler = "tests.handlers:stepper"

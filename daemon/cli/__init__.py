@@ -1,9 +1,9 @@
 """The `jobwarden` command: run the daemon, or talk to a running one over its admin socket.
 
-One module per command group (server, jobs, kinds, breakers, costs, users, loadtest,
-completion), each adding its commands to the parser; `output` is how every reply is printed,
-`arguments` what a user may type, `connection` how a command reaches the daemon, `watching`
-how jobs are followed.
+One module per command group (server, store, jobs, kinds, schedules, breakers, costs, users,
+tokens, loadtest, completion), each adding its commands to the parser; `output` is how every
+reply is printed, `arguments` what a user may type, `connection` how a command reaches the
+daemon, `watching` how jobs are followed.
 
 Exit codes: 0 ok; 1 a watched job failed or was canceled, or the daemon refused a request;
 2 a usage, argument or config error, or a reply saying the request was wrong
@@ -28,7 +28,10 @@ from jobwarden.cli import (
     kinds,
     loadtest,
     logs,
+    schedules,
     server,
+    store,
+    tokens,
     users,
 )
 from jobwarden.cli.arguments import Parser, UsageError, global_options
@@ -49,7 +52,20 @@ from jobwarden.wire.views import ErrorBody
 # Replies that blame the request rather than the daemon.
 USAGE_ERROR_CODES = frozenset({"INVALID_REQUEST", "NOT_FOUND"})
 # In the order `jobwarden --help` lists their commands.
-COMMAND_GROUPS = (server, jobs, logs, kinds, breakers, costs, users, loadtest, completion)
+COMMAND_GROUPS = (
+    server,
+    store,
+    jobs,
+    logs,
+    kinds,
+    schedules,
+    breakers,
+    costs,
+    users,
+    tokens,
+    loadtest,
+    completion,
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

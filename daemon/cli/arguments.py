@@ -191,6 +191,16 @@ rate = _checked_by(parse_rate)
 listen_address = _checked_by(check_listen)
 
 
+def words(text: str) -> list[str]:
+    """Comma separated words (the daemon checks each)."""
+    return [word.strip() for word in text.split(",") if word.strip()]
+
+
+def job_ids(text: str) -> list[int]:
+    """Comma separated job ids."""
+    return [positive_int(word) for word in words(text)] or [positive_int(text)]
+
+
 def statuses(text: str) -> list[str]:
     chosen = [status.strip() for status in text.split(",") if status.strip()]
     if not chosen or any(status not in STATUSES for status in chosen):

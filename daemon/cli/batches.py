@@ -22,7 +22,7 @@ from jobwarden.cli.arguments import UsageError, json_object
 from jobwarden.cli.connection import client, over_websocket
 from jobwarden.cli.output import EXIT_FAILED, EXIT_OK, count, error_text, print_json
 from jobwarden.client import DaemonError, WebSocketClient
-from jobwarden.wire.views import BatchItem, BatchResult, ItemResult
+from jobwarden.wire.views import BatchResult, ItemResult, Submission
 
 # Lines sent in one request: the daemon's default `max_batch_items`.
 CHUNK = 1000
@@ -55,7 +55,7 @@ def payload_argument(text: str) -> dict[str, Any]:
         raise argparse.ArgumentTypeError(f"{where}{exc}") from None
 
 
-def read_items(source: str, kind: str, *, as_items: bool) -> list[tuple[int, BatchItem]]:
+def read_items(source: str, kind: str, *, as_items: bool) -> list[tuple[int, Submission]]:
     """Each non-blank line of `source` as an item, with its line number."""
     items = []
     for number, line in enumerate(read_text(source).splitlines(), start=1):
@@ -71,9 +71,9 @@ def read_items(source: str, kind: str, *, as_items: bool) -> list[tuple[int, Bat
     return items
 
 
-def _item(value: dict[str, Any], kind: str, as_items: bool, where: str) -> BatchItem:
+def _item(value: dict[str, Any], kind: str, as_items: bool, where: str) -> Submission:
     if not as_items:
-        return BatchItem(kind=kind, payload=value)
+        return Submission(kind=kind, payload=value)
     unknown = sorted(set(value) - ITEM_FIELDS)
     if unknown or "payload" not in value:
         raise UsageError(
@@ -81,7 +81,7 @@ def _item(value: dict[str, Any], kind: str, as_items: bool, where: str) -> Batch
             f"idempotency_key and kind" + (f"; unknown: {', '.join(unknown)}" if unknown else "")
         )
     try:
-        return msgspec.convert({"kind": kind, **value}, BatchItem)
+        return msgspec.convert({"kind": kind, **value}, Submission)
     except msgspec.ValidationError as exc:
         raise UsageError(f"{where}: {exc}") from None
 
@@ -94,7 +94,7 @@ def submit_file(args: argparse.Namespace) -> int:
         raise _naming_line(exc, lines) from None
 
 
-def _naming_line(exc: DaemonError, lines: list[tuple[int, BatchItem]]) -> DaemonError:
+def _naming_line(exc: DaemonError, lines: list[tuple[int, Submission]]) -> DaemonError:
     """An atomic batch's refusal names its item by index; a person knows the line."""
     match = ITEM_REFUSED.match(exc.error.message)
     if match is None or int(match[1]) >= len(lines):
@@ -104,7 +104,7 @@ def _naming_line(exc: DaemonError, lines: list[tuple[int, BatchItem]]) -> Daemon
     return DaemonError(msgspec.structs.replace(exc.error, message=message))
 
 
-def _submit_lines(args: argparse.Namespace, lines: list[tuple[int, BatchItem]]) -> int:
+def _submit_lines(args: argparse.Namespace, lines: list[tuple[int, Submission]]) -> int:
     size = len(lines) if args.atomic else CHUNK
     chunks = [lines[start : start + size] for start in range(0, len(lines), size)]
     if args.url:
@@ -131,7 +131,7 @@ def _submit_lines(args: argparse.Namespace, lines: list[tuple[int, BatchItem]]) 
 
 
 def _report(
-    args: argparse.Namespace, lines: list[tuple[int, BatchItem]], results: list[ItemResult]
+    args: argparse.Namespace, lines: list[tuple[int, Submission]], results: list[ItemResult]
 ) -> int:
     """A summary and each refused line (--json: the results, each with its line); exit 1
     when a line was refused."""

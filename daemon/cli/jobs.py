@@ -1,4 +1,5 @@
-"""Jobs: submit, jobs, show, watch, cancel, retry, and stuck (the monitor's rules, run now)."""
+"""Jobs: submit, jobs, show, watch, cancel, retry, hold, release, and stuck (the monitor's
+rules, run now)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ import msgspec
 from jobwarden.cli.arguments import (
     Subcommands,
     add_status_option,
+    job_ids,
     positive_int,
     subcommand,
+    words,
 )
 from jobwarden.cli.batches import (
     add_file_options,
@@ -21,7 +24,14 @@ from jobwarden.cli.batches import (
     submit_file,
 )
 from jobwarden.cli.bulk import add_filter_options, check_target, run_bulk
-from jobwarden.cli.connection import call, client, over_websocket, websocket_options
+from jobwarden.cli.connection import (
+    call,
+    client,
+    http_client,
+    over_http,
+    over_websocket,
+    websocket_options,
+)
 from jobwarden.cli.output import (
     EXIT_OK,
     clock,
@@ -38,6 +48,7 @@ from jobwarden.cli.output import (
 )
 from jobwarden.cli.watching import (
     describe_event,
+    follow_over_http,
     follow_over_websocket,
     job_view,
     waiting_text,
@@ -70,6 +81,31 @@ def add_commands(commands: Subcommands) -> None:
         "with it: CONFLICT)",
     )
     submit.add_argument("--user", metavar="U", help="submit on behalf of this user")
+    start = submit.add_mutually_exclusive_group()
+    start.add_argument(
+        "--run-at", metavar="TIME", help="start it then: an RFC 3339 time, e.g. 2026-12-01T12:00Z"
+    )
+    start.add_argument("--delay", metavar="DURATION", help='start it this much later, e.g. "10m"')
+    submit.add_argument(
+        "--tag",
+        dest="tags",
+        action="extend",
+        type=words,
+        metavar="T",
+        help="tag it, to find it with jobs --tag; repeatable or comma separated",
+    )
+    submit.add_argument(
+        "--after",
+        action="extend",
+        type=job_ids,
+        metavar="JOB",
+        help="run it once these jobs are done; repeatable or comma separated",
+    )
+    submit.add_argument(
+        "--after-any",
+        action="store_true",
+        help="with --after: run it however they end (failed or canceled too)",
+    )
     submit.add_argument("--watch", action="store_true", help="then watch it until it finishes")
     websocket_options(submit)
     check_connection = submit.get_default("check")
@@ -84,6 +120,7 @@ def add_commands(commands: Subcommands) -> None:
     add_status_option(jobs)
     jobs.add_argument("--kind", metavar="K")
     jobs.add_argument("--user", metavar="U")
+    jobs.add_argument("--tag", metavar="T", help="only jobs tagged so")
     jobs.add_argument("--limit", type=positive_int, metavar="N", help="at most N jobs (50)")
 
     subcommand(commands, "show", _show, "show a job with its latest events").add_argument(
@@ -97,6 +134,13 @@ def add_commands(commands: Subcommands) -> None:
         command.add_argument("job", nargs="?", type=positive_int, metavar="JOB")
         add_filter_options(command, name)
         command.set_defaults(check=check_target)
+    for name, run, summary in (
+        ("hold", _hold, "hold a queued job: it waits until released"),
+        ("release", _release, "release a held job"),
+    ):
+        subcommand(commands, name, run, summary).add_argument(
+            "job", type=positive_int, metavar="JOB"
+        )
 
     watch = subcommand(commands, "watch", _watch, "follow a job's progress until it finishes")
     target = watch.add_mutually_exclusive_group(required=True)
@@ -115,6 +159,8 @@ def add_commands(commands: Subcommands) -> None:
 def _submit(args: argparse.Namespace) -> int:
     if args.file is not None:
         return submit_file(args)
+    if over_http(args):
+        return _submit_over_http(args)
     if args.url:
         return over_websocket(args, _submit_over_websocket)
     with client(args) as admin:
@@ -125,6 +171,11 @@ def _submit(args: argparse.Namespace) -> int:
             priority=args.priority,
             idempotency_key=args.idempotency_key,
             user=args.user,
+            run_at=args.run_at,
+            delay=args.delay,
+            tags=args.tags,
+            after=args.after,
+            after_any=args.after_any or None,
         )
         _print_submitted(args, data)
         if not args.watch:
@@ -132,9 +183,31 @@ def _submit(args: argparse.Namespace) -> int:
         return watch_job(admin, data["job"]["id"], as_json=args.json)
 
 
+def _submit_over_http(args: argparse.Namespace) -> int:
+    with http_client(args) as api:
+        job = api.submit(
+            args.kind,
+            args.payload,
+            priority=args.priority,
+            idempotency_key=args.idempotency_key,
+        )
+        _print_submitted(args, {"job": msgspec.to_builtins(job.view), "existing": job.existing})
+        if not args.watch:
+            return EXIT_OK
+        return follow_over_http(job, as_json=args.json)
+
+
 async def _submit_over_websocket(websocket: WebSocketClient, args: argparse.Namespace) -> int:
     accepted = await websocket.submit(
-        args.kind, args.payload, priority=args.priority, idempotency_key=args.idempotency_key
+        args.kind,
+        args.payload,
+        priority=args.priority,
+        idempotency_key=args.idempotency_key,
+        run_at=args.run_at,
+        delay=args.delay,
+        tags=args.tags,
+        after=args.after,
+        after_any=args.after_any,
     )
     job = msgspec.to_builtins(accepted)
     existing = job.pop("existing", False)
@@ -156,12 +229,22 @@ def _say_submitted(data: dict[str, Any]) -> None:
     job = job_view(data["job"])
     if data["existing"]:
         print(f"existing job {job.id} ({paint(job.status)})")
+    elif job.run_at is not None:
+        print(f"submitted job {job.id}, to start {when(job.run_at, time.time())}")
     else:
         print(f"submitted job {job.id}")
 
 
 def _jobs(args: argparse.Namespace) -> int:
-    data = call(args, "jobs", status=args.status, kind=args.kind, user=args.user, limit=args.limit)
+    data = call(
+        args,
+        "jobs",
+        status=args.status,
+        kind=args.kind,
+        user=args.user,
+        tag=args.tag,
+        limit=args.limit,
+    )
     waiting = data.get("waiting") or {}
     return print_reply(args, data["jobs"], lambda jobs: _print_jobs(jobs, waiting))
 
@@ -205,6 +288,10 @@ def _print_job_in_full(data: dict[str, Any]) -> None:
             ("user", job.user),
             ("status", f"{paint(job.status)} ({job.reason})" if job.reason else paint(job.status)),
             ("waiting", waiting_text(data["waiting"]) if data.get("waiting") else None),
+            ("held", "by an operator (jobwarden release)" if job.held else None),
+            ("starts", when(job.run_at, now) if _not_started(job) else None),
+            ("after", _after_text(job) if job.after else None),
+            ("tags", ", ".join(job.tags) if job.tags else None),
             ("attempt", f"{job.attempt}/{job.max_attempts}"),
             ("priority", str(job.priority)),
             ("progress", " ".join(filter(None, [progress, job.message])) or None),
@@ -213,6 +300,7 @@ def _print_job_in_full(data: dict[str, Any]) -> None:
             ("started", when(job.started_at, now) if job.started_at else None),
             ("finished", when(job.finished_at, now) if job.finished_at else None),
             ("idempotency key", job.idempotency_key),
+            ("schedule", job.schedule),
             ("payload", json_text(job.payload)),
             ("checkpoint", json_text(job.checkpoint) if job.checkpoint is not None else None),
             ("result", json_text(job.result) if job.result is not None else None),
@@ -227,6 +315,9 @@ def _print_job_in_full(data: dict[str, Any]) -> None:
 
 
 def _watch(args: argparse.Namespace) -> int:
+    if over_http(args):
+        with http_client(args) as api:
+            return follow_over_http(api.get(args.job), as_json=args.json)
     if args.url:
         return over_websocket(args, _watch_over_websocket)
     with client(args) as admin:
@@ -253,10 +344,29 @@ def _retry(args: argparse.Namespace) -> int:
     return print_reply(args, call(args, "retry", job=args.job), _print_job_line)
 
 
+def _hold(args: argparse.Namespace) -> int:
+    return print_reply(args, call(args, "hold", job=args.job), _print_job_line)
+
+
+def _release(args: argparse.Namespace) -> int:
+    return print_reply(args, call(args, "release", job=args.job), _print_job_line)
+
+
+def _not_started(job: JobView) -> bool:
+    """Submitted to start later, and not started yet."""
+    return job.run_at is not None and job.status == "queued" and job.attempt == 0
+
+
+def _after_text(job: JobView) -> str:
+    ids = ", ".join(f"job {job_id}" for job_id in job.after)
+    return ids + (", whatever their outcome" if job.after_any else ", once done")
+
+
 def _print_job_line(data: dict[str, Any]) -> None:
     job = job_view(data["job"])
     detail = _job_detail(job)
-    print(f"job {job.id} {paint(job.status)}" + (f" ({detail})" if detail else ""))
+    held = ", held" if job.held else ""
+    print(f"job {job.id} {paint(job.status)}{held}" + (f" ({detail})" if detail else ""))
 
 
 def _job_detail(job: JobView) -> str:

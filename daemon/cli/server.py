@@ -214,9 +214,13 @@ def _print_system_steps(written: dict[str, Any]) -> None:
 
 def _check_config(args: argparse.Namespace) -> int:
     path = Path(args.path) if args.path else find_config(args.config)
+    # Imported here so that talking to a daemon never loads the actors.
+    from jobwarden.actors.schedules import check_schedules
+
     config = load_config(path)
     try:
         check_handlers(config)
+        check_schedules(config)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
     kinds = list(config.kinds)
@@ -343,6 +347,8 @@ def _shutdown(args: argparse.Namespace) -> int:
 
 def _backup(args: argparse.Namespace) -> int:
     config = load_config(find_config(args.config))
+    if config.store.url:
+        raise ConfigError("backup copies an SQLite database; back a PostgreSQL one up with pg_dump")
     database = config.path(config.store.path)
     target = Path(args.path)
     # A file of our own first, so the copy is never readable by more than its owner, and a

@@ -1,4 +1,5 @@
-"""Users: add them, show them, change their credits and limits, disable them, renew tokens."""
+"""Users: add them, show them, change their credits and limits, disable them, hold their jobs,
+renew tokens."""
 
 from __future__ import annotations
 
@@ -54,6 +55,8 @@ def add_commands(commands: Subcommands) -> None:
     )
     action("disable", "refuse the user's submissions and token")
     action("enable", "accept the user again")
+    action("hold", "hold the user's queued jobs (new ones too): they wait until released")
+    action("release", "release the user's held jobs")
     action("token", "make a new token for the user; the old one stops working")
 
 
@@ -90,7 +93,7 @@ def _print_user(data: dict[str, Any]) -> None:
             ("daily limit", _own_limit(user.get("daily_limit"))),
             ("rate", user.get("rate") or "default"),
             ("max running", _own_limit(user.get("max_running"))),
-            ("state", "disabled" if user["disabled"] else "enabled"),
+            ("state", _state(user)),
             ("token", data.get("token") or ("set" if user["has_token"] else "none")),
         ]
     )
@@ -118,5 +121,10 @@ def _user_row(user: dict[str, Any]) -> list[str]:
         _own_limit(user.get("daily_limit")),
         user.get("rate") or "default",
         _own_limit(user.get("max_running")),
-        "disabled" if user["disabled"] else "enabled",
+        _state(user),
     ]
+
+
+def _state(user: dict[str, Any]) -> str:
+    state = "disabled" if user["disabled"] else "enabled"
+    return state + (", on hold" if user.get("held") else "")

@@ -26,7 +26,7 @@ from jobwarden.cli.output import (
     print_json_line,
     span,
 )
-from jobwarden.client import AdminClient, WebSocketClient
+from jobwarden.client import AdminClient, Job, WebSocketClient
 from jobwarden.wire.views import TERMINAL_STATUSES, ErrorBody, JobView
 
 ShowEvent = Callable[[dict[str, Any]], None]
@@ -70,6 +70,19 @@ def watch_all(client: AdminClient, *, as_json: bool) -> NoReturn:
     with _event_printer(None, as_json=as_json) as show_event:
         while True:
             show_event(next(events))
+
+
+def follow_over_http(job: Job, *, as_json: bool) -> int:
+    """Follow one job over the HTTP API's event stream, from its first event to its final
+    status as it stands."""
+    outcome = None
+    with _event_printer(job.view, as_json=as_json) as show_event:
+        for event in job.events(since=0):
+            shown = msgspec.to_builtins(event)
+            show_event(shown)
+            outcome = _outcome_of(shown) or outcome
+    assert outcome is not None, "a job's event stream ends with its final status"
+    return _report_outcome(job.id, outcome, as_json=as_json)
 
 
 async def follow_over_websocket(client: WebSocketClient, job_id: int, *, as_json: bool) -> int:

@@ -19,6 +19,7 @@ import random
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, suppress
+from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -36,7 +37,6 @@ from trio_websocket import (
 from jobwarden.errors import DaemonError, DaemonUnreachable
 from jobwarden.wire.views import (
     TERMINAL_STATUSES,
-    BatchItem,
     BatchResult,
     BulkOutcome,
     ErrorBody,
@@ -45,6 +45,7 @@ from jobwarden.wire.views import (
     JobStatus,
     JobView,
     LogLine,
+    Submission,
 )
 from jobwarden.wire.websocket import WatchKey
 
@@ -119,12 +120,25 @@ class WebSocketClient:
         *,
         priority: int | None = None,
         idempotency_key: str | None = None,
+        run_at: datetime | str | None = None,
+        delay: timedelta | str | None = None,
+        tags: list[str] | None = None,
+        after: list[int] | None = None,
+        after_any: bool = False,
     ) -> Accepted:
         """Submit a job. Without an idempotency key one is made up. Each call also sends a
         new submission id, so that the submit sent again after a reconnection finds the job
         its first sending made: by the key while that job is queued or running, by the
         submission id once it has finished. It never makes a second job; a later call with
-        the key of a finished job is new work and does."""
+        the key of a finished job is new work and does.
+
+        `run_at` (an aware datetime or an RFC 3339 string) or `delay` ("10m" or a timedelta)
+        starts it later; `tags` to find it by; `after`: your jobs it waits for, which must
+        all be done unless `after_any` (see docs/scheduling.md)."""
+        if isinstance(run_at, datetime):
+            run_at = run_at.isoformat()
+        if isinstance(delay, timedelta):
+            delay = f"{delay.total_seconds():g}s"
         reply = await self._request(
             op="submit",
             kind=kind,
@@ -132,10 +146,15 @@ class WebSocketClient:
             priority=priority,
             idempotency_key=idempotency_key or f"client-{uuid.uuid4().hex}",
             submission_id=uuid.uuid4().hex,
+            run_at=run_at,
+            delay=delay,
+            tags=tags,
+            after=after,
+            after_any=after_any or None,
         )
         return msgspec.convert({**reply["job"], "existing": reply["existing"]}, Accepted)
 
-    async def submit_many(self, items: list[BatchItem], *, atomic: bool = False) -> BatchResult:
+    async def submit_many(self, items: list[Submission], *, atomic: bool = False) -> BatchResult:
         """Submit many jobs in one request, committed at once: each item's result in order
         (its job, or its refusal); `atomic`: all or none (DaemonError names the item that
         refused the batch). As with `submit`, an item without a key gets one made up, and
@@ -178,10 +197,15 @@ class WebSocketClient:
         return reply["dropped"], msgspec.convert(reply["lines"], list[LogLine])
 
     async def jobs(
-        self, *, status: list[JobStatus] | None = None, kind: str | None = None, limit: int = 50
+        self,
+        *,
+        status: list[JobStatus] | None = None,
+        kind: str | None = None,
+        tag: str | None = None,
+        limit: int = 50,
     ) -> list[JobView]:
-        """The user's jobs, newest first."""
-        reply = await self._request(op="jobs", status=status, kind=kind, limit=limit)
+        """The user's jobs, newest first (with `tag`: only those tagged so)."""
+        reply = await self._request(op="jobs", status=status, kind=kind, tag=tag, limit=limit)
         return msgspec.convert(reply["jobs"], list[JobView])
 
     def watch(self, job_id: int, *, since: int | None = None) -> Watch:

@@ -22,7 +22,6 @@ import grp
 import math
 import os
 import pwd
-import re
 import socket
 import struct
 from collections.abc import Iterator
@@ -35,24 +34,10 @@ import structlog
 import trio
 
 from jobwarden import __version__
-from jobwarden.actors.budget import BudgetCalendar
 from jobwarden.actors.messages import (
-    BreakerReset,
-    BreakerSnapshot,
-    BreakerTrip,
-    BudgetQuery,
-    LedgerReport,
-    Pause,
-    Requeue,
-    Resume,
-    ResumeBudget,
-    RunRules,
     SchedulerSnapshot,
-    SetBudget,
-    UserRate,
 )
-from jobwarden.clock import WallClock
-from jobwarden.config import Config, format_duration, parse_rate
+from jobwarden.config import Config, format_duration
 from jobwarden.errors import ConfigError, RequestError, StartupError, error_body
 from jobwarden.mailbox import ask
 from jobwarden.metrics import Metrics
@@ -65,38 +50,36 @@ from jobwarden.process.commands import (
     answer,
     log_failure,
 )
-from jobwarden.store import users
-from jobwarden.store.engine import Store
 from jobwarden.wire.admin import (
     AdminRequest,
-    BreakerArgs,
     BreakerRequest,
     BreakersRequest,
-    BudgetArgs,
     BudgetRequest,
     CancelManyRequest,
     CancelRequest,
     DrainRequest,
     EventLine,
+    HoldRequest,
     JobsRequest,
-    LedgerArgs,
     LedgerRequest,
     LogEnd,
     LogLineMessage,
     LogsRequest,
     PauseRequest,
     PingRequest,
+    ReleaseRequest,
     Reply,
     ResumeRequest,
     RetryManyRequest,
     RetryRequest,
+    SchedulesRequest,
     ShowRequest,
     ShutdownRequest,
     StatusRequest,
     StuckRequest,
     SubmitManyRequest,
     SubmitRequest,
-    UsersArgs,
+    TokensRequest,
     UsersRequest,
     WatchRequest,
     encode_line,
@@ -106,8 +89,6 @@ from jobwarden.wire.views import ErrorBody, Event, LogLine
 log = structlog.get_logger("admin")
 
 MAX_IN_FLIGHT_PER_CONNECTION = 256
-# The `users` actions that end the user's open sessions, and the reason their clients are told.
-ENDS_SESSIONS = {"token": "token revoked", "disable": "user disabled"}
 
 
 class Stop(msgspec.Struct):
@@ -260,26 +241,14 @@ class AdminServer:
         self,
         *,
         config: Config,
-        store: Store,
-        clock: WallClock,
         commands: Commands,
-        admission: trio.MemorySendChannel[Any],
         scheduler: trio.MemorySendChannel[Any],
-        monitor: trio.MemorySendChannel[Any],
-        breaker: trio.MemorySendChannel[Any],
-        ledger: trio.MemorySendChannel[Any],
         supervisor: trio.MemorySendChannel[Any],
         metrics: Metrics,
     ) -> None:
         self._config = config
-        self._store = store
-        self._clock = clock
         self._commands = commands
-        self._admission = admission
         self._scheduler = scheduler
-        self._monitor = monitor
-        self._breaker = breaker
-        self._ledger = ledger
         self._supervisor = supervisor
         self._metrics = metrics
         self._group_gid: int | None = None
@@ -443,7 +412,12 @@ class AdminServer:
                 return await commands.submit_many(args.user, args.items, atomic=args.atomic)
             case JobsRequest(args=args):
                 found = await commands.jobs(
-                    OPERATOR, status=args.status, kind=args.kind, user=args.user, limit=args.limit
+                    OPERATOR,
+                    status=args.status,
+                    kind=args.kind,
+                    user=args.user,
+                    tag=args.tag,
+                    limit=args.limit,
                 )
                 return {"jobs": found, "waiting": await commands.waiting(found)}
             case ShowRequest(args=args):
@@ -452,7 +426,11 @@ class AdminServer:
             case CancelRequest(args=args):
                 return {"job": await commands.cancel(OPERATOR, args.job)}
             case RetryRequest(args=args):
-                return {"job": await ask(self._admission, Requeue, job_id=args.job)}
+                return {"job": await commands.retry(args.job)}
+            case HoldRequest(args=args):
+                return {"job": await commands.hold(args.job, held=True)}
+            case ReleaseRequest(args=args):
+                return {"job": await commands.hold(args.job, held=False)}
             case LogsRequest(args=args):
                 page = await commands.logs(OPERATOR, args.job, after=args.after)
                 return {"dropped": page.dropped, "lines": page.lines}
@@ -463,9 +441,9 @@ class AdminServer:
             case RetryManyRequest(args=args):
                 return await commands.retry_many(args.filter, dry_run=args.dry_run, show=args.show)
             case PauseRequest(args=args):
-                return await self._pause_or_resume(Pause, args.kind)
+                return await commands.pause(args.kind)
             case ResumeRequest(args=args):
-                return await self._pause_or_resume(Resume, args.kind)
+                return await commands.resume(args.kind)
             case DrainRequest():
                 status = await ask(self._scheduler, SchedulerSnapshot)
                 await self._supervisor.send(Stop())
@@ -476,133 +454,24 @@ class AdminServer:
             case StatusRequest():
                 return await commands.health()
             case StuckRequest(args=args):
-                findings = await ask(self._monitor, RunRules, dry_run=args.dry_run)
-                return {"dry_run": args.dry_run, "findings": findings}
+                return await commands.stuck(dry_run=args.dry_run)
             case BreakersRequest():
-                return await ask(self._breaker, BreakerSnapshot)
+                return await commands.breakers()
             case BreakerRequest(args=args):
-                return await self._breaker_action(args)
+                return await commands.breaker(args)
             case LedgerRequest(args=args):
-                return await self._ledger_report(args)
+                return await commands.ledger(args)
             case BudgetRequest(args=args):
-                return await self._budget(args)
+                return await commands.budget(args)
             case UsersRequest(args=args):
-                return await self._users(args)
+                return await commands.users(args)
+            case TokensRequest(args=args):
+                return await commands.tokens(args)
+            case SchedulesRequest(args=args) if args.action == "list":
+                return {"schedules": await commands.schedules()}
+            case SchedulesRequest(args=args):
+                return await commands.schedule_action(args.action, args.name)
         raise AssertionError(f"{type(request).__name__} is streamed, not answered")
-
-    async def _pause_or_resume(self, message: type[Pause | Resume], kind: str | None) -> Any:
-        if kind is not None and kind not in self._config.kinds:
-            known = ", ".join(sorted(self._config.kinds))
-            raise RequestError("INVALID_REQUEST", f"unknown kind '{kind}' (known: {known})")
-        return await ask(self._scheduler, message, kind=kind)
-
-    async def _breaker_action(self, args: BreakerArgs) -> dict[str, Any]:
-        message = BreakerReset if args.action == "reset" else BreakerTrip
-        return {args.service: await ask(self._breaker, message, service=args.service)}
-
-    async def _ledger_report(self, args: LedgerArgs) -> dict[str, Any]:
-        if args.day is not None and args.month is not None:
-            raise RequestError("INVALID_REQUEST", "ledger: give a day or a month, not both")
-        if args.day is not None and not re.fullmatch(r"\d{4}-\d{2}-\d{2}", args.day):
-            raise RequestError(
-                "INVALID_REQUEST", f"ledger: day must be YYYY-MM-DD, got {args.day!r}"
-            )
-        if args.month is not None and not re.fullmatch(r"\d{4}-\d{2}", args.month):
-            raise RequestError(
-                "INVALID_REQUEST", f"ledger: month must be YYYY-MM, got {args.month!r}"
-            )
-        period = args.day or args.month
-        if period is None:
-            period = (await ask(self._ledger, BudgetQuery))["day"]
-        return await ask(self._ledger, LedgerReport, period=period, by=args.by)
-
-    async def _budget(self, args: BudgetArgs) -> dict[str, Any]:
-        if args.action == "set":
-            if args.daily_usd is None and args.monthly_usd is None:
-                raise RequestError("INVALID_REQUEST", "budget set: give daily_usd or monthly_usd")
-            return await ask(
-                self._ledger, SetBudget, daily_usd=args.daily_usd, monthly_usd=args.monthly_usd
-            )
-        if args.action == "resume":
-            return await ask(self._ledger, ResumeBudget)
-        return await ask(self._ledger, BudgetQuery)
-
-    async def _users(self, args: UsersArgs) -> dict[str, Any]:
-        if args.action == "list":
-            return {
-                "users": [self._with_today(user) for user in await self._store.read(users.list_all)]
-            }
-        name = args.name
-        if name is None or not 0 < len(name) <= 64 or not name.isprintable():
-            raise RequestError(
-                "INVALID_REQUEST", "users: name must be 1 to 64 printable characters"
-            )
-        if args.rate is not None:
-            try:
-                parse_rate(args.rate)
-            except ValueError as exc:
-                raise RequestError("INVALID_REQUEST", f"users: rate: {exc}") from None
-        limits = users.UserLimits(
-            daily_limit=args.daily_limit, rate=args.rate, max_running=args.max_running
-        )
-        token = None
-        match args.action:
-            case "show":
-                user = await self._store.read(partial(users.get, name=name))
-            case "add":
-                token = users.new_token()
-                credits = self._config.limits.credits if args.credits is None else args.credits
-                user = await self._store.write(
-                    partial(
-                        users.create,
-                        name=name,
-                        credits=None if credits == "unlimited" else credits,
-                        limits=limits,
-                        token_hash=users.hash_token(token),
-                        now=self._clock.now(),
-                    )
-                )
-                if user is None:
-                    raise RequestError("INVALID_REQUEST", f"users: '{name}' exists already")
-            case "token":
-                token = users.new_token()
-                user = await self._update_user(name, token_hash=users.hash_token(token))
-            case "credits":
-                if args.change is None:
-                    raise RequestError(
-                        "INVALID_REQUEST", "users credits: give the change, +N or -N"
-                    )
-                user = await self._update_user(name, credits_delta=args.change)
-            case "set":
-                user = await self._update_user(
-                    name,
-                    credits=args.credits if isinstance(args.credits, int) else None,
-                    unlimited=args.credits == "unlimited",
-                    limits=limits,
-                )
-            case "disable" | "enable":
-                user = await self._update_user(name, disabled=args.action == "disable")
-        if user is None:
-            raise RequestError("NOT_FOUND", f"no user '{name}'")
-        if args.action in ENDS_SESSIONS:
-            # What the old token opened ends with it, as a disabled user's sessions do.
-            self._commands.sessions.revoke(name, ENDS_SESSIONS[args.action])
-        if args.rate is not None:
-            await self._admission.send(UserRate(user=name, rate=args.rate))
-        reply: dict[str, Any] = {"user": self._with_today(user)}
-        if token is not None:
-            reply["token"] = token
-        return reply
-
-    async def _update_user(self, name: str, **changes: Any) -> Any:
-        return await self._store.write(partial(users.update, name=name, **changes))
-
-    def _with_today(self, user: users.UserView) -> users.UserView:
-        """The stored daily count belongs to the day it was counted on."""
-        zone = self._config.limits.day_zone(self._config.budget)
-        if user.day != BudgetCalendar(zone).day(self._clock.now()):
-            return msgspec.structs.replace(user, jobs_today=0)
-        return user
 
     async def _follow_logs(self, connection: _Connection, request: LogsRequest) -> None:
         """Answer `following`, then send the job's lines as they come and `ended` once it

@@ -5,9 +5,11 @@ limits; everything else they ask of this module, so a fix lands in every door at
 
 - `decode` a request with the one typed decoder of its listener's wire, or say what is wrong
   with it (the path of a wrong argument, the known commands for an unknown one);
-- `Commands`: submit, jobs, show, cancel and watch for a `Caller`, who is the operator (every
-  job) or one user (their own jobs only: anyone else's is as absent as one that never was),
-  and the health snapshot;
+- `Commands`: submit, jobs, show, cancel, watch and wait for a `Caller`, who is the operator
+  (every job) or one user (their own jobs only: anyone else's is as absent as one that never
+  was), the health snapshot, and the operator's commands (retry, hold and release of a job or
+  a user's jobs, pause, resume, stuck, breakers, ledger, budget, users, operator tokens,
+  recurring schedules), whichever listener they come by;
 - `answer`: decode a request and respond to it, never raising: what fails is its error;
 - `error_reply`: an exception as the error a client is sent;
 - `Refusals`: every refusal counted in metrics, and logged without letting a client flood
@@ -24,10 +26,11 @@ between is in both and is sent once; a live event at or below the last seq sent 
 from __future__ import annotations
 
 import contextlib
+import re
 import traceback
 import weakref
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Generic, Literal, NamedTuple, Protocol, TypeVar
@@ -36,30 +39,52 @@ import msgspec
 import structlog
 import trio
 
+from jobwarden.actors.budget import BudgetCalendar
 from jobwarden.actors.joblogs import JobLogs
 from jobwarden.actors.messages import (
+    BreakerReset,
+    BreakerSnapshot,
+    BreakerTrip,
+    BudgetQuery,
     CancelJob,
     Explain,
     HealthQuery,
+    LedgerReport,
+    Pause,
+    QueueChanged,
+    Requeue,
     RequeueMatching,
+    Resume,
+    ResumeBudget,
+    RunRules,
+    ScheduleAction,
+    SetBudget,
     Submit,
     SubmitMany,
 )
 from jobwarden.clock import WallClock
-from jobwarden.config import name_path
+from jobwarden.config import Config, name_path, parse_rate
 from jobwarden.errors import RequestError, StoreError, error_body
 from jobwarden.hub import EventHub, Subscription
 from jobwarden.logs import clip
 from jobwarden.mailbox import ReplySlot, ask
 from jobwarden.metrics import Metrics
-from jobwarden.store import joblogs, jobs
+from jobwarden.store import joblogs, jobs, tokens, users
 from jobwarden.store.engine import Store
 from jobwarden.store.joblogs import JobLog
-from jobwarden.wire.admin import COMMANDS, request_decoder
+from jobwarden.store.ledger import job_spend
+from jobwarden.wire.admin import (
+    COMMANDS,
+    BreakerArgs,
+    BudgetArgs,
+    LedgerArgs,
+    TokensArgs,
+    UsersArgs,
+    request_decoder,
+)
 from jobwarden.wire.views import (
     MAX_DEPTH,
     TERMINAL_STATUSES,
-    BatchItem,
     BatchResult,
     BulkOutcome,
     ErrorBody,
@@ -98,6 +123,8 @@ LOG_WAKEUPS = 16
 # Refusals logged one by one per listener and minute (each connection's first); the rest
 # are summed up in one line a minute.
 REFUSAL_LINES_PER_MINUTE = 20
+# The `users` actions that end the user's open sessions, and the reason their clients are told.
+ENDS_SESSIONS = {"token": "token revoked", "disable": "user disabled"}
 
 
 # -- decoding ---------------------------------------------------------------------------------
@@ -255,6 +282,29 @@ class NewJob(Protocol):
     priority: int | None
     idempotency_key: str | None
     submission_id: str | None
+    run_at: str | None
+    delay: str | None
+    tags: list[str] | None
+    after: list[int] | None
+    after_any: bool
+
+
+def _admission_submit(user: str, new: NewJob) -> Submit:
+    """The message that asks admission for `new` as `user`'s job, its reply still open."""
+    return Submit(
+        kind=new.kind,
+        payload=new.payload,
+        user=user,
+        reply=ReplySlot(),
+        priority=new.priority,
+        idempotency_key=new.idempotency_key,
+        submission_id=new.submission_id,
+        run_at=new.run_at,
+        delay=new.delay,
+        tags=new.tags,
+        after=new.after,
+        after_any=new.after_any,
+    )
 
 
 class Shown(NamedTuple):
@@ -275,63 +325,55 @@ class WatchStart(NamedTuple):
 
 
 class Commands:
-    """Submit, jobs, show, cancel, watch and health, for any listener."""
+    """Every command a listener passes on: a user's (submit, jobs, show, cancel, watch, wait)
+    and the operator's."""
 
     def __init__(
         self,
         *,
+        config: Config,
+        clock: WallClock,
         store: Store,
         hub: EventHub,
-        clock: WallClock,
         job_logs: JobLogs,
         admission: trio.MemorySendChannel[Any],
         scheduler: trio.MemorySendChannel[Any],
         pool: trio.MemorySendChannel[Any],
         monitor: trio.MemorySendChannel[Any],
+        breaker: trio.MemorySendChannel[Any],
+        ledger: trio.MemorySendChannel[Any],
     ) -> None:
+        self._config = config
+        self._clock = clock
         self._store = store
         self._hub = hub
-        self._clock = clock
         self._job_logs = job_logs
         self._admission = admission
         self._scheduler = scheduler
         self._pool = pool
         self._monitor = monitor
+        self._breaker = breaker
+        self._ledger = ledger
         self.sessions = Sessions()
+
+    def reconfigure(self, config: Config) -> None:
+        """Kinds, limits and the budget's day may change on reload."""
+        self._config = config
 
     async def submit(self, user: str, new: NewJob) -> tuple[JobView, bool]:
         """Admit a job for `user` (whom the listener names: the token's user, or whomever
         the operator says); the job, and whether it existed already under its key."""
-        job, existing = await ask(
-            self._admission,
-            Submit,
-            kind=new.kind,
-            payload=new.payload,
-            user=user,
-            priority=new.priority,
-            idempotency_key=new.idempotency_key,
-            submission_id=new.submission_id,
-        )
-        return job, existing
+        submit = _admission_submit(user, new)
+        await self._admission.send(submit)
+        return await submit.reply.wait()
 
     async def submit_many(
-        self, user: str, items: list[BatchItem], *, atomic: bool = False
+        self, user: str, items: Sequence[NewJob], *, atomic: bool = False
     ) -> BatchResult:
         """Admit a batch of jobs for `user` in one store write, so it commits at once: each
         item's result in the items' order (its job, or its refusal); `atomic`: all items are
         accepted, or the batch is refused with the first refusal, which names its item."""
-        submits = [
-            Submit(
-                kind=item.kind,
-                payload=item.payload,
-                user=user,
-                reply=ReplySlot(),
-                priority=item.priority,
-                idempotency_key=item.idempotency_key,
-                submission_id=item.submission_id,
-            )
-            for item in items
-        ]
+        submits = [_admission_submit(user, item) for item in items]
         await ask(self._admission, SubmitMany, items=submits, atomic=atomic)
         results = []
         for submit in submits:
@@ -431,9 +473,12 @@ class Commands:
         status: list[JobStatus] | None = None,
         kind: str | None = None,
         user: str | None = None,
+        tag: str | None = None,
         limit: int,
+        before: int | None = None,
     ) -> list[JobView]:
-        """The caller's jobs (the operator's: every user's, or `user`'s), newest first."""
+        """The caller's jobs (the operator's: every user's, or `user`'s), newest first; with
+        `tag`, only those tagged so; `before`: only those older than that job id."""
         if not 0 < limit <= caller.max_listed:
             raise RequestError(
                 "INVALID_REQUEST", f"jobs: limit must be within 1..{caller.max_listed}"
@@ -445,6 +490,8 @@ class Commands:
                 kind=kind,
                 user=caller.whose_jobs(user),
                 limit=limit,
+                tag=tag,
+                before=before,
             )
         )
 
@@ -465,7 +512,36 @@ class Commands:
     async def cancel(self, caller: Caller, job_id: int) -> JobView:
         await self._job(caller, job_id)
         job: JobView = await ask(self._pool, CancelJob, job_id=job_id)
+        # A queued job's end frees no slot, yet jobs that run after it may start now.
+        await self._scheduler.send(QueueChanged())
         return job
+
+    async def hold(self, job_id: int, *, held: bool) -> JobView:
+        """The operator holds a queued job (it waits, `held by an operator`) or releases it."""
+        job = await self._store.write(
+            partial(jobs.set_held, job_id=job_id, held=held, now=self._clock.now())
+        )
+        if job is None:
+            raise RequestError("NOT_FOUND", f"no job {job_id}")
+        if job.status != "queued":
+            verb = "held" if held else "released"
+            raise RequestError(
+                "INVALID_REQUEST",
+                f"job {job_id} is {job.status}; only a queued job is {verb}",
+            )
+        # Either changes what runs next, and why the others wait.
+        await self._scheduler.send(QueueChanged())
+        return job
+
+    async def hold_user(self, name: str, *, held: bool) -> users.UserView:
+        """The operator holds a user's queued jobs (they wait, `user NAME on hold`; new ones
+        are accepted and wait too) or releases them."""
+        user = await self._store.write(partial(users.hold, name=name, held=held))
+        if user is None:
+            raise RequestError("NOT_FOUND", f"no user '{name}'")
+        log.info("user held" if held else "user released", user=name)
+        await self._scheduler.send(QueueChanged())
+        return user
 
     async def start_watch(
         self, caller: Caller, *, job: int | None, since: int | None
@@ -518,6 +594,21 @@ class Commands:
                 await send(event)
                 last = event.seq
             return last if sub.overflowed else None
+
+    async def schedules(self) -> list[dict[str, Any]]:
+        """Every recurring schedule with its state, next slot and latest run (the operator's)."""
+        listed: list[dict[str, Any]] = await ask(self._admission, ScheduleAction, action="list")
+        return listed
+
+    async def schedule_action(self, action: str, name: str | None) -> dict[str, Any]:
+        """Pause, resume or trigger one schedule (the operator's): the schedule as it is
+        then, or for a trigger the job it made."""
+        if not name:
+            raise RequestError("INVALID_REQUEST", f"schedules {action}: name a schedule")
+        answer = await ask(self._admission, ScheduleAction, action=action, name=name)
+        if action == "trigger":
+            return {"job": answer}
+        return {"schedule": answer}
 
     async def logs(
         self, caller: Caller, job_id: int, *, after: int = 0, limit: int = LOG_PAGE
@@ -587,6 +678,204 @@ class Commands:
         health: dict[str, Any] = await ask(self._monitor, HealthQuery, by_kind=by_kind)
         return health
 
+    async def overview(self) -> dict[str, Any]:
+        """The health snapshot with what the dashboard's overview adds: the configured kinds,
+        the jobs by status and kind (as [status, kind, count] rows), the jobs finished in each
+        span of the last hour, and the alerts of the last hour."""
+        overview: dict[str, Any] = await ask(
+            self._monitor, HealthQuery, by_kind=True, last_hour=True
+        )
+        overview["by_status_kind"] = [
+            [status, kind, n] for (status, kind), n in sorted(overview["by_status_kind"].items())
+        ]
+        return overview
+
+    async def job_cost(self, caller: Caller, job_id: int) -> float:
+        """What the job's external calls have cost so far, in USD."""
+        await self._job(caller, job_id)
+        return await self._store.read(partial(job_spend, job_id=job_id))
+
+    async def wait_final(self, caller: Caller, job_id: int, *, timeout: float) -> JobView:
+        """The job once it is final (done, failed, canceled), or as it is after `timeout`
+        seconds of trio's clock if it is not final by then."""
+        deadline = trio.current_time() + timeout
+        while True:
+            # Subscribed before the job is read: a final status committed meanwhile is seen.
+            with self._hub.subscribe(job=job_id, buffer=16) as sub:
+                job = await self._job(caller, job_id)
+                if job.status in TERMINAL_STATUSES or trio.current_time() >= deadline:
+                    return job
+                with trio.move_on_at(deadline):
+                    async for event in sub.events:
+                        if event.type == "status" and event.data["status"] in TERMINAL_STATUSES:
+                            break
+            # A final status, the deadline, or a buffer the hub found full: read the job again.
+
+    # -- the operator's commands ----------------------------------------------------------------
+
+    async def retry(self, job_id: int) -> JobView:
+        """Queue a finished job again."""
+        job: JobView = await ask(self._admission, Requeue, job_id=job_id)
+        return job
+
+    async def pause(self, kind: str | None) -> Any:
+        """Hold a kind's queued jobs (None: every kind's)."""
+        return await ask(self._scheduler, Pause, kind=self._known_kind(kind))
+
+    async def resume(self, kind: str | None) -> Any:
+        """Dispatch a paused kind (None: every kind) again."""
+        return await ask(self._scheduler, Resume, kind=self._known_kind(kind))
+
+    def _known_kind(self, kind: str | None) -> str | None:
+        if kind is not None and kind not in self._config.kinds:
+            known = ", ".join(sorted(self._config.kinds))
+            raise RequestError("INVALID_REQUEST", f"unknown kind '{kind}' (known: {known})")
+        return kind
+
+    async def stuck(self, *, dry_run: bool) -> dict[str, Any]:
+        """Run the monitor's rules now, or (dry_run) only say what they would do."""
+        findings = await ask(self._monitor, RunRules, dry_run=dry_run)
+        return {"dry_run": dry_run, "findings": findings}
+
+    async def breakers(self) -> Any:
+        return await ask(self._breaker, BreakerSnapshot)
+
+    async def breaker(self, args: BreakerArgs) -> dict[str, Any]:
+        """Reset or trip one service's circuit."""
+        message = BreakerReset if args.action == "reset" else BreakerTrip
+        return {args.service: await ask(self._breaker, message, service=args.service)}
+
+    async def ledger(self, args: LedgerArgs) -> Any:
+        """Spending of a day or a month (neither: today), grouped."""
+        if args.day is not None and args.month is not None:
+            raise RequestError("INVALID_REQUEST", "ledger: give a day or a month, not both")
+        if args.day is not None and not re.fullmatch(r"\d{4}-\d{2}-\d{2}", args.day):
+            raise RequestError(
+                "INVALID_REQUEST", f"ledger: day must be YYYY-MM-DD, got {args.day!r}"
+            )
+        if args.month is not None and not re.fullmatch(r"\d{4}-\d{2}", args.month):
+            raise RequestError(
+                "INVALID_REQUEST", f"ledger: month must be YYYY-MM, got {args.month!r}"
+            )
+        period = args.day or args.month
+        if period is None:
+            period = (await ask(self._ledger, BudgetQuery))["day"]
+        return await ask(self._ledger, LedgerReport, period=period, by=args.by)
+
+    async def budget(self, args: BudgetArgs) -> Any:
+        """Show, set or resume the budget."""
+        if args.action == "set":
+            if args.daily_usd is None and args.monthly_usd is None:
+                raise RequestError("INVALID_REQUEST", "budget set: give daily_usd or monthly_usd")
+            return await ask(
+                self._ledger, SetBudget, daily_usd=args.daily_usd, monthly_usd=args.monthly_usd
+            )
+        if args.action == "resume":
+            return await ask(self._ledger, ResumeBudget)
+        return await ask(self._ledger, BudgetQuery)
+
+    async def users(self, args: UsersArgs) -> dict[str, Any]:
+        """List, show, add or change users: `{"users": [...]}`, or `{"user", "token"?}` (a
+        new token is shown this once)."""
+        if args.action == "list":
+            return {
+                "users": [self._with_today(user) for user in await self._store.read(users.list_all)]
+            }
+        name = args.name
+        if name is None or not 0 < len(name) <= 64 or not name.isprintable():
+            raise RequestError(
+                "INVALID_REQUEST", "users: name must be 1 to 64 printable characters"
+            )
+        if args.rate is not None:
+            try:
+                parse_rate(args.rate)
+            except ValueError as exc:
+                raise RequestError("INVALID_REQUEST", f"users: rate: {exc}") from None
+        limits = users.UserLimits(
+            daily_limit=args.daily_limit, rate=args.rate, max_running=args.max_running
+        )
+        token = None
+        match args.action:
+            case "show":
+                user = await self._store.read(partial(users.get, name=name))
+            case "add":
+                token = users.new_token()
+                credits = self._config.limits.credits if args.credits is None else args.credits
+                user = await self._store.write(
+                    partial(
+                        users.create,
+                        name=name,
+                        credits=None if credits == "unlimited" else credits,
+                        limits=limits,
+                        token_hash=users.hash_token(token),
+                        now=self._clock.now(),
+                    )
+                )
+                if user is None:
+                    raise RequestError("INVALID_REQUEST", f"users: '{name}' exists already")
+            case "token":
+                token = users.new_token()
+                user = await self._update_user(name, token_hash=users.hash_token(token))
+            case "credits":
+                if args.change is None:
+                    raise RequestError(
+                        "INVALID_REQUEST", "users credits: give the change, +N or -N"
+                    )
+                user = await self._update_user(name, credits_delta=args.change)
+            case "set":
+                user = await self._update_user(
+                    name,
+                    credits=args.credits if isinstance(args.credits, int) else None,
+                    unlimited=args.credits == "unlimited",
+                    limits=limits,
+                )
+            case "disable" | "enable":
+                user = await self._update_user(name, disabled=args.action == "disable")
+            case "hold" | "release":
+                user = await self.hold_user(name, held=args.action == "hold")
+        if user is None:
+            raise RequestError("NOT_FOUND", f"no user '{name}'")
+        if args.action in ENDS_SESSIONS:
+            # What the old token opened ends with it, as a disabled user's sessions do.
+            self.sessions.revoke(name, ENDS_SESSIONS[args.action])
+        reply: dict[str, Any] = {"user": self._with_today(user)}
+        if token is not None:
+            reply["token"] = token
+        return reply
+
+    async def _update_user(self, name: str, **changes: Any) -> Any:
+        return await self._store.write(partial(users.update, name=name, **changes))
+
+    def _with_today(self, user: users.UserView) -> users.UserView:
+        """The stored daily count belongs to the day it was counted on."""
+        zone = self._config.limits.day_zone(self._config.budget)
+        if user.day != BudgetCalendar(zone).day(self._clock.now()):
+            return msgspec.structs.replace(user, jobs_today=0)
+        return user
+
+    async def tokens(self, args: TokensArgs) -> dict[str, Any]:
+        """Operator tokens: `list`, `add` (the token is shown this once), `revoke`."""
+        if args.action == "list":
+            return {"tokens": await self._store.read(tokens.list_all)}
+        name = args.name
+        if name is None or not 0 < len(name) <= 64 or not name.isprintable():
+            raise RequestError(
+                "INVALID_REQUEST", "tokens: name must be 1 to 64 printable characters"
+            )
+        if args.action == "revoke":
+            if not await self._store.write(partial(tokens.revoke, name=name)):
+                raise RequestError("NOT_FOUND", f"no operator token '{name}'")
+            return {"revoked": name}
+        token = tokens.new_operator_token()
+        added = await self._store.write(
+            partial(
+                tokens.add, name=name, token_hash=users.hash_token(token), now=self._clock.now()
+            )
+        )
+        if added is None:
+            raise RequestError("INVALID_REQUEST", f"tokens: '{name}' exists already")
+        return {"token": added, "secret": token}
+
     async def _job(self, caller: Caller, job_id: int) -> JobView:
         return _seen_by(
             caller, await self._store.read(partial(jobs.get_job, job_id=job_id)), job_id
@@ -626,8 +915,8 @@ async def answer(
 
 def error_reply(exc: Exception, *, listener: str) -> ErrorBody:
     """The error a client is sent for a request that raised `exc`: a refusal's own; a store
-    that takes no writes, STORAGE_FULL or STORAGE_ERROR; anything else is the daemon's fault,
-    INTERNAL, with an error_id that finds its one log line."""
+    that takes no writes, STORAGE_FULL, STORAGE_ERROR or STORAGE_UNAVAILABLE; anything else is
+    the daemon's fault, INTERNAL, with an error_id that finds its one log line."""
     if isinstance(exc, RequestError):
         return exc.body
     if isinstance(exc, StoreError):

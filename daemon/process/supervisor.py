@@ -46,8 +46,9 @@ from jobwarden.actors.monitor import Monitor
 from jobwarden.actors.pool import Pool
 from jobwarden.actors.processes import end_leftover_groups
 from jobwarden.actors.scheduler import Scheduler
+from jobwarden.actors.schedules import check_schedules
 from jobwarden.clock import WallClock
-from jobwarden.config import Config, Overrides, check_handlers, load_config
+from jobwarden.config import Config, Overrides, check_handlers, load_config, redacted_url
 from jobwarden.errors import ConfigError, StartupError, StoreError
 from jobwarden.hub import EventHub
 from jobwarden.logs import configure_logging, use_clock
@@ -88,6 +89,7 @@ class DaemonHandle(msgspec.Struct):
     breaker: trio.MemorySendChannel[Any]
     ledger: trio.MemorySendChannel[Any]
     job_logs: JobLogs
+    metrics: Metrics
     http_port: int | None
     websocket_port: int | None
 
@@ -166,6 +168,7 @@ class Supervisor:
         self._draining = False
         self._ready = False
         self._websocket: WebSocketServer | None = None
+        self._http: HttpServer | None = None
 
     async def run(
         self, *, task_status: trio.TaskStatus[DaemonHandle] = trio.TASK_STATUS_IGNORED
@@ -174,25 +177,28 @@ class Supervisor:
         clock = WallClock(self._clock_epoch)
         self._clock = clock
         use_clock(clock)
-        db_path = config.path(config.store.path)
-        lock_fd = lock_database(db_path)
+        database = config.database()
+        # One daemon per SQLite file. A PostgreSQL database takes no file lock: several
+        # daemons on one database are a cluster (docs/operations.md says what holds there).
+        lock_fd = None if config.store.url else lock_database(Path(database))
         hub = EventHub()
         try:
             async with Store.open(
-                db_path,
+                database,
                 hub=hub,
                 synchronous=config.store.synchronous,
                 max_batch=config.store.max_batch,
                 threaded=self._threaded_store,
                 clock=clock,
             ) as store:
-                await self._recover(store, clock, db_path)
+                await self._recover(store, clock, redacted_url(database))
                 await self._run_actors(store, hub, clock, task_status)
         finally:
-            os.close(lock_fd)
+            if lock_fd is not None:
+                os.close(lock_fd)
             use_clock(None)
 
-    async def _recover(self, store: Store, clock: WallClock, db_path: Path) -> None:
+    async def _recover(self, store: Store, clock: WallClock, database: str) -> None:
         """Jobs a crash left `running` go back to the queue, once what is left of their
         commands has been ended: a command's children may outlive a crash. On a store that
         takes no writes (a full disk) the daemon starts all the same, read-only: the recovery
@@ -210,14 +216,14 @@ class Supervisor:
             store.hand_over(recover, keep=True)
             log.error(
                 "start-up recovery waits for the store to take writes; starting read-only",
-                database=str(db_path),
+                database=database,
                 code=exc.code,
                 error=str(exc),
             )
             return
         log.info(
             "start-up recovery done",
-            database=str(db_path),
+            database=database,
             leftover_processes_ended=leftovers,
             **recovered,
         )
@@ -290,23 +296,21 @@ class Supervisor:
         )
         # What a request means, shared by every listener.
         commands = Commands(
-            store=store,
+            **actor,
             hub=hub,
-            clock=clock,
             job_logs=job_logs,
             admission=admission_tx.clone(),
             scheduler=scheduler_tx.clone(),
             pool=pool_tx.clone(),
             monitor=monitor_tx.clone(),
-        )
-        self._admin = AdminServer(
-            **actor,
-            commands=commands,
-            admission=admission_tx.clone(),
-            scheduler=scheduler_tx.clone(),
-            monitor=monitor_tx.clone(),
             breaker=breaker_tx.clone(),
             ledger=ledger_tx.clone(),
+        )
+        self._commands = commands
+        self._admin = AdminServer(
+            config=config,
+            commands=commands,
+            scheduler=scheduler_tx.clone(),
             supervisor=control_tx.clone(),
             metrics=metrics,
         )
@@ -324,8 +328,9 @@ class Supervisor:
             await nursery.start(self._admin.run)
             http_port = None
             if config.http.listen:
-                http = HttpServer(
+                self._http = HttpServer(
                     listen=config.http.listen,
+                    settings=config.http,
                     store=store,
                     commands=commands,
                     metrics=metrics,
@@ -333,7 +338,7 @@ class Supervisor:
                     slow_request=config.monitor.slow_request,
                     very_slow_request=config.monitor.very_slow_request,
                 )
-                http_port = await nursery.start(http.run)
+                http_port = await nursery.start(self._http.run)
             websocket_port = None
             if config.websocket.listen:
                 self._websocket = WebSocketServer(
@@ -371,6 +376,7 @@ class Supervisor:
                     breaker=breaker_tx,
                     ledger=ledger_tx,
                     job_logs=job_logs,
+                    metrics=metrics,
                     http_port=http_port,
                     websocket_port=websocket_port,
                 )
@@ -378,6 +384,8 @@ class Supervisor:
             await self._control(control_rx)
             if self._websocket is not None:
                 await self._websocket.close_all("daemon stopping")
+            if self._http is not None:
+                await self._http.close()
             nursery.cancel_scope.cancel()
         log.info("jobwarden stopped")
 
@@ -441,6 +449,7 @@ class Supervisor:
         try:
             new = self._overrides.apply(load_config(self._config_path))
             check_handlers(new)
+            check_schedules(new)
         except ConfigError as exc:
             log.error("reload rejected; keeping the running config", error=str(exc))
             self._notifier.ready("ready (reload rejected)")
@@ -453,7 +462,13 @@ class Supervisor:
         for actor in self._channels:
             await actor.send(Reconfigure(config=new))
         self._admin.reconfigure(new)
-        log.info("config reloaded", path=str(self._config_path), kinds=sorted(new.kinds))
+        self._commands.reconfigure(new)
+        log.info(
+            "config reloaded",
+            path=str(self._config_path),
+            kinds=sorted(new.kinds),
+            schedules=sorted(new.schedules),
+        )
         self._notifier.ready("ready")
 
     async def _watch_signals(self, control: trio.MemorySendChannel[Any]) -> None:
@@ -513,6 +528,7 @@ def serve_main(config_path: Path, overrides: Overrides | None = None) -> int:
     try:
         config = overrides.apply(load_config(config_path))
         check_handlers(config)
+        check_schedules(config)
     except ConfigError as exc:
         print(f"jobwarden: {exc}", file=sys.stderr)
         return 2

@@ -380,7 +380,7 @@ class _Session:
                 return await self._logs(op)
             case WsJobs():
                 found = await commands.jobs(
-                    self.caller, status=op.status, kind=op.kind, limit=op.limit
+                    self.caller, status=op.status, kind=op.kind, tag=op.tag, limit=op.limit
                 )
                 return WsJobList(id=op.id, jobs=found)
         raise AssertionError(f"no answer for {type(op).__name__}")

@@ -19,8 +19,11 @@ write that happens to fit does not end it early. A write handed over with `keep=
 refused by a fault but kept, and committed first in the next batch that commits: what already
 happened (a job's outcome, a call's cost) is never lost.
 
-`Engine` is what the rest of jobwarden uses of a store; `Store` is the SQLite one, and reaches
-SQLite only through sqlite.py.
+`Engine` is what the rest of jobwarden uses of a store; `Store` is the one engine, on SQLite
+(a file path) or PostgreSQL (a postgresql:// URL), and reaches the database only through its
+backend (backend.py: sqlite.py or postgres.py). On PostgreSQL a lost connection (the server
+restarting) is a fault like a full disk: the probe's reconnect ends it, and a read whose
+connection was lost waits for a new one, with backoff, instead of failing.
 """
 
 from __future__ import annotations
@@ -40,12 +43,14 @@ import structlog
 import trio
 
 from jobwarden.clock import WallClock
-from jobwarden.errors import StartupError, StoreError
+from jobwarden.config import redacted_url
+from jobwarden.errors import ConfigError, StartupError, StoreError
 from jobwarden.hub import EventHub
-from jobwarden.store import sqlite
+from jobwarden.store import backend as backends
 from jobwarden.store.jobs import set_setting
 from jobwarden.store.rows import Events, insert_events
 from jobwarden.store.schema import migrate
+from jobwarden.store.sqlite import IN_MEMORY
 from jobwarden.wire.views import Event
 
 log = structlog.get_logger("store")
@@ -53,9 +58,9 @@ log = structlog.get_logger("store")
 T = TypeVar("T")
 
 # A write: a function of the write connection and the event rows it adds.
-Write = Callable[[sqlite.Connection, Events], T]
+Write = Callable[[Any, Events], T]
 # A query: a function of the read connection.
-Query = Callable[[sqlite.Connection], T]
+Query = Callable[[Any], T]
 
 
 # While the store takes no writes, it tries one of its own after this long, then twice as long
@@ -67,11 +72,17 @@ PROBE_MAX = 30.0
 # the store would flap between taking writes and refusing them.
 PROBE_SETTING = "store_probe"
 PROBE_ROOM = 64 * 1024
+# A read whose connection was lost tries a new one after this long, then twice as long each
+# time, up to READ_RETRY_MAX, for as long as the database stays away (a caller's cancel scope
+# ends the wait): an actor's read waits out a restart of the server instead of failing.
+READ_RETRY_FIRST = 0.1
+READ_RETRY_MAX = 5.0
 
 
 class StoreFault(msgspec.Struct, frozen=True):
-    """Why the store takes no writes: `STORAGE_FULL` or `STORAGE_ERROR`, the database's own
-    words, and since when (wall time)."""
+    """Why the store takes no writes: `STORAGE_FULL`, `STORAGE_UNAVAILABLE` (the database
+    server cannot be reached) or `STORAGE_ERROR`, the database's own words, and since when
+    (wall time)."""
 
     code: str
     message: str
@@ -141,10 +152,8 @@ class StoreHealth:
         """The fault as the error a write would meet now; None while the store takes writes."""
         if self.fault is None:
             return None
-        return StoreError(
-            self.fault.message,
-            full=self.fault.code == "STORAGE_FULL",
-            retry_after=self.retry_after(),
+        return StoreError.with_code(
+            self.fault.code, self.fault.message, retry_after=self.retry_after()
         )
 
     def view(self) -> dict[str, Any]:
@@ -237,8 +246,8 @@ _STOP = object()
 
 
 class Store:
-    """The SQLite engine. Open with `async with Store.open(...)`; all methods are called from
-    trio."""
+    """The engine, on SQLite or PostgreSQL. Open with `async with Store.open(...)`; all
+    methods are called from trio."""
 
     def __init__(
         self,
@@ -250,7 +259,9 @@ class Store:
         threaded: bool,
         clock: WallClock,
     ) -> None:
+        # The database: a file path, or a postgresql:// URL.
         self.path = path
+        self._backend = backends.backend_for(path)
         self._synchronous = synchronous
         self._max_batch = max_batch
         self._hub = hub
@@ -259,8 +270,8 @@ class Store:
         self.health = StoreHealth(clock)
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._read_limiter = trio.CapacityLimiter(1)
-        self._writer: sqlite.Connection | None = None
-        self._reader: sqlite.Connection | None = None
+        self._writer: Any = None
+        self._reader: Any = None
         # Writes kept through a fault, oldest first; only the writer touches them.
         self._kept: list[PendingWrite[Any]] = []
         self.batches = 0
@@ -278,9 +289,9 @@ class Store:
         threaded: bool = True,
         clock: WallClock | None = None,
     ):
-        """Threaded is the daemon's mode. Unthreaded runs each write inline on the trio
-        thread: for tests on MockClock, where a write in flight on another thread would let
-        autojump move time under it.
+        """`path`: a file (SQLite) or a postgresql:// URL. Threaded is the daemon's mode.
+        Unthreaded runs each write inline on the trio thread: for tests on MockClock, where a
+        write in flight on another thread would let autojump move time under it.
 
         Opening writes nothing unless the schema needs a migration, so a store on a full disk
         or in a read-only file opens (and reads); its first write finds the fault."""
@@ -293,19 +304,23 @@ class Store:
             threaded=threaded,
             clock=clock or WallClock(),
         )
+        backend = store._backend
         try:
-            if path != sqlite.IN_MEMORY:
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
-            store._writer = sqlite.connect(path, synchronous)
+            store._writer = backend.connect(path, synchronous)
             migrate(store._writer)
-            store._reader = (
-                store._writer if path == sqlite.IN_MEMORY else sqlite.connect(path, synchronous)
-            )
+            store._reader = backend.connect_reader(path, synchronous, store._writer)
         except BaseException as exc:
             store._close_connections()
-            if isinstance(exc, sqlite.DatabaseError | OSError):
-                raise StartupError(f"cannot open the database {path}: {exc}") from None
-            raise
+            if not isinstance(exc, backend.DatabaseError | OSError):
+                raise
+            why = backends.redacted_error(exc, path)
+            if backends.is_url(path):
+                # A server that refuses the URL (its host, user, password or database): a
+                # config to mend, which a restart does not (exit 2).
+                raise ConfigError(
+                    f"store.url: cannot open the database {redacted_url(path)}: {why}"
+                ) from None
+            raise StartupError(f"cannot open the database {path}: {why}") from None
         thread = None
         if threaded:
             token = trio.lowlevel.current_trio_token()
@@ -381,18 +396,16 @@ class Store:
             try:
                 self._transact(grouped)
                 done += grouped
-            except sqlite.DatabaseError as exc:
-                fault = StoreError(f"database write failed: {exc}", full=sqlite.is_full(exc))
+            except self._backend.DatabaseError as exc:
+                fault = self._store_error("database write failed", exc)
                 done += self._after_fault(grouped, fault)
         for write in handed:
             if write.solo:
                 try:
                     write.result = write.apply(self._writer, write.events)
                     insert_events(self._writer, write.events)
-                except sqlite.DatabaseError as exc:
-                    write.error = StoreError(
-                        f"database maintenance failed: {exc}", full=sqlite.is_full(exc)
-                    )
+                except self._backend.DatabaseError as exc:
+                    write.error = self._store_error("database maintenance failed", exc)
                 done.append(write)
         self.batches += 1
         self.writes += len(handed)
@@ -403,14 +416,14 @@ class Store:
         alone; a database that fails fails them all."""
         conn = self._writer
         assert conn is not None
-        sqlite.begin_write(conn)
+        self._backend.begin_write(conn)
         for write in grouped:
             conn.execute("SAVEPOINT w")
             try:
                 write.result = write.apply(conn, write.events)
                 insert_events(conn, write.events)
             except Exception as exc:
-                if sqlite.is_fault(exc):
+                if self._backend.is_fault(exc):
                     raise
                 conn.execute("ROLLBACK TO w")
                 write.error, write.events = exc, []
@@ -422,8 +435,8 @@ class Store:
     ) -> list[PendingWrite[Any]]:
         """The transaction failed: keep the writes that are to be kept (one per key), fail the
         others. Returns those that are done."""
-        with contextlib.suppress(sqlite.DatabaseError):
-            sqlite.roll_back(self._writer)
+        with contextlib.suppress(self._backend.DatabaseError):
+            self._backend.roll_back(self._writer)
         done = []
         for write in grouped:
             write.result, write.error, write.events = None, None, []
@@ -437,6 +450,9 @@ class Store:
                 done += replaced
             self._kept.append(write)
         return done
+
+    def _store_error(self, what: str, exc: BaseException) -> StoreError:
+        return StoreError.with_code(self._backend.fault_code(exc), f"{what}: {exc}")
 
     def _deliver(self, done: list[PendingWrite[Any]], fault: StoreError | None) -> None:
         if fault is not None:
@@ -529,9 +545,10 @@ class Store:
                 # The write-ahead log may hold the space a write needs: folding it back into
                 # the database (and truncating it) gives that space back when it can.
                 await self.checkpoint_wal()
-            elif self.path != sqlite.IN_MEMORY:
+            elif self.path != IN_MEMORY:
                 # A file that was read-only when SQLite opened it stays read-only for that
                 # connection, however the file changes: a fresh one sees the file as it is.
+                # A PostgreSQL connection lost in a restart is gone for good.
                 await self.write(self._reconnect_writer, solo=True)
         except StoreError:
             pass  # the write below says whether the store takes writes
@@ -542,24 +559,48 @@ class Store:
             return False
         return True
 
-    def _reconnect_writer(self, conn: sqlite.Connection, events: Events) -> None:
-        self._writer = sqlite.connect(self.path, self._synchronous)
-        conn.close()
+    def _reconnect_writer(self, conn: Any, events: Events) -> None:
+        self._writer = self._backend.connect(self.path, self._synchronous)
+        with contextlib.suppress(self._backend.DatabaseError):
+            conn.close()
 
     # -- the read path --------------------------------------------------------------------
 
     async def checkpoint_wal(self) -> None:
         """Fold the WAL back into the database file; done when idle, outside any transaction."""
 
-        def apply(conn: sqlite.Connection, events: Events) -> None:
-            sqlite.checkpoint_wal(conn)
+        def apply(conn: Any, events: Events) -> None:
+            self._backend.checkpoint_wal(conn)
 
         await self.write(apply, solo=True)
 
     async def read(self, query: Query[T]) -> T:
-        conn = self._reader
-        assert conn is not None
-        if not self._threaded:
-            await trio.lowlevel.checkpoint()
-            return query(conn)
-        return await trio.to_thread.run_sync(query, conn, limiter=self._read_limiter)
+        delay = READ_RETRY_FIRST
+        while True:
+            try:
+                if not self._threaded:
+                    await trio.lowlevel.checkpoint()
+                    return self._read_now(query)
+                return await trio.to_thread.run_sync(
+                    self._read_now, query, limiter=self._read_limiter
+                )
+            except self._backend.DatabaseError as exc:
+                if not self._backend.is_disconnect(exc):
+                    raise
+                if delay == READ_RETRY_FIRST:
+                    log.warning("store read waits for the database", error=str(exc))
+            await trio.sleep(delay)
+            delay = min(2 * delay, READ_RETRY_MAX)
+
+    def _read_now(self, query: Query[T]) -> T:
+        """Run `query`; a connection lost before is replaced first (one read at a time)."""
+        if self._reader is None:
+            self._reader = self._backend.connect_reader(self.path, self._synchronous, self._writer)
+        try:
+            return query(self._reader)
+        except self._backend.DatabaseError as exc:
+            if self._backend.is_disconnect(exc):
+                lost, self._reader = self._reader, None
+                with contextlib.suppress(self._backend.DatabaseError):
+                    lost.close()
+            raise

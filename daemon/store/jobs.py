@@ -8,21 +8,28 @@ nothing and says so, instead of corrupting a job's history.
 
 from __future__ import annotations
 
+import math
 import sqlite3
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple, Protocol
 
 import msgspec
 
+from jobwarden.config import parse_rate
 from jobwarden.errors import new_error_id
+from jobwarden.store.backend import backend_of
 from jobwarden.store.rows import (
     JOB_COLUMNS,
+    JOB_HELD,
     LIST_COLUMNS,
+    USER_HELD,
     Events,
     add_event,
     apply_each,
     dump_json,
     job_from_row,
     placeholders,
+    row_lock,
 )
 from jobwarden.wire.views import TERMINAL_STATUSES, ErrorBody, Event, JobFilter, JobView
 
@@ -46,11 +53,30 @@ class NewJob(msgspec.Struct, frozen=True):
     max_attempts: int
     # The client's own id for this submission, the same each time it sends it again.
     submission_id: str | None = None
+    # The recurring schedule that makes this job, if one does.
+    schedule: str | None = None
+    # When to start it (None: now); what it is tagged with; the jobs it runs after, and
+    # whether it runs however they end (see docs/scheduling.md).
+    run_at: float | None = None
+    tags: tuple[str, ...] = ()
+    after: tuple[int, ...] = ()
+    after_any: bool = False
+
+
+class TakesTokens(Protocol):
+    """A token bucket (actors/bucket.py's `TokenBucket`): the policy the store applies to a
+    user's stored bucket, inside the transaction that inserts their job."""
+
+    tokens: float
+    updated: float
+
+    def take(self, now: float) -> float: ...
 
 
 class Quota(msgspec.Struct, frozen=True, kw_only=True):
     """The guards checked inside the transaction that inserts a job, so they hold across
-    restarts and never race the refunds other actors write. The defaults check nothing."""
+    restarts, for every daemon on the database, and never race the refunds other actors
+    write. The defaults check nothing."""
 
     # Today in the limits' time zone: the daily count restarts when it changes.
     day: str = ""
@@ -64,6 +90,14 @@ class Quota(msgspec.Struct, frozen=True, kw_only=True):
     # Above this many queued jobs, each admission says whether its user holds more than a
     # fair share of the queue (adaptive shedding); 0: never.
     shed_depth: int = 0
+    # The rate limit: tokens a second for a user without a rate of their own (inf: off), the
+    # bucket's size, and the bucket's policy; a user found above their fair share refills at
+    # `shed_rate_factor` of their rate for `shed_for` seconds.
+    rate: float = math.inf
+    burst: float = 1.0
+    bucket: Callable[..., TakesTokens] | None = None
+    shed_rate_factor: float = 1.0
+    shed_for: float = 0.0
 
 
 NO_QUOTA = Quota()
@@ -72,8 +106,6 @@ NO_QUOTA = Quota()
 class Admitted(msgspec.Struct):
     job: JobView
     existing: bool
-    # The user holds more than their fair share of a queue past the shedding depth.
-    heavy: bool = False
 
 
 class Refused(msgspec.Struct):
@@ -94,6 +126,10 @@ class ProcessGroup(NamedTuple):
 
 
 FAIR_CLOCK = "fair_clock"
+# The settings row a batch of submissions locks before it counts the queue, so that two
+# daemons' batches cannot both find room for the last job (PostgreSQL; SQLite's one writer
+# holds the whole database already). It holds nothing else.
+QUEUE_GUARD = "queue_guard"
 # Completions counted back this far to estimate when a full queue has room again.
 COMPLETION_WINDOW = 300.0
 
@@ -102,7 +138,14 @@ class Submitter:
     """A user's row as one batch of submissions sees it: read once, written back once."""
 
     def __init__(self, row: tuple[Any, ...], day: str, *, created: bool) -> None:
-        credits, self.daily_limit, disabled, stored_day, day_count, self.last_tag = row
+        credits, self.daily_limit, disabled, stored_day, day_count, self.last_tag = row[:6]
+        self.rate: str | None = row[6]
+        # The rate bucket as it was left (None: full), and until when the user is slowed.
+        self.bucket_tokens: float | None = row[7]
+        self.bucket_at: float | None = row[8]
+        self.slowed_until: float | None = row[9]
+        # On hold: their new jobs are queued held too.
+        self.held = bool(row[10])
         self.credits: int | None = credits
         self.disabled = bool(disabled)
         self.today: int = day_count if stored_day == day else 0
@@ -111,7 +154,10 @@ class Submitter:
         self.changed = False
 
 
-_SUBMITTER_COLUMNS = "credits, daily_limit, disabled, day, day_count, fair_tag"
+_SUBMITTER_COLUMNS = (
+    "credits, daily_limit, disabled, day, day_count, fair_tag, rate, bucket_tokens, bucket_at,"
+    " slowed_until, held"
+)
 
 
 def _submitter(
@@ -123,25 +169,81 @@ def _submitter(
 ) -> Submitter | Refused:
     if name in seen:
         return seen[name]
-    row = conn.execute(f"SELECT {_SUBMITTER_COLUMNS} FROM users WHERE name = ?", (name,)).fetchone()
+    select = f"SELECT {_SUBMITTER_COLUMNS} FROM users WHERE name = ?{row_lock(conn)}"
+    row = conn.execute(select, (name,)).fetchone()
     created = row is None
     if created:
         if not quota.create_users:
             return Refused("FORBIDDEN", f"no user '{name}'; add it with `jobwarden users add`")
-        row = conn.execute(
-            f"INSERT INTO users (name, credits, created_at) VALUES (?, ?, ?) "
-            f"RETURNING {_SUBMITTER_COLUMNS}",
+        # Another daemon may create the same user meanwhile: its row is the one to use.
+        conn.execute(
+            "INSERT INTO users (name, credits, created_at) VALUES (?, ?, ?) "
+            "ON CONFLICT (name) DO NOTHING",
             (name, quota.default_credits, now),
-        ).fetchall()[0]
+        )
+        row = conn.execute(select, (name,)).fetchone()
     seen[name] = Submitter(row, quota.day, created=created)
     return seen[name]
 
 
+def _lock_guards(conn: sqlite3.Connection, batch: list[NewJob], quota: Quota) -> None:
+    """Where the database lets writers run side by side (PostgreSQL), lock what a batch's
+    guards read and change before it reads them: the queue's guard row when a depth limit
+    holds, then its users' rows by name. Every batch takes them in that one order, so two
+    daemons' batches wait for each other instead of each waiting for the other's lock."""
+    lock = row_lock(conn)
+    if not lock:
+        return
+    if quota.max_queued or any(quota.kind_max_queued.values()):
+        _locked_setting(conn, QUEUE_GUARD, 0)
+    names = sorted({new.user for new in batch})
+    conn.execute(
+        f"SELECT name FROM users WHERE name IN ({placeholders(names)}) ORDER BY name{lock}",
+        names,
+    ).fetchall()
+
+
+def _take_token(user: Submitter, name: str, quota: Quota, now: float) -> Refused | None:
+    """A token from the user's stored rate bucket, or RATE_LIMITED with when one is back."""
+    rate = quota.rate if user.rate is None else parse_rate(user.rate)
+    if quota.bucket is None or math.isinf(rate):
+        return None
+    slowed = user.slowed_until is not None and user.slowed_until > now
+    if slowed:
+        rate *= quota.shed_rate_factor
+    # Built at the rate in force now: a user slowed, re-rated or reloaded since their last
+    # submission refills at this one.
+    bucket = quota.bucket(rate=rate, burst=quota.burst, now=now)
+    if user.bucket_at is not None and user.bucket_tokens is not None:
+        bucket.tokens, bucket.updated = user.bucket_tokens, user.bucket_at
+    wait = bucket.take(now)
+    user.bucket_tokens, user.bucket_at = bucket.tokens, bucket.updated
+    user.changed = True
+    if not wait:
+        return None
+    why = " (slowed: you hold more than a fair share of a nearly full queue)" if slowed else ""
+    return Refused(
+        "RATE_LIMITED",
+        f"user '{name}' may submit {rate * 60:g} jobs a minute{why}",
+        retry_after=round(wait, 3),
+    )
+
+
 def _save_submitters(conn: sqlite3.Connection, seen: dict[str, Submitter], day: str) -> None:
     conn.executemany(
-        "UPDATE users SET credits = ?, day = ?, day_count = ?, fair_tag = ? WHERE name = ?",
+        "UPDATE users SET credits = ?, day = ?, day_count = ?, fair_tag = ?, bucket_tokens = ?,"
+        " bucket_at = ?, slowed_until = ? WHERE name = ?",
         [
-            (user.credits, day, user.today, user.last_tag, name)
+            (
+                user.credits,
+                day,
+                user.today,
+                user.last_tag,
+                user.bucket_tokens,
+                user.bucket_at,
+                user.slowed_until,
+                name,
+            )
             for name, user in seen.items()
             if user.changed
         ],
@@ -206,14 +308,6 @@ def _same_json(a: Any, b: Any) -> bool:
     return msgspec.json.encode(a, order="sorted") == msgspec.json.encode(b, order="sorted")
 
 
-def find_repeats(
-    conn: sqlite3.Connection, *, batch: list[NewJob], now: float, idempotency_window: float
-) -> list[Admitted | Refused | None]:
-    """For each keyed submission, the job it repeats (or its CONFLICT), as `insert_many`
-    would answer it; a read, so admission can answer a repeat before spending a rate token."""
-    return [_repeat(conn, new, now, idempotency_window) for new in batch]
-
-
 def _insert(
     conn: sqlite3.Connection,
     events: Events,
@@ -234,6 +328,9 @@ def _insert(
         return user
     if user.disabled:
         return Refused("FORBIDDEN", f"user '{new.user}' is disabled")
+    refused = _take_token(user, new.user, quota, now)
+    if refused is not None:
+        return refused
     limit = quota.daily_jobs if user.daily_limit is None else user.daily_limit
     if limit and user.today >= limit:
         return Refused(
@@ -248,11 +345,20 @@ def _insert(
             "INSUFFICIENT_CREDITS",
             f"a {new.kind} job costs {price} credits; user '{new.user}' has {user.credits}",
         )
+    pending = 0
+    if new.after:
+        waits = _after_pending(conn, new)
+        if isinstance(waits, Refused):
+            return waits
+        pending = waits
+    available_at = now if new.run_at is None else new.run_at
     tag = max(user.last_tag + 1, fair_clock)
-    cursor = conn.execute(
-        "INSERT INTO jobs (kind, user, status, priority, payload, idempotency_key, submission_id,"
-        " max_attempts, created_at, updated_at, available_at, fair_tag, credits)"
-        " VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    [job_id] = backend_of(conn).insert_ids(
+        conn,
+        'INSERT INTO jobs (kind, "user", status, priority, payload, idempotency_key,'
+        " submission_id, max_attempts, created_at, updated_at, available_at, fair_tag, credits,"
+        " run_at, tags, after_ids, after_any, after_pending, held, schedule)"
+        " VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             new.kind,
             new.user,
@@ -263,14 +369,23 @@ def _insert(
             new.max_attempts,
             now,
             now,
-            now,
+            available_at,
             tag,
             price,
+            new.run_at,
+            dump_json(list(new.tags)) if new.tags else None,
+            dump_json(list(new.after)) if new.after else None,
+            int(new.after_any),
+            pending,
+            USER_HELD if user.held else 0,
+            new.schedule,
         ),
+        "id",
+        1,
     )
-    # Built here, not read back: RETURNING would cost more than the INSERT itself.
+    # Built here, not read back: in SQLite, RETURNING would cost more than the INSERT itself.
     job = JobView(
-        id=cursor.lastrowid,
+        id=job_id,
         kind=new.kind,
         user=new.user,
         status="queued",
@@ -279,10 +394,24 @@ def _insert(
         max_attempts=new.max_attempts,
         created_at=now,
         updated_at=now,
-        available_at=now,
+        available_at=available_at,
         idempotency_key=new.idempotency_key,
+        schedule=new.schedule,
         payload=msgspec.json.decode(new.payload_json),
     )
+    # Only when given, as job_from_row does: most jobs have none of these.
+    job.run_at = new.run_at
+    if new.after:
+        job.after, job.after_any = list(new.after), new.after_any
+        conn.executemany(
+            "INSERT INTO job_deps (job_id, after_id) VALUES (?, ?)",
+            [(job.id, after_id) for after_id in new.after],
+        )
+    if new.tags:
+        job.tags = list(new.tags)
+        conn.executemany(
+            "INSERT INTO job_tags (job_id, tag) VALUES (?, ?)", [(job.id, tag) for tag in new.tags]
+        )
     add_event(events, job, "status", now, {"status": "queued", "attempt": 0})
     # Only once the job is in: a failed insert leaves the user as it was.
     if user.credits is not None:
@@ -291,7 +420,36 @@ def _insert(
     user.last_tag = tag
     user.fresh = False
     user.changed = True
-    return Admitted(job, False, heavy=_holds_more_than_fair_share(conn, new.user, quota))
+    # Only the latest verdict counts: a user no longer above their share refills at full rate.
+    heavy = _holds_more_than_fair_share(conn, new.user, quota)
+    user.slowed_until = now + quota.shed_for if heavy else None
+    return Admitted(job, False)
+
+
+def _after_pending(conn: sqlite3.Connection, new: NewJob) -> int | Refused:
+    """How many of the jobs a submission runs after have not ended yet; INVALID_REQUEST
+    naming the ids that are no job of its user's, or, unless it runs after any outcome, the
+    ones that have failed or were canceled (it would never run). Only existing jobs can be
+    named, so no cycle can be made."""
+    rows = conn.execute(
+        f'SELECT id, "user", status FROM jobs WHERE id IN ({placeholders(new.after)})', new.after
+    ).fetchall()
+    found = {job_id: status for job_id, user, status in rows if user == new.user}
+    unknown = [job_id for job_id in new.after if job_id not in found]
+    if unknown:
+        return Refused("INVALID_REQUEST", f"after: no job {_ids(unknown)} of user '{new.user}'")
+    ended_badly = [job_id for job_id in new.after if found[job_id] in ("failed", "canceled")]
+    if ended_badly and not new.after_any:
+        return Refused(
+            "INVALID_REQUEST",
+            f"after: job {_ids(ended_badly)} has {found[ended_badly[0]]}, so this job would "
+            "never run; retry it first, or submit with after_any",
+        )
+    return sum(1 for job_id in new.after if found[job_id] in ("queued", "running"))
+
+
+def _ids(job_ids: list[int]) -> str:
+    return ", ".join(str(job_id) for job_id in job_ids)
 
 
 def _queued_up_to(conn: sqlite3.Connection, limit: int, kind: str | None = None) -> int:
@@ -303,7 +461,7 @@ def _queued_up_to(conn: sqlite3.Connection, limit: int, kind: str | None = None)
     else:
         sql = "SELECT 1 FROM jobs WHERE kind = ? AND status = 'queued' LIMIT ?"
         params = (kind, limit)
-    return conn.execute(f"SELECT COUNT(*) FROM ({sql})", params).fetchone()[0]
+    return conn.execute(f"SELECT COUNT(*) FROM ({sql}) AS counted", params).fetchone()[0]
 
 
 def _queue_full(conn: sqlite3.Connection, kind: str, quota: Quota, now: float) -> Refused | None:
@@ -355,6 +513,7 @@ def insert_many(
     """Insert a batch of submissions in one write; one that the database refuses is answered
     with its error while the others are accepted. A finished job's key returns that job for
     `idempotency_window` seconds after it finished."""
+    _lock_guards(conn, batch, quota)
     fair_clock = get_setting(conn, FAIR_CLOCK, 0)
     seen: dict[str, Submitter] = {}
 
@@ -555,14 +714,18 @@ def claim(
     highest_tag = 0
     while total > 0 and allowed:
         kinds = sorted(allowed)
+        # PostgreSQL takes no empty list after IN.
+        but_users = f'AND jobs."user" NOT IN ({placeholders(full_users)}) ' if full_users else ""
         # Walk the dispatch order and stop at `total` rows. Left to itself, SQLite picks the
         # (status, available_at) index and sorts every due row: 17 ms a round at 100k queued.
         rows = conn.execute(
             f"SELECT {_qualified(JOB_COLUMNS)}, jobs.fair_tag, users.max_running "
-            f"FROM jobs INDEXED BY jobs_order LEFT JOIN users ON users.name = jobs.user "
+            f'FROM jobs INDEXED BY jobs_order LEFT JOIN users ON users.name = jobs."user" '
             f"WHERE jobs.status = 'queued' AND jobs.available_at <= ? "
-            f"AND jobs.kind IN ({placeholders(kinds)}) "
-            f"AND jobs.user NOT IN ({placeholders(full_users)}) "
+            # The first two name jobs_order's condition; users.held decides a user's hold (a
+            # job retried or recovered while its user is held is back without its copy).
+            f"AND jobs.held = 0 AND jobs.after_pending = 0 AND COALESCE(users.held, 0) = 0 "
+            f"AND jobs.kind IN ({placeholders(kinds)}) {but_users}"
             f"ORDER BY jobs.priority DESC, jobs.fair_tag, jobs.id LIMIT ?",
             (now, *kinds, *full_users, total),
         ).fetchall()
@@ -634,10 +797,12 @@ def _transition(
     now: float,
     sets: dict[str, Any] | None = None,
     detail: dict[str, Any] | None = None,
+    settle_dependents: bool = True,
 ) -> JobView | None:
     """Move a job to `status` if it is in one of the `expect` statuses; None if it is not.
 
-    The event carries the new status, the reason, the attempt and any `detail`.
+    The event carries the new status, the reason, the attempt and any `detail`. A job that
+    ends settles the jobs waiting for it (unless the caller does so itself).
     """
     columns = {"status": status, "reason": reason, **(sets or {})}
     assignments = ", ".join(
@@ -653,18 +818,80 @@ def _transition(
     if not changed:
         return None
     # Read back rather than RETURNING: in SQLite 3.40 that costs twice an UPDATE and a SELECT.
+    # Whether jobs wait for this one, in the same statement: most jobs have none waiting.
     row = conn.execute(
-        f"SELECT {JOB_COLUMNS}, credits FROM jobs WHERE id = ?", (job_id,)
+        f"SELECT {JOB_COLUMNS}, credits, "
+        "EXISTS (SELECT 1 FROM job_deps WHERE job_deps.after_id = jobs.id) "
+        "FROM jobs WHERE id = ?",
+        (job_id,),
     ).fetchone()
     job = job_from_row(row)
-    credits = row[-1]
+    credits, awaited = row[-2], row[-1]
     if status in TERMINAL_STATUSES and credits:
         _settle_credits(conn, job.id, job.user, credits, refund=status != "done")
     data = {"status": status, "attempt": job.attempt, **(detail or {})}
     if reason is not None:
         data["reason"] = reason
     add_event(events, job, "status", now, data)
+    if awaited and settle_dependents and status in TERMINAL_STATUSES:
+        _settle_dependents(conn, events, job.id, status, now)
     return job
+
+
+# The jobs a dependent waits for: those of its dependencies that have not ended.
+_UNENDED_DEPENDENCIES = (
+    "SELECT COUNT(*) FROM job_deps JOIN jobs AS dependency ON dependency.id = job_deps.after_id "
+    "WHERE job_deps.job_id = jobs.id AND dependency.status IN ('queued', 'running')"
+)
+
+
+def _settle_dependents(
+    conn: sqlite3.Connection, events: Events, job_id: int, status: str, now: float
+) -> None:
+    """In the write that ends a job: the queued jobs that run after it count it as ended
+    (one whose count reaches 0 may be dispatched), or, when it failed or was canceled and
+    they do not run after any outcome, fail DEPENDENCY_FAILED, and so on down the chain."""
+    ended = [(job_id, status)]
+    while ended:
+        ended_id, outcome = ended.pop()
+        dependents = conn.execute(
+            "SELECT jobs.id, jobs.after_any FROM job_deps JOIN jobs ON jobs.id = job_deps.job_id "
+            "WHERE job_deps.after_id = ? AND jobs.status = 'queued'",
+            (ended_id,),
+        ).fetchall()
+        released = [job for job, after_any in dependents if outcome == "done" or after_any]
+        if released:
+            # Counted from the rows, not down by one: a dependency retried by an operator may
+            # end more than once.
+            conn.execute(
+                f"UPDATE jobs SET after_pending = ({_UNENDED_DEPENDENCIES}) "
+                f"WHERE id IN ({placeholders(released)})",
+                released,
+            )
+        for dependent, after_any in dependents:
+            if outcome == "done" or after_any:
+                continue
+            error = ErrorBody(
+                code="DEPENDENCY_FAILED",
+                message=f"job {ended_id}, which this job runs after, "
+                + ("failed" if outcome == "failed" else "was canceled"),
+                retryable=False,
+                error_id=new_error_id(),
+            )
+            failed = _transition(
+                conn,
+                events,
+                dependent,
+                expect=("queued",),
+                status="failed",
+                reason=error.code,
+                now=now,
+                sets={"finished_at": now, "error": dump_json(error)},
+                detail={"error": msgspec.to_builtins(error)},
+                settle_dependents=False,
+            )
+            if failed is not None:
+                ended.append((dependent, "failed"))
 
 
 def _settle_credits(
@@ -779,6 +1006,23 @@ def requeue_unspent(
     )
 
 
+def set_held(
+    conn: sqlite3.Connection, events: Events, job_id: int, *, held: bool, now: float
+) -> JobView | None:
+    """An operator's hold on a queued job, or its release: a `status` event (reason HELD or
+    RELEASED) when it changes. The job as it is now; None if there is no such job."""
+    changed = conn.execute(
+        f"UPDATE jobs SET held = held {'|' if held else '-'} {JOB_HELD}, updated_at = ? "
+        f"WHERE id = ? AND status = 'queued' AND (held & {JOB_HELD}) = ?",
+        (now, job_id, 0 if held else JOB_HELD),
+    ).rowcount
+    job = get_job(conn, job_id)
+    if changed and job is not None:
+        data = {"status": "queued", "reason": "HELD" if held else "RELEASED"}
+        add_event(events, job, "status", now, {**data, "attempt": job.attempt})
+    return job
+
+
 def requeue_manual(
     conn: sqlite3.Connection,
     events: Events,
@@ -804,6 +1048,21 @@ def requeue_manual(
             "CONFLICT",
             f"job {job_id}'s idempotency key '{holder[2]}' belongs to job {holder[0]} "
             f"({holder[1]}) now; retry job {job_id} once that one has finished",
+        )
+    ended_badly = conn.execute(
+        "SELECT dependency.id, dependency.status FROM jobs AS retried "
+        "JOIN job_deps ON job_deps.job_id = retried.id "
+        "JOIN jobs AS dependency ON dependency.id = job_deps.after_id "
+        "WHERE retried.id = ? AND retried.status IN ('failed', 'canceled') "
+        "AND retried.after_any = 0 AND dependency.status IN ('failed', 'canceled') "
+        "ORDER BY dependency.id LIMIT 1",
+        (job_id,),
+    ).fetchone()
+    if ended_badly is not None:
+        return Refused(
+            "CONFLICT",
+            f"job {job_id} runs after job {ended_badly[0]}, which has {ended_badly[1]}; "
+            f"retry job {ended_badly[0]} first",
         )
     row = conn.execute(
         "SELECT users.credits, users.name FROM jobs JOIN users ON users.name = jobs.user "
@@ -833,6 +1092,8 @@ def requeue_manual(
             "finished_at": None,
             "error": None,
             "credits": credits,
+            # It waits again for those of its dependencies that have not ended.
+            "after_pending": SQL(f"({_UNENDED_DEPENDENCIES})"),
         },
     )
 
@@ -848,7 +1109,7 @@ def report_progress(
 ) -> bool:
     cursor = conn.execute(
         "UPDATE jobs SET progress = ?, message = ?, heartbeat_at = ?, updated_at = ?, "
-        "progress_at = CASE WHEN progress IS ? AND progress_at IS NOT NULL "
+        "progress_at = CASE WHEN progress = ? AND progress_at IS NOT NULL "
         "THEN progress_at ELSE ? END "
         "WHERE id = ? AND status = 'running' RETURNING user, kind",
         (fraction, message, now, now, fraction, now, job_id),
@@ -893,6 +1154,8 @@ def prune_finished(conn: sqlite3.Connection, events: Events, *, before: float, b
     if ids:
         conn.execute(f"DELETE FROM events WHERE job_id IN ({placeholders(ids)})", ids)
         conn.execute(f"DELETE FROM job_logs WHERE job_id IN ({placeholders(ids)})", ids)
+        conn.execute(f"DELETE FROM job_tags WHERE job_id IN ({placeholders(ids)})", ids)
+        conn.execute(f"DELETE FROM job_deps WHERE job_id IN ({placeholders(ids)})", ids)
         conn.execute(f"DELETE FROM jobs WHERE id IN ({placeholders(ids)})", ids)
     return len(ids)
 
@@ -945,6 +1208,7 @@ def recover_running(
                 now,
                 {"status": "failed", "reason": "CRASH_LOOP", "error": msgspec.to_builtins(error)},
             )
+            _settle_dependents(conn, events, job_id, "failed", now)
             counts["crash_loop"] += 1
             continue
         conn.execute(
@@ -969,6 +1233,35 @@ def set_setting(conn: sqlite3.Connection, events: Events, key: str, value: Any) 
         "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
         (key, dump_json(value)),
     )
+
+
+def update_setting(
+    conn: sqlite3.Connection,
+    events: Events,
+    *,
+    key: str,
+    change: Callable[[Any], Any],
+    default: Any = None,
+) -> Any:
+    """Change a setting as it is stored now, in one transaction with its row locked, so two
+    daemons' changes (a pause of one kind here, of another there) both land; returns the new
+    value. `change` is a plain function of the old value."""
+    value = change(_locked_setting(conn, key, default))
+    set_setting(conn, events, key, value)
+    return value
+
+
+def _locked_setting(conn: sqlite3.Connection, key: str, default: Any) -> Any:
+    """A setting's value, its row locked until the transaction ends (made with `default`
+    first if it is missing: a row that does not exist yet cannot be locked)."""
+    conn.execute(
+        "INSERT INTO settings (key, value) VALUES (?, ?) ON CONFLICT DO NOTHING",
+        (key, dump_json(default)),
+    )
+    row = conn.execute(
+        f"SELECT value FROM settings WHERE key = ?{row_lock(conn)}", (key,)
+    ).fetchone()
+    return msgspec.json.decode(row[0])
 
 
 # -- queries (read connection) --------------------------------------------------------------
@@ -1000,8 +1293,14 @@ def list_jobs(
     kind: str | None,
     user: str | None,
     limit: int,
+    tag: str | None = None,
+    before: int | None = None,
 ) -> list[JobView]:
+    """Jobs newest first; `before`: only those with a smaller id (the next page's cursor)."""
     clauses, params = [], []
+    if before is not None:
+        clauses.append("id < ?")
+        params.append(before)
     if statuses:
         clauses.append(f"status IN ({placeholders(statuses)})")
         params.extend(statuses)
@@ -1009,8 +1308,11 @@ def list_jobs(
         clauses.append("kind = ?")
         params.append(kind)
     if user is not None:
-        clauses.append("user = ?")
+        clauses.append('"user" = ?')
         params.append(user)
+    if tag is not None:
+        clauses.append("id IN (SELECT job_id FROM job_tags WHERE tag = ?)")
+        params.append(tag)
     where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
     rows = conn.execute(
         f"SELECT {LIST_COLUMNS} FROM jobs {where} ORDER BY id DESC LIMIT ?", (*params, limit)
@@ -1044,10 +1346,13 @@ def events_since(
     ]
 
 
+# The rows of the dispatch order (the partial index jobs_order), named as its definition does.
+_IN_ORDER = "status = 'queued' AND held = 0 AND after_pending = 0"
 # Positions are counted no further than this; a job deeper in the queue shows this bound.
 POSITION_HORIZON = 100_000
 QUEUED_COLUMNS = (
-    "id, kind, user, status, priority, attempt, max_attempts, created_at, updated_at, available_at"
+    'id, kind, "user", status, priority, attempt, max_attempts, created_at, updated_at, '
+    "available_at"
 )
 
 
@@ -1073,27 +1378,29 @@ def queue_positions(
         if row is None:
             continue
         kind, priority, tag = row
+        # Counted among the jobs in the dispatch order: a held job, or one waiting for others,
+        # is ahead of nobody.
         ahead = (
             conn.execute(
                 "SELECT COUNT(*) FROM (SELECT 1 FROM jobs INDEXED BY jobs_order"
-                " WHERE status = 'queued' AND priority > ? LIMIT ?)",
+                f" WHERE {_IN_ORDER} AND priority > ? LIMIT ?) AS ahead",
                 (priority, POSITION_HORIZON),
             ).fetchone()[0]
             + conn.execute(
-                "SELECT COUNT(*) FROM (SELECT 1 FROM jobs WHERE status = 'queued' AND priority = ?"
-                " AND (fair_tag, id) < (?, ?) LIMIT ?)",
+                f"SELECT COUNT(*) FROM (SELECT 1 FROM jobs WHERE {_IN_ORDER} AND priority = ?"
+                " AND (fair_tag, id) < (?, ?) LIMIT ?) AS ahead",
                 (priority, tag, job_id, POSITION_HORIZON),
             ).fetchone()[0]
         )
         kind_ahead = (
             conn.execute(
-                "SELECT COUNT(*) FROM (SELECT 1 FROM jobs WHERE kind = ? AND status = 'queued'"
-                " AND priority > ? LIMIT ?)",
+                f"SELECT COUNT(*) FROM (SELECT 1 FROM jobs WHERE kind = ? AND {_IN_ORDER}"
+                " AND priority > ? LIMIT ?) AS ahead",
                 (kind, priority, POSITION_HORIZON),
             ).fetchone()[0]
             + conn.execute(
-                "SELECT COUNT(*) FROM (SELECT 1 FROM jobs WHERE kind = ? AND status = 'queued'"
-                " AND priority = ? AND (fair_tag, id) < (?, ?) LIMIT ?)",
+                f"SELECT COUNT(*) FROM (SELECT 1 FROM jobs WHERE kind = ? AND {_IN_ORDER}"
+                " AND priority = ? AND (fair_tag, id) < (?, ?) LIMIT ?) AS ahead",
                 (kind, priority, tag, job_id, POSITION_HORIZON),
             ).fetchone()[0]
         )
@@ -1109,7 +1416,7 @@ def queue_head(
 ) -> list[tuple[JobView, tuple[int, int, int, int]]]:
     """The first `limit` queued jobs in dispatch order, each with its place."""
     rows = conn.execute(
-        f"SELECT {QUEUED_COLUMNS} FROM jobs INDEXED BY jobs_order WHERE status = 'queued' "
+        f"SELECT {QUEUED_COLUMNS} FROM jobs INDEXED BY jobs_order WHERE {_IN_ORDER} "
         "ORDER BY priority DESC, fair_tag, id LIMIT ?",
         (limit,),
     ).fetchall()
@@ -1125,6 +1432,23 @@ def queue_head(
             totals[job.kind] = _queued_count(conn, job.kind)
         head.append((job, (index + 1, totals[None], in_kind[job.kind], totals[job.kind])))
     return head
+
+
+def unended_dependencies(conn: sqlite3.Connection, job_ids: list[int]) -> dict[int, list[int]]:
+    """For each of `job_ids` that runs after jobs still queued or running: their ids."""
+    if not job_ids:
+        return {}
+    rows = conn.execute(
+        "SELECT job_deps.job_id, job_deps.after_id FROM job_deps "
+        "JOIN jobs ON jobs.id = job_deps.after_id "
+        f"WHERE job_deps.job_id IN ({placeholders(job_ids)}) "
+        "AND jobs.status IN ('queued', 'running') ORDER BY job_deps.job_id, job_deps.after_id",
+        job_ids,
+    ).fetchall()
+    waiting: dict[int, list[int]] = {}
+    for job_id, after_id in rows:
+        waiting.setdefault(job_id, []).append(after_id)
+    return waiting
 
 
 def add_position_events(
@@ -1196,5 +1520,34 @@ def counts_by_status_and_kind(conn: sqlite3.Connection) -> dict[tuple[str, str],
     return {(status, kind): n for status, kind, n in rows}
 
 
-def oldest_queued_created_at(conn: sqlite3.Connection) -> float | None:
-    return conn.execute("SELECT MIN(created_at) FROM jobs WHERE status = 'queued'").fetchone()[0]
+def finished_per_span(
+    conn: sqlite3.Connection, *, since: float, width: float, spans: int
+) -> list[dict[str, float | int]]:
+    """How many jobs finished done, failed and canceled in each of `spans` spans of `width`
+    seconds from `since`, oldest first. One pass over the finished rows of the whole period
+    (the finished_at index), counted per span with CASE: no dialect's own date or rounding
+    function is needed."""
+    bounds = [(since + i * width, since + (i + 1) * width) for i in range(spans)]
+    counts = ", ".join(
+        "COUNT(CASE WHEN finished_at >= ? AND finished_at < ? THEN 1 END)" for _ in bounds
+    )
+    rows = conn.execute(
+        f"SELECT status, {counts} FROM jobs "
+        "WHERE finished_at >= ? AND finished_at < ? GROUP BY status",
+        [*(edge for span in bounds for edge in span), since, since + spans * width],
+    ).fetchall()
+    per_span: list[dict[str, float | int]] = [
+        {"start": start, "done": 0, "failed": 0, "canceled": 0} for start, _ in bounds
+    ]
+    for status, *numbers in rows:
+        if status in ("done", "failed", "canceled"):
+            for span, n in zip(per_span, numbers, strict=True):
+                span[status] = n
+    return per_span
+
+
+def oldest_queued_since(conn: sqlite3.Connection) -> float | None:
+    """When the longest-waiting queued job was to start: its submission, or its run_at."""
+    return conn.execute(
+        "SELECT MIN(COALESCE(run_at, created_at)) FROM jobs WHERE status = 'queued'"
+    ).fetchone()[0]

@@ -23,6 +23,15 @@ class Row(NamedTuple):
     attempt: int
     max_attempts: int
     available_at: float
+    # When it was submitted to start (None: at once): its SLA counts from then.
+    run_at: float | None = None
+    # Held by an operator, its user on hold, or waiting for jobs it runs after: not late.
+    held_back: bool = False
+
+    @property
+    def asked_for(self) -> float:
+        """When the submitter wanted it to start: the SLA's clock."""
+        return self.created_at if self.run_at is None else self.run_at
 
 
 class Candidates(msgspec.Struct):
@@ -32,23 +41,27 @@ class Candidates(msgspec.Struct):
     oldest_created_at: float | None
 
 
-_ROW_COLUMNS = ", ".join(Row._fields)
+_ROW_COLUMNS = ", ".join(f"jobs.{field}" for field in Row._fields[:-1]) + (
+    ", jobs.held != 0 OR jobs.after_pending > 0 OR COALESCE(users.held, 0) = 1"
+)
+_ROWS = f'SELECT {_ROW_COLUMNS} FROM jobs LEFT JOIN users ON users.name = jobs."user"'
 
 
 def find_candidates(
     conn: sqlite3.Connection, *, queued_before: float, created_before: float
 ) -> Candidates:
     """Running jobs, and queued jobs that may have passed a queued or SLA limit."""
-    running = conn.execute(f"SELECT {_ROW_COLUMNS} FROM jobs WHERE status = 'running'")
+    running = conn.execute(f"{_ROWS} WHERE jobs.status = 'running'")
     queued = conn.execute(
-        f"SELECT {_ROW_COLUMNS} FROM jobs WHERE status = 'queued' "
-        "AND (available_at <= ? OR created_at <= ?)",
+        f"{_ROWS} WHERE jobs.status = 'queued' "
+        "AND (jobs.available_at <= ? OR COALESCE(jobs.run_at, jobs.created_at) <= ?)",
         (queued_before, created_before),
     )
-    running_rows = [Row(*r) for r in running]
-    queued_rows = [Row(*r) for r in queued]
+    running_rows = [Row(*r[:-1], bool(r[-1])) for r in running]
+    queued_rows = [Row(*r[:-1], bool(r[-1])) for r in queued]
     oldest_available, oldest_created = conn.execute(
-        "SELECT MIN(available_at), MIN(created_at) FROM jobs WHERE status = 'queued'"
+        "SELECT MIN(available_at), MIN(COALESCE(run_at, created_at)) FROM jobs "
+        "WHERE status = 'queued'"
     ).fetchone()
     return Candidates(running_rows, queued_rows, oldest_available, oldest_created)
 

@@ -7,6 +7,7 @@ import sqlite3
 from typing import Any, NamedTuple
 
 from jobwarden.store import ledger
+from jobwarden.store.rows import load_json
 
 
 class StatusEvent(NamedTuple):
@@ -56,11 +57,22 @@ def job_rows(conn: sqlite3.Connection) -> list[dict[str, Any]]:
     """Every job, oldest first: its times, and from its result whether it was degraded (and
     by how many placeholders), from its error the code."""
     rows = conn.execute(
-        "SELECT id, user, status, created_at, started_at, finished_at, attempt, reason, "
-        "json_extract(result, '$.degraded'), json_extract(result, '$.placeholders'), "
-        "json_extract(error, '$.code') FROM jobs ORDER BY id"
+        'SELECT id, "user", status, created_at, started_at, finished_at, attempt, reason, '
+        "result, error FROM jobs ORDER BY id"
     ).fetchall()
-    return [dict(zip(_JOB_ROW_KEYS, row, strict=True)) for row in rows]
+    found = []
+    for *columns, result_text, error_text in rows:
+        result, error = _fields(result_text), _fields(error_text)
+        values = (*columns, result.get("degraded"), result.get("placeholders"), error.get("code"))
+        found.append(dict(zip(_JOB_ROW_KEYS, values, strict=True)))
+    return found
+
+
+def _fields(text: str | None) -> dict[str, Any]:
+    """A JSON column's object (read here, not by a JSON function: each backend has its own);
+    empty for NULL or a value that is not an object."""
+    value = load_json(text)
+    return value if isinstance(value, dict) else {}
 
 
 def cost_by_job(conn: sqlite3.Connection) -> dict[int, float]:
@@ -74,20 +86,26 @@ def status_events(
     conn: sqlite3.Connection, *, reason: str | None = None, error_code: str | None = None
 ) -> list[StatusEvent]:
     """Every status event in order, or only those with this reason or this error code."""
-    clauses, params = ["type = 'status'"], []
-    if reason is not None:
-        clauses.append("json_extract(data, '$.reason') = ?")
-        params.append(reason)
-    if error_code is not None:
-        clauses.append("json_extract(data, '$.error.code') = ?")
-        params.append(error_code)
     rows = conn.execute(
-        "SELECT job_id, at, json_extract(data, '$.status'), json_extract(data, '$.reason'), "
-        "json_extract(data, '$.error.code'), json_extract(data, '$.error.message') "
-        f"FROM events WHERE {' AND '.join(clauses)} ORDER BY seq",
-        params,
+        "SELECT job_id, at, data FROM events WHERE type = 'status' ORDER BY seq"
     ).fetchall()
-    return [StatusEvent(*row) for row in rows]
+    found = []
+    for job_id, at, text in rows:
+        data = _fields(text)
+        error = data.get("error") if isinstance(data.get("error"), dict) else {}
+        event = StatusEvent(
+            job_id,
+            at,
+            data.get("status"),
+            data.get("reason"),
+            error.get("code"),
+            error.get("message"),
+        )
+        if (reason is None or event.reason == reason) and (
+            error_code is None or event.error_code == error_code
+        ):
+            found.append(event)
+    return found
 
 
 class CallTry(NamedTuple):
@@ -118,11 +136,12 @@ def ledger_days(conn: sqlite3.Connection) -> list[dict[str, Any]]:
 
 
 def breaker_changes(conn: sqlite3.Connection) -> list[BreakerChange]:
-    rows = conn.execute(
-        "SELECT at, json_extract(data, '$.service'), json_extract(data, '$.state') "
-        "FROM events WHERE type = 'breaker' ORDER BY seq"
-    ).fetchall()
-    return [BreakerChange(*row) for row in rows]
+    rows = conn.execute("SELECT at, data FROM events WHERE type = 'breaker' ORDER BY seq")
+    changes = []
+    for at, text in rows:
+        data = _fields(text)
+        changes.append(BreakerChange(at, data.get("service"), data.get("state")))
+    return changes
 
 
 def spend_by_call(conn: sqlite3.Connection) -> list[tuple[float, float]]:

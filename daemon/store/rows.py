@@ -8,7 +8,8 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from jobwarden.store.sqlite import Connection, is_fault
+from jobwarden.store.backend import backend_of
+from jobwarden.store.sqlite import Connection
 from jobwarden.wire.views import ErrorBody, Event, JobView
 
 T = TypeVar("T")
@@ -29,16 +30,20 @@ def load_json(text: str | None) -> Any:
 
 
 JOB_COLUMNS = (
-    "id, kind, user, status, priority, attempt, max_attempts, created_at, updated_at, "
+    'id, kind, "user", status, priority, attempt, max_attempts, created_at, updated_at, '
     "available_at, started_at, finished_at, progress, message, reason, idempotency_key, "
-    "result, error, payload, checkpoint"
+    "result, error, run_at, after_ids, after_any, held, tags, schedule, payload, checkpoint"
 )
+# The bits of jobs.held: an operator's hold of the job, and a copy of its user's hold.
+JOB_HELD = 1
+USER_HELD = 2
 LIST_COLUMNS = JOB_COLUMNS.replace(", payload, checkpoint", "")
+_LIST_WIDTH = len(LIST_COLUMNS.split(","))
 
 
 def job_from_row(row: Sequence[Any]) -> JobView:
-    full = len(row) > 18
-    return JobView(
+    full = len(row) > _LIST_WIDTH
+    job = JobView(
         id=row[0],
         kind=row[1],
         user=row[2],
@@ -57,13 +62,35 @@ def job_from_row(row: Sequence[Any]) -> JobView:
         idempotency_key=row[15],
         result=load_json(row[16]),
         error=None if row[17] is None else _decode_error.decode(row[17]),
-        payload=load_json(row[18]) if full else None,
-        checkpoint=load_json(row[19]) if full else None,
+        schedule=row[23],
+        payload=load_json(row[24]) if full else None,
+        checkpoint=load_json(row[25]) if full else None,
     )
+    # Most jobs have none of these: setting them only when given keeps dispatch's cost per
+    # job where it was.
+    # run_at, after_ids (after_any goes with it), held, tags.
+    if row[18] is not None or row[19] is not None or row[21] or row[22] is not None:
+        job.run_at = row[18]
+        job.after = load_json(row[19]) or []
+        job.after_any = bool(row[20])
+        # The user's hold is shown with the user.
+        job.held = bool(row[21] & JOB_HELD)
+        job.tags = load_json(row[22]) or []
+    return job
+
+
+def row_lock(conn: Connection) -> str:
+    """The phrase that ends a SELECT to lock the rows it reads until the transaction ends, so
+    that two daemons cannot both decide on the same guard row: none on SQLite, whose one
+    writer holds the whole database for its transaction; ` FOR UPDATE` on PostgreSQL."""
+    return " FOR UPDATE" if backend_of(conn).NAME == "postgresql" else ""
 
 
 def placeholders(values: Iterable[Any]) -> str:
-    return ", ".join("?" for _ in values)
+    """The `?`s of an IN list. An empty list is `NULL`, which no value is IN: PostgreSQL
+    refuses `IN ()`, which SQLite takes. (A NOT IN must not be built from an empty list:
+    NOT IN (NULL) is true of no row.)"""
+    return ", ".join("?" for _ in values) or "NULL"
 
 
 def each(
@@ -94,6 +121,7 @@ def apply_each(
     the items: SQLite copies every page a savepoint changes first. A database that fails
     (disk full, I/O error) fails every item alike: that is raised, for the engine to handle.
     """
+    is_fault = backend_of(conn).is_fault
     mark = len(events)
     conn.execute("SAVEPOINT batch")
     try:
@@ -144,13 +172,14 @@ def insert_events(conn: Connection, events: Events) -> None:
     """Insert a write's event rows in multi-row statements and give each its seq.
 
     One statement per event would cost a SQLite step each, and each step gives the GIL away
-    and waits to get it back from the trio thread. Rows one INSERT adds to an AUTOINCREMENT
-    table are numbered consecutively, and this thread is the only writer.
+    and waits to get it back from the trio thread. The backend says which seq each row got.
     """
+    backend = backend_of(conn)
     for start in range(0, len(events), EVENT_ROWS_PER_INSERT):
         chunk = events[start : start + EVENT_ROWS_PER_INSERT]
-        cursor = conn.execute(
-            "INSERT INTO events (job_id, user, kind, type, at, data) VALUES "
+        seqs = backend.insert_ids(
+            conn,
+            'INSERT INTO events (job_id, "user", kind, type, at, data) VALUES '
             + ", ".join(["(?, ?, ?, ?, ?, ?)"] * len(chunk)),
             [
                 value
@@ -164,7 +193,8 @@ def insert_events(conn: Connection, events: Events) -> None:
                     dump_json(event.data),
                 )
             ],
+            "seq",
+            len(chunk),
         )
-        first = cursor.lastrowid - len(chunk) + 1
-        for offset, event in enumerate(chunk):
-            event.seq = first + offset
+        for event, seq in zip(chunk, seqs, strict=True):
+            event.seq = seq

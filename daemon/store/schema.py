@@ -2,13 +2,17 @@
 
 A database records the version it is at; opening it runs the migrations it has not had, each
 in its own transaction. A migration is never edited once released: a change is a new one. The
-statements are SQLite's (see sqlite.py for what another backend writes differently).
+statements are SQLite's; PostgreSQL runs them as postgres.py translates them, so a new
+migration keeps to what both take: the types INTEGER, REAL and TEXT, a surrogate key as
+`id INTEGER PRIMARY KEY AUTOINCREMENT`, booleans as INTEGER 0/1, plain and partial indexes.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from jobwarden.errors import StartupError
-from jobwarden.store import sqlite
+from jobwarden.store.backend import backend_of
 
 MIGRATIONS: list[str] = [
     """
@@ -153,6 +157,121 @@ MIGRATIONS: list[str] = [
     ALTER TABLE jobs ADD COLUMN process_identity TEXT;
     """,
     """
+    -- Recurring schedules: what a restart, and every daemon on the database, must agree on.
+    CREATE TABLE schedules (
+        name TEXT PRIMARY KEY,
+        -- The cron and time zone its slots follow: a change starts it afresh from now.
+        spec TEXT NOT NULL,
+        paused INTEGER NOT NULL DEFAULT 0,
+        -- No slot at or before this runs: when it was first seen, changed or resumed.
+        since REAL NOT NULL,
+        changed_at REAL NOT NULL
+    );
+    -- One row per slot a schedule has decided, run or skipped, and per trigger (slot NULL):
+    -- the unique (schedule, slot) makes each slot fire once, whoever inserts it first.
+    CREATE TABLE schedule_runs (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        schedule TEXT NOT NULL,
+        slot REAL,
+        at REAL NOT NULL,
+        job_id INTEGER,
+        -- Why the slot made no job (its previous run still active, a guard's refusal).
+        skipped TEXT
+    );
+    CREATE UNIQUE INDEX schedule_runs_slot ON schedule_runs(schedule, slot);
+    CREATE INDEX schedule_runs_latest ON schedule_runs(schedule, id);
+    -- The schedule a job was made by; its active runs, for overlap = "skip".
+    ALTER TABLE jobs ADD COLUMN schedule TEXT;
+    CREATE INDEX jobs_schedule_active ON jobs(schedule)
+        WHERE schedule IS NOT NULL AND status IN ('queued', 'running');
+    """,
+    """
+    -- What a job waits for besides its turn (docs/scheduling.md). Dispatch takes a queued
+    -- job only when available_at has come, held = 0, after_pending = 0 and its user's
+    -- held = 0. run_at: when the submitter asked it to start (NULL: at once); available_at
+    -- carries it until the first attempt, and the SLA counts from it.
+    ALTER TABLE jobs ADD COLUMN run_at REAL;
+    -- Tags as a JSON list, for the job's views; job_tags finds the jobs with a tag.
+    ALTER TABLE jobs ADD COLUMN tags TEXT;
+    -- Bits: 1 held by an operator until released, 2 its user is on hold (users.held, which
+    -- decides; this copy keeps such jobs out of the dispatch index).
+    ALTER TABLE jobs ADD COLUMN held INTEGER NOT NULL DEFAULT 0;
+    -- The jobs it runs after (a JSON list), whether it runs after they end however they end,
+    -- and how many of them have not ended yet: the write that ends one counts it down.
+    ALTER TABLE jobs ADD COLUMN after_ids TEXT;
+    ALTER TABLE jobs ADD COLUMN after_any INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE jobs ADD COLUMN after_pending INTEGER NOT NULL DEFAULT 0;
+    -- 1: the user's queued jobs wait until released (unlike disabled, which refuses new ones).
+    ALTER TABLE users ADD COLUMN held INTEGER NOT NULL DEFAULT 0;
+    -- The dispatch order holds only jobs that nothing but time or their turn keeps waiting:
+    -- a hold or a dependency can keep many jobs waiting, and the claim would walk them all.
+    -- Queries name these conditions literally, which is what lets SQLite use it.
+    DROP INDEX jobs_order;
+    CREATE INDEX jobs_order ON jobs(priority DESC, fair_tag, id)
+        WHERE status = 'queued' AND held = 0 AND after_pending = 0;
+    CREATE TABLE job_tags (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        job_id INTEGER NOT NULL,
+        tag TEXT NOT NULL
+    );
+    CREATE INDEX job_tags_tag ON job_tags(tag, job_id);
+    CREATE INDEX job_tags_job ON job_tags(job_id);
+    CREATE TABLE job_deps (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        job_id INTEGER NOT NULL,
+        after_id INTEGER NOT NULL
+    );
+    -- The jobs waiting for one that ends.
+    CREATE INDEX job_deps_after ON job_deps(after_id);
+    CREATE INDEX job_deps_job ON job_deps(job_id);
+    """,
+    """
+    -- Operator tokens for the HTTP API: what the admin socket may do, by Bearer token. Only
+    -- the token's SHA-256 is kept; revoking one deletes its row.
+    CREATE TABLE operator_tokens (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        name TEXT NOT NULL UNIQUE,
+        token_hash TEXT NOT NULL UNIQUE,
+        created_at REAL NOT NULL
+    );
+    """,
+    """
+    -- Guards every daemon on the database shares (docs/guards.md). A user's rate bucket, as
+    -- its last take left it (NULL: full), and until when adaptive shedding slows the user.
+    ALTER TABLE users ADD COLUMN bucket_tokens REAL;
+    ALTER TABLE users ADD COLUMN bucket_at REAL;
+    ALTER TABLE users ADD COLUMN slowed_until REAL;
+    -- The spend of each budget day ('YYYY-MM-DD') and month ('YYYY-MM'), grown by each
+    -- booking: the rows a reservation locks and the totals it checks (store/ledger.py).
+    CREATE TABLE budget_spend (period TEXT PRIMARY KEY, usd REAL NOT NULL);
+    INSERT INTO budget_spend (period, usd) SELECT day, SUM(usd) FROM ledger GROUP BY day;
+    INSERT INTO budget_spend (period, usd) SELECT month, SUM(usd) FROM ledger GROUP BY month;
+    -- The one daemon that probes a half-open circuit, and until when (store/breakers.py).
+    ALTER TABLE breakers ADD COLUMN probe_holder TEXT;
+    ALTER TABLE breakers ADD COLUMN probe_until REAL;
+    -- Counts the changes written, for the daemons that take them up.
+    ALTER TABLE breakers ADD COLUMN version INTEGER NOT NULL DEFAULT 0;
+    -- A service's limits for every daemon: its rate bucket, and its calls in flight, each
+    -- held until it ends or its lease runs out (store/breakers.py).
+    CREATE TABLE service_limits (service TEXT PRIMARY KEY, tokens REAL, updated_at REAL);
+    CREATE TABLE service_calls (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        service TEXT NOT NULL,
+        holder TEXT NOT NULL,
+        expires_at REAL NOT NULL
+    );
+    CREATE INDEX service_calls_service ON service_calls(service, expires_at);
+    -- Each call's worst case until it is booked, held by one daemon under a lease it renews.
+    CREATE TABLE budget_reservations (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        holder TEXT NOT NULL,
+        job_id INTEGER,
+        service TEXT NOT NULL,
+        usd REAL NOT NULL,
+        expires_at REAL NOT NULL
+    );
+    """,
+    """
     -- A job's own output (a command's stderr and non-protocol stdout, a python handler's
     -- log), oldest lines dropped past a size per job; deleted with the job.
     CREATE TABLE job_logs (
@@ -172,14 +291,15 @@ MIGRATIONS: list[str] = [
 ]
 
 
-def migrate(conn: sqlite.Connection) -> int:
+def migrate(conn: Any) -> int:
     """Bring the database to the newest schema version; returns that version."""
-    version = sqlite.schema_version(conn)
+    backend = backend_of(conn)
+    version = backend.schema_version(conn)
     if version > len(MIGRATIONS):
         raise StartupError(
             f"database schema version {version} is newer than this jobwarden knows "
             f"({len(MIGRATIONS)}); upgrade jobwarden"
         )
     for number in range(version, len(MIGRATIONS)):
-        sqlite.migrate_to(conn, number + 1, MIGRATIONS[number])
+        backend.migrate_to(conn, number + 1, MIGRATIONS[number])
     return len(MIGRATIONS)

@@ -1,25 +1,19 @@
-"""What the store asks of SQLite in particular, in one place: what a second backend replaces.
+"""What the store asks of SQLite in particular, in one place: the same functions as
+postgres.py (backend.py names them), so the engine and the migration runner name no statement
+that only one database knows.
 
-The engine (engine.py) and the migration runner (schema.migrate) reach the database through
-these functions, so they name no statement that only SQLite knows. The rest of SQLite's dialect
-is in the text of the schema and the queries; a PostgreSQL backend rewrites these places:
+The queries and migrations are written in SQLite's dialect and run here as they are; what
+postgres.py changes in their text is listed there. What stays SQLite's own:
 
-- `?` parameters, in every query module (psycopg takes `%s`);
-- the column `user` of jobs, events and ledger: a reserved word in PostgreSQL, quoted there;
-- AUTOINCREMENT, WITHOUT ROWID and JSON kept as TEXT, in schema.py;
-- `cursor.lastrowid`: a new job's id in jobs.py, and in rows.insert_events the seq of a write's
-  event rows, because one SQLite INSERT numbers its rows consecutively (PostgreSQL: RETURNING,
-  and sequence values that are not in commit order);
-- `INDEXED BY` hints in jobs.py, which pin the queue's partial indexes (PostgreSQL's planner
-  takes no hints);
-- `progress IS ?`, a comparison that treats NULLs as equal, in jobs.report_progress
-  (PostgreSQL: IS NOT DISTINCT FROM);
-- `MAX(a, b)` as a scalar in users.py (PostgreSQL: GREATEST);
-- `json_extract` in reports.py (PostgreSQL: the jsonb operators);
-- jobs.job_with_events reads a job and its events between BEGIN and COMMIT for one snapshot:
-  every SQLite read transaction is one; PostgreSQL needs REPEATABLE READ for that.
+- `INDEXED BY` hints in jobs.py pin the queue's partial indexes: without ANALYZE statistics
+  SQLite's planner prefers an equality on status (PostgreSQL drops the hints);
+- an INSERT's new ids come from `cursor.lastrowid` (`insert_ids`): the rows one INSERT adds to
+  an AUTOINCREMENT table are numbered consecutively and this store's writer is the only one,
+  and RETURNING would cost as much again as the INSERT in SQLite 3.40;
+- the schema version is PRAGMA user_version; WAL mode, its checkpoint and the online backup;
+- every read transaction is a snapshot (jobs.job_with_events relies on it).
 
-Savepoints (SAVEPOINT, ROLLBACK TO, RELEASE), ON CONFLICT and RETURNING are spelled the same in
+Savepoints, ON CONFLICT, RETURNING, row values and partial indexes are spelled the same in
 both, so the engine and the query modules use them as they are.
 """
 
@@ -27,9 +21,11 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
+NAME = "sqlite"
 Connection = sqlite3.Connection
 # What a statement raises when the database refuses it.
 DatabaseError = sqlite3.Error
@@ -66,8 +62,19 @@ def is_full(exc: BaseException) -> bool:
     return code is not None and (code & 0xFF) == sqlite3.SQLITE_FULL
 
 
+def fault_code(exc: BaseException) -> str:
+    return "STORAGE_FULL" if is_full(exc) else "STORAGE_ERROR"
+
+
+def is_disconnect(exc: BaseException) -> bool:
+    """A file has no connection to lose."""
+    return False
+
+
 def connect(path: str, synchronous: str) -> Connection:
     """A connection in autocommit mode: the engine says where each transaction begins."""
+    if path != IN_MEMORY:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute(f"PRAGMA synchronous={synchronous}")
@@ -78,6 +85,12 @@ def connect(path: str, synchronous: str) -> Connection:
     # 32 MB of page cache (the default is 2 MB): the queue's index pages stay in memory.
     conn.execute("PRAGMA cache_size=-32768")
     return conn
+
+
+def connect_reader(path: str, synchronous: str, writer: Connection) -> Connection:
+    """In WAL mode a second connection reads without waiting for the writer; an in-memory
+    database lives in its one connection."""
+    return writer if path == IN_MEMORY else connect(path, synchronous)
 
 
 def begin_write(conn: Connection) -> None:
@@ -112,15 +125,35 @@ def migrate_to(conn: Connection, version: int, script: str) -> None:
         raise
 
 
+def insert_ids(conn: Connection, sql: str, params: Sequence[Any], key: str, rows: int) -> list[int]:
+    """The rows one INSERT adds to an AUTOINCREMENT table are numbered consecutively, and
+    the store's writer is the only one: the last id says them all. (RETURNING would cost as
+    much again as the INSERT, in SQLite 3.40.)"""
+    last = conn.execute(sql, params).lastrowid
+    assert last is not None
+    return list(range(last - rows + 1, last + 1))
+
+
+def table_names(conn: Connection) -> list[str]:
+    rows = conn.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' "
+        "ORDER BY name"
+    )
+    return [name for (name,) in rows]
+
+
 def copy_database(source: str | Path, target: str | Path) -> None:
     """A consistent copy of the database as it is committed now, by SQLite's online backup:
     what a `kill -9` at this instant would leave on disk. The source is opened read-only, so a
     path with no database behind it is an error rather than a new, empty one."""
+    with contextlib.closing(sqlite3.connect(target)) as copy:
+        back_up_into(source, copy)
+
+
+def back_up_into(source: str | Path, copy: Connection) -> None:
+    """SQLite's online backup of the database at `source`, opened read-only, into `copy`."""
     read_only = f"{Path(source).resolve().as_uri()}?mode=ro"
-    with (
-        contextlib.closing(sqlite3.connect(read_only, uri=True)) as origin,
-        contextlib.closing(sqlite3.connect(target)) as copy,
-    ):
+    with contextlib.closing(sqlite3.connect(read_only, uri=True)) as origin:
         origin.backup(copy)
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import msgspec
 
-from jobwarden.store.rows import Events, placeholders
+from jobwarden.store.rows import USER_HELD, Events, placeholders
 
 TOKEN_PREFIX = "jw_"
 # The largest balance a user may hold: the largest INTEGER a column holds.
@@ -38,6 +38,8 @@ class UserView(msgspec.Struct, omit_defaults=True):
     jobs_today: int = 0
     day: str | None = None
     reserved: int = 0
+    # Their queued jobs wait until released (`users hold`).
+    held: bool = False
 
 
 class UserLimits(msgspec.Struct, frozen=True):
@@ -50,7 +52,7 @@ class UserLimits(msgspec.Struct, frozen=True):
 
 _COLUMNS = (
     "name, credits, spent, disabled, created_at, token_hash, daily_limit, rate,"
-    " max_running, day_count, day"
+    " max_running, day_count, day, held"
 )
 
 
@@ -69,6 +71,7 @@ def _view(row: tuple[Any, ...]) -> UserView:
         max_running=row[8],
         jobs_today=row[9],
         day=row[10],
+        held=bool(row[11]),
     )
 
 
@@ -109,6 +112,7 @@ def update(
     unlimited: bool = False,
     limits: UserLimits | None = None,
     disabled: bool | None = None,
+    held: bool | None = None,
     token_hash: str | None = None,
 ) -> UserView | None:
     """Change a user; None when there is no such user. Credits go up or down by a delta, or
@@ -121,12 +125,14 @@ def update(
         sets.append("credits = ?")
         values.append(credits)
     elif credits_delta is not None:
-        # SQLite turns an INTEGER sum past 2**63 - 1 into a REAL; the balance stops there.
+        # The bound is checked on a sum that cannot overflow (REAL in SQLite, NUMERIC in
+        # PostgreSQL): the balance stops at MAX_CREDITS, and at 0.
         sets.append(
             "credits = CASE WHEN credits IS NULL THEN NULL"
-            f" ELSE MAX(0, MIN(credits + ?, {MAX_CREDITS})) END"
+            f" WHEN credits + 0.0 + ? >= {MAX_CREDITS} THEN {MAX_CREDITS}"
+            " WHEN credits + ? < 0 THEN 0 ELSE credits + ? END"
         )
-        values.append(credits_delta)
+        values.extend([credits_delta] * 3)
     if limits is not None:
         for column in ("daily_limit", "rate", "max_running"):
             value = getattr(limits, column)
@@ -136,6 +142,9 @@ def update(
     if disabled is not None:
         sets.append("disabled = ?")
         values.append(int(disabled))
+    if held is not None:
+        sets.append("held = ?")
+        values.append(int(held))
     if token_hash is not None:
         sets.append("token_hash = ?")
         values.append(token_hash)
@@ -186,6 +195,24 @@ def running_limits(conn: sqlite3.Connection, names: list[str]) -> dict[str, int 
     return dict(rows)
 
 
-def own_rates(conn: sqlite3.Connection) -> dict[str, str]:
-    """The users with a rate limit of their own, and that rate."""
-    return dict(conn.execute("SELECT name, rate FROM users WHERE rate IS NOT NULL").fetchall())
+def hold(conn: sqlite3.Connection, events: Events, *, name: str, held: bool) -> UserView | None:
+    """Hold a user's queued jobs, or release them; None when there is no such user. The user's
+    row decides; a bit of each queued job's `held` copies it, which keeps them out of the
+    dispatch order while held."""
+    user = update(conn, events, name=name, held=held)
+    if user is not None:
+        change = f"held | {USER_HELD}" if held else f"held & ~{USER_HELD}"
+        conn.execute(
+            f"UPDATE jobs SET held = {change} WHERE \"user\" = ? AND status = 'queued'", (name,)
+        )
+    return user
+
+
+def on_hold(conn: sqlite3.Connection, names: list[str]) -> set[str]:
+    """Which of the named users are on hold."""
+    if not names:
+        return set()
+    rows = conn.execute(
+        f"SELECT name FROM users WHERE held = 1 AND name IN ({placeholders(names)})", names
+    ).fetchall()
+    return {row[0] for row in rows}

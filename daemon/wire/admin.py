@@ -14,7 +14,6 @@ from typing import Annotated, Any, Literal, get_args
 import msgspec
 
 from jobwarden.wire.views import (
-    BatchItem,
     ErrorBody,
     JobFilter,
     JobStatus,
@@ -22,6 +21,7 @@ from jobwarden.wire.views import (
     LogLine,
     RequestId,
     StoredInt,
+    Submission,
 )
 
 
@@ -62,16 +62,16 @@ class NoArgs(Args):
     pass
 
 
-class SubmitArgs(BatchItem):
-    """A submission's options (those a batch's items take too), and whose job it is."""
-
+class SubmitArgs(Submission):
+    # Whose job it is: the operator submits on anyone's behalf.
     user: str = "local"
 
 
 class SubmitManyArgs(Args):
-    items: list[BatchItem]
+    items: list[Submission]
     # All items or none: the first refusal refuses the batch, naming its item.
     atomic: bool = False
+    # Whose jobs they are: the operator submits on anyone's behalf.
     user: str = "local"
 
 
@@ -79,6 +79,7 @@ class JobsArgs(Args):
     status: list[JobStatus] | None = None
     kind: str | None = None
     user: str | None = None
+    tag: str | None = None
     limit: StoredInt = 50
 
 
@@ -135,14 +136,24 @@ class BudgetArgs(Args):
     monthly_usd: Annotated[float, msgspec.Meta(ge=0)] | None = None
 
 
+class ScheduleArgs(Args):
+    """`list` every schedule; `pause`, `resume` or `trigger` (one run now) the one named."""
+
+    action: Literal["list", "pause", "resume", "trigger"] = "list"
+    name: str | None = None
+
+
 NonNegative = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 
 
 class UsersArgs(Args):
     """`list`, `show`, `add`, `set`, `credits` (change by a signed amount), `disable`,
-    `enable`, `token` (a new token; the old one stops working)."""
+    `enable`, `token` (a new token; the old one stops working), `hold` (their queued jobs
+    wait), `release`."""
 
-    action: Literal["list", "show", "add", "set", "credits", "disable", "enable", "token"] = "list"
+    action: Literal[
+        "list", "show", "add", "set", "credits", "disable", "enable", "token", "hold", "release"
+    ] = "list"
     name: str | None = None
     # add/set: the balance; "unlimited" turns the credit check off for this user.
     credits: NonNegative | Literal["unlimited"] | None = None
@@ -152,6 +163,13 @@ class UsersArgs(Args):
     daily_limit: NonNegative | None = None
     rate: str | None = None
     max_running: NonNegative | None = None
+
+
+class TokensArgs(Args):
+    """`list`, `add` (a new operator token for the HTTP API, shown once), `revoke`."""
+
+    action: Literal["list", "add", "revoke"] = "list"
+    name: str | None = None
 
 
 # One request type per command: `cmd` is the tag, `args` that command's own arguments, so one
@@ -201,6 +219,18 @@ class CancelRequest(Request, tag="cancel"):
 
 class RetryRequest(Request, tag="retry"):
     """Queue a finished job again."""
+
+    args: JobArgs
+
+
+class HoldRequest(Request, tag="hold"):
+    """Hold a queued job until it is released."""
+
+    args: JobArgs
+
+
+class ReleaseRequest(Request, tag="release"):
+    """Release a held job."""
 
     args: JobArgs
 
@@ -296,6 +326,19 @@ class UsersRequest(Request, tag="users"):
     args: UsersArgs = msgspec.field(default_factory=UsersArgs)
 
 
+class SchedulesRequest(Request, tag="schedules"):
+    """List the recurring schedules with their next and latest runs; pause, resume or
+    trigger one."""
+
+    args: ScheduleArgs = msgspec.field(default_factory=ScheduleArgs)
+
+
+class TokensRequest(Request, tag="tokens"):
+    """List, add or revoke operator tokens."""
+
+    args: TokensArgs = msgspec.field(default_factory=TokensArgs)
+
+
 AdminRequest = (
     PingRequest
     | SubmitRequest
@@ -305,7 +348,9 @@ AdminRequest = (
     | CancelRequest
     | RetryRequest
     | CancelManyRequest
+    | HoldRequest
     | LogsRequest
+    | ReleaseRequest
     | RetryManyRequest
     | PauseRequest
     | ResumeRequest
@@ -319,6 +364,8 @@ AdminRequest = (
     | LedgerRequest
     | BudgetRequest
     | UsersRequest
+    | SchedulesRequest
+    | TokensRequest
 )
 COMMANDS = tuple(sorted(request.__struct_config__.tag for request in get_args(AdminRequest)))
 request_decoder = msgspec.json.Decoder(AdminRequest)

@@ -39,6 +39,27 @@ def nesting_depth_exceeds(data: bytes | str, limit: int = MAX_DEPTH) -> bool:
     return max(accumulate(steps), default=0) > limit
 
 
+class Submission(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """A job to run, as every door takes it: the admin socket's `submit` args, the
+    WebSocket's `submit` op and the HTTP API's POST /v1/jobs body each add only who asks."""
+
+    kind: str
+    payload: Any = msgspec.field(default_factory=dict)
+    priority: StoredInt | None = None
+    # A user's active job with this key is returned instead of a new one.
+    idempotency_key: str | None = None
+    # The client's own id for this submission, the same each time it sends it again: a resend
+    # whose job has finished meanwhile gets that job, not a second one.
+    submission_id: str | None = None
+    # When to start: an RFC 3339 time, or a duration from now like "10m" (at most one).
+    run_at: str | None = None
+    delay: str | None = None
+    tags: list[str] | None = None
+    # Jobs of the same user this one runs after; after_any: whether they fail or not.
+    after: list[StoredInt] | None = None
+    after_any: bool = False
+
+
 class ErrorBody(msgspec.Struct, omit_defaults=True):
     """The one error shape: message for a person, technical_message for the log."""
 
@@ -71,10 +92,19 @@ class JobView(msgspec.Struct, omit_defaults=True):
     message: str | None = None
     reason: str | None = None
     idempotency_key: str | None = None
+    # The recurring schedule that made the job, if one did.
+    schedule: str | None = None
     result: Any = None
     error: ErrorBody | None = None
     payload: Any = None
     checkpoint: Any = None
+    # What it waits for besides its turn (docs/scheduling.md): the time it was submitted to
+    # start at, the jobs it runs after (and whether whatever their outcome), an operator's hold.
+    run_at: float | None = None
+    after: list[int] = []
+    after_any: bool = False
+    held: bool = False
+    tags: list[str] = []
 
 
 class Event(msgspec.Struct, omit_defaults=True):
@@ -97,18 +127,6 @@ class Event(msgspec.Struct, omit_defaults=True):
     type: Literal["status", "progress", "breaker", "position", "cost"]
     at: float
     data: dict[str, Any]
-
-
-class BatchItem(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """One submission with its own options: an item of a batch (`submit_many`), and the
-    options of a single admin `submit` too."""
-
-    kind: str
-    payload: Any = msgspec.field(default_factory=dict)
-    priority: StoredInt | None = None
-    idempotency_key: str | None = None
-    # A client's own id for this submission, the same each time it sends it again.
-    submission_id: str | None = None
 
 
 class ItemResult(msgspec.Struct, omit_defaults=True):

@@ -13,7 +13,6 @@ from typing import Annotated, Any, Literal, get_args
 import msgspec
 
 from jobwarden.wire.views import (
-    BatchItem,
     BatchResult,
     BulkOutcome,
     ErrorBody,
@@ -24,6 +23,7 @@ from jobwarden.wire.views import (
     LogLine,
     RequestId,
     StoredInt,
+    Submission,
 )
 
 WatchKey = int | Literal["all"]
@@ -33,20 +33,17 @@ class WsOp(msgspec.Struct, tag_field="op", forbid_unknown_fields=True, kw_only=T
     id: RequestId = None
 
 
-class WsSubmit(WsOp, tag="submit"):
-    kind: str
-    payload: Any = msgspec.field(default_factory=dict)
-    priority: StoredInt | None = None
-    idempotency_key: str | None = None
-    # The client's own id for this submission, the same each time it sends it again: a
-    # resend whose job has finished meanwhile gets that job, not a second one.
-    submission_id: str | None = None
+class WsSubmit(Submission, tag_field="op", tag="submit"):
+    """A submission as the token's user. Not a WsOp subclass (a Struct takes its fields from
+    one base), so it carries the op's `id` itself."""
+
+    id: RequestId = None
 
 
 class WsSubmitMany(WsOp, tag="submit_many"):
     """Jobs in one commit, each item with its own options; `atomic`: all or none."""
 
-    items: list[BatchItem]
+    items: list[Submission]
     atomic: bool = False
 
 
@@ -89,6 +86,7 @@ class WsLogs(WsOp, tag="logs"):
 class WsJobs(WsOp, tag="jobs"):
     status: list[JobStatus] | None = None
     kind: str | None = None
+    tag: str | None = None
     limit: StoredInt = 50
 
 
