@@ -3,9 +3,7 @@ all or none; over the admin socket, the WebSocket, the CLI and a real daemon pro
 
 from __future__ import annotations
 
-import contextlib
 import json
-import sqlite3
 import subprocess
 from functools import partial
 
@@ -19,10 +17,13 @@ from jobwarden.errors import RequestError
 from jobwarden.mailbox import ReplySlot, ask
 from jobwarden.store import jobs
 from jobwarden.wire.views import ErrorBody, JobFilter, JobView, Submission
+from tests.conftest import opened_database
 from tests.process import daemon_factory, run_jobwarden
 from tests.test_admin import ask_admin
 from tests.test_guards import KINDS, limits
 from tests.test_websocket import Frames, add_user, open_frames, url_of
+
+pytestmark = pytest.mark.both_stores
 
 
 async def submit_many(
@@ -183,7 +184,7 @@ def test_a_thousand_lines_from_stdin_land_in_one_commit_that_survives_kill_9(dae
     )
     assert (done.returncode, done.stdout) == (0, "submitted 1,000 jobs, 0 refused\n")
     daemon.kill9()
-    with contextlib.closing(sqlite3.connect(daemon.db_path)) as conn:
+    with opened_database(daemon.database) as conn:
         created = conn.execute("SELECT COUNT(*), COUNT(DISTINCT created_at) FROM jobs").fetchone()
         payloads = [json.loads(row[0])["n"] for row in conn.execute("SELECT payload FROM jobs")]
     # Every job was inserted by one write at one moment: one transaction, one commit.

@@ -4,9 +4,7 @@ followed over the admin socket, the WebSocket and the CLI, pruned with the job."
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import sqlite3
 from functools import partial
 
 import pytest
@@ -16,8 +14,11 @@ from jobwarden.errors import RequestError
 from jobwarden.process.commands import OPERATOR, Caller
 from jobwarden.store import joblogs, jobs
 from jobwarden.wire.views import LogLine
+from tests.conftest import opened_database
 from tests.process import daemon_factory, run_jobwarden
 from tests.test_websocket import Frames, add_user, open_frames
+
+pytestmark = pytest.mark.both_stores
 
 KINDS = """
 [kinds.chatty]
@@ -113,7 +114,7 @@ async def test_logs_are_pruned_with_their_job(autojump_clock, start_daemon):
     with pytest.raises(RequestError) as caught:
         await daemon.commands.logs(OPERATOR, job.id)
     assert caught.value.body.code == "NOT_FOUND"
-    with contextlib.closing(sqlite3.connect(daemon.handle.store.path)) as conn:
+    with opened_database(daemon.handle.store.path) as conn:
         assert conn.execute("SELECT COUNT(*) FROM job_logs").fetchone() == (0,)
 
 
