@@ -15,6 +15,8 @@ from jobwarden.store import jobs
 from jobwarden.wire.views import JobFilter, Submission
 from tests.test_websocket import Frames, add_user, open_frames
 
+pytestmark = pytest.mark.both_stores
+
 KINDS = """
 [kinds.noop]
 handler = "tests.handlers:noop"
@@ -150,3 +152,24 @@ async def test_a_retry_the_store_refuses_is_counted_by_code(autojump_clock, star
     assert (outcome.matched, outcome.changed, outcome.ids) == (2, 1, [other])
     assert outcome.refused == {"CONFLICT": 1}
     assert (await daemon.job(failed.id)).status == "failed"
+
+
+async def test_cancel_and_retry_by_tag_take_only_the_jobs_tagged_so(autojump_clock, start_daemon):
+    daemon = await start_daemon(KINDS)
+    await ask(daemon.handle.scheduler, Pause, kind="noop")
+    nightly = [(await daemon.submit("noop", tags=["nightly", "eu"])).id for _ in range(2)]
+    untagged = await daemon.submit("noop")
+    other_tag = await daemon.submit("noop", tags=["eu"])
+    by_tag = JobFilter(tag="nightly")
+
+    canceled = await daemon.commands.cancel_many(OPERATOR, by_tag, dry_run=False)
+    assert (canceled.matched, canceled.ids) == (2, nightly)
+    assert {job_id: (await daemon.job(job_id)).status for job_id in nightly} == dict.fromkeys(
+        nightly, "canceled"
+    )
+    assert (await daemon.job(untagged.id)).status == "queued"
+    assert (await daemon.job(other_tag.id)).status == "queued"
+
+    retried = await daemon.commands.retry_many(by_tag, dry_run=False)
+    assert (retried.matched, retried.changed, retried.ids) == (2, 2, nightly)
+    assert {(await daemon.job(job_id)).status for job_id in nightly} == {"queued"}

@@ -23,7 +23,7 @@ from jobwarden.config import parse_duration
 from jobwarden.wire.views import BulkOutcome, JobFilter
 
 VERBS = {"cancel": "canceled", "retry": "queued again"}
-FILTER_OPTIONS = ("status", "kind", "user", "code", "since", "older_than")
+FILTER_OPTIONS = ("status", "kind", "user", "tag", "code", "since", "older_than")
 
 
 def duration(text: str) -> float:
@@ -42,6 +42,7 @@ def add_filter_options(command: argparse.ArgumentParser, action: str) -> None:
     add_status_option(group)
     group.add_argument("--kind", metavar="K")
     group.add_argument("--user", metavar="U")
+    group.add_argument("--tag", metavar="T", help="tagged so")
     group.add_argument("--code", metavar="CODE", help="the reason of its status: an error code")
     group.add_argument(
         "--since", type=duration, metavar="AGE", help="whose status changed within AGE, e.g. 1h"
@@ -64,7 +65,9 @@ def check_target(args: argparse.Namespace) -> None:
     if args.job is not None and (filtered or args.dry_run or args.yes):
         raise UsageError("give a JOB or a filter (--status, --kind, ...), not both")
     if args.job is None and not filtered:
-        raise UsageError("give a JOB, or a filter: --status, --kind, --user, --code, --since, ...")
+        raise UsageError(
+            "give a JOB, or a filter: --status, --kind, --user, --tag, --code, --since, ..."
+        )
 
 
 def run_bulk(args: argparse.Namespace, action: str) -> int:

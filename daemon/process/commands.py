@@ -71,7 +71,6 @@ from jobwarden.mailbox import ReplySlot, ask
 from jobwarden.metrics import Metrics
 from jobwarden.store import joblogs, jobs, tokens, users
 from jobwarden.store.engine import Store
-from jobwarden.store.joblogs import JobLog
 from jobwarden.store.ledger import job_spend
 from jobwarden.wire.admin import (
     COMMANDS,
@@ -91,6 +90,7 @@ from jobwarden.wire.views import (
     Event,
     ItemResult,
     JobFilter,
+    JobLog,
     JobStatus,
     JobView,
     LogLine,
@@ -1091,7 +1091,8 @@ def _bulk_scope(
     if job_filter.is_empty():
         raise RequestError(
             "INVALID_REQUEST",
-            f"{action}: give at least one filter (status, kind, user, code, since, older_than)",
+            f"{action}: give at least one filter "
+            "(status, kind, user, tag, code, since, older_than)",
         )
     if not 0 <= show <= MAX_LISTED_BY_OPERATOR:
         raise RequestError(

@@ -12,7 +12,7 @@ from itertools import groupby
 import msgspec
 
 from jobwarden.store.rows import Events
-from jobwarden.wire.views import LogLine
+from jobwarden.wire.views import JobLog, LogLine
 
 # Old lines read at a time while making room.
 DROP_PAGE = 256
@@ -26,13 +26,6 @@ class NewLine(msgspec.Struct, frozen=True, array_like=True):
     at: float
     stream: str
     line: str
-
-
-class JobLog(msgspec.Struct):
-    """A page of a job's lines after a line id, and how many were dropped before them."""
-
-    dropped: int
-    lines: list[LogLine]
 
 
 def _size(line: NewLine) -> int:

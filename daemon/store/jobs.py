@@ -588,6 +588,7 @@ def _filter_where(
     for clause, value in (
         ("kind = ?", job_filter.kind),
         ('"user" = ?', job_filter.user),
+        ("id IN (SELECT job_id FROM job_tags WHERE tag = ?)", job_filter.tag),
         ("reason = ?", job_filter.code),
         ("updated_at >= ?", None if job_filter.since is None else now - job_filter.since),
         (

@@ -155,13 +155,14 @@ class BatchResult(msgspec.Struct):
 
 class JobFilter(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
     """Which jobs a bulk action (cancel_many, retry_many) takes: every field given must
-    match. `code` is the reason a job's status carries (a failed job's error code); `since`
-    keeps jobs whose status changed within that many seconds, `older_than` jobs created
-    longer ago than that."""
+    match. `tag`: one of the job's tags; `code` is the reason a job's status carries (a
+    failed job's error code); `since` keeps jobs whose status changed within that many
+    seconds, `older_than` jobs created longer ago than that."""
 
     status: list[JobStatus] | None = None
     kind: str | None = None
     user: str | None = None
+    tag: str | None = None
     code: str | None = None
     since: Annotated[float, msgspec.Meta(gt=0)] | None = None
     older_than: Annotated[float, msgspec.Meta(gt=0)] | None = None
@@ -192,3 +193,11 @@ class LogLine(msgspec.Struct):
     at: float
     stream: str
     line: str
+
+
+class JobLog(msgspec.Struct):
+    """A page of a job's lines after a line id, oldest first, and how many older lines were
+    dropped to keep the job's log within its size."""
+
+    dropped: int
+    lines: list[LogLine]
