@@ -41,6 +41,7 @@ from collections.abc import Iterator
 from datetime import datetime
 from functools import partial
 from typing import Any, NamedTuple
+from urllib.parse import urlsplit
 
 import msgspec
 import structlog
@@ -138,6 +139,8 @@ def check_submit(
             raise RequestError("INVALID_REQUEST", f"{name} must be 1 to 200 characters")
     if msg.submission_id is not None and msg.idempotency_key is None:
         raise RequestError("INVALID_REQUEST", "submission_id needs an idempotency_key")
+    if msg.webhook is not None:
+        check_webhook(msg.webhook, config.webhooks.allowed_hosts)
     if msg.priority is not None and not -100 <= msg.priority <= 100:
         raise RequestError("INVALID_REQUEST", "priority must be within -100..100")
     if kind.min_memory is not None and kind.min_memory > total_memory:
@@ -210,6 +213,33 @@ def _parse_time(text: str) -> float:
             f"got {text[:40]!r}",
         )
     return moment.timestamp()
+
+
+def check_webhook(url: str, allowed_hosts: list[str]) -> None:
+    """A webhook URL jobwarden may POST to: http(s), on a host the config allows (the daemon
+    must not become a way to reach hosts an application could not reach itself)."""
+    if not allowed_hosts:
+        raise RequestError(
+            "INVALID_REQUEST",
+            "webhook: webhooks are off on this daemon (its webhooks.allowed_hosts is empty)",
+        )
+    if len(url) > 2000:
+        raise RequestError("INVALID_REQUEST", "webhook: a URL of at most 2000 characters")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        parts, port = None, None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise RequestError("INVALID_REQUEST", "webhook: expected an http:// or https:// URL")
+    if parts.username is not None or parts.password is not None:
+        raise RequestError("INVALID_REQUEST", "webhook: a URL without user or password")
+    host = parts.hostname
+    if host not in allowed_hosts and f"{host}:{port}" not in allowed_hosts:
+        raise RequestError(
+            "INVALID_REQUEST",
+            f"webhook: host '{host}' is not in the config's webhooks.allowed_hosts",
+        )
 
 
 class Admission:
@@ -331,6 +361,7 @@ class Admission:
             tags=waits.tags,
             after=waits.after,
             after_any=msg.after_any,
+            webhook=msg.webhook,
         )
 
     def _batch_fits(self, batch: SubmitMany) -> bool:

@@ -46,6 +46,7 @@ class Submit(msgspec.Struct):
     tags: list[str] | None = None
     after: list[int] | None = None
     after_any: bool = False
+    webhook: str | None = None
 
 
 class SubmitMany(msgspec.Struct):

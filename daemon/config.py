@@ -368,6 +368,34 @@ class HttpSection(Section):
     queue: PositiveInt = 256
 
 
+class WebhooksSection(Section):
+    """Where and how jobwarden tells an application that its job is final (a submission's
+    `webhook` URL): only to the hosts listed, signed with `secret`."""
+
+    # Host names (or "host:port") a webhook URL may point at; [] refuses every webhook.
+    allowed_hosts: list[str] = msgspec.field(default_factory=list)
+    # The key of each delivery's HMAC-SHA256 signature; required once a host is allowed.
+    secret: str = ""
+    # How long one delivery waits for the receiver's answer.
+    timeout: Duration = Duration(10)
+    # A failed delivery is tried again after these waits (the last repeats) until max_attempts.
+    backoff: list[Duration] = msgspec.field(
+        default_factory=lambda: [Duration(d) for d in (5, 30, 120, 600, 1800, 3600)]
+    )
+    max_attempts: PositiveInt = 12
+    # Deliveries sent at once.
+    max_in_flight: PositiveInt = 8
+
+    def __post_init__(self) -> None:
+        if self.allowed_hosts and len(self.secret) < 16:
+            raise ValueError(
+                "secret: webhooks need a signing secret of at least 16 characters "
+                "once allowed_hosts lists a host"
+            )
+        if not self.backoff:
+            raise ValueError("backoff: expected at least one duration")
+
+
 class WebSocketSection(Section):
     # "host:port" for WebSocket clients; "" turns the listener off.
     listen: str = "127.0.0.1:8765"
@@ -495,6 +523,7 @@ class Config(Section):
     monitor: MonitorSection = msgspec.field(default_factory=MonitorSection)
     http: HttpSection = msgspec.field(default_factory=HttpSection)
     websocket: WebSocketSection = msgspec.field(default_factory=WebSocketSection)
+    webhooks: WebhooksSection = msgspec.field(default_factory=WebhooksSection)
     budget: BudgetSection = msgspec.field(default_factory=BudgetSection)
     limits: LimitsSection = msgspec.field(default_factory=LimitsSection)
     services: dict[str, ServiceSection] = msgspec.field(default_factory=dict)

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.both_stores
 KNOWN_COMMANDS = (
     "breaker, breakers, budget, cancel, cancel_many, drain, hold, jobs, ledger, logs, pause, ping, "
     "release, resume, retry, retry_many, schedules, show, shutdown, status, stuck, submit, "
-    "submit_many, tokens, users, watch"
+    "submit_many, tokens, users, watch, webhooks"
 )
 
 # -- decoding --------------------------------------------------------------------------------

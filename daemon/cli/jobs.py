@@ -35,6 +35,7 @@ from jobwarden.cli.connection import (
 from jobwarden.cli.output import (
     EXIT_OK,
     clock,
+    date_time,
     error_text,
     json_text,
     paint,
@@ -106,6 +107,12 @@ def add_commands(commands: Subcommands) -> None:
         action="store_true",
         help="with --after: run it however they end (failed or canceled too)",
     )
+    submit.add_argument(
+        "--webhook",
+        metavar="URL",
+        help="POST the job to this URL when it is final (a host the config's "
+        "webhooks.allowed_hosts lists)",
+    )
     submit.add_argument("--watch", action="store_true", help="then watch it until it finishes")
     websocket_options(submit)
     check_connection = submit.get_default("check")
@@ -148,6 +155,15 @@ def add_commands(commands: Subcommands) -> None:
     target.add_argument("--all", action="store_true", help="follow every job, until Ctrl-C")
     websocket_options(watch)
 
+    deliveries = subcommand(
+        commands, "webhooks", _webhooks, "list webhook deliveries, newest first"
+    )
+    deliveries.add_argument("--job", type=positive_int, metavar="JOB", help="only this job's")
+    deliveries.add_argument(
+        "--pending", action="store_true", help="only those not delivered (due or given up)"
+    )
+    deliveries.add_argument("--limit", type=positive_int, metavar="N", help="at most N (50)")
+
     stuck = subcommand(
         commands, "stuck", _stuck, "run the stuck, stall, SLA and queue-time rules now"
     )
@@ -176,6 +192,7 @@ def _submit(args: argparse.Namespace) -> int:
             tags=args.tags,
             after=args.after,
             after_any=args.after_any or None,
+            webhook=args.webhook,
         )
         _print_submitted(args, data)
         if not args.watch:
@@ -208,6 +225,7 @@ async def _submit_over_websocket(websocket: WebSocketClient, args: argparse.Name
         tags=args.tags,
         after=args.after,
         after_any=args.after_any,
+        webhook=args.webhook,
     )
     job = msgspec.to_builtins(accepted)
     existing = job.pop("existing", False)
@@ -372,6 +390,35 @@ def _print_job_line(data: dict[str, Any]) -> None:
 def _job_detail(job: JobView) -> str:
     message = job.message or (job.error.message if job.error else None)
     return ": ".join(filter(None, [job.reason, message]))
+
+
+def _webhooks(args: argparse.Namespace) -> int:
+    found = call(args, "webhooks", job=args.job, pending=args.pending, limit=args.limit or 50)
+    return print_reply(args, found, _print_deliveries)
+
+
+def _print_deliveries(data: dict[str, Any]) -> None:
+    rows = [
+        [
+            str(delivery["id"]),
+            str(delivery["job_id"]),
+            delivery["status"],
+            _delivery_state(delivery),
+            str(delivery["attempts"]),
+            delivery.get("answer") or "",
+            delivery["url"],
+        ]
+        for delivery in data["deliveries"]
+    ]
+    print_table(["ID", "JOB", "FINAL", "STATE", "TRIES", "LAST ANSWER", "URL"], rows)
+
+
+def _delivery_state(delivery: dict[str, Any]) -> str:
+    if delivery.get("delivered_at") is not None:
+        return f"delivered {date_time(delivery['delivered_at'])}"
+    if delivery.get("next_at") is not None:
+        return f"due {date_time(delivery['next_at'])}"
+    return "given up"
 
 
 def _stuck(args: argparse.Namespace) -> int:

@@ -125,6 +125,7 @@ class WebSocketClient:
         tags: list[str] | None = None,
         after: list[int] | None = None,
         after_any: bool = False,
+        webhook: str | None = None,
     ) -> Accepted:
         """Submit a job. Without an idempotency key one is made up. Each call also sends a
         new submission id, so that the submit sent again after a reconnection finds the job
@@ -151,6 +152,7 @@ class WebSocketClient:
             tags=tags,
             after=after,
             after_any=after_any or None,
+            webhook=webhook,
         )
         return msgspec.convert({**reply["job"], "existing": reply["existing"]}, Accepted)
 

@@ -82,6 +82,7 @@ from jobwarden.wire.admin import (
     TokensRequest,
     UsersRequest,
     WatchRequest,
+    WebhooksRequest,
     encode_line,
 )
 from jobwarden.wire.views import ErrorBody, Event, LogLine
@@ -455,6 +456,11 @@ class AdminServer:
                 return await commands.health()
             case StuckRequest(args=args):
                 return await commands.stuck(dry_run=args.dry_run)
+            case WebhooksRequest(args=args):
+                deliveries = await commands.webhook_deliveries(
+                    OPERATOR, job_id=args.job, pending=args.pending, limit=args.limit
+                )
+                return {"deliveries": deliveries}
             case BreakersRequest():
                 return await commands.breakers()
             case BreakerRequest(args=args):

@@ -69,9 +69,10 @@ from jobwarden.hub import EventHub, Subscription
 from jobwarden.logs import clip
 from jobwarden.mailbox import ReplySlot, ask
 from jobwarden.metrics import Metrics
-from jobwarden.store import joblogs, jobs, tokens, users
+from jobwarden.store import joblogs, jobs, tokens, users, webhooks
 from jobwarden.store.engine import Store
 from jobwarden.store.ledger import job_spend
+from jobwarden.store.webhooks import Delivery
 from jobwarden.wire.admin import (
     COMMANDS,
     BreakerArgs,
@@ -287,6 +288,7 @@ class NewJob(Protocol):
     tags: list[str] | None
     after: list[int] | None
     after_any: bool
+    webhook: str | None
 
 
 def _admission_submit(user: str, new: NewJob) -> Submit:
@@ -304,6 +306,7 @@ def _admission_submit(user: str, new: NewJob) -> Submit:
         tags=new.tags,
         after=new.after,
         after_any=new.after_any,
+        webhook=new.webhook,
     )
 
 
@@ -672,6 +675,22 @@ class Commands:
 
             nursery.start_soon(event)
             nursery.start_soon(flushed)
+
+    async def webhook_deliveries(
+        self, caller: Caller, *, job_id: int | None, pending: bool, limit: int
+    ) -> list[Delivery]:
+        """Webhook deliveries, newest first: one job's (the caller's), or all the operator's."""
+        if not 0 < limit <= caller.max_listed:
+            raise RequestError(
+                "INVALID_REQUEST", f"webhooks: limit must be within 1..{caller.max_listed}"
+            )
+        if job_id is not None:
+            await self._job(caller, job_id)
+        elif caller.user is not None:
+            raise RequestError("INVALID_REQUEST", "webhooks: name the job")
+        return await self._store.read(
+            partial(webhooks.list_deliveries, job_id=job_id, pending=pending, limit=limit)
+        )
 
     async def health(self, *, by_kind: bool = False) -> dict[str, Any]:
         """The monitor's snapshot; `by_kind` adds the job counts by status and kind."""

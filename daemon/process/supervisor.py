@@ -58,6 +58,7 @@ from jobwarden.process.admin import AdminServer, Stop
 from jobwarden.process.commands import Commands
 from jobwarden.process.http import HttpServer
 from jobwarden.process.systemd import SystemdNotifier
+from jobwarden.process.webhooks import WebhookSender
 from jobwarden.process.websocket import WebSocketServer
 from jobwarden.store import jobs
 from jobwarden.store.engine import Store, StoreState
@@ -350,6 +351,9 @@ class Supervisor:
                     very_slow_request=config.monitor.very_slow_request,
                 )
                 websocket_port = await nursery.start(self._websocket.run)
+            if config.webhooks.allowed_hosts:
+                sender = WebhookSender(settings=config.webhooks, store=store, hub=hub, clock=clock)
+                await nursery.start(sender.run)
             nursery.start_soon(self._watch_signals, control_tx.clone())
             await nursery.start(self._notifier.run_watchdog)
             nursery.start_soon(self._report_status, scheduler_tx)

@@ -26,14 +26,6 @@ from jobwarden.store.schema import migrate
 
 # Rows read and written at a time: memory stays flat however large the history.
 BATCH = 5000
-# The tables whose surrogate key is an identity column on PostgreSQL, and that key.
-IDENTITY_KEYS = {
-    "jobs": "id",
-    "events": "seq",
-    "ledger": "id",
-    "budget_reservations": "id",
-    "service_calls": "id",
-}
 
 
 def copy_to_postgres(source: str | Path, target: str) -> dict[str, int]:
@@ -54,10 +46,21 @@ def copy_to_postgres(source: str | Path, target: str) -> dict[str, int]:
         with copy.raw.transaction():
             for table in tables:
                 copied[table] = _copy_table(origin, copy, table)
-            for table, key in IDENTITY_KEYS.items():
+            for table, key in _identity_keys(copy):
                 if table in tables:
                     _restart_identity(copy, table, key)
         return copied
+
+
+def _identity_keys(copy: postgres.Connection) -> list[tuple[str, str]]:
+    """Each table whose surrogate key is an identity column (the schema's AUTOINCREMENT
+    keys), and that key: read from the schema, so a table a later migration adds is not
+    forgotten."""
+    rows = copy.raw.execute(
+        "SELECT table_name, column_name FROM information_schema.columns"
+        " WHERE table_schema = current_schema() AND is_identity = 'YES'"
+    ).fetchall()
+    return [(table, column) for table, column in rows]
 
 
 @contextlib.contextmanager

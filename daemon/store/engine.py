@@ -51,6 +51,7 @@ from jobwarden.store.jobs import set_setting
 from jobwarden.store.rows import Events, insert_events
 from jobwarden.store.schema import migrate
 from jobwarden.store.sqlite import IN_MEMORY
+from jobwarden.store.webhooks import queue_deliveries
 from jobwarden.wire.views import Event
 
 log = structlog.get_logger("store")
@@ -77,6 +78,13 @@ PROBE_ROOM = 64 * 1024
 # ends the wait): an actor's read waits out a restart of the server instead of failing.
 READ_RETRY_FIRST = 0.1
 READ_RETRY_MAX = 5.0
+
+
+def _record_events(conn: Any, events: Events) -> None:
+    """A write's event rows, and in the same transaction what a final status owes: its
+    webhook's delivery."""
+    insert_events(conn, events)
+    queue_deliveries(conn, events)
 
 
 class StoreFault(msgspec.Struct, frozen=True):
@@ -403,7 +411,7 @@ class Store:
             if write.solo:
                 try:
                     write.result = write.apply(self._writer, write.events)
-                    insert_events(self._writer, write.events)
+                    _record_events(self._writer, write.events)
                 except self._backend.DatabaseError as exc:
                     write.error = self._store_error("database maintenance failed", exc)
                 done.append(write)
@@ -421,7 +429,7 @@ class Store:
             conn.execute("SAVEPOINT w")
             try:
                 write.result = write.apply(conn, write.events)
-                insert_events(conn, write.events)
+                _record_events(conn, write.events)
             except Exception as exc:
                 if self._backend.is_fault(exc):
                     raise

@@ -17,6 +17,7 @@ import msgspec
 
 from jobwarden.config import parse_rate
 from jobwarden.errors import new_error_id
+from jobwarden.store import webhooks
 from jobwarden.store.backend import backend_of
 from jobwarden.store.rows import (
     JOB_COLUMNS,
@@ -61,6 +62,9 @@ class NewJob(msgspec.Struct, frozen=True):
     tags: tuple[str, ...] = ()
     after: tuple[int, ...] = ()
     after_any: bool = False
+
+    # Where to tell of the job's final status (store/webhooks.py).
+    webhook: str | None = None
 
 
 class TakesTokens(Protocol):
@@ -413,6 +417,8 @@ def _insert(
             "INSERT INTO job_tags (job_id, tag) VALUES (?, ?)", [(job.id, tag) for tag in new.tags]
         )
     add_event(events, job, "status", now, {"status": "queued", "attempt": 0})
+    if new.webhook is not None:
+        webhooks.remember(conn, job.id, new.webhook)
     # Only once the job is in: a failed insert leaves the user as it was.
     if user.credits is not None:
         user.credits -= price
@@ -1157,6 +1163,8 @@ def prune_finished(conn: sqlite3.Connection, events: Events, *, before: float, b
         conn.execute(f"DELETE FROM job_logs WHERE job_id IN ({placeholders(ids)})", ids)
         conn.execute(f"DELETE FROM job_tags WHERE job_id IN ({placeholders(ids)})", ids)
         conn.execute(f"DELETE FROM job_deps WHERE job_id IN ({placeholders(ids)})", ids)
+        conn.execute(f"DELETE FROM job_webhooks WHERE job_id IN ({placeholders(ids)})", ids)
+        conn.execute(f"DELETE FROM webhook_deliveries WHERE job_id IN ({placeholders(ids)})", ids)
         conn.execute(f"DELETE FROM jobs WHERE id IN ({placeholders(ids)})", ids)
     return len(ids)
 

@@ -272,6 +272,29 @@ MIGRATIONS: list[str] = [
     );
     """,
     """
+    -- Where to tell an application that its job is final (the submission's webhook URL).
+    CREATE TABLE job_webhooks (
+        job_id INTEGER PRIMARY KEY,
+        url TEXT NOT NULL
+    );
+    -- One row per final status to deliver: written in the transaction of that status, so a
+    -- delivery survives a crash. next_at doubles as a lease: a sender pushes it past the
+    -- send's timeout before sending, so a daemon that dies mid-send leaves it due again.
+    CREATE TABLE webhook_deliveries (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        job_id INTEGER NOT NULL,
+        url TEXT NOT NULL,
+        status TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_at REAL,
+        delivered_at REAL,
+        answer TEXT
+    );
+    CREATE INDEX webhook_deliveries_due ON webhook_deliveries(next_at) WHERE next_at IS NOT NULL;
+    CREATE INDEX webhook_deliveries_job ON webhook_deliveries(job_id);
+    """,
+    """
     -- A job's own output (a command's stderr and non-protocol stdout, a python handler's
     -- log), oldest lines dropped past a size per job; deleted with the job.
     CREATE TABLE job_logs (

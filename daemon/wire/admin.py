@@ -118,6 +118,13 @@ class StuckArgs(Args):
     dry_run: bool = False
 
 
+class WebhooksArgs(Args):
+    job: StoredInt | None = None
+    # Only deliveries not yet made (due, or given up).
+    pending: bool = False
+    limit: StoredInt = 50
+
+
 class BreakerArgs(Args):
     service: str
     action: Literal["reset", "trip"]
@@ -296,6 +303,12 @@ class StuckRequest(Request, tag="stuck"):
     args: StuckArgs = msgspec.field(default_factory=StuckArgs)
 
 
+class WebhooksRequest(Request, tag="webhooks"):
+    """Webhook deliveries, newest first: a job's, or those not yet made."""
+
+    args: WebhooksArgs = msgspec.field(default_factory=WebhooksArgs)
+
+
 class BreakersRequest(Request, tag="breakers"):
     """Every service's circuit."""
 
@@ -359,6 +372,7 @@ AdminRequest = (
     | StatusRequest
     | WatchRequest
     | StuckRequest
+    | WebhooksRequest
     | BreakersRequest
     | BreakerRequest
     | LedgerRequest

@@ -58,6 +58,8 @@ class Submission(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # Jobs of the same user this one runs after; after_any: whether they fail or not.
     after: list[StoredInt] | None = None
     after_any: bool = False
+    # An http(s) URL on a host the config allows: told of the job's final status.
+    webhook: str | None = None
 
 
 class ErrorBody(msgspec.Struct, omit_defaults=True):
