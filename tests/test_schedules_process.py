@@ -69,17 +69,22 @@ def test_a_slot_is_not_fired_twice_after_kill_9_and_a_restart_within_its_minute(
     assert fired["slot"] == slot
     daemon.kill9()
     daemon.start()
-    wait_until(lambda: len(daemon.logs("schedules running")) == 2)
-    assert time.time() < slot + 60, "the restart came within the slot's minute"
-    assert len(daemon.logs("schedule fired")) == 1
+    wait_until(lambda: len(daemon.logs("schedules running")) == 2, timeout=ROOM)
+    slots = [line["slot"] for line in daemon.logs("schedule fired")]
+    # The property: no slot fires twice. On a machine slow enough that the restart ended
+    # after the minute, the next slot fires too, once; otherwise the first is the only one.
+    assert len(slots) == len(set(slots)), f"a slot fired twice: {slots}"
+    if time.time() < slot + 60:
+        assert slots == [slot]
     runs = scheduled_jobs(daemon.directory)
-    assert [job["id"] for job in runs] == [fired["job"]]
+    assert sorted(job["id"] for job in runs if job["id"] == fired["job"]) == [fired["job"]]
+    assert len(runs) == len(slots)
 
     listed = run_jobwarden("schedules", "--json", cwd=daemon.directory)
     assert listed.returncode == 0, listed.stderr
     [tick] = json.loads(listed.stdout)["schedules"]
-    assert tick["last"]["slot"] == slot and tick["last"]["job"] == fired["job"]
-    assert tick["next"] == slot + 60
+    assert tick["last"]["slot"] == max(slots)
+    assert tick["next"] == max(slots) + 60
 
 
 def test_the_cli_pauses_resumes_and_triggers_a_schedule(daemons):

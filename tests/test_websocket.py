@@ -904,7 +904,7 @@ async def test_cli_watch_over_websocket_exits_1_with_the_error_of_a_failed_job(
         (["watch", "{job}", "--url", "{url}", "--token", "{token}"], 2, "error NOT_FOUND: no job"),
         (["watch", "1", "--url", "{url}"], 2, "--url needs your token"),
         (["watch", "1", "--token", "{token}"], 2, "--token goes with --url"),
-        (["watch", "1", "--url", "http://x", "--token", "t"], 2, "--url: expected ws://"),
+        (["watch", "1", "--url", "ftp://x", "--token", "t"], 2, "--url: expected ws://"),
         (
             ["submit", "quick", "{{}}", "--url", "{url}", "--token", "t", "--user", "bob"],
             2,
@@ -912,7 +912,7 @@ async def test_cli_watch_over_websocket_exits_1_with_the_error_of_a_failed_job(
         ),
         (["watch", "1", "--url", "ws://127.0.0.1:{closed}", "--token", "t"], 3, "refused"),
     ],
-    ids=["wrong-token", "someone-elses", "no-token", "token-alone", "http", "user", "no-daemon"],
+    ids=["wrong-token", "someone-elses", "no-token", "token-alone", "ftp", "user", "no-daemon"],
 )
 async def test_cli_over_websocket_exit_codes(alice, capsys, argv, exit_code, complaint):
     daemon, token = alice
