@@ -53,9 +53,10 @@ class Dashboard:
                 for name in ("alice", "bob")
             }
 
-    def submit(self, kind: str, payload: dict, user: str = "alice") -> int:
+    def submit(self, kind: str, payload: dict, user: str = "alice", **options: object) -> int:
         with self.daemon.client() as admin:
-            return admin.call("submit", kind=kind, payload=payload, user=user)["job"]["id"]
+            submitted = admin.call("submit", kind=kind, payload=payload, user=user, **options)
+            return submitted["job"]["id"]
 
     def job(self, job_id: int) -> dict:
         with self.daemon.client() as admin:
@@ -141,6 +142,20 @@ def test_a_progress_bar_moves_live_until_the_job_is_done(dashboard, browser):
     assert browser.script_errors() == []
     browser.screenshot("job-laptop", LAPTOP)
     browser.screenshot("job-phone", PHONE)
+
+
+def test_a_job_page_shows_its_tags_start_time_and_what_it_runs_after(dashboard, browser):
+    first = dashboard.submit("hangs", {})
+    later = dashboard.submit("quick", {}, tags=["nightly", "books"], delay="1h", after=[first])
+    browser.log_in(dashboard.url, dashboard.operator)
+    browser.go(f"#/jobs/{later}")
+    browser.wait_for("#job-tags", "nightly, books")
+
+    facts = browser.text("dl.facts")
+    assert f"#{first}" in facts
+    assert "Starts at" in facts
+    assert "waiting for job" in browser.text("main")
+    assert browser.script_errors() == []
 
 
 def test_pressing_cancel_cancels_the_running_job(dashboard, browser):

@@ -90,6 +90,14 @@ function render(shown, events, cost, app, reload) {
     ["Finished", when(job.finished_at)],
     ["Ran for", job.started_at ? duration((job.finished_at || Date.now() / 1000) - job.started_at) : "–"],
     ["Cost so far", h("span", { id: "job-cost" }, money(cost))],
+    // What it waits for besides its turn, and where it came from: only when it has them.
+    ...[
+      ["Tags", job.tags?.length ? h("span", { id: "job-tags" }, job.tags.join(", ")) : null],
+      ["Starts at", job.run_at ? when(job.run_at) : null],
+      ["Runs after", job.after?.length ? job.after.map((id) => `#${id}`).join(", ") + (job.after_any ? " (however they end)" : "") : null],
+      ["Held", job.held ? "by an operator" : null],
+      ["Schedule", job.schedule || null],
+    ].filter(([, value]) => value !== null),
   ];
   return [
     h("p", {}, h("a", { href: "#/jobs" }, "← Jobs")),
