@@ -28,6 +28,7 @@ CONFIG: dict[str, Any] = {
         "steps": {"handler": "tests.handlers:stepper"},
         "broken": {"handler": "tests.handlers:crashing", "max_attempts": 1},
         "hang": {"handler": "tests.handlers:hang"},
+        "chatty": {"handler": "tests.handlers:chatty"},
     },
 }
 
@@ -221,3 +222,20 @@ def test_events_resume_across_a_daemon_restart_without_gap_or_duplicate(
     statuses = [event.data["status"] for event in events if event.type == "status"]
     assert statuses[-1] == "done"
     assert "queued" in statuses[1:], "the recovery after the restart was followed"
+
+
+def test_a_batch_goes_in_one_request_and_a_job_s_log_is_read(api: Api) -> None:
+    with Client(api.url, api.token) as client:
+        batch = client.submit_many(
+            [
+                {"kind": "chatty", "payload": {"lines": 2}},
+                {"kind": "quick", "payload": {"seconds": 0}},
+                {"kind": "no-such-kind", "payload": {}},
+            ]
+        )
+        assert (batch.accepted, batch.refused) == (2, 1)
+        assert batch.results[2].error.code == "INVALID_REQUEST"
+        chatty = client.get(batch.results[0].job.id)
+        chatty.result(timeout=20)
+        lines = [line.line for line in chatty.logs().lines]
+    assert lines[:2] == ["line 0", "line 1"]
