@@ -1,7 +1,9 @@
 """Admission: the only way a job enters the queue.
 
-Consumes `Submit` and `Requeue` from the listeners, `BudgetState` from the ledger and
-`StopAdmitting`/`Reconfigure` from the supervisor. Produces `JobQueued` for the scheduler.
+Consumes `Submit`, `SubmitMany` (a batch: its items join the round's write, or with `atomic`
+go in one write all or none), `Requeue` and `RequeueMatching` (a bulk retry by filter) from the
+listeners, `BudgetState` from the ledger and `StopAdmitting`/`Reconfigure` from the supervisor.
+Produces `JobQueued` for the scheduler.
 
 The guards run in two places. Here, in memory, the checks of the request and of this daemon:
 draining, a store that takes no writes (a `STORAGE_` code, as the engine's health says),
@@ -54,9 +56,11 @@ from jobwarden.actors.messages import (
     JobQueued,
     Reconfigure,
     Requeue,
+    RequeueMatching,
     ScheduleAction,
     StopAdmitting,
     Submit,
+    SubmitMany,
 )
 from jobwarden.actors.schedules import Schedules
 from jobwarden.clock import WallClock
@@ -65,7 +69,8 @@ from jobwarden.errors import RequestError, StoreError
 from jobwarden.mailbox import ReplySlot
 from jobwarden.metrics import Metrics
 from jobwarden.store import Engine, jobs, schedules
-from jobwarden.store.jobs import Admitted, NewJob, Quota, Refused
+from jobwarden.store.jobs import Admitted, BatchRefused, NewJob, Quota, Refused
+from jobwarden.wire.views import BulkOutcome, ErrorBody
 
 log = structlog.get_logger("admission")
 
@@ -277,8 +282,22 @@ class Admission:
                             checked = self._check(msg)
                             if checked is not None:
                                 accepted.append(checked)
+                        case SubmitMany():
+                            if not self._batch_fits(msg):
+                                continue
+                            if msg.atomic:
+                                nursery.start_soon(self._insert_all_or_none, msg)
+                                continue
+                            # The items join this round's one store write.
+                            for item in msg.items:
+                                checked = self._check(item)
+                                if checked is not None:
+                                    accepted.append(checked)
+                            msg.reply.set(None)
                         case Requeue():
                             nursery.start_soon(self._requeue, msg)
+                        case RequeueMatching():
+                            nursery.start_soon(self._requeue_matching, msg)
                         case ScheduleAction():
                             nursery.start_soon(self._schedule_action, msg)
                         case StopAdmitting():
@@ -310,21 +329,27 @@ class Admission:
 
     def _check(self, msg: Submit) -> Checked | None:
         try:
-            payload_json = check_submit(
-                self._config,
-                msg,
-                draining=self._draining,
-                budget=self._budget,
-                now=self._clock.now(),
-                total_memory=self._total_memory,
-                store_fault=self._store.health.error(),
-            )
-            waits = check_waits(self._config, msg, now=self._clock.now())
+            new = self._checked(msg, self._clock.now())
         except RequestError as exc:
             self._refuse(msg, exc)
             return None
+        return Checked(msg, new)
+
+    def _checked(self, msg: Submit, now: float) -> NewJob:
+        """The job `msg` asks for, once the guards in memory let it through (the rest are
+        the store's, inside the write)."""
+        payload_json = check_submit(
+            self._config,
+            msg,
+            draining=self._draining,
+            budget=self._budget,
+            now=now,
+            total_memory=self._total_memory,
+            store_fault=self._store.health.error(),
+        )
+        waits = check_waits(self._config, msg, now=now)
         kind = self._config.kinds[msg.kind]
-        new = NewJob(
+        return NewJob(
             kind=msg.kind,
             user=msg.user,
             payload_json=payload_json,
@@ -338,7 +363,19 @@ class Admission:
             after_any=msg.after_any,
             webhook=msg.webhook,
         )
-        return Checked(msg, new)
+
+    def _batch_fits(self, batch: SubmitMany) -> bool:
+        """Whether a batch has 1 to max_batch_items items; it is refused as a whole if not."""
+        limit = self._config.admission.max_batch_items
+        if 0 < len(batch.items) <= limit:
+            return True
+        error = RequestError(
+            "INVALID_REQUEST",
+            f"submit_many: a batch has 1 to {limit} items, this one has {len(batch.items)}",
+        )
+        self._metrics.rejected.labels(error.body.code).inc()
+        batch.reply.fail(error)
+        return False
 
     def _quota(self, now: float) -> Quota:
         limits = self._config.limits
@@ -479,6 +516,88 @@ class Admission:
         except Exception as exc:
             msg.reply.fail(exc)
 
+    async def _insert_all_or_none(self, batch: SubmitMany) -> None:
+        """An atomic batch: every item passes the guards (in memory, then in the store, in
+        one write) or none is submitted, and the batch fails with the first refusal, named by
+        its item's index. The rate tokens the items took in the store go back with the
+        write's rollback."""
+        now = self._clock.now()
+        try:
+            news = []
+            for index, item in enumerate(batch.items):
+                try:
+                    news.append(self._checked(item, now))
+                except RequestError as exc:
+                    raise _item_error(index, exc.body) from None
+            write = partial(
+                jobs.insert_all_or_none,
+                batch=news,
+                now=now,
+                quota=self._quota(now),
+                idempotency_window=self._config.admission.idempotency_window,
+            )
+            try:
+                admitted = await self._store.write(write)
+            except BatchRefused as exc:
+                if isinstance(exc.refusal, Refused):
+                    body = self._refused(exc.refusal, now).body
+                else:
+                    log.error("a batch item failed in the store", error=str(exc.refusal))
+                    body = RequestError("INTERNAL", "the job could not be stored").body
+                raise _item_error(exc.index, body) from None
+            except StoreError as exc:
+                raise exc.refusal() from None
+            except Exception as exc:
+                log.error("a batch failed in the store", error=str(exc), count=len(news))
+                raise RequestError("INTERNAL", "the jobs could not be stored") from None
+        except RequestError as exc:
+            self._metrics.rejected.labels(exc.body.code).inc()
+            batch.reply.fail(exc)
+            return
+        for item, result in zip(batch.items, admitted, strict=True):
+            item.reply.set((result.job, result.existing))
+        batch.reply.set(None)
+        for kind in sorted({result.job.kind for result in admitted if not result.existing}):
+            await self._scheduler.send(JobQueued(kind=kind))
+
+    async def _requeue_matching(self, msg: RequeueMatching) -> None:
+        """Retry every failed or canceled job the filter matches, BULK_BATCH a write."""
+        if self._draining:
+            msg.reply.fail(RequestError("DRAINING", "the daemon is shutting down"))
+            return
+        outcome = BulkOutcome(action="retry", dry_run=False, matched=0)
+        after_id = 0
+        more = True
+        while more:
+            policies = {
+                name: (self._config.retry_policy(name).max_attempts, kind.credits)
+                for name, kind in self._config.kinds.items()
+            }
+            try:
+                batch = await self._store.write(
+                    partial(
+                        jobs.requeue_matching,
+                        job_filter=msg.job_filter,
+                        now=self._clock.now(),
+                        after_id=after_id,
+                        limit=jobs.BULK_BATCH,
+                        policies=policies,
+                    )
+                )
+            except StoreError as exc:
+                # What was retried so far stays retried; the operator runs it again later.
+                msg.reply.fail(exc.refusal())
+                return
+            after_id, more = batch.last_id, batch.more
+            outcome.changed += len(batch.changed)
+            outcome.ids += [job.id for job in batch.changed][: msg.show - len(outcome.ids)]
+            for code, count in batch.refused.items():
+                outcome.refused[code] = outcome.refused.get(code, 0) + count
+            for kind in sorted({job.kind for job in batch.changed}):
+                await self._scheduler.send(JobQueued(kind=kind))
+        outcome.matched = outcome.changed + sum(outcome.refused.values())
+        msg.reply.set(outcome)
+
     async def _requeue(self, msg: Requeue) -> None:
         if self._draining:
             msg.reply.fail(RequestError("DRAINING", "the daemon is shutting down"))
@@ -527,3 +646,13 @@ class Checked(NamedTuple):
 
     msg: Submit
     new: NewJob
+
+
+def _item_error(index: int, body: ErrorBody) -> RequestError:
+    """An item's refusal as its whole batch's: the same code, the item named."""
+    return RequestError(
+        body.code,
+        f"item {index}: {body.message}",
+        retryable=body.retryable,
+        retry_after=body.retry_after,
+    )

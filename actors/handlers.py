@@ -9,7 +9,9 @@ the child writes JSON lines on stdout (`{"progress": 0.4, "message": "..."}`,
 `{"result": {...}}`); exit 0 is done,
 75 (EX_TEMPFAIL) asks for a retry, anything else fails with the tail of stderr. It runs in
 its own session, so cancel and timeout kill its whole process group; the group is recorded in
-the store, so a restart after a crash can end what is left of it (actors/processes.py).
+the store, so a restart after a crash can end what is left of it (actors/processes.py). Its
+stderr and the stdout lines that are no protocol line go to the job's log (actors/joblogs.py),
+as does what a python handler writes with `ctx.log(...)`.
 """
 
 from __future__ import annotations
@@ -84,6 +86,7 @@ class JobContext:
         store_heartbeat: Callable[[], Awaitable[None]],
         services: ServiceLink | None = None,
         store_process_group: Callable[[int, str], Awaitable[None]] | None = None,
+        write_log: Callable[[str, str], None] | None = None,
     ) -> None:
         self.job_id = job_id
         self.kind = kind
@@ -98,7 +101,19 @@ class JobContext:
         self._services = services
         # Where a command's process group is recorded, for the restart after a crash.
         self._store_process_group = store_process_group
+        # Where the job's log lines go: (stream, line), kept with the job in batches.
+        self._write_log = write_log
         self._last_heartbeat = -math.inf
+
+    def log(self, message: str) -> None:
+        """Add `message` to the job's log (`jobwarden logs JOB`), a line per line of it.
+        Never blocks: lines are written in batches, and kept within the job's log size."""
+        self._output("log", str(message))
+
+    def _output(self, stream: str, text: str) -> None:
+        if self._write_log is not None:
+            for line in text.splitlines() or [""]:
+                self._write_log(stream, line)
 
     async def progress(self, fraction: float, message: str | None = None) -> None:
         if not 0.0 <= fraction <= 1.0:
@@ -244,7 +259,7 @@ async def run_command(kind: KindSection, ctx: JobContext, payload: Any) -> Any:
         if ctx._store_process_group is not None and identity is not None:
             await ctx._store_process_group(process.pid, identity)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_read_stderr, process.stderr, stderr_tail)
+            nursery.start_soon(_read_stderr, process.stderr, stderr_tail, ctx)
             await _read_protocol(process.stdout, ctx, result)
             await process.wait()
     finally:
@@ -276,9 +291,10 @@ async def _lines(stream: trio.abc.ReceiveStream) -> typing.AsyncIterator[str]:
         yield buffer.decode("utf-8", "replace")
 
 
-async def _read_stderr(stream: trio.abc.ReceiveStream, tail: deque[str]) -> None:
+async def _read_stderr(stream: trio.abc.ReceiveStream, tail: deque[str], ctx: JobContext) -> None:
     async for line in _lines(stream):
         tail.append(line)
+        ctx._output("stderr", line)
 
 
 def _finite_number(value: Any) -> float | None:
@@ -334,9 +350,10 @@ async def _read_protocol(stream: trio.abc.ReceiveStream, ctx: JobContext, result
         try:
             report = json.loads(line)
         except ValueError:
-            log.debug("command output is not a protocol line", job=ctx.job_id, line=line[:200])
-            continue
+            report = None
         if not isinstance(report, dict):
+            # Not a protocol line: the command's own output, for its log.
+            ctx._output("stdout", line)
             continue
         fault = _protocol_fault(report)
         if fault is not None:

@@ -16,7 +16,7 @@ from jobwarden.config import Config
 from jobwarden.mailbox import ReplySlot
 from jobwarden.store.engine import StoreState
 from jobwarden.system import SystemLoad
-from jobwarden.wire.views import ErrorBody, JobView
+from jobwarden.wire.views import BulkOutcome, ErrorBody, JobFilter, JobView
 
 
 class Reconfigure(msgspec.Struct):
@@ -49,11 +49,33 @@ class Submit(msgspec.Struct):
     webhook: str | None = None
 
 
+class SubmitMany(msgspec.Struct):
+    """A batch of submissions that goes to the store as one write, so it commits at once.
+    Each item's own reply says what became of it; `atomic`: every item is accepted, or all
+    fail with the first refusal, which names its item."""
+
+    items: list[Submit]
+    # Filled once the items are on their way (each then answered in its own reply), or
+    # failed when the batch as a whole is refused: too many items, or an atomic refusal.
+    reply: ReplySlot[None]
+    atomic: bool = False
+
+
 class Requeue(msgspec.Struct):
     """An operator's retry of a failed or canceled job."""
 
     job_id: int
     reply: ReplySlot[JobView]
+
+
+class RequeueMatching(msgspec.Struct):
+    """An operator's retry of every failed or canceled job `job_filter` matches, a bounded
+    batch per store write; the reply says how many were queued again and which (the
+    first `show`), and how many could not be, by code."""
+
+    job_filter: JobFilter
+    show: int
+    reply: ReplySlot[BulkOutcome]
 
 
 class StopAdmitting(msgspec.Struct):
@@ -340,7 +362,16 @@ class Leadership(msgspec.Struct):
     leader: bool
 
 
-AdmissionMessage = Submit | Requeue | StopAdmitting | Reconfigure | BudgetState | ScheduleAction
+AdmissionMessage = (
+    Submit
+    | SubmitMany
+    | Requeue
+    | RequeueMatching
+    | StopAdmitting
+    | Reconfigure
+    | BudgetState
+    | ScheduleAction
+)
 
 
 SchedulerMessage = (

@@ -42,6 +42,7 @@ import structlog.contextvars
 import trio
 
 from jobwarden.actors.handlers import JobContext, run_command, run_python
+from jobwarden.actors.joblogs import JobLogs, capture_logging, logging_for
 from jobwarden.actors.messages import (
     CancelJob,
     Drain,
@@ -162,9 +163,11 @@ class Pool:
         monitor: trio.MemorySendChannel[Any],
         metrics: Metrics,
         node: int,
+        job_logs: JobLogs,
         rng: random.Random | None = None,
     ) -> None:
         self._config = config
+        self._job_logs = job_logs
         self._store = store
         # This daemon's node: with a job's attempt, the fence of every write for it.
         self._node = node
@@ -206,6 +209,8 @@ class Pool:
             # recorded get so long to commit, and no longer (a store that takes no writes would
             # hold them forever).
             stack.callback(self._bound_recording)
+            stack.enter_context(capture_logging())
+            nursery.start_soon(self._job_logs.run)
             nursery.start_soon(self._record_ended)
             nursery.start_soon(self._enforce_timeouts)
             task_status.started()
@@ -231,6 +236,7 @@ class Pool:
                         nursery.start_soon(self._drain, grace, reply)
                     case Reconfigure(config=config):
                         self._config = config
+                        self._job_logs.config = config.job_logs
                     case NodeLost():
                         nursery.start_soon(self._abandon_lost)
                     case RemoteCancel(job_id=job_id):
@@ -475,6 +481,8 @@ class Pool:
         if not batch:
             return
         now = self._clock.now()
+        # Their log lines go first, so whoever sees a job final finds all of them.
+        self._job_logs.hand_over_for({entry.job.id for entry in batch})
         # Kept through a store fault: these jobs ran, and what they came to is not lost.
         recorded = self._store.hand_over(
             each(
@@ -603,9 +611,10 @@ class Pool:
             store_heartbeat=partial(self._heartbeat, entry),
             services=services,
             store_process_group=partial(self._process_group, entry),
+            write_log=partial(self._job_logs.add, job.id, job.attempt),
         )
         try:
-            with entry.scope:
+            with entry.scope, logging_for(self._job_logs, job.id, job.attempt):
                 return "done", await runner(kind, ctx, job.payload)
         except Exception as exc:
             return handler_outcome(exc)

@@ -215,8 +215,28 @@ class AdmissionSection(Section):
     # A finished job's idempotency key returns that job for this long after it finished;
     # 0: the key starts a new job as soon as its job has finished.
     idempotency_window: Duration = Duration(0)
+    # Items one `submit_many` may carry; the listener's frame limit bounds its bytes too.
+    max_batch_items: PositiveInt = 1000
     # How far ahead a job may be submitted to start (run_at, delay); further is refused.
     max_delay: Duration = Duration(30 * 86400)
+
+
+class JobLogsSection(Section):
+    """What is kept of jobs' own output: a command's stderr and non-protocol stdout, and
+    what a python handler logs (ctx.log, or the standard logging inside its task)."""
+
+    # Per job; past it the oldest lines are dropped (and counted).
+    max_bytes: Size = Size(256 * 1024)
+    # A longer line is cut to this many characters, saying how many were cut.
+    max_line_chars: PositiveInt = 2000
+    # Lines are written in one store write this often (and when a job ends).
+    flush_every: Duration = Duration(0.5)
+
+    def __post_init__(self) -> None:
+        if self.max_bytes < 4 * self.max_line_chars + 64:
+            raise ValueError("max_bytes: must hold at least one longest line (4 bytes a char)")
+        if not 0 < self.flush_every < math.inf:
+            raise ValueError("flush_every: expected a duration longer than 0")
 
 
 class LogSection(Section):
@@ -506,6 +526,7 @@ class Config(Section):
     admin: AdminSection = msgspec.field(default_factory=AdminSection)
     admission: AdmissionSection = msgspec.field(default_factory=AdmissionSection)
     log: LogSection = msgspec.field(default_factory=LogSection)
+    job_logs: JobLogsSection = msgspec.field(default_factory=JobLogsSection)
     retry: RetrySection = msgspec.field(default_factory=RetrySection)
     monitor: MonitorSection = msgspec.field(default_factory=MonitorSection)
     http: HttpSection = msgspec.field(default_factory=HttpSection)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import sys
 import time
 from datetime import UTC, datetime
@@ -65,6 +66,17 @@ def clip(text: object, limit: int = CLIENT_TEXT) -> str:
     if len(text) <= limit:
         return text
     return f"{text[:limit]}…[{len(text) - limit} more chars]"
+
+
+# C0 and C1 control characters and DEL, tab aside: what could move a terminal's cursor,
+# change its colours or its title.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """`text` with every control character but tab written out as an escape (ESC as \\x1b),
+    so that text from a job or a client cannot drive the terminal it is shown on."""
+    return _CONTROL.sub(lambda match: f"\\x{ord(match[0]):02x}", text)
 
 
 def _clip_tail(text: str, limit: int) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -16,6 +17,7 @@ from jobwarden.actors.messages import Submit
 from jobwarden.config import Config, load_config, load_config_text
 from jobwarden.mailbox import ReplySlot
 from jobwarden.process.admin import Stop
+from jobwarden.process.commands import Commands
 from jobwarden.process.supervisor import DaemonHandle, Supervisor
 from jobwarden.process.systemd import SystemdNotifier
 from jobwarden.store import jobs
@@ -155,6 +157,25 @@ class Daemon:
     @property
     def now(self) -> float:
         return self.handle.clock.now()
+
+    @functools.cached_property
+    def commands(self) -> Commands:
+        """A command layer over the daemon's store, hub and actors, as its listeners have
+        one."""
+        handle = self.handle
+        return Commands(
+            config=None,  # only the operator's commands read it
+            clock=handle.clock,
+            store=handle.store,
+            hub=handle.hub,
+            job_logs=handle.job_logs,
+            admission=handle.admission,
+            scheduler=handle.scheduler,
+            pool=handle.pool,
+            monitor=handle.monitor,
+            breaker=handle.breaker,
+            ledger=handle.ledger,
+        )
 
     async def submit(self, kind: str, payload: object = None, **options: object) -> JobView:
         reply: ReplySlot[tuple[JobView, bool]] = ReplySlot()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 
@@ -174,3 +175,21 @@ async def records_completion(ctx: JobContext, payload: dict) -> dict:
     finally:
         os.close(fd)
     return {"attempt": ctx.attempt}
+
+
+async def chatty(ctx: JobContext, payload: dict) -> dict:
+    """Writes `lines` lines to its log (ctx.log), `every` seconds apart, then one record
+    through the standard logging from a task of its own, and `text` if given."""
+    for n in range(payload.get("lines", 3)):
+        ctx.log(f"line {n}")
+        if payload.get("every"):
+            await trio.sleep(payload["every"])
+    if "text" in payload:
+        ctx.log(payload["text"])
+
+    async def child() -> None:
+        logging.getLogger("tests.chatty").warning("from a child task of job %d", ctx.job_id)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(child)
+    return {"lines": payload.get("lines", 3)}

@@ -99,11 +99,15 @@ def jobwarden_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "jobwarden.cli", *args]
 
 
-def run_jobwarden(*args: str, cwd: Path, timeout: float = 30.0) -> subprocess.CompletedProcess:
-    """Run one `jobwarden ...` command to completion, capturing its output as text."""
+def run_jobwarden(
+    *args: str, cwd: Path, timeout: float = 30.0, stdin: str | None = None
+) -> subprocess.CompletedProcess:
+    """Run one `jobwarden ...` command to completion, with `stdin` as its input, capturing
+    its output as text."""
     return subprocess.run(
         jobwarden_command(*args),
         cwd=cwd,
+        input=stdin,
         env=daemon_env(),
         capture_output=True,
         text=True,

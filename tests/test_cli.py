@@ -1448,3 +1448,96 @@ def test_zsh_loads_the_completion_for_jobwarden(completion_scripts, tmp_path):
         check=True,
     )
     assert loaded.stdout.strip() == "_jobwarden"
+
+
+# -- bulk actions ----------------------------------------------------------------------------
+
+
+def bulk_outcome(action: str, dry_run: bool, matched: int, ids: list[int], **more: object) -> dict:
+    return {"action": action, "dry_run": dry_run, "matched": matched, "ids": ids, **more}
+
+
+def test_the_cli_without_a_terminal_needs_yes(daemon, jobwarden, capsys, monkeypatch):
+    daemon.replies["retry_many"] = lambda args: bulk_outcome(
+        "retry", args.get("dry_run", False), 2, [4, 9], changed=0 if args.get("dry_run") else 2
+    )
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    code = jobwarden("retry", "--status", "failed", "--code", "SERVICE_FAILED", "--since", "1h")
+    assert code == 2
+    assert "add --yes to run it" in capsys.readouterr().err
+    assert [r["args"]["dry_run"] for r in daemon.requests] == [True]
+    assert daemon.requests[0]["args"]["filter"] == {
+        "status": ["failed"],
+        "code": "SERVICE_FAILED",
+        "since": 3600.0,
+    }
+
+    assert jobwarden("retry", "--status", "failed", "--dry-run") == 0
+    assert capsys.readouterr().out == "2 jobs match: 4, 9\n"
+    assert jobwarden("retry", "--status", "failed", "--yes") == 0
+    assert capsys.readouterr().out == "2 jobs queued again: 4, 9\n"
+    assert [r["args"].get("dry_run") for r in daemon.requests[1:]] == [True, True, None]
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize(("answer", "code", "acted"), [("y\n", 0, True), ("\n", 1, False)])
+def test_the_cli_asks_on_a_terminal(
+    daemon,
+    jobwarden,
+    capsys,
+    monkeypatch,
+    answer,
+    code,
+    acted,
+):
+    daemon.replies["cancel_many"] = lambda args: bulk_outcome(
+        "cancel", args.get("dry_run", False), 3, [1, 2], changed=3, refused={}
+    )
+    monkeypatch.setattr("sys.stdin", Terminal(answer))
+    assert jobwarden("cancel", "--kind", "render", "--show", "2") == code
+    out = capsys.readouterr().out
+    assert out.startswith("3 jobs match: 1, 2 and 1 more\ncancel 3 jobs? [y/N] ")
+    assert len(daemon.requests) == (2 if acted else 1)
+
+
+def test_the_cli_takes_a_job_or_a_filter(daemon, jobwarden, capsys):
+    assert jobwarden("cancel") == 2
+    assert "give a JOB, or a filter" in capsys.readouterr().err
+    assert jobwarden("cancel", "7", "--kind", "x") == 2
+    assert "not both" in capsys.readouterr().err
+    assert daemon.requests == []
+
+
+# -- logs ------------------------------------------------------------------------------------
+
+
+def log_line(line_id: int, line: str, stream: str = "stdout") -> dict[str, Any]:
+    return {"id": line_id, "attempt": 1, "at": NOW, "stream": stream, "line": line}
+
+
+def test_logs_says_how_many_lines_were_dropped_and_pages_through_the_rest(
+    daemon, jobwarden, capsys
+):
+    pages = {0: [log_line(n, f"line {n}") for n in range(1, 1001)], 1000: [log_line(1001, "last")]}
+    daemon.replies["logs"] = lambda args: {"dropped": 180, "lines": pages[args.get("after", 0)]}
+
+    assert jobwarden("logs", "12") == 0
+
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "[180 lines dropped]"
+    assert out[1] == f"{clock(NOW)} stdout line 1"
+    assert out[-1] == f"{clock(NOW)} stdout last"
+    assert [r["args"]["after"] for r in daemon.requests] == [0, 1000]
+
+
+def test_logs_never_sends_a_control_character_to_the_terminal(daemon, jobwarden, capsys):
+    # Whatever the daemon sends: the CLI makes sure of it.
+    daemon.replies["logs"] = {"dropped": 0, "lines": [log_line(1, "\x1b]0;owned\x07", "stderr")]}
+
+    assert jobwarden("logs", "12") == 0
+
+    assert capsys.readouterr().out == f"{clock(NOW)} stderr \\x1b]0;owned\\x07\n"

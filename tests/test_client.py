@@ -4,6 +4,7 @@ program each submit a job and get its result from a real daemon over its real HT
 from __future__ import annotations
 
 import asyncio
+import socket
 import subprocess
 import sys
 import textwrap
@@ -27,6 +28,7 @@ CONFIG: dict[str, Any] = {
         "steps": {"handler": "tests.handlers:stepper"},
         "broken": {"handler": "tests.handlers:crashing", "max_attempts": 1},
         "hang": {"handler": "tests.handlers:hang"},
+        "chatty": {"handler": "tests.handlers:chatty"},
     },
 }
 
@@ -195,3 +197,45 @@ def test_the_cli_submits_and_watches_over_the_http_api(api: Api, tmp_path: Path)
     )
     assert done.returncode == 0, done.stderr
     assert '"status":"done"' in done.stdout.replace(" ", "")
+
+
+def test_events_resume_across_a_daemon_restart_without_gap_or_duplicate(
+    daemons: DaemonFactory,
+) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    daemon = daemons({**CONFIG, "http": {"listen": f"127.0.0.1:{port}"}})
+    api = Api(daemon)
+    events = []
+    with Client(api.url, api.token) as client:
+        job = client.submit("steps", {"steps": 4, "step_seconds": 0.3})
+        for event in job.events():
+            events.append(event)
+            if event.type == "progress" and event.data["fraction"] == 0.25:
+                # The stream breaks under the client; the job is recovered by the restart and
+                # resumes from its checkpoint.
+                daemon.kill9()
+                daemon.start()
+    seqs = [event.seq for event in events]
+    assert seqs == sorted(set(seqs)), "every event once, in order"
+    statuses = [event.data["status"] for event in events if event.type == "status"]
+    assert statuses[-1] == "done"
+    assert "queued" in statuses[1:], "the recovery after the restart was followed"
+
+
+def test_a_batch_goes_in_one_request_and_a_job_s_log_is_read(api: Api) -> None:
+    with Client(api.url, api.token) as client:
+        batch = client.submit_many(
+            [
+                {"kind": "chatty", "payload": {"lines": 2}},
+                {"kind": "quick", "payload": {"seconds": 0}},
+                {"kind": "no-such-kind", "payload": {}},
+            ]
+        )
+        assert (batch.accepted, batch.refused) == (2, 1)
+        assert batch.results[2].error.code == "INVALID_REQUEST"
+        chatty = client.get(batch.results[0].job.id)
+        chatty.result(timeout=20)
+        lines = [line.line for line in chatty.logs().lines]
+    assert lines[:2] == ["line 0", "line 1"]

@@ -22,8 +22,9 @@ from tests.test_websocket import KINDS, Frames, add_user, open_frames
 pytestmark = pytest.mark.both_stores
 
 KNOWN_COMMANDS = (
-    "breaker, breakers, budget, cancel, drain, hold, jobs, ledger, pause, ping, release, resume, "
-    "retry, schedules, show, shutdown, status, stuck, submit, tokens, users, watch, webhooks"
+    "breaker, breakers, budget, cancel, cancel_many, drain, hold, jobs, ledger, logs, pause, ping, "
+    "release, resume, retry, retry_many, schedules, show, shutdown, status, stuck, submit, "
+    "submit_many, tokens, users, watch, webhooks"
 )
 
 # -- decoding --------------------------------------------------------------------------------

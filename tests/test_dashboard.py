@@ -242,7 +242,8 @@ def test_the_overview_counts_jobs_by_kind_spend_and_failures_and_pauses_a_kind(d
 
 
 def test_the_live_stream_pauses_while_the_tab_is_hidden(dashboard, browser):
-    job_id = dashboard.submit("steps", {"steps": 4, "step_seconds": 0.5})
+    # Long enough that a loaded machine still hides the tab before the job is done.
+    job_id = dashboard.submit("steps", {"steps": 6, "step_seconds": 1.0})
     browser.log_in(dashboard.url, dashboard.operator)
     browser.go(f"#/jobs/{job_id}")
     browser.wait_for("#live", "live")

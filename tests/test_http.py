@@ -20,12 +20,12 @@ from jobwarden.errors import RequestError
 from jobwarden.mailbox import ReplySlot
 from jobwarden.metrics import OUTCOMES, RULES, Metrics
 from jobwarden.process.admin import Stop
-from jobwarden.process.commands import OPERATOR, Caller, Commands, Refusals
+from jobwarden.process.commands import OPERATOR, Caller, Refusals
 from jobwarden.process.http.app import Context
 from jobwarden.process.http.events import EventStream
 from jobwarden.process.supervisor import Reload
 from jobwarden.wire.views import STATUSES, Event
-from tests.conftest import BASE_CONFIG, NO_LIMITS, Daemon
+from tests.conftest import BASE_CONFIG, NO_LIMITS
 
 pytestmark = pytest.mark.both_stores
 
@@ -294,29 +294,11 @@ async def test_how_long_a_circuit_has_not_been_closed(mock_clock, start_daemon):
     assert samples[("jobwarden_breaker_state", paid)] == 0
 
 
-def commands_of(daemon: Daemon) -> Commands:
-    """A command layer over an in-process daemon's store, hub and actors, as its listeners
-    have one."""
-    handle = daemon.handle
-    return Commands(
-        config=None,  # only the operator's commands read it
-        clock=handle.clock,
-        store=handle.store,
-        hub=handle.hub,
-        admission=handle.admission,
-        scheduler=handle.scheduler,
-        pool=handle.pool,
-        monitor=handle.monitor,
-        breaker=handle.breaker,
-        ledger=handle.ledger,
-    )
-
-
 async def test_waiting_for_a_job_ends_when_it_is_final_or_at_the_timeout(
     autojump_clock, start_daemon
 ):
     daemon = await start_daemon(KINDS)
-    commands = commands_of(daemon)
+    commands = daemon.commands
     job = await daemon.submit("hang")
 
     started = trio.current_time()
@@ -345,7 +327,7 @@ async def test_waiting_for_a_job_ends_when_it_is_final_or_at_the_timeout(
 async def test_an_event_stream_read_too_slowly_is_told_to_resync(start_daemon):
     daemon = await start_daemon(KINDS)
     handle = daemon.handle
-    commands = commands_of(daemon)
+    commands = daemon.commands
     context = Context(
         store=handle.store,
         commands=commands,

@@ -20,6 +20,7 @@ KINDS = {
     "quick": {"handler": "tests.handlers:sleepy"},
     "hang": {"handler": "tests.handlers:hang"},
     "flaky": {"handler": "tests.handlers:flaky", "max_attempts": 1},
+    "chatty": {"handler": "tests.handlers:chatty"},
 }
 
 
@@ -447,6 +448,9 @@ def test_the_openapi_document_is_valid_and_names_every_route(api):
     assert {"SubmitBody", "JobView", "JobPage", "JobResult", "ErrorBody"} <= set(
         document["components"]["schemas"]
     )
+    assert {"/v1/jobs:batch", "/v1/jobs:cancel", "/v1/jobs:retry", "/v1/jobs/{id}/logs"} <= set(
+        document["paths"]
+    )
     submit = document["paths"]["/v1/jobs"]["post"]
     assert {"202", "200", "400", "401", "413", "429", "503"} <= set(submit["responses"])
     assert submit["requestBody"]["content"]["application/json"]["schema"] == {
@@ -505,3 +509,109 @@ def test_delays_tags_and_holds_work_over_http_as_on_the_other_doors(api):
     assert api.http.get("/v1/schedules", headers=api.operator).json() == {"schedules": []}
     missing = api.http.post("/v1/schedules/nightly/trigger", headers=api.operator)
     assert missing.status_code == 404
+
+
+# -- batches, bulk actions, logs -------------------------------------------------------------
+
+
+def test_a_batch_answers_each_item_and_an_atomic_one_is_all_or_none(api):
+    bea = api.user("bea")
+    items = [
+        {"kind": "hang", "tags": ["bea-batch"]},
+        {"kind": "nope"},
+        {"kind": "quick", "payload": {"seconds": 0}, "delay": "1h"},
+    ]
+    response = api.http.post("/v1/jobs:batch", json={"items": items}, headers=bea)
+    assert response.status_code == 200, response.text
+    batch = response.json()
+    assert (batch["accepted"], batch["existing"], batch["refused"]) == (2, 0, 1)
+    first, refused, delayed = batch["results"]
+    assert (first["job"]["user"], first["job"]["tags"]) == ("bea", ["bea-batch"])
+    assert refused["error"]["code"] == "INVALID_REQUEST"
+    assert delayed["job"]["run_at"] > delayed["job"]["created_at"] + 3500
+
+    atomic = api.http.post("/v1/jobs:batch", json={"items": items, "atomic": True}, headers=bea)
+    assert atomic.status_code == 400
+    assert error_of(atomic)["message"].startswith("item 1: unknown kind 'nope'")
+    listed = api.http.get("/v1/jobs?user=bea", headers=bea).json()["jobs"]
+    assert len(listed) == 2  # the atomic batch left nothing behind
+
+    for_other = api.http.post(
+        "/v1/jobs:batch", json={"items": items[:1], "user": "cleo"}, headers=bea
+    )
+    assert (for_other.status_code, error_of(for_other)["code"]) == (403, "FORBIDDEN")
+    by_operator = api.http.post(
+        "/v1/jobs:batch",
+        json={"items": [{"kind": "quick", "payload": {"seconds": 0}}], "user": "bea-2"},
+        headers=api.operator,
+    )
+    assert by_operator.json()["results"][0]["job"]["user"] == "bea-2"
+    empty = api.http.post("/v1/jobs:batch", json={"items": []}, headers=bea)
+    assert (empty.status_code, error_of(empty)["code"]) == (400, "INVALID_REQUEST")
+    api.http.post(f"/v1/jobs/{first['job']['id']}/cancel", headers=bea)
+    api.http.post(f"/v1/jobs/{delayed['job']['id']}/cancel", headers=bea)
+
+
+def test_bulk_cancel_takes_a_users_own_jobs_and_bulk_retry_is_the_operators(api):
+    cleo, dan = api.user("cleo"), api.user("dan")
+    hers = [api.submit(cleo, "hang", tags=["bulk-http"])["id"] for _ in range(2)]
+    his = api.submit(dan, "hang", tags=["bulk-http"])["id"]
+    by_tag = {"filter": {"tag": "bulk-http"}}
+
+    preview = api.http.post("/v1/jobs:cancel", json={**by_tag, "dry_run": True}, headers=cleo)
+    assert preview.status_code == 200, preview.text
+    assert (preview.json()["matched"], preview.json()["ids"]) == (2, hers)
+    assert api.http.get(f"/v1/jobs/{hers[0]}", headers=cleo).json()["job"]["status"] != "canceled"
+
+    canceled = api.http.post("/v1/jobs:cancel", json=by_tag, headers=cleo).json()
+    assert (canceled["action"], canceled["changed"], canceled["ids"]) == ("cancel", 2, hers)
+    assert api.final(cleo, hers[1])["status"] == "canceled"
+    assert api.http.get(f"/v1/jobs/{his}", headers=dan).json()["job"]["status"] != "canceled"
+
+    refused = api.http.post("/v1/jobs:retry", json=by_tag, headers=cleo)
+    assert (refused.status_code, error_of(refused)["code"]) == (403, "FORBIDDEN")
+    everything = api.http.post("/v1/jobs:cancel", json={"filter": {}}, headers=cleo)
+    assert (everything.status_code, error_of(everything)["code"]) == (400, "INVALID_REQUEST")
+    dry = api.http.post("/v1/jobs:retry", json={**by_tag, "dry_run": True}, headers=api.operator)
+    assert (dry.json()["dry_run"], dry.json()["matched"]) == (True, 2)
+    retried = api.http.post("/v1/jobs:retry", json=by_tag, headers=api.operator).json()
+    assert (retried["changed"], retried["ids"]) == (2, hers)
+    assert (
+        api.http.post("/v1/jobs:cancel", json=by_tag, headers=api.operator).json()["changed"] == 3
+    )
+
+
+def test_a_jobs_log_is_read_a_page_at_a_time_and_followed_as_sse(api):
+    lena, max_ = api.user("lena"), api.user("max")
+    done = api.submit(lena, "chatty", payload={"lines": 3})
+    assert api.final(lena, done["id"])["status"] == "done"
+    page = api.http.get(f"/v1/jobs/{done['id']}/logs", headers=lena)
+    assert page.status_code == 200, page.text
+    lines = page.json()["lines"]
+    assert page.json()["dropped"] == 0
+    assert [line["line"] for line in lines[:3]] == ["line 0", "line 1", "line 2"]
+    second = api.http.get(
+        f"/v1/jobs/{done['id']}/logs?after={lines[0]['id']}&limit=1", headers=lena
+    )
+    assert [line["line"] for line in second.json()["lines"]] == ["line 1"]
+    for path in (f"/v1/jobs/{done['id']}/logs", f"/v1/jobs/{done['id']}/logs?follow=1"):
+        other = api.http.get(path, headers=max_)
+        assert (other.status_code, error_of(other)["code"]) == (404, "NOT_FOUND")
+
+    running = api.submit(lena, "chatty", payload={"lines": 3, "every": 0.2})
+    path = f"/v1/jobs/{running['id']}/logs?follow=1"
+    with api.http.stream("GET", path, headers=lena) as stream:
+        assert stream.headers["content-type"] == "text/event-stream; charset=utf-8"
+        frames = sse_frames(stream.read().decode())
+    logged = [frame for frame in frames if frame["event"] == "log"]
+    assert [json.loads(frame["data"])["line"] for frame in logged[:3]] == [
+        "line 0",
+        "line 1",
+        "line 2",
+    ]
+    assert frames[-1]["event"] == "end"
+    assert json.loads(frames[-1]["data"])["status"] == "done"
+    resumed = api.http.get(path, headers={**lena, "Last-Event-ID": logged[0]["id"]})
+    assert [frame["id"] for frame in sse_frames(resumed.text)[:-1]] == [
+        frame["id"] for frame in logged[1:]
+    ]

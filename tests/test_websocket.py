@@ -50,6 +50,8 @@ price_usd = 0.1
 """
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
+KNOWN_OPS = "cancel, cancel_many, jobs, logs, submit, submit_many, unwatch, watch"
+
 
 async def add_user(daemon, name: str) -> str:
     """A user with a token, made in the store as `jobwarden users add` will."""
@@ -361,9 +363,9 @@ async def test_a_watch_unwatched_at_once_is_still_answered_before_its_unwatched(
         (
             '{"op": "fly", "id": 7}',
             7,
-            "unknown op 'fly' (known: cancel, jobs, submit, unwatch, watch)",
+            f"unknown op 'fly' (known: {KNOWN_OPS})",
         ),
-        ('{"id": "x"}', "x", "no op (known: cancel, jobs, submit, unwatch, watch)"),
+        ('{"id": "x"}', "x", f"no op (known: {KNOWN_OPS})"),
         (
             '{"op": "watch", "id": 7, "job": "one"}',
             7,

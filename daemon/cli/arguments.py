@@ -208,3 +208,14 @@ def statuses(text: str) -> list[str]:
             f"expected statuses from {', '.join(STATUSES)}, got {text!r}"
         )
     return chosen
+
+
+def add_status_option(command: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """`--status`, repeatable or comma separated, as `jobs` and the bulk actions take it."""
+    command.add_argument(
+        "--status",
+        action="extend",
+        type=statuses,
+        metavar="S",
+        help=f"only these statuses, repeatable or comma separated ({', '.join(STATUSES)})",
+    )

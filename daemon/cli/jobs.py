@@ -11,13 +11,19 @@ import msgspec
 
 from jobwarden.cli.arguments import (
     Subcommands,
+    add_status_option,
     job_ids,
-    json_object,
     positive_int,
-    statuses,
     subcommand,
     words,
 )
+from jobwarden.cli.batches import (
+    add_file_options,
+    check_file_options,
+    payload_argument,
+    submit_file,
+)
+from jobwarden.cli.bulk import add_filter_options, check_target, run_bulk
 from jobwarden.cli.connection import (
     call,
     client,
@@ -52,18 +58,22 @@ from jobwarden.cli.watching import (
     watch_job,
 )
 from jobwarden.client import WebSocketClient
-from jobwarden.wire.views import STATUSES, JobView
+from jobwarden.wire.views import JobView
 
 
 def add_commands(commands: Subcommands) -> None:
-    submit = subcommand(commands, "submit", _submit, "submit a job and print its id")
+    submit = subcommand(
+        commands, "submit", _submit, "submit a job and print its id, or many from a file"
+    )
     submit.add_argument("kind", metavar="KIND")
     submit.add_argument(
         "payload",
         metavar="PAYLOAD_JSON",
-        type=json_object,
-        help="a JSON object, e.g. '{\"n\": 1}'",
+        nargs="?",
+        type=payload_argument,
+        help="a JSON object, e.g. '{\"n\": 1}'; @PATH reads it from a file, - from stdin",
     )
+    add_file_options(submit)
     submit.add_argument("--priority", type=int, metavar="N", help="overrides the kind's priority")
     submit.add_argument(
         "--idempotency-key",
@@ -105,24 +115,33 @@ def add_commands(commands: Subcommands) -> None:
     )
     submit.add_argument("--watch", action="store_true", help="then watch it until it finishes")
     websocket_options(submit)
+    check_connection = submit.get_default("check")
+
+    def check_submit(args: argparse.Namespace) -> None:
+        check_file_options(args)
+        check_connection(args)
+
+    submit.set_defaults(check=check_submit)
 
     jobs = subcommand(commands, "jobs", _jobs, "list jobs, newest first")
-    jobs.add_argument(
-        "--status",
-        action="extend",
-        type=statuses,
-        metavar="S",
-        help=f"only these statuses, repeatable or comma separated ({', '.join(STATUSES)})",
-    )
+    add_status_option(jobs)
     jobs.add_argument("--kind", metavar="K")
     jobs.add_argument("--user", metavar="U")
     jobs.add_argument("--tag", metavar="T", help="only jobs tagged so")
     jobs.add_argument("--limit", type=positive_int, metavar="N", help="at most N jobs (50)")
 
+    subcommand(commands, "show", _show, "show a job with its latest events").add_argument(
+        "job", type=positive_int, metavar="JOB"
+    )
     for name, run, summary in (
-        ("show", _show, "show a job with its latest events"),
-        ("cancel", _cancel, "cancel a job"),
-        ("retry", _retry, "queue a failed or canceled job again"),
+        ("cancel", _cancel, "cancel a job, or every job a filter matches"),
+        ("retry", _retry, "queue a failed or canceled job again, or every one a filter matches"),
+    ):
+        command = subcommand(commands, name, run, summary)
+        command.add_argument("job", nargs="?", type=positive_int, metavar="JOB")
+        add_filter_options(command, name)
+        command.set_defaults(check=check_target)
+    for name, run, summary in (
         ("hold", _hold, "hold a queued job: it waits until released"),
         ("release", _release, "release a held job"),
     ):
@@ -154,6 +173,8 @@ def add_commands(commands: Subcommands) -> None:
 
 
 def _submit(args: argparse.Namespace) -> int:
+    if args.file is not None:
+        return submit_file(args)
     if over_http(args):
         return _submit_over_http(args)
     if args.url:
@@ -330,10 +351,14 @@ async def _watch_over_websocket(websocket: WebSocketClient, args: argparse.Names
 
 
 def _cancel(args: argparse.Namespace) -> int:
+    if args.job is None:
+        return run_bulk(args, "cancel")
     return print_reply(args, call(args, "cancel", job=args.job), _print_job_line)
 
 
 def _retry(args: argparse.Namespace) -> int:
+    if args.job is None:
+        return run_bulk(args, "retry")
     return print_reply(args, call(args, "retry", job=args.job), _print_job_line)
 
 

@@ -19,6 +19,7 @@ from jobwarden.client.http import (
 )
 from jobwarden.client.websocket import Accepted, Watch, WebSocketClient, connect
 from jobwarden.errors import AdminError, DaemonError, DaemonUnreachable
+from jobwarden.wire.views import BatchResult, BulkOutcome, ItemResult, JobFilter, Submission
 
 __all__ = [
     "Accepted",
@@ -26,14 +27,19 @@ __all__ = [
     "AdminError",
     "AsyncClient",
     "AsyncJob",
+    "BatchResult",
+    "BulkOutcome",
     "Client",
     "DaemonError",
     "DaemonUnreachable",
+    "ItemResult",
     "Job",
     "JobCanceled",
     "JobFailed",
+    "JobFilter",
     "Outcome",
     "Refused",
+    "Submission",
     "Watch",
     "WebSocketClient",
     "connect",

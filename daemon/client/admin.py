@@ -64,6 +64,25 @@ class AdminClient:
                 # Only an error reply can interrupt a stream: the daemon ending the watch.
                 _data_of(message)
 
+    def follow_logs(self, job: int, after: int = 0) -> Iterator[dict[str, Any]]:
+        """Yield the job's log lines (see jobwarden.wire.views.LogLine) after line id
+        `after`, then new ones as they are written, until the job is final; the first item
+        is `{"dropped": N}`, how many older lines were dropped to keep the log in bounds, and
+        the last `{"ended": job}`. The stream takes over the connection, as `watch` does."""
+        self._send("logs", {"job": job, "after": after, "follow": True})
+        yield {"dropped": _data_of(self._receive())["dropped"]}
+        # Lines come whenever the job writes them, which may be hours apart.
+        self._socket.settimeout(None)
+        while True:
+            message = self._receive()
+            if "log" in message:
+                yield message["log"]
+            elif "ended" in message:
+                yield {"ended": message["ended"]}
+                return
+            else:
+                _data_of(message)
+
     def _connect(self) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(self.timeout)

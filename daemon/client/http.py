@@ -36,7 +36,14 @@ import httpx_sse
 import msgspec
 
 from jobwarden.errors import DaemonError, DaemonUnreachable
-from jobwarden.wire.views import TERMINAL_STATUSES, ErrorBody, Event, JobView
+from jobwarden.wire.views import (
+    TERMINAL_STATUSES,
+    BatchResult,
+    ErrorBody,
+    Event,
+    JobLog,
+    JobView,
+)
 
 # How long one long-poll of a job's result waits on the daemon before asking again; the
 # daemon caps it too. Short enough for proxies with a 60 s idle timeout.
@@ -74,6 +81,8 @@ _page = msgspec.json.Decoder(_Page)
 _outcomes = msgspec.json.Decoder(Outcome)
 _error = msgspec.json.Decoder(ErrorBody)
 _event = msgspec.json.Decoder(Event)
+_log = msgspec.json.Decoder(JobLog)
+_batch = msgspec.json.Decoder(BatchResult)
 
 
 class Refused(DaemonError):
@@ -141,6 +150,12 @@ def _submission(
     if tags is not None:
         body["tags"] = tags
     return body
+
+
+def _batch_body(items: list[dict[str, Any]], atomic: bool) -> dict[str, Any]:
+    # Each item gets its own key, as `submit` does, so sending the batch again is safe.
+    keyed = [{"idempotency_key": f"client-{uuid.uuid4().hex}", **item} for item in items]
+    return {"items": keyed, "atomic": atomic}
 
 
 def _checked(response: httpx.Response) -> httpx.Response:
@@ -296,6 +311,11 @@ class Job:
         self.view = self.client._cancel(self.id)
         return self
 
+    def logs(self, after: int = 0) -> JobLog:
+        """The job's log lines after line id `after`, oldest first (a page: ask again after
+        the last line's id for more), and how many older lines were dropped."""
+        return self.client._logs(self.id, after)
+
 
 class AsyncJob:
     """`Job` for `AsyncClient`."""
@@ -336,6 +356,10 @@ class AsyncJob:
     async def cancel(self) -> Self:
         self.view = await self.client._cancel(self.id)
         return self
+
+    async def logs(self, after: int = 0) -> JobLog:
+        """`Job.logs`, awaited."""
+        return await self.client._logs(self.id, after)
 
 
 class Client:
@@ -427,6 +451,18 @@ class Client:
 
     def _cancel(self, job_id: int) -> JobView:
         return _views.decode(self._request("POST", f"/v1/jobs/{job_id}/cancel").content)
+
+    def _logs(self, job_id: int, after: int) -> JobLog:
+        response = self._request("GET", f"/v1/jobs/{job_id}/logs", params={"after": after})
+        return _log.decode(response.content)
+
+    def submit_many(self, items: list[dict[str, Any]], *, atomic: bool = False) -> dict[str, Any]:
+        """Many jobs in one request, committed in one write: each item is a submission
+        (`kind`, `payload`, options); the reply has one result per item, accepted or its
+        refusal. With `atomic`, all are accepted or the batch is refused (Refused, naming
+        the item)."""
+        response = self._request("POST", "/v1/jobs:batch", json=_batch_body(items, atomic))
+        return _batch.decode(response.content)
 
     def _result_poll(self, job_id: int, wait: float) -> Outcome:
         response = self._request(
@@ -558,6 +594,17 @@ class AsyncClient:
     async def _cancel(self, job_id: int) -> JobView:
         response = await self._request("POST", f"/v1/jobs/{job_id}/cancel")
         return _views.decode(response.content)
+
+    async def _logs(self, job_id: int, after: int) -> JobLog:
+        response = await self._request("GET", f"/v1/jobs/{job_id}/logs", params={"after": after})
+        return _log.decode(response.content)
+
+    async def submit_many(
+        self, items: list[dict[str, Any]], *, atomic: bool = False
+    ) -> BatchResult:
+        """`Client.submit_many`, awaited."""
+        body = _batch_body(items, atomic)
+        return _batch.decode((await self._request("POST", "/v1/jobs:batch", json=body)).content)
 
     async def _result_poll(self, job_id: int, wait: float) -> Outcome:
         response = await self._request(

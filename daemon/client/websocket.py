@@ -35,7 +35,18 @@ from trio_websocket import (
 )
 
 from jobwarden.errors import DaemonError, DaemonUnreachable
-from jobwarden.wire.views import TERMINAL_STATUSES, ErrorBody, Event, JobStatus, JobView
+from jobwarden.wire.views import (
+    TERMINAL_STATUSES,
+    BatchResult,
+    BulkOutcome,
+    ErrorBody,
+    Event,
+    JobFilter,
+    JobStatus,
+    JobView,
+    LogLine,
+    Submission,
+)
 from jobwarden.wire.websocket import WatchKey
 
 # Waits between reconnection attempts: the first at once, then doubling up to the last.
@@ -145,9 +156,47 @@ class WebSocketClient:
         )
         return msgspec.convert({**reply["job"], "existing": reply["existing"]}, Accepted)
 
+    async def submit_many(self, items: list[Submission], *, atomic: bool = False) -> BatchResult:
+        """Submit many jobs in one request, committed at once: each item's result in order
+        (its job, or its refusal); `atomic`: all or none (DaemonError names the item that
+        refused the batch). As with `submit`, an item without a key gets one made up, and
+        each a new submission id, so a batch sent again after a reconnection makes no job
+        twice."""
+        sent = [
+            msgspec.structs.replace(
+                item,
+                idempotency_key=item.idempotency_key or f"client-{uuid.uuid4().hex}",
+                submission_id=uuid.uuid4().hex,
+            )
+            for item in items
+        ]
+        reply = await self._request(
+            op="submit_many", items=msgspec.to_builtins(sent), atomic=atomic
+        )
+        return msgspec.convert(reply, BatchResult)
+
     async def cancel(self, job_id: int) -> JobView:
         reply = await self._request(op="cancel", job=job_id)
         return msgspec.convert(reply["job"], JobView)
+
+    async def cancel_many(
+        self, job_filter: JobFilter, *, dry_run: bool = False, show: int = 20
+    ) -> BulkOutcome:
+        """Cancel every queued or running job of yours that `job_filter` matches (`dry_run`:
+        only say how many and which, the first `show` ids)."""
+        reply = await self._request(
+            op="cancel_many",
+            filter=msgspec.to_builtins(job_filter),
+            dry_run=dry_run,
+            show=show,
+        )
+        return msgspec.convert(reply["outcome"], BulkOutcome)
+
+    async def logs(self, job_id: int, *, after: int = 0) -> tuple[int, list[LogLine]]:
+        """Up to 1000 of the job's log lines after line id `after`, and how many older
+        lines were dropped to keep its log in bounds."""
+        reply = await self._request(op="logs", job=job_id, after=after)
+        return reply["dropped"], msgspec.convert(reply["lines"], list[LogLine])
 
     async def jobs(
         self,

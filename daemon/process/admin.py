@@ -16,6 +16,7 @@ replies are not read for as long: the max_connections slots cannot be held by si
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import grp
 import math
@@ -23,6 +24,7 @@ import os
 import pwd
 import socket
 import struct
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -53,23 +55,29 @@ from jobwarden.wire.admin import (
     BreakerRequest,
     BreakersRequest,
     BudgetRequest,
+    CancelManyRequest,
     CancelRequest,
     DrainRequest,
     EventLine,
     HoldRequest,
     JobsRequest,
     LedgerRequest,
+    LogEnd,
+    LogLineMessage,
+    LogsRequest,
     PauseRequest,
     PingRequest,
     ReleaseRequest,
     Reply,
     ResumeRequest,
+    RetryManyRequest,
     RetryRequest,
     SchedulesRequest,
     ShowRequest,
     ShutdownRequest,
     StatusRequest,
     StuckRequest,
+    SubmitManyRequest,
     SubmitRequest,
     TokensRequest,
     UsersRequest,
@@ -77,7 +85,7 @@ from jobwarden.wire.admin import (
     WebhooksRequest,
     encode_line,
 )
-from jobwarden.wire.views import ErrorBody, Event
+from jobwarden.wire.views import ErrorBody, Event, LogLine
 
 log = structlog.get_logger("admin")
 
@@ -193,6 +201,19 @@ class _Connection:
             finally:
                 self._reading = None
         return None
+
+    @contextlib.contextmanager
+    def streaming(self) -> Iterator[None]:
+        """The context of a stream (a watch, a followed log), which ends when the client
+        stops sending."""
+        with trio.CancelScope() as stream:
+            self.watches.add(stream)
+            if self.input_closed:
+                stream.cancel()
+            try:
+                yield
+            finally:
+                self.watches.discard(stream)
 
     def begin(self) -> None:
         self._busy += 1
@@ -364,6 +385,9 @@ class AdminServer:
         if isinstance(request, WatchRequest):
             await self._watch(connection, request)
             return None
+        if isinstance(request, LogsRequest) and request.args.follow:
+            await self._follow_logs(connection, request)
+            return None
         started = trio.current_time()
         data = await self._answer(request)
         self._observe(request.__struct_config__.tag, trio.current_time() - started)
@@ -385,6 +409,8 @@ class AdminServer:
             case SubmitRequest(args=args):
                 job, existing = await commands.submit(args.user, args)
                 return {"job": job, "existing": existing}
+            case SubmitManyRequest(args=args):
+                return await commands.submit_many(args.user, args.items, atomic=args.atomic)
             case JobsRequest(args=args):
                 found = await commands.jobs(
                     OPERATOR,
@@ -406,6 +432,15 @@ class AdminServer:
                 return {"job": await commands.hold(args.job, held=True)}
             case ReleaseRequest(args=args):
                 return {"job": await commands.hold(args.job, held=False)}
+            case LogsRequest(args=args):
+                page = await commands.logs(OPERATOR, args.job, after=args.after)
+                return {"dropped": page.dropped, "lines": page.lines}
+            case CancelManyRequest(args=args):
+                return await commands.cancel_many(
+                    OPERATOR, args.filter, dry_run=args.dry_run, show=args.show
+                )
+            case RetryManyRequest(args=args):
+                return await commands.retry_many(args.filter, dry_run=args.dry_run, show=args.show)
             case PauseRequest(args=args):
                 return await commands.pause(args.kind)
             case ResumeRequest(args=args):
@@ -444,6 +479,22 @@ class AdminServer:
                 return await commands.schedule_action(args.action, args.name)
         raise AssertionError(f"{type(request).__name__} is streamed, not answered")
 
+    async def _follow_logs(self, connection: _Connection, request: LogsRequest) -> None:
+        """Answer `following`, then send the job's lines as they come and `ended` once it
+        is final; a client that stops sending ends the follow, as it ends a watch."""
+        args = request.args
+        first = await self._commands.logs(OPERATOR, args.job, after=args.after, limit=1)
+        await connection.send(
+            Reply(id=request.id, ok=True, data={"following": args.job, "dropped": first.dropped})
+        )
+
+        async def send(line: LogLine) -> None:
+            await connection.send(LogLineMessage(id=request.id, log=line))
+
+        with connection.streaming():
+            job = await self._commands.follow_logs(OPERATOR, send, args.job, after=args.after)
+            await connection.send(LogEnd(id=request.id, ended=job))
+
     async def _watch(self, connection: _Connection, request: WatchRequest) -> None:
         """Replay from the store after `since`, then follow live; a watcher that falls behind
         the hub's buffer is caught up from the store again, so it never misses an event. The
@@ -461,15 +512,9 @@ class AdminServer:
         async def send(event: Event) -> None:
             await connection.send(EventLine(id=request.id, event=event))
 
-        with trio.CancelScope() as watch:
-            connection.watches.add(watch)
-            if connection.input_closed:
-                watch.cancel()
-            try:
-                resume: int | None = since
-                while resume is not None:
-                    resume = await self._commands.follow(
-                        OPERATOR, send, since=resume, job=args.job, user=args.user
-                    )
-            finally:
-                connection.watches.discard(watch)
+        with connection.streaming():
+            resume: int | None = since
+            while resume is not None:
+                resume = await self._commands.follow(
+                    OPERATOR, send, since=resume, job=args.job, user=args.user
+                )

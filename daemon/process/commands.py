@@ -30,16 +30,17 @@ import re
 import traceback
 import weakref
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Generic, NamedTuple, Protocol, TypeVar
+from typing import Any, Generic, Literal, NamedTuple, Protocol, TypeVar
 
 import msgspec
 import structlog
 import trio
 
 from jobwarden.actors.budget import BudgetCalendar
+from jobwarden.actors.joblogs import JobLogs
 from jobwarden.actors.messages import (
     BreakerReset,
     BreakerSnapshot,
@@ -52,21 +53,23 @@ from jobwarden.actors.messages import (
     Pause,
     QueueChanged,
     Requeue,
+    RequeueMatching,
     Resume,
     ResumeBudget,
     RunRules,
     ScheduleAction,
     SetBudget,
     Submit,
+    SubmitMany,
 )
 from jobwarden.clock import WallClock
 from jobwarden.config import Config, name_path, parse_rate
 from jobwarden.errors import RequestError, StoreError, error_body
-from jobwarden.hub import EventHub
+from jobwarden.hub import EventHub, Subscription
 from jobwarden.logs import clip
-from jobwarden.mailbox import ask
+from jobwarden.mailbox import ReplySlot, ask
 from jobwarden.metrics import Metrics
-from jobwarden.store import jobs, tokens, users, webhooks
+from jobwarden.store import joblogs, jobs, tokens, users, webhooks
 from jobwarden.store.engine import Store
 from jobwarden.store.ledger import job_spend
 from jobwarden.store.webhooks import Delivery
@@ -82,10 +85,16 @@ from jobwarden.wire.admin import (
 from jobwarden.wire.views import (
     MAX_DEPTH,
     TERMINAL_STATUSES,
+    BatchResult,
+    BulkOutcome,
     ErrorBody,
     Event,
+    ItemResult,
+    JobFilter,
+    JobLog,
     JobStatus,
     JobView,
+    LogLine,
     RequestId,
     nesting_depth_exceeds,
 )
@@ -103,6 +112,15 @@ PAGE = 1000
 # Jobs one `jobs` may list: an operator's scripts page through more than a user's screen.
 MAX_LISTED_BY_OPERATOR = 10_000
 MAX_LISTED_BY_USER = 1000
+# Ids a bulk action's answer lists, unless asked for another number.
+BULK_SHOWN = 20
+# Statuses each bulk action applies to.
+CANCELABLE = ("queued", "running")
+RETRYABLE = ("failed", "canceled")
+# Log lines one read (and one `logs` answer) carries at most.
+LOG_PAGE = 1000
+# Events of a followed job buffered between reads of its log: only a wake-up.
+LOG_WAKEUPS = 16
 # Refusals logged one by one per listener and minute (each connection's first); the rest
 # are summed up in one line a minute.
 REFUSAL_LINES_PER_MINUTE = 20
@@ -273,6 +291,25 @@ class NewJob(Protocol):
     webhook: str | None
 
 
+def _admission_submit(user: str, new: NewJob) -> Submit:
+    """The message that asks admission for `new` as `user`'s job, its reply still open."""
+    return Submit(
+        kind=new.kind,
+        payload=new.payload,
+        user=user,
+        reply=ReplySlot(),
+        priority=new.priority,
+        idempotency_key=new.idempotency_key,
+        submission_id=new.submission_id,
+        run_at=new.run_at,
+        delay=new.delay,
+        tags=new.tags,
+        after=new.after,
+        after_any=new.after_any,
+        webhook=new.webhook,
+    )
+
+
 class Shown(NamedTuple):
     job: JobView
     events: list[Event]
@@ -301,6 +338,7 @@ class Commands:
         clock: WallClock,
         store: Store,
         hub: EventHub,
+        job_logs: JobLogs,
         admission: trio.MemorySendChannel[Any],
         scheduler: trio.MemorySendChannel[Any],
         pool: trio.MemorySendChannel[Any],
@@ -312,6 +350,7 @@ class Commands:
         self._clock = clock
         self._store = store
         self._hub = hub
+        self._job_logs = job_logs
         self._admission = admission
         self._scheduler = scheduler
         self._pool = pool
@@ -327,23 +366,108 @@ class Commands:
     async def submit(self, user: str, new: NewJob) -> tuple[JobView, bool]:
         """Admit a job for `user` (whom the listener names: the token's user, or whomever
         the operator says); the job, and whether it existed already under its key."""
-        job, existing = await ask(
-            self._admission,
-            Submit,
-            kind=new.kind,
-            payload=new.payload,
-            user=user,
-            priority=new.priority,
-            idempotency_key=new.idempotency_key,
-            submission_id=new.submission_id,
-            run_at=new.run_at,
-            delay=new.delay,
-            tags=new.tags,
-            after=new.after,
-            after_any=new.after_any,
-            webhook=new.webhook,
+        submit = _admission_submit(user, new)
+        await self._admission.send(submit)
+        return await submit.reply.wait()
+
+    async def submit_many(
+        self, user: str, items: Sequence[NewJob], *, atomic: bool = False
+    ) -> BatchResult:
+        """Admit a batch of jobs for `user` in one store write, so it commits at once: each
+        item's result in the items' order (its job, or its refusal); `atomic`: all items are
+        accepted, or the batch is refused with the first refusal, which names its item."""
+        submits = [_admission_submit(user, item) for item in items]
+        await ask(self._admission, SubmitMany, items=submits, atomic=atomic)
+        results = []
+        for submit in submits:
+            try:
+                job, existing = await submit.reply.wait()
+            except RequestError as exc:
+                results.append(ItemResult(error=exc.body))
+            else:
+                results.append(ItemResult(job=job, existing=existing))
+        return BatchResult.of(results)
+
+    async def cancel_many(
+        self, caller: Caller, job_filter: JobFilter, *, dry_run: bool, show: int = BULK_SHOWN
+    ) -> BulkOutcome:
+        """Cancel every queued or running job of the caller's that `job_filter` matches (or,
+        `dry_run`, say how many and which). Queued ones go a bounded batch per store write;
+        running ones are stopped by the pool, all at once."""
+        job_filter, statuses = _bulk_scope(caller, job_filter, CANCELABLE, "cancel", show)
+        if dry_run:
+            return await self._dry_run("cancel", job_filter, statuses, show)
+        outcome = BulkOutcome(action="cancel", dry_run=False, matched=0)
+        if "queued" in statuses:
+            after_id, more = 0, True
+            while more:
+                batch = await self._store.write(
+                    partial(
+                        jobs.cancel_matching,
+                        job_filter=job_filter,
+                        now=self._clock.now(),
+                        after_id=after_id,
+                        limit=jobs.BULK_BATCH,
+                    )
+                )
+                after_id, more = batch.last_id, batch.more
+                _count_changed(outcome, [job.id for job in batch.changed], show)
+        if "running" in statuses:
+            running = await self._store.read(
+                partial(
+                    jobs.matching_ids,
+                    job_filter=job_filter,
+                    statuses=["running"],
+                    now=self._clock.now(),
+                )
+            )
+            stopped: list[int] = []
+
+            async def stop(job_id: int) -> None:
+                try:
+                    await ask(self._pool, CancelJob, job_id=job_id)
+                except RequestError as exc:
+                    outcome.refused[exc.body.code] = outcome.refused.get(exc.body.code, 0) + 1
+                else:
+                    stopped.append(job_id)
+
+            async with trio.open_nursery() as nursery:
+                for job_id in running:
+                    nursery.start_soon(stop, job_id)
+            _count_changed(outcome, sorted(stopped), show)
+        outcome.matched = outcome.changed + sum(outcome.refused.values())
+        return outcome
+
+    async def retry_many(
+        self, job_filter: JobFilter, *, dry_run: bool, show: int = BULK_SHOWN
+    ) -> BulkOutcome:
+        """Queue again every failed or canceled job `job_filter` matches (or, `dry_run`, say
+        how many and which): the operator's, a bounded batch per store write."""
+        job_filter, statuses = _bulk_scope(OPERATOR, job_filter, RETRYABLE, "retry", show)
+        if dry_run:
+            return await self._dry_run("retry", job_filter, statuses, show)
+        outcome: BulkOutcome = await ask(
+            self._admission, RequeueMatching, job_filter=job_filter, show=show
         )
-        return job, existing
+        return outcome
+
+    async def _dry_run(
+        self,
+        action: Literal["cancel", "retry"],
+        job_filter: JobFilter,
+        statuses: list[str],
+        show: int,
+    ) -> BulkOutcome:
+        matched = await self._store.read(
+            partial(
+                jobs.count_matching,
+                job_filter=job_filter,
+                statuses=statuses,
+                now=self._clock.now(),
+                first=show,
+            )
+        )
+        return BulkOutcome(action=action, dry_run=True, matched=matched.count, ids=matched.first)
 
     async def jobs(
         self,
@@ -488,6 +612,69 @@ class Commands:
         if action == "trigger":
             return {"job": answer}
         return {"schedule": answer}
+
+    async def logs(
+        self, caller: Caller, job_id: int, *, after: int = 0, limit: int = LOG_PAGE
+    ) -> JobLog:
+        """A page of the job's log: its lines after line id `after`, oldest first, and how
+        many older lines were dropped to keep it within its size."""
+        if not 0 < limit <= LOG_PAGE:
+            raise RequestError("INVALID_REQUEST", f"logs: limit must be within 1..{LOG_PAGE}")
+        await self._job(caller, job_id)
+        page = await self._store.read(
+            partial(joblogs.read, job_id=job_id, after=after, limit=limit)
+        )
+        if page is None:
+            raise RequestError("NOT_FOUND", f"no job {job_id}")
+        return page
+
+    async def follow_logs(
+        self,
+        caller: Caller,
+        send: Callable[[LogLine], Awaitable[None]],
+        job_id: int,
+        *,
+        after: int = 0,
+    ) -> JobView:
+        """Send the job's lines after `after`, then each new one as it is written, until
+        the job is final and every line of it is sent; returns the job as it ended. The job
+        is read before its lines: its outcome is written after its last lines, so a job
+        found final has all its lines in the read that follows."""
+        while True:
+            # Status events wake the follower at the job's end; flushes, for new lines.
+            with self._hub.subscribe(job=job_id, buffer=LOG_WAKEUPS) as sub:
+                while not sub.overflowed:
+                    flushes = self._job_logs.flushes
+                    job = await self._job(caller, job_id)
+                    while True:
+                        page = await self.logs(caller, job_id, after=after)
+                        for line in page.lines:
+                            await send(line)
+                            after = line.id
+                        if len(page.lines) < LOG_PAGE:
+                            break
+                    if job.status in TERMINAL_STATUSES:
+                        return job
+                    await self._lines_or_event(sub, flushes)
+
+    async def _lines_or_event(self, sub: Subscription, flushes: int) -> None:
+        """Wait for a flush of log lines after the `flushes`-th, or an event of the job."""
+        async with trio.open_nursery() as nursery:
+
+            async def event() -> None:
+                with contextlib.suppress(trio.EndOfChannel, trio.WouldBlock):
+                    await sub.events.receive()
+                    # The events themselves are not needed: the store is read again.
+                    while True:
+                        sub.events.receive_nowait()
+                nursery.cancel_scope.cancel()
+
+            async def flushed() -> None:
+                await self._job_logs.wait_flushed(flushes)
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(event)
+            nursery.start_soon(flushed)
 
     async def webhook_deliveries(
         self, caller: Caller, *, job_id: int | None, pending: bool, limit: int
@@ -908,6 +1095,39 @@ class ConnectionCap:
             yield
         finally:
             self._taken -= 1
+
+
+def _bulk_scope(
+    caller: Caller,
+    job_filter: JobFilter,
+    applies_to: tuple[str, ...],
+    action: str,
+    show: int,
+) -> tuple[JobFilter, list[str]]:
+    """The filter as the caller may use it (a user's: their own jobs only), and the
+    statuses the action takes among those it names. A filter that names nothing would take
+    every job: it is refused, as is one whose statuses the action never changes."""
+    if job_filter.is_empty():
+        raise RequestError(
+            "INVALID_REQUEST",
+            f"{action}: give at least one filter "
+            "(status, kind, user, tag, code, since, older_than)",
+        )
+    if not 0 <= show <= MAX_LISTED_BY_OPERATOR:
+        raise RequestError(
+            "INVALID_REQUEST", f"{action}: show must be within 0..{MAX_LISTED_BY_OPERATOR}"
+        )
+    statuses = [s for s in applies_to if job_filter.status is None or s in job_filter.status]
+    if not statuses:
+        raise RequestError(
+            "INVALID_REQUEST", f"{action} applies to {' or '.join(applies_to)} jobs only"
+        )
+    return msgspec.structs.replace(job_filter, user=caller.whose_jobs(job_filter.user)), statuses
+
+
+def _count_changed(outcome: BulkOutcome, ids: list[int], show: int) -> None:
+    outcome.changed += len(ids)
+    outcome.ids += ids[: show - len(outcome.ids)]
 
 
 def _seen_by(caller: Caller, job: JobView | None, job_id: int) -> JobView:

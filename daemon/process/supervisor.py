@@ -35,6 +35,7 @@ import trio
 from jobwarden import __version__
 from jobwarden.actors.admission import Admission
 from jobwarden.actors.breaker import Breaker
+from jobwarden.actors.joblogs import JobLogs
 from jobwarden.actors.ledger import Ledger
 from jobwarden.actors.messages import (
     Drain,
@@ -92,6 +93,7 @@ class DaemonHandle(msgspec.Struct):
     monitor: trio.MemorySendChannel[Any]
     breaker: trio.MemorySendChannel[Any]
     ledger: trio.MemorySendChannel[Any]
+    job_logs: JobLogs
     metrics: Metrics
     http_port: int | None
     websocket_port: int | None
@@ -319,8 +321,10 @@ class Supervisor:
             alerts=monitor_tx.clone(),
             metrics=metrics,
         )
+        job_logs = JobLogs(store=store, clock=clock, config=config.job_logs)
         pool = Pool(
             **actor,
+            job_logs=job_logs,
             inbox=pool_rx,
             scheduler=scheduler_tx.clone(),
             ledger=ledger_tx.clone(),
@@ -352,6 +356,7 @@ class Supervisor:
         commands = Commands(
             **actor,
             hub=hub,
+            job_logs=job_logs,
             admission=admission_tx.clone(),
             scheduler=scheduler_tx.clone(),
             pool=pool_tx.clone(),
@@ -433,6 +438,7 @@ class Supervisor:
                     monitor=monitor_tx,
                     breaker=breaker_tx,
                     ledger=ledger_tx,
+                    job_logs=job_logs,
                     metrics=metrics,
                     http_port=http_port,
                     websocket_port=websocket_port,

@@ -170,6 +170,24 @@ class WebhookSender:
         delivered = answer.startswith("HTTP 2")
         after = self._clock.now()
         next_try = None if delivered else retry_at(self._settings, delivery.attempts, after)
+        try:
+            await self._store.write(
+                lambda conn, events: webhooks.settle(
+                    conn,
+                    events,
+                    delivery_id=delivery.id,
+                    attempts=delivery.attempts,
+                    now=after,
+                    delivered=delivered,
+                    answer=answer,
+                    retry_at=next_try,
+                )
+            )
+        except StoreError as exc:
+            # Its lease runs out and it is sent again: at least once.
+            log.warning("webhook outcome not stored", delivery=delivery.id, error=str(exc))
+            return
+        # Logged once stored, so the log never tells of an outcome a crash then lost.
         if delivered:
             log.info("webhook delivered", job=delivery.job_id, delivery=delivery.id)
         elif next_try is None:
@@ -189,22 +207,6 @@ class WebhookSender:
                 answer=answer,
                 retry_in=round(next_try - after, 3),
             )
-        try:
-            await self._store.write(
-                lambda conn, events: webhooks.settle(
-                    conn,
-                    events,
-                    delivery_id=delivery.id,
-                    attempts=delivery.attempts,
-                    now=after,
-                    delivered=delivered,
-                    answer=answer,
-                    retry_at=next_try,
-                )
-            )
-        except StoreError as exc:
-            # Its lease runs out and it is sent again: at least once.
-            log.warning("webhook outcome not stored", delivery=delivery.id, error=str(exc))
 
 
 async def _post(http: httpx.AsyncClient, url: str, body: bytes, headers: dict[str, Any]) -> str:

@@ -59,20 +59,28 @@ from jobwarden.process.http import open_listeners
 from jobwarden.store import users
 from jobwarden.store.engine import Store
 from jobwarden.wire.admin import encoder
-from jobwarden.wire.views import ErrorBody, Event, JobView
+from jobwarden.wire.views import ErrorBody, Event, JobView, LogLine
 from jobwarden.wire.websocket import (
     WatchKey,
     WsAccepted,
     WsCancel,
     WsCanceled,
+    WsCanceledMany,
+    WsCancelMany,
     WsError,
     WsEvent,
     WsJobList,
     WsJobs,
+    WsLogEnd,
+    WsLogLine,
+    WsLogPage,
+    WsLogs,
     WsOp,
     WsReply,
     WsResync,
     WsSubmit,
+    WsSubmitMany,
+    WsSubmitted,
     WsUnwatch,
     WsUnwatched,
     WsWatch,
@@ -354,18 +362,40 @@ class _Session:
             case WsSubmit():
                 job, existing = await commands.submit(self.user, op)
                 return WsAccepted(id=op.id, job=job, existing=existing)
+            case WsSubmitMany():
+                batch = await commands.submit_many(self.user, op.items, atomic=op.atomic)
+                return WsSubmitted.of(op.id, batch)
             case WsWatch():
                 return await self._watch(op)
             case WsUnwatch():
                 return self._unwatch(op)
             case WsCancel():
                 return WsCanceled(id=op.id, job=await commands.cancel(self.caller, op.job))
+            case WsCancelMany():
+                outcome = await commands.cancel_many(
+                    self.caller, op.filter, dry_run=op.dry_run, show=op.show
+                )
+                return WsCanceledMany(id=op.id, outcome=outcome)
+            case WsLogs():
+                return await self._logs(op)
             case WsJobs():
                 found = await commands.jobs(
                     self.caller, status=op.status, kind=op.kind, tag=op.tag, limit=op.limit
                 )
                 return WsJobList(id=op.id, jobs=found)
         raise AssertionError(f"no answer for {type(op).__name__}")
+
+    async def _logs(self, op: WsLogs) -> WsReply:
+        page = await self.commands.logs(self.caller, op.job, after=op.after)
+        if not op.follow:
+            return WsLogPage(id=op.id, job=op.job, dropped=page.dropped, lines=page.lines)
+        await self.send(WsLogPage(id=op.id, job=op.job, dropped=page.dropped, lines=[]))
+
+        async def send(line: LogLine) -> None:
+            await self.send(WsLogLine(id=op.id, job=op.job, line=line))
+
+        job = await self.commands.follow_logs(self.caller, send, op.job, after=op.after)
+        return WsLogEnd(id=op.id, job=job)
 
     async def _watch(self, op: WsWatch) -> None:
         """Answer `watching` and start the watch's task, which sends its events after it."""

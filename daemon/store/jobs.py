@@ -37,7 +37,7 @@ from jobwarden.store.rows import (
     placeholders,
     row_lock,
 )
-from jobwarden.wire.views import TERMINAL_STATUSES, ErrorBody, Event, JobView
+from jobwarden.wire.views import TERMINAL_STATUSES, ErrorBody, Event, JobFilter, JobView
 
 
 class SQL(str):
@@ -547,6 +547,169 @@ def insert_many(
     results = apply_each(conn, events, batch, insert_one, reset=seen.clear)
     _save_submitters(conn, seen, quota.day)
     return results
+
+
+class BatchRefused(Exception):
+    """An all-or-none batch met a refusal: the item at `index` (0-based) was refused (a
+    guard's `Refused`) or failed (an exception). Raised to roll the whole write back."""
+
+    def __init__(self, index: int, refusal: Refused | Exception) -> None:
+        super().__init__(f"item {index} refused")
+        self.index = index
+        self.refusal = refusal
+
+
+def insert_all_or_none(conn: sqlite3.Connection, events: Events, **batch: Any) -> list[Admitted]:
+    """`insert_many(**batch)` for every submission of the batch, or none: the first one
+    refused raises BatchRefused, and the engine rolls back the write (its savepoint) with
+    every row and user count the others changed."""
+    results = insert_many(conn, events, **batch)
+    admitted = []
+    for index, result in enumerate(results):
+        if not isinstance(result, Admitted):
+            raise BatchRefused(index, result)
+        admitted.append(result)
+    return admitted
+
+
+# -- bulk actions: jobs by filter, a bounded batch per write ------------------------------
+
+
+# Jobs one write of a bulk action changes at most: a bulk action over 100,000 jobs takes the
+# writer in turns, between which every other write goes on.
+BULK_BATCH = 500
+
+
+class Matched(NamedTuple):
+    """How many jobs a filter matches now, and the first of them (lowest ids)."""
+
+    count: int
+    first: list[int]
+
+
+class BulkBatch(msgspec.Struct):
+    """One write of a bulk action: the jobs it changed, the ones it could not (by code),
+    and the id to go on after; `more`: the batch was full, so more may match."""
+
+    changed: list[JobView]
+    refused: dict[str, int]
+    last_id: int
+    more: bool
+
+
+def _filter_where(
+    job_filter: JobFilter, statuses: list[str], now: float, after_id: int = 0
+) -> tuple[str, list[Any]]:
+    """The WHERE clause for `job_filter` among jobs in `statuses`, above `after_id`."""
+    clauses = [f"status IN ({placeholders(statuses)})", "id > ?"]
+    params: list[Any] = [*statuses, after_id]
+    for clause, value in (
+        ("kind = ?", job_filter.kind),
+        ('"user" = ?', job_filter.user),
+        ("id IN (SELECT job_id FROM job_tags WHERE tag = ?)", job_filter.tag),
+        ("reason = ?", job_filter.code),
+        ("updated_at >= ?", None if job_filter.since is None else now - job_filter.since),
+        (
+            "created_at <= ?",
+            None if job_filter.older_than is None else now - job_filter.older_than,
+        ),
+    ):
+        if value is not None:
+            clauses.append(clause)
+            params.append(value)
+    return " AND ".join(clauses), params
+
+
+def count_matching(
+    conn: sqlite3.Connection,
+    *,
+    job_filter: JobFilter,
+    statuses: list[str],
+    now: float,
+    first: int,
+) -> Matched:
+    """What a bulk action would take now: a dry run."""
+    where, params = _filter_where(job_filter, statuses, now)
+    total = conn.execute(f"SELECT COUNT(*) FROM jobs WHERE {where}", params).fetchone()[0]
+    ids = conn.execute(
+        f"SELECT id FROM jobs WHERE {where} ORDER BY id LIMIT ?", (*params, first)
+    ).fetchall()
+    return Matched(total, [row[0] for row in ids])
+
+
+def matching_ids(
+    conn: sqlite3.Connection, *, job_filter: JobFilter, statuses: list[str], now: float
+) -> list[int]:
+    where, params = _filter_where(job_filter, statuses, now)
+    return [row[0] for row in conn.execute(f"SELECT id FROM jobs WHERE {where}", params)]
+
+
+def _matching_page(
+    conn: sqlite3.Connection,
+    job_filter: JobFilter,
+    statuses: list[str],
+    now: float,
+    after_id: int,
+    limit: int,
+) -> list[tuple[int, str]]:
+    """(id, kind) of up to `limit` matching jobs, from the lowest id above `after_id`."""
+    where, params = _filter_where(job_filter, statuses, now, after_id)
+    return conn.execute(
+        f"SELECT id, kind FROM jobs WHERE {where} ORDER BY id LIMIT ?", (*params, limit)
+    ).fetchall()
+
+
+def cancel_matching(
+    conn: sqlite3.Connection,
+    events: Events,
+    *,
+    job_filter: JobFilter,
+    now: float,
+    after_id: int,
+    limit: int,
+) -> BulkBatch:
+    """Cancel up to `limit` queued jobs that match, from the lowest id above `after_id`.
+    Running ones are the pool's to stop."""
+    rows = _matching_page(conn, job_filter, ["queued"], now, after_id, limit)
+    changed = [
+        job
+        for job_id, _ in rows
+        if (job := cancel(conn, events, job_id, now=now, expect=("queued",))) is not None
+    ]
+    return BulkBatch(changed, {}, rows[-1][0] if rows else after_id, len(rows) == limit)
+
+
+def requeue_matching(
+    conn: sqlite3.Connection,
+    events: Events,
+    *,
+    job_filter: JobFilter,
+    now: float,
+    after_id: int,
+    limit: int,
+    policies: dict[str, tuple[int, int]],
+) -> BulkBatch:
+    """An operator's retry (requeue_manual) of up to `limit` failed or canceled jobs that
+    match, from the lowest id above `after_id`. `policies`: each configured kind's
+    (max_attempts, credits); a job of a kind no longer configured stays as it is."""
+    rows = _matching_page(conn, job_filter, ["failed", "canceled"], now, after_id, limit)
+    changed: list[JobView] = []
+    refused: dict[str, int] = {}
+    for job_id, kind in rows:
+        policy = policies.get(kind)
+        result = (
+            Refused("INVALID_REQUEST", f"kind '{kind}' is no longer configured")
+            if policy is None
+            else requeue_manual(
+                conn, events, job_id, max_attempts=policy[0], credits=policy[1], now=now
+            )
+        )
+        if isinstance(result, JobView):
+            changed.append(result)
+        else:
+            code = "CHANGED" if result is None else result.code
+            refused[code] = refused.get(code, 0) + 1
+    return BulkBatch(changed, refused, rows[-1][0] if rows else after_id, len(rows) == limit)
 
 
 def claim(
@@ -1133,6 +1296,7 @@ def prune_finished(conn: sqlite3.Connection, events: Events, *, before: float, b
     ]
     if ids:
         conn.execute(f"DELETE FROM events WHERE job_id IN ({placeholders(ids)})", ids)
+        conn.execute(f"DELETE FROM job_logs WHERE job_id IN ({placeholders(ids)})", ids)
         conn.execute(f"DELETE FROM job_tags WHERE job_id IN ({placeholders(ids)})", ids)
         conn.execute(f"DELETE FROM job_deps WHERE job_id IN ({placeholders(ids)})", ids)
         conn.execute(f"DELETE FROM job_webhooks WHERE job_id IN ({placeholders(ids)})", ids)

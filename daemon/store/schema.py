@@ -295,6 +295,23 @@ MIGRATIONS: list[str] = [
     CREATE INDEX webhook_deliveries_job ON webhook_deliveries(job_id);
     """,
     """
+    -- A job's own output (a command's stderr and non-protocol stdout, a python handler's
+    -- log), oldest lines dropped past a size per job; deleted with the job.
+    CREATE TABLE job_logs (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        job_id INTEGER NOT NULL,
+        attempt INTEGER NOT NULL,
+        at REAL NOT NULL,
+        stream TEXT NOT NULL,
+        line TEXT NOT NULL,
+        size INTEGER NOT NULL
+    );
+    CREATE INDEX job_logs_job ON job_logs(job_id, id);
+    -- The bytes of its lines kept, and how many older lines were dropped to stay in bounds.
+    ALTER TABLE jobs ADD COLUMN log_bytes INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE jobs ADD COLUMN log_dropped INTEGER NOT NULL DEFAULT 0;
+    """,
+    """
     -- The daemons sharing the database: each renews its lease while it lives. A node whose
     -- lease has run out is dead; its running jobs are recovered by the elected daemon.
     CREATE TABLE nodes (

@@ -13,7 +13,16 @@ from typing import Annotated, Any, Literal, get_args
 
 import msgspec
 
-from jobwarden.wire.views import ErrorBody, JobStatus, RequestId, StoredInt, Submission
+from jobwarden.wire.views import (
+    ErrorBody,
+    JobFilter,
+    JobStatus,
+    JobView,
+    LogLine,
+    RequestId,
+    StoredInt,
+    Submission,
+)
 
 
 class Reply(msgspec.Struct, omit_defaults=True):
@@ -26,6 +35,20 @@ class Reply(msgspec.Struct, omit_defaults=True):
 class EventLine(msgspec.Struct):
     id: str | int | None
     event: Any
+
+
+class LogLineMessage(msgspec.Struct):
+    """A followed job's new log line."""
+
+    id: str | int | None
+    log: LogLine
+
+
+class LogEnd(msgspec.Struct):
+    """A followed job is final and every line of its log was sent."""
+
+    id: str | int | None
+    ended: JobView
 
 
 # Arguments per command, decoded with forbid_unknown_fields so a typo is an error.
@@ -44,6 +67,14 @@ class SubmitArgs(Submission):
     user: str = "local"
 
 
+class SubmitManyArgs(Args):
+    items: list[Submission]
+    # All items or none: the first refusal refuses the batch, naming its item.
+    atomic: bool = False
+    # Whose jobs they are: the operator submits on anyone's behalf.
+    user: str = "local"
+
+
 class JobsArgs(Args):
     status: list[JobStatus] | None = None
     kind: str | None = None
@@ -54,6 +85,22 @@ class JobsArgs(Args):
 
 class JobArgs(Args):
     job: StoredInt
+
+
+class BulkArgs(Args):
+    filter: JobFilter
+    # Say how many and which jobs would be taken, change nothing.
+    dry_run: bool = False
+    # Ids listed in the answer, lowest first.
+    show: Annotated[int, msgspec.Meta(ge=0)] = 20
+
+
+class LogsArgs(Args):
+    job: StoredInt
+    # Lines after this line id (0: from the first kept).
+    after: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)] = 0
+    # Then new lines as they come, until the job is final.
+    follow: bool = False
 
 
 class KindArgs(Args):
@@ -153,6 +200,12 @@ class SubmitRequest(Request, tag="submit"):
     args: SubmitArgs
 
 
+class SubmitManyRequest(Request, tag="submit_many"):
+    """Jobs for `args.user` in one commit: `{accepted, existing, refused, results}`."""
+
+    args: SubmitManyArgs
+
+
 class JobsRequest(Request, tag="jobs"):
     """Jobs, newest first, and why the queued ones wait."""
 
@@ -187,6 +240,25 @@ class ReleaseRequest(Request, tag="release"):
     """Release a held job."""
 
     args: JobArgs
+
+
+class CancelManyRequest(Request, tag="cancel_many"):
+    """Cancel every queued or running job the filter matches (or, dry run, count them)."""
+
+    args: BulkArgs
+
+
+class RetryManyRequest(Request, tag="retry_many"):
+    """Queue again every failed or canceled job the filter matches (or count them)."""
+
+    args: BulkArgs
+
+
+class LogsRequest(Request, tag="logs"):
+    """A job's log: `{dropped, lines}`; with `follow`, `{following, dropped}`, then
+    `{"id", "log": line}` lines as they come, and `{"id", "ended": job}` once it is final."""
+
+    args: LogsArgs
 
 
 class PauseRequest(Request, tag="pause"):
@@ -283,12 +355,16 @@ class TokensRequest(Request, tag="tokens"):
 AdminRequest = (
     PingRequest
     | SubmitRequest
+    | SubmitManyRequest
     | JobsRequest
     | ShowRequest
     | CancelRequest
     | RetryRequest
+    | CancelManyRequest
     | HoldRequest
+    | LogsRequest
     | ReleaseRequest
+    | RetryManyRequest
     | PauseRequest
     | ResumeRequest
     | DrainRequest

@@ -11,8 +11,18 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from jobwarden.wire.admin import NonNegative
-from jobwarden.wire.views import ErrorBody, Event, JobStatus, JobView, StoredInt, Submission
+from jobwarden.wire.admin import BulkArgs, NonNegative
+from jobwarden.wire.views import (
+    BatchResult,
+    BulkOutcome,
+    ErrorBody,
+    Event,
+    JobLog,
+    JobStatus,
+    JobView,
+    StoredInt,
+    Submission,
+)
 
 
 class Body(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -24,6 +34,15 @@ class SubmitBody(Submission):
     token submits as its user, and may name only that user. A repeated idempotency key
     answers 200 with the existing job instead of 202 with a new one."""
 
+    user: str | None = None
+
+
+class BatchBody(Body):
+    """Jobs to run, committed in one write; `user` as in SubmitBody. `atomic`: every item is
+    accepted, or the batch is refused with the first item's refusal, which names its index."""
+
+    items: list[Submission]
+    atomic: bool = False
     user: str | None = None
 
 
@@ -89,6 +108,11 @@ class CreditsBody(Body):
 # Every Struct the API's document describes, in the order its components are listed.
 SCHEMAS: tuple[type[msgspec.Struct], ...] = (
     SubmitBody,
+    BatchBody,
+    BatchResult,
+    BulkArgs,
+    BulkOutcome,
+    JobLog,
     JobView,
     JobDetail,
     JobPage,

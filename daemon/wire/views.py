@@ -129,3 +129,77 @@ class Event(msgspec.Struct, omit_defaults=True):
     type: Literal["status", "progress", "breaker", "position", "cost"]
     at: float
     data: dict[str, Any]
+
+
+class ItemResult(msgspec.Struct, omit_defaults=True):
+    """What became of one item of a batch: its job (existing: an earlier job its key
+    holds), or its refusal in the common error shape."""
+
+    job: JobView | None = None
+    existing: bool = False
+    error: ErrorBody | None = None
+
+
+class BatchResult(msgspec.Struct):
+    """A batch's answer: one result per item, in the items' order, and their counts."""
+
+    accepted: int
+    existing: int
+    refused: int
+    results: list[ItemResult]
+
+    @classmethod
+    def of(cls, results: list[ItemResult]) -> BatchResult:
+        existing = sum(1 for result in results if result.existing)
+        refused = sum(1 for result in results if result.error is not None)
+        return cls(len(results) - existing - refused, existing, refused, results)
+
+
+class JobFilter(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
+    """Which jobs a bulk action (cancel_many, retry_many) takes: every field given must
+    match. `tag`: one of the job's tags; `code` is the reason a job's status carries (a
+    failed job's error code); `since` keeps jobs whose status changed within that many
+    seconds, `older_than` jobs created longer ago than that."""
+
+    status: list[JobStatus] | None = None
+    kind: str | None = None
+    user: str | None = None
+    tag: str | None = None
+    code: str | None = None
+    since: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    older_than: Annotated[float, msgspec.Meta(gt=0)] | None = None
+
+    def is_empty(self) -> bool:
+        return self == JobFilter()
+
+
+class BulkOutcome(msgspec.Struct, kw_only=True):
+    """What a bulk action did, or with `dry_run` would do: how many jobs it matched and
+    changed, the first of their ids, and how many matched but could not be changed, by
+    code (CHANGED: the job moved on meanwhile)."""
+
+    action: Literal["cancel", "retry"]
+    dry_run: bool
+    matched: int
+    changed: int = 0
+    ids: list[int] = msgspec.field(default_factory=list)
+    refused: dict[str, int] = msgspec.field(default_factory=dict)
+
+
+class LogLine(msgspec.Struct):
+    """One line of a job's log: `stream` is "stdout" or "stderr" (a command's), or "log" (a
+    python handler's ctx.log or logging); the text is clipped and has no control characters."""
+
+    id: int
+    attempt: int
+    at: float
+    stream: str
+    line: str
+
+
+class JobLog(msgspec.Struct):
+    """A page of a job's lines after a line id, oldest first, and how many older lines were
+    dropped to keep the job's log within its size."""
+
+    dropped: int
+    lines: list[LogLine]

@@ -20,12 +20,14 @@ from starlette.routing import BaseRoute
 
 from jobwarden.config import name_path, parse_duration
 from jobwarden.errors import RequestError
+from jobwarden.process.commands import LOG_PAGE, Caller
 from jobwarden.process.http import openapi
 from jobwarden.process.http.app import LONG_BY_DESIGN, Context, Handler, json_response, route
 from jobwarden.process.http.auth import caller_of, operator_of
-from jobwarden.process.http.events import event_stream
-from jobwarden.wire.admin import BreakerArgs, BudgetArgs, LedgerArgs, UsersArgs
+from jobwarden.process.http.events import event_stream, log_stream
+from jobwarden.wire.admin import BreakerArgs, BudgetArgs, BulkArgs, LedgerArgs, UsersArgs
 from jobwarden.wire.http import (
+    BatchBody,
     BudgetBody,
     CreditsBody,
     JobDetail,
@@ -68,14 +70,36 @@ def routes(context: Context) -> list[BaseRoute]:
     async def submit(request: Request) -> Response:
         caller = await caller_of(request, store)
         new = await read_body(request, SubmitBody)
-        if caller.user is None:
-            user = new.user or OPERATORS_USER
-        elif new.user in (None, caller.user):
-            user = caller.user
-        else:
-            raise RequestError("FORBIDDEN", "user: a user's token submits for that user only")
-        job, existing = await commands.submit(user, new)
+        job, existing = await commands.submit(_submitter(caller, new.user), new)
         return json_response(job, 200 if existing else 202, {"Location": f"/v1/jobs/{job.id}"})
+
+    async def submit_many(request: Request) -> Response:
+        caller = await caller_of(request, store)
+        batch = await read_body(request, BatchBody)
+        user = _submitter(caller, batch.user)
+        return json_response(await commands.submit_many(user, batch.items, atomic=batch.atomic))
+
+    async def cancel_many(request: Request) -> Response:
+        caller = await caller_of(request, store)
+        bulk = await read_body(request, BulkArgs)
+        outcome = await commands.cancel_many(
+            caller, bulk.filter, dry_run=bulk.dry_run, show=bulk.show
+        )
+        return json_response(outcome)
+
+    async def logs(request: Request) -> Response:
+        """A page of the job's log; `?follow=1`: its lines as Server-Sent Events until the
+        job is final, resuming after Last-Event-ID (a line id)."""
+        caller = await caller_of(request, store)
+        job_id = _job_id(request)
+        query = request.query_params
+        after = request.headers.get("last-event-id") or query.get("after")
+        after_id = _whole_number(after, "after", 0)
+        if query.get("follow") in (None, "", "0", "false"):
+            limit = _whole_number(query.get("limit"), "limit", LOG_PAGE)
+            return json_response(await commands.logs(caller, job_id, after=after_id, limit=limit))
+        request.scope[LONG_BY_DESIGN] = True
+        return await log_stream(context, caller, job_id, after=after_id)
 
     async def list_jobs(request: Request) -> Response:
         caller = await caller_of(request, store)
@@ -141,6 +165,10 @@ def routes(context: Context) -> list[BaseRoute]:
     async def retry(request: Request) -> Any:
         return await commands.retry(_job_id(request))
 
+    async def retry_many(request: Request) -> Any:
+        bulk = await read_body(request, BulkArgs)
+        return await commands.retry_many(bulk.filter, dry_run=bulk.dry_run, show=bulk.show)
+
     def hold(held: bool) -> Handler:
         return operator(lambda request: commands.hold(_job_id(request), held=held))
 
@@ -200,10 +228,14 @@ def routes(context: Context) -> list[BaseRoute]:
     return [
         route("/v1/openapi.json", GET=spec),
         route("/v1/jobs", GET=list_jobs, POST=submit),
+        route("/v1/jobs:batch", POST=submit_many),
+        route("/v1/jobs:cancel", POST=cancel_many),
+        route("/v1/jobs:retry", POST=operator(retry_many)),
         route("/v1/jobs/{id}", GET=show),
         route("/v1/jobs/{id}/cancel", POST=cancel),
         route("/v1/jobs/{id}/result", GET=result),
         route("/v1/jobs/{id}/events", GET=events),
+        route("/v1/jobs/{id}/logs", GET=logs),
         route("/v1/events", GET=events),
         route("/v1/jobs/{id}/retry", POST=operator(retry)),
         route("/v1/jobs/{id}/hold", POST=hold(True)),
@@ -247,6 +279,16 @@ def routes(context: Context) -> list[BaseRoute]:
 
 
 # -- reading a request --------------------------------------------------------------------------
+
+
+def _submitter(caller: Caller, named: str | None) -> str:
+    """Whose jobs a submission makes: an operator's for the user it names (default "local"),
+    a user's token for its own user only."""
+    if caller.user is None:
+        return named or OPERATORS_USER
+    if named in (None, caller.user):
+        return caller.user
+    raise RequestError("FORBIDDEN", "user: a user's token submits for that user only")
 
 
 def decode_body(data: bytes, body_type: type[B]) -> B:

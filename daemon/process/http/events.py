@@ -17,6 +17,10 @@ any stream ends when the daemon stops. A client that reads slower than its event
 behind the hub's buffer (`http.queue` events): it is sent `event: resync` with the seq to
 resume after as its `id`, and the stream ends; reconnecting resumes there. With nothing to send for
 `http.keepalive`, a comment line keeps proxies from closing the stream.
+
+A job's log follows the same way (`GET /v1/jobs/{id}/logs?follow=1`): each line is sent as
+`id: <line id>`, `event: log`, `data: <the LogLine as JSON>`, and once the job is final and
+its every line sent, `event: end` with the job as it ended; Last-Event-ID resumes after a line.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from starlette.types import Receive, Scope, Send
 
 from jobwarden.process.commands import Caller
 from jobwarden.process.http.app import Context
-from jobwarden.wire.views import TERMINAL_STATUSES, Event
+from jobwarden.wire.views import TERMINAL_STATUSES, Event, LogLine
 
 log = structlog.get_logger("http")
 
@@ -127,3 +131,26 @@ async def event_stream(
     (NOT_FOUND otherwise, before anything is streamed)."""
     start = await context.commands.start_watch(caller, job=job, since=since)
     return EventStream(context, caller, job, start.since)
+
+
+class LogStream(EventStream):
+    """The ASGI response that streams one job's log lines, then its end, to one client; `since`
+    is the line id to go on after."""
+
+    async def _stream(self, done: trio.CancelScope) -> None:
+        async def send_line(line: LogLine) -> None:
+            head = f"id: {line.id}\nevent: log\ndata: ".encode()
+            await self._write(head + msgspec.json.encode(line) + b"\n\n")
+
+        job = await self._context.commands.follow_logs(
+            self._caller, send_line, self._job, after=self._since
+        )
+        await self._write(b"event: end\ndata: " + msgspec.json.encode(job) + b"\n\n")
+        done.cancel()
+
+
+async def log_stream(context: Context, caller: Caller, job: int, *, after: int) -> LogStream:
+    """The stream of `job`'s log lines after line id `after`, once the caller is known to see
+    the job (NOT_FOUND otherwise, before anything is streamed)."""
+    await context.commands.logs(caller, job, after=after, limit=1)
+    return LogStream(context, caller, job, after)

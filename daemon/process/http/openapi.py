@@ -47,6 +47,30 @@ OPERATIONS = (
         also=200,
     ),
     Operation(
+        "post",
+        "/v1/jobs:batch",
+        "Submit many jobs in one commit: one result per item (its job or its refusal); "
+        "`atomic`: all or none",
+        body="BatchBody",
+        returns="BatchResult",
+    ),
+    Operation(
+        "post",
+        "/v1/jobs:cancel",
+        "Cancel every queued or running job a filter matches (a user's token: its own), or "
+        "with `dry_run` count them",
+        body="BulkArgs",
+        returns="BulkOutcome",
+    ),
+    Operation(
+        "post",
+        "/v1/jobs:retry",
+        "Queue again every failed or canceled job a filter matches, or with `dry_run` count them",
+        body="BulkArgs",
+        returns="BulkOutcome",
+        operator=True,
+    ),
+    Operation(
         "get",
         "/v1/jobs",
         "List jobs, newest first, a page at a time",
@@ -78,6 +102,18 @@ OPERATIONS = (
         "The job's events as Server-Sent Events; resumes after Last-Event-ID",
         query=(("since", "resume after this seq (the Last-Event-ID header wins)"),),
         stream=True,
+    ),
+    Operation(
+        "get",
+        "/v1/jobs/{id}/logs",
+        "The job's log lines after a line id, and how many older lines were dropped; with "
+        "`follow`, its lines as Server-Sent Events until the job is final",
+        returns="JobLog",
+        query=(
+            ("after", "lines after this line id (default 0; Last-Event-ID wins)"),
+            ("limit", "lines at most (default and at most 1000)"),
+            ("follow", "1: stream the lines as they are written, then `end` with the job"),
+        ),
     ),
     Operation(
         "get",
