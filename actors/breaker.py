@@ -232,6 +232,9 @@ class Breaker:
             known = ", ".join(sorted(self._services)) or "none"
             msg.reply.fail(RequestError("NOT_FOUND", f"no service '{msg.service}' ({known})"))
             return
+        # What another daemon decided first: a reset here of a circuit tripped there must
+        # change (and write) the stored state, not this daemon's stale copy of it.
+        await self._follow_stored()
         before = service.circuit.state
         if isinstance(msg, BreakerReset):
             service.circuit.reset(self._clock.now())

@@ -337,6 +337,31 @@ class PoolStatistics(msgspec.Struct):
     reply: ReplySlot[dict[str, Any]]
 
 
+class RemoteCancel(msgspec.Struct):
+    """Another daemon was asked to cancel a job that runs here (a `cancel` event in the log):
+    stop it, as a cancel request would."""
+
+    job_id: int
+
+
+class RemoteEnd(msgspec.Struct):
+    """A job left `running` on another daemon: cancels waiting here for it are answered."""
+
+    job_id: int
+
+
+class NodeLost(msgspec.Struct):
+    """This daemon's node was declared dead while it ran (its lease ran out): every job it
+    was running has been recovered by another daemon. The pool abandons them, writing nothing."""
+
+
+class Leadership(msgspec.Struct):
+    """Whether this daemon holds the maintenance role now (pruning, queued timeouts, the
+    recovery of dead nodes): to the monitor, each time it changes."""
+
+    leader: bool
+
+
 AdmissionMessage = (
     Submit
     | SubmitMany
@@ -393,7 +418,18 @@ MonitorMessage = (
     | StoreState
     | JobsStarted
     | ProgressStarted
+    | Leadership
 )
 
 
-PoolMessage = RunJobs | CancelJob | Recover | PoolStatistics | Drain | Reconfigure
+PoolMessage = (
+    RunJobs
+    | CancelJob
+    | Recover
+    | PoolStatistics
+    | Drain
+    | Reconfigure
+    | NodeLost
+    | RemoteCancel
+    | RemoteEnd
+)

@@ -2,7 +2,8 @@
 
 Consumes `RunRules` (admin `stuck`), `HealthQuery` (admin `status`, HTTP), `RaiseAlert` (other
 actors), `JobsStarted`/`ProgressStarted` (pool), `Reconfigure`, each `SystemLoad` sample and each
-`StoreState` (supervisor: a store that stops taking writes raises the `store_fault` alert).
+`StoreState` (supervisor: a store that stops taking writes raises the `store_fault` alert),
+and `Leadership` (the node's lease keeper).
 Produces `Recover` for the pool (running jobs) and failure transitions in the store (queued
 jobs); asks the scheduler for its snapshot (pause state, running count), the breaker and the
 ledger for theirs (health).
@@ -20,6 +21,10 @@ slow to stop holds up no other verdict.
 While jobs run, a probe wakes every PAUSE_PROBE seconds; one that wakes much later than due
 means the daemon was not running (SIGSTOP, a paused VM, a swap storm, a blocked loop), and
 that time is credited to the running jobs' stuck and stall deadlines: it is not their fault.
+
+Where several daemons share the database, each monitor watches the jobs running on its own
+node; the rules for queued jobs (queued timeout, SLA) and pruning run on the one daemon that
+holds the maintenance role (`Leadership`), so a queued job is failed once, not by each.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from jobwarden.actors.messages import (
     BudgetQuery,
     HealthQuery,
     JobsStarted,
+    Leadership,
     MonitorMessage,
     PoolStatistics,
     ProgressStarted,
@@ -68,7 +74,7 @@ from jobwarden.config import Config, format_duration
 from jobwarden.errors import StoreError, error_body
 from jobwarden.mailbox import ReplySlot, ask, receive_by
 from jobwarden.metrics import Metrics
-from jobwarden.store import Engine, jobs, schedules
+from jobwarden.store import Engine, jobs, nodes, schedules
 from jobwarden.store.engine import StoreState
 from jobwarden.store.monitor import find_candidates, stuck_rows
 from jobwarden.system import SystemLoad
@@ -107,8 +113,13 @@ class Monitor:
         metrics: Metrics,
         daemon_status: Callable[[], dict[str, Any]],
         load: SystemLoad,
+        node: int,
     ) -> None:
         self._config = config
+        # This daemon's node: the running jobs it watches are those running here.
+        self._node = node
+        # Whether this daemon holds the maintenance role: the queued jobs' rules and pruning.
+        self._leader = False
         self._store = store
         self._clock = clock
         self._inbox = inbox
@@ -174,6 +185,10 @@ class Monitor:
                     deadline = started_deadline(self._config, kind, created_at, at)
                     self._next_rule = min(self._next_rule, deadline)
                 self._jobs_running.set()
+            case Leadership(leader=leader):
+                self._leader = leader
+                # A new leader checks the queued jobs at once.
+                self._next_tick = -math.inf
             case ProgressStarted(at=at, kind=kind):
                 self._next_rule = min(self._next_rule, progress_deadline(self._config, kind, at))
             case HealthQuery(reply=reply, by_kind=by_kind, last_hour=last_hour):
@@ -207,6 +222,8 @@ class Monitor:
         if stuck > self._config.monitor.stuck_alert:
             self._alert("stuck_jobs", f"{stuck} jobs stuck now", count=stuck)
         await self._check_failure_rate(now)
+        if not self._leader:
+            return
         before = now - self._config.monitor.retain_finished
         try:
             pruned = await self._store.write(
@@ -231,6 +248,8 @@ class Monitor:
         found = await self._store.read(
             partial(
                 find_candidates,
+                node=self._node,
+                queued=self._leader,
                 queued_before=now - smallest_threshold(config, "queued_timeout"),
                 created_before=now - smallest_threshold(config, "sla"),
             )
@@ -457,6 +476,11 @@ class Monitor:
             "breakers": await ask(self._breaker, BreakerSnapshot),
             "budget": await ask(self._ledger, BudgetQuery),
             "store": self._store.health.view(),
+            "node": self._node,
+            "leader": self._leader,
+            "nodes": msgspec.to_builtins(
+                await self._store.read(partial(nodes.live_nodes, now=now))
+            ),
             "alerts": [alert for alert in self._alerts if now - alert["at"] <= ALERTS_SHOWN_FOR],
         }
         if by_kind:

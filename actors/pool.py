@@ -1,9 +1,10 @@
 """Pool: runs handlers and turns their outcomes into store transitions.
 
 Consumes `RunJobs` (scheduler), `CancelJob` (admin), `Recover` (monitor), `PoolStatistics`,
-`Drain`/`Reconfigure` (supervisor). Produces `JobsEnded` for the scheduler when slots free,
-`JobsStarted` and `ProgressStarted` for the monitor (whose deadlines start then), and talks to
-the ledger and the breaker on behalf of each job's ctx.call.
+`Drain`/`Reconfigure` (supervisor), `NodeLost` (the node's lease keeper). Produces `JobsEnded`
+for the scheduler when slots free, `JobsStarted` and `ProgressStarted` for the monitor (whose
+deadlines start then), and talks to the ledger and the breaker on behalf of each job's
+ctx.call.
 
 Each job runs in its own cancel scope with its kind's timeout. Outcomes: a return value is
 done; `Retry`, an unexpected exception, a timeout, `ServiceUnavailable`/`ServiceFailed` or a
@@ -18,6 +19,11 @@ ended meanwhile in one store write (each job isolated), frees their slots in one
 as that write is queued, and answers whoever waits on them once it is committed: per job, no
 write of its own and no wake-up. On shutdown the recorder writes what was handed to it before
 it stops.
+
+Every write of an attempt is fenced by the job's attempt and this daemon's node (store.jobs
+Fence). A write the fence refuses means the attempt lost its job: another daemon recovered it
+from this node, taken for dead after a pause. A lost attempt is abandoned: its handler is
+stopped, nothing more is written for it, and the pool logs `lost the job`.
 """
 
 from __future__ import annotations
@@ -42,11 +48,14 @@ from jobwarden.actors.messages import (
     Drain,
     JobsEnded,
     JobsStarted,
+    NodeLost,
     PoolMessage,
     PoolStatistics,
     ProgressStarted,
     Reconfigure,
     Recover,
+    RemoteCancel,
+    RemoteEnd,
     RunJobs,
 )
 from jobwarden.actors.outcomes import Outcome, handler_outcome
@@ -80,6 +89,12 @@ def retry_delay(policy: RetryPolicy, attempt: int, rng: random.Random) -> float 
 
 CANCELED: Outcome = ("canceled", None)
 INTERRUPTED: Outcome = ("interrupted", None)
+# Another daemon recovered the job from this one: nothing is written for the attempt.
+LOST: Outcome = ("lost", None)
+
+
+def _write_nothing(conn: Any, events: Any) -> None:
+    """The outcome of an attempt that lost its job: there is nothing of it to write."""
 
 
 def _final_write_scope() -> trio.CancelScope:
@@ -88,7 +103,10 @@ def _final_write_scope() -> trio.CancelScope:
 
 
 def _recorded_outcome(intended: str, final: JobView | None) -> str:
-    if intended == "retry" and final is not None and final.status == "failed":
+    if final is None:
+        # The fence refused the outcome (or it was never written): the job is another's.
+        return "lost"
+    if intended == "retry" and final.status == "failed":
         return "failed"
     return intended
 
@@ -144,12 +162,15 @@ class Pool:
         breaker: trio.MemorySendChannel[Any],
         monitor: trio.MemorySendChannel[Any],
         metrics: Metrics,
+        node: int,
         job_logs: JobLogs,
         rng: random.Random | None = None,
     ) -> None:
         self._config = config
         self._job_logs = job_logs
         self._store = store
+        # This daemon's node: with a job's attempt, the fence of every write for it.
+        self._node = node
         self._clock = clock
         self._inbox = inbox
         self._scheduler = scheduler
@@ -216,11 +237,48 @@ class Pool:
                     case Reconfigure(config=config):
                         self._config = config
                         self._job_logs.config = config.job_logs
+                    case NodeLost():
+                        nursery.start_soon(self._abandon_lost)
+                    case RemoteCancel(job_id=job_id):
+                        entry = self._running.get(job_id)
+                        if entry is not None:
+                            entry.stop(CANCELED)
+                    case RemoteEnd(job_id=job_id) if job_id in self._cancel_on_arrival:
+                        nursery.start_soon(self._answer_remote_cancels, job_id)
 
     def statistics(self) -> dict[str, Any]:
         return {"running": sorted(self._running), "outcomes": dict(self.outcomes)}
 
+    def _fence(self, job: JobView) -> jobs.Fence:
+        return jobs.Fence(job.attempt, self._node)
+
+    async def _abandon_lost(self) -> None:
+        """This node was taken for dead: the jobs recovered from it are abandoned. Those it
+        claimed since (the store gave it them after the recovery) keep running."""
+        running = {job_id: entry.job.attempt for job_id, entry in self._running.items()}
+        held = await self._store.read(partial(jobs.still_held, node=self._node, attempts=running))
+        lost = [
+            entry
+            for job_id, entry in self._running.items()
+            if job_id not in held
+            and entry.outcome is None
+            # Not one started while the store was asked: that one the store just gave it.
+            and running.get(job_id) == entry.job.attempt
+        ]
+        self._log.warning(
+            "this node was taken for dead: abandoning the jobs other daemons recovered from it",
+            jobs=len(lost),
+        )
+        for entry in lost:
+            entry.stop(LOST)
+
     def _start(self, job: JobView, nursery: trio.Nursery) -> None:
+        earlier = self._running.get(job.id)
+        if earlier is not None:
+            # The store gave the job a new attempt: the one running here lost it (this node
+            # was taken for dead meanwhile). It is abandoned; its task ends on its own.
+            earlier.stop(LOST)
+            del self._running[job.id]
         waiting = self._cancel_on_arrival.pop(job.id, None)
         kind = self._config.kinds.get(job.kind)
         entry = _Running(job, waiting or [], kind.timeout if kind is not None else math.inf)
@@ -256,8 +314,18 @@ class Pool:
         if current is None:
             msg.reply.fail(RequestError("NOT_FOUND", f"no job {msg.job_id}"))
         elif current.status == "running" and msg.job_id not in self._running:
-            # Claimed by the scheduler, on its way here: cancel it as it arrives.
+            # Claimed by the scheduler, on its way here: cancel it as it arrives. Or running
+            # on another daemon: asked to cancel it through the log, answered when it ends.
             self._cancel_on_arrival.setdefault(msg.job_id, []).append(msg.reply)
+            node = await self._store.read(partial(jobs.running_node, job_id=msg.job_id))
+            if node is not None and node != self._node:
+                try:
+                    await self._store.write(
+                        partial(jobs.request_cancel, job_id=msg.job_id, now=self._clock.now())
+                    )
+                except StoreError as exc:
+                    self._cancel_on_arrival[msg.job_id].remove(msg.reply)
+                    msg.reply.fail(exc.refusal())
         elif current.status == "running":
             await self._cancel(msg)
         else:
@@ -267,6 +335,17 @@ class Pool:
                     f"job {msg.job_id} is already {current.status}; nothing to cancel",
                 )
             )
+
+    async def _answer_remote_cancels(self, job_id: int) -> None:
+        """The job left `running` on another daemon: the cancels waiting for it are answered
+        if it was canceled, and otherwise tried again on the job as it is now (queued again,
+        finished, or running once more)."""
+        current = await self._store.read(partial(jobs.get_job, job_id=job_id))
+        for reply in self._cancel_on_arrival.pop(job_id, []):
+            if current is not None and current.status == "canceled":
+                reply.set(current)
+            else:
+                await self._cancel(CancelJob(job_id=job_id, reply=reply))
 
     async def _recover(self, msg: Recover) -> None:
         outcome: Outcome = ("retry" if msg.retry else "failed", msg.error)
@@ -282,7 +361,9 @@ class Pool:
             msg.reply.set(current)
             return
         try:
-            final = await self._store.write(self._transition(current, outcome, self._clock.now()))
+            final = await self._store.write(
+                self._transition(current, outcome, self._clock.now(), self._fence(current))
+            )
         except StoreError as exc:
             msg.reply.fail(exc)
             return
@@ -311,13 +392,14 @@ class Pool:
             outcome = await self._execute(entry)
         except trio.Cancelled:
             # The process is stopping under us: the job goes back to the queue, unspent.
-            self._forget(job.id)
+            self._forget(entry)
             with _final_write_scope():
                 try:
                     await self._store.write(
                         partial(
                             jobs.requeue_unspent,
                             job_id=job.id,
+                            fence=self._fence(job),
                             reason="INTERRUPTED",
                             now=self._clock.now(),
                         )
@@ -358,8 +440,9 @@ class Pool:
             ]
             heapq.heapify(self._timeouts)
 
-    def _forget(self, job_id: int) -> None:
-        del self._running[job_id]
+    def _forget(self, entry: _Running) -> None:
+        if self._running.get(entry.job.id) is entry:
+            del self._running[entry.job.id]
         self._drop_finished_timeouts()
         if not self._running:
             self._idle.set()
@@ -402,7 +485,13 @@ class Pool:
         self._job_logs.hand_over_for({entry.job.id for entry in batch})
         # Kept through a store fault: these jobs ran, and what they came to is not lost.
         recorded = self._store.hand_over(
-            each([self._transition(entry.job, entry.outcome, now) for entry in batch]), keep=True
+            each(
+                [
+                    self._transition(entry.job, entry.outcome, now, self._fence(entry.job))
+                    for entry in batch
+                ]
+            ),
+            keep=True,
         )
         # The slots are free now. The claim that fills them is a write queued behind this one,
         # so it commits in the same transaction or a later one: the store never shows more
@@ -421,6 +510,7 @@ class Pool:
                         partial(
                             jobs.fail,
                             job_id=batch[index].job.id,
+                            fence=self._fence(batch[index].job),
                             error=error_body(
                                 "HANDLER_ERROR",
                                 f"the result is not JSON: {finals[index]}",
@@ -445,7 +535,8 @@ class Pool:
         """Answer whoever waits on a recorded job and count its outcome."""
         job, outcome = entry.job, entry.outcome
         assert outcome is not None
-        del self._running[job.id]
+        if self._running.get(job.id) is entry:
+            del self._running[job.id]
         if isinstance(final, Exception):
             # Left `running` in the store: the monitor's stuck rule recovers it.
             self._log.error(
@@ -475,7 +566,11 @@ class Pool:
             "outcome": name,
             "code": code,
         }
-        if error is not None and name in ("failed", "retry"):
+        if name == "lost":
+            # Another daemon recovered the job from this one, taken for dead (a pause, a lost
+            # connection to the database): what this attempt came to was not written.
+            self._log.warning("lost the job", **fields, intended=outcome[0])
+        elif error is not None and name in ("failed", "retry"):
             # A failed attempt is worth a look: what went wrong, and the id to find it by.
             self._log.warning(
                 "job finished",
@@ -511,11 +606,11 @@ class Pool:
             max_attempts=job.max_attempts,
             checkpoint=job.checkpoint,
             options=kind.options,
-            report_progress=partial(self._progress, job.id),
-            store_checkpoint=partial(self._checkpoint, job.id),
-            store_heartbeat=partial(self._heartbeat, job.id),
+            report_progress=partial(self._progress, entry),
+            store_checkpoint=partial(self._checkpoint, entry),
+            store_heartbeat=partial(self._heartbeat, entry),
             services=services,
-            store_process_group=partial(self._process_group, job.id),
+            store_process_group=partial(self._process_group, entry),
             write_log=partial(self._job_logs.add, job.id, job.attempt),
         )
         try:
@@ -527,64 +622,59 @@ class Pool:
         assert entry.stop_outcome is not None
         return entry.stop_outcome
 
-    def _transition(self, job: JobView, outcome: Outcome | None, now: float) -> Any:
-        """The store write that records `outcome` for `job`."""
+    def _transition(
+        self, job: JobView, outcome: Outcome | None, now: float, fence: jobs.Fence
+    ) -> Any:
+        """The store write that records `outcome` for `job`'s attempt under `fence`."""
         assert outcome is not None
         name, detail = outcome
+        target = {"job_id": job.id, "fence": fence, "now": now}
         match name:
             case "done":
-                return partial(jobs.finish, job_id=job.id, result=detail, now=now)
+                return partial(jobs.finish, **target, result=detail)
             case "failed":
-                return partial(jobs.fail, job_id=job.id, error=detail, now=now)
+                return partial(jobs.fail, **target, error=detail)
             case "canceled":
-                return partial(jobs.cancel, job_id=job.id, now=now, expect=("running",))
+                return partial(jobs.cancel, **target, expect=("running",))
             case "interrupted":
-                return partial(jobs.requeue_unspent, job_id=job.id, reason="INTERRUPTED", now=now)
+                return partial(jobs.requeue_unspent, **target, reason="INTERRUPTED")
             case "budget":
-                return partial(jobs.requeue_unspent, job_id=job.id, reason="BUDGET_WAIT", now=now)
+                return partial(jobs.requeue_unspent, **target, reason="BUDGET_WAIT")
+            case "lost":
+                return _write_nothing
         policy = self._config.retry_policy(job.kind)
         delay = retry_delay(
             msgspec.structs.replace(policy, max_attempts=job.max_attempts), job.attempt, self._rng
         )
         if delay is None:
-            return partial(jobs.fail, job_id=job.id, error=detail, now=now)
-        return partial(
-            jobs.retry_later, job_id=job.id, error=detail, available_at=now + delay, now=now
-        )
+            return partial(jobs.fail, **target, error=detail)
+        return partial(jobs.retry_later, **target, error=detail, available_at=now + delay)
 
     # A handler's reports never fail for the store's sake: while it takes no writes, the latest
-    # report of each sort is kept for the job and written first when it does again.
+    # report of each sort is kept for the job and written first when it does again. A report
+    # the fence refuses says the attempt lost its job: it is abandoned.
 
-    async def _progress(self, job_id: int, fraction: float, message: str | None) -> None:
-        entry = self._running.get(job_id)
-        if entry is not None and not entry.progressed:
+    async def _report(self, entry: _Running, write: Any, **fields: Any) -> None:
+        """Write one of the handler's reports for its attempt, fenced; at most the latest of
+        each sort is kept through a store fault."""
+        fenced = partial(write, job_id=entry.job.id, fence=self._fence(entry.job), **fields)
+        still_ours = await self._store.write_or_keep(fenced, key=(write.__name__, entry.job.id))
+        if still_ours is False and entry.outcome is None:
+            entry.stop(LOST)
+
+    async def _progress(self, entry: _Running, fraction: float, message: str | None) -> None:
+        if not entry.progressed:
             entry.progressed = True
             self._monitor.send_nowait(ProgressStarted(at=self._clock.now(), kind=entry.job.kind))
-        await self._store.write_or_keep(
-            partial(
-                jobs.report_progress,
-                job_id=job_id,
-                fraction=fraction,
-                message=message,
-                now=self._clock.now(),
-            ),
-            key=("progress", job_id),
+        await self._report(
+            entry, jobs.report_progress, fraction=fraction, message=message, now=self._clock.now()
         )
 
-    async def _heartbeat(self, job_id: int) -> None:
-        await self._store.write_or_keep(
-            partial(jobs.heartbeat, job_id=job_id, now=self._clock.now()),
-            key=("heartbeat", job_id),
-        )
+    async def _heartbeat(self, entry: _Running) -> None:
+        await self._report(entry, jobs.heartbeat, now=self._clock.now())
 
-    async def _process_group(self, job_id: int, pgid: int, identity: str) -> None:
-        await self._store.write_or_keep(
-            partial(jobs.record_process_group, job_id=job_id, pgid=pgid, identity=identity),
-            key=("process_group", job_id),
-        )
+    async def _process_group(self, entry: _Running, pgid: int, identity: str) -> None:
+        await self._report(entry, jobs.record_process_group, pgid=pgid, identity=identity)
 
-    async def _checkpoint(self, job_id: int, state: Any) -> None:
-        await self._store.write_or_keep(
-            partial(jobs.save_checkpoint, job_id=job_id, checkpoint=state, now=self._clock.now()),
-            key=("checkpoint", job_id),
-        )
+    async def _checkpoint(self, entry: _Running, state: Any) -> None:
+        await self._report(entry, jobs.save_checkpoint, checkpoint=state, now=self._clock.now())

@@ -105,9 +105,11 @@ def claim_where_allowed(
     running_by_user: dict[str, int],
     load: SystemLoad,
     now: float,
+    node: int,
 ) -> Claimed:
     """Run in the store's transaction: the pauses and open circuits as stored now, by any
-    daemon on the database, then the claim within the capacity they leave."""
+    daemon on the database, then the claim of jobs to run on `node` within the capacity
+    they leave."""
     paused = msgspec.convert(jobs.get_setting(conn, PAUSED_SETTING) or {}, PauseState)
     open_services = {
         service: circuit.open_until
@@ -123,8 +125,15 @@ def claim_where_allowed(
             capacity=capacity,
             total=total,
             now=now,
+            node=node,
             running_by_user=running_by_user,
             max_running_per_user=config.limits.max_running_per_user,
+            # A kind's max_concurrent holds for all the daemons on the database.
+            kind_limits={
+                name: kind.max_concurrent
+                for name, kind in config.kinds.items()
+                if kind.max_concurrent is not None
+            },
         )
     return Claimed(paused, open_services, capacity, claimed)
 
@@ -159,8 +168,11 @@ class Scheduler:
         inbox: trio.MemoryReceiveChannel[SchedulerMessage],
         pool: trio.MemorySendChannel[RunJobs],
         load: SystemLoad,
+        node: int,
     ) -> None:
         self._config = config
+        # This daemon's node: the claims mark the jobs as running here.
+        self._node = node
         self._store = store
         self._clock = clock
         self._inbox = inbox
@@ -359,6 +371,7 @@ class Scheduler:
                     running_by_user=dict(self._running_by_user),
                     load=self._load,
                     now=now,
+                    node=self._node,
                 )
             )
         except StoreError:

@@ -183,6 +183,13 @@ class StoreSection(Section):
             msgspec.structs.force_setattr(self, "path", DEFAULT_DATABASE)
 
 
+class ClusterSection(Section):
+    # A daemon's lease on its running jobs: it renews it every third of this. One whose lease
+    # has run out is dead to the others: the elected daemon puts its running jobs back in the
+    # queue (RECOVERED), and whatever it writes for them afterwards changes nothing.
+    lease: Duration = Duration(30)
+
+
 class AdminSection(Section):
     socket: str = "var/admin.sock"
     # Empty: mode 0600, only root and the daemon's user. A group name: mode 0660 and
@@ -515,6 +522,7 @@ class RetryPolicy(msgspec.Struct, frozen=True):
 class Config(Section):
     daemon: DaemonSection = msgspec.field(default_factory=DaemonSection)
     store: StoreSection = msgspec.field(default_factory=StoreSection)
+    cluster: ClusterSection = msgspec.field(default_factory=ClusterSection)
     admin: AdminSection = msgspec.field(default_factory=AdminSection)
     admission: AdmissionSection = msgspec.field(default_factory=AdmissionSection)
     log: LogSection = msgspec.field(default_factory=LogSection)
@@ -807,6 +815,11 @@ def load_config_text(text: str, *, base_dir: str | os.PathLike[str] = ".") -> Co
         raise ConfigError(
             'admission.idempotency_window: "off" would hold a finished job\'s key until it '
             'is pruned; "0s" turns the window off'
+        )
+    if not 3 <= config.cluster.lease < math.inf:
+        raise ConfigError(
+            'cluster.lease: expected a duration of at least "3s" (renewed every third of it), '
+            f"got {format_duration(config.cluster.lease)}"
         )
     _check_timezone(config.budget.timezone, "budget.timezone")
     if config.limits.timezone:

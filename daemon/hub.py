@@ -8,7 +8,7 @@ off (`overflowed`) instead of growing the daemon's memory, and resumes from the 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import trio
@@ -45,6 +45,9 @@ class EventHub:
     def __init__(self) -> None:
         self._by_job: dict[int, set[Subscription]] = {}
         self._wide: set[Subscription] = set()
+        # Called with the events other daemons on the same database committed (never
+        # blocking), after they are published: how this daemon hears of their work.
+        self.foreign_listeners: list[Callable[[list[Event]], None]] = []
 
     def publish(self, events: list[Event]) -> None:
         for event in events:
@@ -53,6 +56,10 @@ class EventHub:
                     sub.offer(event)
             for sub in self._by_job.get(event.job, ()):
                 sub.offer(event)
+
+    def publish_foreign(self, events: list[Event]) -> None:
+        for listener in self.foreign_listeners:
+            listener(events)
 
     @contextmanager
     def subscribe(

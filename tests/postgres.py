@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import subprocess
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,11 +50,12 @@ def in_schema(url: str, schema: str) -> str:
 
 
 @contextlib.contextmanager
-def fresh_schema() -> Iterator[str]:
-    """An empty schema on the test server, dropped afterwards; yields its URL."""
+def fresh_schema(server: str | None = None) -> Iterator[str]:
+    """An empty schema on the test server (or on `server`, a URL), dropped afterwards; yields
+    its URL."""
     import psycopg
 
-    url = server_url()
+    url = server or server_url()
     schema = f"t_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(f"CREATE SCHEMA {schema}")
@@ -101,3 +104,13 @@ def own_cluster(directory: Path) -> Iterator[Cluster]:
         yield cluster
     finally:
         cluster.stop()
+
+
+def own_cluster_in_temp() -> Iterator[Cluster]:
+    """`own_cluster` on a directory of its own, removed after: not under pytest's tmp_path,
+    where the server's user cannot reach and its socket's path would be too long."""
+    directory = Path(tempfile.mkdtemp(prefix="jw-pg-"))
+    try:
+        yield from own_cluster(directory)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)

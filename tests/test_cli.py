@@ -541,6 +541,18 @@ def test_show_prints_the_job_why_it_waits_and_its_events(daemon, jobwarden, caps
     ]
 
 
+def node_view(node: int, host: str, pid: int, *, leader: bool) -> dict[str, Any]:
+    return {
+        "id": node,
+        "host": host,
+        "pid": pid,
+        "started_at": 1_800_000_000.0,
+        "heartbeat_at": 1_800_000_100.0,
+        "lease_until": 1_800_000_130.0,
+        "leader": leader,
+    }
+
+
 def test_status_summarises_the_daemon(daemon, jobwarden, capsys):
     daemon.replies["status"] = {
         "version": "0.1.0",
@@ -558,6 +570,12 @@ def test_status_summarises_the_daemon(daemon, jobwarden, capsys):
         "system": {"memory_percent": 41.5, "memory_available_gb": 13.2, "cpu_percent": 7.0},
         "breakers": {"image": breaker_view("open", open_until=OPEN_UNTIL), "llm": breaker_view()},
         "budget": budget_view(),
+        "node": 2,
+        "leader": False,
+        "nodes": [
+            node_view(1, "web1", 77, leader=True),
+            node_view(2, "web2", 4242, leader=False),
+        ],
     }
 
     code = jobwarden("status")
@@ -566,6 +584,7 @@ def test_status_summarises_the_daemon(daemon, jobwarden, capsys):
     assert capsys.readouterr().out.splitlines() == [
         "daemon     jobwarden 0.1.0, pid 4242, up 2h",
         "state      accepting jobs",
+        "nodes      1 web1 pid 77 (maintenance), 2 web2 pid 4242 (this)",
         "running    1 of 2 slots",
         "jobs       queued 3, running 1, done 40, failed 0, canceled 0",
         "queued     pdf 3 (oldest waiting 1m)",

@@ -24,6 +24,7 @@ from jobwarden.actors.bucket import TokenBucket
 from jobwarden.actors.budget import BudgetCalendar, Limits
 from jobwarden.actors.ledger import STOPPED_RECHECK, OverBudget, Reserved, reserve_within_budget
 from jobwarden.actors.messages import (
+    BreakerReset,
     BreakerSnapshot,
     BreakerTrip,
     BudgetQuery,
@@ -165,15 +166,31 @@ async def test_a_breaker_tripped_on_one_daemon_holds_the_kinds_jobs_on_the_other
     assert final.started_at == opened["open_until"]
 
 
-def booked_usd(subscription) -> float:
-    usd = 0.0
+async def test_a_breaker_tripped_on_one_daemon_is_reset_from_the_other(
+    autojump_clock, start_cluster
+):
+    a, b = await start_cluster(limits() + SERVICE_KINDS.format(max_concurrent=10))
+    opened = await ask(a.handle.breaker, BreakerTrip, service="flaky")
+    job = await b.submit("needs_flaky", {"service": "flaky", "seconds": 1})
+    await trio.sleep(30)
+    # b never saw the circuit open itself: its reset still closes the stored one.
+    reset = await ask(b.handle.breaker, BreakerReset, service="flaky")
+    assert reset["state"] == "closed"
+    final = await finished(b, job.id)
+    assert final.status == "done"
+    assert final.started_at < opened["open_until"]
+
+
+def booked_calls(subscription) -> dict[int, tuple[int, float]]:
+    """The cost events a hub carried, by seq: (job, usd)."""
+    calls = {}
     while True:
         try:
             event = subscription.events.receive_nowait()
         except trio.WouldBlock:
-            return usd
+            return calls
         if event.type == "cost":
-            usd += event.data["usd"]
+            calls[event.seq] = (event.job, event.data["usd"])
 
 
 async def spent_in_ledger(daemon) -> float:
@@ -200,11 +217,21 @@ async def test_200_priced_calls_at_once_over_two_daemons_never_spend_past_the_da
         for daemon in (a, b):
             await ask(daemon.handle.scheduler, Resume, kind=None)
         await trio.sleep(120)
-        # A daemon's hub carries its own commits: the calls each daemon booked.
-        booked = [booked_usd(on_a), booked_usd(on_b)]
-    assert all(usd > 0 for usd in booked)
-    assert sum(booked) == pytest.approx(await spent_in_ledger(a))
-    assert 0.5 < sum(booked) <= 1.0 + 1e-9
+        # A daemon's hub carries its own commits, and on PostgreSQL the other's too (the
+        # event tail): one call's event may come from both, told apart by its seq.
+        calls = booked_calls(on_a) | booked_calls(on_b)
+    booked = sum(usd for _, usd in calls.values())
+    paid_jobs = sorted({job for job, _ in calls.values()})
+    # Both daemons booked calls: the jobs that paid ran on two nodes.
+    ran_on = await a.handle.store.read(
+        lambda conn: conn.execute(
+            f"SELECT COUNT(DISTINCT node) FROM jobs WHERE id IN ({','.join('?' * len(paid_jobs))})",
+            paid_jobs,
+        ).fetchone()[0]
+    )
+    assert ran_on == 2
+    assert booked == pytest.approx(await spent_in_ledger(a))
+    assert 0.5 < booked <= 1.0 + 1e-9
     assert all([(await ask(d.handle.ledger, BudgetQuery))["stopped"] for d in (a, b)])
     # An operator raises the limit on one daemon: the other takes it up too, and every job
     # finishes within the new limit.

@@ -135,7 +135,7 @@ async def test_alert_command_gets_the_alert_as_json(start_daemon, tmp_path):
         + f"""
 [monitor]
 interval = "100ms"
-failure_min_jobs = 2
+failure_min_jobs = 3
 failure_rate_alert = 0.2
 alert_command = [{json.dumps(sys.executable)}, "-c", {json.dumps(forward)}]
 """

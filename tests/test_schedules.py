@@ -452,10 +452,12 @@ async def test_a_slot_the_store_refused_fires_once_it_takes_writes_again(
     daemon = await start_daemon(
         KINDS + QUIET + schedule_table("five", "*/5 * * * *"), clock_epoch=EPOCH + 10
     )
-    await trio.sleep(280)
+    # Between the node's lease renewals (every 10 s from EPOCH + 10): the first write the
+    # read-only file refuses is at the slot, EPOCH + 300, not a renewal's before it.
+    await trio.sleep(285)
     # A read-only database file, until the store's probe opens it again (see test_store_health).
     daemon.handle.store._writer.execute("PRAGMA query_only = 1")
-    await trio.sleep(55)
+    await trio.sleep(50)
     assert daemon.handle.store.health.fault is None
     runs = await runs_of(daemon, "five")
     assert len(runs) == 1

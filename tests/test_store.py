@@ -19,6 +19,9 @@ from tests.conftest import opened_database
 
 pytestmark = pytest.mark.both_stores
 
+# The node the claims in these tests run jobs on.
+NODE = 1
+
 
 def new_job(n: int = 0, key: str | None = None, kind: str = "k") -> jobs.NewJob:
     return jobs.NewJob(
@@ -120,12 +123,21 @@ async def test_guarded_transitions_refuse_the_wrong_status(store_target):
     async with Store.open(store_target, hub=EventHub()) as store:
         job = await insert(store)
         # Not running yet: finishing it is refused, not applied.
-        assert await store.write(partial(jobs.finish, job_id=job.id, result=1, now=1.0)) is None
-        claimed = await store.write(partial(jobs.claim, capacity={"k": 1}, total=1, now=200.0))
+        first = jobs.Fence(attempt=1, node=NODE)
+        assert (
+            await store.write(partial(jobs.finish, job_id=job.id, fence=first, result=1, now=1.0))
+            is None
+        )
+        claimed = await store.write(
+            partial(jobs.claim, capacity={"k": 1}, total=1, node=NODE, now=200.0)
+        )
         assert [j.id for j in claimed.jobs] == [job.id]
-        done = await store.write(partial(jobs.finish, job_id=job.id, result=1, now=201.0))
+        done = await store.write(
+            partial(jobs.finish, job_id=job.id, fence=first, result=1, now=201.0)
+        )
         assert done.status == "done"
-        assert await store.write(partial(jobs.finish, job_id=job.id, result=2, now=202.0)) is None
+        again = partial(jobs.finish, job_id=job.id, fence=first, result=2, now=202.0)
+        assert await store.write(again) is None
         assert await store.write(partial(jobs.cancel, job_id=job.id, now=203.0)) is None
         assert (await store.read(partial(jobs.get_job, job_id=job.id))).result == 1
 
@@ -133,14 +145,25 @@ async def test_guarded_transitions_refuse_the_wrong_status(store_target):
 async def test_claim_honours_backoff_and_reports_the_next_deadline(store_target):
     async with Store.open(store_target, hub=EventHub()) as store:
         job = await insert(store)
-        await store.write(partial(jobs.claim, capacity={"k": 1}, total=1, now=100.0))
+        await store.write(partial(jobs.claim, capacity={"k": 1}, total=1, node=NODE, now=100.0))
         error = ErrorBody(code="X", message="x", retryable=True)
         await store.write(
-            partial(jobs.retry_later, job_id=job.id, error=error, available_at=130.0, now=100.0)
+            partial(
+                jobs.retry_later,
+                job_id=job.id,
+                fence=jobs.Fence(attempt=1, node=NODE),
+                error=error,
+                available_at=130.0,
+                now=100.0,
+            )
         )
-        early = await store.write(partial(jobs.claim, capacity={"k": 1}, total=1, now=129.0))
+        early = await store.write(
+            partial(jobs.claim, capacity={"k": 1}, total=1, node=NODE, now=129.0)
+        )
         assert early.jobs == [] and early.next_available_at == 130.0
-        due = await store.write(partial(jobs.claim, capacity={"k": 1}, total=1, now=130.0))
+        due = await store.write(
+            partial(jobs.claim, capacity={"k": 1}, total=1, node=NODE, now=130.0)
+        )
         assert [(j.id, j.attempt) for j in due.jobs] == [(job.id, 2)]
 
 
@@ -150,7 +173,9 @@ async def test_recovery_requeues_until_the_crash_loop_limit(store_target, crashe
         job = await insert(store)
         for crash in range(crashes):
             started = 1000.0 * (crash + 1)
-            await store.write(partial(jobs.claim, capacity={"k": 1}, total=1, now=started))
+            await store.write(
+                partial(jobs.claim, capacity={"k": 1}, total=1, node=NODE, now=started)
+            )
             counts = await store.write(
                 partial(jobs.recover_running, now=started + 1, crash_loop_after=3)
             )
@@ -185,15 +210,22 @@ async def test_each_fails_only_the_write_that_raised(store_target):
     hub = EventHub()
     async with Store.open(store_target, hub=hub) as store:
         queued = [await insert(store, n) for n in range(3)]
-        await store.write(partial(jobs.claim, capacity={"k": 3}, total=3, now=200.0))
+        first = jobs.Fence(attempt=1, node=NODE)
+        await store.write(partial(jobs.claim, capacity={"k": 3}, total=3, node=NODE, now=200.0))
         with hub.subscribe(buffer=100) as sub:
             results = await store.write(
                 each(
                     [
-                        partial(jobs.finish, job_id=queued[0].id, result=1, now=201.0),
+                        partial(jobs.finish, job_id=queued[0].id, fence=first, result=1, now=201.0),
                         # Not JSON: raises inside the transaction, after the others began.
-                        partial(jobs.finish, job_id=queued[1].id, result=object(), now=201.0),
-                        partial(jobs.finish, job_id=queued[2].id, result=3, now=201.0),
+                        partial(
+                            jobs.finish,
+                            job_id=queued[1].id,
+                            fence=first,
+                            result=object(),
+                            now=201.0,
+                        ),
+                        partial(jobs.finish, job_id=queued[2].id, fence=first, result=3, now=201.0),
                     ]
                 )
             )
@@ -227,7 +259,9 @@ async def test_a_version_4_database_is_migrated_to_partial_queue_indexes(tmp_pat
             [("queued", None), ("queued", None), ("done", 5.0)],
         )
     async with Store.open(path, hub=EventHub()) as store:
-        claimed = await store.write(partial(jobs.claim, capacity={"k": 1}, total=1, now=10.0))
+        claimed = await store.write(
+            partial(jobs.claim, capacity={"k": 1}, total=1, node=NODE, now=10.0)
+        )
         assert [job.id for job in claimed.jobs] == [1]
         counts = await store.read(jobs.counts_by_status)
     assert counts == {"queued": 1, "running": 1, "done": 1}

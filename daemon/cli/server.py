@@ -265,6 +265,8 @@ def _print_status(data: dict[str, Any]) -> None:
                 f"jobwarden {data['version']}, pid {data['pid']}, up {span(data['uptime'])}",
             ),
             ("state", _state_text(data)),
+            # Older daemons do not report nodes; their line is left out.
+            ("nodes", _nodes_text(data) if "nodes" in data else None),
             # Older daemons do not report the store's health; their line is left out.
             ("store", _store_text(data["store"]) if "store" in data else None),
             ("running", f"{data['running']} of {data['max_concurrent_jobs']} slots"),
@@ -297,6 +299,24 @@ def _state_text(data: dict[str, Any]) -> str:
     if not data.get("store", {"writable": True})["writable"]:
         return "refusing new jobs until the store takes writes again"
     return "accepting jobs"
+
+
+def _nodes_text(data: dict[str, Any]) -> str:
+    """The live daemons sharing the database: id, host and pid, which one answered, and
+    which holds the maintenance role."""
+    listed = []
+    for node in data["nodes"]:
+        notes = [
+            note
+            for note, applies in (
+                ("this", node["id"] == data["node"]),
+                ("maintenance", node["leader"]),
+            )
+            if applies
+        ]
+        text = f"{node['id']} {node['host']} pid {node['pid']}"
+        listed.append(f"{text} ({', '.join(notes)})" if notes else text)
+    return ", ".join(listed) or "none live"
 
 
 def _store_text(store: dict[str, Any]) -> str:

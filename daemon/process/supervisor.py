@@ -1,9 +1,10 @@
 """The supervisor: builds the channels, owns start-up order, signals and shutdown.
 
 Start-up: lock the database, open the store, end what is left of the commands a crash left
-running, put their jobs back in the queue, then start the actors (scheduler, pool, admission)
-and the listeners last, each with `nursery.start` so the next starts only once the previous
-really serves; then READY=1.
+running, put their jobs back in the queue, register this daemon's node (process/cluster.py),
+then start the node's keeper, the actors (scheduler, pool, admission) and the listeners last,
+each with `nursery.start` so the next starts only once the previous really serves; then
+READY=1. A clean stop takes the node's row out of the store as the last write.
 Memory and CPU are read in one place (jobwarden.system): once before the actors start, then
 every `limits.sample_every`, each reading handed to the scheduler and the monitor.
 
@@ -20,6 +21,7 @@ import fcntl
 import math
 import os
 import signal
+import socket
 import sys
 from collections.abc import Callable
 from functools import partial
@@ -54,13 +56,15 @@ from jobwarden.hub import EventHub
 from jobwarden.logs import configure_logging, use_clock
 from jobwarden.mailbox import ReplySlot
 from jobwarden.metrics import Metrics
+from jobwarden.process import cluster
 from jobwarden.process.admin import AdminServer, Stop
+from jobwarden.process.cluster import NodeKeeper
 from jobwarden.process.commands import Commands
 from jobwarden.process.http import HttpServer
 from jobwarden.process.systemd import SystemdNotifier
 from jobwarden.process.webhooks import WebhookSender
 from jobwarden.process.websocket import WebSocketServer
-from jobwarden.store import jobs
+from jobwarden.store import jobs, nodes
 from jobwarden.store.engine import Store, StoreState
 from jobwarden.system import SystemLoad, SystemSampler
 
@@ -121,6 +125,20 @@ def lock_database(db_path: Path) -> int:
             "through this path or another link to the same file"
         ) from None
     return fd
+
+
+def process_runs(pid: int) -> bool:
+    """Whether a process of this pid runs here (this daemon's own pid is a previous
+    incarnation's, before it registered)."""
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def lock_holder(file: os.stat_result) -> int | None:
@@ -192,24 +210,46 @@ class Supervisor:
                 threaded=self._threaded_store,
                 clock=clock,
             ) as store:
-                await self._recover(store, clock, redacted_url(database))
-                await self._run_actors(store, hub, clock, task_status)
+                await self._recover(
+                    store, clock, redacted_url(database), locked=lock_fd is not None
+                )
+                node, registered = await NodeKeeper.register(store, clock, config)
+                if registered and lock_fd is not None:
+                    # The database is locked to this daemon: other nodes' rows are daemons
+                    # that stopped, whose jobs the recovery has just requeued.
+                    await store.write(partial(nodes.forget_others, node=node))
+                await self._run_actors(store, hub, clock, node, registered, task_status)
         finally:
             if lock_fd is not None:
                 os.close(lock_fd)
             use_clock(None)
 
-    async def _recover(self, store: Store, clock: WallClock, database: str) -> None:
+    async def _recover(
+        self, store: Store, clock: WallClock, database: str, *, locked: bool
+    ) -> None:
         """Jobs a crash left `running` go back to the queue, once what is left of their
-        commands has been ended: a command's children may outlive a crash. On a store that
+        commands has been ended: a command's children may outlive a crash. On a store
+        `locked` to this daemon (SQLite) every running job is a crashed daemon's. Where several
+        share the database, only those of this host's daemons whose process is gone (a
+        restart after a crash); the other dead daemons' jobs are the maintenance role's once
+        their lease runs out (process/cluster.py). On a store that
         takes no writes (a full disk) the daemon starts all the same, read-only: the recovery
         is kept, and committed ahead of every other write once the store takes writes again,
         so no job is dispatched before it."""
-        leftovers = await end_leftover_groups(await store.read(jobs.running_process_groups))
-        recover = partial(
-            jobs.recover_running,
-            now=clock.now(),
-            crash_loop_after=self._config.daemon.crash_loop_after,
+        now, crash_loop_after = clock.now(), self._config.daemon.crash_loop_after
+        if locked:
+            dead = None
+            recover = partial(jobs.recover_running, now=now, crash_loop_after=crash_loop_after)
+        else:
+            here = await store.read(partial(nodes.on_host, host=socket.gethostname()))
+            dead = [node for node, pid in here if not process_runs(pid)]
+            if not dead:
+                return
+            recover = partial(
+                nodes.recover_nodes, nodes=dead, now=now, crash_loop_after=crash_loop_after
+            )
+        leftovers = await end_leftover_groups(
+            await store.read(partial(jobs.running_process_groups, nodes=dead))
         )
         try:
             recovered = await store.write(recover)
@@ -234,6 +274,8 @@ class Supervisor:
         store: Store,
         hub: EventHub,
         clock: WallClock,
+        node: int,
+        registered: bool,
         task_status: trio.TaskStatus[DaemonHandle],
     ) -> None:
         config = self._config
@@ -255,7 +297,20 @@ class Supervisor:
         self._channels = (admission_tx, scheduler_tx, pool_tx, monitor_tx, breaker_tx, ledger_tx)
         actor = {"config": config, "store": store, "clock": clock}
         load = self._sample_system()
-        scheduler = Scheduler(**actor, inbox=scheduler_rx, pool=pool_tx.clone(), load=load)
+        keeper = self._keeper = NodeKeeper(
+            **actor,
+            node=node,
+            registered=registered,
+            pool=pool_tx.clone(),
+            monitor=monitor_tx.clone(),
+            scheduler=scheduler_tx.clone(),
+        )
+        scheduler = Scheduler(
+            **actor, inbox=scheduler_rx, pool=pool_tx.clone(), load=load, node=node
+        )
+        hub.foreign_listeners.append(
+            partial(cluster.relay, scheduler=scheduler_tx.clone(), pool=pool_tx.clone())
+        )
         breaker = Breaker(
             **actor, inbox=breaker_rx, scheduler=scheduler_tx.clone(), alerts=monitor_tx.clone()
         )
@@ -276,6 +331,7 @@ class Supervisor:
             breaker=breaker_tx.clone(),
             monitor=monitor_tx.clone(),
             metrics=metrics,
+            node=node,
         )
         admission = Admission(
             **actor,
@@ -294,6 +350,7 @@ class Supervisor:
             metrics=metrics,
             daemon_status=self._status,
             load=load,
+            node=node,
         )
         # What a request means, shared by every listener.
         commands = Commands(
@@ -317,6 +374,7 @@ class Supervisor:
         )
         async with trio.open_nursery() as nursery:
             await nursery.start(store.probe_while_faulted)
+            await nursery.start(keeper.run)
             await nursery.start(scheduler.run)
             await nursery.start(breaker.run)
             await nursery.start(ledger.run)
@@ -364,6 +422,7 @@ class Supervisor:
                 pid=os.getpid(),
                 kinds=sorted(config.kinds),
                 max_concurrent_jobs=config.daemon.max_concurrent_jobs,
+                node=node,
                 http_port=http_port,
                 websocket_port=websocket_port,
             )
@@ -391,6 +450,7 @@ class Supervisor:
             if self._http is not None:
                 await self._http.close()
             nursery.cancel_scope.cancel()
+        await keeper.leave()
         log.info("jobwarden stopped")
 
     def _status(self) -> dict[str, Any]:
@@ -463,6 +523,7 @@ class Supervisor:
                 log.warning("config change needs a restart to take effect", section=key)
         self._config = new
         self._metrics.declare(new)
+        self._keeper.reconfigure(new)
         for actor in self._channels:
             await actor.send(Reconfigure(config=new))
         self._admin.reconfigure(new)
@@ -524,6 +585,15 @@ class Supervisor:
             await trio.sleep(STATUS_INTERVAL)
 
 
+def _leaves(group: BaseExceptionGroup[Any]) -> list[BaseException]:
+    """The exceptions of a group, however deep the nurseries nested them."""
+    return [
+        leaf
+        for exc in group.exceptions
+        for leaf in (_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    ]
+
+
 def serve_main(config_path: Path, overrides: Overrides | None = None) -> int:
     """`jobwarden serve`: run until drained. Exit 0 after a clean stop; 2 when the config
     cannot be used, a listen port among it (systemd is told not to restart on 2); 1 when
@@ -548,10 +618,10 @@ def serve_main(config_path: Path, overrides: Overrides | None = None) -> int:
     try:
         trio.run(supervisor.run)
     except* ConfigError as group:
-        refusals += [f"{config_path}: {exc}" for exc in group.exceptions]
+        refusals += [f"{config_path}: {exc}" for exc in _leaves(group)]
         code = 2
     except* StartupError as group:
-        refusals += [str(exc) for exc in group.exceptions]
+        refusals += [str(exc) for exc in _leaves(group)]
         code = code or 1
     for refusal in refusals:
         log.error("jobwarden could not start", error=refusal)

@@ -10,7 +10,8 @@ fault) asks `backend_of(conn)`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from typing import Any, Protocol
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -22,6 +23,9 @@ class Backend(Protocol):
     """What the engine, the migration runner and `store copy` ask of a database."""
 
     NAME: str
+    # Several daemons may write the database at once: each follows the event log for the
+    # others' events (tail.py).
+    SHARED: bool
     # What a statement raises when the database refuses it.
     DatabaseError: type[Exception]
 
@@ -43,6 +47,11 @@ class Backend(Protocol):
         """The database, not the statement, failed: no write can succeed until it is mended."""
         ...
 
+    def is_retryable(self, exc: BaseException) -> bool:
+        """The database gave up on the statement to let another transaction through (a
+        deadlock's victim): the write succeeds if run again in a new transaction."""
+        ...
+
     def fault_code(self, exc: BaseException) -> str:
         """STORAGE_FULL, STORAGE_UNAVAILABLE (the server cannot be reached) or STORAGE_ERROR."""
         ...
@@ -52,6 +61,11 @@ class Backend(Protocol):
         ...
 
     def checkpoint_wal(self, conn: Any) -> None: ...
+
+    def migrating(self, conn: Any) -> AbstractContextManager[None]:
+        """Held while the schema is read and brought up to date, so that daemons starting
+        at once on a new database migrate it once (the others wait, then find it done)."""
+        ...
 
     def schema_version(self, conn: Any) -> int: ...
 
@@ -64,6 +78,28 @@ class Backend(Protocol):
     ) -> list[int]:
         """Run an INSERT of `rows` rows and return the keys (column `key`) it gave them, in
         the order of its VALUES."""
+        ...
+
+    def order_events(self, conn: Any) -> None:
+        """Called in a write transaction just before it numbers its events: makes the seq
+        order the commit order until the transaction ends, and tells the daemons that listen
+        that events come (at the commit)."""
+        ...
+
+    def listen(self, target: str, notified: Callable[[], None], stopping: Any) -> None:
+        """Run on a thread of its own until `stopping` (a threading.Event) is set: call
+        `notified` each time another daemon commits events."""
+        ...
+
+    def try_lock(self, conn: Any, name: str) -> bool:
+        """Take the lock `name` until the transaction ends, if nobody holds it; never wait
+        (True where one writer has the database)."""
+        ...
+
+    def skip_locked(self, table: str) -> str:
+        """What a SELECT ends with to lock the rows of `table` it returns until the commit,
+        passing over rows another transaction holds ("" where one writer has the database):
+        the claims of several daemons then never wait on each other, nor take a row twice."""
         ...
 
     def table_names(self, conn: Any) -> list[str]:

@@ -48,9 +48,10 @@ from jobwarden.errors import ConfigError, StartupError, StoreError
 from jobwarden.hub import EventHub
 from jobwarden.store import backend as backends
 from jobwarden.store.jobs import set_setting
-from jobwarden.store.rows import Events, insert_events
+from jobwarden.store.rows import EventRow, Events, event_rows, insert_events
 from jobwarden.store.schema import migrate
 from jobwarden.store.sqlite import IN_MEMORY
+from jobwarden.store.tail import EventTail
 from jobwarden.store.webhooks import queue_deliveries
 from jobwarden.wire.views import Event
 
@@ -78,13 +79,6 @@ PROBE_ROOM = 64 * 1024
 # ends the wait): an actor's read waits out a restart of the server instead of failing.
 READ_RETRY_FIRST = 0.1
 READ_RETRY_MAX = 5.0
-
-
-def _record_events(conn: Any, events: Events) -> None:
-    """A write's event rows, and in the same transaction what a final status owes: its
-    webhook's delivery."""
-    insert_events(conn, events)
-    queue_deliveries(conn, events)
 
 
 class StoreFault(msgspec.Struct, frozen=True):
@@ -187,6 +181,8 @@ class PendingWrite(Generic[T]):
     result: Any = None
     error: BaseException | None = None
     events: list[Event] = field(default_factory=list)
+    # The events encoded for insertion, once the write has run.
+    rows: list[EventRow] = field(default_factory=list)
 
     async def committed(self) -> T:
         """The write's result once it is committed; raises what the write raised."""
@@ -231,8 +227,9 @@ class Engine(Protocol):
         """Queue a write without waiting for its commit; `keep`: through a store fault."""
         ...
 
-    async def write_or_keep(self, apply: Write[Any], *, key: Hashable | None = None) -> bool:
-        """Write now, or keep the write for when the store takes writes again."""
+    async def write_or_keep(self, apply: Write[T], *, key: Hashable | None = None) -> T | None:
+        """Write now and return its result, or keep the write for when the store takes
+        writes again and return None."""
         ...
 
     async def probe_while_faulted(
@@ -273,6 +270,9 @@ class Store:
         self._synchronous = synchronous
         self._max_batch = max_batch
         self._hub = hub
+        # Where other daemons write the database too, its events reach the hub through the
+        # tail, which reads theirs from the log (tail.py).
+        self._tail = EventTail(self, hub, self._backend) if self._backend.SHARED else None
         self._threaded = threaded
         self._clock = clock
         self.health = StoreHealth(clock)
@@ -337,7 +337,13 @@ class Store:
             )
             thread.start()
         try:
-            yield store
+            if store._tail is None:
+                yield store
+            else:
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(store._tail.run)
+                    yield store
+                    nursery.cancel_scope.cancel()
         finally:
             if thread is not None:
                 store._queue.put(_STOP)
@@ -400,18 +406,28 @@ class Store:
         self._kept = []
         done: list[PendingWrite[Any]] = []
         fault = None
-        if grouped:
+        while grouped:
             try:
-                self._transact(grouped)
-                done += grouped
+                again = self._transact(grouped)
             except self._backend.DatabaseError as exc:
                 fault = self._store_error("database write failed", exc)
                 done += self._after_fault(grouped, fault)
+                break
+            done += [write for write in grouped if all(write is not late for late in again)]
+            # Chosen as a deadlock's victim: run again once this commit has released what
+            # the other transaction waited for.
+            grouped = again
         for write in handed:
             if write.solo:
                 try:
                     write.result = write.apply(self._writer, write.events)
-                    _record_events(self._writer, write.events)
+                    if write.events:
+                        # Its events in a transaction of their own, ordered as any other's,
+                        # with what a final status owes: its webhook's delivery.
+                        self._backend.begin_write(self._writer)
+                        queue_deliveries(self._writer, write.events)
+                        insert_events(self._writer, write.events, event_rows(write.events))
+                        self._writer.execute("COMMIT")
                 except self._backend.DatabaseError as exc:
                     write.error = self._store_error("database maintenance failed", exc)
                 done.append(write)
@@ -419,24 +435,41 @@ class Store:
         self.writes += len(handed)
         return done, fault
 
-    def _transact(self, grouped: list[PendingWrite[Any]]) -> None:
+    def _transact(self, grouped: list[PendingWrite[Any]]) -> list[PendingWrite[Any]]:
         """One transaction, each write in its own savepoint, so that one that raises fails
-        alone; a database that fails fails them all."""
+        alone; a database that fails fails them all. Returns the writes to run again in a
+        transaction of their own: those the database gave up on to break a deadlock with
+        another daemon's transaction (a lock wait in one write of a batch holding the
+        locks of the others); they changed nothing here."""
         conn = self._writer
         assert conn is not None
+        again = []
         self._backend.begin_write(conn)
         for write in grouped:
             conn.execute("SAVEPOINT w")
             try:
                 write.result = write.apply(conn, write.events)
-                _record_events(conn, write.events)
+                write.rows = event_rows(write.events)
+                # In the write's savepoint, beside the status it tells of; the events
+                # themselves are numbered last, under the order lock (insert_events).
+                queue_deliveries(conn, write.events)
             except Exception as exc:
                 if self._backend.is_fault(exc):
                     raise
                 conn.execute("ROLLBACK TO w")
-                write.error, write.events = exc, []
+                write.result, write.events, write.rows = None, [], []
+                if self._backend.is_retryable(exc):
+                    again.append(write)
+                else:
+                    write.error = exc
             conn.execute("RELEASE w")
+        insert_events(
+            conn,
+            [event for write in grouped for event in write.events],
+            [row for write in grouped for row in write.rows],
+        )
         conn.execute("COMMIT")
+        return again
 
     def _after_fault(
         self, grouped: list[PendingWrite[Any]], error: StoreError
@@ -462,6 +495,14 @@ class Store:
     def _store_error(self, what: str, exc: BaseException) -> StoreError:
         return StoreError.with_code(self._backend.fault_code(exc), f"{what}: {exc}")
 
+    def _publish(self, events: list[Event]) -> None:
+        """Committed events to the hub: at once where this daemon is the database's only
+        writer; through the tail, in seq order among the other daemons', where it is not."""
+        if self._tail is not None:
+            self._tail.committed(events)
+        else:
+            self._hub.publish(events)
+
     def _deliver(self, done: list[PendingWrite[Any]], fault: StoreError | None) -> None:
         if fault is not None:
             self.health.failed(fault)
@@ -475,7 +516,7 @@ class Store:
                     "a kept write failed", error=f"{type(write.error).__name__}: {write.error}"
                 )
             write.done.set()
-        self._hub.publish([event for write in done for event in write.events])
+        self._publish([event for write in done for event in write.events])
 
     async def write(self, apply: Write[T], *, solo: bool = False) -> T:
         """Run `apply(conn, events)` in a transaction; returns once it is committed.
@@ -513,18 +554,18 @@ class Store:
             self._deliver(*self._commit([pending]))
         return pending
 
-    async def write_or_keep(self, apply: Write[Any], *, key: Hashable | None = None) -> bool:
-        """Write now; or, when the database takes no writes, keep the write and commit it
-        first when it does again, without waiting for that. True: committed now.
+    async def write_or_keep(self, apply: Write[T], *, key: Hashable | None = None) -> T | None:
+        """Write now and return the write's result; or, when the database takes no writes,
+        keep the write and commit it first when it does again, without waiting for that, and
+        return None.
 
         For what already happened and must not be lost (a call's cost, a heartbeat, a
         breaker's state), where the caller cannot wait for the disk."""
         try:
-            await self.write(apply)
+            return await self.write(apply)
         except StoreError:
             self.hand_over(apply, keep=True, key=key)
-            return False
-        return True
+            return None
 
     # -- health ---------------------------------------------------------------------------
 

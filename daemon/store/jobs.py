@@ -4,6 +4,11 @@ Each transition changes a job row and adds one event row; it runs inside the sto
 transaction via `store.write(partial(fn, ...))`. Transitions check the status they expect in
 their WHERE clause, so a late or duplicate request (cancel after done, a second finish) changes
 nothing and says so, instead of corrupting a job's history.
+
+Every write of a running attempt (progress, heartbeat, checkpoint, its outcome) is fenced by
+the attempt and the node that runs it (`Fence`): once another daemon has recovered the job
+from a node it took for dead, or a later attempt runs it, the old attempt's writes change
+nothing, and their callers learn that they lost the job.
 """
 
 from __future__ import annotations
@@ -127,6 +132,13 @@ class ProcessGroup(NamedTuple):
     job_id: int
     pgid: int
     identity: str
+
+
+class Fence(NamedTuple):
+    """Who may write a running job: the attempt the claim gave it, and the node running it."""
+
+    attempt: int
+    node: int
 
 
 FAIR_CLOCK = "fair_clock"
@@ -707,14 +719,23 @@ def claim(
     capacity: dict[str, int],
     total: int,
     now: float,
+    node: int,
     running_by_user: dict[str, int] | None = None,
     max_running_per_user: int = 0,
+    kind_limits: dict[str, int] | None = None,
 ) -> ClaimResult:
-    """Mark up to `total` due jobs running in dispatch order (priority, then fair tag, then
-    age) within each kind's free capacity and each user's running limit. Kinds missing from
-    `capacity` (paused, unknown, full) are not touched."""
-    allowed = {kind for kind, free in capacity.items() if free > 0}
+    """Mark up to `total` due jobs running on `node` in dispatch order (priority, then fair
+    tag, then age) within each kind's free capacity and each user's running limit. Kinds
+    missing from `capacity` (paused, unknown, full) are not touched. `kind_limits`: the most
+    jobs of a kind that may run at once on all daemons together.
+
+    Where several daemons share the database, a claim never waits on another's locks: it
+    passes over the rows another claim holds (`skip_locked`), so two daemons never take one
+    job and neither waits for the other's commit."""
+    backend = backend_of(conn)
     free = dict(capacity)
+    contended = _cap_by_cluster_limits(conn, free, kind_limits or {})
+    allowed = {kind for kind, room in free.items() if room > 0}
     running = dict(running_by_user or {})
     full_users: set[str] = set()
     claimed: list[JobView] = []
@@ -733,7 +754,8 @@ def claim(
             # job retried or recovered while its user is held is back without its copy).
             f"AND jobs.held = 0 AND jobs.after_pending = 0 AND COALESCE(users.held, 0) = 0 "
             f"AND jobs.kind IN ({placeholders(kinds)}) {but_users}"
-            f"ORDER BY jobs.priority DESC, jobs.fair_tag, jobs.id LIMIT ?",
+            f"ORDER BY jobs.priority DESC, jobs.fair_tag, jobs.id LIMIT ?"
+            f"{backend.skip_locked('jobs')}",
             (now, *kinds, *full_users, total),
         ).fetchall()
         if not rows:
@@ -754,9 +776,10 @@ def claim(
             attempt = job.attempt + 1
             # progress_at restarts with the attempt, so an old report cannot look like a stall.
             conn.execute(
-                "UPDATE jobs SET status = 'running', attempt = ?, started_at = ?, updated_at = ?,"
-                " heartbeat_at = ?, progress_at = NULL, reason = NULL WHERE id = ?",
-                (attempt, now, now, now, job.id),
+                "UPDATE jobs SET status = 'running', attempt = ?, node = ?, started_at = ?,"
+                " updated_at = ?, heartbeat_at = ?, progress_at = NULL, reason = NULL"
+                " WHERE id = ? AND status = 'queued'",
+                (attempt, node, now, now, now, job.id),
             )
             add_event(events, job, "status", now, {"status": "running", "attempt": attempt})
             claimed.append(
@@ -772,10 +795,8 @@ def claim(
                 allowed.discard(job.kind)
         if not skipped:
             break
-    if claimed and highest_tag > get_setting(conn, FAIR_CLOCK, 0):
-        # New users' first jobs start at the tag being dispatched, so they queue one round
-        # behind nobody's backlog. It only moves forward: a retried job keeps its old tag.
-        set_setting(conn, events, FAIR_CLOCK, highest_tag)
+    if claimed:
+        _advance_fair_clock(conn, highest_tag)
     waiting = sorted(k for k, n in capacity.items() if n > 0)
     next_at = None
     if waiting:
@@ -785,7 +806,47 @@ def claim(
             f"AND kind IN ({placeholders(waiting)})",
             (now, *waiting),
         ).fetchone()[0]
+    if contended:
+        # Another daemon's claim holds a limited kind: look again once it has committed.
+        retry_at = now + CONTENDED_RETRY
+        next_at = retry_at if next_at is None else min(next_at, retry_at)
     return ClaimResult(jobs=claimed, next_available_at=next_at)
+
+
+# A kind whose cluster-wide limit another daemon's claim is counting is looked at again after
+# this long: that claim commits within a group commit's time.
+CONTENDED_RETRY = 0.05
+
+
+def _cap_by_cluster_limits(
+    conn: sqlite3.Connection, free: dict[str, int], limits: dict[str, int]
+) -> bool:
+    """Lower each limited kind's room to its limit less the jobs of the kind running on every
+    daemon. The count is taken under a lock of the kind held to the commit, so two daemons
+    never both fill the last slot. A kind another claim holds gets no room this time: a
+    claim never waits (a lock wait inside a group-commit batch, which holds the locks of its
+    other writes, could deadlock with another daemon's). Returns whether one was held."""
+    contended = False
+    backend = backend_of(conn)
+    for kind in sorted(set(limits) & {kind for kind, room in free.items() if room > 0}):
+        if not backend.try_lock(conn, f"claim:{kind}"):
+            free[kind] = 0
+            contended = True
+            continue
+        running = conn.execute(
+            "SELECT COUNT(*) FROM jobs WHERE status = 'running' AND kind = ?", (kind,)
+        ).fetchone()[0]
+        free[kind] = min(free[kind], limits[kind] - running)
+    return contended
+
+
+def _advance_fair_clock(conn: sqlite3.Connection, tag: int) -> None:
+    """New users' first jobs start at the tag being dispatched, so they queue one round behind
+    nobody's backlog. It only moves forward: a retried job keeps its old tag. A claim on
+    another daemon moving it at the same moment is left to do so, not waited for: every
+    writer of it holds the lock, so the write below never waits either."""
+    if backend_of(conn).try_lock(conn, FAIR_CLOCK) and tag > get_setting(conn, FAIR_CLOCK, 0):
+        set_setting(conn, [], FAIR_CLOCK, tag)
 
 
 def _qualified(columns: str) -> str:
@@ -804,23 +865,27 @@ def _transition(
     now: float,
     sets: dict[str, Any] | None = None,
     detail: dict[str, Any] | None = None,
+    fence: Fence | None = None,
     settle_dependents: bool = True,
 ) -> JobView | None:
-    """Move a job to `status` if it is in one of the `expect` statuses; None if it is not.
+    """Move a job to `status` if it is in one of the `expect` statuses, and a running job only
+    if `fence` still holds; None if not.
 
     The event carries the new status, the reason, the attempt and any `detail`. A job that
     ends settles the jobs waiting for it (unless the caller does so itself).
     """
+    assert fence is not None or "running" not in expect, "a running job's write is fenced"
     columns = {"status": status, "reason": reason, **(sets or {})}
     assignments = ", ".join(
         f"{column} = {value}" if isinstance(value, SQL) else f"{column} = ?"
         for column, value in columns.items()
     )
     values = [value for value in columns.values() if not isinstance(value, SQL)]
+    fenced, fence_values = _fence_clause(fence)
     changed = conn.execute(
         f"UPDATE jobs SET {assignments}, updated_at = ? "
-        f"WHERE id = ? AND status IN ({placeholders(expect)})",
-        (*values, now, job_id, *expect),
+        f"WHERE id = ? AND status IN ({placeholders(expect)}){fenced}",
+        (*values, now, job_id, *expect, *fence_values),
     ).rowcount
     if not changed:
         return None
@@ -843,6 +908,17 @@ def _transition(
     if awaited and settle_dependents and status in TERMINAL_STATUSES:
         _settle_dependents(conn, events, job.id, status, now)
     return job
+
+
+def _fence_clause(fence: Fence | None) -> tuple[str, tuple[int, ...]]:
+    """The WHERE condition a fenced write adds: the job is on the fence's attempt and node
+    (or, when not running, the condition holds of itself)."""
+    if fence is None:
+        return "", ()
+    return (
+        " AND (status <> 'running' OR (attempt = ? AND node = ?))",
+        (fence.attempt, fence.node),
+    )
 
 
 # The jobs a dependent waits for: those of its dependencies that have not ended.
@@ -917,7 +993,13 @@ def _settle_credits(
 
 
 def finish(
-    conn: sqlite3.Connection, events: Events, job_id: int, *, result: Any, now: float
+    conn: sqlite3.Connection,
+    events: Events,
+    job_id: int,
+    *,
+    fence: Fence,
+    result: Any,
+    now: float,
 ) -> JobView | None:
     return _transition(
         conn,
@@ -929,6 +1011,7 @@ def finish(
         now=now,
         sets={"finished_at": now, "result": dump_json(result), "error": None},
         detail={"result": result},
+        fence=fence,
     )
 
 
@@ -940,6 +1023,7 @@ def fail(
     error: ErrorBody,
     now: float,
     expect: tuple[str, ...] = ("running",),
+    fence: Fence | None = None,
 ) -> JobView | None:
     return _transition(
         conn,
@@ -951,6 +1035,7 @@ def fail(
         now=now,
         sets={"finished_at": now, "error": dump_json(error)},
         detail={"error": msgspec.to_builtins(error)},
+        fence=fence,
     )
 
 
@@ -959,6 +1044,7 @@ def retry_later(
     events: Events,
     job_id: int,
     *,
+    fence: Fence,
     error: ErrorBody,
     available_at: float,
     now: float,
@@ -973,6 +1059,7 @@ def retry_later(
         now=now,
         sets={"available_at": available_at, "error": dump_json(error)},
         detail={"available_at": available_at, "error": msgspec.to_builtins(error)},
+        fence=fence,
     )
 
 
@@ -982,8 +1069,10 @@ def cancel(
     job_id: int,
     *,
     now: float,
-    expect: tuple[str, ...] = ("queued", "running"),
+    expect: tuple[str, ...] = ("queued",),
+    fence: Fence | None = None,
 ) -> JobView | None:
+    """Cancel a queued job; a running one (`expect` running) only with its attempt's fence."""
     return _transition(
         conn,
         events,
@@ -993,11 +1082,18 @@ def cancel(
         reason="CANCELED",
         now=now,
         sets={"finished_at": now},
+        fence=fence,
     )
 
 
 def requeue_unspent(
-    conn: sqlite3.Connection, events: Events, job_id: int, *, reason: str, now: float
+    conn: sqlite3.Connection,
+    events: Events,
+    job_id: int,
+    *,
+    fence: Fence,
+    reason: str,
+    now: float,
 ) -> JobView | None:
     """Back to the queue without spending the attempt that was cut short: by a shutdown
     (INTERRUPTED) or by a call refused for budget (BUDGET_WAIT). The checkpoint stays."""
@@ -1010,6 +1106,7 @@ def requeue_unspent(
         reason=reason,
         now=now,
         sets={"available_at": now, "attempt": SQL("attempt - 1")},
+        fence=fence,
     )
 
 
@@ -1105,21 +1202,56 @@ def requeue_manual(
     )
 
 
+def still_held(conn: sqlite3.Connection, *, node: int, attempts: dict[int, int]) -> set[int]:
+    """Of the jobs `attempts` maps to the attempt a node runs, those whose fence still holds:
+    running on that attempt on `node`."""
+    if not attempts:
+        return set()
+    rows = conn.execute(
+        f"SELECT id, attempt FROM jobs WHERE id IN ({placeholders(attempts)}) "
+        "AND status = 'running' AND node = ?",
+        (*attempts, node),
+    )
+    return {job_id for job_id, attempt in rows if attempts[job_id] == attempt}
+
+
+def running_node(conn: sqlite3.Connection, job_id: int) -> int | None:
+    """The node a running job runs on; None when it is not running."""
+    row = conn.execute(
+        "SELECT node FROM jobs WHERE id = ? AND status = 'running'", (job_id,)
+    ).fetchone()
+    return None if row is None else row[0]
+
+
+def request_cancel(conn: sqlite3.Connection, events: Events, job_id: int, *, now: float) -> bool:
+    """Ask the daemon running a job to cancel it: a `cancel` event, which that daemon's tail
+    of the log hands to its pool. False when the job no longer runs."""
+    row = conn.execute(
+        "SELECT \"user\", kind FROM jobs WHERE id = ? AND status = 'running'", (job_id,)
+    ).fetchone()
+    if row is None:
+        return False
+    add_event(events, (job_id, row[0], row[1]), "cancel", now, {})
+    return True
+
+
 def report_progress(
     conn: sqlite3.Connection,
     events: Events,
     job_id: int,
     *,
+    fence: Fence,
     fraction: float,
     message: str | None,
     now: float,
 ) -> bool:
+    """False: the attempt no longer holds the job (see Fence), and nothing changed."""
     cursor = conn.execute(
         "UPDATE jobs SET progress = ?, message = ?, heartbeat_at = ?, updated_at = ?, "
         "progress_at = CASE WHEN progress = ? AND progress_at IS NOT NULL "
         "THEN progress_at ELSE ? END "
-        "WHERE id = ? AND status = 'running' RETURNING user, kind",
-        (fraction, message, now, now, fraction, now, job_id),
+        "WHERE id = ? AND status = 'running' AND attempt = ? AND node = ? RETURNING user, kind",
+        (fraction, message, now, now, fraction, now, job_id, *fence),
     )
     # Step a RETURNING statement to its end, or it stays open and blocks the next savepoint.
     rows = cursor.fetchall()
@@ -1133,19 +1265,23 @@ def report_progress(
     return True
 
 
-def _set_while_running(conn: sqlite3.Connection, job_id: int, **columns: Any) -> bool:
-    """Set columns of a job that is still running; False once it is not (it ended meanwhile).
-    The column names are the callers' own, never input."""
+def _set_while_running(conn: sqlite3.Connection, job_id: int, fence: Fence, **columns: Any) -> bool:
+    """Set columns of a job still running on the fence's attempt and node; False once it is
+    not (it ended meanwhile, or the attempt lost it). The column names are the callers' own,
+    never input."""
     assignments = ", ".join(f"{column} = ?" for column in columns)
     cursor = conn.execute(
-        f"UPDATE jobs SET {assignments} WHERE id = ? AND status = 'running'",
-        (*columns.values(), job_id),
+        f"UPDATE jobs SET {assignments} "
+        "WHERE id = ? AND status = 'running' AND attempt = ? AND node = ?",
+        (*columns.values(), job_id, *fence),
     )
     return cursor.rowcount > 0
 
 
-def heartbeat(conn: sqlite3.Connection, events: Events, job_id: int, *, now: float) -> bool:
-    return _set_while_running(conn, job_id, heartbeat_at=now)
+def heartbeat(
+    conn: sqlite3.Connection, events: Events, job_id: int, *, fence: Fence, now: float
+) -> bool:
+    return _set_while_running(conn, job_id, fence, heartbeat_at=now)
 
 
 def prune_finished(conn: sqlite3.Connection, events: Events, *, before: float, batch: int) -> int:
@@ -1170,31 +1306,56 @@ def prune_finished(conn: sqlite3.Connection, events: Events, *, before: float, b
 
 
 def save_checkpoint(
-    conn: sqlite3.Connection, events: Events, job_id: int, *, checkpoint: Any, now: float
+    conn: sqlite3.Connection,
+    events: Events,
+    job_id: int,
+    *,
+    fence: Fence,
+    checkpoint: Any,
+    now: float,
 ) -> bool:
     return _set_while_running(
-        conn, job_id, checkpoint=dump_json(checkpoint), heartbeat_at=now, updated_at=now
+        conn, job_id, fence, checkpoint=dump_json(checkpoint), heartbeat_at=now, updated_at=now
     )
 
 
 def record_process_group(
-    conn: sqlite3.Connection, events: Events, job_id: int, *, pgid: int, identity: str
+    conn: sqlite3.Connection,
+    events: Events,
+    job_id: int,
+    *,
+    fence: Fence,
+    pgid: int,
+    identity: str,
 ) -> bool:
-    return _set_while_running(conn, job_id, process_group=pgid, process_identity=identity)
+    return _set_while_running(conn, job_id, fence, process_group=pgid, process_identity=identity)
 
 
 def recover_running(
-    conn: sqlite3.Connection, events: Events, *, now: float, crash_loop_after: int
+    conn: sqlite3.Connection,
+    events: Events,
+    *,
+    now: float,
+    crash_loop_after: int,
+    nodes: list[int] | None = None,
 ) -> dict[str, int]:
-    """At start-up: jobs left `running` by a crash go back to the queue (RECOVERED); one that
-    has now been running at `crash_loop_after` crashes fails CRASH_LOOP. Their recorded
-    process groups are forgotten: the caller has ended what was left of them."""
-    rows = conn.execute(
-        "SELECT id, user, kind, recoveries, attempt, credits FROM jobs WHERE status = 'running'"
-    ).fetchall()
+    """Jobs left `running` by a daemon that died go back to the queue (RECOVERED); one that
+    has now been running at `crash_loop_after` deaths fails CRASH_LOOP. `nodes`: the dead
+    daemons whose jobs these are; None: every running job (a start-up on a store only one
+    daemon opens). Their recorded process groups are forgotten: the caller has ended what was
+    left of them where it could. Each row is written only if it still runs on the node it
+    was found on, so two recoveries at once recover a job once."""
+    select = "SELECT id, user, kind, recoveries, attempt, credits, node FROM jobs"
+    if nodes is None:
+        rows = conn.execute(f"{select} WHERE status = 'running'").fetchall()
+    else:
+        rows = conn.execute(
+            f"{select} WHERE status = 'running' AND node IN ({placeholders(nodes)})", nodes
+        ).fetchall()
     counts = {"recovered": 0, "crash_loop": 0}
-    for job_id, user, kind, recoveries, attempt, credits in rows:
+    for job_id, user, kind, recoveries, attempt, credits, node in rows:
         recoveries += 1
+        still_there = "WHERE id = ? AND status = 'running' AND node IS NOT DISTINCT FROM ?"
         if recoveries >= crash_loop_after:
             error = ErrorBody(
                 code="CRASH_LOOP",
@@ -1202,12 +1363,14 @@ def recover_running(
                 retryable=False,
                 error_id=new_error_id(),
             )
-            conn.execute(
+            changed = conn.execute(
                 "UPDATE jobs SET status = 'failed', recoveries = ?, finished_at = ?,"
                 " updated_at = ?, error = ?, reason = 'CRASH_LOOP', process_group = NULL,"
-                " process_identity = NULL WHERE id = ?",
-                (recoveries, now, now, dump_json(error), job_id),
-            )
+                f" process_identity = NULL {still_there}",
+                (recoveries, now, now, dump_json(error), job_id, node),
+            ).rowcount
+            if not changed:
+                continue
             if credits:
                 _settle_credits(conn, job_id, user, credits, refund=True)
             add_event(
@@ -1220,11 +1383,13 @@ def recover_running(
             _settle_dependents(conn, events, job_id, "failed", now)
             counts["crash_loop"] += 1
             continue
-        conn.execute(
+        changed = conn.execute(
             "UPDATE jobs SET status = 'queued', recoveries = ?, available_at = ?, updated_at = ?,"
-            " reason = 'RECOVERED', process_group = NULL, process_identity = NULL WHERE id = ?",
-            (recoveries, now, now, job_id),
-        )
+            f" reason = 'RECOVERED', process_group = NULL, process_identity = NULL {still_there}",
+            (recoveries, now, now, job_id, node),
+        ).rowcount
+        if not changed:
+            continue
         add_event(
             events,
             (job_id, user, kind),
@@ -1281,12 +1446,19 @@ def get_setting(conn: sqlite3.Connection, key: str, default: Any = None) -> Any:
     return default if row is None else msgspec.json.decode(row[0])
 
 
-def running_process_groups(conn: sqlite3.Connection) -> list[ProcessGroup]:
-    """The process groups recorded for running jobs: after a crash, what may be left."""
-    rows = conn.execute(
+def running_process_groups(
+    conn: sqlite3.Connection, nodes: list[int] | None = None
+) -> list[ProcessGroup]:
+    """The process groups recorded for running jobs (of `nodes`; None: of all): after a
+    crash, what may be left."""
+    sql = (
         "SELECT id, process_group, process_identity FROM jobs "
         "WHERE status = 'running' AND process_group IS NOT NULL"
     )
+    if nodes is None:
+        rows = conn.execute(sql)
+    else:
+        rows = conn.execute(f"{sql} AND node IN ({placeholders(nodes)})", nodes)
     return [ProcessGroup(*row) for row in rows]
 
 

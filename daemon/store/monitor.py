@@ -48,17 +48,25 @@ _ROWS = f'SELECT {_ROW_COLUMNS} FROM jobs LEFT JOIN users ON users.name = jobs."
 
 
 def find_candidates(
-    conn: sqlite3.Connection, *, queued_before: float, created_before: float
+    conn: sqlite3.Connection,
+    *,
+    node: int,
+    queued: bool,
+    queued_before: float,
+    created_before: float,
 ) -> Candidates:
-    """Running jobs, and queued jobs that may have passed a queued or SLA limit."""
-    running = conn.execute(f"{_ROWS} WHERE jobs.status = 'running'")
-    queued = conn.execute(
+    """The jobs running on `node`, and, if `queued`, the queued jobs that may have passed a
+    queued or SLA limit (those are the maintenance role's)."""
+    running = conn.execute(f"{_ROWS} WHERE jobs.status = 'running' AND jobs.node = ?", (node,))
+    running_rows = [Row(*r[:-1], bool(r[-1])) for r in running]
+    if not queued:
+        return Candidates(running_rows, [], None, None)
+    rows = conn.execute(
         f"{_ROWS} WHERE jobs.status = 'queued' "
         "AND (jobs.available_at <= ? OR COALESCE(jobs.run_at, jobs.created_at) <= ?)",
         (queued_before, created_before),
     )
-    running_rows = [Row(*r[:-1], bool(r[-1])) for r in running]
-    queued_rows = [Row(*r[:-1], bool(r[-1])) for r in queued]
+    queued_rows = [Row(*r[:-1], bool(r[-1])) for r in rows]
     oldest_available, oldest_created = conn.execute(
         "SELECT MIN(available_at), MIN(COALESCE(run_at, created_at)) FROM jobs "
         "WHERE status = 'queued'"

@@ -33,10 +33,11 @@ A connection of its own (`connect`) can run LISTEN, outside the engine's two.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from jobwarden.errors import StartupError
@@ -184,6 +185,7 @@ def connect(url: str, synchronous: str) -> Connection:
         "SELECT set_config('synchronous_commit', %s, false)",
         ("off" if synchronous == "OFF" else "on",),
     )
+    raw.execute("SELECT set_config('lock_timeout', %s, false)", (LOCK_WAIT,))
     return Connection(raw)
 
 
@@ -226,6 +228,20 @@ def is_fault(exc: BaseException) -> bool:
     return state == _READ_ONLY or (state[:2] in _FAULT_CLASSES and state not in _NOT_FAULTS)
 
 
+# The longest a statement waits for a row lock another daemon's transaction holds. Every write
+# of a group-commit batch keeps its locks until the commit, so two daemons' batches can wait
+# on each other; PostgreSQL finds such a deadlock only after deadlock_timeout (1 s), and a
+# write that waited this long is run again after its batch commits instead (is_retryable).
+LOCK_WAIT = "100ms"
+# A deadlock's victim, a serialization failure, a lock not had within LOCK_WAIT: the write may
+# simply run again in a new transaction.
+_RETRYABLE = frozenset({"40P01", "40001", "55P03"})
+
+
+def is_retryable(exc: BaseException) -> bool:
+    return _sqlstate(exc) in _RETRYABLE
+
+
 def is_disconnect(exc: BaseException) -> bool:
     if not isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
         return False
@@ -243,11 +259,76 @@ def fault_code(exc: BaseException) -> str:
     return "STORAGE_UNAVAILABLE" if is_disconnect(exc) else "STORAGE_ERROR"
 
 
+# The advisory lock under which a transaction numbers its events and commits.
+EVENT_ORDER_LOCK = 0x6A6F62776172  # "jobwar"
+
+
+SHARED = True
+# The channel a commit with events notifies, and every daemon's tail listens on.
+EVENTS_CHANNEL = "jobwarden_events"
+# Seconds between tries to reconnect the listening connection.
+LISTEN_RETRY = 1.0
+
+
+def order_events(conn: Connection) -> None:
+    """Identity values are handed out as rows are inserted, not in commit order: a
+    transaction that took seq 9 may commit after another took 10, and a reader resuming
+    after 10 would never see 9. Numbering under a lock held to the commit (taken as the last
+    step before it, so held for the insert and the commit only) makes the seq order the
+    commit order across every daemon. A transaction that rolls back leaves a gap, which no
+    reader waits on. The NOTIFY is delivered at the commit, to every daemon's tail."""
+    # Waited for as long as it takes: its holder only inserts events and commits.
+    conn.raw.execute("SELECT set_config('lock_timeout', '0', true)")
+    conn.raw.execute("SELECT pg_advisory_xact_lock(%s)", (EVENT_ORDER_LOCK,))
+    conn.raw.execute(f"NOTIFY {EVENTS_CHANNEL}")
+
+
+def listen(url: str, notified: Callable[[], None], stopping: Any) -> None:
+    """LISTEN on a connection of its own; reconnects while the server is away. After each
+    (re)connect it calls `notified` once: what was committed meanwhile is read then."""
+    while not stopping.is_set():
+        try:
+            with psycopg.connect(url, autocommit=True, connect_timeout=CONNECT_TIMEOUT) as conn:
+                conn.execute(f"LISTEN {EVENTS_CHANNEL}")
+                notified()
+                while not stopping.is_set():
+                    for _ in conn.notifies(timeout=LISTEN_RETRY):
+                        notified()
+        except psycopg.Error:
+            stopping.wait(LISTEN_RETRY)
+
+
+def try_lock(conn: Connection, name: str) -> bool:
+    """A transaction-scoped advisory lock, taken only if free: no row to create first (an
+    upsert of a row another transaction is inserting waits for it)."""
+    return conn.raw.execute("SELECT pg_try_advisory_xact_lock(hashtext(%s))", (name,)).fetchone()[0]
+
+
+def skip_locked(table: str) -> str:
+    return f" FOR UPDATE OF {table} SKIP LOCKED"
+
+
 def checkpoint_wal(conn: Connection) -> None:
     """PostgreSQL checkpoints by itself."""
 
 
 # -- schema ------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def migrating(conn: Connection) -> Iterator[None]:
+    """A lock on the schema's migration, held by the connection's session (each migration
+    commits on its own) and let go when done, or when a daemon dies with its connection.
+    Without it, daemons starting at once on a new schema each ran the first migration, and
+    all but one failed to start on a table that existed."""
+    key = ("jobwarden migrate",)
+    conn.raw.execute("SELECT pg_advisory_lock(hashtext(%s || current_schema()))", key)
+    try:
+        yield
+    finally:
+        # A connection lost meanwhile has let go of the lock with its session.
+        with contextlib.suppress(DatabaseError):
+            conn.raw.execute("SELECT pg_advisory_unlock(hashtext(%s || current_schema()))", key)
 
 
 def schema_version(conn: Connection) -> int:

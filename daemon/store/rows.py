@@ -119,15 +119,20 @@ def apply_each(
     called, to forget what they left in memory), then applied again in a savepoint each, so
     that only the failing ones fail. A savepoint per item from the start would cost more than
     the items: SQLite copies every page a savepoint changes first. A database that fails
-    (disk full, I/O error) fails every item alike: that is raised, for the engine to handle.
+    (disk full, I/O error) fails every item alike, and a deadlock's victim is the whole
+    write's to run again: those are raised, for the engine to handle.
     """
-    is_fault = backend_of(conn).is_fault
+    backend = backend_of(conn)
+
+    def for_the_engine(exc: Exception) -> bool:
+        return backend.is_fault(exc) or backend.is_retryable(exc)
+
     mark = len(events)
     conn.execute("SAVEPOINT batch")
     try:
         results: list[T | Exception] = [apply_one(item) for item in items]
     except Exception as exc:
-        if is_fault(exc):
+        if for_the_engine(exc):
             raise
         conn.execute("ROLLBACK TO batch")
         del events[mark:]
@@ -143,7 +148,7 @@ def apply_each(
         try:
             results.append(apply_one(item))
         except Exception as exc:
-            if is_fault(exc):
+            if for_the_engine(exc):
                 raise
             conn.execute("ROLLBACK TO item")
             del events[mark:]
@@ -168,31 +173,39 @@ def add_event(
 EVENT_ROWS_PER_INSERT = 1000
 
 
-def insert_events(conn: Connection, events: Events) -> None:
-    """Insert a write's event rows in multi-row statements and give each its seq.
+EventRow = tuple[int, str, str, str, float, str | None]
 
-    One statement per event would cost a SQLite step each, and each step gives the GIL away
-    and waits to get it back from the trio thread. The backend says which seq each row got.
+
+def event_rows(events: Events) -> list[EventRow]:
+    """A write's events as the rows to insert: encoded while the write can still fail alone
+    (data that is not JSON fails its write, not the transaction)."""
+    return [
+        (event.job, event.user, event.kind, event.type, event.at, dump_json(event.data))
+        for event in events
+    ]
+
+
+def insert_events(conn: Connection, events: Events, rows: list[EventRow]) -> None:
+    """Insert a transaction's event rows, last before its commit, in multi-row statements,
+    and give each its seq.
+
+    The seq order must be the commit order, so that a reader resuming after seq N never
+    misses one below N committed later; the backend sees to it (`order_events`): SQLite has
+    one writer; PostgreSQL numbers under a lock held to the commit. Inserting them last keeps
+    that lock short. One statement per event would cost a SQLite step each, and each step
+    gives the GIL away and waits to get it back from the trio thread.
     """
+    if not events:
+        return
     backend = backend_of(conn)
+    backend.order_events(conn)
     for start in range(0, len(events), EVENT_ROWS_PER_INSERT):
         chunk = events[start : start + EVENT_ROWS_PER_INSERT]
         seqs = backend.insert_ids(
             conn,
             'INSERT INTO events (job_id, "user", kind, type, at, data) VALUES '
             + ", ".join(["(?, ?, ?, ?, ?, ?)"] * len(chunk)),
-            [
-                value
-                for event in chunk
-                for value in (
-                    event.job,
-                    event.user,
-                    event.kind,
-                    event.type,
-                    event.at,
-                    dump_json(event.data),
-                )
-            ],
+            [value for row in rows[start : start + EVENT_ROWS_PER_INSERT] for value in row],
             "seq",
             len(chunk),
         )

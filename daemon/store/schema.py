@@ -311,18 +311,44 @@ MIGRATIONS: list[str] = [
     ALTER TABLE jobs ADD COLUMN log_bytes INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE jobs ADD COLUMN log_dropped INTEGER NOT NULL DEFAULT 0;
     """,
+    """
+    -- The daemons sharing the database: each renews its lease while it lives. A node whose
+    -- lease has run out is dead; its running jobs are recovered by the elected daemon.
+    CREATE TABLE nodes (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        host TEXT NOT NULL,
+        pid INTEGER NOT NULL,
+        started_at REAL NOT NULL,
+        heartbeat_at REAL NOT NULL,
+        lease_until REAL NOT NULL
+    );
+    -- Roles one daemon holds at a time ("maintenance"): the holder renews its lease; another
+    -- takes the role only once that lease has run out.
+    CREATE TABLE leases (
+        name TEXT PRIMARY KEY,
+        node INTEGER NOT NULL,
+        until REAL NOT NULL
+    );
+    -- The node running the job's current attempt: with the attempt, the fence every write of
+    -- that attempt must match.
+    ALTER TABLE jobs ADD COLUMN node INTEGER;
+    CREATE INDEX jobs_running_node ON jobs(node) WHERE status = 'running';
+    """,
 ]
 
 
 def migrate(conn: Any) -> int:
     """Bring the database to the newest schema version; returns that version."""
     backend = backend_of(conn)
-    version = backend.schema_version(conn)
-    if version > len(MIGRATIONS):
-        raise StartupError(
-            f"database schema version {version} is newer than this jobwarden knows "
-            f"({len(MIGRATIONS)}); upgrade jobwarden"
-        )
-    for number in range(version, len(MIGRATIONS)):
-        backend.migrate_to(conn, number + 1, MIGRATIONS[number])
+    # The version is read under the lock: a daemon that waited for another's migration finds
+    # the schema up to date.
+    with backend.migrating(conn):
+        version = backend.schema_version(conn)
+        if version > len(MIGRATIONS):
+            raise StartupError(
+                f"database schema version {version} is newer than this jobwarden knows "
+                f"({len(MIGRATIONS)}); upgrade jobwarden"
+            )
+        for number in range(version, len(MIGRATIONS)):
+            backend.migrate_to(conn, number + 1, MIGRATIONS[number])
     return len(MIGRATIONS)

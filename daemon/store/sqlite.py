@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -105,10 +105,42 @@ def roll_back(conn: Connection) -> None:
         conn.execute("ROLLBACK")
 
 
+SHARED = False
+
+
+def order_events(conn: Connection) -> None:
+    """One writer at a time: events are numbered in commit order already."""
+
+
+def listen(target: str, notified: Callable[[], None], stopping: Any) -> None:
+    """One daemon per file: there are no others to hear."""
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """One writer holds the database: no transaction waits on another's locks."""
+    return False
+
+
+def try_lock(conn: Connection, name: str) -> bool:
+    """One writer at a time: its write transaction holds the whole database already."""
+    return True
+
+
+def skip_locked(table: str) -> str:
+    """One writer at a time: a write transaction holds the whole database already."""
+    return ""
+
+
 def checkpoint_wal(conn: Connection) -> None:
     """Fold the write-ahead log back into the database file; outside any transaction."""
     # Read the pragma's answer to the end: an open statement blocks the next batch.
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+
+
+@contextlib.contextmanager
+def migrating(conn: Connection) -> Iterator[None]:
+    """One daemon per file: it holds the file's lock before it opens the store."""
+    yield
 
 
 def schema_version(conn: Connection) -> int:

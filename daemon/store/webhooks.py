@@ -14,6 +14,7 @@ from typing import Any
 
 import msgspec
 
+from jobwarden.store.backend import backend_of
 from jobwarden.store.rows import Events, placeholders
 from jobwarden.store.sqlite import Connection
 from jobwarden.wire.views import TERMINAL_STATUSES
@@ -65,12 +66,16 @@ def queue_deliveries(conn: Connection, events: Events) -> None:
 def take_due(
     conn: Connection, _events: Events, *, now: float, lease: float, limit: int
 ) -> list[Delivery]:
-    """Up to `limit` deliveries due by `now`, leased for `lease` seconds to this sender."""
+    """Up to `limit` deliveries due by `now`, leased for `lease` seconds to this sender.
+
+    Where several daemons share the database, each passes over the deliveries another's
+    sender is leasing at that moment (`skip_locked`): neither waits for the other, and once
+    that lease commits its next_at is no longer due, so no delivery is sent twice."""
     due = [
         row[0]
         for row in conn.execute(
             "SELECT id FROM webhook_deliveries WHERE next_at IS NOT NULL AND next_at <= ?"
-            " ORDER BY next_at LIMIT ?",
+            " ORDER BY next_at LIMIT ?" + backend_of(conn).skip_locked("webhook_deliveries"),
             (now, limit),
         )
     ]

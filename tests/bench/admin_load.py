@@ -51,8 +51,12 @@ class _SubmitReply(msgspec.Struct):
 _decode_reply = msgspec.json.Decoder(_SubmitReply).decode
 
 
-def _submit_line(request_id: int) -> bytes:
-    return b'{"id":%d,"cmd":"submit","args":{"kind":"%s"}}\n' % (request_id, NOOP_KIND.encode())
+def _submit_line(request_id: int, user: str = "local") -> bytes:
+    return b'{"id":%d,"cmd":"submit","args":{"kind":"%s","user":"%s"}}\n' % (
+        request_id,
+        NOOP_KIND.encode(),
+        user.encode(),
+    )
 
 
 async def _read_replies(
@@ -74,8 +78,9 @@ async def _read_replies(
         received += len(lines)
 
 
-async def _pipeline(socket_path: Path, count: int) -> None:
-    """Submit `count` jobs on one connection, keeping up to WINDOW requests in flight."""
+async def pipeline_submit(socket_path: Path, count: int, user: str = "local") -> None:
+    """Submit `count` jobs for `user` on one connection, keeping up to WINDOW requests in
+    flight."""
     free = trio.Semaphore(WINDOW)
     async with (
         await trio.open_unix_socket(str(socket_path)) as stream,
@@ -89,11 +94,12 @@ async def _pipeline(socket_path: Path, count: int) -> None:
             while sent + batch < count and free.value > 0:
                 free.acquire_nowait()
                 batch += 1
-            await stream.send_all(b"".join(map(_submit_line, range(sent, sent + batch))))
+            lines = (_submit_line(request_id, user) for request_id in range(sent, sent + batch))
+            await stream.send_all(b"".join(lines))
             sent += batch
 
 
-async def _paced(socket_path: Path, rate: float, count: int) -> tuple[list[float], list[int]]:
+async def paced_submit(socket_path: Path, rate: float, count: int) -> tuple[list[float], list[int]]:
     """Submit `count` jobs at `rate` per second; their submit → accepted times (s) and ids."""
     sent_at = [0.0] * count
     latencies = [0.0] * count
@@ -125,7 +131,7 @@ def _wait_until_finished(db_path: Path) -> float:
         return last_finished_at(conn)
 
 
-def _queued_to_running(db_path: Path, job_ids: list[int]) -> list[float]:
+def queued_to_running(db_path: Path, job_ids: list[int]) -> list[float]:
     """Per job: from its `queued` event to its first `running` event, in seconds."""
     queued_at: dict[int, float] = {}
     running_at: dict[int, float] = {}
@@ -151,7 +157,7 @@ def measure_throughput(jobs: int) -> dict[str, float]:
         async def submit_all() -> None:
             async with trio.open_nursery() as nursery:
                 for count in shares(jobs, CONNECTIONS):
-                    nursery.start_soon(_pipeline, daemon.socket_path, count)
+                    nursery.start_soon(pipeline_submit, daemon.socket_path, count)
 
         first_submit_at = time.time()
         trio.run(submit_all)
@@ -167,10 +173,10 @@ def measure_throughput(jobs: int) -> dict[str, float]:
 def measure_latency(rate: float, count: int) -> dict[str, float]:
     """Submit → accepted and accepted → started, in ms, at `rate` submissions per second."""
     with serving(log_level="warning") as daemon:
-        trio.run(_paced, daemon.socket_path, rate, WARMUP_SUBMISSIONS)
-        latencies, job_ids = trio.run(_paced, daemon.socket_path, rate, count)
+        trio.run(paced_submit, daemon.socket_path, rate, WARMUP_SUBMISSIONS)
+        latencies, job_ids = trio.run(paced_submit, daemon.socket_path, rate, count)
         _wait_until_finished(daemon.db_path)
-        waits = _queued_to_running(daemon.db_path, job_ids)
+        waits = queued_to_running(daemon.db_path, job_ids)
         daemon.stop()
     return {
         "rate": rate,

@@ -33,12 +33,15 @@ STOP_TIMEOUT = 60.0
 POLL_INTERVAL = 0.002
 
 
-def daemon_config(*, synchronous: str = "NORMAL", log_level: str = "warning") -> dict[str, Any]:
+def daemon_config(
+    *, synchronous: str = "NORMAL", log_level: str = "warning", url: str = ""
+) -> dict[str, Any]:
     """The config every benchmark daemon runs: one no-op python kind, 64 slots, no HTTP or
-    WebSocket listener (so that no port is taken)."""
+    WebSocket listener (so that no port is taken); its SQLite file, or the PostgreSQL `url`."""
+    store = {"url": url} if url else {"path": "jw.db"}
     return {
         "daemon": {"max_concurrent_jobs": MAX_CONCURRENT_JOBS, "shutdown_grace": "30s"},
-        "store": {"path": "jw.db", "synchronous": synchronous},
+        "store": {**store, "synchronous": synchronous},
         "admin": {"socket": "admin.sock"},
         "log": {"format": "json", "level": log_level},
         "http": {"listen": ""},
@@ -48,7 +51,7 @@ def daemon_config(*, synchronous: str = "NORMAL", log_level: str = "warning") ->
     }
 
 
-def config_text(**options: str) -> str:
+def config_text(**options: Any) -> str:
     return toml_text(daemon_config(**options))
 
 
@@ -125,11 +128,13 @@ def prefill(path: Path, *, queued: int, running: int = 0) -> None:
 class ServeProcess:
     """`jobwarden serve` on a directory holding config.toml, logging to serve.log."""
 
-    def __init__(self, directory: Path, *, synchronous: str = "NORMAL", log_level: str) -> None:
+    def __init__(
+        self, directory: Path, *, synchronous: str = "NORMAL", log_level: str, url: str = ""
+    ) -> None:
         self.directory = directory
         self.config_path = directory / "config.toml"
         self.config_path.write_text(
-            config_text(synchronous=synchronous, log_level=log_level), encoding="utf-8"
+            config_text(synchronous=synchronous, log_level=log_level, url=url), encoding="utf-8"
         )
         self.socket_path = directory / "admin.sock"
         self.db_path = directory / "jw.db"

@@ -7,8 +7,6 @@ accepted. A real daemon on a PostgreSQL server of the test's own, stopped and st
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +15,7 @@ import pytest
 
 from jobwarden.client import AdminClient
 from jobwarden.errors import AdminError
-from tests.postgres import Cluster, own_cluster
+from tests.postgres import Cluster, own_cluster_in_temp
 from tests.process import DaemonFactory, DaemonProcess, daemon_factory
 
 # Long enough to be running when the server stops, short enough to end while it is away.
@@ -26,12 +24,7 @@ RUNNING_THROUGH = 1.0
 
 @pytest.fixture
 def cluster() -> Iterator[Cluster]:
-    # Not under pytest's tmp_path: a Unix socket's path must stay short.
-    directory = Path(tempfile.mkdtemp(prefix="jw-pg-"))
-    try:
-        yield from own_cluster(directory)
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
+    yield from own_cluster_in_temp()
 
 
 @pytest.fixture
