@@ -277,7 +277,11 @@ def test_a_paused_daemon_cannot_finish_the_jobs_taken_from_it(shared_url, daemon
     """SIGSTOP one daemon longer than its lease while it runs jobs: the others recover and
     finish them; resumed, it finds its node taken for dead, and what its handlers come to
     is written nowhere."""
-    slow = {"kinds": {"slow": {"handler": "tests.handlers:sleepy", "max_attempts": 10}}}
+    # Four slots a daemon for twelve jobs: every daemon runs some, the paused one included.
+    slow = {
+        "daemon": {"max_concurrent_jobs": 4},
+        "kinds": {"slow": {"handler": "tests.handlers:sleepy", "max_attempts": 10}},
+    }
     cluster = start_cluster(daemons, shared_url, slow)
     paused = cluster[2]
     with paused.client() as client:
