@@ -249,7 +249,11 @@ def test_postgresql_stopped_and_started_under_running_daemons_loses_nothing_ackn
     payloads = [{"log": str(completions)}] * 300
     accepted = round_robin_submit(cluster, payloads, kind="recorded")
     server.stop()
-    time.sleep(1.0)
+    # Down until a daemon has met the outage (its node lease is renewed every third of it).
+    cluster[0].wait_for_log(
+        lambda line: line["event"] in ("node lease not renewed", "store takes no writes"),
+        timeout=GENEROUS_DEADLINE,
+    )
     server.start()
     # Refused (not acknowledged) until each daemon's store has reconnected, then taken.
     more: set[int] = set()
@@ -261,7 +265,15 @@ def test_postgresql_stopped_and_started_under_running_daemons_loses_nothing_ackn
                 more.add(client.call("submit", kind="recorded", payload=payloads[0])["job"]["id"])
         except AdminError as refused:
             assert refused.error.code in ("STORAGE_UNAVAILABLE", "STORAGE_ERROR"), refused
-            time.sleep(0.2)
+            # Until this daemon has said its store takes writes again as often as it said
+            # it took none (its log lines, not a sleep).
+            daemon.wait_for_log(
+                lambda _line, daemon=daemon: (
+                    len(daemon.logs("store takes writes again"))
+                    >= len(daemon.logs("store takes no writes"))
+                ),
+                timeout=GENEROUS_DEADLINE,
+            )
     acknowledged = accepted | more
     progress = follow_jobs(cluster[0], until=lambda p: acknowledged <= p.finished)
     for daemon in cluster:
@@ -303,9 +315,9 @@ def test_a_paused_daemon_cannot_finish_the_jobs_taken_from_it(shared_url, daemon
     finally:
         os.kill(paused.pid, signal.SIGCONT)
     paused.wait_for_log(lambda line: line["event"].startswith("this node was taken for dead"))
-    deadline = time.monotonic() + GENEROUS_DEADLINE
-    while len(paused.logs("lost the job")) < len(held) and time.monotonic() < deadline:
-        time.sleep(0.1)
+    paused.wait_for_log(
+        lambda _line: len(paused.logs("lost the job")) >= len(held), timeout=GENEROUS_DEADLINE
+    )
     assert {line["job"] for line in paused.logs("lost the job")} == held
     for daemon in cluster:
         assert daemon.stop() == 0

@@ -15,6 +15,7 @@ import errno
 import json
 import os
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -123,10 +124,14 @@ def http_get(daemon: DaemonProcess, path: str) -> tuple[int, bytes]:
 
 
 def wait_until_ready(daemon: DaemonProcess, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while http_get(daemon, "/readyz")[0] != 200:
-        assert time.monotonic() < deadline, f"not ready again within {timeout:g}s"
-        time.sleep(0.1)
+    """Ready now, or once the store says it takes writes again (its log line, an event)."""
+    recoveries = len(daemon.logs("store takes writes again"))
+    if http_get(daemon, "/readyz")[0] != 200:
+        daemon.wait_for_log(
+            lambda _line: len(daemon.logs("store takes writes again")) > recoveries,
+            timeout=timeout,
+        )
+    assert http_get(daemon, "/readyz")[0] == 200
 
 
 def submit(client: AdminClient, seconds: float = 0.0, pad: int = 0) -> int:
@@ -151,12 +156,32 @@ def job(client: AdminClient, job_id: int) -> dict[str, Any]:
     return client.call("show", job=job_id)["job"]
 
 
-def wait_for(client: AdminClient, job_ids: list[int], statuses: set[str], timeout=20.0) -> None:
+def wait_for(daemon: DaemonProcess, job_ids: list[int], statuses: set[str], timeout=20.0) -> None:
+    """Wait until each job's status is one of `statuses`: its status now, or the first status
+    event into one of them after the job's newest event (a watch of the job, not a poll)."""
     deadline = time.monotonic() + timeout
     for job_id in job_ids:
-        while job(client, job_id)["status"] not in statuses:
-            assert time.monotonic() < deadline, f"job {job_id} never became {statuses}"
-            time.sleep(0.05)
+        with daemon.client() as client:
+            shown = client.call("show", job=job_id)
+        if shown["job"]["status"] in statuses:
+            continue
+        newest = max(event["seq"] for event in shown["events"])
+        reached = threading.Event()
+
+        def follow(
+            job_id: int = job_id, newest: int = newest, reached: threading.Event = reached
+        ) -> None:
+            # Left waiting if the status never comes: the test fails, and the daemon's end at
+            # teardown ends the watch.
+            with contextlib.suppress(OSError, AdminError), daemon.client() as watcher:
+                for event in watcher.watch(job=job_id, since=newest):
+                    if event["type"] == "status" and event["data"]["status"] in statuses:
+                        reached.set()
+                        return
+
+        threading.Thread(target=follow, daemon=True).start()
+        left = deadline - time.monotonic()
+        assert reached.wait(max(0.0, left)), f"job {job_id} never became {statuses}"
 
 
 def assert_store_fault(daemon: DaemonProcess, client: AdminClient, code: str) -> None:
@@ -185,7 +210,7 @@ def test_a_full_disk_refuses_new_jobs_keeps_the_accepted_and_resumes_by_itself(d
     daemon = daemons(CONFIG)
     with daemon.client() as client:
         ran = submit(client, SHORT_JOB)
-        wait_for(client, [ran], {"running"})
+        wait_for(daemon, [ran], {"running"})
         # Behind it in the queue (one slot): accepted, and waiting through the fault.
         queued = submit_before_the_fault(client, 10)
         filler = fill(disk)
@@ -208,12 +233,12 @@ def test_a_full_disk_refuses_new_jobs_keeps_the_accepted_and_resumes_by_itself(d
         filler.unlink()
         wait_until_ready(daemon)
 
-        wait_for(client, [ran, *queued], {"done", "failed", "canceled"})
+        wait_for(daemon, [ran, *queued], {"done", "failed", "canceled"})
         assert [job(client, j)["status"] for j in [ran, *queued]] == ["done"] * 11
         # It ran once: its outcome was kept, not lost and run again.
         assert (job(client, ran)["attempt"], job(client, ran)["result"]) == (1, {"slept": 0.5})
         again = submit(client)
-        wait_for(client, [again], {"done"})
+        wait_for(daemon, [again], {"done"})
         assert client.call("status")["store"] == {"writable": True}
     assert daemon.running
 
@@ -222,7 +247,7 @@ def test_a_restart_on_a_full_disk_starts_read_only_and_recovers_when_space_retur
     daemon = daemons(CONFIG)
     with daemon.client() as client:
         crashed = submit(client, 30)
-        wait_for(client, [crashed], {"running"})
+        wait_for(daemon, [crashed], {"running"})
         queued = submit_before_the_fault(client, 5)
         filler = fill(disk)
         assert refusal(lambda: submit(client)).code == "STORAGE_FULL"
@@ -242,17 +267,17 @@ def test_a_restart_on_a_full_disk_starts_read_only_and_recovers_when_space_retur
         wait_until_ready(daemon)
 
         # Recovered first, then run again: the one slot is its.
-        wait_for(client, [crashed], {"running"})
+        wait_for(daemon, [crashed], {"running"})
         assert job(client, crashed)["attempt"] == 2
         client.call("cancel", job=crashed)
-        wait_for(client, [*queued, submit(client)], {"done"})
+        wait_for(daemon, [*queued, submit(client)], {"done"})
 
 
 def test_a_read_only_database_file_starts_read_only_and_resumes_once_writable(disk, daemons):
     daemon = daemons(CONFIG)
     with daemon.client() as client:
         before = [submit(client) for _ in range(3)]
-        wait_for(client, before, {"done"})
+        wait_for(daemon, before, {"done"})
     assert daemon.stop() == 0
     immutable(daemon.db_path, True)
 
@@ -268,14 +293,14 @@ def test_a_read_only_database_file_starts_read_only_and_resumes_once_writable(di
         immutable(daemon.db_path, False)
         wait_until_ready(daemon)
 
-        wait_for(client, [submit(client)], {"done"})
+        wait_for(daemon, [submit(client)], {"done"})
 
 
 def test_a_database_file_that_fails_writes_while_running_is_survived(disk_daemons):
     daemon = disk_daemons({**CONFIG, "daemon": {"max_concurrent_jobs": 4}})
     wal = daemon.db_path.with_name(daemon.db_path.name + "-wal")
     with daemon.client() as client:
-        wait_for(client, [submit(client)], {"done"})
+        wait_for(daemon, [submit(client)], {"done"})
         immutable(wal, True)
         answers: dict[int | str, int] = {}
         accepted = []
@@ -296,7 +321,7 @@ def test_a_database_file_that_fails_writes_while_running_is_survived(disk_daemon
         immutable(wal, False)
         wait_until_ready(daemon)
 
-        wait_for(client, [*accepted, submit(client)], {"done"})
+        wait_for(daemon, [*accepted, submit(client)], {"done"})
     assert daemon.running
 
 
@@ -322,7 +347,7 @@ def test_the_disk_fills_and_frees_again_and_again_and_nothing_is_lost(disk, daem
             freed = time.monotonic()
             wait_until_ready(daemon, timeout=60)
             back_after.append(time.monotonic() - freed)
-        wait_for(client, accepted, {"done", "failed", "canceled"}, timeout=120)
+        wait_for(daemon, accepted, {"done", "failed", "canceled"}, timeout=120)
         assert {job(client, j)["status"] for j in accepted} == {"done"}
     assert daemon.running
     print(
