@@ -13,6 +13,7 @@ import json
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -51,6 +52,14 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "limits": NO_LIMITS,
     "kinds": {"quick": {"handler": "tests.handlers:sleepy"}},
 }
+
+
+def free_port() -> int:
+    """A TCP port on the loopback that nothing listens on now (for a daemon's listener or a
+    receiver that must keep its port across a restart)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 class DaemonStartError(Exception):

@@ -4,7 +4,6 @@ program each submit a job and get its result from a real daemon over its real HT
 from __future__ import annotations
 
 import asyncio
-import socket
 import subprocess
 import sys
 import textwrap
@@ -20,7 +19,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from jobwarden.client import AsyncClient, Client, JobCanceled, JobFailed, Refused
-from tests.process import DaemonFactory, DaemonProcess, daemon_env, daemon_factory
+from tests.process import DaemonFactory, DaemonProcess, daemon_env, daemon_factory, free_port
 
 CONFIG: dict[str, Any] = {
     "kinds": {
@@ -202,9 +201,7 @@ def test_the_cli_submits_and_watches_over_the_http_api(api: Api, tmp_path: Path)
 def test_events_resume_across_a_daemon_restart_without_gap_or_duplicate(
     daemons: DaemonFactory,
 ) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     daemon = daemons({**CONFIG, "http": {"listen": f"127.0.0.1:{port}"}})
     api = Api(daemon)
     events = []

@@ -7,7 +7,6 @@ import base64
 import hashlib
 import hmac
 import json
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -21,7 +20,7 @@ from jobwarden.actors.admission import check_webhook
 from jobwarden.config import WebhooksSection, load_config_text
 from jobwarden.errors import AdminError, ConfigError, RequestError
 from jobwarden.process.webhooks import retry_at
-from tests.process import DaemonFactory, DaemonProcess, daemon_factory
+from tests.process import DaemonFactory, DaemonProcess, daemon_factory, free_port
 
 SECRET = "a-test-secret-of-some-length"
 
@@ -205,7 +204,7 @@ def test_a_delivery_owed_when_the_daemon_is_killed_is_made_after_its_restart(
     daemons: DaemonFactory,
 ) -> None:
     # Nobody listens on the port yet: every send is refused.
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}/hook"
     daemon = daemons(WEBHOOK_CONFIG)
     with daemon.client() as admin:
@@ -236,9 +235,3 @@ def test_a_submission_with_a_webhook_the_config_does_not_allow_is_refused(
         assert "'10.0.0.1' is not in" in refused.value.error.message
         # The daemon goes on.
         assert admin.call("jobs")["jobs"] == []
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]

@@ -10,8 +10,6 @@ given up after the last attempt: next_at NULL and no delivered_at) or sets the n
 
 from __future__ import annotations
 
-from typing import Any
-
 import msgspec
 
 from jobwarden.store.backend import backend_of
@@ -136,8 +134,3 @@ def list_deliveries(
         [*params, limit],
     ).fetchall()
     return [Delivery(*row) for row in rows]
-
-
-def job_webhook(conn: Connection, job_id: int) -> Any:
-    row = conn.execute("SELECT url FROM job_webhooks WHERE job_id = ?", (job_id,)).fetchone()
-    return None if row is None else row[0]
